@@ -1,0 +1,121 @@
+"""The paper's networks, each built for a prior: ``"nj"``, ``"hs"``, ``"svd"`` or ``None`` (deterministic).
+
+Every model is an ``nn.Sequential`` (so :func:`bclib.compress` can walk it layer by layer) with an
+``input_shape`` attribute, the shape of one example, ``(C, H, W)``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from .layers import Conv2dGroupHS, Conv2dGroupNJ, Conv2dSVD, HorseshoeGlobalScale, LinearGroupHS, LinearGroupNJ, LinearSVD
+
+__all__ = ["PRIORS", "lenet_300_100", "lenet5_caffe", "vgg_cifar", "build_model", "MODELS"]
+
+PRIORS = ("nj", "hs", "svd", None)
+
+_LAYERS = {
+    "nj": (LinearGroupNJ, Conv2dGroupNJ),
+    "hs": (LinearGroupHS, Conv2dGroupHS),
+    "svd": (LinearSVD, Conv2dSVD),
+}
+
+
+def _layer_factories(prior, tau0=None, shared_scale=False) -> tuple[Callable, Callable]:
+    """``(linear, conv)`` constructors for ``prior``; ``clip_var`` is dropped for deterministic layers."""
+    if prior is None:
+        def linear(i, o, clip_var=None, **kw):
+            return nn.Linear(i, o, **kw)
+
+        def conv(i, o, k, clip_var=None, **kw):
+            return nn.Conv2d(i, o, k, **kw)
+
+        return linear, conv
+    if prior not in _LAYERS:
+        raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
+    linear_cls, conv_cls = _LAYERS[prior]
+    if prior != "hs":
+        return linear_cls, conv_cls
+    extra = {"global_scale": HorseshoeGlobalScale(tau0 or 1e-5)} if shared_scale else ({"tau0": tau0} if tau0 else {})
+
+    def linear(i, o, **kw):
+        return linear_cls(i, o, **extra, **kw)
+
+    def conv(i, o, k, **kw):
+        return conv_cls(i, o, k, **extra, **kw)
+
+    return linear, conv
+
+
+def lenet_300_100(prior="nj", *, tau0: float | None = None, shared_scale: bool = False) -> nn.Sequential:
+    """LeNet-300-100 for MNIST: 784-300-100-10 with ReLU; ``clip_var=0.04`` on the first layer (release).
+
+    Args:
+        prior: ``"nj"``, ``"hs"``, ``"svd"`` or ``None``.
+        tau0: horseshoe global scale (``"hs"`` only; default 1e-5).
+        shared_scale: ``"hs"`` only: one global scale for the whole network instead of one per layer.
+    """
+    linear, _ = _layer_factories(prior, tau0, shared_scale)
+    model = nn.Sequential(
+        nn.Flatten(),
+        linear(784, 300, clip_var=0.04), nn.ReLU(),
+        linear(300, 100), nn.ReLU(),
+        linear(100, 10),
+    )
+    model.input_shape = (1, 28, 28)
+    return model
+
+
+def lenet5_caffe(prior="nj", *, tau0: float | None = None, shared_scale: bool = False) -> nn.Sequential:
+    """LeNet-5-Caffe for MNIST: conv 20@5x5 - maxpool 2 - conv 50@5x5 - maxpool 2 - fc 800->500 - fc 500->10."""
+    linear, conv = _layer_factories(prior, tau0, shared_scale)
+    model = nn.Sequential(
+        conv(1, 20, 5), nn.ReLU(), nn.MaxPool2d(2),
+        conv(20, 50, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(),
+        linear(800, 500), nn.ReLU(),
+        linear(500, 10),
+    )
+    model.input_shape = (1, 28, 28)
+    return model
+
+
+# VGG-16-like configuration for 32x32 inputs: 13 conv layers ("M" = 2x2 max pooling).
+_VGG_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+def vgg_cifar(prior="nj", *, num_classes: int = 10, width: float = 1.0, tau0: float | None = None,
+              shared_scale: bool = False) -> nn.Sequential:
+    """VGG-like network for CIFAR-10: 13 conv 3x3 layers with BatchNorm and ReLU, then fc 512 - fc ``num_classes``.
+
+    Args:
+        prior: ``"nj"``, ``"hs"``, ``"svd"`` or ``None``.
+        num_classes: outputs of the last layer.
+        width: multiplies every layer's width (``width=0.125`` gives a small copy for tests).
+    """
+    linear, conv = _layer_factories(prior, tau0, shared_scale)
+    layers: list[nn.Module] = []
+    channels = 3
+    for item in _VGG_CONFIG:
+        if item == "M":
+            layers.append(nn.MaxPool2d(2))
+            continue
+        out = max(1, int(round(item * width)))
+        layers += [conv(channels, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU()]
+        channels = out
+    hidden = max(1, int(round(512 * width)))
+    layers += [nn.Flatten(), linear(channels, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), linear(hidden, num_classes)]
+    model = nn.Sequential(*layers)
+    model.input_shape = (3, 32, 32)
+    return model
+
+
+MODELS = {"lenet300": lenet_300_100, "lenet5": lenet5_caffe, "vgg": vgg_cifar}
+
+
+def build_model(name: str, prior, **kwargs) -> nn.Sequential:
+    """Build a model by its command-line name (``lenet300``, ``lenet5``, ``vgg``)."""
+    if name not in MODELS:
+        raise ValueError(f"model must be one of {sorted(MODELS)}, got {name!r}")
+    return MODELS[name](prior, **kwargs)

@@ -1,0 +1,371 @@
+"""Tests of bclib.viz: GIFs read back with Pillow, pixel colours of hand-set weights, keep-probability
+maps worked out by hand, the static figures' data, and bad input.
+
+Hand-set layers: ``z_mu = 1`` and ``z_logvar = log(alpha)`` give ``log alpha = log(alpha)`` exactly
+(the layer computes ``z_logvar - log(z_mu^2 + 1e-8)``), and ``E[w] = z_mu * weight_mu = weight_mu``.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+from torch import nn
+
+import bclib
+from bclib import viz
+
+KEEP, PRUNE = -9.0, 0.0  # log alpha of a kept group and of a pruned one (alpha = 1)
+SMALL = (3.2, 2.0)  # frame size in inches for the fast tests: 320 x 200 pixels at dpi 100
+
+
+def set_group_layer(layer, weight_mu, log_alpha):
+    """Give an NJ layer the posterior mean weights ``weight_mu`` and the group log alphas ``log_alpha``."""
+    with torch.no_grad():
+        layer.weight_mu.copy_(torch.as_tensor(weight_mu, dtype=torch.float32).reshape(layer.weight_shape))
+        layer.z_mu.fill_(1.0)
+        layer.z_logvar.copy_(torch.as_tensor(log_alpha, dtype=torch.float32))
+    return layer
+
+
+def read_gif(path):
+    """(frames as RGB arrays, per-frame durations in ms, loop flag) of a GIF file."""
+    with Image.open(path) as image:
+        frames, durations = [], []
+        for index in range(image.n_frames):
+            image.seek(index)
+            durations.append(image.info["duration"])
+            frames.append(np.asarray(image.convert("RGB")))
+        return frames, durations, image.info.get("loop")
+
+
+def weight_cell_pixel(frame, shape, i, j):
+    """Pixel colour at the centre of weight (i, j), from the layout documented in viz.WEIGHT_AXES_RECT."""
+    left, bottom, width, height = 0.02, 0.02, 0.96, 0.86
+    assert viz.WEIGHT_AXES_RECT == (left, bottom, width, height)
+    frame_height, frame_width = frame.shape[:2]
+    x = (left + width * (j + 0.5) / shape[1]) * frame_width
+    y = (1 - bottom - height + height * (i + 0.5) / shape[0]) * frame_height
+    return frame[int(y), int(x)].astype(int)
+
+
+def is_white(rgb):
+    return bool(np.all(rgb >= 250))
+
+
+def is_red(rgb):
+    return rgb[0] >= 240 and rgb[1] <= 15 and rgb[2] <= 15
+
+
+def is_blue(rgb):
+    return rgb[2] >= 240 and rgb[0] <= 15 and rgb[1] <= 15
+
+
+@pytest.fixture
+def pair():
+    """fc1: 4 -> 3, fc2: 3 -> 2. fc1 prunes input 1; fc2 prunes its input 2, i.e. fc1's output 2."""
+    fc1 = set_group_layer(
+        bclib.LinearGroupNJ(4, 3),
+        # Signs by hand; one exact zero at (1, 2).
+        [[1.0, -1.0, 1.0, -1.0],
+         [-1.0, 1.0, 0.0, 1.0],
+         [1.0, 1.0, -1.0, -1.0]],
+        [KEEP, PRUNE, KEEP, KEEP],
+    )
+    fc2 = set_group_layer(bclib.LinearGroupNJ(3, 2), [[1.0, -1.0, 1.0], [-1.0, 1.0, -1.0]], [KEEP, KEEP, PRUNE])
+    return nn.Sequential(fc1, nn.ReLU(), fc2).eval()
+
+
+# ----------------------------------------------------------------------------- recording and masks
+def test_recorder_stores_posterior_means_and_and_masks(pair):
+    recorder = viz.WeightEvolutionRecorder(thresholds=[-3.0, -3.0])
+    recorder(1, pair, {"loss": 0.0})
+    assert recorder.epochs == [1] and recorder.layer_names == ["0", "2"]
+    fc1_mask = torch.tensor([[1, 0, 1, 1], [1, 0, 1, 1], [0, 0, 0, 0]], dtype=torch.bool)
+    fc2_mask = torch.tensor([[1, 1, 0], [1, 1, 0]], dtype=torch.bool)  # the classes are never pruned
+    assert torch.equal(recorder.masks["0"][0], fc1_mask)
+    assert torch.equal(recorder.masks["2"][0], fc2_mask)
+    assert torch.equal(recorder.weights["0"][0], pair[0].weight_mu.detach())
+    assert recorder.weights["0"][0].device.type == "cpu" and not recorder.weights["0"][0].requires_grad
+
+
+def test_recorder_copies_each_epoch(pair):
+    recorder = viz.WeightEvolutionRecorder(layers=["0"], thresholds=[-3.0, -3.0])
+    recorder(1, pair, {})
+    with torch.no_grad():
+        pair[0].weight_mu.mul_(2.0)
+    recorder(2, pair, {})
+    assert list(recorder.weights) == ["0"] and len(recorder) == 2
+    assert float(recorder.weights["0"][0][0, 0]) == 1.0 and float(recorder.weights["0"][1][0, 0]) == 2.0
+
+
+def test_thresholds_decide_the_groups(pair):
+    # With threshold 0.5 on fc1, log alpha = 0 < 0.5 keeps input 1 too; fc2 still prunes fc1's output 2.
+    recorder = viz.WeightEvolutionRecorder(thresholds={"0": 0.5, "2": -3.0})
+    recorder(0, pair, {})
+    expected = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.bool)
+    assert torch.equal(recorder.masks["0"][0], expected)
+
+
+def test_conv_filters_prune_the_flattened_inputs_of_the_next_linear_layer():
+    conv = bclib.Conv2dGroupNJ(1, 2, 3)  # 2 filters on 4x4 images -> 2 x 2 x 2 = 8 flattened inputs
+    with torch.no_grad():
+        conv.z_mu.fill_(1.0)
+        conv.z_logvar.copy_(torch.tensor([PRUNE, KEEP]))
+    fc = set_group_layer(bclib.LinearGroupNJ(8, 3), torch.ones(3, 8), [KEEP] * 8)
+    model = nn.Sequential(conv, nn.Flatten(), fc)
+    recorder = viz.WeightEvolutionRecorder(thresholds=-3.0)
+    recorder(0, model, {})
+    # Filter 0 is pruned: its weights, and fc's inputs 0..3 (filter 0's 2x2 outputs), are gone.
+    assert recorder.masks["0"][0][:, 0, 0, 0].tolist() == [False, True]
+    assert recorder.masks["2"][0][0].tolist() == [False] * 4 + [True] * 4
+
+
+# ----------------------------------------------------------------------------- weight GIFs
+def test_weight_gif_frames_durations_loop_and_size(pair, tmp_path):
+    recorder = viz.WeightEvolutionRecorder(thresholds=[-3.0, -3.0])
+    for epoch in range(1, 5):
+        recorder(epoch, pair, {})
+    paths = viz.write_weight_gifs(recorder, tmp_path / "new" / "folder", duration=150, figsize=SMALL, dpi=100)
+    assert sorted(p.name for p in paths.values()) == ["weights_layer1.gif", "weights_layer2.gif"]
+    for path in paths.values():
+        frames, durations, loop = read_gif(path)
+        assert len(frames) == 4  # one per recorded epoch
+        assert durations == [150] * 4  # milliseconds
+        assert loop == 0  # loop forever
+        assert {f.shape for f in frames} == {(200, 320, 3)}
+    # Frames in memory only: nothing else was written.
+    assert sorted(p.name for p in (tmp_path / "new" / "folder").iterdir()) == ["weights_layer1.gif", "weights_layer2.gif"]
+
+
+def test_default_frame_size_and_duration(pair, tmp_path):
+    recorder = viz.WeightEvolutionRecorder(layers=[-1])
+    recorder(3, pair, {})
+    recorder(4, pair, {})
+    frames, durations, loop = read_gif(viz.write_weight_gifs(recorder, tmp_path)["2"])
+    assert [f.shape for f in frames] == [(400, 800, 3)] * 2 and durations == [200, 200] and loop == 0
+
+
+def test_weight_pixels_red_positive_blue_negative_white_pruned(pair, tmp_path):
+    recorder = viz.WeightEvolutionRecorder(thresholds=[-3.0, -3.0])
+    recorder(0, pair, {})
+    paths = viz.write_weight_gifs(recorder, tmp_path, figsize=SMALL)
+    weight = pair[0].weight_mu.detach()
+    frame = read_gif(paths["0"])[0][0]
+    for i in range(3):
+        for j in range(4):
+            rgb = weight_cell_pixel(frame, (3, 4), i, j)
+            if j == 1 or i == 2 or weight[i, j] == 0:  # pruned input, pruned output, or zero
+                assert is_white(rgb), (i, j, rgb)
+            elif weight[i, j] > 0:
+                assert is_red(rgb), (i, j, rgb)
+            else:
+                assert is_blue(rgb), (i, j, rgb)
+    # The last layer keeps its outputs: only its pruned input column is white.
+    frame = read_gif(paths["2"])[0][0]
+    assert is_white(weight_cell_pixel(frame, (2, 3), 0, 2)) and is_white(weight_cell_pixel(frame, (2, 3), 1, 2))
+    assert is_red(weight_cell_pixel(frame, (2, 3), 0, 0)) and is_blue(weight_cell_pixel(frame, (2, 3), 0, 1))
+
+
+def test_colour_limits_are_fixed_across_frames(pair, tmp_path):
+    recorder = viz.WeightEvolutionRecorder(layers=["2"], thresholds=[-3.0, -3.0])
+    recorder(1, pair, {})
+    with torch.no_grad():
+        pair[2].weight_mu.mul_(0.5)
+    recorder(2, pair, {})
+    frames, _, _ = read_gif(viz.write_weight_gifs(recorder, tmp_path, figsize=SMALL)["2"])
+    # Limits +-1 from the first frame: w = 0.5 is 3/4 up bwr's range, half-way from white to red,
+    # i.e. RGB ~ (255, 128, 128); w = -0.5 is (128, 128, 255).
+    half_red = weight_cell_pixel(frames[1], (2, 3), 0, 0)
+    half_blue = weight_cell_pixel(frames[1], (2, 3), 0, 1)
+    assert half_red[0] >= 250 and abs(half_red[1] - 128) <= 8 and abs(half_red[2] - 128) <= 8
+    assert half_blue[2] >= 250 and abs(half_blue[0] - 128) <= 8 and abs(half_blue[1] - 128) <= 8
+    assert is_red(weight_cell_pixel(frames[0], (2, 3), 0, 0))
+
+
+def test_frames_have_no_grid_or_ticks(pair):
+    recorder = viz.WeightEvolutionRecorder(thresholds=-3.0)
+    recorder(0, pair, {})
+    frame = viz.render_weight_frames(recorder, "0", figsize=SMALL)[0]
+    # Everything left, right and below the matrix is plain white (no ticks, labels or spines).
+    left, bottom, width, height = viz.WEIGHT_AXES_RECT
+    y_top = int((1 - bottom - height) * frame.shape[0]) + 2
+    assert np.all(frame[y_top:, : int(left * frame.shape[1]) - 1] == 255)
+    assert np.all(frame[y_top:, int((left + width) * frame.shape[1]) + 1:] == 255)
+    assert np.all(frame[int((1 - bottom) * frame.shape[0]) + 1:] == 255)
+    # Inside a kept cell the colour is uniform: no grid lines across it.
+    cell = frame[y_top + 5: y_top + 20, int(left * frame.shape[1]) + 5: int(left * frame.shape[1]) + 40]
+    assert len(np.unique(cell.reshape(-1, 3), axis=0)) == 1
+
+
+# ----------------------------------------------------------------------------- pixel importance
+def test_keep_probability_of_hand_set_log_alpha():
+    alphas = torch.tensor([1e-4, 0.25, 0.5, 0.9, 1.0, 2.0, 10.0, 0.1, 0.75] + [1e-4] * 7)
+    layer = set_group_layer(bclib.LinearGroupNJ(16, 3), torch.ones(3, 16), alphas.log())
+    recorder = viz.PixelImportanceRecorder(image_shape=(4, 4))
+    recorder(7, nn.Sequential(nn.Flatten(), layer, nn.ReLU(), bclib.LinearGroupNJ(3, 2)), {})
+    by_hand = np.array([
+        [0.9999, 0.75, 0.5, 0.1],
+        [0.0, 0.0, 0.0, 0.9],
+        [0.25, 0.9999, 0.9999, 0.9999],
+        [0.9999, 0.9999, 0.9999, 0.9999],
+    ])
+    np.testing.assert_allclose(recorder.keep_probability(), by_hand, atol=1e-6)
+    assert recorder.epochs == [7]
+    # Through z_mu as well: alpha = z_var / z_mu^2 = 1 / 4 -> keep 0.75.
+    with torch.no_grad():
+        layer.z_mu.fill_(2.0)
+        layer.z_logvar.fill_(0.0)
+    np.testing.assert_allclose(viz.keep_probability(layer.log_alpha(), (4, 4)), np.full((4, 4), 0.75), atol=1e-6)
+
+
+def test_pixel_importance_gif(tmp_path):
+    # Left half of each 4x4 image kept (keep probability 1 - 1e-4), right half pruned.
+    log_alpha = torch.tensor([[KEEP, KEEP, PRUNE, PRUNE]] * 4).reshape(-1)
+    layer = set_group_layer(bclib.LinearGroupNJ(16, 2), torch.ones(2, 16), log_alpha)
+    recorder = viz.PixelImportanceRecorder(image_shape=(4, 4))
+    for epoch in range(3):
+        recorder(epoch, nn.Sequential(layer), {})
+    digits = torch.ones(10, 1, 4, 4)  # all ink: kept pixels black, pruned ones mid grey
+    path = viz.write_pixel_importance_gif(recorder, digits, tmp_path / "pix.gif", num_digits=5, duration=100)
+    frames, durations, loop = read_gif(path)
+    assert len(frames) == 3 and durations == [100] * 3 and loop == 0
+    assert {f.shape for f in frames} == {(200, 960, 3)}  # 6 panels of 1.6 in by 1.25 * 1.6 in at dpi 100
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pix.gif"]
+    frame = frames[-1]
+
+    def panel_pixel(panel, row, col):
+        left, bottom, width, height = viz.pixel_panel_rect(panel, 6)
+        x = (left + width * (col + 0.5) / 4) * frame.shape[1]
+        y = (1 - bottom - height + height * (row + 0.5) / 4) * frame.shape[0]
+        return frame[int(y), int(x)].astype(int)
+
+    assert np.all(panel_pixel(0, 1, 0) <= 5)  # map: kept -> black
+    assert np.all(panel_pixel(0, 1, 3) >= 250)  # map: pruned -> white
+    for panel in range(1, 6):
+        assert np.all(panel_pixel(panel, 2, 1) <= 5)  # ink times keep 1 -> black
+        grey = panel_pixel(panel, 2, 2)  # ink times keep 0 -> 0, the middle of Greys
+        assert np.all(np.abs(grey - grey[0]) <= 2) and 100 <= grey[0] <= 180
+
+
+def test_choose_digits_is_seeded_and_without_replacement():
+    images = torch.arange(50.0).reshape(50, 1, 1, 1).expand(50, 1, 2, 2)
+    indices, chosen = viz.choose_digits(images, 5, seed=3)
+    again, _ = viz.choose_digits(images, 5, seed=3)
+    assert indices.tolist() == again.tolist() and len(set(indices.tolist())) == 5
+    assert chosen.shape == (5, 4) and chosen[:, 0].tolist() == indices.astype(float).tolist()
+
+
+# ----------------------------------------------------------------------------- static figures
+def test_log_alpha_histograms_mark_the_thresholds(pair, tmp_path):
+    fig = viz.plot_log_alpha_histograms(pair, [-3.0, -4.0], bins=10, path=tmp_path / "hist.png")
+    assert isinstance(fig, Figure) and (tmp_path / "hist.png").stat().st_size > 0
+    first, second = fig.axes[:2]
+    assert sum(p.get_height() for p in first.patches) == 4 and sum(p.get_height() for p in second.patches) == 3
+    assert list(first.lines[0].get_xdata()) == [-3.0, -3.0] and list(second.lines[0].get_xdata()) == [-4.0, -4.0]
+    assert "3 of 4 kept" in first.get_legend().get_texts()[0].get_text()
+
+
+def test_tradeoff_plots_error_against_compression(tmp_path):
+    rows = [
+        {"threshold": -1.0, "error": 0.05, "compression": 40.0},
+        {"threshold": -5.0, "error": 0.016, "compression": 5.0},
+        {"threshold": (-2.8, -3.0, -5.0), "error": 0.018, "compression": 12.0},
+    ]
+    fig = viz.plot_tradeoff(rows, path=tmp_path / "tradeoff.svg")
+    line = fig.axes[0].lines[0]
+    assert list(line.get_xdata()) == [5.0, 12.0, 40.0] and list(line.get_ydata()) == [0.016, 0.018, 0.05]
+    assert [t.get_text() for t in fig.axes[0].texts] == ["-5", "-2.8, -3, -5", "-1"]
+    assert (tmp_path / "tradeoff.svg").read_text().startswith("<?xml")
+
+
+def test_architecture_bars():
+    fig = viz.plot_architecture([784, 300, 100, 10], [278, 98, 19, 10], names=["in", "fc1", "fc2", "out"])
+    heights = [p.get_height() for p in fig.axes[0].patches]
+    assert heights == [784, 300, 100, 10, 278, 98, 19, 10]
+
+
+def test_learning_curves_panels_and_data():
+    history = [{"epoch": e, "loss": 1.0 / e, "train_error": 0.1 / e, "test_error": 0.2 / e, "kl": 100.0 - e}
+               for e in range(1, 6)]
+    fig = viz.plot_learning_curves(history)
+    assert [ax.get_title() for ax in fig.axes] == ["loss", "error", "KL (nats)"]
+    assert list(fig.axes[2].lines[0].get_ydata()) == [99.0, 98.0, 97.0, 96.0, 95.0]
+    assert [line.get_label() for line in fig.axes[1].lines] == ["train_error", "test_error"]
+    # Without a KL (a deterministic model) the KL panel is left out.
+    assert len(viz.plot_learning_curves([{"loss": 1.0, "test_error": 0.5}]).axes) == 2
+
+
+def test_figures_leave_pyplot_alone(pair):
+    import matplotlib.pyplot as plt
+
+    before = plt.get_fignums()
+    viz.plot_architecture([3, 2], [2, 2])
+    viz.plot_log_alpha_histograms(pair)
+    assert plt.get_fignums() == before
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_no_recorded_epochs_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="no recorded epochs"):
+        viz.write_weight_gifs(viz.WeightEvolutionRecorder(), tmp_path)
+    with pytest.raises(ValueError, match="no recorded epochs"):
+        viz.write_pixel_importance_gif(viz.PixelImportanceRecorder(), torch.zeros(5, 784), tmp_path / "p.gif")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_thresholds_of_the_wrong_length_or_type(pair):
+    recorder = viz.WeightEvolutionRecorder(thresholds=[-2.8, -3.0, -5.0])
+    with pytest.raises(ValueError, match="thresholds must have one value per Bayesian layer"):
+        recorder(0, pair, {})
+    with pytest.raises(ValueError, match="thresholds"):
+        viz.WeightEvolutionRecorder(thresholds={"0": -3.0})(0, pair, {})
+    with pytest.raises(TypeError, match="thresholds"):
+        viz.WeightEvolutionRecorder(thresholds="-3")
+    with pytest.raises(TypeError, match="thresholds"):
+        viz.WeightEvolutionRecorder(thresholds=[-3.0, math.nan])
+    with pytest.raises(ValueError, match="thresholds"):
+        viz.plot_log_alpha_histograms(pair, [-3.0])
+
+
+def test_layers_that_are_not_bayesian(pair):
+    with pytest.raises(ValueError, match=r"layers: module '1' \(ReLU\) is not a Bayesian layer"):
+        viz.WeightEvolutionRecorder(layers=["1"])(0, pair, {})
+    with pytest.raises(ValueError, match="no module 'fc9'"):
+        viz.WeightEvolutionRecorder(layers=["fc9"])(0, pair, {})
+    with pytest.raises(ValueError, match="no Bayesian layer"):
+        viz.WeightEvolutionRecorder()(0, nn.Sequential(nn.Linear(3, 2)), {})
+    with pytest.raises(ValueError, match=r"layer: module '1' \(ReLU\) is not a Bayesian layer"):
+        viz.PixelImportanceRecorder(layer="1", image_shape=(2, 2))(0, pair, {})
+    with pytest.raises(ValueError, match="no log alpha per input unit"):
+        viz.PixelImportanceRecorder(image_shape=(2, 2))(0, nn.Sequential(bclib.Conv2dGroupNJ(1, 2, 3)), {})
+    with pytest.raises(ValueError, match="has 4 pixels but layer '0' has 16 inputs"):
+        viz.PixelImportanceRecorder(image_shape=(2, 2))(0, nn.Sequential(bclib.LinearGroupNJ(16, 2)), {})
+
+
+def test_other_bad_input(pair, tmp_path):
+    recorder = viz.WeightEvolutionRecorder()
+    recorder(0, pair, {})
+    with pytest.raises(ValueError, match="duration"):
+        viz.write_weight_gifs(recorder, tmp_path, duration=0)
+    with pytest.raises(ValueError, match="layer must be one of"):
+        viz.render_weight_frames(recorder, "1")
+    with pytest.raises(TypeError, match="epoch"):
+        recorder(1.5, pair, {})
+    pixels = viz.PixelImportanceRecorder(image_shape=(2, 2))
+    pixels(0, nn.Sequential(bclib.LinearGroupNJ(4, 2)), {})
+    with pytest.raises(ValueError, match="num_digits=5"):
+        viz.write_pixel_importance_gif(pixels, torch.zeros(3, 4), tmp_path / "p.gif")
+    with pytest.raises(ValueError, match="after must not exceed before"):
+        viz.plot_architecture([10, 5], [10, 6])
+    with pytest.raises(ValueError, match=r"rows\[0\]"):
+        viz.plot_tradeoff([{"error": 0.1}])
+    with pytest.raises(ValueError, match="history"):
+        viz.plot_learning_curves([])
+    # A failed save leaves nothing behind.
+    with pytest.raises(ValueError):
+        viz.plot_architecture([3], [2], path=tmp_path / "figure.notaformat")
+    assert list(tmp_path.iterdir()) == []

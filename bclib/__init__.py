@@ -15,6 +15,8 @@ from .layers import (
     bayesian_layers,
     kl_divergence,
 )
+from .compression import CompressedModel, CompressionReport, compress
+from .fileformat import load_compressed
 
 # The 2017 release called the NJ layers "group variational dropout".
 LinearGroupVD = LinearGroupNJ
@@ -25,5 +27,5 @@ __version__ = "0.1.0"
 __all__ = [
     "BayesianLayer", "LinearGroupNJ", "Conv2dGroupNJ", "LinearGroupHS", "Conv2dGroupHS",
     "HorseshoeGlobalScale", "LinearSVD", "Conv2dSVD", "LinearGroupVD", "Conv2dGroupVD",
-    "bayesian_layers", "kl_divergence",
+    "bayesian_layers", "kl_divergence", "compress", "CompressedModel", "CompressionReport", "load_compressed",
 ]

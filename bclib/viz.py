@@ -6,8 +6,8 @@ Two training callbacks record what the animations need, one frame per epoch; two
 render the frames and write looping GIFs. Their use with :func:`bclib.train.fit`::
 
     from bclib import viz
-    weights = viz.WeightEvolutionRecorder(thresholds=[-2.8, -3.0, -5.0])
-    pixels = viz.PixelImportanceRecorder()
+    weights = viz.WeightEvolutionRecorder(thresholds=[-2.8, -3.0, -5.0], every=5)
+    pixels = viz.PixelImportanceRecorder(every=5)
     fit(model, train, test, config, callbacks=[weights, pixels])
     viz.write_weight_gifs(weights, "book/figures")                    # one GIF per layer
     viz.write_pixel_importance_gif(pixels, test.x, "book/figures/pixel_importance.gif")
@@ -31,6 +31,7 @@ plots was hard-coded (here it is an argument); and hidden PNG files were left be
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -38,6 +39,7 @@ from pathlib import Path
 
 import imageio.v3 as iio
 import matplotlib
+import matplotlib.ticker
 import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -276,6 +278,7 @@ class WeightEvolutionRecorder:
             recorded or not, since a layer's outputs are pruned by the next layer): a sequence in
             order, a dict by module name, or one number for all layers. ``None`` uses
             :data:`DEFAULT_THRESHOLD` (-3) everywhere. A wrong length is a ``ValueError``.
+        every: record only the epochs divisible by ``every`` (fewer frames, smaller GIFs).
 
     Attributes:
         epochs: the recorded epochs, in order.
@@ -292,13 +295,14 @@ class WeightEvolutionRecorder:
         (['1', '3', '5'], torch.Size([300, 784]))
     """
 
-    def __init__(self, layers: Sequence[str | int] | None = None, thresholds=None) -> None:
+    def __init__(self, layers: Sequence[str | int] | None = None, thresholds=None, *, every: int = 1) -> None:
         if layers is not None and (isinstance(layers, (str, int)) or not isinstance(layers, Sequence) or not layers):
             raise TypeError(f"layers must be None or a non-empty sequence of module names or positions, got {layers!r}")
         # Check the values now; their number is checked against the model at the first call.
         _check_threshold_values(thresholds)
         self.layers = None if layers is None else list(layers)
         self.thresholds = thresholds
+        self.every = _check_positive_int("every", every)
         self.epochs: list[int] = []
         self.layer_names: list[str] = []
         self.layer_positions: list[int] = []
@@ -309,6 +313,8 @@ class WeightEvolutionRecorder:
     def __call__(self, epoch: int, model: nn.Module, metrics: Mapping | None = None) -> None:
         if isinstance(epoch, bool) or not isinstance(epoch, int):
             raise TypeError(f"epoch must be an int, got {epoch!r}")
+        if epoch % self.every:
+            return
         all_layers = _all_bayesian_layers(model)
         names = [n for n, _ in all_layers]
         thresholds = _resolve_thresholds(self.thresholds, names)
@@ -329,7 +335,8 @@ class WeightEvolutionRecorder:
         return len(self.epochs)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(layers={self.layers}, thresholds={self.thresholds}, epochs recorded={len(self)})"
+        return (f"{type(self).__name__}(layers={self.layers}, thresholds={self.thresholds}, every={self.every}, "
+                f"epochs recorded={len(self)})")
 
 
 def _check_recorded(recorder, kind) -> None:
@@ -438,6 +445,7 @@ class PixelImportanceRecorder:
             first Bayesian layer. It must have one log alpha per input unit (``LinearGroupNJ``,
             ``LinearGroupHS``), and ``prod(image_shape)`` inputs.
         image_shape: the shape of one input image.
+        every: record only the epochs divisible by ``every``.
 
     Attributes:
         epochs: the recorded epochs; log_alphas: one CPU tensor of shape ``(in_features,)`` per epoch.
@@ -450,12 +458,14 @@ class PixelImportanceRecorder:
         (28, 28)
     """
 
-    def __init__(self, layer: str | int | None = None, image_shape: Sequence[int] = (28, 28)) -> None:
+    def __init__(self, layer: str | int | None = None, image_shape: Sequence[int] = (28, 28), *,
+                 every: int = 1) -> None:
         image_shape = tuple(image_shape)
         if not image_shape or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in image_shape):
             raise ValueError(f"image_shape must be a tuple of positive ints, got {image_shape!r}")
         self.layer = 0 if layer is None else layer
         self.image_shape = image_shape
+        self.every = _check_positive_int("every", every)
         self.epochs: list[int] = []
         self.log_alphas: list[Tensor] = []
 
@@ -463,6 +473,8 @@ class PixelImportanceRecorder:
     def __call__(self, epoch: int, model: nn.Module, metrics: Mapping | None = None) -> None:
         if isinstance(epoch, bool) or not isinstance(epoch, int):
             raise TypeError(f"epoch must be an int, got {epoch!r}")
+        if epoch % self.every:
+            return
         name, layer = _all_bayesian_layers(model)[_select_layer(model, "model", self.layer, "layer")]
         log_alpha = layer.log_alpha().detach()
         if not layer.groups_on_input or log_alpha.dim() != 1:
@@ -484,7 +496,8 @@ class PixelImportanceRecorder:
         return len(self.epochs)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(layer={self.layer!r}, image_shape={self.image_shape}, epochs recorded={len(self)})"
+        return (f"{type(self).__name__}(layer={self.layer!r}, image_shape={self.image_shape}, every={self.every}, "
+                f"epochs recorded={len(self)})")
 
 
 def choose_digits(images, num_digits: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -614,33 +627,70 @@ def plot_log_alpha_histograms(model: nn.Module, thresholds=None, *, bins: int = 
     return _finish(fig, path)
 
 
-def plot_tradeoff(rows: Sequence[Mapping], *, path=None) -> Figure:
+_THRESHOLD_KEYS = ("threshold", "thresholds")
+_COMPRESSION_KEYS = ("compression", "compression_pruning", "compression_precision")
+
+
+def _threshold_label(threshold) -> str:
+    """``-3`` for a number, ``-2.8, -3, -5`` for one per layer (a sequence or a dict by name)."""
+    if isinstance(threshold, Mapping):
+        threshold = list(threshold.values())
+    if isinstance(threshold, numbers.Real):
+        return f"{float(threshold):g}"
+    return ", ".join(f"{float(t):g}" for t in threshold)
+
+
+def plot_tradeoff(rows: Sequence[Mapping], *, compression_keys: str | Sequence[str] | None = None,
+                  error_key: str = "error", path=None) -> Figure:
     """Test error against compression, one point per threshold setting, each labelled with its threshold.
 
     Args:
-        rows: mappings with keys ``"threshold"`` (a number or one per layer), ``"error"`` and
-            ``"compression"`` (e.g. the rows of ``bclib.compression.threshold_sweep``), in any order.
+        rows: one mapping per threshold setting with a threshold under ``"threshold"`` or
+            ``"thresholds"`` (a number, or one per layer), the error under ``error_key``, and one or
+            more compression rates, e.g. ``{"threshold": -3, "error": 0.017, "compression": 12.5}``
+            or the rows of ``bclib.compression.threshold_sweep``.
+        compression_keys: the rate(s) to draw, one line each; ``None`` draws those of
+            ``"compression"``, ``"compression_pruning"``, ``"compression_precision"`` that the rows have.
+        error_key: the key of the error.
         path: optional file to save the figure to.
     """
     if isinstance(rows, Mapping) or not isinstance(rows, Sequence) or not rows:
         raise ValueError(f"rows must be a non-empty sequence of mappings, got {rows!r}")
+    if not all(isinstance(row, Mapping) for row in rows):
+        raise TypeError("rows must hold one mapping per threshold setting")
+    if compression_keys is None:
+        compression_keys = [key for key in _COMPRESSION_KEYS if key in rows[0]]
+    elif isinstance(compression_keys, str):
+        compression_keys = [compression_keys]
+    threshold_key = next((key for key in _THRESHOLD_KEYS if key in rows[0]), _THRESHOLD_KEYS[0])
+    required = {threshold_key, error_key, *compression_keys}
     for k, row in enumerate(rows):
-        if not isinstance(row, Mapping) or not {"threshold", "error", "compression"} <= set(row):
-            raise ValueError(f"rows[{k}] must be a mapping with keys 'threshold', 'error' and 'compression', got {row!r}")
-    ordered = sorted(rows, key=lambda row: float(row["compression"]))
-    compression = [float(row["compression"]) for row in ordered]
-    error = [float(row["error"]) for row in ordered]
+        if not compression_keys or not required <= set(row):
+            raise ValueError(
+                f"rows[{k}] must have a threshold ({' or '.join(_THRESHOLD_KEYS)}), {error_key!r} and a "
+                f"compression ({', '.join(compression_keys or _COMPRESSION_KEYS)}), got keys {sorted(row)}"
+            )
     fig = Figure(figsize=(5.5, 4.0), layout="constrained")
     ax = fig.subplots()
-    ax.plot(compression, error, marker="o", color="tab:blue")
-    for row, x, y in zip(ordered, compression, error):
-        threshold = row["threshold"]
-        label = f"{threshold:g}" if isinstance(threshold, (int, float)) else ", ".join(f"{t:g}" for t in threshold)
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    if min(compression) > 0:
+    for index, key in enumerate(compression_keys):
+        ordered = sorted(rows, key=lambda row: float(row[key]))
+        compression = [float(row[key]) for row in ordered]
+        error = [float(row[error_key]) for row in ordered]
+        ax.plot(compression, error, marker="o", label=key)
+        if index == 0:  # label the points of the first line only, to keep the figure readable
+            for row, x, y in zip(ordered, compression, error):
+                ax.annotate(_threshold_label(row[threshold_key]), (x, y), textcoords="offset points",
+                            xytext=(4, 4), fontsize=7)
+    if min(float(row[key]) for row in rows for key in compression_keys) > 0:
         ax.set_xscale("log")
-    ax.set_xlabel("compression (dense weights / kept weights)")
-    ax.set_ylabel("test error")
+        # Plain numbers at 1, 2, 5 x 10^k instead of matplotlib's 2 x 10^1-style minor labels.
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    if len(compression_keys) > 1:
+        ax.legend(fontsize=8)
+    ax.set_xlabel("compression rate")
+    ax.set_ylabel(error_key)
     ax.set_title("error against compression, labelled by log-alpha threshold", fontsize=10)
     return _finish(fig, path)
 

@@ -282,6 +282,22 @@ def test_tradeoff_plots_error_against_compression(tmp_path):
     assert (tmp_path / "tradeoff.svg").read_text().startswith("<?xml")
 
 
+def test_tradeoff_takes_the_rows_of_threshold_sweep():
+    rows = [  # the keys bclib.compression.threshold_sweep returns (other keys are ignored)
+        {"thresholds": [-2.0, -2.0], "error": 0.03, "compression_pruning": 20.0, "compression_precision": 90.0,
+         "architecture": [784, 10]},
+        {"thresholds": {"a": -4.0, "b": -5.0}, "error": 0.02, "compression_pruning": 8.0, "compression_precision": 40.0,
+         "architecture": [784, 10]},
+    ]
+    ax = viz.plot_tradeoff(rows).axes[0]
+    assert [line.get_label() for line in ax.lines] == ["compression_pruning", "compression_precision"]
+    assert list(ax.lines[0].get_xdata()) == [8.0, 20.0] and list(ax.lines[1].get_xdata()) == [40.0, 90.0]
+    assert list(ax.lines[1].get_ydata()) == [0.02, 0.03]
+    assert [t.get_text() for t in ax.texts] == ["-4, -5", "-2, -2"]
+    only = viz.plot_tradeoff(rows, compression_keys="compression_precision").axes[0]
+    assert len(only.lines) == 1 and list(only.lines[0].get_xdata()) == [40.0, 90.0]
+
+
 def test_architecture_bars():
     fig = viz.plot_architecture([784, 300, 100, 10], [278, 98, 19, 10], names=["in", "fc1", "fc2", "out"])
     heights = [p.get_height() for p in fig.axes[0].patches]
@@ -361,11 +377,26 @@ def test_other_bad_input(pair, tmp_path):
         viz.write_pixel_importance_gif(pixels, torch.zeros(3, 4), tmp_path / "p.gif")
     with pytest.raises(ValueError, match="after must not exceed before"):
         viz.plot_architecture([10, 5], [10, 6])
-    with pytest.raises(ValueError, match=r"rows\[0\]"):
+    with pytest.raises(ValueError, match=r"rows\[0\] must have a threshold"):
         viz.plot_tradeoff([{"error": 0.1}])
+    with pytest.raises(ValueError, match=r"rows\[1\]"):
+        viz.plot_tradeoff([{"threshold": 1, "error": 0.1, "compression": 2.0}, {"threshold": 1, "error": 0.1}])
     with pytest.raises(ValueError, match="history"):
         viz.plot_learning_curves([])
     # A failed save leaves nothing behind.
     with pytest.raises(ValueError):
         viz.plot_architecture([3], [2], path=tmp_path / "figure.notaformat")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_every_records_one_epoch_in_k(pair, tmp_path):
+    weights = viz.WeightEvolutionRecorder(every=2)
+    pixels = viz.PixelImportanceRecorder(image_shape=(2, 2), every=2)
+    for epoch in range(1, 6):
+        weights(epoch, pair, {})
+        pixels(epoch, nn.Sequential(bclib.LinearGroupNJ(4, 2)), {})
+    assert weights.epochs == [2, 4] and pixels.epochs == [2, 4] and len(weights.weights["0"]) == 2
+    frames, _, _ = read_gif(viz.write_weight_gifs(weights, tmp_path, figsize=SMALL)["0"])
+    assert len(frames) == 2
+    with pytest.raises(ValueError, match="every"):
+        viz.WeightEvolutionRecorder(every=0)

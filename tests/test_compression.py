@@ -1,0 +1,371 @@
+"""Tests of bclib.compression: masks, bits, rates and FLOPs worked out by hand on hand-built layers,
+exports checked against the masked Bayesian model's own forward pass."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import bclib
+from bclib import models
+from bclib.compression import (
+    apply_masks, classification_error, compress, exponent_bits, propose_threshold, propose_thresholds,
+    quantize, threshold_sweep, weight_bits,
+)
+
+KEEP, PRUNE = -30.0, 2.0  # z_logvar with z_mu = 1: log alpha is (almost exactly) this value
+
+
+# ----------------------------------------------------------------------------- bit rules
+def test_weight_bits_counts_steps_above_twice_the_variance():
+    # 2 Var = 2^-8 is not < 2^-8, so t = 1..7 count: 7. Likewise 2^-4 -> 3, 2^-30 -> all 23, 1 -> 0.
+    variances = torch.tensor([2.0**-9, 2.0**-5, 2.0**-31, 1.0])
+    assert weight_bits(variances) == math.ceil((7 + 3 + 23 + 0) / 4)  # 8.25 -> 9
+    assert weight_bits(torch.tensor([2.0**-9, 2.0**-5])) == 5  # mean exactly 5: no rounding up
+    assert weight_bits(torch.empty(0)) == 0
+
+
+@pytest.mark.parametrize("max_abs, expected", [
+    (0.3, 3),    # log2 0.3 = -1.737; log2(2.737) + 1 = 2.45 -> 3
+    (0.5, 2),    # the release's formula gives -inf here
+    (0.01, 4),   # log2 0.01 = -6.64; log2(7.64) + 1 = 3.93 -> 4
+    (1.0, 1),    # log2(0 + 1) + 1 = 1
+    (2.0, 2),    # log2(1 + 1) + 1 = 2
+    (300.0, 5),  # log2 300 = 8.23; log2(9.23) + 1 = 4.21 -> 5
+    (0.0, 1),    # nothing left: the formula's minimum
+])
+def test_exponent_bits_finite_below_one(max_abs, expected):
+    assert exponent_bits(max_abs) == expected
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_exponent_bits_rejects_bad_input(bad):
+    with pytest.raises(ValueError, match="max_abs_weight"):
+        exponent_bits(bad)
+
+
+def test_quantize_rounds_to_the_grid():
+    q = quantize(torch.tensor([0.30, -0.30, 0.0625, 1.0]), 3)  # step 1/8
+    assert q.tolist() == [2, -2, 0, 8]  # 2.4 -> 2, -2.4 -> -2, 0.5 -> 0 (half to even), 8
+
+
+# ----------------------------------------------------------------------------- a hand-built conv net
+def small_conv_net():
+    """conv 1->3 (3x3) on 6x6 -> maxpool 2 -> flatten (3 channels x 4 positions) -> fc 12->4 -> ReLU -> fc 4->2.
+
+    Survival, by hand (thresholds 0):
+    * conv keeps channels 0 and 2 (channel 1 pruned by its own log alpha);
+    * fc1 keeps input positions 0, 1 (channel 0) and 4-7 (channel 1); none of channel 2:
+      so channel 0 is the only alive channel (1 pruned by the conv, 2 by fc1), fc1 inputs alive: 0, 1;
+    * fc2 prunes its input 1: fc1 outputs alive 0, 2, 3.
+    """
+    torch.manual_seed(0)
+    conv = bclib.Conv2dGroupNJ(1, 3, 3)
+    fc1 = bclib.LinearGroupNJ(12, 4)
+    fc2 = bclib.LinearGroupNJ(4, 2)
+    model = nn.Sequential(conv, nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), fc1, nn.ReLU(), fc2)
+    model.input_shape = (1, 6, 6)
+    with torch.no_grad():
+        for layer, keep in ((conv, [1, 0, 1]), (fc1, [1, 1, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0]), (fc2, [1, 0, 1, 1])):
+            layer.z_mu.fill_(1.0)
+            layer.z_logvar.copy_(torch.tensor([KEEP if k else PRUNE for k in keep]))
+        # Variances: conv 1.5 * 2^-10 (2 Var = 1.5 * 2^-9: t = 1..8, 8 bits); fc1 1.5 * 2^-6 (4 bits) but
+        # weight (0, 1) 1.5 * 2^-13 (11 bits) and pruned weights 2^-40 (would count 23 if they were used);
+        # fc2 1.5 * 2^-3 (2 Var = 0.375: t = 1 only).
+        conv.weight_logvar.fill_(math.log(1.5 * 2**-10))
+        fc1.weight_logvar.fill_(math.log(2.0**-40))
+        fc1.weight_logvar[[0, 2, 3], :2] = math.log(1.5 * 2**-6)
+        fc1.weight_logvar[0, 1] = math.log(1.5 * 2**-13)
+        fc2.weight_logvar.fill_(math.log(1.5 * 2**-3))
+        # Means: surviving weights within 0.2 but one at -0.3 (e = 3); a pruned one at 5 must not count.
+        for layer in (conv, fc1, fc2):
+            layer.weight_mu.uniform_(-0.2, 0.2)
+        fc2.weight_mu[1, 3] = -0.3
+        fc1.weight_mu[1, 0] = 5.0
+    return model
+
+
+def test_hand_built_conv_net_masks():
+    result = compress(small_conv_net(), [0.0, 0.0, 0.0])
+    conv_mask, conv_bias = result.masks["0"]
+    assert conv_mask[:, 0, 0, 0].tolist() == [1, 0, 0] and conv_bias.tolist() == [1, 0, 0]
+    fc1_mask, fc1_bias = result.masks["4"]
+    expected = torch.zeros(4, 12)
+    expected[[0, 2, 3], :2] = 1  # rows: fc1 outputs alive; columns: positions 0, 1 of channel 0
+    assert torch.equal(fc1_mask, expected) and fc1_bias.tolist() == [1, 0, 1, 1]
+    fc2_mask, fc2_bias = result.masks["6"]
+    assert torch.equal(fc2_mask, torch.tensor([[1.0, 0, 1, 1], [1, 0, 1, 1]])) and fc2_bias.tolist() == [1, 1]
+
+
+def test_hand_built_conv_net_report():
+    report = compress(small_conv_net(), {"0": 0.0, "4": 0.0, "6": 0.0}).report
+    rows = [(r.in_kept, r.in_total, r.out_kept, r.out_total, r.weights_kept, r.weights_total, r.bits)
+            for r in report.layers]
+    assert rows == [(1, 1, 1, 3, 9, 27, 8), (2, 12, 3, 4, 6, 48, math.ceil((4 * 5 + 11) / 6)), (3, 4, 2, 2, 6, 8, 1)]
+    assert report.architecture == "1-2-3"
+    assert report.exponent_bits == 3
+    assert report.compression_pruning == pytest.approx(83 / 21)
+    assert report.compression_precision == pytest.approx(32 * 83 / (9 * (1 + 3 + 8) + 6 * (1 + 3 + 6) + 6 * (1 + 3 + 1)))
+    assert report.compression_sparse == pytest.approx(83 / 21)
+    # MACs per example: conv 27 weights x 4x4 outputs, fc 48 and 8; after: 9 x 16, 2 x 3, 3 x 2.
+    assert (report.flops_before, report.flops_after) == (27 * 16 + 48 + 8, 9 * 16 + 6 + 6)
+    assert report.dense_float32_bytes == 4 * (27 + 3 + 48 + 4 + 8 + 2)
+    text = str(report)
+    assert "1-2-3" in text and "9/27" in text and "biases excluded" in text
+    data = report.to_dict()
+    assert data["layers"][1]["in_kept"] == 2 and data["architecture"] == "1-2-3"
+
+
+def test_hand_built_conv_net_export_matches_masked_model():
+    model = small_conv_net()
+    result = compress(model, 0.0)
+    conv, fc1, fc2 = (m for m in result.model if isinstance(m, (nn.Conv2d, nn.Linear)))
+    # Only channel 0 survives; fc1 keeps that channel's 4 positions (2 and 3 zero) and rows 0, 2, 3.
+    assert tuple(conv.weight.shape) == (1, 1, 3, 3) and (fc1.in_features, fc1.out_features) == (4, 3)
+    assert (fc2.in_features, fc2.out_features) == (3, 2)
+    assert torch.equal(conv.weight, model[0].weight_mu[:1].detach())
+    assert torch.equal(fc1.weight[:, 2:], torch.zeros(3, 2))
+    assert torch.equal(fc1.weight[:, :2], model[4].weight_mu[[0, 2, 3], :2].detach())
+    x = torch.randn(16, 1, 6, 6)
+    masked = apply_masks(model, result.masks).eval()
+    assert torch.allclose(result.model(x), masked(x), atol=1e-6)
+    # The masked model zeroes exactly the pruned weights: fc1 column 4 (alive in fc1, dead channel 1).
+    assert float(masked[4].weight_mu[:, 4].detach().abs().sum()) == 0.0
+
+
+def test_model_training_flags_are_left_alone():
+    model = small_conv_net().train()
+    compress(model, 0.0)
+    assert all(m.training for m in model.modules())
+
+
+# ----------------------------------------------------------------------------- Sparse VD: per-weight alphas
+def svd_net():
+    """Linear SVD 3->3 -> ReLU -> 3->2 with log alphas set per weight (threshold 0).
+
+    fc1 keeps (0, 0) and (1, 1); fc2 keeps (0, 0) and (0, 2) -- its column 1 keeps nothing, so
+    unit 1 dies, which strands fc1's weight (1, 1) and with it input 1 (found on the second pass);
+    unit 2 has no surviving incoming weight, so fc2's (0, 2) goes. Left: fc1 (0, 0), fc2 (0, 0).
+    """
+    fc1, fc2 = bclib.LinearSVD(3, 3), bclib.LinearSVD(3, 2)
+    with torch.no_grad():
+        for layer, log_alpha in ((fc1, [[-5, 5, 5], [5, -5, 5], [5, 5, 5]]), (fc2, [[-5, 5, -5], [5, 5, 5]])):
+            layer.weight_mu.fill_(0.5)
+            layer.weight_logvar.copy_(torch.tensor(log_alpha, dtype=torch.float32) + math.log(0.25))
+    return nn.Sequential(fc1, nn.ReLU(), fc2)
+
+
+def test_sparse_vd_masks_settle_by_iteration():
+    model = svd_net()
+    result = compress(model, [0.0, 0.0])
+    expected1, expected2 = torch.zeros(3, 3), torch.zeros(2, 3)
+    expected1[0, 0] = expected2[0, 0] = 1
+    assert torch.equal(result.masks["0"][0], expected1) and result.masks["0"][1].tolist() == [1, 0, 0]
+    assert torch.equal(result.masks["2"][0], expected2) and result.masks["2"][1].tolist() == [1, 1]
+    r1, r2 = result.report.layers
+    assert (r1.in_kept, r1.out_kept, r1.weights_kept, r1.weights_nonzero) == (1, 1, 1, 1)
+    assert (r2.in_kept, r2.out_kept, r2.weights_kept, r2.weights_nonzero) == (1, 2, 2, 1)
+    assert result.report.compression_pruning == pytest.approx(15 / 3)
+    assert result.report.compression_sparse == pytest.approx(15 / 2)
+    x = torch.randn(8, 3)
+    assert torch.allclose(result.model(x), apply_masks(model, result.masks).eval()(x), atol=1e-6)
+
+
+def test_sparse_vd_dense_block_and_nonzero_counts_differ():
+    fc = bclib.LinearSVD(2, 2)
+    with torch.no_grad():
+        fc.weight_mu.fill_(1.0)
+        fc.weight_logvar.copy_(torch.tensor([[-5.0, 5.0], [5.0, -5.0]]))  # the diagonal survives
+    report = compress(nn.Sequential(fc), 0.0).report
+    assert (report.layers[0].weights_kept, report.layers[0].weights_nonzero) == (4, 2)
+    assert report.compression_pruning == 1.0 and report.compression_sparse == 2.0
+
+
+# ----------------------------------------------------------------------------- structure
+def test_last_layer_outputs_are_never_pruned():
+    conv1, conv2 = bclib.Conv2dGroupNJ(1, 2, 3), bclib.Conv2dGroupNJ(2, 3, 1)
+    with torch.no_grad():
+        for layer in (conv1, conv2):
+            layer.z_mu.fill_(1.0)
+            layer.z_logvar.fill_(KEEP)
+        conv2.z_logvar[1] = PRUNE  # an output class of the last layer
+    model = nn.Sequential(conv1, nn.ReLU(), conv2)
+    result = compress(model, 0.0, input_shape=(1, 5, 5))
+    assert (result.report.layers[1].out_kept, result.report.layers[1].out_total) == (3, 3)
+    x = torch.randn(4, 1, 5, 5)
+    out = result.model(x)
+    assert out.shape == (4, 3, 3, 3)
+    # The pruned filter's weights are zero: that output is its bias everywhere.
+    assert torch.allclose(out[:, 1], conv2.bias_mu[1].detach().expand(4, 3, 3))
+    assert torch.allclose(out, apply_masks(model, result.masks).eval()(x), atol=1e-6)
+
+
+def test_nested_sequential_and_dict_thresholds():
+    model = models.lenet5_caffe("nj")
+    nested = nn.Sequential(nn.Sequential(*list(model)[:7]), nn.Sequential(*list(model)[7:]))
+    nested.input_shape = model.input_shape
+    names = [name for name, _ in bclib.bayesian_layers(nested)]
+    assert names == ["0.0", "0.3", "1.0", "1.2"]
+    flat = compress(model, [0.0] * 4).report
+    assert compress(nested, dict.fromkeys(names, 0.0)).report.architecture == flat.architecture
+
+
+def test_everything_pruned_gives_a_working_constant_model():
+    model = models.lenet5_caffe("nj")
+    result = compress(model, -100.0)
+    assert result.report.compression_pruning == math.inf and result.report.to_dict()["compression_pruning"] is None
+    x = torch.randn(3, 1, 28, 28)
+    out = result.model(x)
+    assert torch.allclose(out, model[9].bias_mu.detach().expand(3, 10))  # only the last biases are left
+
+
+def test_batchnorm_model_export_matches_masked_model():
+    torch.manual_seed(1)
+    model = models.vgg_cifar("nj", width=0.0625)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d | nn.BatchNorm1d):
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.normal_(1, 0.1)
+                module.bias.normal_(0, 0.1)
+        for _, layer in bclib.bayesian_layers(model):
+            layer.z_logvar[torch.rand(layer.num_groups) < 0.3] = PRUNE
+    result = compress(model, 0.0)
+    x = torch.randn(4, 3, 32, 32)
+    masked = apply_masks(model, result.masks).eval()
+    assert torch.allclose(result.model(x), masked(x), atol=1e-4)
+    assert result.report.flops_after < result.report.flops_before
+
+
+@pytest.mark.parametrize("build", [models.lenet_300_100, models.lenet5_caffe])
+@pytest.mark.parametrize("prior", ["nj", "hs", "svd"])
+def test_lenet_exports_match_masked_model(build, prior):
+    torch.manual_seed(2)
+    model = build(prior)
+    with torch.no_grad():
+        for _, layer in bclib.bayesian_layers(model):
+            if prior == "nj":
+                layer.z_logvar[torch.rand(layer.num_groups) < 0.5] = PRUNE
+            elif prior == "hs":
+                layer.za_logvar[torch.rand(layer.num_groups) < 0.5] = 3.0
+            else:
+                layer.weight_logvar[torch.rand(layer.weight_shape) < 0.8] = 5.0
+    result = compress(model, 0.0)
+    x = torch.rand(32, 1, 28, 28) * 2 - 1
+    masked = apply_masks(model, result.masks).eval()
+    assert (result.model(x) - masked(x)).abs().max() <= 1e-4
+    assert result.report.compression_pruning > 1.0
+    # The reduced-precision model moves every weight by at most half a grid step.
+    reduced = result.reduced_precision_model()
+    bits = [r.bits for r in result.report.layers]
+    plain = [m for m in result.model if isinstance(m, (nn.Linear, nn.Conv2d))]
+    for t, exact, rounded in zip(bits, plain, (m for m in reduced if isinstance(m, (nn.Linear, nn.Conv2d)))):
+        assert (exact.weight - rounded.weight).abs().max() <= 2.0 ** -t / 2 + 1e-7
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_thresholds():
+    model = small_conv_net()
+    with pytest.raises(ValueError, match="one value per Bayesian layer"):
+        compress(model, [0.0, 0.0])
+    with pytest.raises(ValueError, match="unknown names \\['nope'\\]"):
+        compress(model, {"0": 0.0, "4": 0.0, "6": 0.0, "nope": 1.0})
+    with pytest.raises(ValueError, match="missing \\['6'\\]"):
+        compress(model, {"0": 0.0, "4": 0.0})
+    with pytest.raises(ValueError, match="NaN"):
+        compress(model, [0.0, float("nan"), 0.0])
+    with pytest.raises(TypeError, match="must be a number"):
+        compress(model, [0.0, "1", 0.0])
+    with pytest.raises(TypeError, match="thresholds must be"):
+        compress(model, "0")
+    with pytest.raises(TypeError, match="thresholds must be"):
+        compress(model, True)
+
+
+def test_bad_models():
+    with pytest.raises(TypeError, match="nn.Sequential"):
+        compress(bclib.LinearGroupNJ(3, 2), 0.0)
+    with pytest.raises(TypeError, match="Bayesian layers"):
+        compress(nn.Sequential(nn.Linear(3, 3), bclib.LinearGroupNJ(3, 2)), 0.0)
+    with pytest.raises(TypeError, match="GELU"):
+        compress(nn.Sequential(bclib.LinearGroupNJ(3, 3), nn.GELU(), bclib.LinearGroupNJ(3, 2)), 0.0)
+    with pytest.raises(ValueError, match="no Bayesian layers"):
+        compress(nn.Sequential(nn.ReLU()), [])
+    conv_net = nn.Sequential(bclib.Conv2dGroupNJ(1, 2, 3), nn.Flatten(), bclib.LinearGroupNJ(8, 2))
+    with pytest.raises(ValueError, match="input_shape"):
+        compress(conv_net, 0.0)
+    with pytest.raises(ValueError, match="input_shape"):
+        compress(conv_net, 0.0, input_shape=(1, 9, 9))  # 7x7 outputs do not fit fc 8
+    with pytest.raises(ValueError, match="input_shape"):
+        compress(conv_net, 0.0, input_shape=(1, -4, 4))
+    # A layer between two Bayesian layers that mixes units cannot be mapped.
+    mixing = nn.Sequential(bclib.Conv2dGroupNJ(1, 4, 1), nn.PixelShuffle(2), bclib.Conv2dGroupNJ(1, 2, 1))
+    with pytest.raises(TypeError, match="changes the number of units"):
+        compress(mixing, 0.0, input_shape=(1, 3, 3))
+
+
+def test_linear_only_model_needs_no_input_shape():
+    result = compress(nn.Sequential(bclib.LinearGroupNJ(5, 3), nn.Tanh(), bclib.LinearGroupNJ(3, 2)), 0.0)
+    assert result.input_shape == (5,)
+
+
+# ----------------------------------------------------------------------------- errors and thresholds
+def test_classification_error_by_hand():
+    model = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(2))  # predicts the larger coordinate
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 1.0], [0.0, 3.0]])
+    y = torch.tensor([0, 0, 0, 1])
+    assert classification_error(model, x, y, batch_size=3) == 0.25
+    with pytest.raises(ValueError, match="same number"):
+        classification_error(model, x, y[:3])
+    with pytest.raises(ValueError, match="batch_size"):
+        classification_error(model, x, y, batch_size=0)
+    with pytest.raises(TypeError):
+        classification_error(model, x.numpy(), y)
+
+
+def test_propose_threshold_on_a_bimodal_sample():
+    rng = np.random.default_rng(0)
+    kept, pruned = rng.normal(-6.0, 0.5, 300), rng.normal(4.0, 1.0, 700)
+    threshold = propose_threshold(torch.tensor(np.concatenate([kept, pruned])))
+    # Between the modes, and it separates the two generating components without error.
+    assert kept.max() < threshold < pruned.min()
+    # Unbalanced the other way round (most groups kept) works too.
+    assert -6.0 < propose_threshold(np.concatenate([kept[:30], rng.normal(4, 1, 970)])) < 4.0
+
+
+def test_propose_threshold_refuses_a_single_mode():
+    sample = np.random.default_rng(1).normal(0.0, 1.0, 2000)
+    with pytest.raises(ValueError, match="two separated modes"):
+        propose_threshold(sample)
+    assert propose_threshold(sample, fallback=3.0) == 3.0
+    with pytest.raises(ValueError, match="two distinct"):
+        propose_threshold([1.0, 1.0, float("nan")])
+    with pytest.raises(ValueError, match="bins"):
+        propose_threshold([1.0, 2.0], bins=2)
+
+
+def test_propose_thresholds_per_layer():
+    model = small_conv_net()
+    with torch.no_grad():
+        model[0].z_logvar.copy_(torch.tensor([-8.0, 3.0, -7.5]))
+    proposed = propose_thresholds(model, fallback=0.0)
+    assert list(proposed) == ["0", "4", "6"]
+    assert -7.5 < proposed["0"] < 3.0
+
+
+def test_threshold_sweep_rows():
+    model = small_conv_net()
+    torch.manual_seed(3)
+    x = torch.randn(40, 1, 6, 6)
+    eval_model = apply_masks(model, {}).eval()
+    y = eval_model(x).argmax(1)
+    y[:10] = 1 - y[:10]  # a known 25% error for the unpruned model
+    rows = threshold_sweep(model, [math.inf, 0.0, -100.0], x, y)
+    assert [row["thresholds"] for row in rows] == [math.inf, 0.0, -100.0]
+    assert rows[0]["error"] == 0.25 and rows[0]["compression_pruning"] == 1.0
+    assert rows[1]["architecture"] == "1-2-3" and rows[1]["weights_kept"] == 21
+    assert rows[2]["compression_pruning"] == math.inf and rows[2]["weights_kept"] == 0

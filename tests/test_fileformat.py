@@ -1,0 +1,259 @@
+"""Tests of bclib.fileformat: bit packing by hand, exact round trips, sizes, and every kind of bad file."""
+import json
+import math
+import os
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import bclib
+from bclib import models
+from bclib.compression import compress
+from bclib.fileformat import (
+    FORMAT_VERSION, MAGIC, load_compressed, pack_signed, read_compressed, signed_width, unpack_signed,
+)
+
+PREAMBLE = struct.Struct("<8sHHII")
+
+
+# ----------------------------------------------------------------------------- bit packing
+@pytest.mark.parametrize("values, width", [([0], 0), ([0, 0], 0), ([-1], 1), ([1], 2), ([127], 8), ([-128], 8),
+                                           ([128], 9), ([-129, 5], 9), ([2**40], 42)])
+def test_signed_width(values, width):
+    assert signed_width(np.array(values, dtype=np.int64)) == width
+
+
+def test_pack_signed_by_hand():
+    # 1 -> 01, -1 -> 11, 0 -> 00, -2 -> 10: one byte 0111 0010; then 1 -> 01 padded: 0100 0000.
+    assert pack_signed(np.array([1, -1, 0, -2, 1]), 2) == bytes([0b01110010, 0b01000000])
+    assert pack_signed(np.array([5, -3]), 0) == b""
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 7, 8, 13, 23, 33, 62])
+def test_pack_unpack_round_trip(width):
+    rng = np.random.default_rng(width)
+    low, high = -(2 ** (width - 1)), 2 ** (width - 1) - 1
+    values = np.concatenate([[low, high, 0], rng.integers(low, high, size=1001, endpoint=True)])
+    packed = pack_signed(values, width)
+    assert len(packed) == math.ceil(values.size * width / 8)
+    assert np.array_equal(unpack_signed(packed, values.size, width), values)
+
+
+# ----------------------------------------------------------------------------- a file worked out by hand
+def tiny_net():
+    """fc 4->3 (2 bits: step 1/4; input 3 pruned) -> ReLU -> fc 3->2 (0 bits: step 1)."""
+    fc1, fc2 = bclib.LinearGroupNJ(4, 3), bclib.LinearGroupNJ(3, 2)
+    with torch.no_grad():
+        for layer in (fc1, fc2):
+            layer.z_mu.fill_(1.0)
+            layer.z_logvar.fill_(-30.0)
+        fc1.z_logvar[3] = 2.0
+        fc1.weight_logvar.fill_(math.log(1.5 * 2**-4))  # 2 Var = 1.5 * 2^-3: t = 1, 2
+        fc2.weight_logvar.fill_(math.log(1.5 * 2**-2))  # 2 Var = 0.75: no t
+        fc1.weight_mu.copy_(torch.tensor([[0.25, -0.75, 0.5, 9.0], [0.0, 0.74, -0.5, 9.0], [0.26, 0.0, -0.26, 9.0]]))
+        fc2.weight_mu.copy_(torch.tensor([[1.0, -2.0, 0.2], [0.0, 1.4, -1.6]]))
+        fc1.bias_mu.copy_(torch.tensor([0.1, -0.2, 0.3]))
+        fc2.bias_mu.copy_(torch.tensor([1.0, 2.0]))
+    return nn.Sequential(fc1, nn.ReLU(), fc2)
+
+
+def test_hand_worked_file_layout(tmp_path):
+    result = compress(tiny_net(), 0.0)
+    assert [r.bits for r in result.report.layers] == [2, 0]
+    path = tmp_path / "tiny.bcz"
+    saved = result.save(path)
+    blob = path.read_bytes()
+    magic, version, flags, header_len, payload_len = PREAMBLE.unpack_from(blob)
+    assert (magic, version, flags) == (MAGIC, FORMAT_VERSION, 0)
+    # fc1: q = w * 4 on columns 0-2 -> [[1, -3, 2], [0, 3, -2], [1, 0, -1]], width 3 (27 bits, 4 bytes),
+    # a 1-byte input mask (column 3 dead), 3 float16 biases; fc2: q = round(w) -> [[1, -2, 0], [0, 1, -2]],
+    # width 2 (12 bits, 2 bytes), 2 float16 biases.
+    q1 = [1, -3, 2, 0, 3, -2, 1, 0, -1]
+    q1_bits = "".join(format(v & 0b111, "03b") for v in q1).ljust(32, "0")
+    q2_bits = "".join(format(v & 0b11, "02b") for v in [1, -2, 0, 0, 1, -2]).ljust(16, "0")
+    expected_payload = (
+        bytes([0b11100000]) + int(q1_bits, 2).to_bytes(4, "big")
+        + np.array([0.1, -0.2, 0.3], dtype="<f2").tobytes()
+        + int(q2_bits, 2).to_bytes(2, "big") + np.array([1.0, 2.0], dtype="<f2").tobytes()
+    )
+    payload = blob[PREAMBLE.size + header_len:-4]
+    assert payload == expected_payload and payload_len == 17
+    assert len(blob) == PREAMBLE.size + header_len + 17 + 4 == saved.file_bytes == os.path.getsize(path)
+    assert struct.unpack("<I", blob[-4:])[0] == zlib.crc32(blob[:-4])
+    header = json.loads(zlib.decompress(blob[PREAMBLE.size:PREAMBLE.size + header_len]))
+    assert header["input_shape"] == [4]
+    assert [spec["type"] for spec in header["layers"]] == ["linear", "relu", "linear"]
+    assert header["layers"][0] == {"type": "linear", "in": 4, "out": 3, "bias": True, "bits": 2, "width": 3, "masked": True}
+    # Dense original: 4 bytes x (12 + 3 + 6 + 2) parameters.
+    assert saved.dense_float32_bytes == 4 * 23 and saved.file_ratio == pytest.approx(92 / len(blob))
+    loaded = load_compressed(path)
+    assert torch.equal(loaded[0].weight, torch.tensor([[0.25, -0.75, 0.5, 0], [0, 0.75, -0.5, 0], [0.25, 0, -0.25, 0]]))
+    assert torch.equal(loaded[2].weight, torch.tensor([[1.0, -2.0, 0.0], [0.0, 1.0, -2.0]]))
+    assert torch.equal(loaded[0].bias, torch.tensor([0.1, -0.2, 0.3]).half().float())
+
+
+# ----------------------------------------------------------------------------- round trips
+def forced_pruning(model, prior, seed):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in bclib.bayesian_layers(model):
+            if prior == "svd":
+                layer.weight_logvar[torch.rand(layer.weight_shape) < 0.8] = 5.0
+            else:
+                layer.z_logvar[torch.rand(layer.num_groups) < 0.6] = 2.0
+    return model
+
+
+@pytest.mark.parametrize("build", [models.lenet_300_100, models.lenet5_caffe])
+@pytest.mark.parametrize("prior", ["nj", "svd"])
+def test_round_trip_is_exact(tmp_path, build, prior):
+    result = compress(forced_pruning(build(prior), prior, 0), 0.0)
+    path = tmp_path / "model.bcz"
+    saved = result.save(path)
+    loaded = load_compressed(path)
+    assert loaded.input_shape == (1, 28, 28) and not loaded.training
+    x = torch.rand(64, 1, 28, 28) * 2 - 1
+    assert torch.equal(loaded(x), result.reduced_precision_model()(x))
+    # Header, masks and biases included, the file is at least 0.9x the theoretical after-precision rate.
+    assert saved.file_ratio >= 0.9 * result.report.compression_precision
+    assert result.report.file is saved and "bytes" in str(result.report)
+
+
+def test_round_trip_with_batchnorm(tmp_path):
+    torch.manual_seed(4)
+    model = models.vgg_cifar("nj", width=0.0625)
+    with torch.no_grad():
+        for _, layer in bclib.bayesian_layers(model):
+            layer.z_logvar[torch.rand(layer.num_groups) < 0.3] = 2.0
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_var.uniform_(0.5, 2.0)
+    result = compress(model, 0.0)
+    result.save(tmp_path / "vgg.bcz")
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(load_compressed(tmp_path / "vgg.bcz")(x), result.reduced_precision_model()(x))
+
+
+# ----------------------------------------------------------------------------- bad files
+@pytest.fixture(scope="module")
+def lenet5_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("files") / "lenet5.bcz"
+    compress(forced_pruning(models.lenet5_caffe("nj"), "nj", 1), 0.0).save(path)
+    return path
+
+
+def test_truncation_at_many_offsets(lenet5_file, tmp_path):
+    blob = lenet5_file.read_bytes()
+    bad = tmp_path / "cut.bcz"
+    offsets = sorted(set(range(0, 64)) | set(np.linspace(64, len(blob) - 1, 60).astype(int).tolist()))
+    for offset in offsets:
+        bad.write_bytes(blob[:offset])
+        with pytest.raises(ValueError):
+            load_compressed(bad)
+
+
+def test_random_byte_flips(lenet5_file, tmp_path):
+    blob = lenet5_file.read_bytes()
+    rng = np.random.default_rng(5)
+    bad = tmp_path / "flipped.bcz"
+    for position in rng.choice(len(blob), size=150, replace=False).tolist() + [0, 8, 12, 16, len(blob) - 1]:
+        corrupted = bytearray(blob)
+        corrupted[position] ^= int(rng.integers(1, 256))
+        bad.write_bytes(bytes(corrupted))
+        with pytest.raises(ValueError):
+            load_compressed(bad)
+    extended = tmp_path / "longer.bcz"
+    extended.write_bytes(blob + b"\0")
+    with pytest.raises(ValueError, match="lengths say"):
+        load_compressed(extended)
+
+
+def make_file(path, header, payload=b"", version=FORMAT_VERSION, flags=0, raw_header=None):
+    """A file with a valid CRC around any header and payload, to reach the checks behind the CRC."""
+    header_bytes = raw_header if raw_header is not None else zlib.compress(json.dumps(header).encode())
+    blob = PREAMBLE.pack(MAGIC, version, flags, len(header_bytes), len(payload)) + header_bytes + payload
+    path.write_bytes(blob + struct.pack("<I", zlib.crc32(blob)))
+    return path
+
+
+LINEAR = {"type": "linear", "in": 2, "out": 1, "bias": False, "bits": 1, "width": 2, "masked": False}
+GOOD_PAYLOAD = pack_signed(np.array([1, -1]), 2)
+
+
+def test_make_file_helper_writes_a_valid_file(tmp_path):
+    model = load_compressed(make_file(tmp_path / "ok.bcz", {"input_shape": [2], "layers": [LINEAR]}, GOOD_PAYLOAD))
+    assert torch.equal(model[0].weight, torch.tensor([[0.5, -0.5]]))
+
+
+@pytest.mark.parametrize("header, match", [
+    ({"input_shape": [2]}, "exactly 'input_shape' and 'layers'"),
+    ([1, 2], "exactly 'input_shape' and 'layers'"),
+    ({"input_shape": [2], "layers": []}, "non-empty list"),
+    ({"input_shape": [0], "layers": [LINEAR]}, "input_shape"),
+    ({"input_shape": [2.0], "layers": [LINEAR]}, "input_shape"),
+    ({"input_shape": [2], "layers": [{"type": "pickle"}]}, "no known type"),
+    ({"input_shape": [2], "layers": [{**LINEAR, "extra": 1}]}, "has keys"),
+    ({"input_shape": [2], "layers": [{k: v for k, v in LINEAR.items() if k != "bits"}]}, "has keys"),
+    ({"input_shape": [2], "layers": [{**LINEAR, "bits": 24}]}, "invalid bits"),
+    ({"input_shape": [2], "layers": [{**LINEAR, "in": True}]}, "invalid in"),
+    ({"input_shape": [2], "layers": [{**LINEAR, "out": -1}]}, "invalid out"),
+    ({"input_shape": [2], "layers": [{**LINEAR, "width": 63}]}, "invalid width"),
+    ({"input_shape": [3], "layers": [LINEAR]}, "does not fit"),
+    ({"input_shape": [2], "layers": [{**LINEAR, "in": 1 << 20, "out": 1 << 20}]}, "exceed the limit"),
+    ({"input_shape": [1, 4, 4], "layers": [{"type": "adaptive_avgpool2d", "output": [60000, 60000]}]}, "does not fit"),
+    ({"input_shape": [1, 4, 4], "layers": [{"type": "maxpool2d", "kernel": [2, 2], "stride": [2, 2], "padding": [3, 3],
+                                            "dilation": [1, 1], "ceil_mode": False}]}, "does not fit"),
+    ({"input_shape": [2], "layers": [{"type": "dropout", "p": 2.0}]}, "invalid p"),
+    ({"input_shape": [2], "layers": [{"type": "batchnorm1d", "num": 2, "eps": float("nan"), "affine": False}]}, "invalid eps"),
+])
+def test_invalid_headers(tmp_path, header, match):
+    with pytest.raises(ValueError, match=match):
+        load_compressed(make_file(tmp_path / "bad.bcz", header, GOOD_PAYLOAD))
+
+
+def test_invalid_containers(tmp_path):
+    header = {"input_shape": [2], "layers": [LINEAR]}
+    with pytest.raises(ValueError, match="version 2"):
+        load_compressed(make_file(tmp_path / "v.bcz", header, GOOD_PAYLOAD, version=2))
+    with pytest.raises(ValueError, match="flags"):
+        load_compressed(make_file(tmp_path / "f.bcz", header, GOOD_PAYLOAD, flags=1))
+    with pytest.raises(ValueError, match="unreadable header"):
+        load_compressed(make_file(tmp_path / "z.bcz", None, GOOD_PAYLOAD, raw_header=b"not zlib"))
+    with pytest.raises(ValueError, match="unreadable header"):
+        load_compressed(make_file(tmp_path / "j.bcz", None, GOOD_PAYLOAD, raw_header=zlib.compress(b"{nope")))
+    bomb = zlib.compress(b" " * (2 << 20))  # inflates past the 1 MiB header limit
+    with pytest.raises(ValueError, match="unreadable header"):
+        load_compressed(make_file(tmp_path / "b.bcz", None, GOOD_PAYLOAD, raw_header=bomb))
+    with pytest.raises(ValueError, match="payload shorter"):
+        load_compressed(make_file(tmp_path / "s.bcz", header, GOOD_PAYLOAD[:0]))
+    with pytest.raises(ValueError, match="unexplained payload bytes"):
+        load_compressed(make_file(tmp_path / "l.bcz", header, GOOD_PAYLOAD + b"\0"))
+
+
+def test_not_a_bclib_file(tmp_path):
+    path = tmp_path / "state.pt"
+    torch.save(models.lenet_300_100(None).state_dict(), path)
+    with pytest.raises(ValueError, match="not a bclib compressed file"):
+        load_compressed(path)
+    (tmp_path / "empty.bcz").write_bytes(b"")
+    with pytest.raises(ValueError, match="not a bclib compressed file"):
+        read_compressed(tmp_path / "empty.bcz")
+
+
+def test_write_is_atomic(tmp_path, monkeypatch):
+    result = compress(tiny_net(), 0.0)
+    path = tmp_path / "model.bcz"
+    path.write_bytes(b"previous contents")
+
+    def failing_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        result.save(path)
+    assert path.read_bytes() == b"previous contents"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.bcz"]

@@ -41,13 +41,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .fileformat import build_module, dequantize, module_spec, write_compressed
+from .fileformat import build_module, dequantize, load_compressed, module_spec, write_compressed
 from .layers import BayesianLayer
 
 __all__ = [
     "compress", "CompressedModel", "CompressionReport", "LayerReport", "SavedFile",
-    "weight_bits", "exponent_bits", "quantize", "classification_error",
-    "propose_threshold", "propose_thresholds", "threshold_sweep", "apply_masks",
+    "weight_bits", "exponent_bits", "quantize", "model_error",
+    "propose_threshold", "propose_thresholds", "threshold_sweep", "apply_masks", "load_compressed",
 ]
 
 MAX_MANTISSA_BITS = 23
@@ -65,8 +65,8 @@ def weight_bits(variance: Tensor) -> int:
         variance: posterior variances of the surviving weights (any shape).
 
     Example:
-        >>> weight_bits(torch.tensor([2.0**-8, 2.0**-6]))  # counts 8 (t<9) and 6 (t<7): mean 7
-        7
+        >>> weight_bits(torch.tensor([2.0**-8, 2.0**-6]))  # 2 Var = 2^-7, 2^-5: t = 1..6 and 1..4
+        5
     """
     variance = variance.detach().reshape(-1).to(torch.float64)
     if variance.numel() == 0:
@@ -287,6 +287,8 @@ def _check_threshold(name: str, value) -> float:
 
 
 def _resolve_thresholds(thresholds, names: list[str]) -> list[float]:
+    if isinstance(thresholds, (Tensor, np.ndarray)):
+        thresholds = thresholds.tolist()
     if isinstance(thresholds, (int, float, np.floating, np.integer)) and not isinstance(thresholds, bool):
         return [_check_threshold(name, thresholds) for name in names]
     if isinstance(thresholds, dict):
@@ -296,8 +298,6 @@ def _resolve_thresholds(thresholds, names: list[str]) -> list[float]:
             raise ValueError(f"thresholds must have one entry per Bayesian layer {names}; "
                              f"unknown names {unknown}, missing {missing}")
         return [_check_threshold(name, thresholds[name]) for name in names]
-    if isinstance(thresholds, (Tensor, np.ndarray)):
-        thresholds = thresholds.tolist()
     if isinstance(thresholds, (list, tuple)):
         if len(thresholds) != len(names):
             raise ValueError(f"thresholds must have one value per Bayesian layer ({len(names)}: {names}), "
@@ -417,9 +417,11 @@ def compress(model: nn.Module, thresholds, input_shape=None) -> "CompressedModel
             a missing ``input_shape``.
 
     Example:
-        >>> model = bclib.models.lenet5_caffe("nj")
-        >>> compressed = compress(model, [-3.0] * 4)
-        >>> print(compressed.report)  # doctest: +SKIP
+        >>> from bclib.models import lenet5_caffe
+        >>> compressed = compress(lenet5_caffe("nj"), [-3.0] * 4)
+        >>> compressed.model(torch.zeros(1, 1, 28, 28)).shape
+        torch.Size([1, 10])
+        >>> compressed.save("lenet5.bcz")  # doctest: +SKIP
     """
     leaves = _leaves(model)
     weighted_at = [i for i, (_, module) in enumerate(leaves) if isinstance(module, BayesianLayer)]
@@ -656,8 +658,8 @@ def _summarise(layers: list[_Weighted], rows: list[LayerReport], exponent: int) 
 
 
 # ----------------------------------------------------------------------------- evaluation and thresholds
-def classification_error(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
-    """Fraction of examples whose arg-max prediction differs from ``y`` (model in eval mode, no gradients).
+def model_error(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
+    """Classification error of any model: the fraction of examples whose arg-max prediction differs from ``y`` (model in eval mode, no gradients).
 
     Args:
         model: any classifier returning logits of shape ``(N, classes)``.
@@ -777,8 +779,8 @@ def threshold_sweep(model: nn.Module, thresholds_grid, x: Tensor, y: Tensor, inp
         report = result.report
         rows.append({
             "thresholds": thresholds.tolist() if isinstance(thresholds, (Tensor, np.ndarray)) else thresholds,
-            "error": classification_error(result.model, x, y),
-            "error_reduced_precision": classification_error(result.reduced_precision_model(), x, y),
+            "error": model_error(result.model, x, y),
+            "error_reduced_precision": model_error(result.reduced_precision_model(), x, y),
             "compression_pruning": report.compression_pruning,
             "compression_precision": report.compression_precision,
             "compression_sparse": report.compression_sparse,

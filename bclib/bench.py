@@ -1,0 +1,263 @@
+"""The benchmarks behind ``python -m bclib bench``: speed targets live here, never in timed tests.
+
+* :func:`run_compression_bench` -- CPU inference throughput of the exported (pruned) model against
+  the dense original, at batch 1000 and batch 1, side by side in one run, next to the FLOP reduction.
+* :func:`run_layers_bench` -- training-step time of each prior's LeNet-300-100 and LeNet-5-Caffe
+  relative to the same deterministic network.
+
+Both measure interleaved (A, B, A, B, ...) and report medians, so a busy machine slows both sides
+alike; both return a dict and print a table.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import models
+from .compression import CompressedModel, compress, propose_thresholds
+from .layers import bayesian_layers, kl_divergence
+
+__all__ = ["run_compression_bench", "run_compression_bench_from_run", "run_layers_bench", "paper_lenet5"]
+
+# The BC-GNJ architecture of the paper for LeNet-5-Caffe: filters of conv1, conv2, inputs of fc1, fc2.
+PAPER_LENET5_ARCHITECTURE = (8, 13, 88, 13)
+
+
+def paper_lenet5(seed: int = 0) -> nn.Sequential:
+    """An untrained LeNet-5-Caffe NJ model whose log alphas prune it to the paper's 8-13-88-13 at threshold 0.
+
+    Random posterior means; only the architecture matters for timing. The 88 fc1 inputs are spread
+    over the 13 surviving conv2 channels.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    model = models.lenet5_caffe("nj")
+    layers = [layer for _, layer in bayesian_layers(model)]
+    conv2_kept = torch.randperm(50, generator=generator)[:PAPER_LENET5_ARCHITECTURE[1]]
+    # fc1 inputs: the 16 positions of each surviving conv2 channel, 88 of them drawn at random.
+    candidates = (conv2_kept[:, None] * 16 + torch.arange(16)).flatten()
+    fc1_kept = candidates[torch.randperm(candidates.numel(), generator=generator)[:PAPER_LENET5_ARCHITECTURE[2]]]
+    kept = [torch.randperm(20, generator=generator)[:PAPER_LENET5_ARCHITECTURE[0]], conv2_kept, fc1_kept,
+            torch.randperm(500, generator=generator)[:PAPER_LENET5_ARCHITECTURE[3]]]
+    with torch.no_grad():
+        for layer, keep in zip(layers, kept):
+            layer.z_logvar.fill_(2.0)
+            layer.z_logvar[keep] = -9.0
+    return model
+
+
+def _per_call_seconds(module: nn.Module, x: torch.Tensor, calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        module(x)
+    return (time.perf_counter() - start) / calls
+
+
+def _interleaved_medians(modules: dict[str, nn.Module], x: torch.Tensor, repeats: int, min_seconds: float) -> dict:
+    """Median seconds per call of each module, measured in turns; each turn lasts about ``min_seconds``."""
+    calls = {}
+    for name, module in modules.items():
+        _per_call_seconds(module, x, 2)  # warm-up: allocations, kernel selection
+        calls[name] = max(1, math.ceil(min_seconds / max(_per_call_seconds(module, x, 1), 1e-7)))
+    times: dict[str, list[float]] = {name: [] for name in modules}
+    for _ in range(repeats):
+        for name, module in modules.items():
+            times[name].append(_per_call_seconds(module, x, calls[name]))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def run_compression_bench(model: nn.Module | None = None, compressed: CompressedModel | None = None,
+                          thresholds=None, *, batch_sizes=(1000, 1), layouts=("contiguous", "channels_last"),
+                          repeats: int = 7, min_seconds: float = 0.05, threads: int | None = None,
+                          verbose: bool = True) -> dict:
+    """CPU inference throughput of the exported model against the dense original, at each batch size.
+
+    The dense original is the same network unpruned, exported to plain PyTorch the same way
+    (posterior means, ``nn.Conv2d``/``nn.Linear``), so the comparison is of architectures, not of
+    Bayesian against plain layers. Each memory layout is applied to both models alike:
+    ``"contiguous"`` is the exported ``nn.Sequential`` as is, ``"channels_last"`` converts both
+    models and the input (``torch.channels_last``, usually faster for convolutions and pooling on CPUs).
+
+    Args:
+        model: a trained Bayesian model; default :func:`paper_lenet5` (the paper's 8-13-88-13 LeNet-5).
+        compressed: its :func:`bclib.compress` result; default ``compress(model, thresholds)``.
+        thresholds: as for :func:`bclib.compress`; default 0 for :func:`paper_lenet5`, else
+            :func:`bclib.compression.propose_thresholds` (a layer with one mode keeps everything).
+        batch_sizes: batch sizes to time, side by side.
+        layouts: memory layouts to time (``"contiguous"``, ``"channels_last"``).
+        repeats: interleaved turns per model (the median is reported).
+        min_seconds: length of one turn.
+        threads: CPU threads for the run (default: PyTorch's current setting).
+        verbose: print the table.
+
+    Returns:
+        ``{"architecture", "flops_before", "flops_after", "flop_reduction", "threads", "runs": [{"layout",
+        "batch", "dense_ms", "pruned_ms", "dense_examples_per_s", "pruned_examples_per_s", "speedup",
+        "speedup_over_flop_reduction"}, ...]}``.
+    """
+    if model is None:
+        model = paper_lenet5()
+        thresholds = 0.0 if thresholds is None else thresholds
+    if compressed is None:
+        if thresholds is None:
+            thresholds = propose_thresholds(model, fallback=math.inf)
+        compressed = compress(model, thresholds)
+    report = compressed.report
+    plain = {"dense": compress(model, math.inf).model, "pruned": compressed.model}  # inf: nothing pruned
+    result = {
+        "architecture": report.architecture, "flops_before": report.flops_before, "flops_after": report.flops_after,
+        "flop_reduction": report.flop_reduction, "threads": threads or torch.get_num_threads(), "runs": [],
+    }
+    with _cpu_threads(threads), torch.inference_mode():
+        for layout in layouts:
+            modules, convert = _in_layout(plain, layout, len(compressed.input_shape) == 3)
+            for batch in batch_sizes:
+                x = convert(torch.rand(batch, *compressed.input_shape) * 2 - 1)
+                seconds = _interleaved_medians(modules, x, repeats, min_seconds)
+                speedup = seconds["dense"] / seconds["pruned"]
+                result["runs"].append({
+                    "layout": layout, "batch": batch,
+                    "dense_ms": 1e3 * seconds["dense"], "pruned_ms": 1e3 * seconds["pruned"],
+                    "dense_examples_per_s": batch / seconds["dense"],
+                    "pruned_examples_per_s": batch / seconds["pruned"],
+                    "speedup": speedup, "speedup_over_flop_reduction": speedup / report.flop_reduction,
+                })
+    if verbose:
+        print(_compression_table(result))
+    return result
+
+
+@contextlib.contextmanager
+def _cpu_threads(threads: int | None):
+    """Run with ``threads`` intra-op CPU threads (``None``: leave PyTorch's setting), then restore it."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _in_layout(modules: dict[str, nn.Module], layout: str, image_input: bool):
+    """Copies of ``modules`` and an input converter for a memory layout."""
+    if layout == "contiguous":
+        return modules, lambda x: x
+    if layout == "channels_last":
+        if not image_input:
+            raise ValueError("layout 'channels_last' needs image inputs (C, H, W)")
+        converted = {name: copy.deepcopy(m).to(memory_format=torch.channels_last) for name, m in modules.items()}
+        return converted, lambda x: x.contiguous(memory_format=torch.channels_last)
+    raise ValueError(f"layout must be 'contiguous' or 'channels_last', got {layout!r}")
+
+
+def _compression_table(result: dict) -> str:
+    lines = [
+        f"architecture {result['architecture']}; FLOPs {result['flops_before']:,} -> {result['flops_after']:,} "
+        f"per example ({result['flop_reduction']:.1f}x fewer); {result['threads']} CPU threads",
+        f"{'layout':<13}  {'batch':>5}  {'dense ms':>9}  {'pruned ms':>9}  {'dense ex/s':>11}  {'pruned ex/s':>11}  "
+        f"{'speed-up':>8}  {'speed-up / FLOP cut':>19}",
+    ]
+    for row in result["runs"]:
+        lines.append(f"{row['layout']:<13}  {row['batch']:>5}  {row['dense_ms']:>9.3f}  {row['pruned_ms']:>9.3f}  "
+                     f"{row['dense_examples_per_s']:>11,.0f}  {row['pruned_examples_per_s']:>11,.0f}  "
+                     f"{row['speedup']:>7.2f}x  {row['speedup_over_flop_reduction']:>19.2f}")
+    return "\n".join(lines)
+
+
+def run_compression_bench_from_run(run_dir=None, **kwargs) -> dict:
+    """:func:`run_compression_bench` on a trained run folder (``config.json`` + ``checkpoint.pt``).
+
+    The thresholds come from the run's ``report.json`` when it has them. Without a usable run folder
+    the bench says so and times :func:`paper_lenet5` instead.
+    """
+    run_dir = None if run_dir is None else Path(run_dir)
+    if run_dir is None or not (run_dir / "checkpoint.pt").is_file() or not (run_dir / "config.json").is_file():
+        print(f"no trained run at {run_dir}: timing an untrained LeNet-5 pruned to the paper's 8-13-88-13")
+        return run_compression_bench(**kwargs)
+    from .experiments import load_run_model
+
+    model = load_run_model(run_dir).cpu()
+    if not any(True for _ in bayesian_layers(model)):
+        raise ValueError(f"run {run_dir} holds a deterministic model: nothing to compress")
+    report_path = run_dir / "report.json"
+    if "thresholds" not in kwargs and report_path.is_file():
+        kwargs["thresholds"] = json.loads(report_path.read_text()).get("thresholds")
+    print(f"run {run_dir}")
+    return run_compression_bench(model, **kwargs)
+
+
+def run_layers_bench(steps: int = 3, repeats: int = 5, batch_size: int = 128, priors=("nj", "hs", "svd"),
+                     model_names=("lenet300", "lenet5"), threads: int | None = None, verbose: bool = True) -> dict:
+    """Training-step time of each prior relative to the deterministic network, per model.
+
+    One step is forward, loss (mean cross-entropy, plus KL / 60000 for the Bayesian models), backward,
+    an Adam step and the variance clipping, on random MNIST-shaped data. Models are timed in turns
+    (``steps`` steps each, ``repeats`` turns) and the median per-step time is reported.
+
+    ``threads`` sets the CPU threads for the run (default: PyTorch's current setting).
+
+    Returns:
+        ``{model: {"none" | prior: {"step_ms", "ratio"}}}`` (ratio: step time over the deterministic one).
+    """
+    with _cpu_threads(threads):
+        result = _time_train_steps(steps, repeats, batch_size, priors, model_names)
+    if verbose:
+        print(f"training step, batch {batch_size}, {threads or torch.get_num_threads()} CPU threads "
+              f"(median of {repeats} turns of {steps} steps)")
+        print(f"{'model':<9} {'prior':<6} {'step ms':>8} {'vs deterministic':>17}")
+        for name, rows in result.items():
+            for key, row in rows.items():
+                print(f"{name:<9} {key:<6} {row['step_ms']:>8.2f} {row['ratio']:>16.2f}x")
+    return result
+
+
+def _time_train_steps(steps, repeats, batch_size, priors, model_names) -> dict:
+    torch.manual_seed(0)
+    x = torch.rand(batch_size, 1, 28, 28) * 2 - 1
+    y = torch.randint(0, 10, (batch_size,))
+    result = {}
+    for name in model_names:
+        steppers = {"none": _train_step(models.build_model(name, None), x, y)}
+        for prior in priors:
+            steppers[prior] = _train_step(models.build_model(name, prior), x, y)
+        times: dict[str, list[float]] = {key: [] for key in steppers}
+        for stepper in steppers.values():
+            stepper()  # warm-up
+        for _ in range(repeats):
+            for key, stepper in steppers.items():
+                start = time.perf_counter()
+                for _ in range(steps):
+                    stepper()
+                times[key].append((time.perf_counter() - start) / steps)
+        medians = {key: statistics.median(values) for key, values in times.items()}
+        result[name] = {key: {"step_ms": 1e3 * value, "ratio": value / medians["none"]} for key, value in medians.items()}
+    return result
+
+
+def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    layers = [layer for _, layer in bayesian_layers(model)]
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        if layers:
+            loss = loss + kl_divergence(model) / 60000
+        loss.backward()
+        optimizer.step()
+        for layer in layers:
+            layer.clip_variances()
+
+    return step

@@ -1,0 +1,37 @@
+"""Smoke tests of bclib.bench: the benchmarks run and report what they say (no timing targets here)."""
+import math
+
+from bclib import bench
+from bclib.compression import compress
+
+
+def test_paper_lenet5_has_the_papers_architecture():
+    report = compress(bench.paper_lenet5(), 0.0).report
+    assert report.architecture == "8-13-88-13"
+    # conv1 8 x 1 x 25 x 576, conv2 13 x 8 x 25 x 64, fc1 88 x 13, fc2 13 x 10 multiply-accumulates.
+    assert report.flops_after == 8 * 25 * 576 + 13 * 8 * 25 * 64 + 88 * 13 + 13 * 10
+
+
+def test_compression_bench_reports_every_layout_and_batch(capsys):
+    result = bench.run_compression_bench(batch_sizes=(4, 1), repeats=1, min_seconds=0.0)
+    assert [(row["layout"], row["batch"]) for row in result["runs"]] == [
+        ("contiguous", 4), ("contiguous", 1), ("channels_last", 4), ("channels_last", 1)]
+    for row in result["runs"]:
+        assert row["speedup"] == row["dense_ms"] / row["pruned_ms"]
+        assert math.isclose(row["speedup_over_flop_reduction"], row["speedup"] / result["flop_reduction"])
+    assert "8-13-88-13" in capsys.readouterr().out
+
+
+def test_compression_bench_without_a_run_folder_times_the_paper_model(tmp_path, capsys):
+    result = bench.run_compression_bench_from_run(tmp_path / "missing", batch_sizes=(2,), layouts=("contiguous",),
+                                                  repeats=1, min_seconds=0.0)
+    assert result["architecture"] == "8-13-88-13" and "no trained run" in capsys.readouterr().out
+
+
+def test_layers_bench_ratios_are_relative_to_the_deterministic_network():
+    result = bench.run_layers_bench(steps=1, repeats=1, batch_size=8, model_names=("lenet300",), threads=1,
+                                    verbose=False)
+    rows = result["lenet300"]
+    assert list(rows) == ["none", "nj", "hs", "svd"] and rows["none"]["ratio"] == 1.0
+    for row in rows.values():
+        assert math.isclose(row["ratio"], row["step_ms"] / rows["none"]["step_ms"])

@@ -10,7 +10,7 @@ from torch import nn
 import bclib
 from bclib import models
 from bclib.compression import (
-    apply_masks, classification_error, compress, exponent_bits, propose_threshold, propose_thresholds,
+    apply_masks, model_error, compress, exponent_bits, propose_threshold, propose_thresholds,
     quantize, threshold_sweep, weight_bits,
 )
 
@@ -312,19 +312,19 @@ def test_linear_only_model_needs_no_input_shape():
 
 
 # ----------------------------------------------------------------------------- errors and thresholds
-def test_classification_error_by_hand():
+def test_model_error_by_hand():
     model = nn.Linear(2, 2, bias=False)
     with torch.no_grad():
         model.weight.copy_(torch.eye(2))  # predicts the larger coordinate
     x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 1.0], [0.0, 3.0]])
     y = torch.tensor([0, 0, 0, 1])
-    assert classification_error(model, x, y, batch_size=3) == 0.25
+    assert model_error(model, x, y, batch_size=3) == 0.25
     with pytest.raises(ValueError, match="same number"):
-        classification_error(model, x, y[:3])
+        model_error(model, x, y[:3])
     with pytest.raises(ValueError, match="batch_size"):
-        classification_error(model, x, y, batch_size=0)
+        model_error(model, x, y, batch_size=0)
     with pytest.raises(TypeError):
-        classification_error(model, x.numpy(), y)
+        model_error(model, x.numpy(), y)
 
 
 def test_propose_threshold_on_a_bimodal_sample():

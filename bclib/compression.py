@@ -127,11 +127,7 @@ class LayerReport:
     threshold: float
     flops_before: int
     flops_after: int
-
-    @property
-    def groups_kept(self) -> int:
-        """Kept groups: input units of a linear layer, filters of a convolution."""
-        return self.out_kept if self.kind.startswith("Conv") else self.in_kept
+    groups_kept: int  # the paper's architecture entry: input units of a linear layer, filters of a convolution
 
 
 @dataclass
@@ -638,6 +634,7 @@ def _layer_report(layer: _Weighted, mask, columns, outputs, bits) -> LayerReport
         weights_kept=in_kept * out_kept * per_unit, weights_total=layer.mean.numel(),
         weights_nonzero=int(mask.sum()), bits=bits, threshold=layer.threshold,
         flops_before=layer.mean.numel() * spatial, flops_after=in_kept * out_kept * per_unit * spatial,
+        groups_kept=out_kept if layer.is_conv else in_kept,
     )
 
 

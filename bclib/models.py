@@ -11,7 +11,7 @@ from torch import nn
 
 from .layers import Conv2dGroupHS, Conv2dGroupNJ, Conv2dSVD, HorseshoeGlobalScale, LinearGroupHS, LinearGroupNJ, LinearSVD
 
-__all__ = ["PRIORS", "lenet_300_100", "lenet5_caffe", "vgg_cifar", "build_model", "MODELS"]
+__all__ = ["PRIORS", "lenet_300_100", "lenet5_caffe", "vgg_cifar", "build_model", "bayesian_from_pretrained", "MODELS"]
 
 PRIORS = ("nj", "hs", "svd", None)
 
@@ -119,3 +119,28 @@ def build_model(name: str, prior, **kwargs) -> nn.Sequential:
     if name not in MODELS:
         raise ValueError(f"model must be one of {sorted(MODELS)}, got {name!r}")
     return MODELS[name](prior, **kwargs)
+
+
+def bayesian_from_pretrained(name: str, prior, pretrained: nn.Module, **kwargs) -> nn.Sequential:
+    """Build model ``name`` with ``prior`` whose posterior means start at a pretrained deterministic copy.
+
+    Each Bayesian layer gets the weight and bias of the matching ``nn.Linear`` / ``nn.Conv2d`` of
+    ``pretrained`` (in order), as ``init_weight`` / ``init_bias`` would; BatchNorm statistics and
+    affine parameters are copied too.
+
+    Example:
+        >>> det = lenet_300_100(None)
+        >>> bayes = bayesian_from_pretrained("lenet300", "nj", det)
+    """
+    model = build_model(name, prior, **kwargs)
+    plain = [m for m in pretrained.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    bayes = [m for m in model.modules() if hasattr(m, "load_pretrained")]
+    if len(plain) != len(bayes):
+        raise ValueError(f"pretrained has {len(plain)} linear/conv layers, model {name!r} has {len(bayes)}")
+    for source, target in zip(plain, bayes):
+        target.load_pretrained(source.weight.detach(), None if source.bias is None else source.bias.detach())
+    norms = zip([m for m in pretrained.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)],
+                [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)])
+    for source, target in norms:
+        target.load_state_dict(source.state_dict())
+    return model

@@ -31,7 +31,9 @@ def check_positive_int(name: str, value) -> int:
 
 
 def check_pair(name: str, value, minimum: int) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else tuple(value)
+    # A float or other scalar must give the TypeError below, not "object is not iterable".
+    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else (
+        tuple(value) if isinstance(value, (tuple, list)) else (value,))
     if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in pair):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if any(v < minimum for v in pair):
@@ -91,6 +93,13 @@ class BayesianLayer(nn.Module):
     def posterior_bias(self) -> Tensor | None:
         """Posterior mean of the bias (``None`` when the layer has no bias)."""
         return None if self.bias_mu is None else self.bias_mu
+
+    def load_pretrained(self, weight: Tensor, bias: Tensor | None = None) -> None:
+        """Restart from a pretrained deterministic layer: the same as passing ``init_weight`` and
+        ``init_bias`` to the constructor (the posterior mean starts at ``weight`` and ``bias``)."""
+        self._init_weight = check_init_tensor("weight", weight, self.weight_shape)
+        self._init_bias = check_init_tensor("bias", bias, (self.weight_shape[0],)) if self.bias_mu is not None else None
+        self.reset_parameters()
 
     @torch.no_grad()
     def clip_variances(self) -> None:

@@ -1,0 +1,91 @@
+"""Command line: ``python -m bclib {train,compress,reproduce,bench} ...``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .experiments import EXPERIMENTS
+
+    parser = argparse.ArgumentParser(
+        prog="python -m bclib",
+        description="Bayesian Compression for Deep Learning: train, compress, reproduce the results, benchmark.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train one model with one prior, compress it, write results into --out")
+    train.add_argument("--model", choices=["lenet300", "lenet5"], required=True)
+    train.add_argument("--prior", choices=["nj", "hs", "svd", "none"], required=True,
+                       help="'none' trains the deterministic network")
+    train.add_argument("--out", required=True, help="run folder (resumed when it holds a checkpoint)")
+    train.add_argument("--init-from", default=None, help="a deterministic run folder to start the posterior means from")
+    train.add_argument("--epochs", type=int, default=None, help="override the recipe's epoch count")
+    train.add_argument("--data", default=None, help="MNIST root (default: $BCLIB_DATA or the user cache)")
+    train.add_argument("--fast", action="store_true", help="small data and 2 epochs (a smoke test)")
+
+    compress = sub.add_parser("compress", help="(re)compress a trained run folder")
+    compress.add_argument("run", help="run folder with config.json and checkpoint.pt")
+    compress.add_argument("--thresholds", type=float, nargs="+", default=None,
+                          help="one log-alpha threshold per Bayesian layer (default: proposed from the histograms)")
+    compress.add_argument("--data", default=None)
+
+    reproduce = sub.add_parser("reproduce", help="run every experiment of the results table into --out")
+    reproduce.add_argument("--out", default="book/results")
+    reproduce.add_argument("--only", nargs="+", choices=sorted(EXPERIMENTS), default=None)
+    reproduce.add_argument("--data", default=None)
+    reproduce.add_argument("--fast", action="store_true")
+
+    bench = sub.add_parser("bench", help="benchmarks: layers (train-step time ratios), compression (inference speed-up)")
+    bench.add_argument("which", choices=["layers", "compression", "all"])
+    bench.add_argument("--run", default="book/results/lenet5_nj", help="trained run folder for the compression benchmark")
+    return parser
+
+
+def _experiment_name(model: str, prior: str, init_from: str | None) -> str:
+    from .experiments import EXPERIMENTS
+
+    if prior == "none":
+        return f"{model}_dense"
+    name = f"{model}_{prior}"
+    if init_from and f"{name}_pretrained" in EXPERIMENTS:
+        return f"{name}_pretrained"
+    return name
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "train":
+        from .experiments import run_experiment
+
+        name = _experiment_name(args.model, args.prior, args.init_from)
+        results_root = Path(args.init_from).parent if args.init_from else None
+        report = run_experiment(name, args.out, data_root=args.data, epochs=args.epochs,
+                                fast=args.fast or None, results_root=results_root)
+        print(json.dumps(report, indent=2))
+    elif args.command == "compress":
+        from .experiments import compress_run
+
+        print(json.dumps(compress_run(args.run, thresholds=args.thresholds, data_root=args.data), indent=2))
+    elif args.command == "reproduce":
+        from .experiments import EXPERIMENTS, run_experiment
+
+        for name in args.only or EXPERIMENTS:
+            print(f"== {name}", flush=True)
+            run_experiment(name, Path(args.out) / name, data_root=args.data, fast=args.fast or None)
+    elif args.command == "bench":
+        from . import bench
+
+        if args.which in ("layers", "all"):
+            bench.run_layers_bench()
+        if args.which in ("compression", "all"):
+            bench.run_compression_bench_from_run(args.run)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

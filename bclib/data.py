@@ -1,0 +1,172 @@
+"""MNIST and CIFAR-10 as in-memory tensors, loaded through ``torchvision.datasets``.
+
+The data root is, in order: the ``root`` argument, the ``BCLIB_DATA`` environment variable, or a
+per-user cache folder (``$XDG_CACHE_HOME/bclib`` or ``~/.cache/bclib``). Files are downloaded when
+the network allows it, into a temporary folder that is moved into place only when complete.
+
+Inputs are scaled to ``[-1, 1]`` (``x / 127.5 - 1``), as the 2017 release did: zero-centred inputs
+keep the variance term ``x^2 sigma^2`` of the first layer balanced between dark and bright pixels.
+
+Training loops batch from the decoded tensors (see :func:`batches`), which removes the per-sample
+transform cost of a ``DataLoader`` (8.2 of the release's 14.9 s per LeNet-300-100 epoch).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "TensorSplit", "MNIST_FILES", "data_root", "load_mnist", "load_cifar10", "cifar10_tensors",
+    "batches", "fast_mode",
+]
+
+MNIST_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
+
+
+@dataclass
+class TensorSplit:
+    """A split held as two tensors: ``x`` (N, C, H, W) float in [-1, 1] and ``y`` (N,) int64 labels."""
+
+    x: Tensor
+    y: Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def to(self, device) -> "TensorSplit":
+        return TensorSplit(self.x.to(device), self.y.to(device))
+
+    def subset(self, n: int) -> "TensorSplit":
+        """The first ``n`` examples (for fast mode and tests)."""
+        return TensorSplit(self.x[:n], self.y[:n])
+
+
+def fast_mode() -> bool:
+    """True when ``BCLIB_FAST=1``: notebooks and examples shrink data and epochs to run in about a minute."""
+    return os.environ.get("BCLIB_FAST", "0") not in ("", "0", "false", "False")
+
+
+def data_root(root: str | os.PathLike | None = None) -> Path:
+    """Resolve the data root: argument, else ``$BCLIB_DATA``, else the per-user cache folder."""
+    if root is not None:
+        return Path(root).expanduser()
+    if os.environ.get("BCLIB_DATA"):
+        return Path(os.environ["BCLIB_DATA"]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "bclib"
+
+
+def _scale(images_uint8: Tensor) -> Tensor:
+    return images_uint8.float().div_(127.5).sub_(1.0)
+
+
+def _missing_mnist_message(raw: Path) -> str:
+    names = ", ".join(MNIST_FILES)
+    return (
+        f"MNIST files not found in {raw} and could not be downloaded. Put the four original files "
+        f"there ({names}), or set BCLIB_DATA / pass root= to a folder holding MNIST/raw/."
+    )
+
+
+def _download_mnist_atomically(root: Path, raw: Path) -> None:
+    """Download into a temporary folder beside ``raw`` and move the files in only when all arrived."""
+    import torchvision
+
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".bclib-download-", dir=root))
+    try:
+        torchvision.datasets.MNIST(str(tmp), train=True, download=True)
+        raw.mkdir(parents=True, exist_ok=True)
+        for name in MNIST_FILES:
+            os.replace(tmp / "MNIST" / "raw" / name, raw / name)
+    except Exception as error:  # no network, checksum failure, ...
+        raise FileNotFoundError(_missing_mnist_message(raw)) from error
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_mnist(root: str | os.PathLike | None = None, *, download: bool = True,
+               device: torch.device | str | None = None) -> tuple[TensorSplit, TensorSplit]:
+    """MNIST train (60000) and test (10000) splits as tensors of shape (N, 1, 28, 28) in [-1, 1].
+
+    Args:
+        root: data root holding ``MNIST/raw/`` (see :func:`data_root`).
+        download: try to download missing files.
+        device: where to keep the tensors (e.g. ``"cuda"`` to batch on the GPU).
+
+    Raises:
+        FileNotFoundError: the files are missing and cannot be downloaded; the message names the
+            folder and the four file names.
+
+    Example:
+        >>> train, test = load_mnist()  # doctest: +SKIP
+        >>> train.x.shape, test.y.shape  # doctest: +SKIP
+        (torch.Size([60000, 1, 28, 28]), torch.Size([10000]))
+    """
+    import torchvision
+
+    root = data_root(root)
+    raw = root / "MNIST" / "raw"
+    present = all((raw / n).exists() or (raw / n[:-3]).exists() for n in MNIST_FILES)
+    if not present:
+        if not download:
+            raise FileNotFoundError(_missing_mnist_message(raw))
+        _download_mnist_atomically(root, raw)
+    splits = []
+    for train in (True, False):
+        # download=True only verifies the md5 of the files present and unpacks them: no network call.
+        dataset = torchvision.datasets.MNIST(str(root), train=train, download=True)
+        split = TensorSplit(_scale(dataset.data.unsqueeze(1)), dataset.targets.long())
+        splits.append(split.to(device) if device is not None else split)
+    return splits[0], splits[1]
+
+
+def cifar10_tensors(dataset) -> TensorSplit:
+    """Convert a ``torchvision.datasets.CIFAR10``-like object (``.data`` uint8 N x 32 x 32 x 3,
+    ``.targets``) into a :class:`TensorSplit` of shape (N, 3, 32, 32) in [-1, 1]."""
+    data = torch.as_tensor(dataset.data)
+    if data.dim() != 4 or data.shape[-1] != 3:
+        raise ValueError(f"dataset.data must have shape (N, H, W, 3), got {tuple(data.shape)}")
+    return TensorSplit(_scale(data.permute(0, 3, 1, 2).contiguous()), torch.as_tensor(dataset.targets).long())
+
+
+def load_cifar10(root: str | os.PathLike | None = None, *, download: bool = True,
+                 device: torch.device | str | None = None) -> tuple[TensorSplit, TensorSplit]:
+    """CIFAR-10 train and test splits through ``torchvision.datasets.CIFAR10`` (needs a download)."""
+    import torchvision
+
+    root = data_root(root)
+    try:
+        splits = [cifar10_tensors(torchvision.datasets.CIFAR10(str(root), train=t, download=download))
+                  for t in (True, False)]
+    except RuntimeError as error:
+        raise FileNotFoundError(
+            f"CIFAR-10 not found in {root / 'cifar-10-batches-py'} and could not be downloaded"
+        ) from error
+    return tuple(s.to(device) if device is not None else s for s in splits)
+
+
+def batches(split: TensorSplit, batch_size: int, *, shuffle: bool = False,
+            generator: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield ``(x, y)`` minibatches by indexing the in-memory tensors (the last batch may be smaller)."""
+    n = len(split)
+    if shuffle:
+        order = torch.randperm(n, generator=generator).to(split.x.device)
+        for start in range(0, n, batch_size):
+            index = order[start:start + batch_size]
+            yield split.x[index], split.y[index]
+    else:
+        for start in range(0, n, batch_size):
+            yield split.x[start:start + batch_size], split.y[start:start + batch_size]

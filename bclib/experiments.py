@@ -1,0 +1,179 @@
+"""The paper's MNIST experiments as named, reproducible runs.
+
+Each run trains one model with one prior, compresses it and writes into its folder:
+
+* ``config.json`` -- everything needed to repeat the run (model, prior, training config, start point,
+  thresholds, the command);
+* ``metrics.json`` -- per-epoch metrics;
+* ``report.json`` -- the compression report (architecture, bits, rates, errors, file size);
+* ``model.bcz`` -- the compressed file (see :mod:`bclib.fileformat`);
+* ``checkpoint.pt`` -- model and optimiser state, to resume (large; not committed).
+
+``python -m bclib train ...`` runs one; ``python -m bclib reproduce`` runs the whole table in order
+(deterministic networks first, since the Bayesian LeNet-5 runs start from the pretrained one).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .data import TensorSplit, fast_mode, load_mnist
+from .models import bayesian_from_pretrained, build_model
+from .train import TrainConfig, evaluate, fit, load_checkpoint
+
+__all__ = ["Experiment", "EXPERIMENTS", "run_experiment", "compress_run", "load_run_model", "write_json"]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One row of the results table: a model, a prior, a training recipe and an optional start point."""
+
+    model: str
+    prior: str | None
+    config: TrainConfig
+    init_from: str | None = None  # name of the deterministic run to start from
+    thresholds: tuple[float, ...] | None = None  # None: proposed from the log-alpha histograms
+
+
+def _bayes(epochs: int) -> TrainConfig:
+    return TrainConfig(epochs=epochs, lr=1e-3, lr_final=1e-4, variance_lr_scale=10.0)
+
+
+# Recipes, sized to finish on a 2-core CPU within one working session. Bayesian runs use a 10x larger step for log-variances (they start at -9 and must move
+# several units) and a geometric learning-rate decay; see the book's LeNet chapters.
+EXPERIMENTS: dict[str, Experiment] = {
+    "lenet300_dense": Experiment("lenet300", None, TrainConfig(epochs=10, lr=1e-3, lr_final=1e-4)),
+    "lenet300_nj": Experiment("lenet300", "nj", _bayes(30)),
+    "lenet300_hs": Experiment("lenet300", "hs", _bayes(30)),
+    "lenet300_svd": Experiment("lenet300", "svd", _bayes(30)),
+    "lenet300_nj_pretrained": Experiment("lenet300", "nj", _bayes(10), init_from="lenet300_dense"),
+    "lenet5_dense": Experiment("lenet5", None, TrainConfig(epochs=4, lr=1e-3, lr_final=1e-4)),
+    "lenet5_nj": Experiment("lenet5", "nj", _bayes(10), init_from="lenet5_dense"),
+    "lenet5_hs": Experiment("lenet5", "hs", _bayes(10), init_from="lenet5_dense"),
+    "lenet5_svd": Experiment("lenet5", "svd", _bayes(10), init_from="lenet5_dense"),
+}
+
+
+def write_json(path: str | os.PathLike, data) -> None:
+    """Write JSON atomically (temp file, then rename): a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _fast_config(config: TrainConfig) -> TrainConfig:
+    values = config.to_dict()
+    values["epochs"] = min(2, config.epochs)
+    return TrainConfig.from_dict(values)
+
+
+def load_run_model(run_dir: str | os.PathLike) -> torch.nn.Module:
+    """Rebuild the trained model of a run folder from its ``config.json`` and ``checkpoint.pt``."""
+    run_dir = Path(run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    model = build_model(config["model"], config["prior"])
+    load_checkpoint(run_dir / "checkpoint.pt", model)
+    return model.eval()
+
+
+def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epochs: int | None = None,
+                   fast: bool | None = None, results_root: str | os.PathLike | None = None,
+                   callbacks=(), progress: bool = True) -> dict:
+    """Train, compress and save the run ``name`` of :data:`EXPERIMENTS` into ``out_dir``.
+
+    Args:
+        name: a key of :data:`EXPERIMENTS`.
+        out_dir: the run folder (created; an existing checkpoint there is resumed).
+        data_root: MNIST root (see :func:`bclib.data.data_root`).
+        epochs: override the recipe's epoch count.
+        fast: shrink data (5000/1000 examples) and epochs (2) for smoke tests; default ``BCLIB_FAST``.
+        results_root: where the run named in ``init_from`` lives (default: the parent of ``out_dir``).
+        callbacks: extra per-epoch callbacks (e.g. the animation recorders).
+
+    Returns:
+        The compression report as a dict (also written to ``report.json``).
+    """
+    if name not in EXPERIMENTS:
+        raise ValueError(f"name must be one of {sorted(EXPERIMENTS)}, got {name!r}")
+    experiment = EXPERIMENTS[name]
+    fast = fast_mode() if fast is None else fast
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = _fast_config(experiment.config) if fast else experiment.config
+    if epochs is not None:
+        config = TrainConfig.from_dict({**config.to_dict(), "epochs": epochs})
+    train, test = load_mnist(data_root)
+    if fast:
+        train, test = train.subset(5000), test.subset(1000)
+
+    torch.manual_seed(config.seed)
+    if experiment.init_from is None:
+        model = build_model(experiment.model, experiment.prior)
+    else:
+        source = Path(results_root or out_dir.parent) / experiment.init_from
+        pretrained = load_run_model(source)
+        model = bayesian_from_pretrained(experiment.model, experiment.prior, pretrained)
+    write_json(out_dir / "config.json", {
+        "name": name,
+        "model": experiment.model,
+        "prior": experiment.prior,
+        "train": config.to_dict(),
+        "init_from": experiment.init_from,
+        "thresholds": experiment.thresholds,
+        "fast": fast,
+        "train_examples": len(train),
+        "test_examples": len(test),
+        "command": "python -m bclib " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith("__main__.py") else None,
+        "torch": torch.__version__,
+    })
+    history = fit(model, train, test, config, callbacks=callbacks, checkpoint=out_dir / "checkpoint.pt",
+                  progress=progress)
+    write_json(out_dir / "metrics.json", history)
+    return compress_run(out_dir, model=model, test=test, thresholds=experiment.thresholds)
+
+
+def compress_run(run_dir: str | os.PathLike, *, model=None, test: TensorSplit | None = None,
+                 thresholds=None, data_root=None) -> dict:
+    """Compress a trained run: report, reduced-precision error and the ``model.bcz`` file."""
+    from . import compression
+
+    run_dir = Path(run_dir)
+    model = load_run_model(run_dir) if model is None else model.eval()
+    model = model.cpu()
+    if test is None:
+        test = load_mnist(data_root)[1]
+    test = test.to("cpu")
+    dense_error = evaluate(model, test)["error"]
+    if not any(True for _ in _bayesian(model)):
+        report = {"dense_error": dense_error}
+        write_json(run_dir / "report.json", report)
+        return report
+    if thresholds is None:
+        thresholds = [compression.propose_threshold(layer.log_alpha().detach()) for _, layer in _bayesian(model)]
+    result = compression.compress(model, list(thresholds))
+    report = result.report.to_dict()
+    report["thresholds"] = [float(t) for t in thresholds]
+    report["dense_error"] = dense_error
+    report["pruned_error"] = compression.model_error(result.model, test.x, test.y)
+    report["precision_error"] = compression.model_error(result.reduced_precision_model(), test.x, test.y)
+    file_path = run_dir / "model.bcz"
+    result.save(file_path)
+    loaded = compression.load_compressed(file_path)
+    report["file_error"] = compression.model_error(loaded, test.x, test.y)
+    report["file_bytes"] = file_path.stat().st_size
+    write_json(run_dir / "report.json", report)
+    return report
+
+
+def _bayesian(model):
+    from .layers import bayesian_layers
+
+    return bayesian_layers(model)

@@ -37,6 +37,10 @@ __all__ = ["HorseshoeGlobalScale", "LinearGroupHS", "Conv2dGroupHS"]
 # (log alpha ~ -9, the same start as the NJ layers).
 _INIT_LOGVAR = -9.0 + math.log(2.0)
 DEFAULT_TAU0 = 1e-5
+# Upper bound on a sampled log z: with log-variances up to 5 a draw of log z can reach ~50, and
+# z^2 would overflow float32 (max ~e^88) in the variance of the pre-activation. No sensible
+# posterior comes near z = e^20; the bound only keeps the extreme cases finite.
+_MAX_LOG_SCALE = 20.0
 
 
 class HorseshoeGlobalScale(nn.Module):
@@ -143,7 +147,8 @@ class _GroupHS(GroupScaleLayer):
 
     def sample_group_scale(self, shape: torch.Size) -> Tensor:
         m, v = self.log_scale_moments()
-        return torch.exp(m + v.sqrt() * torch.randn(shape, device=m.device, dtype=m.dtype))
+        log_z = m + v.sqrt() * torch.randn(shape, device=m.device, dtype=m.dtype)
+        return torch.exp(log_z.clamp(max=_MAX_LOG_SCALE))
 
     def log_alpha(self) -> Tensor:
         """``log(exp((v_a + v_b)/4) - 1)`` per group: the log dropout rate of the local scale ``z~_g``."""

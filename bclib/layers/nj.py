@@ -24,10 +24,10 @@ class _GroupNJ(GroupScaleLayer):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """``z_mu ~ N(1, 0.01^2)``, ``log z_var ~ N(-9, 0.01^2)`` (the release's start: alpha ~ 1e-4),
-        then the weights (``init_weight`` / ``init_bias`` when given)."""
+        then the weights, divided by ``z_mu`` so that ``E[w] = z_mu * mu`` equals ``init_weight`` when given."""
         self.z_mu.normal_(1.0, 1e-2)
         self.z_logvar.normal_(-9.0, 1e-2)
-        self._reset_weight_and_bias(1.0)
+        self._reset_weight_and_bias(self._group_view(self.z_mu))
 
     def log_alpha(self) -> Tensor:
         """``log alpha_g = log z_var - log z_mu^2`` per group (one per input unit / output channel)."""

@@ -1,0 +1,604 @@
+"""The Bayesian layers against independent computations.
+
+Every expected value here is computed in the test from the layer's parameters with plain torch
+operations (``F.linear`` / ``F.conv2d`` and the formulas of the method notes), never by calling the
+layer's own methods. Sampled moments are compared with 5 standard errors estimated from the samples.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bclib
+
+NUM_SAMPLES = 20_000
+MC_SIGMAS = 5.0
+
+
+# ----------------------------------------------------------------------------- the layers under test
+@dataclass
+class Spec:
+    """A layer configuration and what the test needs to recompute its outputs independently."""
+
+    name: str
+    make: Callable[..., nn.Module]
+    example_shape: tuple[int, ...]  # one input example
+    prior: str  # "nj", "hs" or "svd"
+    conv: dict | None = None  # stride / padding / dilation for F.conv2d; None for a linear layer
+    weight_shape: tuple[int, ...] = field(default=())
+
+    def __str__(self) -> str:
+        return self.name
+
+
+SPECS = [
+    Spec("LinearGroupNJ", lambda **kw: bclib.LinearGroupNJ(5, 3, **kw), (5,), "nj", None, (3, 5)),
+    # C_out == kernel width: the release's broadcast bug erred silently in exactly this case.
+    Spec("Conv2dGroupNJ", lambda **kw: bclib.Conv2dGroupNJ(2, 3, 3, stride=2, padding=1, **kw), (2, 6, 6), "nj",
+         dict(stride=2, padding=1, dilation=1), (3, 2, 3, 3)),
+    Spec("LinearGroupHS", lambda **kw: bclib.LinearGroupHS(5, 3, **kw), (5,), "hs", None, (3, 5)),
+    Spec("Conv2dGroupHS", lambda **kw: bclib.Conv2dGroupHS(2, 3, (3, 2), padding=2, dilation=2, **kw), (2, 4, 4),
+         "hs", dict(stride=1, padding=2, dilation=2), (3, 2, 3, 2)),
+    Spec("LinearSVD", lambda **kw: bclib.LinearSVD(5, 3, **kw), (5,), "svd", None, (3, 5)),
+    Spec("Conv2dSVD", lambda **kw: bclib.Conv2dSVD(2, 3, 3, stride=(1, 2), **kw), (2, 6, 6), "svd",
+         dict(stride=(1, 2), padding=0, dilation=1), (3, 2, 3, 3)),
+]
+GROUP_SPECS = [s for s in SPECS if s.prior != "svd"]
+HS_SPECS = [s for s in SPECS if s.prior == "hs"]
+
+
+def params(layer: nn.Module) -> dict[str, torch.Tensor]:
+    """Detached float64 copies of every parameter, by name."""
+    return {name: p.detach().double() for name, p in layer.named_parameters()}
+
+
+def inputs(spec: Spec, batch: int = 4) -> torch.Tensor:
+    return torch.randn(batch, *spec.example_shape)
+
+
+@torch.no_grad()
+def set_log_variances_(layer: nn.Module, weight: float = -4.0, bias: float = -3.0, scale: float = -2.0) -> None:
+    """Noise large enough to measure: every term of the output variance then matters."""
+    for name, p in layer.named_parameters():
+        if name.endswith("weight_logvar"):
+            p.fill_(weight)
+        elif name.endswith("bias_logvar"):
+            p.fill_(bias)
+        elif name.endswith("logvar"):
+            p.fill_(scale)
+
+
+@torch.no_grad()
+def perturb_(layer: nn.Module) -> None:
+    """Move every parameter away from its initial value (log-variances to U(-5, -1))."""
+    for name, p in layer.named_parameters():
+        if name.endswith("logvar"):
+            p.uniform_(-5.0, -1.0)
+        else:
+            p.add_(0.1 * torch.randn_like(p))
+
+
+# ----------------------------------------------------------------------------- independent reference
+def reference_op(spec: Spec, x, weight, bias=None):
+    if spec.conv is None:
+        return F.linear(x, weight, bias)
+    return F.conv2d(x, weight, bias, **spec.conv)
+
+
+def reference_group_scale_moments(layer: nn.Module, prior: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(E[z], E[z^2])`` per group from the parameters.
+
+    NJ: z ~ N(z_mu, exp(z_logvar)). HS: log z ~ N(m, v) with m = (m_sa + m_sb + m_a + m_b) / 2,
+    v = (v_sa + v_sb + v_a + v_b) / 4, so E[z] = exp(m + v/2), E[z^2] = exp(2m + 2v).
+    """
+    p = params(layer)
+    if prior == "nj":
+        return p["z_mu"], p["z_mu"] ** 2 + p["z_logvar"].exp()
+    m = 0.5 * (p["global_scale.sa_mu"] + p["global_scale.sb_mu"] + p["za_mu"] + p["zb_mu"])
+    v = 0.25 * (p["global_scale.sa_logvar"].exp() + p["global_scale.sb_logvar"].exp()
+                + p["za_logvar"].exp() + p["zb_logvar"].exp())
+    return torch.exp(m + v / 2), torch.exp(2 * m + 2 * v)
+
+
+def reference_svd_log_alpha(layer: nn.Module) -> torch.Tensor:
+    p = params(layer)
+    return torch.clamp(p["weight_logvar"] - torch.log(p["weight_mu"] ** 2), -8.0, 8.0)
+
+
+def reference_log_alpha(layer: nn.Module, prior: str) -> torch.Tensor:
+    p = params(layer)
+    if prior == "nj":
+        return p["z_logvar"] - torch.log(p["z_mu"] ** 2)
+    if prior == "hs":
+        # alpha = Var[z~] / E[z~]^2 = exp(v) - 1 for the local scale, v = (v_a + v_b) / 4.
+        return torch.log(torch.exp(0.25 * (p["za_logvar"].exp() + p["zb_logvar"].exp())) - 1.0)
+    return reference_svd_log_alpha(layer)
+
+
+def to_weight_shape(spec: Spec, per_group: torch.Tensor) -> torch.Tensor:
+    """Groups are input units (linear: weight columns) or output channels (conv: first axis)."""
+    return per_group.view(1, -1) if spec.conv is None else per_group.view(-1, 1, 1, 1)
+
+
+def reference_posterior_weight(spec: Spec, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """E[w] and Var[w] of w = z w~ (independent): E[z] mu and E[z^2] (sigma^2 + mu^2) - E[z]^2 mu^2."""
+    p = params(layer)
+    mu, var = p["weight_mu"], p["weight_logvar"].exp()
+    if spec.prior == "svd":
+        return mu, reference_svd_log_alpha(layer).exp() * mu**2
+    z_mean, z_sq = (to_weight_shape(spec, t) for t in reference_group_scale_moments(layer, spec.prior))
+    return z_mean * mu, z_sq * (var + mu**2) - z_mean**2 * mu**2
+
+
+def reference_output_moments(spec: Spec, layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and covariance (flattened) of the train-mode output for ONE example ``x``.
+
+    Linear group layer, z drawn per input unit:
+        mean_j = sum_i x_i E[z_i] mu_ji + b_j,
+        Cov_jk = sum_i x_i^2 Var[z_i] mu_ji mu_ki + delta_jk (sum_i x_i^2 E[z_i^2] sigma^2_ji + sigma_b^2_j).
+    Conv group layer, one z per output channel c multiplying m = conv(x, mu):
+        mean = E[z_c] m + b_c,
+        Cov = delta_cd Var[z_c] m_p m_q + delta_cd delta_pq (E[z_c^2] conv(x^2, sigma^2)_p + sigma_b^2_c).
+    Sparse VD: mean = op(x, theta) + b, Cov = diag(op(x^2, alpha theta^2)).
+    """
+    p = params(layer)
+    x = x.double().unsqueeze(0)
+    mu, weight_var = p["weight_mu"], p["weight_logvar"].exp()
+    bias = p.get("bias_mu")
+    if spec.prior == "svd":
+        mean = reference_op(spec, x, mu, bias).flatten()
+        var = reference_op(spec, x * x, reference_svd_log_alpha(layer).exp() * mu**2).flatten()
+        return mean, torch.diag(var)
+    bias_var = p["bias_logvar"].exp() if bias is not None else None
+    z_mean, z_sq = reference_group_scale_moments(layer, spec.prior)
+    z_var = z_sq - z_mean**2
+    if spec.conv is None:
+        x = x[0]
+        mean = mu @ (x * z_mean)
+        cov = (mu * (x * x * z_var)) @ mu.T + torch.diag(weight_var @ (x * x * z_sq))
+        if bias is not None:
+            mean = mean + bias
+            cov = cov + torch.diag(bias_var)
+        return mean, cov
+    m = reference_op(spec, x, mu)[0].flatten(1)  # (C, P)
+    s = reference_op(spec, x * x, weight_var)[0].flatten(1)
+    channels, positions = m.shape
+    mean = z_mean[:, None] * m
+    noise = z_sq[:, None] * s
+    if bias is not None:
+        mean = mean + bias[:, None]
+        noise = noise + bias_var[:, None]
+    cov = torch.zeros(channels * positions, channels * positions, dtype=torch.float64)
+    for c in range(channels):
+        block = slice(c * positions, (c + 1) * positions)
+        cov[block, block] = z_var[c] * torch.outer(m[c], m[c]) + torch.diag(noise[c])
+    return mean.flatten(), cov
+
+
+def reference_kl(spec: Spec, layer: nn.Module, reference, include_global: bool = True) -> torch.Tensor:
+    """Sum of the per-parameter KL terms of the method notes, from the parameters."""
+    p = params(layer)
+    if spec.prior == "svd":
+        return reference.nj_kl(reference_svd_log_alpha(layer)).sum()
+    kl = reference.gaussian_kl(p["weight_mu"], p["weight_logvar"].exp()).sum()
+    if "bias_mu" in p:
+        kl = kl + reference.gaussian_kl(p["bias_mu"], p["bias_logvar"].exp()).sum()
+    if spec.prior == "nj":
+        return kl + reference.nj_kl(reference_log_alpha(layer, "nj")).sum()
+    kl = kl + reference.lognormal_gamma_kl(p["za_mu"], p["za_logvar"].exp(), 0.5, 1.0).sum()
+    kl = kl + reference.lognormal_inverse_gamma_kl(p["zb_mu"], p["zb_logvar"].exp(), 0.5, 1.0).sum()
+    if include_global:
+        kl = kl + reference_global_scale_kl(layer.global_scale, reference)
+    return kl
+
+
+def reference_global_scale_kl(scale: nn.Module, reference) -> torch.Tensor:
+    """s_a ~ Gamma(1/2, scale tau0^2) and s_b ~ InvGamma(1/2, 1)."""
+    p = params(scale)
+    return (reference.lognormal_gamma_kl(p["sa_mu"], p["sa_logvar"].exp(), 0.5, scale.tau0**2)
+            + reference.lognormal_inverse_gamma_kl(p["sb_mu"], p["sb_logvar"].exp(), 0.5, 1.0))
+
+
+# ----------------------------------------------------------------------------- KL
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+@pytest.mark.parametrize("bias", [True, False])
+def test_kl_divergence_is_the_sum_of_the_parameter_terms(spec, bias, reference):
+    layer = spec.make(bias=bias)
+    perturb_(layer)
+    kl = layer.kl_divergence()
+    assert kl.shape == ()
+    torch.testing.assert_close(kl.double(), reference_kl(spec, layer, reference), rtol=1e-5, atol=1e-4)
+    # bclib.kl_divergence of a model holding the layer gives the same number.
+    torch.testing.assert_close(bclib.kl_divergence(nn.Sequential(nn.Identity(), layer)), kl)
+
+
+def test_shared_global_scale_is_counted_once(reference):
+    shared = bclib.HorseshoeGlobalScale(tau0=1e-3)
+    first = bclib.LinearGroupHS(4, 3, global_scale=shared)
+    second = bclib.LinearGroupHS(3, 2, global_scale=shared)
+    own = bclib.LinearGroupHS(2, 2, tau0=0.1)
+    model = nn.Sequential(first, nn.ReLU(), second, nn.ReLU(), own, bclib.LinearGroupNJ(2, 2))
+    perturb_(model)
+    spec_hs, spec_nj = SPECS[2], SPECS[0]
+    expected = (
+        reference_kl(spec_hs, first, reference, include_global=False)
+        + reference_kl(spec_hs, second, reference, include_global=False)
+        + reference_global_scale_kl(shared, reference)  # once
+        + reference_kl(spec_hs, own, reference)  # with its own scale, tau0 = 0.1
+        + reference_kl(spec_nj, model[5], reference)
+    )
+    torch.testing.assert_close(bclib.kl_divergence(model).double(), expected, rtol=1e-5, atol=1e-4)
+    assert own.tau0 == 0.1 and first.tau0 == second.tau0 == 1e-3
+    # The shared parameters appear once in the model (one optimiser entry each).
+    assert sum(p is shared.sa_mu for p in model.parameters()) == 1
+
+
+def test_kl_divergence_of_a_model_without_bayesian_layers_is_zero():
+    model = nn.Sequential(nn.Linear(3, 2))
+    assert bclib.kl_divergence(model).item() == 0.0
+    assert list(bclib.bayesian_layers(model)) == []
+
+
+def test_bayesian_layers_in_registration_order():
+    model = nn.Sequential(bclib.Conv2dGroupNJ(1, 2, 3), nn.Flatten(), bclib.LinearGroupHS(8, 4), bclib.LinearSVD(4, 2))
+    assert [(name, type(layer).__name__) for name, layer in bclib.bayesian_layers(model)] == [
+        ("0", "Conv2dGroupNJ"), ("2", "LinearGroupHS"), ("3", "LinearSVD")]
+
+
+# ----------------------------------------------------------------------------- posterior and pruning signal
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_log_alpha_and_posterior_weight(spec):
+    layer = spec.make()
+    perturb_(layer)
+    log_alpha = layer.log_alpha()
+    expected_shape = spec.weight_shape if spec.prior == "svd" else (layer.num_groups,)
+    assert tuple(log_alpha.shape) == expected_shape
+    assert layer.num_groups == (spec.weight_shape[1] if spec.conv is None else spec.weight_shape[0])
+    assert layer.groups_on_input == (spec.conv is None)
+    assert tuple(layer.weight_shape) == spec.weight_shape
+    # The layers add 1e-8 to mu^2 inside the logarithm: 1e-4 relative for the smallest weights here.
+    torch.testing.assert_close(log_alpha.double(), reference_log_alpha(layer, spec.prior), rtol=1e-3, atol=1e-3)
+    mean, var = layer.posterior_weight()
+    expected_mean, expected_var = reference_posterior_weight(spec, layer)
+    assert mean.shape == var.shape == spec.weight_shape
+    torch.testing.assert_close(mean.double(), expected_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(var.double(), expected_var, rtol=1e-3, atol=1e-7)
+    torch.testing.assert_close(layer.posterior_bias(), layer.bias_mu)
+
+
+# ----------------------------------------------------------------------------- forward passes
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+@pytest.mark.parametrize("bias", [True, False])
+def test_train_mode_moments_match_local_reparameterisation(spec, bias):
+    layer = spec.make(bias=bias)
+    set_log_variances_(layer)
+    x = torch.randn(spec.example_shape)
+    expected_mean, expected_cov = reference_output_moments(spec, layer, x)
+
+    layer.eval()
+    with torch.no_grad():
+        eval_out = layer(x.unsqueeze(0)).double().flatten()
+    # One layer: the pre-activation mean IS the posterior-mean forward.
+    torch.testing.assert_close(eval_out, expected_mean, rtol=1e-5, atol=1e-6)
+
+    layer.train()
+    with torch.no_grad():
+        y = layer(x.unsqueeze(0).expand(NUM_SAMPLES, *spec.example_shape)).double().flatten(1)
+    mean = y.mean(0)
+    centred = y - mean
+    # Sample covariance and the standard error of each entry, the std of c_j c_k over sqrt(N).
+    cov = centred.T @ centred / NUM_SAMPLES
+    second_moment_of_products = (centred**2).T @ (centred**2) / NUM_SAMPLES
+    cov_stderr = ((second_moment_of_products - cov**2).clamp(min=0) / NUM_SAMPLES).sqrt()
+    mean_stderr = (cov.diagonal() / NUM_SAMPLES).sqrt()
+    assert ((mean - expected_mean).abs() <= MC_SIGMAS * mean_stderr).all(), (mean - expected_mean) / mean_stderr
+    assert ((cov - expected_cov).abs() <= MC_SIGMAS * cov_stderr + 1e-9).all(), (cov - expected_cov) / cov_stderr
+    # The noise is really there: every output variance is many standard errors above zero.
+    assert (expected_cov.diagonal() > 10 * cov_stderr.diagonal()).all()
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_eval_is_deterministic_and_train_is_not(spec):
+    layer = spec.make()
+    x = inputs(spec)
+    layer.eval()
+    first = layer(x)
+    torch.manual_seed(123)
+    assert torch.equal(first, layer(x))
+    expected_mean, _ = reference_posterior_weight(spec, layer)
+    p = params(layer)
+    torch.testing.assert_close(first.double(), reference_op(spec, x.double(), expected_mean, p["bias_mu"]),
+                               rtol=1e-5, atol=1e-6)
+    layer.train()
+    assert not torch.equal(layer(x), layer(x))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_gradients_reach_every_parameter(spec):
+    layer = spec.make()
+    set_log_variances_(layer)
+    names = [name for name, _ in layer.named_parameters()]
+    if spec.prior == "hs":
+        assert {"global_scale.sa_mu", "global_scale.sa_logvar", "global_scale.sb_mu", "global_scale.sb_logvar"} <= set(names)
+    # The data term alone (train-mode forward) and the KL alone each reach every parameter they
+    # depend on: all of them, but Sparse VD biases carry no KL.
+    without_kl = {"bias_mu"} if spec.prior == "svd" else set()
+    for loss, skipped in ((lambda: layer(inputs(spec)).pow(2).sum(), set()), (layer.kl_divergence, without_kl)):
+        layer.zero_grad(set_to_none=True)
+        loss().backward()
+        for name, p in layer.named_parameters():
+            if name in skipped:
+                assert p.grad is None or (p.grad == 0).all(), name
+                continue
+            assert p.grad is not None, name
+            assert torch.isfinite(p.grad).all(), name
+            assert p.grad.abs().sum() > 0, name
+
+
+def test_gradients_reach_a_shared_global_scale():
+    shared = bclib.HorseshoeGlobalScale(tau0=1e-3)
+    model = nn.Sequential(bclib.LinearGroupHS(4, 3, global_scale=shared), bclib.LinearGroupHS(3, 2, global_scale=shared))
+    (model(torch.randn(8, 4)).pow(2).sum() + bclib.kl_divergence(model)).backward()
+    for p in shared.parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs() > 0
+
+
+# ----------------------------------------------------------------------------- construction options
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_init_weight_and_bias_are_used(spec):
+    weight = torch.randn(spec.weight_shape)
+    bias = torch.randn(spec.weight_shape[0])
+    layer = spec.make(init_weight=weight, init_bias=bias)
+    expected_mean, _ = reference_posterior_weight(spec, layer)
+    torch.testing.assert_close(expected_mean, weight.double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.posterior_weight()[0], weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.bias_mu.detach(), bias)
+    x = inputs(spec)
+    layer.eval()
+    torch.testing.assert_close(layer(x), reference_op(spec, x, weight, bias), rtol=1e-5, atol=1e-5)
+    # The caller's tensors are copied, not shared.
+    weight.zero_()
+    assert layer.weight_mu.abs().sum() > 0
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_state_dict_round_trip(spec):
+    source = spec.make()
+    perturb_(source)
+    torch.manual_seed(1)
+    target = spec.make()
+    target.load_state_dict(source.state_dict())
+    x = inputs(spec)
+    source.eval(), target.eval()
+    assert torch.equal(source(x), target(x))
+    assert torch.equal(source.kl_divergence(), target.kl_divergence())
+    source.train(), target.train()
+    torch.manual_seed(2)
+    sample = source(x)
+    torch.manual_seed(2)
+    assert torch.equal(sample, target(x))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_bias_false_is_honoured(spec, reference):
+    layer = spec.make(bias=False)
+    assert layer.bias_mu is None and layer.posterior_bias() is None
+    assert not [name for name, _ in layer.named_parameters() if "bias" in name]
+    x = inputs(spec)
+    layer.eval()
+    expected_mean, _ = reference_posterior_weight(spec, layer)
+    torch.testing.assert_close(layer(x).double(), reference_op(spec, x.double(), expected_mean), rtol=1e-5, atol=1e-6)
+    # Zero input and no bias: a zero mean output in eval mode.
+    assert layer(torch.zeros_like(x)).abs().max() == 0
+    with pytest.raises(ValueError, match="init_bias"):
+        spec.make(bias=False, init_bias=torch.zeros(spec.weight_shape[0]))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_to_float64(spec, reference):
+    layer = spec.make().to(torch.float64)
+    assert all(p.dtype == torch.float64 for p in layer.parameters())
+    x = inputs(spec).double()
+    assert layer(x).dtype == torch.float64
+    layer.eval()
+    assert layer(x).dtype == torch.float64
+    assert layer.kl_divergence().dtype == torch.float64
+    torch.testing.assert_close(layer.kl_divergence(), reference_kl(spec, layer, reference), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_repr_names_the_configuration(spec):
+    text = repr(spec.make(clip_var=0.04))
+    assert text.startswith(spec.name + "(")
+    assert "clip_var=0.04" in text and "bias=True" in text
+    if spec.conv is None:
+        assert "in_features=5" in text and "out_features=3" in text
+    else:
+        assert f"kernel_size={tuple(spec.weight_shape[2:])}" in text
+        stride = spec.conv["stride"]
+        assert f"stride={stride if isinstance(stride, tuple) else (stride, stride)}" in text
+    if spec.prior == "hs":
+        assert "tau0=" in text
+    assert spec.name in str(nn.Sequential(spec.make()))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_clip_variances(spec):
+    layer = spec.make(clip_var=0.04)
+    with torch.no_grad():
+        layer.weight_logvar.copy_(torch.linspace(-10.0, 2.0, layer.weight_logvar.numel()).view_as(layer.weight_logvar))
+    before = layer.weight_logvar.detach().clone()
+    layer.clip_variances()
+    limit = math.log(0.04)
+    after = layer.weight_logvar.detach()
+    assert torch.equal(after[before <= limit], before[before <= limit])
+    assert torch.allclose(after[before > limit], torch.full_like(after[before > limit], limit))
+    assert (before > limit).any() and (before <= limit).any()
+    # Without clip_var nothing changes.
+    free = spec.make()
+    with torch.no_grad():
+        free.weight_logvar.fill_(2.0)
+    free.clip_variances()
+    assert (free.weight_logvar == 2.0).all()
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_mask_and_plain_module(spec):
+    layer = spec.make()
+    weight_mask = (torch.rand(spec.weight_shape) > 0.5).float()
+    bias_mask = torch.tensor([1.0, 0.0, 1.0])
+    expected_mean, _ = reference_posterior_weight(spec, layer)
+    bias = layer.bias_mu.detach().clone()
+    layer.mask_(weight_mask, bias_mask)
+    x = inputs(spec)
+    layer.eval()
+    expected = reference_op(spec, x, (expected_mean * weight_mask).float(), bias * bias_mask)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+    # The plain torch module has the same geometry (stride, padding, dilation).
+    plain = layer.plain_module(*(t.detach() for t in (layer.posterior_weight()[0], layer.posterior_bias())))
+    assert type(plain) is (nn.Linear if spec.conv is None else nn.Conv2d)
+    torch.testing.assert_close(plain(x), expected, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- numerical safety
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+@pytest.mark.parametrize("log_variance", [-20.0, 5.0])
+@pytest.mark.parametrize("zero_input", [False, True])
+def test_extreme_log_variances_stay_finite(spec, log_variance, zero_input):
+    layer = spec.make()
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if name.endswith("logvar"):
+                p.fill_(log_variance)
+    # A large batch for the horseshoe: with log-variances of 5, log z has sd ~12 and a draw beyond
+    # ~44 (3.7 sd) overflowed z^2 in float32; some 50000 draws of z make that near certain.
+    x = torch.zeros(4, *spec.example_shape) if zero_input else inputs(spec, batch=16384 if spec.prior == "hs" and log_variance > 0 else 256)
+    for train in (True, False):
+        layer.zero_grad()
+        layer.train(train)
+        out = layer(x)
+        kl = layer.kl_divergence()
+        assert torch.isfinite(out).all() and torch.isfinite(kl).all()
+        (out.sum() + kl).backward()
+        for name, p in layer.named_parameters():
+            assert p.grad is None or torch.isfinite(p.grad).all(), name
+        assert torch.isfinite(layer.log_alpha()).all()
+        mean, var = layer.posterior_weight()
+        # Var[w] of a horseshoe layer with log-variances of 5 is exp(~300): inf in float32, but never NaN.
+        assert torch.isfinite(mean).all() and not torch.isnan(var).any() and (var >= 0).all()
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("make, error, message", [
+    (lambda: bclib.LinearGroupNJ(0, 3), ValueError, r"in_features must be a positive int, got 0"),
+    (lambda: bclib.LinearGroupHS(4, -1), ValueError, r"out_features must be a positive int, got -1"),
+    (lambda: bclib.LinearSVD(4.0, 3), TypeError, r"in_features must be a positive int, got float 4\.0"),
+    (lambda: bclib.LinearGroupNJ(True, 3), TypeError, r"in_features must be a positive int, got bool"),
+    (lambda: bclib.Conv2dGroupNJ(0, 3, 3), ValueError, r"in_channels must be a positive int, got 0"),
+    (lambda: bclib.Conv2dGroupHS(1, 0, 3), ValueError, r"out_channels must be a positive int, got 0"),
+    (lambda: bclib.Conv2dSVD(1, "3", 3), TypeError, r"out_channels must be a positive int, got str"),
+    (lambda: bclib.Conv2dGroupNJ(1, 3, 0), ValueError, r"kernel_size must be >= 1, got 0"),
+    (lambda: bclib.Conv2dGroupNJ(1, 3, 2.5), TypeError, r"kernel_size must be an int or a pair of ints, got 2\.5"),
+    (lambda: bclib.Conv2dGroupNJ(1, 3, 3, stride=0), ValueError, r"stride must be >= 1, got 0"),
+    (lambda: bclib.Conv2dGroupNJ(1, 3, 3, padding=-1), ValueError, r"padding must be >= 0, got -1"),
+    (lambda: bclib.LinearGroupNJ(4, 3, clip_var=0), ValueError, r"clip_var must be a positive finite number, got 0"),
+    (lambda: bclib.Conv2dSVD(1, 3, 3, clip_var=-0.1), ValueError, r"clip_var must be a positive finite number, got -0\.1"),
+    (lambda: bclib.LinearGroupHS(4, 3, clip_var="big"), TypeError, r"clip_var must be a positive number or None, got 'big'"),
+    (lambda: bclib.LinearGroupHS(4, 3, tau0=0), ValueError, r"tau0 must be a positive finite number, got 0"),
+    (lambda: bclib.Conv2dGroupHS(1, 3, 3, tau0=-1e-5), ValueError, r"tau0 must be a positive finite number, got -1e-05"),
+    (lambda: bclib.HorseshoeGlobalScale(tau0=0.0), ValueError, r"tau0 must be a positive finite number, got 0\.0"),
+    (lambda: bclib.LinearGroupHS(4, 3, tau0=0.1, global_scale=bclib.HorseshoeGlobalScale(1e-5)), ValueError, r"tau0=0\.1 differs"),
+    (lambda: bclib.LinearGroupHS(4, 3, global_scale=1e-5), TypeError, r"global_scale must be None or a HorseshoeGlobalScale, got float"),
+    (lambda: bclib.LinearGroupNJ(4, 3, init_weight=torch.zeros(4, 3)), ValueError,
+     r"init_weight must have shape \(3, 4\), got \(4, 3\)"),
+    (lambda: bclib.Conv2dGroupHS(2, 3, 5, init_weight=torch.zeros(3, 2, 3, 3)), ValueError,
+     r"init_weight must have shape \(3, 2, 5, 5\), got \(3, 2, 3, 3\)"),
+    (lambda: bclib.LinearSVD(4, 3, init_bias=torch.zeros(4)), ValueError, r"init_bias must have shape \(3,\), got \(4,\)"),
+    (lambda: bclib.Conv2dGroupNJ(1, 3, 3, init_bias=torch.zeros(3, 1)), ValueError, r"init_bias must have shape \(3,\), got \(3, 1\)"),
+    (lambda: bclib.LinearGroupNJ(4, 3, init_weight=[[0.0] * 4] * 3), TypeError, r"init_weight must be a torch\.Tensor of shape \(3, 4\), got list"),
+], ids=lambda value: "" if not isinstance(value, str) else value[:40])
+def test_bad_arguments(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
+
+
+@pytest.mark.parametrize("layer, x, message", [
+    (lambda: bclib.LinearGroupNJ(4, 3), torch.zeros(2, 5),
+     r"LinearGroupNJ: expected input with 4 features in the last dimension, got input of shape \(2, 5\)"),
+    (lambda: bclib.LinearGroupHS(4, 3), torch.zeros(2, 4, 3),
+     r"LinearGroupHS: expected input with 4 features .*, got input of shape \(2, 4, 3\)"),
+    (lambda: bclib.LinearSVD(4, 3), torch.zeros(2, 3),
+     r"LinearSVD: expected input with 4 features .*, got input of shape \(2, 3\)"),
+    (lambda: bclib.Conv2dGroupNJ(3, 2, 3), torch.zeros(2, 4, 8, 8),
+     r"Conv2dGroupNJ: expected input of shape \(N, 3, H, W\), got \(2, 4, 8, 8\)"),
+    (lambda: bclib.Conv2dGroupHS(3, 2, 3), torch.zeros(3, 8, 8),
+     r"Conv2dGroupHS: expected input of shape \(N, 3, H, W\), got \(3, 8, 8\)"),
+    (lambda: bclib.Conv2dSVD(1, 2, 3), torch.zeros(2, 2, 8, 8),
+     r"Conv2dSVD: expected input of shape \(N, 1, H, W\), got \(2, 2, 8, 8\)"),
+])
+@pytest.mark.parametrize("train", [True, False])
+def test_bad_input_tensor(layer, x, message, train):
+    module = layer().train(train)
+    with pytest.raises(ValueError, match=message):
+        module(x)
+
+
+# ----------------------------------------------------------------------------- the 2017 release's README
+def test_release_readme_snippet_runs_with_only_the_import_changed():
+    import bclib as BayesianLayer  # the release's README: `import BayesianLayer`
+
+    # Verbatim from the release's README (Usage).
+    class Net(nn.Module):
+        def __init__(self):
+            super(Net, self).__init__()
+            # activation
+            self.relu = nn.ReLU()
+            # layers
+            self.fc1 = BayesianLayer.LinearGroupVD(28 * 28, 300, clip_var=0.04)
+            self.fc2 = BayesianLayer.LinearGroupVD(300, 100)
+            self.fc3 = BayesianLayer.LinearGroupVD(100, 10)
+            # layers including kl_divergence
+            self.kl_list = [self.fc1, self.fc2, self.fc3]
+
+        def forward(self, x):
+            x = x.view(-1, 28 * 28)
+            x = self.relu(self.fc1(x))
+            x = self.relu(self.fc2(x))
+            return self.fc3(x)
+
+        def kl_divergence(self):
+            KLD = 0
+            for layer in self.kl_list:
+                KLD += layer.kl_divergence()
+            return KLD
+
+    N = 60000.
+    discrimination_loss = nn.functional.cross_entropy
+
+    def objective(output, target, kl_divergence):
+        discrimination_error = discrimination_loss(output, target)
+        return discrimination_error + kl_divergence / N
+
+    assert BayesianLayer.LinearGroupVD is bclib.LinearGroupNJ and BayesianLayer.Conv2dGroupVD is bclib.Conv2dGroupNJ
+    net = Net()
+    output = net(torch.randn(6, 1, 28, 28))
+    assert output.shape == (6, 10)
+    kl = net.kl_divergence()
+    torch.testing.assert_close(kl, bclib.kl_divergence(net))
+    loss = objective(output, torch.randint(0, 10, (6,)), kl)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in net.parameters())
+    assert net.fc1.clip_var == 0.04
+
+    # "Retraining a regular neural network" section.
+    pretrained = nn.Linear(28 * 28, 300)
+    pretrained_weight, pretrained_bias = pretrained.weight.data, pretrained.bias.data
+    layer = BayesianLayer.LinearGroupVD(28*28, 300, init_weight=pretrained_weight, init_bias=pretrained_bias)
+    x = torch.randn(3, 28 * 28)
+    torch.testing.assert_close(layer.eval()(x), pretrained(x), rtol=1e-5, atol=1e-5)

@@ -6,6 +6,8 @@ Each run trains one model with one prior, compresses it and writes into its fold
   thresholds, the command);
 * ``metrics.json`` -- per-epoch metrics;
 * ``report.json`` -- the compression report (architecture, bits, rates, errors, file size);
+* ``analysis.json`` -- what the book plots without the weights: log-alpha per group (histograms for
+  per-weight Sparse VD) and an error/compression sweep over thresholds;
 * ``model.bcz`` -- the compressed file (see :mod:`bclib.fileformat`);
 * ``checkpoint.pt`` -- model and optimiser state, to resume (large; not committed).
 
@@ -27,7 +29,11 @@ from .data import TensorSplit, fast_mode, load_mnist
 from .models import bayesian_from_pretrained, build_model
 from .train import TrainConfig, evaluate, fit, load_checkpoint
 
-__all__ = ["Experiment", "EXPERIMENTS", "run_experiment", "compress_run", "load_run_model", "write_json"]
+__all__ = ["Experiment", "EXPERIMENTS", "RunResult", "run_experiment", "compress_run", "load_run_model",
+           "load_or_run", "write_json"]
+
+# Threshold offsets (added to each layer's chosen threshold) for the saved error/compression sweep.
+SWEEP_OFFSETS = (-3.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 3.0)
 
 
 @dataclass(frozen=True)
@@ -157,20 +163,105 @@ def compress_run(run_dir: str | os.PathLike, *, model=None, test: TensorSplit | 
         write_json(run_dir / "report.json", report)
         return report
     if thresholds is None:
-        thresholds = [compression.propose_threshold(layer.log_alpha().detach()) for _, layer in _bayesian(model)]
+        thresholds = [_default_threshold(layer) for _, layer in _bayesian(model)]
     result = compression.compress(model, list(thresholds))
     report = result.report.to_dict()
     report["thresholds"] = [float(t) for t in thresholds]
     report["dense_error"] = dense_error
     report["pruned_error"] = compression.model_error(result.model, test.x, test.y)
     report["precision_error"] = compression.model_error(result.reduced_precision_model(), test.x, test.y)
-    file_path = run_dir / "model.bcz"
-    result.save(file_path)
-    loaded = compression.load_compressed(file_path)
+    saved = result.save(run_dir / "model.bcz")
+    loaded = compression.load_compressed(saved.path)
     report["file_error"] = compression.model_error(loaded, test.x, test.y)
-    report["file_bytes"] = file_path.stat().st_size
+    report["file"] = {"name": "model.bcz", "bytes": saved.file_bytes, "dense_float32_bytes": saved.dense_float32_bytes,
+                      "ratio": saved.file_ratio, "fraction_of_theoretical": saved.fraction_of_theoretical}
     write_json(run_dir / "report.json", report)
+    write_json(run_dir / "analysis.json", _analysis(model, thresholds, test))
     return report
+
+
+def _analysis(model, thresholds, test: TensorSplit) -> dict:
+    """Log-alpha data and a threshold sweep, small enough to commit beside the results."""
+    from . import compression
+
+    layers = {}
+    for (name, layer), threshold in zip(_bayesian(model), thresholds):
+        log_alpha = layer.log_alpha().detach().flatten().cpu()
+        counts, edges = torch.histogram(log_alpha.double(), bins=60)
+        entry = {"threshold": float(threshold), "histogram": {"counts": counts.long().tolist(), "edges": edges.tolist()}}
+        if log_alpha.numel() <= 4096:  # per-group signals; per-weight (Sparse VD) ones stay histograms
+            entry["log_alpha"] = [round(v, 4) for v in log_alpha.tolist()]
+        layers[name] = entry
+    grid = [[t + offset for t in thresholds] for offset in SWEEP_OFFSETS]
+    sweep = compression.threshold_sweep(model, grid, test.x, test.y)
+    for row, offset in zip(sweep, SWEEP_OFFSETS):
+        row["offset"] = offset
+    return {"layers": layers, "sweep": sweep}
+
+
+@dataclass
+class RunResult:
+    """What a run folder holds, read back: config, per-epoch metrics, compression report, analysis."""
+
+    name: str
+    run_dir: Path
+    config: dict
+    metrics: list
+    report: dict
+    analysis: dict | None
+    trained_here: bool
+
+    @property
+    def compressed_file(self) -> Path:
+        return self.run_dir / "model.bcz"
+
+    def model(self) -> torch.nn.Module:
+        """The trained Bayesian model (needs ``checkpoint.pt``, which only exists where the run was trained)."""
+        return load_run_model(self.run_dir)
+
+
+def _read_run(name: str, run_dir: Path, trained_here: bool) -> RunResult:
+    read = lambda f: json.loads((run_dir / f).read_text()) if (run_dir / f).exists() else None  # noqa: E731
+    return RunResult(name, run_dir, read("config.json"), read("metrics.json"), read("report.json"),
+                     read("analysis.json"), trained_here)
+
+
+def load_or_run(name: str, results_root: str | os.PathLike = "results", *, data_root=None,
+                scratch_root: str | os.PathLike | None = None, callbacks=(), progress: bool = True) -> RunResult:
+    """Read the committed results of run ``name``, or train it when they are missing.
+
+    Under ``BCLIB_FAST=1`` the small version is always trained (into ``scratch_root``, a temporary
+    folder by default), so the code path of a real run is exercised in about a minute. A run that
+    starts from a deterministic one trains that one first when needed.
+
+    Example:
+        >>> run = load_or_run("lenet300_nj", "results")  # doctest: +SKIP
+        >>> run.report["compression_precision"]  # doctest: +SKIP
+    """
+    import tempfile
+
+    if name not in EXPERIMENTS:
+        raise ValueError(f"name must be one of {sorted(EXPERIMENTS)}, got {name!r}")
+    committed = Path(results_root) / name
+    if not fast_mode() and (committed / "report.json").exists():
+        return _read_run(name, committed, trained_here=False)
+    root = Path(results_root) if not fast_mode() else Path(scratch_root or tempfile.mkdtemp(prefix="bclib-fast-"))
+    dependency = EXPERIMENTS[name].init_from
+    if dependency is not None and not (root / dependency / "checkpoint.pt").exists():
+        run_experiment(dependency, root / dependency, data_root=data_root, progress=progress)
+    run_experiment(name, root / name, data_root=data_root, callbacks=callbacks, progress=progress)
+    return _read_run(name, root / name, trained_here=True)
+
+
+def _default_threshold(layer) -> float:
+    """Sparse VD: Molchanov et al.'s fixed rule (drop log alpha > 3). Group priors: between the two
+    modes of the log-alpha histogram, or -3 (near the release's thresholds) when there is one mode."""
+    from . import compression
+    from .layers import LinearSVD, Conv2dSVD
+
+    if isinstance(layer, (LinearSVD, Conv2dSVD)):
+        return 3.0
+    return compression.propose_threshold(layer.log_alpha().detach(), fallback=-3.0)
 
 
 def _bayesian(model):

@@ -9,6 +9,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+# The tests use small tensors: one thread avoids OpenMP spin-waiting against other processes
+# (training runs, notebooks) on a 2-core machine, and is as fast for tensors this size.
+torch.set_num_threads(1)
+
 # Molchanov et al. (2017), Eq. (14): the constants as printed in the paper.
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
 

@@ -45,6 +45,7 @@ class Experiment:
     config: TrainConfig
     init_from: str | None = None  # name of the deterministic run to start from
     thresholds: tuple[float, ...] | None = None  # None: proposed from the log-alpha histograms
+    animate: bool = False  # record the weight-evolution and pixel-importance GIFs (dense input layer)
 
 
 def _bayes(epochs: int) -> TrainConfig:
@@ -55,7 +56,7 @@ def _bayes(epochs: int) -> TrainConfig:
 # several units) and a geometric learning-rate decay; see the book's LeNet chapters.
 EXPERIMENTS: dict[str, Experiment] = {
     "lenet300_dense": Experiment("lenet300", None, TrainConfig(epochs=10, lr=1e-3, lr_final=1e-4)),
-    "lenet300_nj": Experiment("lenet300", "nj", _bayes(30)),
+    "lenet300_nj": Experiment("lenet300", "nj", _bayes(30), animate=True),
     "lenet300_hs": Experiment("lenet300", "hs", _bayes(30)),
     "lenet300_svd": Experiment("lenet300", "svd", _bayes(30)),
     "lenet300_nj_pretrained": Experiment("lenet300", "nj", _bayes(10), init_from="lenet300_dense"),
@@ -140,10 +141,33 @@ def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epo
         "command": "python -m bclib " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith("__main__.py") else None,
         "torch": torch.__version__,
     })
-    history = fit(model, train, test, config, callbacks=callbacks, checkpoint=out_dir / "checkpoint.pt",
-                  progress=progress)
+    recorders = _animation_recorders() if experiment.animate else ()
+    history = fit(model, train, test, config, callbacks=[*recorders, *callbacks],
+                  checkpoint=out_dir / "checkpoint.pt", progress=progress)
     write_json(out_dir / "metrics.json", history)
+    if recorders and recorders[0].epochs:  # empty when the run resumed after its last epoch
+        _write_animations(recorders, test, out_dir)
     return compress_run(out_dir, model=model, test=test, thresholds=experiment.thresholds)
+
+
+# The masks drawn during training use one fixed threshold for every layer (the final thresholds are
+# only known at the end); -3 is near the release's -2.8 / -3 / -5.
+ANIMATION_THRESHOLD = -3.0
+
+
+def _animation_recorders():
+    from . import viz
+
+    return (viz.WeightEvolutionRecorder(layers=[0, 1], thresholds=ANIMATION_THRESHOLD),
+            viz.PixelImportanceRecorder())
+
+
+def _write_animations(recorders, test: TensorSplit, out_dir: Path) -> None:
+    from . import viz
+
+    weights, pixels = recorders
+    viz.write_weight_gifs(weights, out_dir, figsize=(7, 3.5), dpi=90)
+    viz.write_pixel_importance_gif(pixels, test.x.cpu(), out_dir / "pixel_importance.gif", num_digits=5, seed=0)
 
 
 def compress_run(run_dir: str | os.PathLike, *, model=None, test: TensorSplit | None = None,

@@ -1,9 +1,13 @@
-"""Shared test fixtures: a fixed seed for every test, and reference formulas written independently
-of :mod:`bclib` (derived here from the densities, not copied from the library).
+"""Shared test fixtures: a fixed seed for every test, reference formulas written independently
+of :mod:`bclib` (derived here from the densities, not copied from the library), and real MNIST
+copied into a writable temporary root (decoded once per session).
 """
 from __future__ import annotations
 
 import math
+import os
+import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -64,3 +68,45 @@ def fixed_seed():
     """Every test starts from the same random state, so Monte Carlo checks are reproducible."""
     torch.manual_seed(0)
     yield
+
+
+# ----------------------------------------------------------------------------- real MNIST
+# The four original files live beside the checkout (../shared/data/MNIST/raw, read-only); the tests
+# copy them into a writable temporary root, where torchvision unpacks them.
+_SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "MNIST" / "raw"
+_MNIST_FILES = (
+    "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
+)
+
+
+def _mnist_source() -> Path:
+    if _SHARED_MNIST.is_dir():
+        return _SHARED_MNIST
+    if os.environ.get("BCLIB_DATA"):
+        return Path(os.environ["BCLIB_DATA"]).expanduser() / "MNIST" / "raw"
+    pytest.fail(f"MNIST files not found: put {', '.join(_MNIST_FILES)} into {_SHARED_MNIST}, "
+                "or set BCLIB_DATA to a root holding MNIST/raw/ with them")
+
+
+@pytest.fixture(scope="session")
+def mnist_root(tmp_path_factory) -> Path:
+    """A writable data root holding copies of the four original MNIST files in ``MNIST/raw/``."""
+    source = _mnist_source()
+    missing = [name for name in _MNIST_FILES if not (source / name).is_file()]
+    if missing:
+        pytest.fail(f"MNIST files missing in {source}: {', '.join(missing)}")
+    root = tmp_path_factory.mktemp("mnist-root")
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in _MNIST_FILES:
+        shutil.copyfile(source / name, raw / name)  # copyfile: the copies stay writable
+    return root
+
+
+@pytest.fixture(scope="session")
+def mnist(mnist_root):
+    """Real MNIST ``(train, test)`` as :class:`bclib.data.TensorSplit`, decoded once per session."""
+    from bclib.data import load_mnist
+
+    return load_mnist(mnist_root, download=False)

@@ -13,7 +13,8 @@ render the frames and write looping GIFs. Their use with :func:`bclib.train.fit`
     viz.write_pixel_importance_gif(pixels, test.x, "book/figures/pixel_importance.gif")
 
 The static figures are functions that return a :class:`matplotlib.figure.Figure` and save it
-when given a ``path``: :func:`plot_log_alpha_histograms`, :func:`plot_tradeoff`,
+when given a ``path``: :func:`plot_log_alpha_histograms` (or, from the histograms a run saved
+without its weights, :func:`plot_saved_log_alpha_histograms`), :func:`plot_tradeoff`,
 :func:`plot_architecture`, :func:`plot_learning_curves`.
 
 Everything draws on its own :class:`~matplotlib.figure.Figure` with the Agg canvas, never
@@ -53,7 +54,7 @@ __all__ = [
     "WeightEvolutionRecorder", "PixelImportanceRecorder", "keep_probability",
     "render_weight_frames", "write_weight_gifs", "render_pixel_importance_frames",
     "write_pixel_importance_gif", "choose_digits", "pixel_panel_rect",
-    "plot_log_alpha_histograms", "plot_tradeoff", "plot_architecture", "plot_learning_curves",
+    "plot_log_alpha_histograms", "plot_saved_log_alpha_histograms", "plot_tradeoff", "plot_architecture", "plot_learning_curves",
 ]
 
 #: Log-alpha threshold used for every layer when none is given (keep a group iff log alpha < -3).
@@ -623,6 +624,55 @@ def plot_log_alpha_histograms(model: nn.Module, thresholds=None, *, bins: int = 
             ax.axvline(limits[k], color="tab:red", linestyle="--",
                        label=f"threshold {limits[k]:g}: {kept} of {log_alpha.size} kept")
             ax.legend(fontsize=8)
+    axes[0].set_ylabel("count")
+    return _finish(fig, path)
+
+
+def plot_saved_log_alpha_histograms(layers: Mapping[str, Mapping], *, path=None) -> Figure:
+    """The figure of :func:`plot_log_alpha_histograms`, drawn from saved histograms instead of a model.
+
+    A finished run keeps no weights in the book, only its ``analysis.json``
+    (:func:`bclib.experiments.compress_run`): per layer the counts and bin edges of the log-alpha
+    histogram, the threshold used, and for per-group signals the log alphas themselves.
+
+    Args:
+        layers: ``{layer name: {"histogram": {"counts": [...], "edges": [...]}, "threshold": t,
+            "log_alpha": [...] (optional)}}`` in layer order, as ``analysis["layers"]``. With
+            ``log_alpha`` the legend counts the groups kept (``log_alpha < t``); without it (the
+            per-weight Sparse VD signal) it shows the threshold only.
+        path: optional file to save the figure to (format from the suffix).
+
+    Example:
+        >>> saved = {"fc1": {"histogram": {"counts": [2, 0, 1], "edges": [-9.0, -5.0, -1.0, 3.0]},
+        ...                  "threshold": -3.0, "log_alpha": [-8.0, -7.5, 1.0]}}
+        >>> fig = plot_saved_log_alpha_histograms(saved)  # legend: "threshold -3: 2 of 3 kept"
+    """
+    if not isinstance(layers, Mapping) or not layers:
+        raise ValueError(f"layers must be a non-empty mapping of layer name to saved histogram, got {layers!r}")
+    entries = []
+    for name, entry in layers.items():
+        histogram = entry.get("histogram") if isinstance(entry, Mapping) else None
+        if not isinstance(histogram, Mapping) or not {"counts", "edges"} <= set(histogram) or "threshold" not in entry:
+            raise ValueError(f"layers[{name!r}] must have 'histogram' with 'counts' and 'edges', and 'threshold'")
+        counts = np.asarray(histogram["counts"], dtype=np.float64)
+        edges = np.asarray(histogram["edges"], dtype=np.float64)
+        if counts.ndim != 1 or edges.shape != (counts.size + 1,) or counts.size == 0 or np.any(np.diff(edges) <= 0):
+            raise ValueError(f"layers[{name!r}]: histogram must have n counts and n + 1 increasing edges, "
+                             f"got {counts.size} counts and {edges.size} edges")
+        threshold = _check_number(f"layers[{name!r}]['threshold']", entry["threshold"])
+        entries.append((name, counts, edges, threshold, entry.get("log_alpha")))
+    fig = Figure(figsize=(3.6 * len(entries), 3.0), layout="constrained")
+    axes = fig.subplots(1, len(entries), squeeze=False)[0]
+    for k, (ax, (name, counts, edges, threshold, log_alpha)) in enumerate(zip(axes, entries)):
+        ax.stairs(counts, edges, fill=True, color="0.45")
+        ax.set_title(f"layer {k + 1} ({name!r})", fontsize=9)
+        ax.set_xlabel(r"$\log\alpha$")
+        label = f"threshold {threshold:g}"
+        if log_alpha is not None:
+            values = np.asarray(log_alpha, dtype=np.float64)
+            label += f": {int((values < threshold).sum())} of {values.size} kept"
+        ax.axvline(threshold, color="tab:red", linestyle="--", label=label)
+        ax.legend(fontsize=8)
     axes[0].set_ylabel("count")
     return _finish(fig, path)
 

@@ -269,6 +269,33 @@ def test_log_alpha_histograms_mark_the_thresholds(pair, tmp_path):
     assert "3 of 4 kept" in first.get_legend().get_texts()[0].get_text()
 
 
+def test_saved_log_alpha_histograms_draw_the_counts_and_thresholds(tmp_path):
+    saved = {  # as analysis.json stores them: a group layer with its log alphas, a per-weight one without
+        "fc1": {"histogram": {"counts": [2, 0, 1], "edges": [-9.0, -5.0, -1.0, 3.0]}, "threshold": -3.0,
+                "log_alpha": [-8.0, -7.5, 1.0]},
+        "fc2": {"histogram": {"counts": [5, 7], "edges": [0.0, 2.0, 4.0]}, "threshold": 3.0},
+    }
+    fig = viz.plot_saved_log_alpha_histograms(saved, path=tmp_path / "saved.png")
+    assert (tmp_path / "saved.png").stat().st_size > 0
+    first, second = fig.axes[:2]
+    values, edges = first.patches[0].get_data()[:2]
+    assert list(values) == [2, 0, 1] and list(edges) == [-9.0, -5.0, -1.0, 3.0]
+    assert list(second.patches[0].get_data()[0]) == [5, 7]
+    assert list(first.lines[0].get_xdata()) == [-3.0, -3.0] and list(second.lines[0].get_xdata()) == [3.0, 3.0]
+    # Two of the three log alphas (-8, -7.5) lie below -3.
+    assert first.get_legend().get_texts()[0].get_text() == "threshold -3: 2 of 3 kept"
+    assert second.get_legend().get_texts()[0].get_text() == "threshold 3"
+
+
+def test_saved_log_alpha_histograms_bad_input():
+    with pytest.raises(ValueError, match="non-empty mapping"):
+        viz.plot_saved_log_alpha_histograms({})
+    with pytest.raises(ValueError, match="n \\+ 1 increasing edges"):
+        viz.plot_saved_log_alpha_histograms({"a": {"histogram": {"counts": [1, 2], "edges": [0.0, 1.0]}, "threshold": 0.0}})
+    with pytest.raises(ValueError, match="'threshold'"):
+        viz.plot_saved_log_alpha_histograms({"a": {"histogram": {"counts": [1], "edges": [0.0, 1.0]}}})
+
+
 def test_tradeoff_plots_error_against_compression(tmp_path):
     rows = [
         {"threshold": -1.0, "error": 0.05, "compression": 40.0},

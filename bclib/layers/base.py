@@ -111,6 +111,20 @@ class BayesianLayer(nn.Module):
         if self.clip_var is not None:
             self.weight_logvar.clamp_(max=math.log(self.clip_var))
 
+    def _init_weight_parameters(self, bias: bool, init_weight, init_bias, clip_var, *, bayesian_bias: bool) -> None:
+        """Check the constructor's arguments and create ``weight_mu``, ``weight_logvar`` and the bias
+        (``bias_mu``, plus ``bias_logvar`` when the bias is Bayesian)."""
+        self.clip_var = check_positive_float("clip_var", clip_var)
+        self._init_weight = check_init_tensor("init_weight", init_weight, self.weight_shape)
+        self._init_bias = check_init_tensor("init_bias", init_bias, (self.weight_shape[0],))
+        if init_bias is not None and not bias:
+            raise ValueError("init_bias was given but bias=False")
+        self.weight_mu = nn.Parameter(torch.empty(self.weight_shape))
+        self.weight_logvar = nn.Parameter(torch.empty(self.weight_shape))
+        bias_names = ("bias_mu", "bias_logvar") if bayesian_bias else ("bias_mu",)
+        for name in bias_names:
+            self.register_parameter(name, nn.Parameter(torch.empty(self.weight_shape[0])) if bias else None)
+
     @torch.no_grad()
     def mask_(self, weight_mask: Tensor, bias_mask: Tensor | None = None) -> None:
         """Zero pruned weights (and biases of pruned output units) in place, so the posterior mean is masked."""
@@ -282,19 +296,7 @@ class GroupScaleLayer(BayesianLayer):
     """
 
     def _init_parameters(self, bias: bool, init_weight, init_bias, clip_var) -> None:
-        self.clip_var = check_positive_float("clip_var", clip_var)
-        self._init_weight = check_init_tensor("init_weight", init_weight, self.weight_shape)
-        self._init_bias = check_init_tensor("init_bias", init_bias, (self.weight_shape[0],))
-        if init_bias is not None and not bias:
-            raise ValueError("init_bias was given but bias=False")
-        self.weight_mu = nn.Parameter(torch.empty(self.weight_shape))
-        self.weight_logvar = nn.Parameter(torch.empty(self.weight_shape))
-        if bias:
-            self.bias_mu = nn.Parameter(torch.empty(self.weight_shape[0]))
-            self.bias_logvar = nn.Parameter(torch.empty(self.weight_shape[0]))
-        else:
-            self.register_parameter("bias_mu", None)
-            self.register_parameter("bias_logvar", None)
+        self._init_weight_parameters(bias, init_weight, init_bias, clip_var, bayesian_bias=True)
 
     @torch.no_grad()
     def _reset_weight_and_bias(self, weight_scale: Tensor | float) -> None:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..kl import nj_kl_approx
-from .base import _EPS, BayesianLayer, _Conv2dGeometry, _LinearGeometry, check_init_tensor, check_positive_float
+from .base import _EPS, BayesianLayer, _Conv2dGeometry, _LinearGeometry
 
 __all__ = ["LinearSVD", "Conv2dSVD"]
 
@@ -22,17 +22,7 @@ LOG_ALPHA_RANGE = (-8.0, 8.0)
 
 class _SparseVD(BayesianLayer):
     def _init_parameters(self, bias, init_weight, init_bias, clip_var) -> None:
-        self.clip_var = check_positive_float("clip_var", clip_var)
-        self._init_weight = check_init_tensor("init_weight", init_weight, self.weight_shape)
-        self._init_bias = check_init_tensor("init_bias", init_bias, (self.weight_shape[0],))
-        if init_bias is not None and not bias:
-            raise ValueError("init_bias was given but bias=False")
-        self.weight_mu = nn.Parameter(torch.empty(self.weight_shape))
-        self.weight_logvar = nn.Parameter(torch.empty(self.weight_shape))
-        if bias:
-            self.bias_mu = nn.Parameter(torch.empty(self.weight_shape[0]))
-        else:
-            self.register_parameter("bias_mu", None)
+        self._init_weight_parameters(bias, init_weight, init_bias, clip_var, bayesian_bias=False)
         self.reset_parameters()
 
     @torch.no_grad()

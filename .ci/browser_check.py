@@ -267,11 +267,13 @@ def _check_one(browser: _DevToolsPipe, base_url: str, page: str, screenshot_dir,
     report["broken_images"] = [img["src"] for img in report["images"] if not img["complete"] or img["width"] == 0]
     report["screenshot"] = None
     if screenshot_dir is not None:
-        params = {"format": "png"}
         if full_page:
-            params.update(captureBeyondViewport=True,
-                          clip={"x": 0, "y": 0, "width": width, "height": report["body_height"], "scale": 1})
-        shot = browser.send("Page.captureScreenshot", params, session=session)
+            # A window as tall as the page (Chromium caps textures at 16384 px) keeps the layout
+            # of a normal window; capturing beyond the viewport would shift it.
+            tall = min(report["body_height"], 16384)
+            browser.send("Emulation.setDeviceMetricsOverride",
+                         {"width": width, "height": tall, "deviceScaleFactor": 1, "mobile": False}, session=session)
+        shot = browser.send("Page.captureScreenshot", {"format": "png"}, session=session)
         path = Path(screenshot_dir) / (page.replace("/", "_").removesuffix(".html") + ".png")
         path.write_bytes(base64.b64decode(shot["data"]))
         report["screenshot"] = str(path)

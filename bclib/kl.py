@@ -18,6 +18,7 @@ __all__ = [
     "nj_kl_approx",
     "nj_kl_exact",
     "gaussian_kl_std_normal",
+    "gaussian_kl_std_normal_sum",
     "lognormal_gamma_kl",
     "lognormal_inverse_gamma_kl",
 ]
@@ -90,6 +91,30 @@ def nj_kl_exact(log_alpha, num_points: int = 400_001, half_width: float = 12.0) 
 def gaussian_kl_std_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     r"""KL(N(mu, sigma^2) || N(0, 1)) element-wise: :math:`\tfrac12(-\log\sigma^2 + \sigma^2 + \mu^2 - 1)`."""
     return 0.5 * (-logvar + logvar.exp() + mu * mu - 1.0)
+
+
+class _GaussianKLSum(torch.autograd.Function):
+    """Fused sum of :func:`gaussian_kl_std_normal` with its gradient written out:
+    d/dmu = mu, d/dlog sigma^2 = (sigma^2 - 1) / 2. Over all weights of a layer this is a large share
+    of a training step; the fused form makes about half the passes over memory of the autograd one."""
+
+    @staticmethod
+    def forward(ctx, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        var = logvar.exp()
+        ctx.save_for_backward(mu, var)
+        flat = mu.reshape(-1)
+        return 0.5 * (var.sum() - logvar.sum() + torch.dot(flat, flat) - mu.numel())
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        mu, var = ctx.saved_tensors
+        return grad * mu, (0.5 * grad) * (var - 1.0)
+
+
+def gaussian_kl_std_normal_sum(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    r"""``gaussian_kl_std_normal(mu, logvar).sum()`` as one fused operation (same value and gradient)."""
+    return _GaussianKLSum.apply(mu, logvar)
 
 
 def lognormal_gamma_kl(m: torch.Tensor, v: torch.Tensor, shape: float, scale: float) -> torch.Tensor:

@@ -130,8 +130,8 @@ def reference_posterior_weight(spec: Spec, layer: nn.Module) -> tuple[torch.Tens
     """E[w] and Var[w] of w = z w~ (independent): E[z] mu and E[z^2] (sigma^2 + mu^2) - E[z]^2 mu^2."""
     p = params(layer)
     mu, var = p["weight_mu"], p["weight_logvar"].exp()
-    if spec.prior == "svd":
-        return mu, reference_svd_log_alpha(layer).exp() * mu**2
+    if spec.prior == "svd":  # q(w) = N(theta, sigma^2); the log-alpha clip is for the KL only
+        return mu, var
     z_mean, z_sq = (to_weight_shape(spec, t) for t in reference_group_scale_moments(layer, spec.prior))
     return z_mean * mu, z_sq * (var + mu**2) - z_mean**2 * mu**2
 
@@ -145,7 +145,7 @@ def reference_output_moments(spec: Spec, layer: nn.Module, x: torch.Tensor) -> t
     Conv group layer, one z per output channel c multiplying m = conv(x, mu):
         mean = E[z_c] m + b_c,
         Cov = delta_cd Var[z_c] m_p m_q + delta_cd delta_pq (E[z_c^2] conv(x^2, sigma^2)_p + sigma_b^2_c).
-    Sparse VD: mean = op(x, theta) + b, Cov = diag(op(x^2, alpha theta^2)).
+    Sparse VD: mean = op(x, theta) + b, Cov = diag(op(x^2, sigma^2)).
     """
     p = params(layer)
     x = x.double().unsqueeze(0)
@@ -153,7 +153,7 @@ def reference_output_moments(spec: Spec, layer: nn.Module, x: torch.Tensor) -> t
     bias = p.get("bias_mu")
     if spec.prior == "svd":
         mean = reference_op(spec, x, mu, bias).flatten()
-        var = reference_op(spec, x * x, reference_svd_log_alpha(layer).exp() * mu**2).flatten()
+        var = reference_op(spec, x * x, weight_var).flatten()
         return mean, torch.diag(var)
     bias_var = p["bias_logvar"].exp() if bias is not None else None
     z_mean, z_sq = reference_group_scale_moments(layer, spec.prior)

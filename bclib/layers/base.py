@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kl import gaussian_kl_std_normal_sum
+
 __all__ = ["BayesianLayer", "kl_divergence", "bayesian_layers"]
 
 # Added under square roots and logarithms so zero inputs and zero means stay finite.
@@ -326,11 +328,9 @@ class GroupScaleLayer(BayesianLayer):
         raise NotImplementedError
 
     def _weight_and_bias_kl(self) -> Tensor:
-        from ..kl import gaussian_kl_std_normal
-
-        kl = gaussian_kl_std_normal(self.weight_mu, self.weight_logvar).sum()
+        kl = gaussian_kl_std_normal_sum(self.weight_mu, self.weight_logvar)
         if self.bias_mu is not None:
-            kl = kl + gaussian_kl_std_normal(self.bias_mu, self.bias_logvar).sum()
+            kl = kl + gaussian_kl_std_normal_sum(self.bias_mu, self.bias_logvar)
         return kl
 
     def posterior_weight(self) -> tuple[Tensor, Tensor]:

@@ -38,7 +38,8 @@ class _GroupNJ(GroupScaleLayer):
 
     def sample_group_scale(self, shape: torch.Size) -> Tensor:
         # z = z_mu + sigma_z * eps, one draw per example and group (Eq. 11 of the paper).
-        return self.z_mu + torch.exp(0.5 * self.z_logvar) * torch.randn(shape, device=self.z_mu.device, dtype=self.z_mu.dtype)
+        noise = torch.randn(shape, device=self.z_mu.device, dtype=self.z_mu.dtype)
+        return torch.addcmul(self.z_mu, torch.exp(0.5 * self.z_logvar), noise)
 
     def kl_divergence(self) -> Tensor:
         r"""KL(q || p) in nats: the approximation of Molchanov et al. for each ``z_g`` plus

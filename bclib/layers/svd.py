@@ -45,8 +45,12 @@ class _SparseVD(BayesianLayer):
         return torch.clamp(self.weight_logvar - torch.log(self.weight_mu.pow(2) + _EPS), *LOG_ALPHA_RANGE)
 
     def posterior_weight(self) -> tuple[Tensor, Tensor]:
-        """``(theta, alpha theta^2)`` with the clipped alpha."""
-        return self.weight_mu, self.log_alpha().exp() * self.weight_mu.pow(2)
+        """``(theta, sigma^2)``: the posterior is ``N(theta, sigma^2)`` with ``sigma^2 = alpha theta^2``.
+
+        As in Molchanov et al.'s code the forward pass uses ``sigma^2`` itself; the clip of
+        ``log alpha`` to [-8, 8] applies to the KL and the pruning signal only.
+        """
+        return self.weight_mu, self.weight_logvar.exp()
 
     def kl_divergence(self) -> Tensor:
         """Molchanov et al.'s approximation, summed over weights (biases carry no KL)."""

@@ -58,7 +58,17 @@ def _experiment_name(model: str, prior: str, init_from: str | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        _dispatch(args)
+    except (ValueError, FileNotFoundError) as error:
+        # Bad input (a wrong count of thresholds, missing data): a message and exit status 2, no traceback.
+        parser.exit(2, f"{parser.prog} {args.command}: error: {error}\n")
+    return 0
+
+
+def _dispatch(args: argparse.Namespace) -> None:
     if args.command == "train":
         from .experiments import run_experiment
 
@@ -84,7 +94,6 @@ def main(argv: list[str] | None = None) -> int:
             bench.run_layers_bench()
         if args.which in ("compression", "all"):
             bench.run_compression_bench_from_run(args.run)
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,196 @@
+"""Tests of the command line (``python -m bclib``) and of :mod:`bclib.experiments`: one fast
+training run of LeNet-300-100 with the group NJ prior on real MNIST, shared by the module, whose
+files are read back and checked against independent computations.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import bclib
+from bclib import experiments
+from bclib.__main__ import main
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_FILES = ("config.json", "metrics.json", "report.json", "analysis.json", "model.bcz", "checkpoint.pt")
+METRIC_KEYS = {"epoch", "loss", "ce", "kl", "beta", "lr", "train_error", "test_error", "test_ce", "seconds"}
+
+
+def _python_m_bclib(args: list[str], env_extra: dict | None = None, cwd: Path | None = None):
+    env = {k: v for k, v in os.environ.items() if k != "BCLIB_FAST"}
+    env.update({"OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", "PYTHONPATH": str(REPO)}, **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "bclib", *args], cwd=cwd or REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def trained_run(mnist_root, tmp_path_factory) -> Path:
+    """``python -m bclib train --model lenet300 --prior nj --out DIR --fast`` with ``BCLIB_DATA`` set."""
+    out = tmp_path_factory.mktemp("cli") / "lenet300_nj"
+    result = _python_m_bclib(["train", "--model", "lenet300", "--prior", "nj", "--out", str(out), "--fast"],
+                             env_extra={"BCLIB_DATA": str(mnist_root)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def _read(run_dir: Path, name: str):
+    return json.loads((run_dir / name).read_text())
+
+
+# ----------------------------------------------------------------------------- help
+def test_help_lists_the_commands():
+    result = _python_m_bclib(["--help"])
+    assert result.returncode == 0, result.stderr
+    for command in ("train", "compress", "reproduce", "bench"):
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("command, options", [
+    ("train", ["--model", "--prior", "--out", "--fast", "--init-from", "--epochs"]),
+    ("compress", ["--thresholds", "--data"]),
+    ("reproduce", ["--out", "--only"]),
+])
+def test_subcommand_help_lists_its_options(capsys, command, options):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for option in options:
+        assert option in text
+
+
+def test_unknown_model_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--model", "resnet", "--prior", "nj", "--out", "unused"])
+    assert info.value.code == 2
+    assert "--model" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- train
+def test_train_writes_every_file(trained_run):
+    for name in RUN_FILES:
+        assert (trained_run / name).is_file(), name
+    config = _read(trained_run, "config.json")
+    assert (config["model"], config["prior"], config["fast"]) == ("lenet300", "nj", True)
+    assert (config["train_examples"], config["test_examples"], config["train"]["epochs"]) == (5000, 1000, 2)
+    assert config["command"].startswith("python -m bclib train --model lenet300 --prior nj --out ")
+    metrics = _read(trained_run, "metrics.json")
+    assert [row["epoch"] for row in metrics] == [1, 2]
+    assert all(set(row) == METRIC_KEYS for row in metrics)
+    assert metrics[-1]["test_error"] < 0.5  # 2 epochs on 5000 examples; chance is 0.9
+    analysis = _read(trained_run, "analysis.json")
+    assert list(analysis["layers"]) == [name for name, _ in bclib.bayesian_layers(bclib.models.lenet_300_100("nj"))]
+    assert len(analysis["sweep"]) == len(experiments.SWEEP_OFFSETS)
+    # fc1 has one group per input pixel: its histogram counts all 784 log-alphas.
+    assert sum(analysis["layers"]["1"]["histogram"]["counts"]) == 784
+
+
+def test_checkpoint_loads_without_unpickling_code(trained_run):
+    state = torch.load(trained_run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert state["epoch"] == 2
+    assert state["model"]["1.weight_mu"].shape == (300, 784)
+
+
+def test_report_describes_the_saved_file(trained_run):
+    report = _read(trained_run, "report.json")
+    assert len(report["thresholds"]) == 3 and len(report["layers"]) == 3
+    assert report["file"]["name"] == "model.bcz"
+    assert report["file"]["bytes"] == (trained_run / "model.bcz").stat().st_size
+    # float32 dense LeNet-300-100, biases included: 266,610 parameters * 4 bytes.
+    assert report["file"]["dense_float32_bytes"] == 266_610 * 4
+    assert report["file"]["ratio"] == pytest.approx(266_610 * 4 / report["file"]["bytes"])
+
+
+def test_compressed_file_scores_the_reported_error(trained_run, mnist):
+    """Fast mode evaluates on the first 1000 test examples: score the file there, by hand."""
+    _, test = mnist
+    test = test.subset(1000)
+    report = _read(trained_run, "report.json")
+    model = bclib.load_compressed(trained_run / "model.bcz")
+    with torch.no_grad():
+        predictions = model(test.x).argmax(1)
+    error = (predictions != test.y).sum().item() / 1000
+    assert error == pytest.approx(report["file_error"], abs=1e-12)
+    # The file holds the pruned architecture of the report (first layer: kept inputs of 784).
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert first.out_features == report["layers"][0]["out_kept"]
+
+
+# ----------------------------------------------------------------------------- compress
+@pytest.fixture
+def run_copy(trained_run, tmp_path) -> Path:
+    """A private copy of the run, since ``compress`` rewrites the report."""
+    return Path(shutil.copytree(trained_run, tmp_path / "run"))
+
+
+def test_compress_with_explicit_thresholds(run_copy, mnist_root, capsys):
+    """Thresholds above every log alpha keep every weight: the exported network is the dense one."""
+    assert main(["compress", str(run_copy), "--thresholds", "100", "100", "100", "--data", str(mnist_root)]) == 0
+    report = _read(run_copy, "report.json")
+    assert json.loads(capsys.readouterr().out) == report
+    assert report["thresholds"] == [100.0, 100.0, 100.0]
+    assert [(row["in_kept"], row["out_kept"]) for row in report["layers"]] == [(784, 300), (300, 100), (100, 10)]
+    assert report["compression_pruning"] == pytest.approx(1.0)
+    # Nothing pruned, so the exported float32 network scores the Bayesian model's eval error
+    # (on the full 10000-example test set, which compress uses without --fast).
+    assert report["pruned_error"] == report["dense_error"]
+
+
+def test_compress_with_a_wrong_number_of_thresholds_fails_clearly(run_copy, mnist_root, capsys):
+    before = {name: (run_copy / name).read_bytes() for name in ("report.json", "model.bcz", "analysis.json")}
+    with pytest.raises(SystemExit) as info:
+        main(["compress", str(run_copy), "--thresholds", "-3", "-3", "--data", str(mnist_root)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: thresholds must have one value per Bayesian layer (3" in err and "got 2" in err
+    assert "Traceback" not in err
+    for name, content in before.items():  # nothing rewritten
+        assert (run_copy / name).read_bytes() == content, name
+
+
+# ----------------------------------------------------------------------------- load_or_run
+def test_load_or_run_in_fast_mode_trains_into_a_scratch_root(monkeypatch, tmp_path, mnist_root):
+    monkeypatch.setenv("BCLIB_FAST", "1")
+    committed = tmp_path / "committed"
+    run = experiments.load_or_run("lenet300_hs", committed, data_root=mnist_root,
+                                  scratch_root=tmp_path / "scratch", progress=False)
+    assert isinstance(run, experiments.RunResult)
+    assert run.trained_here and run.run_dir == tmp_path / "scratch" / "lenet300_hs"
+    assert not committed.exists()
+    assert run.config["fast"] is True and run.config["prior"] == "hs"
+    assert [row["epoch"] for row in run.metrics] == [1, 2]
+    assert {"file_error", "dense_error", "thresholds", "architecture"} <= set(run.report)
+    assert set(run.analysis) == {"layers", "sweep"} and len(run.analysis["layers"]) == 3
+    assert run.compressed_file.is_file()
+    assert isinstance(run.model().get_submodule("1"), bclib.LinearGroupHS)
+
+
+def test_load_or_run_reads_committed_results_without_training(monkeypatch, tmp_path, trained_run):
+    monkeypatch.setenv("BCLIB_FAST", "0")
+    committed = tmp_path / "results"
+    shutil.copytree(trained_run, committed / "lenet300_nj", ignore=shutil.ignore_patterns("checkpoint.pt"))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("load_or_run trained although results were committed")
+
+    monkeypatch.setattr(experiments, "run_experiment", no_training)
+    run = experiments.load_or_run("lenet300_nj", committed)
+    assert not run.trained_here and run.run_dir == committed / "lenet300_nj"
+    assert run.metrics == _read(trained_run, "metrics.json")
+    assert run.report == _read(trained_run, "report.json")
+    assert run.analysis == _read(trained_run, "analysis.json")
+
+
+def test_unknown_experiment_names_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="name"):
+        experiments.load_or_run("lenet7_nj", tmp_path)
+    with pytest.raises(ValueError, match="name"):
+        experiments.run_experiment("lenet7_nj", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

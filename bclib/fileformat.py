@@ -33,13 +33,15 @@ import json
 import math
 import os
 import struct
-import tempfile
 import zlib
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from ._io import write_atomically
 
 __all__ = [
     "FORMAT_VERSION", "MAGIC", "load_compressed", "read_compressed", "write_compressed",
@@ -316,16 +318,7 @@ def write_compressed(path, input_shape, specs: list[dict], tensors: list[dict[st
     body = b"".join(payload)
     blob = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0, len(header), len(body)) + header + body
     blob += _CRC.pack(zlib.crc32(blob))
-    directory = os.path.dirname(os.path.abspath(os.fspath(path)))
-    handle, temp_path = tempfile.mkstemp(prefix=".bclib-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(handle, "wb") as f:
-            f.write(blob)
-        os.replace(temp_path, path)
-    except BaseException:
-        if os.path.exists(temp_path):
-            os.unlink(temp_path)
-        raise
+    write_atomically(path, lambda temporary: Path(temporary).write_bytes(blob))
     return len(blob)
 
 

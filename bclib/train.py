@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from ._io import write_atomically
 from .data import TensorSplit, batches
 from .layers import bayesian_layers, kl_divergence
 
@@ -68,6 +69,8 @@ class TrainConfig:
         for name in ("lr", "lr_final", "variance_lr_scale"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip!r}")
         if self.kl_warmup_epochs < 0:
             raise ValueError(f"kl_warmup_epochs must be >= 0, got {self.kl_warmup_epochs}")
 
@@ -133,17 +136,14 @@ def _set_lr(optimizer: torch.optim.Optimizer, config: TrainConfig, epoch: int) -
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, epoch: int, history: list) -> None:
     """Atomically write model, optimiser, epoch, history and RNG state (loadable with ``weights_only=True``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({
+    state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "epoch": epoch,
         "history_json": json.dumps(history),
         "rng_cpu": torch.get_rng_state(),
-    }, tmp)
-    os.replace(tmp, path)
+    }
+    write_atomically(path, lambda temporary: torch.save(state, temporary))
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None) -> tuple[int, list]:

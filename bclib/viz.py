@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -47,6 +45,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
+from ._io import write_atomically
 from .layers import BayesianLayer, bayesian_layers
 
 __all__ = [
@@ -165,19 +164,8 @@ def _select_layer(model: nn.Module, name: str, key, argument: str) -> int:
 
 
 def _save_atomically(path, write) -> Path:
-    """Call ``write(temporary_path)`` in ``path``'s folder (created when missing), then rename onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-    return path
+    """Call ``write(temporary_path)``, then rename onto ``path`` (see :func:`bclib._io.write_atomically`)."""
+    return write_atomically(path, write)
 
 
 def _save_figure(fig: Figure, path) -> None:

@@ -655,7 +655,7 @@ def plot_saved_log_alpha_histograms(layers: Mapping[str, Mapping], *, path=None)
         ax.stairs(counts, edges, fill=True, color="0.45")
         ax.set_title(f"layer {k + 1} ({name!r})", fontsize=9)
         ax.set_xlabel(r"$\log\alpha$")
-        label = f"threshold {threshold:g}"
+        label = f"threshold {threshold:.3g}"
         if log_alpha is not None:
             values = np.asarray(log_alpha, dtype=np.float64)
             label += f": {int((values < threshold).sum())} of {values.size} kept"

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ._io import write_atomically
-from .data import TensorSplit, fast_mode, load_mnist
+from .data import DEFAULT_INPUT_RANGE, TensorSplit, fast_mode, load_mnist
 from .models import bayesian_from_pretrained, build_model
 from .train import TrainConfig, evaluate, fit, load_checkpoint
 
@@ -47,6 +47,7 @@ class Experiment:
     init_from: str | None = None  # name of the deterministic run to start from
     thresholds: tuple[float, ...] | None = None  # None: proposed from the log-alpha histograms
     animate: bool = False  # record the weight-evolution and pixel-importance GIFs (dense input layer)
+    input_range: tuple[float, float] = DEFAULT_INPUT_RANGE  # MNIST pixels are mapped onto this range
 
 
 def _bayes(epochs: int) -> TrainConfig:
@@ -63,6 +64,7 @@ EXPERIMENTS: dict[str, Experiment] = {
     "lenet300_hs": Experiment("lenet300", "hs", _bayes(30)),
     "lenet300_svd": Experiment("lenet300", "svd", _bayes(30)),
     "lenet300_nj_pretrained": Experiment("lenet300", "nj", _bayes(10), init_from="lenet300_dense"),
+    "lenet300_nj_release_scaling": Experiment("lenet300", "nj", _bayes(30), input_range=(-1.0, 1.0)),
     "lenet5_dense": Experiment("lenet5", None, TrainConfig(epochs=4, lr=1e-3, lr_final=1e-4)),
     "lenet5_nj": Experiment("lenet5", "nj", _bayes(8), init_from="lenet5_dense"),
     "lenet5_hs": Experiment("lenet5", "hs", _bayes(8), init_from="lenet5_dense"),
@@ -117,7 +119,7 @@ def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epo
     config = _fast_config(experiment.config) if fast else experiment.config
     if epochs is not None:
         config = TrainConfig.from_dict({**config.to_dict(), "epochs": epochs})
-    train, test = load_mnist(data_root)
+    train, test = load_mnist(data_root, input_range=experiment.input_range)
     if fast:
         train, test = train.subset(5000), test.subset(1000)
 
@@ -135,6 +137,7 @@ def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epo
         "train": config.to_dict(),
         "init_from": experiment.init_from,
         "thresholds": experiment.thresholds,
+        "input_range": list(experiment.input_range),
         "fast": fast,
         "train_examples": len(train),
         "test_examples": len(test),
@@ -146,7 +149,7 @@ def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epo
                   checkpoint=out_dir / "checkpoint.pt", progress=progress)
     write_json(out_dir / "metrics.json", history)
     if recorders and recorders[0].epochs:  # empty when the run resumed after its last epoch
-        _write_animations(recorders, test, out_dir)
+        _write_animations(recorders, test, out_dir, experiment.input_range)
     return compress_run(out_dir, model=model, test=test, thresholds=experiment.thresholds)
 
 
@@ -162,7 +165,7 @@ def _animation_recorders():
             viz.PixelImportanceRecorder(every=2))
 
 
-def _write_animations(recorders, test: TensorSplit, out_dir: Path) -> None:
+def _write_animations(recorders, test: TensorSplit, out_dir: Path, input_range) -> None:
     from . import viz
 
     weights, pixels = recorders
@@ -171,7 +174,11 @@ def _write_animations(recorders, test: TensorSplit, out_dir: Path) -> None:
     last, keep = weights.weights[weights.layer_names[0]][-1], weights.masks[weights.layer_names[0]][-1]
     vmax = float(last[keep.bool()].abs().quantile(0.99)) if keep.any() else None
     viz.write_weight_gifs(weights, out_dir, vmax=vmax, figsize=(8.2, 3.5), dpi=100)
-    viz.write_pixel_importance_gif(pixels, test.x.cpu(), out_dir / "pixel_importance.gif", num_digits=5, seed=0)
+    # Digits are drawn on [-1, 1] whatever the training range, so kept ink is black, background
+    # white and pruned pixels mid-grey (the release's picture).
+    low, high = (float(v) for v in input_range)
+    digits = (test.x.cpu() - low) * (2.0 / (high - low)) - 1.0
+    viz.write_pixel_importance_gif(pixels, digits, out_dir / "pixel_importance.gif", num_digits=5, seed=0)
 
 
 def compress_run(run_dir: str | os.PathLike, *, model=None, test: TensorSplit | None = None,
@@ -183,7 +190,8 @@ def compress_run(run_dir: str | os.PathLike, *, model=None, test: TensorSplit | 
     model = load_run_model(run_dir) if model is None else model.eval()
     model = model.cpu()
     if test is None:
-        test = load_mnist(data_root)[1]
+        config = json.loads((run_dir / "config.json").read_text())
+        test = load_mnist(data_root, input_range=config.get("input_range", DEFAULT_INPUT_RANGE))[1]
     test = test.to("cpu")
     dense_error = evaluate(model, test)["error"]
     if not any(True for _ in _bayesian(model)):

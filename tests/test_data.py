@@ -38,11 +38,24 @@ def test_mnist_shapes_and_dtypes(mnist):
     assert len(train) == 60000 and len(test) == 10000
 
 
-def test_mnist_range_is_exactly_minus_one_to_one(mnist):
+def test_mnist_range_is_exactly_zero_to_one(mnist):
     for split in mnist:
-        assert split.x.min().item() == -1.0 and split.x.max().item() == 1.0
-        # Both ends are reached by many pixels (background 0 -> -1, saturated 255 -> +1).
-        assert (split.x == -1.0).sum() > 1000 and (split.x == 1.0).sum() > 100
+        assert split.x.min().item() == 0.0 and split.x.max().item() == 1.0
+        # Both ends are reached by many pixels (background 0 -> 0, saturated 255 -> 1).
+        assert (split.x == 0.0).sum() > 1000 and (split.x == 1.0).sum() > 100
+
+
+def test_release_input_range_maps_bytes_onto_minus_one_to_one(mnist_root, mnist):
+    _, test = load_mnist(mnist_root, download=False, input_range=(-1, 1))
+    assert test.x.min().item() == -1.0 and test.x.max().item() == 1.0
+    # The same pixels, linearly: x_release = 2 x - 1.
+    torch.testing.assert_close(test.x, 2 * mnist[1].x - 1, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad, error", [((1, 0), ValueError), ((0, 0), ValueError), ("ab", TypeError), (3, TypeError)])
+def test_bad_input_range_is_a_clear_error(mnist_root, bad, error):
+    with pytest.raises(error, match="input_range"):
+        load_mnist(mnist_root, download=False, input_range=bad)
 
 
 def test_mnist_label_counts_are_the_known_ones(mnist):
@@ -52,12 +65,12 @@ def test_mnist_label_counts_are_the_known_ones(mnist):
 
 
 def test_mnist_pixels_and_labels_match_the_raw_idx_files(mnist, mnist_root):
-    """Decode the test files here (16-byte image header, 8-byte label header): x = byte / 127.5 - 1."""
+    """Decode the test files here (16-byte image header, 8-byte label header): x = byte / 255."""
     _, test = mnist
     raw = mnist_root / "MNIST" / "raw"
     pixels = _read_idx(raw / "t10k-images-idx3-ubyte.gz", 16).reshape(10000, 1, 28, 28)
     labels = _read_idx(raw / "t10k-labels-idx1-ubyte.gz", 8)
-    expected = torch.from_numpy(pixels.astype(np.float64) / 127.5 - 1.0)
+    expected = torch.from_numpy(pixels.astype(np.float64) / 255.0)
     torch.testing.assert_close(test.x.double(), expected, rtol=0, atol=1e-6)
     assert torch.equal(test.y, torch.from_numpy(labels.astype(np.int64)))
 

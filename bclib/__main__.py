@@ -41,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--fast", action="store_true")
 
     bench = sub.add_parser("bench", help="benchmarks: layers (train-step time ratios), compression (inference speed-up)")
-    bench.add_argument("which", choices=["layers", "compression", "all"])
+    bench.add_argument("which", choices=["layers", "compression", "training", "all"],
+                       help="training: wall time of the committed runs and the targets they met")
+    bench.add_argument("--results", default="book/results", help="results folder for 'training'")
     bench.add_argument("--run", default="book/results/lenet5_nj", help="trained run folder for the compression benchmark")
     return parser
 
@@ -94,6 +96,8 @@ def _dispatch(args: argparse.Namespace) -> None:
             bench.run_layers_bench()
         if args.which in ("compression", "all"):
             bench.run_compression_bench_from_run(args.run)
+        if args.which in ("training", "all"):
+            bench.run_training_time_report(args.results)
 
 
 if __name__ == "__main__":

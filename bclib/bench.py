@@ -4,6 +4,7 @@
   the dense original, at batch 1000 and batch 1, side by side in one run, next to the FLOP reduction.
 * :func:`run_layers_bench` -- training-step time of each prior's LeNet-300-100 and LeNet-5-Caffe
   relative to the same deterministic network.
+* :func:`run_training_time_report` -- wall time of the committed runs against the release's targets.
 
 Both measure interleaved (A, B, A, B, ...) and report medians, so a busy machine slows both sides
 alike; both return a dict and print a table.
@@ -26,7 +27,8 @@ from . import models
 from .compression import CompressedModel, compress, propose_thresholds
 from .layers import bayesian_layers, kl_divergence
 
-__all__ = ["run_compression_bench", "run_compression_bench_from_run", "run_layers_bench", "paper_lenet5"]
+__all__ = ["run_compression_bench", "run_compression_bench_from_run", "run_layers_bench", "paper_lenet5",
+           "run_training_time_report"]
 
 # The BC-GNJ architecture of the paper for LeNet-5-Caffe: filters of conv1, conv2, inputs of fc1, fc2.
 PAPER_LENET5_ARCHITECTURE = (8, 13, 88, 13)
@@ -261,3 +263,58 @@ def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
             layer.clip_variances()
 
     return step
+
+
+# Targets of the results table (error, compression after pruning, after precision) from the release's
+# README, and the project's wall-time goal for reaching the BC-GHS row on a 2-core CPU.
+PAPER_TARGETS = {
+    "lenet5_hs": (0.010, 156.0, 419.0),
+    "lenet5_nj": (0.010, 108.0, 361.0),
+    "lenet5_svd": (0.010, 63.0, 228.0),
+    "lenet300_nj": (0.018, None, None),
+    "lenet300_hs": (0.018, None, None),
+}
+GHS_WALL_TIME_GOAL_S = 45 * 60
+
+
+def run_training_time_report(results_root="book/results", verbose: bool = True) -> dict:
+    """Wall time of each committed run (sum of its epochs' seconds, its pretraining run included)
+    and whether it met the release's targets; the time to the BC-GHS row is compared with 45 min.
+
+    This reads ``metrics.json`` / ``report.json`` of runs made by ``python -m bclib reproduce``; the
+    seconds are those measured while the run trained (on whatever machine made it).
+    """
+    from .experiments import EXPERIMENTS
+
+    root = Path(results_root)
+    rows = {}
+    for name, experiment in EXPERIMENTS.items():
+        metrics_file, report_file = root / name / "metrics.json", root / name / "report.json"
+        if not (metrics_file.exists() and report_file.exists()):
+            continue
+        seconds = sum(m["seconds"] for m in json.loads(metrics_file.read_text()))
+        if experiment.init_from and (root / experiment.init_from / "metrics.json").exists():
+            seconds += sum(m["seconds"] for m in json.loads((root / experiment.init_from / "metrics.json").read_text()))
+        report = json.loads(report_file.read_text())
+        error = report.get("file_error", report.get("dense_error"))
+        row = {"seconds": seconds, "error": error, "compression_pruning": report.get("compression_pruning"),
+               "compression_precision": report.get("compression_precision")}
+        target = PAPER_TARGETS.get(name)
+        if target is not None:
+            met = [error <= target[0]]
+            met += [row[k] is not None and row[k] >= t for k, t in
+                    zip(("compression_pruning", "compression_precision"), target[1:]) if t is not None]
+            row["targets_met"] = all(met)
+        rows[name] = row
+    if verbose:
+        print(f"{'run':<28} {'wall min':>8} {'error %':>8} {'pruning':>8} {'precision':>10} {'targets':>8}")
+        for name, row in rows.items():
+            rates = [f"{row[k]:.1f}x" if row[k] else "-" for k in ("compression_pruning", "compression_precision")]
+            met = {True: "met", False: "missed"}.get(row.get("targets_met"), "-")
+            print(f"{name:<28} {row['seconds'] / 60:>8.1f} {100 * row['error']:>8.2f} {rates[0]:>8} {rates[1]:>10} {met:>8}")
+        ghs = rows.get("lenet5_hs")
+        if ghs is not None:
+            verdict = "reached" if ghs.get("targets_met") else "not reached"
+            print(f"BC-GHS LeNet-5 target {verdict}; wall time {ghs['seconds'] / 60:.1f} min "
+                  f"(goal: under {GHS_WALL_TIME_GOAL_S / 60:.0f} min)")
+    return rows

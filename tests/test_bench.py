@@ -35,3 +35,26 @@ def test_layers_bench_ratios_are_relative_to_the_deterministic_network():
     assert list(rows) == ["none", "nj", "hs", "svd"] and rows["none"]["ratio"] == 1.0
     for row in rows.values():
         assert math.isclose(row["ratio"], row["step_ms"] / rows["none"]["step_ms"])
+
+
+def test_training_time_report_sums_epochs_with_pretraining_and_checks_targets(tmp_path, capsys):
+    import json
+
+    from bclib.bench import run_training_time_report
+
+    def run(name, seconds, report):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps([{"seconds": s} for s in seconds]))
+        (tmp_path / name / "report.json").write_text(json.dumps(report))
+
+    run("lenet5_dense", [60.0, 60.0], {"dense_error": 0.008})
+    run("lenet5_hs", [100.0, 200.0, 300.0],
+        {"file_error": 0.0095, "compression_pruning": 160.0, "compression_precision": 400.0})
+    run("lenet5_nj", [10.0], {"file_error": 0.009, "compression_pruning": 120.0, "compression_precision": 370.0})
+    rows = run_training_time_report(tmp_path)
+    # 600 s of its own plus the 120 s of the pretrained network it starts from.
+    assert rows["lenet5_hs"]["seconds"] == 720.0
+    assert rows["lenet5_hs"]["targets_met"] is False  # 400x < 419x after precision
+    assert rows["lenet5_nj"]["targets_met"] is True
+    assert "targets_met" not in rows["lenet5_dense"]
+    assert "BC-GHS LeNet-5 target not reached; wall time 12.0 min" in capsys.readouterr().out

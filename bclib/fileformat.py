@@ -208,6 +208,11 @@ def build_module(specs: list[dict], tensors: list[dict[str, Tensor]]) -> nn.Sequ
                 if key in values:
                     getattr(layer, key).copy_(values[key])
         layers.append(layer)
+    # ReLU then max-pooling equals max-pooling then ReLU (ReLU is monotone); pooling first applies
+    # the ReLU to a quarter of the values, which matters once pruning has cut the convolutions.
+    for i in range(len(layers) - 1):
+        if isinstance(layers[i], nn.ReLU) and isinstance(layers[i + 1], nn.MaxPool2d):
+            layers[i], layers[i + 1] = layers[i + 1], layers[i]
     return nn.Sequential(*layers).eval()
 
 

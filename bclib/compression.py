@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from .fileformat import build_module, dequantize, load_compressed, module_spec, write_compressed
-from .layers import BayesianLayer
+from .layers import BayesianLayer, bayesian_layers
 
 __all__ = [
     "compress", "CompressedModel", "CompressionReport", "LayerReport", "SavedFile",
@@ -786,3 +786,60 @@ def threshold_sweep(model: nn.Module, thresholds_grid, x: Tensor, y: Tensor, inp
             "flop_reduction": report.flop_reduction,
         })
     return rows
+
+
+def select_thresholds(model: nn.Module, x: Tensor, y: Tensor, *, tolerance: float = 0.001, max_candidates: int = 64,
+                      fixed: dict[int, float] | None = None, input_shape=None) -> list[float]:
+    """Per layer, the lowest log-alpha threshold whose pruning keeps the error on ``(x, y)`` within
+    ``tolerance`` of the unpruned model's: the most compression at a bounded cost, chosen on data.
+
+    Use held-out or training data, never the test set. Layers are visited from the first to the last;
+    each search keeps the thresholds already chosen and leaves later layers unpruned. Candidates are
+    cut points between the layer's sorted log-alpha values (at most ``max_candidates``, at
+    quantiles); the search is a bisection, which assumes the error grows as the threshold falls.
+    This replaces the histogram rule (:func:`propose_threshold`) where short training leaves no
+    clear gap between the two modes.
+
+    Args:
+        model: a Bayesian model accepted by :func:`compress`.
+        x, y: selection data.
+        tolerance: allowed rise of the error (a fraction: 0.001 is 0.1 percentage points).
+        max_candidates: candidate thresholds per layer.
+        fixed: ``{layer index: threshold}`` for layers whose threshold is given (e.g. Sparse VD's 3).
+
+    Returns:
+        One threshold per Bayesian layer, in order.
+    """
+    if not 0 <= tolerance < 1:
+        raise ValueError(f"tolerance must be in [0, 1), got {tolerance!r}")
+    if isinstance(max_candidates, bool) or not isinstance(max_candidates, int) or max_candidates < 2:
+        raise ValueError(f"max_candidates must be an int >= 2, got {max_candidates!r}")
+    signals = [layer.log_alpha().detach().flatten().float().cpu() for _, layer in bayesian_layers(model)]
+    if not signals:
+        raise ValueError("model has no Bayesian layer")
+    fixed = dict(fixed or {})
+    keep_all = [float(s.max()) + 1.0 for s in signals]
+    thresholds = [fixed.get(i, keep_all[i]) for i in range(len(signals))]
+
+    def error(candidate: list[float]) -> float:
+        return model_error(compress(model, candidate, input_shape=input_shape).model, x, y)
+
+    allowed = error(thresholds) + tolerance
+    for index, signal in enumerate(signals):
+        if index in fixed:
+            continue
+        values = torch.unique(signal)
+        if len(values) > max_candidates:
+            values = torch.unique(torch.quantile(values, torch.linspace(0, 1, max_candidates)))
+        # Cut points below each value: threshold = value keeps only groups strictly below it.
+        candidates = [float(v) for v in values] + [keep_all[index]]
+        low, high = 0, len(candidates) - 1  # candidates[high] is known to be acceptable
+        while low < high:
+            middle = (low + high) // 2
+            trial = thresholds[:index] + [candidates[middle]] + thresholds[index + 1:]
+            if error(trial) <= allowed:
+                high = middle
+            else:
+                low = middle + 1
+        thresholds[index] = candidates[high]
+    return thresholds

@@ -150,7 +150,8 @@ def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epo
     write_json(out_dir / "metrics.json", history)
     if recorders and recorders[0].epochs:  # empty when the run resumed after its last epoch
         _write_animations(recorders, test, out_dir, experiment.input_range)
-    return compress_run(out_dir, model=model, test=test, thresholds=experiment.thresholds)
+    return compress_run(out_dir, model=model, test=test, selection=_selection_split(train),
+                        thresholds=experiment.thresholds)
 
 
 # The masks drawn during training use one fixed threshold for every layer (the final thresholds are
@@ -181,17 +182,35 @@ def _write_animations(recorders, test: TensorSplit, out_dir: Path, input_range) 
     viz.write_pixel_importance_gif(pixels, digits, out_dir / "pixel_importance.gif", num_digits=5, seed=0)
 
 
+# Threshold selection: the error on the last 10,000 training examples may rise by at most this much.
+SELECTION_EXAMPLES = 10_000
+SELECTION_TOLERANCE = 0.001
+
+
+def _selection_split(train: TensorSplit) -> TensorSplit:
+    n = min(SELECTION_EXAMPLES, len(train))
+    return TensorSplit(train.x[-n:].cpu(), train.y[-n:].cpu())
+
+
 def compress_run(run_dir: str | os.PathLike, *, model=None, test: TensorSplit | None = None,
-                 thresholds=None, data_root=None) -> dict:
-    """Compress a trained run: report, reduced-precision error and the ``model.bcz`` file."""
+                 selection: TensorSplit | None = None, thresholds=None, data_root=None) -> dict:
+    """Compress a trained run: report, reduced-precision error and the ``model.bcz`` file.
+
+    Without ``thresholds``, Sparse VD layers use Molchanov et al.'s rule (keep log alpha < 3) and
+    group layers :func:`bclib.compression.select_thresholds` on ``selection`` (the last 10,000
+    training examples): the most pruning whose error there rises by at most 0.1 points.
+    """
     from . import compression
 
     run_dir = Path(run_dir)
     model = load_run_model(run_dir) if model is None else model.eval()
     model = model.cpu()
-    if test is None:
+    if test is None or (selection is None and thresholds is None):
         config = json.loads((run_dir / "config.json").read_text())
-        test = load_mnist(data_root, input_range=config.get("input_range", DEFAULT_INPUT_RANGE))[1]
+        train, test = load_mnist(data_root, input_range=config.get("input_range", DEFAULT_INPUT_RANGE))
+        if config.get("fast"):
+            train, test = train.subset(5000), test.subset(1000)
+        selection = _selection_split(train) if selection is None else selection
     test = test.to("cpu")
     dense_error = evaluate(model, test)["error"]
     if not any(True for _ in _bayesian(model)):
@@ -199,7 +218,9 @@ def compress_run(run_dir: str | os.PathLike, *, model=None, test: TensorSplit | 
         write_json(run_dir / "report.json", report)
         return report
     if thresholds is None:
-        thresholds = [_default_threshold(layer) for _, layer in _bayesian(model)]
+        sparse_vd = {i: SPARSE_VD_THRESHOLD for i, (_, layer) in enumerate(_bayesian(model)) if _is_sparse_vd(layer)}
+        thresholds = compression.select_thresholds(model, selection.x, selection.y,
+                                                   tolerance=SELECTION_TOLERANCE, fixed=sparse_vd)
     result = compression.compress(model, list(thresholds))
     report = result.report.to_dict()
     report["thresholds"] = [float(t) for t in thresholds]
@@ -289,15 +310,14 @@ def load_or_run(name: str, results_root: str | os.PathLike = "results", *, data_
     return _read_run(name, root / name, trained_here=True)
 
 
-def _default_threshold(layer) -> float:
-    """Sparse VD: Molchanov et al.'s fixed rule (drop log alpha > 3). Group priors: between the two
-    modes of the log-alpha histogram, or -3 (near the release's thresholds) when there is one mode."""
-    from . import compression
-    from .layers import LinearSVD, Conv2dSVD
+# Molchanov et al.: a weight of a Sparse VD layer is dropped when its log alpha exceeds 3.
+SPARSE_VD_THRESHOLD = 3.0
 
-    if isinstance(layer, (LinearSVD, Conv2dSVD)):
-        return 3.0
-    return compression.propose_threshold(layer.log_alpha().detach(), fallback=-3.0)
+
+def _is_sparse_vd(layer) -> bool:
+    from .layers import Conv2dSVD, LinearSVD
+
+    return isinstance(layer, (LinearSVD, Conv2dSVD))
 
 
 def _bayesian(model):

@@ -372,3 +372,26 @@ def test_threshold_sweep_rows():
     assert rows[0]["error"] == 0.25 and rows[0]["compression_pruning"] == 1.0
     assert rows[1]["architecture"] == "1-2-3" and rows[1]["weights_kept"] == 21
     assert rows[2]["compression_pruning"] == math.inf and rows[2]["weights_kept"] == 0
+
+
+def test_select_thresholds_prunes_exactly_the_groups_the_data_does_not_need():
+    """Inputs 0 and 1 decide the class, inputs 2 and 3 carry tiny weights: the lowest threshold that keeps
+    the error is the cut just above inputs 0 and 1 (log alpha -5, -4), i.e. the next value, 1."""
+    from bclib.compression import select_thresholds
+
+    torch.manual_seed(0)
+    layer = bclib.LinearGroupNJ(4, 2)
+    with torch.no_grad():
+        layer.weight_mu.copy_(torch.tensor([[3.0, 2.0, 1e-4, -1e-4], [-3.0, -2.0, -1e-4, 1e-4]]))
+        layer.bias_mu.zero_()
+        layer.z_mu.fill_(1.0)
+        layer.z_logvar.copy_(torch.tensor([-5.0, -4.0, 1.0, 2.0]))  # log alpha = z_logvar when z_mu = 1
+    model = nn.Sequential(layer).eval()
+    x = torch.randn(400, 4)
+    y = (3 * x[:, 0] + 2 * x[:, 1] < 0).long()  # class 1 where the first output is smaller
+    thresholds = select_thresholds(model, x, y, tolerance=0.0)
+    assert thresholds == [pytest.approx(1.0)]
+    # Allowing any error, everything may go: the lowest candidate, -5, keeps nothing.
+    assert select_thresholds(model, x, y, tolerance=0.99) == [pytest.approx(-5.0)]
+    with pytest.raises(ValueError, match="tolerance"):
+        select_thresholds(model, x, y, tolerance=1.5)

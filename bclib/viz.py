@@ -616,7 +616,7 @@ def plot_log_alpha_histograms(model: nn.Module, thresholds=None, *, bins: int = 
     return _finish(fig, path)
 
 
-def plot_saved_log_alpha_histograms(layers: Mapping[str, Mapping], *, path=None) -> Figure:
+def plot_saved_log_alpha_histograms(layers: Mapping[str, Mapping], *, ncols: int | None = None, path=None) -> Figure:
     """The figure of :func:`plot_log_alpha_histograms`, drawn from saved histograms instead of a model.
 
     A finished run keeps no weights in the book, only its ``analysis.json``
@@ -628,6 +628,7 @@ def plot_saved_log_alpha_histograms(layers: Mapping[str, Mapping], *, path=None)
             "log_alpha": [...] (optional)}}`` in layer order, as ``analysis["layers"]``. With
             ``log_alpha`` the legend counts the groups kept (``log_alpha < t``); without it (the
             per-weight Sparse VD signal) it shows the threshold only.
+        ncols: panels per row (default: all in one row); more layers wrap onto further rows.
         path: optional file to save the figure to (format from the suffix).
 
     Example:
@@ -649,8 +650,13 @@ def plot_saved_log_alpha_histograms(layers: Mapping[str, Mapping], *, path=None)
                              f"got {counts.size} counts and {edges.size} edges")
         threshold = _check_number(f"layers[{name!r}]['threshold']", entry["threshold"])
         entries.append((name, counts, edges, threshold, entry.get("log_alpha")))
-    fig = Figure(figsize=(3.6 * len(entries), 3.0), layout="constrained")
-    axes = fig.subplots(1, len(entries), squeeze=False)[0]
+    ncols = len(entries) if ncols is None else min(_check_positive_int("ncols", ncols), len(entries))
+    nrows = math.ceil(len(entries) / ncols)
+    fig = Figure(figsize=(3.6 * ncols, 3.0 * nrows), layout="constrained")
+    grid = fig.subplots(nrows, ncols, squeeze=False)
+    axes = list(grid.flat)
+    for ax in axes[len(entries):]:
+        ax.set_axis_off()  # the unused panels of the last row
     for k, (ax, (name, counts, edges, threshold, log_alpha)) in enumerate(zip(axes, entries)):
         ax.stairs(counts, edges, fill=True, color="0.45")
         ax.set_title(f"layer {k + 1} ({name!r})", fontsize=9)
@@ -661,7 +667,8 @@ def plot_saved_log_alpha_histograms(layers: Mapping[str, Mapping], *, path=None)
             label += f": {int((values < threshold).sum())} of {values.size} kept"
         ax.axvline(threshold, color="tab:red", linestyle="--", label=label)
         ax.legend(fontsize=8)
-    axes[0].set_ylabel("count")
+    for row in grid:
+        row[0].set_ylabel("count")
     return _finish(fig, path)
 
 

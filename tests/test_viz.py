@@ -287,6 +287,19 @@ def test_saved_log_alpha_histograms_draw_the_counts_and_thresholds(tmp_path):
     assert second.get_legend().get_texts()[0].get_text() == "threshold 3"
 
 
+def test_saved_log_alpha_histograms_wrap_onto_rows():
+    saved = {name: {"histogram": {"counts": [k + 1], "edges": [0.0, 1.0]}, "threshold": 0.5}
+             for k, name in enumerate("abc")}
+    fig = viz.plot_saved_log_alpha_histograms(saved, ncols=2)
+    # Three layers in two columns: a 2 x 2 grid whose fourth panel is switched off.
+    assert [ax.get_subplotspec().get_geometry()[:2] for ax in fig.axes] == [(2, 2)] * 4
+    assert [list(ax.patches[0].get_data()[0]) for ax in fig.axes[:3]] == [[1], [2], [3]]
+    assert not fig.axes[3].axison and not fig.axes[3].patches
+    assert [ax.get_ylabel() for ax in fig.axes[:3]] == ["count", "", "count"]
+    with pytest.raises(ValueError, match="ncols"):
+        viz.plot_saved_log_alpha_histograms(saved, ncols=0)
+
+
 def test_saved_log_alpha_histograms_bad_input():
     with pytest.raises(ValueError, match="non-empty mapping"):
         viz.plot_saved_log_alpha_histograms({})

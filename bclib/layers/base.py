@@ -207,11 +207,7 @@ class _LinearGeometry:
     def plain_module(self, weight: Tensor, bias: Tensor | None) -> nn.Linear:
         """An ``nn.Linear`` holding ``weight`` and ``bias`` (used by the export)."""
         layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-        with torch.no_grad():
-            layer.weight.copy_(weight)
-            if bias is not None:
-                layer.bias.copy_(bias)
-        return layer
+        return _filled(layer, weight, bias)
 
     def extra_repr(self) -> str:
         return (
@@ -265,11 +261,7 @@ class _Conv2dGeometry:
             weight.shape[1], weight.shape[0], tuple(weight.shape[2:]), self.stride, self.padding,
             self.dilation, bias=bias is not None,
         )
-        with torch.no_grad():
-            layer.weight.copy_(weight)
-            if bias is not None:
-                layer.bias.copy_(bias)
-        return layer
+        return _filled(layer, weight, bias)
 
     def extra_repr(self) -> str:
         s = (
@@ -281,6 +273,14 @@ class _Conv2dGeometry:
         if self.dilation != (1, 1):
             s += f", dilation={self.dilation}"
         return s + f", bias={self.bias_mu is not None}" + _clip_repr(self)
+
+
+@torch.no_grad()
+def _filled(layer: nn.Module, weight: Tensor, bias: Tensor | None) -> nn.Module:
+    layer.weight.copy_(weight)
+    if bias is not None:
+        layer.bias.copy_(bias)
+    return layer
 
 
 def _clip_repr(layer) -> str:

@@ -300,9 +300,7 @@ class WeightEvolutionRecorder:
 
     @torch.no_grad()
     def __call__(self, epoch: int, model: nn.Module, metrics: Mapping | None = None) -> None:
-        if isinstance(epoch, bool) or not isinstance(epoch, int):
-            raise TypeError(f"epoch must be an int, got {epoch!r}")
-        if epoch % self.every:
+        if not _due(epoch, self.every):
             return
         all_layers = _all_bayesian_layers(model)
         names = [n for n, _ in all_layers]
@@ -326,6 +324,13 @@ class WeightEvolutionRecorder:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(layers={self.layers}, thresholds={self.thresholds}, every={self.every}, "
                 f"epochs recorded={len(self)})")
+
+
+def _due(epoch, every: int) -> bool:
+    """True when a recorder called at ``epoch`` should record (every ``every``-th epoch)."""
+    if isinstance(epoch, bool) or not isinstance(epoch, int):
+        raise TypeError(f"epoch must be an int, got {epoch!r}")
+    return epoch % every == 0
 
 
 def _check_recorded(recorder, kind) -> None:
@@ -460,9 +465,7 @@ class PixelImportanceRecorder:
 
     @torch.no_grad()
     def __call__(self, epoch: int, model: nn.Module, metrics: Mapping | None = None) -> None:
-        if isinstance(epoch, bool) or not isinstance(epoch, int):
-            raise TypeError(f"epoch must be an int, got {epoch!r}")
-        if epoch % self.every:
+        if not _due(epoch, self.every):
             return
         name, layer = _all_bayesian_layers(model)[_select_layer(model, "model", self.layer, "layer")]
         log_alpha = layer.log_alpha().detach()

@@ -282,7 +282,8 @@ def _check_threshold(name: str, value) -> float:
     return float(value)
 
 
-def _resolve_thresholds(thresholds, names: list[str]) -> list[float]:
+def resolve_thresholds(thresholds, names: list[str]) -> list[float]:
+    """One threshold per Bayesian layer (``names`` in order) from a number, a list or a dict by name."""
     if isinstance(thresholds, (Tensor, np.ndarray)):
         thresholds = thresholds.tolist()
     if isinstance(thresholds, (int, float, np.floating, np.integer)) and not isinstance(thresholds, bool):
@@ -380,6 +381,28 @@ def _alive_units(layers: list[_Weighted]) -> tuple[list[Tensor], list[Tensor]]:
         alive = new
 
 
+def _weight_mask(layer: _Weighted, columns: Tensor, outputs: Tensor) -> Tensor:
+    """The AND rule: a weight survives iff its own test, its input column and its output unit survive."""
+    return layer.keep & layer.along_in(columns) & layer.along_out(outputs)
+
+
+def weight_masks(model: nn.Module, thresholds, input_shape=None) -> dict[str, Tensor]:
+    """Boolean keep-mask, shaped like the weight, of every Bayesian layer: what :func:`compress`
+    keeps, without building the export (cheap enough to call every epoch, e.g. for the animations).
+
+    Arguments as :func:`compress`. Returns ``{module name: mask}`` in layer order.
+    """
+    leaves = _leaves(model)
+    weighted_at = [i for i, (_, module) in enumerate(leaves) if isinstance(module, BayesianLayer)]
+    if not weighted_at:
+        raise ValueError("model has no Bayesian layers")
+    threshold_values = resolve_thresholds(thresholds, [leaves[i][0] for i in weighted_at])
+    input_shape = _resolve_input_shape(model, input_shape, leaves[weighted_at[0]][1])
+    layers = _collect(leaves, weighted_at, threshold_values, _leaf_shapes(model, leaves, input_shape))
+    alive, columns = _alive_units(layers)
+    return {layer.name: _weight_mask(layer, columns[k], alive[k + 1]) for k, layer in enumerate(layers)}
+
+
 # ----------------------------------------------------------------------------- compress
 def compress(model: nn.Module, thresholds, input_shape=None) -> "CompressedModel":
     r"""Prune a Bayesian network, set each layer's bit precision and export it to plain PyTorch.
@@ -424,7 +447,7 @@ def compress(model: nn.Module, thresholds, input_shape=None) -> "CompressedModel
     if not weighted_at:
         raise ValueError("model has no Bayesian layers to compress")
     names = [leaves[i][0] for i in weighted_at]
-    threshold_values = _resolve_thresholds(thresholds, names)
+    threshold_values = resolve_thresholds(thresholds, names)
     input_shape = _resolve_input_shape(model, input_shape, leaves[weighted_at[0]][1])
     shapes = _leaf_shapes(model, leaves, input_shape)
     layers = _collect(leaves, weighted_at, threshold_values, shapes)
@@ -537,7 +560,7 @@ class CompressedModel:
         for index, (name, module) in enumerate(leaves):
             if isinstance(module, BayesianLayer):
                 layer = layers[number]
-                mask = layer.keep & layer.along_in(columns[number]) & layer.along_out(alive[number + 1])
+                mask = _weight_mask(layer, columns[number], alive[number + 1])
                 masks[name] = (mask.float(), alive[number + 1].float())
                 if mask.any():
                     max_abs = max(max_abs, float(layer.mean[mask].abs().max()))

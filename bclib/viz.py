@@ -46,6 +46,7 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from ._io import write_atomically
+from .compression import resolve_thresholds, weight_masks
 from .layers import BayesianLayer, bayesian_layers
 
 __all__ = [
@@ -117,20 +118,7 @@ def _resolve_thresholds(thresholds, names: list[str]) -> list[float]:
     _check_threshold_values(thresholds)
     if thresholds is None:
         return [DEFAULT_THRESHOLD] * len(names)
-    if not isinstance(thresholds, (Mapping, Sequence)):
-        return [float(thresholds)] * len(names)
-    if isinstance(thresholds, Mapping):
-        if set(thresholds) != set(names):
-            raise ValueError(
-                f"thresholds must have one entry per Bayesian layer {names}, got keys {sorted(thresholds)}"
-            )
-        return [_check_number(f"thresholds[{n!r}]", thresholds[n]) for n in names]
-    if len(thresholds) != len(names):
-        raise ValueError(
-            f"thresholds must have one value per Bayesian layer ({len(names)}: {names}), "
-            f"got {len(thresholds)}: {list(thresholds)}"
-        )
-    return [_check_number(f"thresholds[{k}]", t) for k, t in enumerate(thresholds)]
+    return resolve_thresholds(list(thresholds) if isinstance(thresholds, Sequence) else thresholds, names)
 
 
 def _all_bayesian_layers(model: nn.Module) -> list[tuple[str, BayesianLayer]]:
@@ -205,49 +193,6 @@ def _bare_axes(fig: Figure, rect):
 
 
 # ----------------------------------------------------------------------------- masks
-def _and_masks(layers: list[BayesianLayer], thresholds: list[float]) -> list[Tensor]:
-    """Boolean keep-mask of every layer's weight: a weight survives iff its input AND its output unit survive.
-
-    A group is kept iff ``log alpha < threshold`` of its layer. A linear layer's groups are its
-    inputs, and its outputs are kept iff the next layer keeps them as inputs (the last layer's
-    outputs, the classes, are all kept). A conv layer's groups are its outputs; its inputs are the
-    previous conv layer's filters. A conv followed by a linear layer (through a flatten) hands each
-    filter's kept flag to its ``H*W`` inputs, and drops a filter whose inputs are all pruned. Layers
-    with one log alpha per weight (Sparse VD) keep each weight on its own.
-    """
-    group_keep = [layer.log_alpha().detach().cpu() < t for layer, t in zip(layers, thresholds)]
-    grouped = [keep.dim() == 1 and keep.numel() == layer.num_groups for layer, keep in zip(layers, group_keep)]
-    masks = []
-    for k, layer in enumerate(layers):
-        shape = tuple(layer.weight_shape)
-        if not grouped[k]:
-            masks.append(group_keep[k].reshape(shape))
-            continue
-        out_keep = torch.ones(shape[0], dtype=torch.bool)
-        in_keep = torch.ones(shape[1], dtype=torch.bool)
-        if layer.groups_on_input:
-            in_keep &= group_keep[k]
-        else:
-            out_keep &= group_keep[k]
-        following = k + 1 < len(layers) and grouped[k + 1] and layers[k + 1].groups_on_input
-        if following:
-            next_in = group_keep[k + 1]
-            if next_in.numel() == shape[0]:
-                out_keep &= next_in
-            elif next_in.numel() % shape[0] == 0:  # conv -> flatten -> linear: (C, H*W) inputs per filter
-                out_keep &= next_in.view(shape[0], -1).any(dim=1)
-        preceding = k > 0 and grouped[k - 1] and not layers[k - 1].groups_on_input
-        if preceding:
-            previous_out = group_keep[k - 1]
-            if previous_out.numel() == shape[1]:
-                in_keep &= previous_out
-            elif layer.groups_on_input and shape[1] % previous_out.numel() == 0:
-                in_keep &= previous_out.repeat_interleave(shape[1] // previous_out.numel())
-        trailing = (1,) * (len(shape) - 2)
-        masks.append(out_keep.view(-1, 1, *trailing) & in_keep.view(1, -1, *trailing))
-    return masks
-
-
 # ----------------------------------------------------------------------------- weight evolution
 class WeightEvolutionRecorder:
     r"""Training callback that records, each epoch, the posterior mean weights of Bayesian layers
@@ -267,6 +212,8 @@ class WeightEvolutionRecorder:
             recorded or not, since a layer's outputs are pruned by the next layer): a sequence in
             order, a dict by module name, or one number for all layers. ``None`` uses
             :data:`DEFAULT_THRESHOLD` (-3) everywhere. A wrong length is a ``ValueError``.
+            The masks are those of :func:`bclib.compression.weight_masks` (the AND rule of
+            :func:`bclib.compress`), so a conv model needs its ``input_shape`` attribute.
         every: record only the epochs divisible by ``every`` (fewer frames, smaller GIFs).
 
     Attributes:
@@ -309,7 +256,8 @@ class WeightEvolutionRecorder:
         positions = [_select_layer(model, "model", key, "layers") for key in keys]
         if self.epochs and positions != self.layer_positions:
             raise ValueError(f"model: recorded layers {self.layer_names} before, now {[names[p] for p in positions]}")
-        masks = _and_masks([layer for _, layer in all_layers], thresholds)
+        # The AND masks of bclib.compress: what the compressed network would keep at this epoch.
+        masks = list(weight_masks(model, thresholds).values())
         self.layer_positions = positions
         self.layer_names = [names[p] for p in positions]
         for p in positions:

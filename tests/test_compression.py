@@ -395,3 +395,19 @@ def test_select_thresholds_prunes_exactly_the_groups_the_data_does_not_need():
     assert select_thresholds(model, x, y, tolerance=0.99) == [pytest.approx(-5.0)]
     with pytest.raises(ValueError, match="tolerance"):
         select_thresholds(model, x, y, tolerance=1.5)
+
+
+def test_weight_masks_are_the_masks_compress_applies():
+    from bclib.compression import weight_masks
+
+    torch.manual_seed(1)
+    model = models.lenet5_caffe("nj")
+    with torch.no_grad():
+        for _, layer in bclib.bayesian_layers(model):
+            layer.z_mu[torch.rand(layer.num_groups) < 0.4] = 1e-4  # log alpha ~ +9: pruned at -3
+    masks = weight_masks(model, -3.0)
+    compressed = compress(model, -3.0)
+    assert list(masks) == list(compressed.masks)
+    for name, mask in masks.items():
+        assert torch.equal(mask.float(), compressed.masks[name][0])
+        assert 0 < mask.sum() < mask.numel()

@@ -117,6 +117,7 @@ def test_conv_filters_prune_the_flattened_inputs_of_the_next_linear_layer():
         conv.z_logvar.copy_(torch.tensor([PRUNE, KEEP]))
     fc = set_group_layer(bclib.LinearGroupNJ(8, 3), torch.ones(3, 8), [KEEP] * 8)
     model = nn.Sequential(conv, nn.Flatten(), fc)
+    model.input_shape = (1, 4, 4)  # a conv model says its input size, as bclib.models do
     recorder = viz.WeightEvolutionRecorder(thresholds=-3.0)
     recorder(0, model, {})
     # Filter 0 is pruned: its weights, and fc's inputs 0..3 (filter 0's 2x2 outputs), are gone.

@@ -20,13 +20,16 @@ import json
 import os
 import shlex
 import sys
-from dataclasses import dataclass, field
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from . import compression, viz
 from ._io import write_atomically
 from .data import DEFAULT_INPUT_RANGE, TensorSplit, fast_mode, load_mnist
+from .layers import Conv2dSVD, LinearSVD, bayesian_layers
 from .models import bayesian_from_pretrained, build_model
 from .train import TrainConfig, evaluate, fit, load_checkpoint
 
@@ -160,15 +163,11 @@ ANIMATION_THRESHOLD = -3.0
 
 
 def _animation_recorders():
-    from . import viz
-
     return (viz.WeightEvolutionRecorder(layers=[0, 1], thresholds=ANIMATION_THRESHOLD, every=2),
             viz.PixelImportanceRecorder(every=2))
 
 
 def _write_animations(recorders, test: TensorSplit, out_dir: Path, input_range) -> None:
-    from . import viz
-
     weights, pixels = recorders
     # Colour limit: the 99th percentile of the surviving |E[w]| at the end, so a few large weights
     # do not wash out the rest; the frame is sized so the 784 inputs of layer 1 get one pixel each.
@@ -185,6 +184,8 @@ def _write_animations(recorders, test: TensorSplit, out_dir: Path, input_range) 
 # Threshold selection: the error on the last 10,000 training examples may rise by at most this much.
 SELECTION_EXAMPLES = 10_000
 SELECTION_TOLERANCE = 0.001
+# Molchanov et al.: a weight of a Sparse VD layer is dropped when its log alpha exceeds 3.
+SPARSE_VD_THRESHOLD = 3.0
 
 
 def _selection_split(train: TensorSplit) -> TensorSplit:
@@ -200,8 +201,6 @@ def compress_run(run_dir: str | os.PathLike, *, model=None, test: TensorSplit | 
     group layers :func:`bclib.compression.select_thresholds` on ``selection`` (the last 10,000
     training examples): the most pruning whose error there rises by at most 0.1 points.
     """
-    from . import compression
-
     run_dir = Path(run_dir)
     model = load_run_model(run_dir) if model is None else model.eval()
     model = model.cpu()
@@ -213,12 +212,12 @@ def compress_run(run_dir: str | os.PathLike, *, model=None, test: TensorSplit | 
         selection = _selection_split(train) if selection is None else selection
     test = test.to("cpu")
     dense_error = evaluate(model, test)["error"]
-    if not any(True for _ in _bayesian(model)):
+    if not any(True for _ in bayesian_layers(model)):
         report = {"dense_error": dense_error}
         write_json(run_dir / "report.json", report)
         return report
     if thresholds is None:
-        sparse_vd = {i: SPARSE_VD_THRESHOLD for i, (_, layer) in enumerate(_bayesian(model)) if _is_sparse_vd(layer)}
+        sparse_vd = {i: SPARSE_VD_THRESHOLD for i, (_, layer) in enumerate(bayesian_layers(model)) if isinstance(layer, (LinearSVD, Conv2dSVD))}
         thresholds = compression.select_thresholds(model, selection.x, selection.y,
                                                    tolerance=SELECTION_TOLERANCE, fixed=sparse_vd)
     result = compression.compress(model, list(thresholds))
@@ -239,10 +238,8 @@ def compress_run(run_dir: str | os.PathLike, *, model=None, test: TensorSplit | 
 
 def _analysis(model, thresholds, test: TensorSplit) -> dict:
     """Log-alpha data and a threshold sweep, small enough to commit beside the results."""
-    from . import compression
-
     layers = {}
-    for (name, layer), threshold in zip(_bayesian(model), thresholds):
+    for (name, layer), threshold in zip(bayesian_layers(model), thresholds):
         log_alpha = layer.log_alpha().detach().flatten().cpu()
         counts, edges = torch.histogram(log_alpha.double(), bins=60)
         entry = {"threshold": float(threshold), "histogram": {"counts": counts.long().tolist(), "edges": edges.tolist()}}
@@ -295,8 +292,6 @@ def load_or_run(name: str, results_root: str | os.PathLike = "results", *, data_
         >>> run = load_or_run("lenet300_nj", "results")  # doctest: +SKIP
         >>> run.report["compression_precision"]  # doctest: +SKIP
     """
-    import tempfile
-
     if name not in EXPERIMENTS:
         raise ValueError(f"name must be one of {sorted(EXPERIMENTS)}, got {name!r}")
     committed = Path(results_root) / name
@@ -309,18 +304,3 @@ def load_or_run(name: str, results_root: str | os.PathLike = "results", *, data_
     run_experiment(name, root / name, data_root=data_root, callbacks=callbacks, progress=progress)
     return _read_run(name, root / name, trained_here=True)
 
-
-# Molchanov et al.: a weight of a Sparse VD layer is dropped when its log alpha exceeds 3.
-SPARSE_VD_THRESHOLD = 3.0
-
-
-def _is_sparse_vd(layer) -> bool:
-    from .layers import Conv2dSVD, LinearSVD
-
-    return isinstance(layer, (LinearSVD, Conv2dSVD))
-
-
-def _bayesian(model):
-    from .layers import bayesian_layers
-
-    return bayesian_layers(model)

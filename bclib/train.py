@@ -15,7 +15,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -198,8 +198,7 @@ def fit(model: nn.Module, train: TensorSplit, test: TensorSplit, config: TrainCo
         generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
         model.train()
         started = time.perf_counter()
-        sums = {"loss": 0.0, "ce": 0.0, "wrong": 0}
-        kl_value = 0.0
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, cross-entropy, errors
         bar = tqdm(batches(train, config.batch_size, shuffle=True, generator=generator), total=steps,
                    desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False,
                    mininterval=1.0)
@@ -216,23 +215,25 @@ def fit(model: nn.Module, train: TensorSplit, test: TensorSplit, config: TrainCo
             optimizer.step()
             for layer in layers:
                 layer.clip_variances()
-            sums["loss"] += loss.item() * len(y)
-            sums["ce"] += ce.item() * len(y)
-            sums["wrong"] += (logits.argmax(1) != y).sum().item()
-            kl_value = kl.item()
+            # Summed on the device: no host synchronisation per step on a GPU.
+            with torch.no_grad():
+                sums += torch.stack([loss * len(y), ce * len(y), (logits.argmax(1) != y).sum()]).double()
             if progress and step % 50 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}", err=f"{sums['wrong'] / ((step + 1) * config.batch_size):.3f}",
-                                kl=f"{kl_value:.3g}")
+                wrong = sums[2].item()
+                seen = min(n, (step + 1) * config.batch_size)
+                bar.set_postfix(loss=f"{loss.item():.3f}", err=f"{wrong / seen:.3f}", kl=f"{kl.item():.3g}")
         bar.close()
+        kl_value = kl.item()
+        loss_sum, ce_sum, wrong = sums.tolist()
         result = evaluate(model, test)
         metrics = {
             "epoch": epoch + 1,
-            "loss": sums["loss"] / n,
-            "ce": sums["ce"] / n,
+            "loss": loss_sum / n,
+            "ce": ce_sum / n,
             "kl": kl_value,
             "beta": beta,
             "lr": lr,
-            "train_error": sums["wrong"] / n,
+            "train_error": wrong / n,
             "test_error": result["error"],
             "test_ce": result["ce"],
             "seconds": time.perf_counter() - started,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..kl import nj_kl_approx
 from .base import _EPS, BayesianLayer, _Conv2dGeometry, _LinearGeometry

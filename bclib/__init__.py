@@ -14,6 +14,7 @@ from .layers import (
     LinearSVD,
     bayesian_layers,
     kl_divergence,
+    set_variance_dtype,
 )
 from .compression import CompressedModel, CompressionReport, compress
 from .fileformat import load_compressed
@@ -27,5 +28,6 @@ __version__ = "0.1.0"
 __all__ = [
     "BayesianLayer", "LinearGroupNJ", "Conv2dGroupNJ", "LinearGroupHS", "Conv2dGroupHS",
     "HorseshoeGlobalScale", "LinearSVD", "Conv2dSVD", "LinearGroupVD", "Conv2dGroupVD",
-    "bayesian_layers", "kl_divergence", "compress", "CompressedModel", "CompressionReport", "load_compressed",
+    "bayesian_layers", "kl_divergence", "set_variance_dtype", "compress", "CompressedModel", "CompressionReport",
+    "load_compressed",
 ]

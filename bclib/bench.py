@@ -25,7 +25,7 @@ from torch import nn
 
 from . import models
 from .compression import CompressedModel, compress, propose_thresholds
-from .layers import bayesian_layers, kl_divergence
+from .layers import bayesian_layers, kl_divergence, set_variance_dtype
 
 __all__ = ["run_compression_bench", "run_compression_bench_from_run", "run_layers_bench", "paper_lenet5",
            "run_training_time_report"]
@@ -214,31 +214,39 @@ def run_compression_bench_from_run(run_dir=None, **kwargs) -> dict:
 
 
 def run_layers_bench(steps: int = 3, repeats: int = 5, batch_size: int = 128, priors=("nj", "hs", "svd"),
-                     model_names=("lenet300", "lenet5"), threads: int | None = None, verbose: bool = True) -> dict:
+                     model_names=("lenet300", "lenet5"), threads: int | None = None,
+                     variance_dtypes=(torch.bfloat16,), verbose: bool = True) -> dict:
     """Training-step time of each prior relative to the deterministic network, per model.
 
     One step is forward, loss (mean cross-entropy, plus KL / 60000 for the Bayesian models), backward,
     an Adam step and the variance clipping, on random MNIST-shaped data. Models are timed in turns
     (``steps`` steps each, ``repeats`` turns) and the median per-step time is reported.
 
-    ``threads`` sets the CPU threads for the run (default: PyTorch's current setting).
+    Each prior is timed in full float32 and, for each of ``variance_dtypes``, with its variance path in
+    that dtype (:func:`bclib.set_variance_dtype`; rows named like ``"nj+bfloat16"``). The deterministic
+    network is always float32. ``threads`` sets the CPU threads for the run (default: PyTorch's setting).
 
     Returns:
-        ``{model: {"none" | prior: {"step_ms", "ratio"}}}`` (ratio: step time over the deterministic one).
+        ``{model: {"none" | prior | prior+dtype: {"step_ms", "ratio"}}}`` (ratio: step time over the
+        deterministic one).
     """
     with _cpu_threads(threads):
-        result = _time_train_steps(steps, repeats, batch_size, priors, model_names)
+        result = _time_train_steps(steps, repeats, batch_size, priors, model_names, variance_dtypes)
     if verbose:
         print(f"training step, batch {batch_size}, {threads or torch.get_num_threads()} CPU threads "
               f"(median of {repeats} turns of {steps} steps)")
-        print(f"{'model':<9} {'prior':<6} {'step ms':>8} {'vs deterministic':>17}")
+        print(f"{'model':<9} {'prior':<12} {'step ms':>8} {'vs deterministic':>17}")
         for name, rows in result.items():
             for key, row in rows.items():
-                print(f"{name:<9} {key:<6} {row['step_ms']:>8.2f} {row['ratio']:>16.2f}x")
+                print(f"{name:<9} {key:<12} {row['step_ms']:>8.2f} {row['ratio']:>16.2f}x")
     return result
 
 
-def _time_train_steps(steps, repeats, batch_size, priors, model_names) -> dict:
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _time_train_steps(steps, repeats, batch_size, priors, model_names, variance_dtypes) -> dict:
     torch.manual_seed(0)
     x = torch.rand(batch_size, 1, 28, 28) * 2 - 1
     y = torch.randint(0, 10, (batch_size,))
@@ -247,6 +255,9 @@ def _time_train_steps(steps, repeats, batch_size, priors, model_names) -> dict:
         steppers = {"none": _train_step(models.build_model(name, None), x, y)}
         for prior in priors:
             steppers[prior] = _train_step(models.build_model(name, prior), x, y)
+            for dtype in variance_dtypes:
+                model = set_variance_dtype(models.build_model(name, prior), dtype)
+                steppers[f"{prior}+{_dtype_name(dtype)}"] = _train_step(model, x, y)
         times: dict[str, list[float]] = {key: [] for key in steppers}
         for stepper in steppers.values():
             stepper()  # warm-up

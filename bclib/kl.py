@@ -109,7 +109,9 @@ class _GaussianKLSum(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         mu, var = ctx.saved_tensors
-        return grad * mu, (0.5 * grad) * (var - 1.0)
+        half = 0.5 * grad
+        # (sigma^2 - 1) g / 2 in one pass over the weights
+        return mu * grad, torch.addcmul(-half, var, half)
 
 
 def gaussian_kl_std_normal_sum(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,8 @@ def test_layers_bench_ratios_are_relative_to_the_deterministic_network():
     result = bench.run_layers_bench(steps=1, repeats=1, batch_size=8, model_names=("lenet300",), threads=1,
                                     verbose=False)
     rows = result["lenet300"]
-    assert list(rows) == ["none", "nj", "hs", "svd"] and rows["none"]["ratio"] == 1.0
+    assert list(rows) == ["none", "nj", "nj+bfloat16", "hs", "hs+bfloat16", "svd", "svd+bfloat16"]
+    assert rows["none"]["ratio"] == 1.0
     for row in rows.values():
         assert math.isclose(row["ratio"], row["step_ms"] / rows["none"]["step_ms"])
 

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kl import gaussian_kl_std_normal_sum
+from .local_reparam import sample_conv2d, sample_linear
 
-__all__ = ["BayesianLayer", "kl_divergence", "bayesian_layers"]
+__all__ = ["BayesianLayer", "kl_divergence", "bayesian_layers", "set_variance_dtype"]
 
 # Added under square roots and logarithms so zero inputs and zero means stay finite.
 _EPS = 1e-8
@@ -82,6 +83,8 @@ class BayesianLayer(nn.Module):
     weight_logvar: nn.Parameter
     bias_mu: nn.Parameter | None
     clip_var: float | None
+    # Precision of the training-mode variance path (None: the weights' own); see set_variance_dtype.
+    variance_dtype: torch.dtype | None = None
 
     def kl_divergence(self) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -140,6 +143,22 @@ def bayesian_layers(module: nn.Module) -> Iterator[tuple[str, BayesianLayer]]:
     for name, child in module.named_modules():
         if isinstance(child, BayesianLayer):
             yield name, child
+
+
+def set_variance_dtype(module: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    """Run the variance path of every Bayesian layer in ``module`` in ``dtype`` during training.
+
+    ``torch.bfloat16`` computes the products with ``x^2`` and ``sigma^2`` (and their gradients) in
+    bfloat16 while the parameters, the mean path and all gradients stay float32: 3-6x faster
+    products on CPUs with bfloat16 units (AMX, AVX512-BF16) and on GPUs, at ~0.4 % relative error
+    on the sampled noise's variance (see :mod:`bclib.layers.local_reparam`). ``None`` restores full
+    precision. Evaluation (``.eval()``) is unaffected. Returns ``module``.
+    """
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
+    for _, layer in bayesian_layers(module):
+        layer.variance_dtype = dtype
+    return module
 
 
 def kl_divergence(module: nn.Module) -> Tensor:
@@ -284,7 +303,10 @@ def _filled(layer: nn.Module, weight: Tensor, bias: Tensor | None) -> nn.Module:
 
 
 def _clip_repr(layer) -> str:
-    return "" if layer.clip_var is None else f", clip_var={layer.clip_var}"
+    text = "" if layer.clip_var is None else f", clip_var={layer.clip_var}"
+    if layer.variance_dtype is not None:
+        text += f", variance_dtype={layer.variance_dtype}"
+    return text
 
 
 # ----------------------------------------------------------------------------- group-scale layers
@@ -349,21 +371,13 @@ class GroupScaleLayer(BayesianLayer):
         self._check_input(x)
         if not self.training:
             return self._op(x, self.posterior_weight()[0], self.bias_mu)
-        bias_var = None if self.bias_mu is None else self.bias_logvar.exp()
-        weight_var = self.weight_logvar.exp()
         if self.groups_on_input:
-            # Group noise on the inputs: h = x * z with z drawn per example (multiplicative dropout).
+            # Group noise on the inputs: h = x * z with z drawn per example (multiplicative dropout),
+            # then the pre-activation sampled from its Gaussian (local reparameterisation).
             h = x * self.sample_group_scale(x.shape)
-            # Eq. (6) of Kingma et al. 2015 (local reparameterisation): the pre-activation is
-            # Gaussian with mean h mu^T + b and variance h^2 sigma^2^T + sigma_b^2.
-            mean = self._op(h, self.weight_mu, self.bias_mu)
-            var = self._op(h * h, weight_var, bias_var)
-        else:
-            # Conv: z scales each output channel of each example; the bias is not scaled.
-            z = self.sample_group_scale(torch.Size((x.shape[0], self.num_groups))).view(x.shape[0], -1, 1, 1)
-            mean = self._op(x, self.weight_mu) * z
-            var = self._op(x * x, weight_var) * (z * z)
-            if self.bias_mu is not None:
-                mean = mean + self.bias_mu.view(1, -1, 1, 1)
-                var = var + bias_var.view(1, -1, 1, 1)
-        return mean + torch.sqrt(var + _EPS) * torch.randn_like(mean)
+            return sample_linear(h, self.weight_mu, self.weight_logvar, self.bias_mu, self.bias_logvar,
+                                 self.variance_dtype)
+        # Conv: z scales each output channel of each example; the bias is not scaled.
+        z = self.sample_group_scale(torch.Size((x.shape[0], self.num_groups)))
+        return sample_conv2d(x, z, self.weight_mu, self.weight_logvar, self.bias_mu, self.bias_logvar,
+                             self.stride, self.padding, self.dilation, self.variance_dtype)

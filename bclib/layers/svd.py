@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ..kl import nj_kl_approx
 from .base import _EPS, BayesianLayer, _Conv2dGeometry, _LinearGeometry
+from .local_reparam import sample_conv2d, sample_linear
 
 __all__ = ["LinearSVD", "Conv2dSVD"]
 
@@ -60,11 +61,11 @@ class _SparseVD(BayesianLayer):
         self._check_input(x)
         if not self.training:
             return self._op(x, self.weight_mu, self.bias_mu)
-        mean, var = self.posterior_weight()
         # Local reparameterisation (Kingma et al. 2015, Eq. 6): sample pre-activations.
-        out_mean = self._op(x, mean, self.bias_mu)
-        out_var = self._op(x * x, var)
-        return out_mean + torch.sqrt(out_var + _EPS) * torch.randn_like(out_mean)
+        if self.groups_on_input:
+            return sample_linear(x, self.weight_mu, self.weight_logvar, self.bias_mu, None, self.variance_dtype)
+        return sample_conv2d(x, None, self.weight_mu, self.weight_logvar, self.bias_mu, None,
+                             self.stride, self.padding, self.dilation, self.variance_dtype)
 
 
 class LinearSVD(_LinearGeometry, _SparseVD):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -25,6 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="run folder (resumed when it holds a checkpoint)")
     train.add_argument("--init-from", default=None, help="a deterministic run folder to start the posterior means from")
     train.add_argument("--epochs", type=int, default=None, help="override the recipe's epoch count")
+    train.add_argument("--variance-dtype", choices=["bfloat16", "float16"], default=None,
+                       help="run the Bayesian layers' variance path in this precision (faster on CPUs with "
+                            "bfloat16 units and on GPUs; default: full precision)")
     train.add_argument("--data", default=None, help="MNIST root (default: $BCLIB_DATA or the user cache)")
     train.add_argument("--fast", action="store_true", help="small data and 2 epochs (a smoke test)")
 
@@ -45,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="training: wall time of the committed runs and the targets they met")
     bench.add_argument("--results", default="book/results", help="results folder for 'training'")
     bench.add_argument("--run", default="book/results/lenet5_nj", help="trained run folder for the compression benchmark")
+    bench.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's setting)")
+    bench.add_argument("--out", default=None,
+                       help="also write the results as JSON here, with the command, machine and versions")
     return parser
 
 
@@ -62,6 +69,7 @@ def _experiment_name(model: str, prior: str, init_from: str | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    args.command_line = "python -m bclib " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     try:
         _dispatch(args)
     except (ValueError, FileNotFoundError) as error:
@@ -77,7 +85,8 @@ def _dispatch(args: argparse.Namespace) -> None:
         name = _experiment_name(args.model, args.prior, args.init_from)
         results_root = Path(args.init_from).parent if args.init_from else None
         report = run_experiment(name, args.out, data_root=args.data, epochs=args.epochs,
-                                fast=args.fast or None, results_root=results_root)
+                                variance_dtype=args.variance_dtype, fast=args.fast or None,
+                                results_root=results_root)
         print(json.dumps(report, indent=2))
     elif args.command == "compress":
         from .experiments import compress_run
@@ -92,12 +101,15 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.command == "bench":
         from . import bench
 
+        results = {}
         if args.which in ("layers", "all"):
-            bench.run_layers_bench()
+            results["layers"] = bench.run_layers_bench(threads=args.threads)
         if args.which in ("compression", "all"):
-            bench.run_compression_bench_from_run(args.run)
+            results["compression"] = bench.run_compression_bench_from_run(args.run, threads=args.threads)
         if args.which in ("training", "all"):
-            bench.run_training_time_report(args.results)
+            results["training"] = bench.run_training_time_report(args.results)
+        if args.out is not None:
+            bench.write_bench_results(args.out, results, command=args.command_line)
 
 
 if __name__ == "__main__":

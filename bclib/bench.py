@@ -15,6 +15,8 @@ import contextlib
 import copy
 import json
 import math
+import os
+import platform
 import statistics
 import time
 from pathlib import Path
@@ -28,7 +30,7 @@ from .compression import CompressedModel, compress, propose_thresholds
 from .layers import bayesian_layers, kl_divergence, set_variance_dtype
 
 __all__ = ["run_compression_bench", "run_compression_bench_from_run", "run_layers_bench", "paper_lenet5",
-           "run_training_time_report"]
+           "run_training_time_report", "write_bench_results"]
 
 # The BC-GNJ architecture of the paper for LeNet-5-Caffe: filters of conv1, conv2, inputs of fc1, fc2.
 PAPER_LENET5_ARCHITECTURE = (8, 13, 88, 13)
@@ -288,6 +290,31 @@ def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
             layer.clip_variances()
 
     return step
+
+
+def write_bench_results(path, results: dict, command: str) -> None:
+    """Write benchmark ``results`` as JSON with what they depend on: the command, the CPU, the thread
+    count and the PyTorch version (the book reads these files; numbers are never typed in)."""
+    from .experiments import write_json
+
+    write_json(path, {
+        "command": command,
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "results": results,
+    })
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 # Targets of the results table (error, compression after pruning, after precision) from the release's

@@ -17,6 +17,7 @@ Each run trains one model with one prior, compresses it and writes into its fold
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import sys
@@ -63,15 +64,15 @@ def _bayes(epochs: int) -> TrainConfig:
 # 6-epoch comparison, 1x barely moved the KL) and a geometric learning-rate decay.
 EXPERIMENTS: dict[str, Experiment] = {
     "lenet300_dense": Experiment("lenet300", None, TrainConfig(epochs=10, lr=1e-3, lr_final=1e-4)),
-    "lenet300_nj": Experiment("lenet300", "nj", _bayes(30), animate=True),
-    "lenet300_hs": Experiment("lenet300", "hs", _bayes(30)),
-    "lenet300_svd": Experiment("lenet300", "svd", _bayes(30)),
+    "lenet300_nj": Experiment("lenet300", "nj", _bayes(100), animate=True),
+    "lenet300_hs": Experiment("lenet300", "hs", _bayes(100)),
+    "lenet300_svd": Experiment("lenet300", "svd", _bayes(100)),
     "lenet300_nj_pretrained": Experiment("lenet300", "nj", _bayes(10), init_from="lenet300_dense"),
-    "lenet300_nj_release_scaling": Experiment("lenet300", "nj", _bayes(30), input_range=(-1.0, 1.0)),
+    "lenet300_nj_release_scaling": Experiment("lenet300", "nj", _bayes(100), input_range=(-1.0, 1.0)),
     "lenet5_dense": Experiment("lenet5", None, TrainConfig(epochs=4, lr=1e-3, lr_final=1e-4)),
-    "lenet5_nj": Experiment("lenet5", "nj", _bayes(8), init_from="lenet5_dense"),
-    "lenet5_hs": Experiment("lenet5", "hs", _bayes(8), init_from="lenet5_dense"),
-    "lenet5_svd": Experiment("lenet5", "svd", _bayes(8), init_from="lenet5_dense"),
+    "lenet5_nj": Experiment("lenet5", "nj", _bayes(30), init_from="lenet5_dense"),
+    "lenet5_hs": Experiment("lenet5", "hs", _bayes(30), init_from="lenet5_dense"),
+    "lenet5_svd": Experiment("lenet5", "svd", _bayes(30), init_from="lenet5_dense"),
 }
 
 
@@ -97,7 +98,7 @@ def load_run_model(run_dir: str | os.PathLike) -> torch.nn.Module:
 
 
 def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epochs: int | None = None,
-                   fast: bool | None = None, results_root: str | os.PathLike | None = None,
+                   variance_dtype: str | None = None, fast: bool | None = None, results_root: str | os.PathLike | None = None,
                    callbacks=(), progress: bool = True) -> dict:
     """Train, compress and save the run ``name`` of :data:`EXPERIMENTS` into ``out_dir``.
 
@@ -106,6 +107,7 @@ def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epo
         out_dir: the run folder (created; an existing checkpoint there is resumed).
         data_root: MNIST root (see :func:`bclib.data.data_root`).
         epochs: override the recipe's epoch count.
+        variance_dtype: override the recipe's :attr:`TrainConfig.variance_dtype` (e.g. ``"bfloat16"``).
         fast: shrink data (5000/1000 examples) and epochs (2) for smoke tests; default ``BCLIB_FAST``.
         results_root: where the run named in ``init_from`` lives (default: the parent of ``out_dir``).
         callbacks: extra per-epoch callbacks (e.g. the animation recorders).
@@ -120,8 +122,10 @@ def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epo
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = _fast_config(experiment.config) if fast else experiment.config
-    if epochs is not None:
-        config = TrainConfig.from_dict({**config.to_dict(), "epochs": epochs})
+    overrides = {key: value for key, value in (("epochs", epochs), ("variance_dtype", variance_dtype))
+                 if value is not None}
+    if overrides:
+        config = TrainConfig.from_dict({**config.to_dict(), **overrides})
     train, test = load_mnist(data_root, input_range=experiment.input_range)
     if fast:
         train, test = train.subset(5000), test.subset(1000)
@@ -147,7 +151,7 @@ def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epo
         "command": "python -m bclib " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith("__main__.py") else None,
         "torch": torch.__version__,
     })
-    recorders = _animation_recorders() if experiment.animate else ()
+    recorders = _animation_recorders(config.epochs) if experiment.animate else ()
     history = fit(model, train, test, config, callbacks=[*recorders, *callbacks],
                   checkpoint=out_dir / "checkpoint.pt", progress=progress)
     write_json(out_dir / "metrics.json", history)
@@ -162,9 +166,14 @@ def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epo
 ANIMATION_THRESHOLD = -3.0
 
 
-def _animation_recorders():
-    return (viz.WeightEvolutionRecorder(layers=[0, 1], thresholds=ANIMATION_THRESHOLD, every=2),
-            viz.PixelImportanceRecorder(every=2))
+# About this many frames per animation, whatever the run's length (keeps the GIFs near 2 MB).
+ANIMATION_FRAMES = 15
+
+
+def _animation_recorders(epochs: int):
+    every = max(1, math.ceil(epochs / ANIMATION_FRAMES))
+    return (viz.WeightEvolutionRecorder(layers=[0, 1], thresholds=ANIMATION_THRESHOLD, every=every),
+            viz.PixelImportanceRecorder(every=every))
 
 
 def _write_animations(recorders, test: TensorSplit, out_dir: Path, input_range) -> None:

@@ -53,7 +53,8 @@ def test_help_lists_the_commands():
 
 
 @pytest.mark.parametrize("command, options", [
-    ("train", ["--model", "--prior", "--out", "--fast", "--init-from", "--epochs"]),
+    ("train", ["--model", "--prior", "--out", "--fast", "--init-from", "--epochs", "--variance-dtype"]),
+    ("bench", ["--out", "--threads", "--run", "--results"]),
     ("compress", ["--thresholds", "--data"]),
     ("reproduce", ["--out", "--only"]),
 ])
@@ -64,6 +65,15 @@ def test_subcommand_help_lists_its_options(capsys, command, options):
     text = capsys.readouterr().out
     for option in options:
         assert option in text
+
+
+def test_bench_writes_its_results_with_the_command(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    main(["bench", "training", "--results", str(tmp_path / "no-runs"), "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["command"] == f"python -m bclib bench training --results {tmp_path / 'no-runs'} --out {out}"
+    assert saved["results"] == {"training": {}} and saved["torch"] == torch.__version__
+    assert saved["threads"] >= 1 and saved["cpu"]
 
 
 def test_unknown_model_is_a_usage_error(capsys):

@@ -193,12 +193,21 @@ def test_callbacks_get_epoch_model_and_metrics_in_eval_mode(small_mnist):
     assert calls.count("second") == 3 and calls[1] == "second"  # each epoch calls every callback in order
 
 
+def test_variance_dtype_reaches_every_bayesian_layer(small_mnist):
+    train, test = small_mnist
+    model = _lenet300_nj()
+    history = fit(model, train.subset(200), test.subset(100),
+                  TrainConfig(epochs=1, batch_size=100, device="cpu", variance_dtype="bfloat16"), progress=False)
+    assert all(layer.variance_dtype is torch.bfloat16 for _, layer in bclib.bayesian_layers(model))
+    assert math.isfinite(history[0]["loss"])
+
+
 # ----------------------------------------------------------------------------- configuration
 @pytest.mark.parametrize("field, value", [
     ("epochs", 0), ("epochs", -1), ("epochs", 1.5), ("epochs", True),
     ("batch_size", 0), ("batch_size", 2.0),
     ("lr", 0.0), ("lr", -1e-3), ("lr_final", 0.0), ("variance_lr_scale", -1.0),
-    ("kl_warmup_epochs", -1),
+    ("kl_warmup_epochs", -1), ("variance_dtype", "bf16"), ("variance_dtype", "int8"),
 ])
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):

@@ -45,8 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--fast", action="store_true")
 
     bench = sub.add_parser("bench", help="benchmarks: layers (train-step time ratios), compression (inference speed-up)")
-    bench.add_argument("which", choices=["layers", "compression", "training", "all"],
-                       help="training: wall time of the committed runs and the targets they met")
+    bench.add_argument("which", choices=["layers", "compression", "epochs", "training", "all"],
+                       help="epochs: one training epoch on MNIST per network; training: wall time of the "
+                            "committed runs and the targets they met")
+    bench.add_argument("--data", default=None, help="MNIST root for 'epochs' (default: $BCLIB_DATA or the user cache)")
     bench.add_argument("--results", default="book/results", help="results folder for 'training'")
     bench.add_argument("--run", default="book/results/lenet5_nj", help="trained run folder for the compression benchmark")
     bench.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's setting)")
@@ -106,6 +108,8 @@ def _dispatch(args: argparse.Namespace) -> None:
             results["layers"] = bench.run_layers_bench(threads=args.threads)
         if args.which in ("compression", "all"):
             results["compression"] = bench.run_compression_bench_from_run(args.run, threads=args.threads)
+        if args.which in ("epochs", "all"):
+            results["epochs"] = bench.run_epoch_bench(args.data, threads=args.threads)
         if args.which in ("training", "all"):
             results["training"] = bench.run_training_time_report(args.results)
         if args.out is not None:

@@ -4,6 +4,7 @@
   the dense original, at batch 1000 and batch 1, side by side in one run, next to the FLOP reduction.
 * :func:`run_layers_bench` -- training-step time of each prior's LeNet-300-100 and LeNet-5-Caffe
   relative to the same deterministic network.
+* :func:`run_epoch_bench` -- seconds of one training epoch on real MNIST, against the epoch-time targets.
 * :func:`run_training_time_report` -- wall time of the committed runs against the release's targets.
 
 Both measure interleaved (A, B, A, B, ...) and report medians, so a busy machine slows both sides
@@ -30,7 +31,7 @@ from .compression import CompressedModel, compress, propose_thresholds
 from .layers import bayesian_layers, kl_divergence, set_variance_dtype
 
 __all__ = ["run_compression_bench", "run_compression_bench_from_run", "run_layers_bench", "paper_lenet5",
-           "run_training_time_report", "write_bench_results"]
+           "run_training_time_report", "run_epoch_bench", "write_bench_results"]
 
 # The BC-GNJ architecture of the paper for LeNet-5-Caffe: filters of conv1, conv2, inputs of fc1, fc2.
 PAPER_LENET5_ARCHITECTURE = (8, 13, 88, 13)
@@ -290,6 +291,56 @@ def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
             layer.clip_variances()
 
     return step
+
+
+# The project's epoch-time targets on a 2-core CPU (the release took 14.9 s and 58.5 s).
+EPOCH_SECONDS_TARGETS = {"lenet300": 3.0, "lenet5": 25.0}
+
+
+def run_epoch_bench(data_root=None, *, model_names=("lenet300", "lenet5"), prior: str = "nj",
+                    variance_dtypes=(torch.bfloat16,), train_examples: int | None = None,
+                    threads: int | None = None, verbose: bool = True) -> dict:
+    """Seconds of one training epoch on real MNIST with :func:`bclib.train.fit`, per model: the
+    deterministic network, the ``prior`` network in float32 and with each of ``variance_dtypes``.
+
+    One epoch each, one after the other in one process (an epoch is long enough that the
+    order matters little). ``train_examples`` shortens the epoch (the tests use it); the
+    seconds are then scaled to the 60,000 examples of a full epoch. Evaluation on the test set is
+    part of an epoch of ``fit``, as in the runs.
+
+    Returns:
+        ``{model: {"none" | prior | prior+dtype: {"seconds", "ratio"}}, "targets": {model: seconds}}``.
+    """
+    from .data import load_mnist
+    from .train import TrainConfig, fit
+
+    train, test = load_mnist(data_root)
+    full = len(train)
+    if train_examples is not None:
+        train, test = train.subset(train_examples), test.subset(max(1, train_examples // 6))
+    result: dict = {"targets": {name: EPOCH_SECONDS_TARGETS[name] for name in model_names}}
+    with _cpu_threads(threads):
+        for name in model_names:
+            variants = {"none": (None, None), prior: (prior, None)}
+            variants.update({f"{prior}+{_dtype_name(d)}": (prior, _dtype_name(d)) for d in variance_dtypes})
+            rows = {}
+            for key, (variant_prior, dtype) in variants.items():
+                torch.manual_seed(0)
+                model = models.build_model(name, variant_prior)
+                config = TrainConfig(epochs=1, device="cpu", variance_dtype=dtype)
+                seconds = fit(model, train, test, config, progress=False)[0]["seconds"]
+                rows[key] = {"seconds": seconds * full / len(train)}
+            for row in rows.values():
+                row["ratio"] = row["seconds"] / rows["none"]["seconds"]
+            result[name] = rows
+    if verbose:
+        print(f"one training epoch on MNIST, {threads or torch.get_num_threads()} CPU threads")
+        print(f"{'model':<9} {'network':<13} {'seconds':>8} {'vs deterministic':>17} {'target':>7}")
+        for name in model_names:
+            for key, row in result[name].items():
+                print(f"{name:<9} {key:<13} {row['seconds']:>8.1f} {row['ratio']:>16.2f}x "
+                      f"{result['targets'][name]:>6.0f}s")
+    return result
 
 
 def write_bench_results(path, results: dict, command: str) -> None:

@@ -59,3 +59,11 @@ def test_training_time_report_sums_epochs_with_pretraining_and_checks_targets(tm
     assert rows["lenet5_nj"]["targets_met"] is True
     assert "targets_met" not in rows["lenet5_dense"]
     assert "BC-GHS LeNet-5 target not reached; wall time 12.0 min" in capsys.readouterr().out
+
+
+def test_epoch_bench_times_each_network_on_mnist(mnist_root, capsys):
+    result = bench.run_epoch_bench(mnist_root, model_names=("lenet300",), train_examples=600, threads=1)
+    rows = result["lenet300"]
+    assert list(rows) == ["none", "nj", "nj+bfloat16"] and rows["none"]["ratio"] == 1.0
+    assert all(row["seconds"] > 0 for row in rows.values()) and result["targets"] == {"lenet300": 3.0}
+    assert "one training epoch on MNIST" in capsys.readouterr().out

@@ -370,6 +370,9 @@ def _cpu_name() -> str:
 
 # Targets of the results table (error, compression after pruning, after precision) from the release's
 # README, and the project's wall-time goal for reaching the BC-GHS row on a 2-core CPU.
+# The Sparse VD row of that table comes from Molchanov et al., who count nonzero weights: it is
+# compared with our sparse rates (compression_sparse, compression_sparse_precision).
+SPARSE_TARGET_RUNS = {"lenet5_svd"}
 PAPER_TARGETS = {
     "lenet5_hs": (0.010, 156.0, 419.0),
     "lenet5_nj": (0.010, 108.0, 361.0),
@@ -383,6 +386,8 @@ GHS_WALL_TIME_GOAL_S = 45 * 60
 def run_training_time_report(results_root="book/results", verbose: bool = True) -> dict:
     """Wall time of each committed run (sum of its epochs' seconds, its pretraining run included)
     and whether it met the release's targets; the time to the BC-GHS row is compared with 45 min.
+    The Sparse VD row is judged on the sparse rates (nonzero weights), as its source counts it;
+    ``row["rates"]`` says which rates a row shows.
 
     This reads ``metrics.json`` / ``report.json`` of runs made by ``python -m bclib reproduce``; the
     seconds are those measured while the run trained (on whatever machine made it).
@@ -400,8 +405,11 @@ def run_training_time_report(results_root="book/results", verbose: bool = True) 
             seconds += sum(m["seconds"] for m in json.loads((root / experiment.init_from / "metrics.json").read_text()))
         report = json.loads(report_file.read_text())
         error = report.get("file_error", report.get("dense_error"))
-        row = {"seconds": seconds, "error": error, "compression_pruning": report.get("compression_pruning"),
-               "compression_precision": report.get("compression_precision")}
+        sparse = name in SPARSE_TARGET_RUNS
+        keys = ("compression_sparse", "compression_sparse_precision") if sparse else (
+            "compression_pruning", "compression_precision")
+        row = {"seconds": seconds, "error": error, "rates": "sparse" if sparse else "dense",
+               "compression_pruning": report.get(keys[0]), "compression_precision": report.get(keys[1])}
         target = PAPER_TARGETS.get(name)
         if target is not None:
             met = [error <= target[0]]
@@ -410,11 +418,14 @@ def run_training_time_report(results_root="book/results", verbose: bool = True) 
             row["targets_met"] = all(met)
         rows[name] = row
     if verbose:
-        print(f"{'run':<28} {'wall min':>8} {'error %':>8} {'pruning':>8} {'precision':>10} {'targets':>8}")
+        print(f"{'run':<28} {'wall min':>8} {'error %':>8} {'pruning':>8} {'precision':>10} {'rates':>6} {'targets':>8}")
         for name, row in rows.items():
             rates = [f"{row[k]:.1f}x" if row[k] else "-" for k in ("compression_pruning", "compression_precision")]
             met = {True: "met", False: "missed"}.get(row.get("targets_met"), "-")
-            print(f"{name:<28} {row['seconds'] / 60:>8.1f} {100 * row['error']:>8.2f} {rates[0]:>8} {rates[1]:>10} {met:>8}")
+            print(f"{name:<28} {row['seconds'] / 60:>8.1f} {100 * row['error']:>8.2f} {rates[0]:>8} {rates[1]:>10} "
+                  f"{row['rates']:>6} {met:>8}")
+        print("rates: dense = the release's (pruned matrices stored dense); sparse = nonzero weights counted, "
+              "as Molchanov et al. count Sparse VD")
         ghs = rows.get("lenet5_hs")
         if ghs is not None:
             verdict = "reached" if ghs.get("targets_met") else "not reached"

@@ -52,7 +52,12 @@ def test_training_time_report_sums_epochs_with_pretraining_and_checks_targets(tm
     run("lenet5_hs", [100.0, 200.0, 300.0],
         {"file_error": 0.0095, "compression_pruning": 160.0, "compression_precision": 400.0})
     run("lenet5_nj", [10.0], {"file_error": 0.009, "compression_pruning": 120.0, "compression_precision": 370.0})
+    # Sparse VD is judged on its sparse rates: 70x / 250x meet 63x / 228x although its dense blocks do not.
+    run("lenet5_svd", [10.0], {"file_error": 0.0099, "compression_pruning": 10.0, "compression_precision": 30.0,
+                               "compression_sparse": 70.0, "compression_sparse_precision": 250.0})
     rows = run_training_time_report(tmp_path)
+    assert rows["lenet5_svd"]["targets_met"] is True and rows["lenet5_svd"]["rates"] == "sparse"
+    assert rows["lenet5_svd"]["compression_pruning"] == 70.0 and rows["lenet5_nj"]["rates"] == "dense"
     # 600 s of its own plus the 120 s of the pretrained network it starts from.
     assert rows["lenet5_hs"]["seconds"] == 720.0
     assert rows["lenet5_hs"]["targets_met"] is False  # 400x < 419x after precision

@@ -113,7 +113,7 @@ def _dispatch(args: argparse.Namespace) -> None:
         if args.which in ("training", "all"):
             results["training"] = bench.run_training_time_report(args.results)
         if args.out is not None:
-            bench.write_bench_results(args.out, results, command=args.command_line)
+            bench.write_bench_results(args.out, results, command=args.command_line, threads=args.threads)
 
 
 if __name__ == "__main__":

@@ -343,16 +343,17 @@ def run_epoch_bench(data_root=None, *, model_names=("lenet300", "lenet5"), prior
     return result
 
 
-def write_bench_results(path, results: dict, command: str) -> None:
+def write_bench_results(path, results: dict, command: str, threads: int | None = None) -> None:
     """Write benchmark ``results`` as JSON with what they depend on: the command, the CPU, the thread
-    count and the PyTorch version (the book reads these files; numbers are never typed in)."""
+    count the benchmarks ran with (``None``: PyTorch's current setting) and the PyTorch version
+    (the book reads these files; numbers are never typed in)."""
     from .experiments import write_json
 
     write_json(path, {
         "command": command,
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
+        "threads": threads or torch.get_num_threads(),
         "torch": torch.__version__,
         "results": results,
     })

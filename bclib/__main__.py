@@ -12,6 +12,7 @@ __all__ = ["main"]
 
 def _parser() -> argparse.ArgumentParser:
     from .experiments import EXPERIMENTS
+    from .train import VARIANCE_DTYPES
 
     parser = argparse.ArgumentParser(
         prog="python -m bclib",
@@ -26,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="run folder (resumed when it holds a checkpoint)")
     train.add_argument("--init-from", default=None, help="a deterministic run folder to start the posterior means from")
     train.add_argument("--epochs", type=int, default=None, help="override the recipe's epoch count")
-    train.add_argument("--variance-dtype", choices=["bfloat16", "float16"], default=None,
+    train.add_argument("--variance-dtype", choices=sorted(name for name in VARIANCE_DTYPES if name), default=None,
                        help="run the Bayesian layers' variance path in this precision (faster on CPUs with "
                             "bfloat16 units and on GPUs; default: full precision)")
     train.add_argument("--data", default=None, help="MNIST root (default: $BCLIB_DATA or the user cache)")

@@ -245,8 +245,16 @@ def run_layers_bench(steps: int = 3, repeats: int = 5, batch_size: int = 128, pr
     return result
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+def _networks(name: str, priors, variance_dtypes) -> dict[str, nn.Module]:
+    """The compared networks: ``"none"`` (deterministic), each prior, and each prior with its
+    variance path in each of ``variance_dtypes`` (``"nj+bfloat16"``)."""
+    networks = {"none": models.build_model(name, None)}
+    for prior in priors:
+        networks[prior] = models.build_model(name, prior)
+        for dtype in variance_dtypes:
+            label = f"{prior}+{str(dtype).removeprefix('torch.')}"
+            networks[label] = set_variance_dtype(models.build_model(name, prior), dtype)
+    return networks
 
 
 def _time_train_steps(steps, repeats, batch_size, priors, model_names, variance_dtypes) -> dict:
@@ -255,12 +263,7 @@ def _time_train_steps(steps, repeats, batch_size, priors, model_names, variance_
     y = torch.randint(0, 10, (batch_size,))
     result = {}
     for name in model_names:
-        steppers = {"none": _train_step(models.build_model(name, None), x, y)}
-        for prior in priors:
-            steppers[prior] = _train_step(models.build_model(name, prior), x, y)
-            for dtype in variance_dtypes:
-                model = set_variance_dtype(models.build_model(name, prior), dtype)
-                steppers[f"{prior}+{_dtype_name(dtype)}"] = _train_step(model, x, y)
+        steppers = {key: _train_step(model, x, y) for key, model in _networks(name, priors, variance_dtypes).items()}
         times: dict[str, list[float]] = {key: [] for key in steppers}
         for stepper in steppers.values():
             stepper()  # warm-up
@@ -321,14 +324,9 @@ def run_epoch_bench(data_root=None, *, model_names=("lenet300", "lenet5"), prior
     result: dict = {"targets": {name: EPOCH_SECONDS_TARGETS[name] for name in model_names}}
     with _cpu_threads(threads):
         for name in model_names:
-            variants = {"none": (None, None), prior: (prior, None)}
-            variants.update({f"{prior}+{_dtype_name(d)}": (prior, _dtype_name(d)) for d in variance_dtypes})
             rows = {}
-            for key, (variant_prior, dtype) in variants.items():
-                torch.manual_seed(0)
-                model = models.build_model(name, variant_prior)
-                config = TrainConfig(epochs=1, device="cpu", variance_dtype=dtype)
-                seconds = fit(model, train, test, config, progress=False)[0]["seconds"]
+            for key, model in _networks(name, (prior,), variance_dtypes).items():
+                seconds = fit(model, train, test, TrainConfig(epochs=1, device="cpu"), progress=False)[0]["seconds"]
                 rows[key] = {"seconds": seconds * full / len(train)}
             for row in rows.values():
                 row["ratio"] = row["seconds"] / rows["none"]["seconds"]

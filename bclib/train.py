@@ -55,7 +55,7 @@ class TrainConfig:
         device: ``"cpu"``, ``"cuda"``, ... (``None``: CUDA when available).
         variance_dtype: ``"bfloat16"`` runs the Bayesian layers' variance path in bfloat16
             (:func:`bclib.set_variance_dtype`; faster on CPUs with bfloat16 units and on GPUs);
-            ``None``: full precision.
+            ``None`` leaves the layers as they are (full precision unless set otherwise).
     """
 
     epochs: int = 50
@@ -193,7 +193,8 @@ def fit(model: nn.Module, train: TensorSplit, test: TensorSplit, config: TrainCo
     device = default_device(config.device)
     torch.manual_seed(config.seed)
     model.to(device)
-    set_variance_dtype(model, VARIANCE_DTYPES[config.variance_dtype])
+    if config.variance_dtype is not None:
+        set_variance_dtype(model, VARIANCE_DTYPES[config.variance_dtype])
     train, test = train.to(device), test.to(device)
     # The fused kernel updates all parameters in one pass (CPU and CUDA), noticeably faster for
     # Bayesian layers, which carry twice the parameters of their deterministic counterparts.

@@ -200,6 +200,10 @@ def test_variance_dtype_reaches_every_bayesian_layer(small_mnist):
                   TrainConfig(epochs=1, batch_size=100, device="cpu", variance_dtype="bfloat16"), progress=False)
     assert all(layer.variance_dtype is torch.bfloat16 for _, layer in bclib.bayesian_layers(model))
     assert math.isfinite(history[0]["loss"])
+    # variance_dtype=None leaves what the layers were set to.
+    fit(model, train.subset(200), test.subset(100), TrainConfig(epochs=1, batch_size=100, device="cpu"),
+        progress=False)
+    assert all(layer.variance_dtype is torch.bfloat16 for _, layer in bclib.bayesian_layers(model))
 
 
 # ----------------------------------------------------------------------------- configuration

@@ -216,6 +216,10 @@ class _LinearGeometry:
     def _op(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         return F.linear(x, weight, bias)
 
+    def _sample(self, x: Tensor, output_scale: Tensor | None, bias_logvar: Tensor | None) -> Tensor:
+        """One local-reparameterisation sample of the pre-activation (a linear layer scales no outputs)."""
+        return sample_linear(x, self.weight_mu, self.weight_logvar, self.bias_mu, bias_logvar, self.variance_dtype)
+
     def _check_input(self, x: Tensor) -> None:
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(
@@ -266,6 +270,11 @@ class _Conv2dGeometry:
 
     def _op(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
+
+    def _sample(self, x: Tensor, output_scale: Tensor | None, bias_logvar: Tensor | None) -> Tensor:
+        """One local-reparameterisation sample of the pre-activation; ``output_scale`` (N, out_channels) or None."""
+        return sample_conv2d(x, output_scale, self.weight_mu, self.weight_logvar, self.bias_mu, bias_logvar,
+                             self.stride, self.padding, self.dilation, self.variance_dtype)
 
     def _check_input(self, x: Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
@@ -374,10 +383,7 @@ class GroupScaleLayer(BayesianLayer):
         if self.groups_on_input:
             # Group noise on the inputs: h = x * z with z drawn per example (multiplicative dropout),
             # then the pre-activation sampled from its Gaussian (local reparameterisation).
-            h = x * self.sample_group_scale(x.shape)
-            return sample_linear(h, self.weight_mu, self.weight_logvar, self.bias_mu, self.bias_logvar,
-                                 self.variance_dtype)
+            return self._sample(x * self.sample_group_scale(x.shape), None, self.bias_logvar)
         # Conv: z scales each output channel of each example; the bias is not scaled.
         z = self.sample_group_scale(torch.Size((x.shape[0], self.num_groups)))
-        return sample_conv2d(x, z, self.weight_mu, self.weight_logvar, self.bias_mu, self.bias_logvar,
-                             self.stride, self.padding, self.dilation, self.variance_dtype)
+        return self._sample(x, z, self.bias_logvar)

@@ -14,7 +14,6 @@ from torch import Tensor
 
 from ..kl import nj_kl_approx
 from .base import _EPS, BayesianLayer, _Conv2dGeometry, _LinearGeometry
-from .local_reparam import sample_conv2d, sample_linear
 
 __all__ = ["LinearSVD", "Conv2dSVD"]
 
@@ -62,10 +61,7 @@ class _SparseVD(BayesianLayer):
         if not self.training:
             return self._op(x, self.weight_mu, self.bias_mu)
         # Local reparameterisation (Kingma et al. 2015, Eq. 6): sample pre-activations.
-        if self.groups_on_input:
-            return sample_linear(x, self.weight_mu, self.weight_logvar, self.bias_mu, None, self.variance_dtype)
-        return sample_conv2d(x, None, self.weight_mu, self.weight_logvar, self.bias_mu, None,
-                             self.stride, self.padding, self.dilation, self.variance_dtype)
+        return self._sample(x, None, None)  # deterministic bias: no bias variance
 
 
 class LinearSVD(_LinearGeometry, _SparseVD):

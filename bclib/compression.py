@@ -602,8 +602,14 @@ class CompressedModel:
             reduced["bias"] = values["bias"].half().float()
         return reduced
 
-    def save(self, path) -> SavedFile:
+    def save(self, path, *, entropy_coding: bool = True) -> SavedFile:
         """Write the reduced-precision model to ``path`` (atomically) and return its size summary.
+
+        Args:
+            path: the file to write.
+            entropy_coding: compress the rounded weights losslessly (LZMA2) after packing them; with
+                ``False`` the file stores each layer's integers bit-packed at the layer's width, the
+                storage the after-precision rate counts. Either file loads to the same model.
 
         The summary is also stored as ``report.file``. See :mod:`bclib.fileformat` for the layout.
         """
@@ -613,7 +619,7 @@ class CompressedModel:
                 values = {"q": quantize(values["weight"], self._bits[index]), "in_mask": values["in_mask"],
                           **({"bias": values["bias"]} if "bias" in values else {})}
             file_tensors.append(values)
-        size = write_compressed(path, self.input_shape, self._specs, file_tensors)
+        size = write_compressed(path, self.input_shape, self._specs, file_tensors, entropy_coding=entropy_coding)
         self.report.file = SavedFile(str(path), size, self.report.dense_float32_bytes, self.report.compression_precision)
         return self.report.file
 

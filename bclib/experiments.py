@@ -235,14 +235,22 @@ def compress_run(run_dir: str | os.PathLike, *, model=None, test: TensorSplit | 
     report["dense_error"] = dense_error
     report["pruned_error"] = compression.model_error(result.model, test.x, test.y)
     report["precision_error"] = compression.model_error(result.reduced_precision_model(), test.x, test.y)
+    bit_packed_bytes = _bit_packed_size(result)
     saved = result.save(run_dir / "model.bcz")
     loaded = compression.load_compressed(saved.path)
     report["file_error"] = compression.model_error(loaded, test.x, test.y)
     report["file"] = {"name": "model.bcz", "bytes": saved.file_bytes, "dense_float32_bytes": saved.dense_float32_bytes,
-                      "ratio": saved.file_ratio, "fraction_of_theoretical": saved.fraction_of_theoretical}
+                      "ratio": saved.file_ratio, "fraction_of_theoretical": saved.fraction_of_theoretical,
+                      "bit_packed_bytes": bit_packed_bytes, "bit_packed_ratio": saved.dense_float32_bytes / bit_packed_bytes}
     write_json(run_dir / "report.json", report)
     write_json(run_dir / "analysis.json", _analysis(model, thresholds, test))
     return report
+
+
+def _bit_packed_size(result: compression.CompressedModel) -> int:
+    """Bytes of the file without its entropy coding: the storage the after-precision rate counts."""
+    with tempfile.TemporaryDirectory() as scratch:
+        return result.save(Path(scratch) / "bit_packed.bcz", entropy_coding=False).file_bytes
 
 
 def _analysis(model, thresholds, test: TensorSplit) -> dict:

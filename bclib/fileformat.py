@@ -8,28 +8,36 @@ Nothing in the file is code: the loader never unpickles, it rebuilds ``nn.Linear
 File layout (all integers little-endian)::
 
     magic          8 bytes   b"\\x89BCLIB\\r\\n"  (a high-bit byte and CR LF catch text-mode mangling)
-    version        uint16    FORMAT_VERSION
-    flags          uint16    0 (reserved)
+    version        uint16    FORMAT_VERSION (2; version 1 files, which have no flags, are read too)
+    flags          uint16    FLAG_ENTROPY_CODED or 0
     header_len     uint32    length of the compressed header
-    payload_len    uint32    length of the payload
+    payload_len    uint32    length of the payload as stored
     header         zlib-compressed compact JSON: {"input_shape": [...], "layers": [spec, ...]}
-    payload        per layer, in order (see below)
+    payload        per layer, in order (see below); with FLAG_ENTROPY_CODED one raw LZMA2 stream of it
     crc32          uint32    CRC-32 of every byte before it
 
 Payload of a weighted layer (``linear`` / ``conv2d``)::
 
     input mask     ceil(n_in / 8) bytes, only when spec["masked"]: one bit per input column
                    (linear) or input channel (conv) that holds weights; the others are zero
-    weights        ceil(n * width / 8) bytes: the integers q = round(w / 2^-bits) of the stored
-                   columns, row-major, two's complement at ``width`` bits (width 0: all zero)
+    weights        the integers q = round(w / 2^-bits) of the stored columns, row-major, in two's
+                   complement: bit-packed at ``width`` bits (ceil(n * width / 8) bytes; width 0: all
+                   zero) or, entropy-coded, each in the fewest whole bytes of 1, 2, 4, 8 that hold
+                   ``width`` bits (byte-aligned symbols let LZMA model them)
     bias           2 * out bytes, float16 (when spec["bias"])
 
 The weight of the rebuilt layer is ``q * 2^-bits`` (:func:`dequantize`). A BatchNorm layer's
 payload is its running mean and variance (then weight and bias when affine), float32.
+
+Entropy coding is the last, lossless stage (Han et al.'s Deep Compression used Huffman codes):
+after pruning and rounding, most stored integers of a layer are a few small values, zero above
+all, so they need far fewer bits than the layer's width. LZMA2 from Python's standard library
+comes close to the zeroth-order entropy of the integers on our networks.
 """
 from __future__ import annotations
 
 import json
+import lzma
 import math
 import struct
 import zlib
@@ -43,12 +51,16 @@ from torch import Tensor, nn
 from ._io import write_atomically
 
 __all__ = [
-    "FORMAT_VERSION", "MAGIC", "load_compressed", "read_compressed", "write_compressed",
+    "FORMAT_VERSION", "FLAG_ENTROPY_CODED", "MAGIC", "load_compressed", "read_compressed", "write_compressed",
     "module_spec", "build_module", "infer_shapes", "dequantize", "signed_width", "pack_signed", "unpack_signed",
 ]
 
 MAGIC = b"\x89BCLIB\r\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+FLAG_ENTROPY_CODED = 1
+# A raw LZMA2 stream carries no settings: writer and reader share these.
+_LZMA_FILTERS = ({"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": 1 << 22},)
 _PREAMBLE = struct.Struct("<8sHHII")
 _CRC = struct.Struct("<I")
 # Caps that keep a hostile header from asking for absurd allocations.
@@ -295,7 +307,8 @@ def _weight_shape(spec: dict) -> tuple[int, ...]:
 
 
 # ----------------------------------------------------------------------------- writing
-def write_compressed(path, input_shape, specs: list[dict], tensors: list[dict[str, Tensor]]) -> int:
+def write_compressed(path, input_shape, specs: list[dict], tensors: list[dict[str, Tensor]], *,
+                     entropy_coding: bool = True) -> int:
     """Write a compressed network atomically (temporary file, then ``os.replace``); return its size in bytes.
 
     Args:
@@ -305,12 +318,15 @@ def write_compressed(path, input_shape, specs: list[dict], tensors: list[dict[st
         tensors: per layer: weighted ``q`` (int64, full weight shape), ``in_mask`` (bool, one per
             input column/channel; q must be zero outside it) and ``bias`` (float32, rounded to
             float16 here); BatchNorm ``running_mean``, ``running_var`` (and ``weight``, ``bias``).
+        entropy_coding: store the payload as one LZMA2 stream of byte-aligned integers (lossless;
+            the loader gives the same model either way); ``False`` keeps it bit-packed at each
+            layer's width, the size the after-precision compression rate describes.
     """
     header_specs, payload = [], []
     for spec, values in zip(specs, tensors):
         spec = dict(spec)
         if spec["type"] in ("linear", "conv2d"):
-            spec, parts = _encode_weighted(spec, values)
+            spec, parts = _encode_weighted(spec, values, entropy_coding)
             payload += parts
         elif spec["type"] in ("batchnorm1d", "batchnorm2d"):
             keys = ("running_mean", "running_var") + (("weight", "bias") if spec["affine"] else ())
@@ -320,13 +336,21 @@ def write_compressed(path, input_shape, specs: list[dict], tensors: list[dict[st
                              separators=(",", ":"))
     header = zlib.compress(header_json.encode("utf-8"), 9)
     body = b"".join(payload)
-    blob = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0, len(header), len(body)) + header + body
+    flags = 0
+    if entropy_coding:
+        body, flags = lzma.compress(body, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS), FLAG_ENTROPY_CODED
+    blob = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, flags, len(header), len(body)) + header + body
     blob += _CRC.pack(zlib.crc32(blob))
     write_atomically(path, lambda temporary: Path(temporary).write_bytes(blob))
     return len(blob)
 
 
-def _encode_weighted(spec: dict, values: dict[str, Tensor]) -> tuple[dict, list[bytes]]:
+def _value_bytes(width: int) -> int:
+    """Bytes per integer in an entropy-coded payload: the fewest of 1, 2, 4, 8 that hold ``width`` bits."""
+    return next(size for size in (0, 1, 2, 4, 8) if 8 * size >= width)
+
+
+def _encode_weighted(spec: dict, values: dict[str, Tensor], entropy_coding: bool) -> tuple[dict, list[bytes]]:
     q = values["q"].detach().cpu().to(torch.int64)
     in_mask = values["in_mask"].detach().cpu().to(torch.bool)
     if tuple(q.shape) != _weight_shape(spec) or in_mask.shape != (spec["in"],):
@@ -341,7 +365,10 @@ def _encode_weighted(spec: dict, values: dict[str, Tensor]) -> tuple[dict, list[
     parts = []
     if spec["masked"]:
         parts.append(np.packbits(in_mask.numpy()).tobytes())
-    parts.append(pack_signed(stored, spec["width"]))
+    if entropy_coding:
+        parts.append(stored.astype(f"<i{_value_bytes(spec['width'])}").tobytes() if spec["width"] else b"")
+    else:
+        parts.append(pack_signed(stored, spec["width"]))
     if spec["bias"]:
         parts.append(values["bias"].detach().cpu().numpy().astype("<f2").tobytes())
     return spec, parts
@@ -362,21 +389,50 @@ def read_compressed(path) -> tuple[tuple[int, ...], list[dict], list[dict[str, T
     magic, version, flags, header_len, payload_len = _PREAMBLE.unpack_from(blob)
     if magic != MAGIC:
         raise ValueError(f"{path}: not a bclib compressed file (bad magic {magic!r})")
-    if version != FORMAT_VERSION:
-        raise ValueError(f"{path}: unsupported format version {version} (this bclib reads version {FORMAT_VERSION})")
+    if version not in READABLE_VERSIONS:
+        raise ValueError(f"{path}: unsupported format version {version} (this bclib reads versions "
+                         f"{', '.join(map(str, READABLE_VERSIONS))})")
     expected = _PREAMBLE.size + header_len + payload_len + _CRC.size
     if len(blob) != expected:
         raise ValueError(f"{path}: file is {len(blob)} bytes but its lengths say {expected} (truncated or corrupt)")
     (crc,) = _CRC.unpack_from(blob, len(blob) - _CRC.size)
     if zlib.crc32(blob[:-_CRC.size]) != crc:
         raise ValueError(f"{path}: CRC-32 mismatch (the file is corrupt)")
-    if flags != 0:
-        raise ValueError(f"{path}: unknown flags {flags:#x}")
+    known_flags = FLAG_ENTROPY_CODED if version >= 2 else 0
+    if flags & ~known_flags:
+        raise ValueError(f"{path}: unknown flags {flags:#x} for version {version}")
     header_bytes = blob[_PREAMBLE.size:_PREAMBLE.size + header_len]
     payload = memoryview(blob)[_PREAMBLE.size + header_len:len(blob) - _CRC.size]
     input_shape, specs = _parse_header(header_bytes)
-    tensors = _decode_payload(specs, payload)
+    entropy_coded = bool(flags & FLAG_ENTROPY_CODED)
+    if entropy_coded:
+        payload = memoryview(_inflate(payload, _max_payload_bytes(specs)))
+    tensors = _decode_payload(specs, payload, entropy_coded)
     return input_shape, specs, tensors
+
+
+def _max_payload_bytes(specs: list[dict]) -> int:
+    """Upper bound on an entropy-coded payload's size, from the header alone (every column stored)."""
+    total = 0
+    for spec in specs:
+        if spec["type"] in ("linear", "conv2d"):
+            total += (spec["in"] + 7) // 8 + math.prod(_weight_shape(spec)) * _value_bytes(spec["width"])
+            total += 2 * spec["out"] if spec["bias"] else 0
+        elif spec["type"] in ("batchnorm1d", "batchnorm2d"):
+            total += 4 * spec["num"] * (4 if spec["affine"] else 2)
+    return total
+
+
+def _inflate(data: memoryview, limit: int) -> bytes:
+    """Decompress an LZMA2 payload, refusing one that is unreadable or inflates past ``limit`` bytes."""
+    decompressor = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
+    try:
+        raw = decompressor.decompress(bytes(data), max_length=limit + 1)
+    except lzma.LZMAError as error:
+        raise ValueError(f"corrupt compressed file: unreadable entropy-coded payload ({error})") from None
+    if len(raw) > limit or not decompressor.eof or decompressor.unused_data:
+        raise ValueError("corrupt compressed file: the entropy-coded payload does not match its header")
+    return raw
 
 
 def _parse_header(header_bytes: bytes) -> tuple[tuple[int, ...], list[dict]]:
@@ -479,12 +535,12 @@ class _Reader:
         return torch.from_numpy(np.frombuffer(self.take(count * size), dtype=dtype).astype(np.float32))
 
 
-def _decode_payload(specs: list[dict], payload: memoryview) -> list[dict[str, Tensor]]:
+def _decode_payload(specs: list[dict], payload: memoryview, entropy_coded: bool) -> list[dict[str, Tensor]]:
     reader = _Reader(payload)
     tensors = []
     for spec in specs:
         if spec["type"] in ("linear", "conv2d"):
-            tensors.append(_decode_weighted(spec, reader))
+            tensors.append(_decode_weighted(spec, reader, entropy_coded))
         elif spec["type"] in ("batchnorm1d", "batchnorm2d"):
             keys = ("running_mean", "running_var") + (("weight", "bias") if spec["affine"] else ())
             tensors.append({k: reader.floats(spec["num"], "<f4") for k in keys})
@@ -495,14 +551,23 @@ def _decode_payload(specs: list[dict], payload: memoryview) -> list[dict[str, Te
     return tensors
 
 
-def _decode_weighted(spec: dict, reader: _Reader) -> dict[str, Tensor]:
+def _decode_weighted(spec: dict, reader: _Reader, entropy_coded: bool) -> dict[str, Tensor]:
     n_in, per_unit = _weight_geometry(spec)
     if spec["masked"]:
         in_mask = np.unpackbits(np.frombuffer(reader.take((n_in + 7) // 8), dtype=np.uint8), count=n_in).astype(bool)
     else:
         in_mask = np.ones(n_in, dtype=bool)
     count = spec["out"] * int(in_mask.sum()) * per_unit
-    stored = unpack_signed(reader.take(_packed_size(count, spec["width"])), count, spec["width"])
+    width = spec["width"]
+    if not entropy_coded:
+        stored = unpack_signed(reader.take(_packed_size(count, width)), count, width)
+    elif width == 0:
+        stored = np.zeros(count, dtype=np.int64)
+    else:
+        size = _value_bytes(width)
+        stored = np.frombuffer(reader.take(count * size), dtype=f"<i{size}").astype(np.int64)
+        if signed_width(stored) > width:
+            raise ValueError(f"corrupt compressed file: weights wider than the {width} bits their header says")
     q = torch.zeros(_weight_shape(spec), dtype=torch.int64)
     q[:, torch.from_numpy(in_mask)] = torch.from_numpy(stored).view(spec["out"], -1, *_weight_shape(spec)[2:])
     values = {"weight": dequantize(q, spec["bits"])}

@@ -116,6 +116,9 @@ def test_report_describes_the_saved_file(trained_run):
     # float32 dense LeNet-300-100, biases included: 266,610 parameters * 4 bytes.
     assert report["file"]["dense_float32_bytes"] == 266_610 * 4
     assert report["file"]["ratio"] == pytest.approx(266_610 * 4 / report["file"]["bytes"])
+    # model.bcz is entropy-coded; the bit-packed size is recorded beside it, and is larger.
+    assert report["file"]["bit_packed_bytes"] > report["file"]["bytes"]
+    assert report["file"]["bit_packed_ratio"] == pytest.approx(266_610 * 4 / report["file"]["bit_packed_bytes"])
 
 
 def test_compressed_file_scores_the_reported_error(trained_run, mnist):

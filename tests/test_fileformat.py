@@ -1,5 +1,6 @@
 """Tests of bclib.fileformat: bit packing by hand, exact round trips, sizes, and every kind of bad file."""
 import json
+import lzma
 import math
 import os
 import struct
@@ -14,7 +15,8 @@ import bclib
 from bclib import models
 from bclib.compression import compress
 from bclib.fileformat import (
-    FORMAT_VERSION, MAGIC, load_compressed, pack_signed, read_compressed, signed_width, unpack_signed,
+    FLAG_ENTROPY_CODED, FORMAT_VERSION, MAGIC, load_compressed, pack_signed, read_compressed, signed_width,
+    unpack_signed, write_compressed,
 )
 
 PREAMBLE = struct.Struct("<8sHHII")
@@ -65,7 +67,7 @@ def test_hand_worked_file_layout(tmp_path):
     result = compress(tiny_net(), 0.0)
     assert [r.bits for r in result.report.layers] == [2, 0]
     path = tmp_path / "tiny.bcz"
-    saved = result.save(path)
+    saved = result.save(path, entropy_coding=False)
     blob = path.read_bytes()
     magic, version, flags, header_len, payload_len = PREAMBLE.unpack_from(blob)
     assert (magic, version, flags) == (MAGIC, FORMAT_VERSION, 0)
@@ -96,6 +98,42 @@ def test_hand_worked_file_layout(tmp_path):
     assert torch.equal(loaded[0].bias, torch.tensor([0.1, -0.2, 0.3]).half().float())
 
 
+def test_hand_worked_entropy_coded_payload(tmp_path):
+    # The same network entropy-coded: the payload is one raw LZMA2 stream of the byte-aligned layout.
+    path = tmp_path / "tiny.bcz"
+    compress(tiny_net(), 0.0).save(path)
+    blob = path.read_bytes()
+    magic, version, flags, header_len, payload_len = PREAMBLE.unpack_from(blob)
+    assert (magic, version, flags) == (MAGIC, FORMAT_VERSION, FLAG_ENTROPY_CODED)
+    stored = blob[PREAMBLE.size + header_len:-4]
+    assert len(stored) == payload_len
+    raw = lzma.decompress(stored, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "dict_size": 1 << 22}])
+    # fc1: mask byte, nine int8 values of width 3, three float16 biases; fc2: six int8 values, two biases.
+    expected = (bytes([0b11100000]) + np.array([1, -3, 2, 0, 3, -2, 1, 0, -1], dtype="i1").tobytes()
+                + np.array([0.1, -0.2, 0.3], dtype="<f2").tobytes()
+                + np.array([1, -2, 0, 0, 1, -2], dtype="i1").tobytes() + np.array([1.0, 2.0], dtype="<f2").tobytes())
+    assert raw == expected
+    assert torch.equal(load_compressed(path)[0].weight,
+                       torch.tensor([[0.25, -0.75, 0.5, 0], [0, 0.75, -0.5, 0], [0.25, 0, -0.25, 0]]))
+
+
+def test_entropy_coding_approaches_the_entropy_of_the_weights(tmp_path):
+    # One 300 x 784 layer whose integers are 0 with probability 0.9 and +-1, +-2 otherwise: its
+    # zeroth-order entropy, worked out from the probabilities, is the floor of any symbol coder.
+    rng = np.random.default_rng(0)
+    probabilities = np.array([0.9, 0.03, 0.03, 0.02, 0.02])
+    q = rng.choice([0, 1, -1, 2, -2], size=(300, 784), p=probabilities)
+    entropy_bytes = q.size * float(-(probabilities * np.log2(probabilities)).sum()) / 8
+    spec = {"type": "linear", "in": 784, "out": 300, "bias": False, "bits": 4}
+    tensors = [{"q": torch.from_numpy(q), "in_mask": torch.ones(784, dtype=torch.bool)}]
+    packed = write_compressed(tmp_path / "packed.bcz", (784,), [spec], tensors, entropy_coding=False)
+    coded = write_compressed(tmp_path / "coded.bcz", (784,), [spec], tensors)
+    assert packed > q.size * 3 / 8  # width 3
+    assert coded < 1.3 * entropy_bytes + 200 and coded < packed / 3
+    for name in ("packed.bcz", "coded.bcz"):
+        assert torch.equal(load_compressed(tmp_path / name)[0].weight, torch.from_numpy(q).float() / 16)
+
+
 # ----------------------------------------------------------------------------- round trips
 def forced_pruning(model, prior, seed):
     torch.manual_seed(seed)
@@ -110,10 +148,11 @@ def forced_pruning(model, prior, seed):
 
 @pytest.mark.parametrize("build", [models.lenet_300_100, models.lenet5_caffe])
 @pytest.mark.parametrize("prior", ["nj", "svd"])
-def test_round_trip_is_exact(tmp_path, build, prior):
+@pytest.mark.parametrize("entropy_coding", [True, False])
+def test_round_trip_is_exact(tmp_path, build, prior, entropy_coding):
     result = compress(forced_pruning(build(prior), prior, 0), 0.0)
     path = tmp_path / "model.bcz"
-    saved = result.save(path)
+    saved = result.save(path, entropy_coding=entropy_coding)
     loaded = load_compressed(path)
     assert loaded.input_shape == (1, 28, 28) and not loaded.training
     x = torch.rand(64, 1, 28, 28) * 2 - 1
@@ -139,10 +178,10 @@ def test_round_trip_with_batchnorm(tmp_path):
 
 
 # ----------------------------------------------------------------------------- bad files
-@pytest.fixture(scope="module")
-def lenet5_file(tmp_path_factory):
+@pytest.fixture(scope="module", params=[True, False], ids=["entropy-coded", "bit-packed"])
+def lenet5_file(tmp_path_factory, request):
     path = tmp_path_factory.mktemp("files") / "lenet5.bcz"
-    compress(forced_pruning(models.lenet5_caffe("nj"), "nj", 1), 0.0).save(path)
+    compress(forced_pruning(models.lenet5_caffe("nj"), "nj", 1), 0.0).save(path, entropy_coding=request.param)
     return path
 
 
@@ -184,9 +223,17 @@ LINEAR = {"type": "linear", "in": 2, "out": 1, "bias": False, "bits": 1, "width"
 GOOD_PAYLOAD = pack_signed(np.array([1, -1]), 2)
 
 
+def lzma_raw(data: bytes) -> bytes:
+    return lzma.compress(data, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "dict_size": 1 << 22}])
+
+
 def test_make_file_helper_writes_a_valid_file(tmp_path):
-    model = load_compressed(make_file(tmp_path / "ok.bcz", {"input_shape": [2], "layers": [LINEAR]}, GOOD_PAYLOAD))
-    assert torch.equal(model[0].weight, torch.tensor([[0.5, -0.5]]))
+    header = {"input_shape": [2], "layers": [LINEAR]}
+    for version in (1, 2):  # version 1 files (bit-packed, no flags) still load
+        model = load_compressed(make_file(tmp_path / "ok.bcz", header, GOOD_PAYLOAD, version=version))
+        assert torch.equal(model[0].weight, torch.tensor([[0.5, -0.5]]))
+    coded = make_file(tmp_path / "coded.bcz", header, lzma_raw(bytes([1, 255])), flags=FLAG_ENTROPY_CODED)
+    assert torch.equal(load_compressed(coded)[0].weight, torch.tensor([[0.5, -0.5]]))
 
 
 @pytest.mark.parametrize("header, match", [
@@ -217,10 +264,12 @@ def test_invalid_headers(tmp_path, header, match):
 
 def test_invalid_containers(tmp_path):
     header = {"input_shape": [2], "layers": [LINEAR]}
-    with pytest.raises(ValueError, match="version 2"):
-        load_compressed(make_file(tmp_path / "v.bcz", header, GOOD_PAYLOAD, version=2))
+    with pytest.raises(ValueError, match="version 3"):
+        load_compressed(make_file(tmp_path / "v.bcz", header, GOOD_PAYLOAD, version=3))
     with pytest.raises(ValueError, match="flags"):
-        load_compressed(make_file(tmp_path / "f.bcz", header, GOOD_PAYLOAD, flags=1))
+        load_compressed(make_file(tmp_path / "f.bcz", header, GOOD_PAYLOAD, version=1, flags=FLAG_ENTROPY_CODED))
+    with pytest.raises(ValueError, match="flags"):
+        load_compressed(make_file(tmp_path / "g.bcz", header, GOOD_PAYLOAD, flags=2))
     with pytest.raises(ValueError, match="unreadable header"):
         load_compressed(make_file(tmp_path / "z.bcz", None, GOOD_PAYLOAD, raw_header=b"not zlib"))
     with pytest.raises(ValueError, match="unreadable header"):
@@ -232,6 +281,19 @@ def test_invalid_containers(tmp_path):
         load_compressed(make_file(tmp_path / "s.bcz", header, GOOD_PAYLOAD[:0]))
     with pytest.raises(ValueError, match="unexplained payload bytes"):
         load_compressed(make_file(tmp_path / "l.bcz", header, GOOD_PAYLOAD + b"\0"))
+
+
+@pytest.mark.parametrize("payload, match", [
+    (b"\xffnot lzma", "unreadable entropy-coded payload"),
+    (lzma_raw(bytes(10 << 20)), "does not match its header"),  # inflates far past the 2 bytes the header allows
+    (lzma_raw(bytes([1, 255])) + b"\0", "does not match its header"),  # data after the stream's end
+    (lzma_raw(bytes([1])), "payload shorter"),
+    (lzma_raw(bytes([1, 2])), "wider than the 2 bits"),  # 2 does not fit in 2-bit two's complement
+])
+def test_invalid_entropy_coded_payloads(tmp_path, payload, match):
+    header = {"input_shape": [2], "layers": [LINEAR]}
+    with pytest.raises(ValueError, match=match):
+        load_compressed(make_file(tmp_path / "bad.bcz", header, payload, flags=FLAG_ENTROPY_CODED))
 
 
 def test_not_a_bclib_file(tmp_path):

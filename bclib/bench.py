@@ -106,7 +106,9 @@ def run_compression_bench(model: nn.Module | None = None, compressed: Compressed
     Returns:
         ``{"architecture", "flops_before", "flops_after", "flop_reduction", "threads", "runs": [{"layout",
         "batch", "dense_ms", "pruned_ms", "dense_examples_per_s", "pruned_examples_per_s", "speedup",
-        "speedup_over_flop_reduction"}, ...]}``.
+        "speedup_over_flop_reduction"}, ...], "layers": {layout: [{"layer", "dense_ms", "pruned_ms"}, ...]}}``;
+        ``"layers"`` times each module of both exports on its own, at the largest batch size (where
+        the time goes: pooling and memory-bound layers are not counted by FLOPs).
     """
     if model is None:
         model = paper_lenet5()
@@ -120,6 +122,7 @@ def run_compression_bench(model: nn.Module | None = None, compressed: Compressed
     result = {
         "architecture": report.architecture, "flops_before": report.flops_before, "flops_after": report.flops_after,
         "flop_reduction": report.flop_reduction, "threads": threads or torch.get_num_threads(), "runs": [],
+        "layers": {},
     }
     # Denormals flushed for both models: the unpruned export holds the tiny posterior means of
     # switched-off groups, many of them denormal floats, which are ~20x slower on CPUs and would
@@ -138,9 +141,25 @@ def run_compression_bench(model: nn.Module | None = None, compressed: Compressed
                     "pruned_examples_per_s": batch / seconds["pruned"],
                     "speedup": speedup, "speedup_over_flop_reduction": speedup / report.flop_reduction,
                 })
+            x = convert(torch.rand(max(batch_sizes), *compressed.input_shape) * 2 - 1)
+            per_module = {name: _module_medians(module, x, repeats, min_seconds) for name, module in modules.items()}
+            result["layers"][layout] = [
+                {"layer": layer, "dense_ms": 1e3 * dense, "pruned_ms": 1e3 * pruned}
+                for layer, dense, pruned in zip(per_module["pruned"], per_module["dense"].values(),
+                                                per_module["pruned"].values())]
     if verbose:
         print(_compression_table(result))
     return result
+
+
+def _module_medians(model: nn.Sequential, x: torch.Tensor, repeats: int, min_seconds: float) -> dict[str, float]:
+    """Median seconds per call of each module of ``model``, each fed the activations it gets in the model."""
+    inputs = {}
+    for index, module in enumerate(model):
+        inputs[f"{index} {module._get_name()}"] = (module, x)
+        x = module(x)
+    return {name: _interleaved_medians({name: module}, x_in, repeats, min_seconds)[name]
+            for name, (module, x_in) in inputs.items()}
 
 
 @contextlib.contextmanager
@@ -191,6 +210,14 @@ def _compression_table(result: dict) -> str:
         lines.append(f"{row['layout']:<13}  {row['batch']:>5}  {row['dense_ms']:>9.3f}  {row['pruned_ms']:>9.3f}  "
                      f"{row['dense_examples_per_s']:>11,.0f}  {row['pruned_examples_per_s']:>11,.0f}  "
                      f"{row['speedup']:>7.2f}x  {row['speedup_over_flop_reduction']:>19.2f}")
+    for layout, rows in result["layers"].items():
+        batch = max(row["batch"] for row in result["runs"])
+        lines += ["", f"per module, {layout}, batch {batch} (each timed alone)",
+                  f"{'module':<22}  {'dense ms':>9}  {'pruned ms':>9}  {'share of pruned':>15}"]
+        total = sum(row["pruned_ms"] for row in rows)
+        for row in rows:
+            lines.append(f"{row['layer']:<22}  {row['dense_ms']:>9.3f}  {row['pruned_ms']:>9.3f}  "
+                         f"{row['pruned_ms'] / total:>15.0%}")
     return "\n".join(lines)
 
 

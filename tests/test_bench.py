@@ -19,7 +19,14 @@ def test_compression_bench_reports_every_layout_and_batch(capsys):
     for row in result["runs"]:
         assert row["speedup"] == row["dense_ms"] / row["pruned_ms"]
         assert math.isclose(row["speedup_over_flop_reduction"], row["speedup"] / result["flop_reduction"])
-    assert "8-13-88-13" in capsys.readouterr().out
+    # One row per module of the exported nn.Sequential, in order, for each layout.
+    expected = ["Conv2d", "MaxPool2d", "ReLU", "Conv2d", "MaxPool2d", "ReLU", "Flatten", "Linear", "ReLU", "Linear"]
+    for layout in ("contiguous", "channels_last"):
+        rows = result["layers"][layout]
+        assert [row["layer"] for row in rows] == [f"{i} {name}" for i, name in enumerate(expected)]
+        assert all(row["dense_ms"] > 0 and row["pruned_ms"] > 0 for row in rows)
+    out = capsys.readouterr().out
+    assert "8-13-88-13" in out and "per module, channels_last, batch 4" in out
 
 
 def test_compression_bench_without_a_run_folder_times_the_paper_model(tmp_path, capsys):

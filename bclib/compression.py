@@ -7,7 +7,8 @@
 * a :class:`CompressionReport` (data, printable as a table) with the pruned architecture, the bits
   per layer and the compression rates defined by the paper's code release;
 * a reduced-precision copy (weights on each layer's fixed-point grid) and a real file
-  (:meth:`CompressedModel.save`, read back by :func:`bclib.load_compressed`).
+  (:meth:`CompressedModel.save`: the grid integers entropy-coded, or bit-packed at each layer's
+  width; read back by :func:`bclib.load_compressed`).
 
 Which weights survive
 ---------------------

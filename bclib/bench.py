@@ -396,9 +396,8 @@ def _cpu_name() -> str:
 
 # Targets of the results table (error, compression after pruning, after precision) from the release's
 # README, and the project's wall-time goal for reaching the BC-GHS row on a 2-core CPU.
-# The Sparse VD row of that table comes from Molchanov et al., who count nonzero weights: it is
-# compared with our sparse rates (compression_sparse, compression_sparse_precision).
-SPARSE_TARGET_RUNS = {"lenet5_svd"}
+# The Sparse VD row of that table comes from Molchanov et al., who count nonzero weights: Sparse VD
+# runs show (and are judged on) our sparse rates (compression_sparse, compression_sparse_precision).
 PAPER_TARGETS = {
     "lenet5_hs": (0.010, 156.0, 419.0),
     "lenet5_nj": (0.010, 108.0, 361.0),
@@ -407,6 +406,9 @@ PAPER_TARGETS = {
     "lenet300_hs": (0.018, None, None),
 }
 GHS_WALL_TIME_GOAL_S = 45 * 60
+# The project's goal for the file: a LeNet-5-Caffe model.bcz this many times smaller than the float32
+# dense network, at no more than this error (the release's "up to 700x" was a rate, not a file).
+FILE_RATIO_GOAL = (700.0, 0.010)
 
 
 def run_training_time_report(results_root="book/results", verbose: bool = True) -> dict:
@@ -431,11 +433,12 @@ def run_training_time_report(results_root="book/results", verbose: bool = True) 
             seconds += sum(m["seconds"] for m in json.loads((root / experiment.init_from / "metrics.json").read_text()))
         report = json.loads(report_file.read_text())
         error = report.get("file_error", report.get("dense_error"))
-        sparse = name in SPARSE_TARGET_RUNS
+        sparse = experiment.prior == "svd"
         keys = ("compression_sparse", "compression_sparse_precision") if sparse else (
             "compression_pruning", "compression_precision")
         row = {"seconds": seconds, "error": error, "rates": "sparse" if sparse else "dense",
-               "compression_pruning": report.get(keys[0]), "compression_precision": report.get(keys[1])}
+               "compression_pruning": report.get(keys[0]), "compression_precision": report.get(keys[1]),
+               "file_ratio": report.get("file", {}).get("ratio")}
         target = PAPER_TARGETS.get(name)
         if target is not None:
             met = [error <= target[0]]
@@ -444,12 +447,14 @@ def run_training_time_report(results_root="book/results", verbose: bool = True) 
             row["targets_met"] = all(met)
         rows[name] = row
     if verbose:
-        print(f"{'run':<28} {'wall min':>8} {'error %':>8} {'pruning':>8} {'precision':>10} {'rates':>6} {'targets':>8}")
+        print(f"{'run':<28} {'wall min':>8} {'error %':>8} {'pruning':>8} {'precision':>10} {'rates':>6} "
+              f"{'file':>7} {'targets':>8}")
         for name, row in rows.items():
-            rates = [f"{row[k]:.1f}x" if row[k] else "-" for k in ("compression_pruning", "compression_precision")]
+            rates = [f"{row[k]:.1f}x" if row[k] else "-" for k in ("compression_pruning", "compression_precision",
+                                                                  "file_ratio")]
             met = {True: "met", False: "missed"}.get(row.get("targets_met"), "-")
             print(f"{name:<28} {row['seconds'] / 60:>8.1f} {100 * row['error']:>8.2f} {rates[0]:>8} {rates[1]:>10} "
-                  f"{row['rates']:>6} {met:>8}")
+                  f"{row['rates']:>6} {rates[2]:>7} {met:>8}")
         print("rates: dense = the release's (pruned matrices stored dense); sparse = nonzero weights counted, "
               "as Molchanov et al. count Sparse VD")
         ghs = rows.get("lenet5_hs")
@@ -457,4 +462,12 @@ def run_training_time_report(results_root="book/results", verbose: bool = True) 
             verdict = "reached" if ghs.get("targets_met") else "not reached"
             print(f"BC-GHS LeNet-5 target {verdict}; wall time {ghs['seconds'] / 60:.1f} min "
                   f"(goal: under {GHS_WALL_TIME_GOAL_S / 60:.0f} min)")
+        files = {name: row for name, row in rows.items() if name.startswith("lenet5_") and row["file_ratio"]}
+        if files:
+            name = max(files, key=lambda n: files[n]["file_ratio"])
+            ratio, error = files[name]["file_ratio"], files[name]["error"]
+            goal_ratio, goal_error = FILE_RATIO_GOAL
+            verdict = "reached" if ratio >= goal_ratio and error <= goal_error else "not reached"
+            print(f"smallest LeNet-5 file: {name}, {ratio:.0f}x smaller than the float32 dense network at "
+                  f"{100 * error:.2f} % error (goal {goal_ratio:.0f}x at <= {100 * goal_error:.1f} %: {verdict})")
     return rows

@@ -134,6 +134,25 @@ def test_entropy_coding_approaches_the_entropy_of_the_weights(tmp_path):
         assert torch.equal(load_compressed(tmp_path / name)[0].weight, torch.from_numpy(q).float() / 16)
 
 
+@pytest.mark.parametrize("width", [1, 2, 8, 9, 16, 17, 32, 33, 53])
+def test_entropy_coded_widths_round_trip(tmp_path, width):
+    # Integers at both ends of the width's range are stored in 1, 2, 4 or 8 bytes and read back exactly.
+    rng = np.random.default_rng(width)
+    low, high = -(2 ** (width - 1)), 2 ** (width - 1) - 1
+    q = np.concatenate([[low, high, 0], rng.integers(low, high, size=37, endpoint=True)]).reshape(4, 10)
+    bits = min(width, 23)
+    spec = {"type": "linear", "in": 10, "out": 4, "bias": False, "bits": bits}
+    tensors = [{"q": torch.from_numpy(q), "in_mask": torch.ones(10, dtype=torch.bool)}]
+    write_compressed(tmp_path / "w.bcz", (10,), [spec], tensors)
+    _, specs, loaded = read_compressed(tmp_path / "w.bcz")
+    assert specs[0]["width"] == width
+    # The weights are float32: q * 2^-bits rounded once to float32 (exact up to 24 significant bits).
+    expected = torch.from_numpy(q).double().mul(2.0 ** -bits).float()
+    assert torch.equal(loaded[0]["weight"], expected)
+    if width <= 24:
+        assert torch.equal((loaded[0]["weight"].double() * 2.0 ** bits).to(torch.int64), torch.from_numpy(q))
+
+
 # ----------------------------------------------------------------------------- round trips
 def forced_pruning(model, prior, seed):
     torch.manual_seed(seed)

@@ -1,0 +1,24 @@
+"""The README's code runs as printed."""
+import math
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_readme_layer_snippet_runs(tmp_path, monkeypatch, capsys):
+    block = re.search(r"### Use the layers in your own network\n```python\n(.*?)```", README.read_text(), re.S)
+    assert block is not None, "README lost its 'Use the layers in your own network' snippet"
+    monkeypatch.chdir(tmp_path)  # the snippet writes lenet300.bcz into the working folder
+    torch.manual_seed(0)
+    namespace = {"x": torch.rand(16, 1, 28, 28), "y": torch.randint(0, 10, (16,))}
+    exec(compile(block.group(1), str(README), "exec"), namespace)
+    assert math.isfinite(namespace["loss"].item())
+    small = namespace["small"]
+    assert isinstance(small, nn.Sequential) and (tmp_path / "lenet300.bcz").is_file()
+    x = torch.rand(4, 1, 28, 28)
+    assert torch.equal(small(x), namespace["result"].reduced_precision_model()(x))
+    assert "compression" in capsys.readouterr().out

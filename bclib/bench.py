@@ -28,9 +28,10 @@ from torch import nn
 
 from . import models
 from .compression import CompressedModel, compress, propose_thresholds
-from .layers import bayesian_layers, kl_divergence, set_variance_dtype
+from .layers import BayesianLayer, LinearGroupHS, LinearGroupNJ, bayesian_layers, kl_divergence, set_variance_dtype
 
 __all__ = ["run_compression_bench", "run_compression_bench_from_run", "run_layers_bench", "paper_lenet5",
+           "matmul_macs_per_example",
            "run_training_time_report", "run_epoch_bench", "write_bench_results"]
 
 # The BC-GNJ architecture of the paper for LeNet-5-Caffe: filters of conv1, conv2, inputs of fc1, fc2.
@@ -257,19 +258,63 @@ def run_layers_bench(steps: int = 3, repeats: int = 5, batch_size: int = 128, pr
     network is always float32. ``threads`` sets the CPU threads for the run (default: PyTorch's setting).
 
     Returns:
-        ``{model: {"none" | prior | prior+dtype: {"step_ms", "ratio"}}}`` (ratio: step time over the
-        deterministic one).
+        ``{model: {"none" | prior | prior+dtype: {"step_ms", "ratio", "matmul_floor"}}}`` (ratio: step
+        time over the deterministic one; matmul_floor: the same ratio for the multiply-adds of the
+        step's matrix products, :func:`matmul_macs_per_example`).
     """
     with _cpu_threads(threads):
         result = _time_train_steps(steps, repeats, batch_size, priors, model_names, variance_dtypes)
+    for name, rows in result.items():
+        deterministic = matmul_macs_per_example(models.build_model(name, None))
+        for key, row in rows.items():
+            prior = None if key == "none" else key.split("+")[0]
+            row["matmul_floor"] = matmul_macs_per_example(models.build_model(name, prior)) / deterministic
     if verbose:
         print(f"training step, batch {batch_size}, {threads or torch.get_num_threads()} CPU threads "
               f"(median of {repeats} turns of {steps} steps)")
-        print(f"{'model':<9} {'prior':<12} {'step ms':>8} {'vs deterministic':>17}")
+        print(f"{'model':<9} {'prior':<12} {'step ms':>8} {'vs deterministic':>17} {'matmul floor':>13}")
         for name, rows in result.items():
             for key, row in rows.items():
-                print(f"{name:<9} {key:<12} {row['step_ms']:>8.2f} {row['ratio']:>16.2f}x")
+                print(f"{name:<9} {key:<12} {row['step_ms']:>8.2f} {row['ratio']:>16.2f}x "
+                      f"{row['matmul_floor']:>12.2f}x")
+        print("matmul floor: multiply-adds of the step's matrix products over the deterministic network's "
+              "(bench.matmul_macs_per_example)")
     return result
+
+
+def matmul_macs_per_example(model: nn.Module, input_shape=(1, 28, 28)) -> int:
+    """Multiply-adds per example in the matrix products of one training step, forward and backward.
+
+    Each ``nn.Linear`` / ``nn.Conv2d`` does one product forward, one for its weight gradient and one
+    for its input gradient, except where its input needs no gradient (the network's first layer). A
+    Bayesian layer does each twice, once for the mean (``x`` with ``mu``) and once for the variance
+    (``x^2`` with ``sigma^2``); a group layer whose groups are its inputs (``LinearGroupNJ``,
+    ``LinearGroupHS``) needs the input gradient even as the first layer, because the sampled scales
+    ``z`` multiply its inputs. The noise, the element-wise work and the optimiser are not counted, so
+    the ratio of two counts is a floor that arithmetic alone puts under the ratio of step times.
+    """
+    weighted = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d, BayesianLayer))]
+    forward_macs = {}
+
+    def record(module, inputs, output):
+        positions = output.shape[2] * output.shape[3] if output.dim() == 4 else 1
+        weight_numel = math.prod(module.weight_shape) if isinstance(module, BayesianLayer) else module.weight.numel()
+        forward_macs[module] = weight_numel * positions
+
+    hooks = [m.register_forward_hook(record) for m in weighted]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *input_shape))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    total = 0
+    for index, module in enumerate(m for m in weighted if m in forward_macs):
+        bayesian = isinstance(module, BayesianLayer)
+        input_groups = isinstance(module, (LinearGroupNJ, LinearGroupHS))
+        products = 2 + (index > 0 or input_groups)  # forward, weight grad, input grad
+        total += forward_macs[module] * products * (2 if bayesian else 1)
+    return total
 
 
 def _networks(name: str, priors, variance_dtypes) -> dict[str, nn.Module]:

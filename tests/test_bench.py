@@ -1,7 +1,7 @@
 """Smoke tests of bclib.bench: the benchmarks run and report what they say (no timing targets here)."""
 import math
 
-from bclib import bench
+from bclib import bench, models
 from bclib.compression import compress
 
 
@@ -43,6 +43,23 @@ def test_layers_bench_ratios_are_relative_to_the_deterministic_network():
     assert rows["none"]["ratio"] == 1.0
     for row in rows.values():
         assert math.isclose(row["ratio"], row["step_ms"] / rows["none"]["step_ms"])
+    assert rows["nj+bfloat16"]["matmul_floor"] == rows["nj"]["matmul_floor"] == 1_597_200 / 563_400
+
+
+def test_matmul_macs_by_hand():
+    # LeNet-300-100, per example: 784x300, 300x100, 100x10 weights. Deterministic: the first layer needs
+    # no input gradient (2 products), the others 3. Group layers: twice the products (mean and variance),
+    # and the first layer's input gradient too (z scales the inputs). Sparse VD: no input groups.
+    linear = (235_200, 30_000, 1_000)
+    assert bench.matmul_macs_per_example(models.lenet_300_100(None)) == 2 * 235_200 + 3 * 31_000 == 563_400
+    for prior in ("nj", "hs"):
+        assert bench.matmul_macs_per_example(models.lenet_300_100(prior)) == 2 * 3 * sum(linear)
+    assert bench.matmul_macs_per_example(models.lenet_300_100("svd")) == 2 * (2 * 235_200 + 3 * 31_000)
+    # LeNet-5-Caffe: conv1 20x1x5x5 over 24x24 outputs, conv2 50x20x5x5 over 8x8, fc 800x500, 500x10.
+    conv1, rest = 500 * 576, 25_000 * 64 + 400_000 + 5_000
+    assert bench.matmul_macs_per_example(models.lenet5_caffe(None)) == 2 * conv1 + 3 * rest
+    for prior in ("nj", "hs", "svd"):  # conv groups are output channels: no input gradient for conv1
+        assert bench.matmul_macs_per_example(models.lenet5_caffe(prior)) == 2 * (2 * conv1 + 3 * rest)
 
 
 def test_training_time_report_sums_epochs_with_pretraining_and_checks_targets(tmp_path, capsys):

@@ -66,7 +66,7 @@ EXPERIMENTS: dict[str, Experiment] = {
     "lenet300_dense": Experiment("lenet300", None, TrainConfig(epochs=10, lr=1e-3, lr_final=1e-4)),
     "lenet300_nj": Experiment("lenet300", "nj", _bayes(100), animate=True),
     "lenet300_hs": Experiment("lenet300", "hs", _bayes(100)),
-    "lenet300_svd": Experiment("lenet300", "svd", _bayes(30)),
+    "lenet300_svd": Experiment("lenet300", "svd", _bayes(100), init_from="lenet300_dense"),
     "lenet300_nj_pretrained": Experiment("lenet300", "nj", _bayes(10), init_from="lenet300_dense"),
     "lenet300_nj_release_scaling": Experiment("lenet300", "nj", _bayes(100), input_range=(-1.0, 1.0)),
     "lenet5_dense": Experiment("lenet5", None, TrainConfig(epochs=4, lr=1e-3, lr_final=1e-4)),

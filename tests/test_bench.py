@@ -1,6 +1,9 @@
 """Smoke tests of bclib.bench: the benchmarks run and report what they say (no timing targets here)."""
 import math
 
+import pytest
+import torch
+
 from bclib import bench, models
 from bclib.compression import compress
 
@@ -103,3 +106,19 @@ def test_epoch_bench_times_each_network_on_mnist(mnist_root, capsys):
     assert list(rows) == ["none", "nj", "nj+bfloat16"] and rows["none"]["ratio"] == 1.0
     assert all(row["seconds"] > 0 for row in rows.values()) and result["targets"] == {"lenet300": 3.0}
     assert "one training epoch on MNIST" in capsys.readouterr().out
+
+
+def test_subnormal_weights_are_zeroed_for_timing_and_the_given_export_is_left_alone():
+    layer = torch.nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1e-40, 1.0, -1e-39, 1e-37]]))
+    bench._zero_subnormal_parameters(layer)
+    # 1e-40 and -1e-39 are below the smallest normal float32 (about 1.18e-38); 1e-37 is not.
+    assert layer.weight.tolist() == [[0.0, 1.0, 0.0, pytest.approx(1e-37)]]
+    model = models.lenet5_caffe("nj")
+    compressed = compress(model, 0.0)
+    with torch.no_grad():
+        compressed.model[0].weight[0, 0, 0, 0] = 1e-40
+    bench.run_compression_bench(model, compressed, batch_sizes=(2,), layouts=("contiguous",), repeats=1,
+                                min_seconds=0.0, verbose=False)
+    assert compressed.model[0].weight[0, 0, 0, 0].item() == pytest.approx(1e-40, rel=1e-3)

@@ -278,10 +278,9 @@ def run_layers_bench(steps: int = 3, repeats: int = 5, batch_size: int = 128, pr
     with _cpu_threads(threads):
         result = _time_train_steps(steps, repeats, batch_size, priors, model_names, variance_dtypes)
     for name, rows in result.items():
-        deterministic = matmul_macs_per_example(models.build_model(name, None))
-        for key, row in rows.items():
-            prior = None if key == "none" else key.split("+")[0]
-            row["matmul_floor"] = matmul_macs_per_example(models.build_model(name, prior)) / deterministic
+        macs = {prior: matmul_macs_per_example(models.build_model(name, prior)) for prior in (None, *priors)}
+        for key, row in rows.items():  # a "+dtype" row does the products of its prior
+            row["matmul_floor"] = macs[None if key == "none" else key.split("+")[0]] / macs[None]
     if verbose:
         print(f"training step, batch {batch_size}, {threads or torch.get_num_threads()} CPU threads "
               f"(median of {repeats} turns of {steps} steps)")
@@ -306,15 +305,15 @@ def matmul_macs_per_example(model: nn.Module, input_shape=(1, 28, 28)) -> int:
     ``z`` multiply its inputs. The noise, the element-wise work and the optimiser are not counted, so
     the ratio of two counts is a floor that arithmetic alone puts under the ratio of step times.
     """
-    weighted = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d, BayesianLayer))]
-    forward_macs = {}
+    forward_macs = {}  # in the order the layers run
 
     def record(module, inputs, output):
         positions = output.shape[2] * output.shape[3] if output.dim() == 4 else 1
         weight_numel = math.prod(module.weight_shape) if isinstance(module, BayesianLayer) else module.weight.numel()
         forward_macs[module] = weight_numel * positions
 
-    hooks = [m.register_forward_hook(record) for m in weighted]
+    hooks = [m.register_forward_hook(record) for m in model.modules()
+             if isinstance(m, (nn.Linear, nn.Conv2d, BayesianLayer))]
     try:
         with torch.no_grad():
             model.eval()(torch.zeros(1, *input_shape))
@@ -322,11 +321,10 @@ def matmul_macs_per_example(model: nn.Module, input_shape=(1, 28, 28)) -> int:
         for hook in hooks:
             hook.remove()
     total = 0
-    for index, module in enumerate(m for m in weighted if m in forward_macs):
-        bayesian = isinstance(module, BayesianLayer)
+    for index, (module, macs) in enumerate(forward_macs.items()):
         input_groups = isinstance(module, (LinearGroupNJ, LinearGroupHS))
         products = 2 + (index > 0 or input_groups)  # forward, weight grad, input grad
-        total += forward_macs[module] * products * (2 if bayesian else 1)
+        total += macs * products * (2 if isinstance(module, BayesianLayer) else 1)
     return total
 
 

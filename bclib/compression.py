@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .fileformat import build_module, dequantize, load_compressed, module_spec, write_compressed
+from .fileformat import build_module, dequantize, encode_compressed, load_compressed, module_spec, write_compressed
 from .layers import BayesianLayer, bayesian_layers
 
 __all__ = [
@@ -614,15 +614,25 @@ class CompressedModel:
 
         The summary is also stored as ``report.file``. See :mod:`bclib.fileformat` for the layout.
         """
+        size = write_compressed(path, self.input_shape, self._specs, self._file_tensors(),
+                                entropy_coding=entropy_coding)
+        self.report.file = SavedFile(str(path), size, self.report.dense_float32_bytes, self.report.compression_precision)
+        return self.report.file
+
+    def file_bytes(self, *, entropy_coding: bool = True) -> int:
+        """Size in bytes of the file :meth:`save` would write, without writing it."""
+        return len(encode_compressed(self.input_shape, self._specs, self._file_tensors(),
+                                     entropy_coding=entropy_coding))
+
+    def _file_tensors(self) -> list[dict]:
+        """Per layer, what the file stores: grid integers ``q``, input mask and bias for weighted layers."""
         file_tensors = []
         for index, values in enumerate(self._tensors):
             if index in self._bits:
                 values = {"q": quantize(values["weight"], self._bits[index]), "in_mask": values["in_mask"],
                           **({"bias": values["bias"]} if "bias" in values else {})}
             file_tensors.append(values)
-        size = write_compressed(path, self.input_shape, self._specs, file_tensors, entropy_coding=entropy_coding)
-        self.report.file = SavedFile(str(path), size, self.report.dense_float32_bytes, self.report.compression_precision)
-        return self.report.file
+        return file_tensors
 
 
 def _expand_units(units: Tensor, positions: int) -> Tensor:

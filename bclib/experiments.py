@@ -235,7 +235,7 @@ def compress_run(run_dir: str | os.PathLike, *, model=None, test: TensorSplit | 
     report["dense_error"] = dense_error
     report["pruned_error"] = compression.model_error(result.model, test.x, test.y)
     report["precision_error"] = compression.model_error(result.reduced_precision_model(), test.x, test.y)
-    bit_packed_bytes = _bit_packed_size(result)
+    bit_packed_bytes = result.file_bytes(entropy_coding=False)  # the storage the after-precision rate counts
     saved = result.save(run_dir / "model.bcz")
     loaded = compression.load_compressed(saved.path)
     report["file_error"] = compression.model_error(loaded, test.x, test.y)
@@ -245,12 +245,6 @@ def compress_run(run_dir: str | os.PathLike, *, model=None, test: TensorSplit | 
     write_json(run_dir / "report.json", report)
     write_json(run_dir / "analysis.json", _analysis(model, thresholds, test))
     return report
-
-
-def _bit_packed_size(result: compression.CompressedModel) -> int:
-    """Bytes of the file without its entropy coding: the storage the after-precision rate counts."""
-    with tempfile.TemporaryDirectory() as scratch:
-        return result.save(Path(scratch) / "bit_packed.bcz", entropy_coding=False).file_bytes
 
 
 def _analysis(model, thresholds, test: TensorSplit) -> dict:

@@ -52,6 +52,7 @@ from ._io import write_atomically
 
 __all__ = [
     "FORMAT_VERSION", "FLAG_ENTROPY_CODED", "MAGIC", "load_compressed", "read_compressed", "write_compressed",
+    "encode_compressed",
     "module_spec", "build_module", "infer_shapes", "dequantize", "signed_width", "pack_signed", "unpack_signed",
 ]
 
@@ -311,8 +312,18 @@ def write_compressed(path, input_shape, specs: list[dict], tensors: list[dict[st
                      entropy_coding: bool = True) -> int:
     """Write a compressed network atomically (temporary file, then ``os.replace``); return its size in bytes.
 
+    The bytes are those of :func:`encode_compressed` (same arguments).
+    """
+    blob = encode_compressed(input_shape, specs, tensors, entropy_coding=entropy_coding)
+    write_atomically(path, lambda temporary: Path(temporary).write_bytes(blob))
+    return len(blob)
+
+
+def encode_compressed(input_shape, specs: list[dict], tensors: list[dict[str, Tensor]], *,
+                      entropy_coding: bool = True) -> bytes:
+    """The bytes of a compressed file, without writing it.
+
     Args:
-        path: destination file.
         input_shape: shape of one input example, e.g. ``(1, 28, 28)``.
         specs: plain layer specs; weighted ones (``linear``/``conv2d``) carry ``bits``.
         tensors: per layer: weighted ``q`` (int64, full weight shape), ``in_mask`` (bool, one per
@@ -340,9 +351,7 @@ def write_compressed(path, input_shape, specs: list[dict], tensors: list[dict[st
     if entropy_coding:
         body, flags = lzma.compress(body, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS), FLAG_ENTROPY_CODED
     blob = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, flags, len(header), len(body)) + header + body
-    blob += _CRC.pack(zlib.crc32(blob))
-    write_atomically(path, lambda temporary: Path(temporary).write_bytes(blob))
-    return len(blob)
+    return blob + _CRC.pack(zlib.crc32(blob))
 
 
 def _value_bytes(width: int) -> int:

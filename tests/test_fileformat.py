@@ -172,6 +172,7 @@ def test_round_trip_is_exact(tmp_path, build, prior, entropy_coding):
     result = compress(forced_pruning(build(prior), prior, 0), 0.0)
     path = tmp_path / "model.bcz"
     saved = result.save(path, entropy_coding=entropy_coding)
+    assert result.file_bytes(entropy_coding=entropy_coding) == saved.file_bytes == path.stat().st_size
     loaded = load_compressed(path)
     assert loaded.input_shape == (1, 28, 28) and not loaded.training
     x = torch.rand(64, 1, 28, 28) * 2 - 1

@@ -12,7 +12,7 @@ __all__ = ["main"]
 
 def _parser() -> argparse.ArgumentParser:
     from .experiments import EXPERIMENTS
-    from .train import VARIANCE_DTYPES
+    from .train import AUTOCAST_DTYPES, VARIANCE_DTYPES
 
     parser = argparse.ArgumentParser(
         prog="python -m bclib",
@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--variance-dtype", choices=sorted(name for name in VARIANCE_DTYPES if name), default=None,
                        help="run the Bayesian layers' variance path in this precision (faster on CPUs with "
                             "bfloat16 units and on GPUs; default: full precision)")
+    train.add_argument("--autocast", choices=sorted(name for name in AUTOCAST_DTYPES if name), default=None,
+                       help="mixed precision: run every layer's products in this precision under torch.autocast "
+                            "(faster on GPUs and CPUs with bfloat16 units; default: full precision)")
     train.add_argument("--data", default=None, help="MNIST root (default: $BCLIB_DATA or the user cache)")
     train.add_argument("--fast", action="store_true", help="small data and 2 epochs (a smoke test)")
 
@@ -88,7 +91,7 @@ def _dispatch(args: argparse.Namespace) -> None:
         name = _experiment_name(args.model, args.prior, args.init_from)
         results_root = Path(args.init_from).parent if args.init_from else None
         report = run_experiment(name, args.out, data_root=args.data, epochs=args.epochs,
-                                variance_dtype=args.variance_dtype, fast=args.fast or None,
+                                variance_dtype=args.variance_dtype, autocast=args.autocast, fast=args.fast or None,
                                 results_root=results_root)
         print(json.dumps(report, indent=2))
     elif args.command == "compress":

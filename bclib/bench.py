@@ -257,38 +257,48 @@ def run_compression_bench_from_run(run_dir=None, **kwargs) -> dict:
     return run_compression_bench(model, **kwargs)
 
 
+# Precision variants timed beside full float32: "bfloat16" runs the Bayesian layers' variance path in
+# bfloat16 (set_variance_dtype); "autocast" runs every network, the deterministic one included, under
+# torch.autocast in bfloat16 (mixed precision), and its ratios are to the deterministic network so run.
+PRECISION_VARIANTS = ("bfloat16", "autocast")
+
+
 def run_layers_bench(steps: int = 3, repeats: int = 5, batch_size: int = 128, priors=("nj", "hs", "svd"),
                      model_names=("lenet300", "lenet5"), threads: int | None = None,
-                     variance_dtypes=(torch.bfloat16,), verbose: bool = True) -> dict:
+                     variants=PRECISION_VARIANTS, verbose: bool = True) -> dict:
     """Training-step time of each prior relative to the deterministic network, per model.
 
     One step is forward, loss (mean cross-entropy, plus KL / 60000 for the Bayesian models), backward,
     an Adam step and the variance clipping, on random MNIST-shaped data. Models are timed in turns
     (``steps`` steps each, ``repeats`` turns) and the median per-step time is reported.
 
-    Each prior is timed in full float32 and, for each of ``variance_dtypes``, with its variance path in
-    that dtype (:func:`bclib.set_variance_dtype`; rows named like ``"nj+bfloat16"``). The deterministic
-    network is always float32. ``threads`` sets the CPU threads for the run (default: PyTorch's setting).
+    Each prior is timed in full float32 and in each of ``variants`` (:data:`PRECISION_VARIANTS`):
+    ``"bfloat16"``, the variance path in bfloat16 (:func:`bclib.set_variance_dtype`; rows like
+    ``"nj+bfloat16"``, against the float32 deterministic network), and ``"autocast"``, mixed precision
+    (rows like ``"nj+autocast"``, against the deterministic network under autocast, ``"none+autocast"``).
+    ``threads`` sets the CPU threads for the run (default: PyTorch's setting).
 
     Returns:
-        ``{model: {"none" | prior | prior+dtype: {"step_ms", "ratio", "matmul_floor"}}}`` (ratio: step
-        time over the deterministic one; matmul_floor: the same ratio for the multiply-adds of the
-        step's matrix products, :func:`matmul_macs_per_example`).
+        ``{model: {row: {"step_ms", "ratio", "matmul_floor"}}}`` (ratio: step time over the
+        deterministic one of the same precision; matmul_floor: the same ratio for the multiply-adds of
+        the step's matrix products, :func:`matmul_macs_per_example`).
     """
     with _cpu_threads(threads):
-        result = _time_train_steps(steps, repeats, batch_size, priors, model_names, variance_dtypes)
+        result = _time_train_steps(steps, repeats, batch_size, priors, model_names, variants)
     for name, rows in result.items():
         macs = {prior: matmul_macs_per_example(models.build_model(name, prior)) for prior in (None, *priors)}
-        for key, row in rows.items():  # a "+dtype" row does the products of its prior
-            row["matmul_floor"] = macs[None if key == "none" else key.split("+")[0]] / macs[None]
+        for key, row in rows.items():  # a "+variant" row does the products of its prior
+            prior = key.split("+")[0]
+            row["matmul_floor"] = macs[None if prior == "none" else prior] / macs[None]
     if verbose:
         print(f"training step, batch {batch_size}, {threads or torch.get_num_threads()} CPU threads "
               f"(median of {repeats} turns of {steps} steps)")
-        print(f"{'model':<9} {'prior':<12} {'step ms':>8} {'vs deterministic':>17} {'matmul floor':>13}")
+        print(f"{'model':<9} {'network':<14} {'step ms':>8} {'vs deterministic':>17} {'matmul floor':>13}")
         for name, rows in result.items():
             for key, row in rows.items():
-                print(f"{name:<9} {key:<12} {row['step_ms']:>8.2f} {row['ratio']:>16.2f}x "
+                print(f"{name:<9} {key:<14} {row['step_ms']:>8.2f} {row['ratio']:>16.2f}x "
                       f"{row['matmul_floor']:>12.2f}x")
+        print("+bfloat16: variance path in bfloat16; +autocast: torch.autocast(bfloat16), against none+autocast")
         print("matmul floor: multiply-adds of the step's matrix products over the deterministic network's "
               "(bench.matmul_macs_per_example)")
     return result
@@ -328,25 +338,39 @@ def matmul_macs_per_example(model: nn.Module, input_shape=(1, 28, 28)) -> int:
     return total
 
 
-def _networks(name: str, priors, variance_dtypes) -> dict[str, nn.Module]:
-    """The compared networks: ``"none"`` (deterministic), each prior, and each prior with its
-    variance path in each of ``variance_dtypes`` (``"nj+bfloat16"``)."""
-    networks = {"none": models.build_model(name, None)}
+def _networks(name: str, priors, variants) -> dict[str, tuple[nn.Module, bool]]:
+    """The compared networks by row name, each with whether it runs under autocast: ``"none"``
+    (deterministic), each prior, and ``"<row>+<variant>"`` for each of ``variants``."""
+    for variant in variants:
+        if variant not in PRECISION_VARIANTS:
+            raise ValueError(f"variants must be drawn from {PRECISION_VARIANTS}, got {variant!r}")
+    networks = {"none": (models.build_model(name, None), False)}
+    if "autocast" in variants:
+        networks["none+autocast"] = (models.build_model(name, None), True)
     for prior in priors:
-        networks[prior] = models.build_model(name, prior)
-        for dtype in variance_dtypes:
-            label = f"{prior}+{str(dtype).removeprefix('torch.')}"
-            networks[label] = set_variance_dtype(models.build_model(name, prior), dtype)
+        networks[prior] = (models.build_model(name, prior), False)
+        for variant in variants:
+            if variant == "autocast":
+                networks[f"{prior}+autocast"] = (models.build_model(name, prior), True)
+            else:
+                model = set_variance_dtype(models.build_model(name, prior), getattr(torch, variant))
+                networks[f"{prior}+{variant}"] = (model, False)
     return networks
 
 
-def _time_train_steps(steps, repeats, batch_size, priors, model_names, variance_dtypes) -> dict:
+def _baseline(row: str) -> str:
+    """The deterministic row a row's ratio is taken against (the same precision)."""
+    return "none+autocast" if row.endswith("+autocast") else "none"
+
+
+def _time_train_steps(steps, repeats, batch_size, priors, model_names, variants) -> dict:
     torch.manual_seed(0)
     x = torch.rand(batch_size, 1, 28, 28) * 2 - 1
     y = torch.randint(0, 10, (batch_size,))
     result = {}
     for name in model_names:
-        steppers = {key: _train_step(model, x, y) for key, model in _networks(name, priors, variance_dtypes).items()}
+        steppers = {key: _train_step(model, x, y, autocast)
+                    for key, (model, autocast) in _networks(name, priors, variants).items()}
         times: dict[str, list[float]] = {key: [] for key in steppers}
         for stepper in steppers.values():
             stepper()  # warm-up
@@ -357,18 +381,22 @@ def _time_train_steps(steps, repeats, batch_size, priors, model_names, variance_
                     stepper()
                 times[key].append((time.perf_counter() - start) / steps)
         medians = {key: statistics.median(values) for key, values in times.items()}
-        result[name] = {key: {"step_ms": 1e3 * value, "ratio": value / medians["none"]} for key, value in medians.items()}
+        result[name] = {key: {"step_ms": 1e3 * value, "ratio": value / medians[_baseline(key)]}
+                        for key, value in medians.items()}
     return result
 
 
-def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: bool = False):
+    """One training step of ``model`` as :func:`bclib.train.fit` does it."""
     model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)  # as bclib.train.fit
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     layers = [layer for _, layer in bayesian_layers(model)]
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
         if layers:
             loss = loss + kl_divergence(model) / 60000
         loss.backward()
@@ -384,10 +412,11 @@ EPOCH_SECONDS_TARGETS = {"lenet300": 3.0, "lenet5": 25.0}
 
 
 def run_epoch_bench(data_root=None, *, model_names=("lenet300", "lenet5"), prior: str = "nj",
-                    variance_dtypes=(torch.bfloat16,), train_examples: int | None = None,
+                    variants=PRECISION_VARIANTS, train_examples: int | None = None,
                     threads: int | None = None, verbose: bool = True) -> dict:
     """Seconds of one training epoch on real MNIST with :func:`bclib.train.fit`, per model: the
-    deterministic network, the ``prior`` network in float32 and with each of ``variance_dtypes``.
+    deterministic network and the ``prior`` network in float32 and in each of ``variants`` (as
+    :func:`run_layers_bench`; ``"autocast"`` trains with ``TrainConfig(autocast="bfloat16")``).
 
     One epoch each, one after the other in one process (an epoch is long enough that the
     order matters little). ``train_examples`` shortens the epoch (the tests use it); the
@@ -395,7 +424,8 @@ def run_epoch_bench(data_root=None, *, model_names=("lenet300", "lenet5"), prior
     part of an epoch of ``fit``, as in the runs.
 
     Returns:
-        ``{model: {"none" | prior | prior+dtype: {"seconds", "ratio"}}, "targets": {model: seconds}}``.
+        ``{model: {row: {"seconds", "ratio"}}, "targets": {model: seconds}}`` (ratio: to the
+        deterministic network of the same precision).
     """
     from .data import load_mnist
     from .train import TrainConfig, fit
@@ -408,18 +438,19 @@ def run_epoch_bench(data_root=None, *, model_names=("lenet300", "lenet5"), prior
     with _cpu_threads(threads):
         for name in model_names:
             rows = {}
-            for key, model in _networks(name, (prior,), variance_dtypes).items():
-                seconds = fit(model, train, test, TrainConfig(epochs=1, device="cpu"), progress=False)[0]["seconds"]
+            for key, (model, autocast) in _networks(name, (prior,), variants).items():
+                config = TrainConfig(epochs=1, device="cpu", autocast="bfloat16" if autocast else None)
+                seconds = fit(model, train, test, config, progress=False)[0]["seconds"]
                 rows[key] = {"seconds": seconds * full / len(train)}
-            for row in rows.values():
-                row["ratio"] = row["seconds"] / rows["none"]["seconds"]
+            for key, row in rows.items():
+                row["ratio"] = row["seconds"] / rows[_baseline(key)]["seconds"]
             result[name] = rows
     if verbose:
         print(f"one training epoch on MNIST, {threads or torch.get_num_threads()} CPU threads")
-        print(f"{'model':<9} {'network':<13} {'seconds':>8} {'vs deterministic':>17} {'target':>7}")
+        print(f"{'model':<9} {'network':<14} {'seconds':>8} {'vs deterministic':>17} {'target':>7}")
         for name in model_names:
             for key, row in result[name].items():
-                print(f"{name:<9} {key:<13} {row['seconds']:>8.1f} {row['ratio']:>16.2f}x "
+                print(f"{name:<9} {key:<14} {row['seconds']:>8.1f} {row['ratio']:>16.2f}x "
                       f"{result['targets'][name]:>6.0f}s")
     return result
 

@@ -98,7 +98,8 @@ def load_run_model(run_dir: str | os.PathLike) -> torch.nn.Module:
 
 
 def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epochs: int | None = None,
-                   variance_dtype: str | None = None, fast: bool | None = None, results_root: str | os.PathLike | None = None,
+                   variance_dtype: str | None = None, autocast: str | None = None, fast: bool | None = None,
+                   results_root: str | os.PathLike | None = None,
                    callbacks=(), progress: bool = True) -> dict:
     """Train, compress and save the run ``name`` of :data:`EXPERIMENTS` into ``out_dir``.
 
@@ -108,6 +109,7 @@ def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epo
         data_root: MNIST root (see :func:`bclib.data.data_root`).
         epochs: override the recipe's epoch count.
         variance_dtype: override the recipe's :attr:`TrainConfig.variance_dtype` (e.g. ``"bfloat16"``).
+        autocast: override the recipe's :attr:`TrainConfig.autocast` (``"bfloat16"``: mixed precision).
         fast: shrink data (5000/1000 examples) and epochs (2) for smoke tests; default ``BCLIB_FAST``.
         results_root: where the run named in ``init_from`` lives (default: the parent of ``out_dir``).
         callbacks: extra per-epoch callbacks (e.g. the animation recorders).
@@ -122,8 +124,8 @@ def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epo
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = _fast_config(experiment.config) if fast else experiment.config
-    overrides = {key: value for key, value in (("epochs", epochs), ("variance_dtype", variance_dtype))
-                 if value is not None}
+    overrides = {key: value for key, value in (("epochs", epochs), ("variance_dtype", variance_dtype),
+                                               ("autocast", autocast)) if value is not None}
     if overrides:
         config = TrainConfig.from_dict({**config.to_dict(), **overrides})
     train, test = load_mnist(data_root, input_range=experiment.input_range)

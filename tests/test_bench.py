@@ -42,11 +42,16 @@ def test_layers_bench_ratios_are_relative_to_the_deterministic_network():
     result = bench.run_layers_bench(steps=1, repeats=1, batch_size=8, model_names=("lenet300",), threads=1,
                                     verbose=False)
     rows = result["lenet300"]
-    assert list(rows) == ["none", "nj", "nj+bfloat16", "hs", "hs+bfloat16", "svd", "svd+bfloat16"]
-    assert rows["none"]["ratio"] == 1.0
-    for row in rows.values():
-        assert math.isclose(row["ratio"], row["step_ms"] / rows["none"]["step_ms"])
-    assert rows["nj+bfloat16"]["matmul_floor"] == rows["nj"]["matmul_floor"] == 1_597_200 / 563_400
+    assert list(rows) == ["none", "none+autocast", "nj", "nj+bfloat16", "nj+autocast", "hs", "hs+bfloat16",
+                          "hs+autocast", "svd", "svd+bfloat16", "svd+autocast"]
+    assert rows["none"]["ratio"] == rows["none+autocast"]["ratio"] == 1.0
+    for key, row in rows.items():
+        baseline = rows["none+autocast" if key.endswith("+autocast") else "none"]
+        assert math.isclose(row["ratio"], row["step_ms"] / baseline["step_ms"])
+    assert rows["nj+bfloat16"]["matmul_floor"] == rows["nj+autocast"]["matmul_floor"] == 1_597_200 / 563_400
+    assert rows["nj"]["matmul_floor"] == 1_597_200 / 563_400 and rows["none+autocast"]["matmul_floor"] == 1.0
+    with pytest.raises(ValueError, match="variants must be drawn from"):
+        bench.run_layers_bench(steps=1, repeats=1, batch_size=8, model_names=("lenet300",), variants=("fp8",))
 
 
 def test_matmul_macs_by_hand():
@@ -103,7 +108,8 @@ def test_training_time_report_sums_epochs_with_pretraining_and_checks_targets(tm
 def test_epoch_bench_times_each_network_on_mnist(mnist_root, capsys):
     result = bench.run_epoch_bench(mnist_root, model_names=("lenet300",), train_examples=600, threads=1)
     rows = result["lenet300"]
-    assert list(rows) == ["none", "nj", "nj+bfloat16"] and rows["none"]["ratio"] == 1.0
+    assert list(rows) == ["none", "none+autocast", "nj", "nj+bfloat16", "nj+autocast"]
+    assert rows["none"]["ratio"] == rows["none+autocast"]["ratio"] == 1.0
     assert all(row["seconds"] > 0 for row in rows.values()) and result["targets"] == {"lenet300": 3.0}
     assert "one training epoch on MNIST" in capsys.readouterr().out
 

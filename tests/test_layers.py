@@ -326,6 +326,26 @@ def test_bfloat16_variance_path_is_close_to_float32(spec):
         assert (grads16[name] - grad).abs().max().item() <= 0.03 * scale + 1e-7, name
 
 
+@pytest.mark.parametrize("first", [lambda: bclib.LinearGroupNJ(100, 80), lambda: bclib.LinearGroupHS(100, 80),
+                                   lambda: bclib.LinearSVD(100, 80)], ids=["nj", "hs", "svd"])
+def test_layers_train_beside_plain_layers_under_autocast(first):
+    """Mixed precision as users write it: a Bayesian layer feeding nn.Linear under torch.autocast, in
+    train and eval mode; parameter gradients come back float32 (the 2017 layers had no such path)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(first(), nn.ReLU(), nn.Linear(80, 10))
+    x, y = torch.randn(32, 100), torch.randint(0, 10, (32,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model.train()(x)
+    loss = F.cross_entropy(logits.float(), y) + bclib.kl_divergence(model) / 1000
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.isfinite().all()
+               for p in model.parameters())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        eval_logits = model.eval()(x)
+    expected = model(x)
+    assert (eval_logits.float() - expected).abs().max() <= 0.05 * expected.abs().max()
+
+
 def test_set_variance_dtype_checks_its_argument():
     model = torch.nn.Sequential(bclib.LinearGroupNJ(3, 2))
     with pytest.raises(TypeError, match="dtype must be a floating-point torch.dtype or None, got 'bf16'"):

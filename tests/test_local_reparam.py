@@ -1,23 +1,25 @@
 """The fused local-reparameterisation functions against the same formula in plain autograd operations:
 same noise (same seed, same draw order), so values and every gradient must agree."""
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from bclib.layers.local_reparam import VARIANCE_EPS, sample_conv2d, sample_linear
+from bclib.layers.local_reparam import MIN_AUTOCAST_TERMS, VARIANCE_EPS, sample_conv2d, sample_linear
 
 
 def _leaves(*tensors):
     return [None if t is None else t.detach().clone().double().requires_grad_(True) for t in tensors]
 
 
-def _reference_linear(h, mu, logvar, bias_mu, bias_logvar):
+def _reference_linear(h, mu, logvar, bias_mu, bias_logvar, noise_dtype=torch.float64):
     mean = F.linear(h, mu, bias_mu)
     var = F.linear(h * h, logvar.exp(), None if bias_logvar is None else bias_logvar.exp())
-    return mean + torch.sqrt(var + VARIANCE_EPS) * torch.randn(mean.shape, dtype=torch.float64)
+    return mean + torch.sqrt(var + VARIANCE_EPS) * torch.randn(mean.shape, dtype=noise_dtype).double()
 
 
-def _reference_conv(x, z, mu, logvar, bias_mu, bias_logvar, stride, padding, dilation):
+def _reference_conv(x, z, mu, logvar, bias_mu, bias_logvar, stride, padding, dilation, noise_dtype=torch.float64):
     mean = F.conv2d(x, mu, None, stride, padding, dilation)
     var = F.conv2d(x * x, logvar.exp(), None, stride, padding, dilation)
     if z is not None:
@@ -26,7 +28,7 @@ def _reference_conv(x, z, mu, logvar, bias_mu, bias_logvar, stride, padding, dil
         mean = mean + bias_mu.view(1, -1, 1, 1)
     if bias_logvar is not None:
         var = var + bias_logvar.exp().view(1, -1, 1, 1)
-    return mean + torch.sqrt(var + VARIANCE_EPS) * torch.randn(mean.shape, dtype=torch.float64)
+    return mean + torch.sqrt(var + VARIANCE_EPS) * torch.randn(mean.shape, dtype=noise_dtype).double()
 
 
 def _compare(fused, reference, inputs, seed=3):
@@ -83,3 +85,58 @@ def test_only_requested_gradients_are_computed():
     out = sample_conv2d(x, None, mu, logvar, None, None, (1, 1), (0, 0), (1, 1))
     out.sum().backward()
     assert x.grad is None and mu.grad is not None and logvar.grad is not None
+
+
+# ----------------------------------------------------------------------------- mixed precision
+def _autocast_case(kind: str):
+    """Inputs with at least MIN_AUTOCAST_TERMS products per output, and the float64 reference fed the
+    float32 noise the fused function draws."""
+    g = torch.Generator().manual_seed(2)
+    if kind == "linear":
+        inputs = (torch.randn(16, 96, generator=g), 0.1 * torch.randn(8, 96, generator=g),
+                  torch.empty(8, 96).uniform_(-8, -2, generator=g), torch.randn(8, generator=g),
+                  torch.empty(8).uniform_(-8, -2, generator=g))
+        return inputs, sample_linear, partial(_reference_linear, noise_dtype=torch.float32)
+    geometry = ((1, 1), (1, 1), (1, 1))
+    z = torch.rand(4, 6, generator=g) + 0.5 if kind == "conv-scaled" else None
+    inputs = (torch.randn(4, 4, 10, 10, generator=g), z, 0.1 * torch.randn(6, 4, 5, 5, generator=g),
+              torch.empty(6, 4, 5, 5).uniform_(-8, -2, generator=g), torch.randn(6, generator=g),
+              torch.empty(6).uniform_(-8, -2, generator=g))
+    return (inputs, lambda *t: sample_conv2d(*t, *geometry),
+            lambda *t: _reference_conv(*t, *geometry, noise_dtype=torch.float32))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "conv-scaled"])
+def test_autocast_runs_the_products_in_bfloat16_close_to_float64(kind):
+    inputs, fused, reference = _autocast_case(kind)
+    assert inputs[-3][0].numel() >= MIN_AUTOCAST_TERMS
+    low = [None if t is None else t.detach().clone().requires_grad_(True) for t in inputs]
+    exact = _leaves(*inputs)
+    torch.manual_seed(5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused(*low)
+    torch.manual_seed(5)
+    expected = reference(*exact)
+    assert out.dtype == torch.float32
+    error, scale = (out.double() - expected).abs().max().item(), expected.abs().max().item()
+    # bfloat16 keeps 8 significant bits; float32 products would agree to ~1e-7 of the scale.
+    assert 1e-5 * scale < error <= 0.02 * scale
+    weights = torch.randn(out.shape, dtype=torch.float64)
+    (out.double() * weights).sum().backward()
+    (expected * weights).sum().backward()
+    for index, (a, b) in enumerate(zip(low, exact)):
+        if a is not None:
+            assert a.grad.dtype == torch.float32, index
+            assert (a.grad.double() - b.grad).abs().max() <= 0.03 * b.grad.abs().max(), f"gradient of input {index}"
+
+
+def test_autocast_leaves_short_products_in_full_precision():
+    # 1 input channel x 5 x 5 = 25 products per output, as LeNet-5's first convolution.
+    x, mu, logvar = torch.randn(2, 1, 8, 8), torch.randn(3, 1, 5, 5), torch.full((3, 1, 5, 5), -4.0)
+    assert mu[0].numel() < MIN_AUTOCAST_TERMS
+    torch.manual_seed(0)
+    expected = sample_conv2d(x, None, mu, logvar, None, None, (1, 1), (0, 0), (1, 1))
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sample_conv2d(x, None, mu, logvar, None, None, (1, 1), (0, 0), (1, 1))
+    assert torch.equal(out, expected)

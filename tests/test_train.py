@@ -206,12 +206,27 @@ def test_variance_dtype_reaches_every_bayesian_layer(small_mnist):
     assert all(layer.variance_dtype is torch.bfloat16 for _, layer in bclib.bayesian_layers(model))
 
 
+def test_autocast_trains_under_autocast_and_evaluates_in_full_precision(small_mnist):
+    train, test = small_mnist
+    model = _lenet300_nj()
+    seen = []  # (training, autocast dtype or None) at each call of the first layer
+    model[0].register_forward_hook(lambda module, inputs, output: seen.append(
+        (module.training, torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)))
+    history = fit(model, train.subset(200), test.subset(100),
+                  TrainConfig(epochs=1, batch_size=100, device="cpu", autocast="bfloat16"), progress=False)
+    assert {dtype for training, dtype in seen if training} == {torch.bfloat16}
+    assert {dtype for training, dtype in seen if not training} == {None}
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(math.isfinite(value) for value in history[0].values())
+
+
 # ----------------------------------------------------------------------------- configuration
 @pytest.mark.parametrize("field, value", [
     ("epochs", 0), ("epochs", -1), ("epochs", 1.5), ("epochs", True),
     ("batch_size", 0), ("batch_size", 2.0),
     ("lr", 0.0), ("lr", -1e-3), ("lr_final", 0.0), ("variance_lr_scale", -1.0),
     ("kl_warmup_epochs", -1), ("variance_dtype", "bf16"), ("variance_dtype", "int8"),
+    ("autocast", "float16"), ("autocast", True),
 ])
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -598,7 +599,7 @@ class CompressedModel:
     def _reduced(self, index: int, values: dict) -> dict:
         if index not in self._bits:
             return values
-        reduced = {"weight": dequantize(quantize(values["weight"], self._bits[index]), self._bits[index])}
+        reduced = {"weight": dequantize(self._grid_integers[index], self._bits[index])}
         if "bias" in values:
             reduced["bias"] = values["bias"].half().float()
         return reduced
@@ -624,12 +625,18 @@ class CompressedModel:
         return len(encode_compressed(self.input_shape, self._specs, self._file_tensors(),
                                      entropy_coding=entropy_coding))
 
+    @functools.cached_property
+    def _grid_integers(self) -> dict[int, Tensor]:
+        """Per weighted layer (by index), its weights as integers on the layer's fixed-point grid,
+        computed once for the reduced-precision model and the file alike."""
+        return {index: quantize(self._tensors[index]["weight"], bits) for index, bits in self._bits.items()}
+
     def _file_tensors(self) -> list[dict]:
         """Per layer, what the file stores: grid integers ``q``, input mask and bias for weighted layers."""
         file_tensors = []
         for index, values in enumerate(self._tensors):
             if index in self._bits:
-                values = {"q": quantize(values["weight"], self._bits[index]), "in_mask": values["in_mask"],
+                values = {"q": self._grid_integers[index], "in_mask": values["in_mask"],
                           **({"bias": values["bias"]} if "bias" in values else {})}
             file_tensors.append(values)
         return file_tensors

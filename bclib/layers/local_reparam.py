@@ -86,16 +86,16 @@ class _LinearSample(torch.autograd.Function):
         h = h.reshape(-1, h.shape[-1])
         # The casts are explicit: autocast must not re-cast anything in between.
         with torch.autocast(h.device.type, enabled=False):
-            h_mean, weight_mu_low = h.to(mean_dtype), weight_mu.to(mean_dtype)
+            h_mean, weight_mu_mean = h.to(mean_dtype), weight_mu.to(mean_dtype)
             weight_var = weight_logvar.exp()
             h_squared, weight_var_low = (h * h).to(variance_dtype), weight_var.to(variance_dtype)
             # Work with 4 v so that sqrt gives 2 sqrt(v), the denominator of dL/dv, without another pass.
             four_bias_var = _four_bias_variance(bias_logvar, weight_mu).to(variance_dtype)
             two_std = torch.addmm(four_bias_var, h_squared, weight_var_low.t(), alpha=4.0).to(dtype).sqrt_()
-            out = F.linear(h_mean, weight_mu_low, _optional_to(bias_mu, mean_dtype)).to(dtype)
+            out = F.linear(h_mean, weight_mu_mean, _optional_to(bias_mu, mean_dtype)).to(dtype)
             noise = torch.randn_like(out)
             out.addcmul_(two_std, noise, value=0.5)
-        ctx.save_for_backward(h_mean, h_squared, weight_mu_low, weight_var, weight_var_low, bias_logvar, noise,
+        ctx.save_for_backward(h_mean, h_squared, weight_mu_mean, weight_var, weight_var_low, bias_logvar, noise,
                               two_std)
         return out.reshape(*ctx.batch_shape, out.shape[-1])
 
@@ -134,23 +134,23 @@ class _Conv2dSample(torch.autograd.Function):
         ctx.conv_args, ctx.input_dtype, ctx.variance_dtype = (stride, padding, dilation), x.dtype, variance_dtype
         channels = (1, -1, 1, 1)
         with torch.autocast(x.device.type, enabled=False):
-            x_mean, weight_mu_low = x.to(mean_dtype), weight_mu.to(mean_dtype)
+            x_mean, weight_mu_mean = x.to(mean_dtype), weight_mu.to(mean_dtype)
             weight_var = weight_logvar.exp()
             x_squared, weight_var_low = (x * x).to(variance_dtype), weight_var.to(variance_dtype)
             four_bias_var = _four_bias_variance(bias_logvar, weight_mu).view(channels)
             var_conv = F.conv2d(x_squared, weight_var_low, None, *ctx.conv_args).to(dtype)
             if scale is None:
-                out = F.conv2d(x_mean, weight_mu_low, _optional_to(bias_mu, mean_dtype), *ctx.conv_args).to(dtype)
+                out = F.conv2d(x_mean, weight_mu_mean, _optional_to(bias_mu, mean_dtype), *ctx.conv_args).to(dtype)
                 two_std = torch.add(four_bias_var, var_conv, alpha=4.0).sqrt_()
                 mean_conv = var_conv = None
             else:
                 z = scale.view(*scale.shape, 1, 1)
-                mean_conv = F.conv2d(x_mean, weight_mu_low, None, *ctx.conv_args).to(dtype)
+                mean_conv = F.conv2d(x_mean, weight_mu_mean, None, *ctx.conv_args).to(dtype)
                 out = mean_conv * z if bias_mu is None else torch.addcmul(bias_mu.view(channels), mean_conv, z)
                 two_std = torch.addcmul(four_bias_var, var_conv, z * z, value=4.0).sqrt_()
             noise = torch.randn_like(out)
             out.addcmul_(two_std, noise, value=0.5)
-        ctx.save_for_backward(x_mean, x_squared, scale, weight_mu_low, weight_var, weight_var_low, bias_logvar,
+        ctx.save_for_backward(x_mean, x_squared, scale, weight_mu_mean, weight_var, weight_var_low, bias_logvar,
                               mean_conv, var_conv, noise, two_std)
         return out
 

@@ -65,13 +65,13 @@ def _bayes(epochs: int) -> TrainConfig:
 EXPERIMENTS: dict[str, Experiment] = {
     "lenet300_dense": Experiment("lenet300", None, TrainConfig(epochs=10, lr=1e-3, lr_final=1e-4)),
     "lenet300_nj": Experiment("lenet300", "nj", _bayes(100), animate=True),
-    "lenet300_hs": Experiment("lenet300", "hs", _bayes(100)),
+    "lenet300_hs": Experiment("lenet300", "hs", _bayes(200), init_from="lenet300_dense"),
     "lenet300_svd": Experiment("lenet300", "svd", _bayes(100), init_from="lenet300_dense"),
     "lenet300_nj_pretrained": Experiment("lenet300", "nj", _bayes(10), init_from="lenet300_dense"),
     "lenet300_nj_release_scaling": Experiment("lenet300", "nj", _bayes(100), input_range=(-1.0, 1.0)),
     "lenet5_dense": Experiment("lenet5", None, TrainConfig(epochs=4, lr=1e-3, lr_final=1e-4)),
     "lenet5_nj": Experiment("lenet5", "nj", _bayes(100), init_from="lenet5_dense"),
-    "lenet5_hs": Experiment("lenet5", "hs", _bayes(60), init_from="lenet5_dense"),
+    "lenet5_hs": Experiment("lenet5", "hs", _bayes(100), init_from="lenet5_dense"),
     "lenet5_svd": Experiment("lenet5", "svd", _bayes(60), init_from="lenet5_dense"),
 }
 

@@ -147,6 +147,22 @@ class CompressionReport:
     count of surviving (nonzero) weights instead: a different quantity (a sparse format would need
     indices too), the one that matters for Sparse VD. FLOPs are multiply-accumulates per example of
     the conv/linear layers.
+
+    Attributes:
+        layers: one :class:`LayerReport` per Bayesian layer (units, weights, bits, threshold, FLOPs).
+        exponent_bits: ``e``, shared by the network (the release's rule).
+        compression_pruning, compression_precision: the release's two rates (above).
+        compression_sparse, compression_sparse_precision: the same over nonzero weights.
+        flops_before, flops_after: multiply-accumulates per example, dense and pruned.
+        dense_float32_bytes: float32 weights and biases of the unpruned network.
+        file: the :class:`SavedFile` once :meth:`CompressedModel.save` wrote one, else ``None``.
+
+    Example:
+        >>> import bclib
+        >>> net = torch.nn.Sequential(bclib.LinearGroupNJ(4, 3), torch.nn.ReLU(), bclib.LinearGroupNJ(3, 2)).eval()
+        >>> report = compress(net, thresholds=[-3.0, -3.0]).report
+        >>> report.flops_before, report.flops_after, report.compression_pruning
+        (18, 18, 1.0)
     """
 
     layers: list[LayerReport]
@@ -540,6 +556,15 @@ class CompressedModel:
         report: the :class:`CompressionReport`.
         masks: ``{layer name: (weight_mask, bias_mask)}`` for :func:`apply_masks`.
         input_shape: shape of one example.
+
+    Example:
+        >>> import bclib
+        >>> net = torch.nn.Sequential(bclib.LinearGroupNJ(4, 3), torch.nn.ReLU(), bclib.LinearGroupNJ(3, 2)).eval()
+        >>> result = compress(net, thresholds=[-3.0, -3.0])
+        >>> result.report.architecture
+        '4-3'
+        >>> type(result.model).__name__, type(result.reduced_precision_model()).__name__
+        ('Sequential', 'Sequential')
     """
 
     def __init__(self, specs, tensors, bits, report, masks, input_shape) -> None:

@@ -589,7 +589,11 @@ def load_compressed(path) -> nn.Sequential:
     """Load a file written by :meth:`bclib.compression.CompressedModel.save` as a plain ``nn.Sequential``.
 
     The model is in eval mode and has an ``input_shape`` attribute. Its predictions equal those of
-    the reduced-precision model the file was written from, bit for bit.
+    the reduced-precision model the file was written from, bit for bit. The file is parsed, never
+    unpickled.
+
+    Args:
+        path: a file written by ``CompressedModel.save`` (``str`` or ``os.PathLike``).
 
     Raises:
         ValueError: for a file that is truncated, corrupt, of another version or inconsistent.

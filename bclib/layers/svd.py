@@ -95,6 +95,9 @@ class Conv2dSVD(_Conv2dGeometry, _SparseVD):
         in_channels, out_channels, kernel_size, stride, padding, dilation, bias: as ``nn.Conv2d``.
         init_weight, init_bias, clip_var: as :class:`LinearSVD`.
 
+    Shape:
+        - Input: ``(N, in_channels, H, W)``; output ``(N, out_channels, H_out, W_out)`` as ``nn.Conv2d``.
+
     Example:
         >>> Conv2dSVD(1, 20, 5)(torch.randn(2, 1, 28, 28)).shape
         torch.Size([2, 20, 24, 24])

@@ -653,3 +653,30 @@ def test_release_readme_snippet_runs_with_only_the_import_changed():
     layer = BayesianLayer.LinearGroupVD(28*28, 300, init_weight=pretrained_weight, init_bias=pretrained_bias)
     x = torch.randn(3, 28 * 28)
     torch.testing.assert_close(layer.eval()(x), pretrained(x), rtol=1e-5, atol=1e-5)
+
+
+def test_hs_group_without_data_settles_where_the_prior_puts_it():
+    # Worked by hand: with no data, each local factor minimises its own KL. For a ~ LN(m, v) against
+    # Gamma(1/2, scale 1), dKL/dm = -1/2 + e^(m+v/2) and dKL/dv = -1/(2v) + e^(m+v/2)/2 vanish at v = 2,
+    # m = -1 - log 2; against InvGamma(1/2, 1), at v = 2, m = 1 + log 2. So an unused group ends at
+    # E[log z~] = (m_a + m_b)/2 = 0 (the scale does NOT shrink) and log alpha = log(e^((2+2)/4) - 1)
+    # = log(e - 1): the reason the horseshoe layers prune on log alpha, not on the size of E[log z].
+    torch.manual_seed(0)
+    layer = bclib.LinearGroupHS(5, 3).double()
+    local = [layer.za_mu, layer.za_logvar, layer.zb_mu, layer.zb_logvar]
+    optimizer = torch.optim.LBFGS(local, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14,
+                                  line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = layer.kl_divergence()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    expected = torch.full((5,), 1.0, dtype=torch.float64)
+    torch.testing.assert_close(layer.za_logvar.exp(), 2 * expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(layer.zb_logvar.exp(), 2 * expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(layer.za_mu, -(1 + math.log(2)) * expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(layer.zb_mu, (1 + math.log(2)) * expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(layer.log_alpha(), math.log(math.e - 1) * expected, atol=1e-5, rtol=0)

@@ -16,7 +16,9 @@ Defaults chosen here (the paper leaves them open):
   several layers to share it across the network; :func:`bclib.kl_divergence` counts it once.
 * The pruning signal :meth:`log_alpha` is the log "dropout rate" of the local scale,
   ``alpha_g = Var[z~_g] / E[z~_g]^2 = exp((v_a + v_b) / 4) - 1``: the analogue of NJ's alpha. The
-  global scale is left out of it because it is common to all groups of a layer.
+  global scale is left out of it because it is common to all groups of a layer. Not ``E[log z~_g]``:
+  a group the data do not use settles at the minimum of its KL terms, ``v_a = v_b = 2`` and
+  ``E[log z~_g] = 0`` (no shrinkage), where ``log alpha = log(e - 1) ~ 0.54``.
 * Initialisation sits where the prior is comfortable: ``m_sa = log tau0^2`` (the Gamma factor at
   its scale) and ``m_sb`` set so that ``E[s] = 1/sqrt(fan_in)``; ``m_a = m_b = 0``. Then ``w~`` starts
   in ``U(-1, 1)``, the typical range under its ``N(0, 1)`` prior.

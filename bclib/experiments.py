@@ -16,10 +16,12 @@ Each run trains one model with one prior, compresses it and writes into its fold
 """
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
 import shlex
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -35,7 +37,7 @@ from .models import bayesian_from_pretrained, build_model
 from .train import TrainConfig, evaluate, fit, load_checkpoint
 
 __all__ = ["Experiment", "EXPERIMENTS", "RunResult", "run_experiment", "compress_run", "load_run_model",
-           "load_or_run", "write_json"]
+           "load_or_run", "scratch_folder", "write_json"]
 
 # Threshold offsets (added to each layer's chosen threshold) for the saved error/compression sweep.
 SWEEP_OFFSETS = (-3.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 3.0)
@@ -293,12 +295,28 @@ def _read_run(name: str, run_dir: Path, trained_here: bool) -> RunResult:
                      read("analysis.json"), trained_here)
 
 
+def scratch_folder(prefix: str = "bclib-") -> Path:
+    """A new temporary folder that is deleted, with everything in it, when the Python process exits.
+
+    For the small runs of fast mode (``BCLIB_FAST=1``), which would otherwise pile up in the
+    temporary directory (about 60 MB per notebook run). A notebook's kernel deletes it on shutdown.
+
+    Example:
+        >>> folder = scratch_folder("bclib-example-")
+        >>> folder.is_dir()
+        True
+    """
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 def load_or_run(name: str, results_root: str | os.PathLike = "results", *, data_root=None,
                 scratch_root: str | os.PathLike | None = None, callbacks=(), progress: bool = True) -> RunResult:
     """Read the committed results of run ``name``, or train it when they are missing.
 
-    Under ``BCLIB_FAST=1`` the small version is always trained (into ``scratch_root``, a temporary
-    folder by default), so the code path of a real run is exercised in about a minute. A run that
+    Under ``BCLIB_FAST=1`` the small version is always trained (into ``scratch_root``; by default a
+    :func:`scratch_folder`, deleted when the process exits), so the code path of a real run is exercised in about a minute. A run that
     starts from a deterministic one trains that one first when needed.
 
     Example:
@@ -310,7 +328,7 @@ def load_or_run(name: str, results_root: str | os.PathLike = "results", *, data_
     committed = Path(results_root) / name
     if not fast_mode() and (committed / "report.json").exists():
         return _read_run(name, committed, trained_here=False)
-    root = Path(results_root) if not fast_mode() else Path(scratch_root or tempfile.mkdtemp(prefix="bclib-fast-"))
+    root = Path(results_root) if not fast_mode() else Path(scratch_root or scratch_folder("bclib-fast-"))
     dependency = EXPERIMENTS[name].init_from
     if dependency is not None and not (root / dependency / "checkpoint.pt").exists():
         run_experiment(dependency, root / dependency, data_root=data_root, progress=progress)

@@ -207,3 +207,16 @@ def test_unknown_experiment_names_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="name"):
         experiments.run_experiment("lenet7_nj", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_scratch_folder_is_deleted_when_the_process_exits(tmp_path):
+    script = ("import os, sys; from bclib.experiments import scratch_folder\n"
+              "folder = scratch_folder('bclib-test-')\n"
+              "(folder / 'run').mkdir(); (folder / 'run' / 'checkpoint.pt').write_bytes(b'x' * 1000)\n"
+              "print(folder)\n")
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    folder = Path(done.stdout.strip())
+    assert folder.parent == tmp_path and folder.name.startswith("bclib-test-")
+    assert not folder.exists()
+    assert list(tmp_path.iterdir()) == []

@@ -296,19 +296,35 @@ def _read_run(name: str, run_dir: Path, trained_here: bool) -> RunResult:
 
 
 def scratch_folder(prefix: str = "bclib-") -> Path:
-    """A new temporary folder that is deleted, with everything in it, when the Python process exits.
+    """A new temporary folder, deleted with everything in it when the Python process exits.
 
     For the small runs of fast mode (``BCLIB_FAST=1``), which would otherwise pile up in the
-    temporary directory (about 60 MB per notebook run). A notebook's kernel deletes it on shutdown.
+    temporary directory (about 60 MB per notebook run). A process that is killed (as nbval and
+    Jupyter end kernels) cannot clean up, so the folder's name carries the process id, and each new
+    call first deletes the folders of ``prefix`` whose process no longer runs.
 
     Example:
         >>> folder = scratch_folder("bclib-example-")
         >>> folder.is_dir()
         True
     """
-    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    for stale in Path(tempfile.gettempdir()).glob(f"{prefix}*-*"):
+        owner = stale.name[len(prefix):].split("-", 1)[0]
+        if owner.isdigit() and not _process_runs(int(owner)):
+            shutil.rmtree(stale, ignore_errors=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return folder
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 def load_or_run(name: str, results_root: str | os.PathLike = "results", *, data_root=None,

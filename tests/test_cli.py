@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -220,3 +221,21 @@ def test_scratch_folder_is_deleted_when_the_process_exits(tmp_path):
     assert folder.parent == tmp_path and folder.name.startswith("bclib-test-")
     assert not folder.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_scratch_folder_deletes_the_folders_of_killed_processes(tmp_path, monkeypatch):
+    script = ("import os, signal; from bclib.experiments import scratch_folder\n"
+              "folder = scratch_folder('bclib-test-'); (folder / 'checkpoint.pt').write_bytes(b'x')\n"
+              "print(folder, flush=True); os.kill(os.getpid(), signal.SIGKILL)\n")  # no atexit
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert killed.returncode == -9
+    orphan = Path(killed.stdout.strip())
+    assert orphan.is_dir()  # the killed process could not clean up
+    unrelated = tmp_path / "bclib-test-notapid"
+    unrelated.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    mine = experiments.scratch_folder("bclib-test-")
+    assert not orphan.exists()
+    assert mine.is_dir() and mine.name.startswith(f"bclib-test-{os.getpid()}-")
+    assert unrelated.is_dir()  # names without a process id are left alone

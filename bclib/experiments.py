@@ -323,7 +323,7 @@ def _process_runs(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # it exists, under another user
-        return True
+        pass
     return True
 
 
@@ -332,8 +332,9 @@ def load_or_run(name: str, results_root: str | os.PathLike = "results", *, data_
     """Read the committed results of run ``name``, or train it when they are missing.
 
     Under ``BCLIB_FAST=1`` the small version is always trained (into ``scratch_root``; by default a
-    :func:`scratch_folder`, deleted when the process exits), so the code path of a real run is exercised in about a minute. A run that
-    starts from a deterministic one trains that one first when needed.
+    :func:`scratch_folder`, deleted when the process exits), so the code path of a real run is
+    exercised in about a minute. A run that starts from a deterministic one trains that one first
+    when needed.
 
     Example:
         >>> run = load_or_run("lenet300_nj", "results")  # doctest: +SKIP

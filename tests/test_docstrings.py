@@ -40,8 +40,7 @@ def test_public_names_document_args_and_an_example(name):
     # Classes that bclib builds for the user (results) list Attributes instead of constructor Args.
     arguments = "Args" in doc or "Attributes:" in doc
     missing = ([] if arguments else ["Args"]) + ([] if "Example:" in doc else ["Example"])
-    has_forward = isinstance(obj, type) and issubclass(obj, nn.Module) and "forward" in dir(obj) \
-        and getattr(obj, "forward") is not nn.Module.forward
+    has_forward = isinstance(obj, type) and issubclass(obj, nn.Module) and obj.forward is not nn.Module.forward
     if has_forward and "Shape" not in doc:
         missing.append("Shape")
     assert not missing, f"the docstring of bclib.{name} lacks {missing}"

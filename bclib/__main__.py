@@ -11,6 +11,7 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .bench import LAYOUTS
     from .experiments import EXPERIMENTS
     from .train import AUTOCAST_DTYPES, VARIANCE_DTYPES
 
@@ -56,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--results", default="book/results", help="results folder for 'training'")
     bench.add_argument("--run", default="book/results/lenet5_nj", help="trained run folder for the compression benchmark")
     bench.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's setting)")
+    bench.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS),
+                       help="how the compression benchmark runs both exports (default: all; 'compiled' uses "
+                            "torch.compile and needs a C++ compiler)")
     bench.add_argument("--out", default=None,
                        help="also write the results as JSON here, with the command, machine and versions")
     return parser
@@ -111,7 +115,8 @@ def _dispatch(args: argparse.Namespace) -> None:
         if args.which in ("layers", "all"):
             results["layers"] = bench.run_layers_bench(threads=args.threads)
         if args.which in ("compression", "all"):
-            results["compression"] = bench.run_compression_bench_from_run(args.run, threads=args.threads)
+            results["compression"] = bench.run_compression_bench_from_run(args.run, threads=args.threads,
+                                                                         layouts=tuple(args.layouts))
         if args.which in ("epochs", "all"):
             results["epochs"] = bench.run_epoch_bench(args.data, threads=args.threads)
         if args.which in ("training", "all"):

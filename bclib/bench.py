@@ -37,6 +37,9 @@ __all__ = ["run_compression_bench", "run_compression_bench_from_run", "run_layer
 # The BC-GNJ architecture of the paper for LeNet-5-Caffe: filters of conv1, conv2, inputs of fc1, fc2.
 PAPER_LENET5_ARCHITECTURE = (8, 13, 88, 13)
 
+# How the compression benchmark runs both exports (see run_compression_bench).
+LAYOUTS = ("contiguous", "channels_last", "compiled")
+
 
 def paper_lenet5(seed: int = 0) -> nn.Sequential:
     """An untrained LeNet-5-Caffe NJ model whose log alphas prune it to the paper's 8-13-88-13 at threshold 0.
@@ -81,8 +84,8 @@ def _interleaved_medians(modules: dict[str, nn.Module], x: torch.Tensor, repeats
 
 
 def run_compression_bench(model: nn.Module | None = None, compressed: CompressedModel | None = None,
-                          thresholds=None, *, batch_sizes=(1000, 1), layouts=("contiguous", "channels_last"),
-                          repeats: int = 7, min_seconds: float = 0.05, threads: int | None = None,
+                          thresholds=None, *, batch_sizes=(1000, 1), layouts=LAYOUTS,
+                          repeats: int = 9, min_seconds: float = 0.2, threads: int | None = None,
                           verbose: bool = True) -> dict:
     """CPU inference throughput of the exported model against the dense original, at each batch size.
 
@@ -90,7 +93,11 @@ def run_compression_bench(model: nn.Module | None = None, compressed: Compressed
     (posterior means, ``nn.Conv2d``/``nn.Linear``), so the comparison is of architectures, not of
     Bayesian against plain layers. Each memory layout is applied to both models alike:
     ``"contiguous"`` is the exported ``nn.Sequential`` as is, ``"channels_last"`` converts both
-    models and the input (``torch.channels_last``, usually faster for convolutions and pooling on CPUs).
+    models and the input (``torch.channels_last``, usually faster for convolutions and pooling on CPUs),
+    and ``"compiled"`` runs both channels-last models through ``torch.compile`` (TorchInductor: it fuses
+    pooling and activations into generated C++ loops; it needs a C++ compiler and takes about half a
+    minute per model and batch size). Before timing, every layout's outputs are checked against the
+    plain exports (max abs logit difference <= 1e-4), so a faster but wrong model is never timed.
 
     Args:
         model: a trained Bayesian model; default :func:`paper_lenet5` (the paper's 8-13-88-13 LeNet-5).
@@ -98,7 +105,7 @@ def run_compression_bench(model: nn.Module | None = None, compressed: Compressed
         thresholds: as for :func:`bclib.compress`; default 0 for :func:`paper_lenet5`, else
             :func:`bclib.compression.propose_thresholds` (a layer with one mode keeps everything).
         batch_sizes: batch sizes to time, side by side.
-        layouts: memory layouts to time (``"contiguous"``, ``"channels_last"``).
+        layouts: how to run the models: any of ``"contiguous"``, ``"channels_last"``, ``"compiled"``.
         repeats: interleaved turns per model (the median is reported).
         min_seconds: length of one turn.
         threads: CPU threads for the run (default: PyTorch's current setting).
@@ -109,7 +116,8 @@ def run_compression_bench(model: nn.Module | None = None, compressed: Compressed
         "batch", "dense_ms", "pruned_ms", "dense_examples_per_s", "pruned_examples_per_s", "speedup",
         "speedup_over_flop_reduction"}, ...], "layers": {layout: [{"layer", "dense_ms", "pruned_ms"}, ...]}}``;
         ``"layers"`` times each module of both exports on its own, at the largest batch size (where
-        the time goes: pooling and memory-bound layers are not counted by FLOPs).
+        the time goes: pooling and memory-bound layers are not counted by FLOPs); compiled models run
+        fused across modules, so the ``"compiled"`` layout has no per-module rows.
     """
     if model is None:
         model = paper_lenet5()
@@ -135,7 +143,9 @@ def run_compression_bench(model: nn.Module | None = None, compressed: Compressed
         for layout in layouts:
             modules, convert = _in_layout(plain, layout, len(compressed.input_shape) == 3)
             for batch in batch_sizes:
-                x = convert(torch.rand(batch, *compressed.input_shape) * 2 - 1)
+                x = torch.rand(batch, *compressed.input_shape) * 2 - 1
+                _check_same_outputs(modules, plain, convert, x, layout)
+                x = convert(x)
                 seconds = _interleaved_medians(modules, x, repeats, min_seconds)
                 speedup = seconds["dense"] / seconds["pruned"]
                 result["runs"].append({
@@ -145,6 +155,8 @@ def run_compression_bench(model: nn.Module | None = None, compressed: Compressed
                     "pruned_examples_per_s": batch / seconds["pruned"],
                     "speedup": speedup, "speedup_over_flop_reduction": speedup / report.flop_reduction,
                 })
+            if layout == "compiled":
+                continue
             x = convert(torch.rand(max(batch_sizes), *compressed.input_shape) * 2 - 1)
             per_module = {name: _module_medians(module, x, repeats, min_seconds) for name, module in modules.items()}
             result["layers"][layout] = [
@@ -202,15 +214,39 @@ def _cpu_threads(threads: int | None):
 
 
 def _in_layout(modules: dict[str, nn.Module], layout: str, image_input: bool):
-    """Copies of ``modules`` and an input converter for a memory layout."""
+    """Copies of ``modules`` and an input converter for a layout of :data:`LAYOUTS`."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}, got {layout!r}")
     if layout == "contiguous":
-        return modules, lambda x: x
-    if layout == "channels_last":
-        if not image_input:
-            raise ValueError("layout 'channels_last' needs image inputs (C, H, W)")
-        converted = {name: copy.deepcopy(m).to(memory_format=torch.channels_last) for name, m in modules.items()}
-        return converted, lambda x: x.contiguous(memory_format=torch.channels_last)
-    raise ValueError(f"layout must be 'contiguous' or 'channels_last', got {layout!r}")
+        return modules, _unchanged
+    if layout == "channels_last" and not image_input:
+        raise ValueError("layout 'channels_last' needs image inputs (C, H, W)")
+    convert = _unchanged
+    if image_input:
+        modules = {name: copy.deepcopy(m).to(memory_format=torch.channels_last) for name, m in modules.items()}
+        convert = _channels_last
+    if layout == "compiled":
+        # dynamic=False: one graph specialised to each batch size, as a deployment would hold.
+        modules = {name: torch.compile(m, dynamic=False) for name, m in modules.items()}
+    return modules, convert
+
+
+def _unchanged(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def _check_same_outputs(modules: dict[str, nn.Module], plain: dict[str, nn.Module], convert, x: torch.Tensor,
+                        layout: str, tolerance: float = 1e-4) -> None:
+    """Raise if a model run in ``layout`` gives other logits than its plain export (first call compiles)."""
+    for name, module in modules.items():
+        difference = (module(convert(x)).float() - plain[name](x).float()).abs().max().item()
+        if not difference <= tolerance:
+            raise RuntimeError(f"the {name} model in layout {layout!r} differs from its plain export by "
+                               f"{difference:.3g} (max abs logit; tolerance {tolerance:g})")
 
 
 def _compression_table(result: dict) -> str:

@@ -16,7 +16,8 @@ def test_paper_lenet5_has_the_papers_architecture():
 
 
 def test_compression_bench_reports_every_layout_and_batch(capsys):
-    result = bench.run_compression_bench(batch_sizes=(4, 1), repeats=1, min_seconds=0.0)
+    result = bench.run_compression_bench(batch_sizes=(4, 1), layouts=("contiguous", "channels_last"), repeats=1,
+                                         min_seconds=0.0)
     assert [(row["layout"], row["batch"]) for row in result["runs"]] == [
         ("contiguous", 4), ("contiguous", 1), ("channels_last", 4), ("channels_last", 1)]
     for row in result["runs"]:
@@ -30,6 +31,32 @@ def test_compression_bench_reports_every_layout_and_batch(capsys):
         assert all(row["dense_ms"] > 0 and row["pruned_ms"] > 0 for row in rows)
     out = capsys.readouterr().out
     assert "8-13-88-13" in out and "per module, channels_last, batch 4" in out
+
+
+def test_compiled_layout_times_the_compiled_models_and_has_no_per_module_rows():
+    model = models.lenet_300_100("nj")
+    result = bench.run_compression_bench(model, thresholds=0.0, batch_sizes=(3,), layouts=("compiled",), repeats=1,
+                                         min_seconds=0.0, verbose=False)
+    assert [(row["layout"], row["batch"]) for row in result["runs"]] == [("compiled", 3)]
+    assert result["layers"] == {}
+
+
+def test_compression_bench_refuses_a_layout_whose_outputs_differ(monkeypatch):
+    class OffByOne(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) + 1e-3
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: OffByOne(module))
+    with pytest.raises(RuntimeError, match="layout 'compiled' differs from its plain export by 0.001"):
+        bench.run_compression_bench(models.lenet_300_100("nj"), thresholds=0.0, batch_sizes=(2,),
+                                    layouts=("compiled",), repeats=1, min_seconds=0.0, verbose=False)
+    with pytest.raises(ValueError, match="layout must be one of 'contiguous', 'channels_last', 'compiled', got 'fast'"):
+        bench.run_compression_bench(models.lenet_300_100("nj"), thresholds=0.0, batch_sizes=(2,),
+                                    layouts=("fast",), repeats=1, min_seconds=0.0, verbose=False)
 
 
 def test_compression_bench_without_a_run_folder_times_the_paper_model(tmp_path, capsys):

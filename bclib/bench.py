@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import json
+import logging
 import math
 import os
 import platform
@@ -94,9 +96,9 @@ def run_compression_bench(model: nn.Module | None = None, compressed: Compressed
     Bayesian against plain layers. Each memory layout is applied to both models alike:
     ``"contiguous"`` is the exported ``nn.Sequential`` as is, ``"channels_last"`` converts both
     models and the input (``torch.channels_last``, usually faster for convolutions and pooling on CPUs),
-    and ``"compiled"`` runs both channels-last models through ``torch.compile`` (TorchInductor: it fuses
-    pooling and activations into generated C++ loops; it needs a C++ compiler and takes about half a
-    minute per model and batch size). Before timing, every layout's outputs are checked against the
+    and ``"compiled"`` runs both models (channels-last for image inputs) through ``torch.compile``
+    (TorchInductor: it fuses pooling and activations into generated C++ loops; it needs a C++ compiler
+    and takes up to half a minute per model and batch size). Before timing, every layout's outputs are checked against the
     plain exports (max abs logit difference <= 1e-4), so a faster but wrong model is never timed.
 
     Args:
@@ -226,6 +228,14 @@ def _in_layout(modules: dict[str, nn.Module], layout: str, image_input: bool):
         modules = {name: copy.deepcopy(m).to(memory_format=torch.channels_last) for name, m in modules.items()}
         convert = _channels_last
     if layout == "compiled":
+        # Inductor imports cpp_extension, which warns on CPU-only machines that it found no CUDA runtime.
+        cpp_extension_logger = logging.getLogger("torch.utils.cpp_extension")
+        level = cpp_extension_logger.level
+        cpp_extension_logger.setLevel(logging.ERROR)
+        try:
+            importlib.import_module("torch.utils.cpp_extension")
+        finally:
+            cpp_extension_logger.setLevel(level)
         # dynamic=False: one graph specialised to each batch size, as a deployment would hold.
         modules = {name: torch.compile(m, dynamic=False) for name, m in modules.items()}
     return modules, convert

@@ -98,8 +98,9 @@ def run_compression_bench(model: nn.Module | None = None, compressed: Compressed
     models and the input (``torch.channels_last``, usually faster for convolutions and pooling on CPUs),
     and ``"compiled"`` runs both models (channels-last for image inputs) through ``torch.compile``
     (TorchInductor: it fuses pooling and activations into generated C++ loops; it needs a C++ compiler
-    and takes up to half a minute per model and batch size). Before timing, every layout's outputs are checked against the
-    plain exports (max abs logit difference <= 1e-4), so a faster but wrong model is never timed.
+    and takes up to half a minute per model and batch size). Before timing, every converted or compiled
+    model's logits are checked against those of its plain export on the same input (max abs
+    difference <= 1e-4), so a faster but wrong model is never timed.
 
     Args:
         model: a trained Bayesian model; default :func:`paper_lenet5` (the paper's 8-13-88-13 LeNet-5).
@@ -142,12 +143,15 @@ def run_compression_bench(model: nn.Module | None = None, compressed: Compressed
     }
     # Subnormal activations are flushed too (on the calling thread).
     with _cpu_threads(threads), _flush_denormals(), torch.inference_mode():
+        # One input per batch size, the same for every layout, and the plain exports' logits on it.
+        inputs = {batch: torch.rand(batch, *compressed.input_shape) * 2 - 1 for batch in batch_sizes}
+        references = {batch: {name: module(x) for name, module in plain.items()} for batch, x in inputs.items()}
         for layout in layouts:
             modules, convert = _in_layout(plain, layout, len(compressed.input_shape) == 3)
             for batch in batch_sizes:
-                x = torch.rand(batch, *compressed.input_shape) * 2 - 1
-                _check_same_outputs(modules, plain, convert, x, layout)
-                x = convert(x)
+                x = convert(inputs[batch])
+                if modules is not plain:
+                    _check_same_outputs(modules, references[batch], x, layout)
                 seconds = _interleaved_medians(modules, x, repeats, min_seconds)
                 speedup = seconds["dense"] / seconds["pruned"]
                 result["runs"].append({
@@ -159,7 +163,7 @@ def run_compression_bench(model: nn.Module | None = None, compressed: Compressed
                 })
             if layout == "compiled":
                 continue
-            x = convert(torch.rand(max(batch_sizes), *compressed.input_shape) * 2 - 1)
+            x = convert(inputs[max(batch_sizes)])
             per_module = {name: _module_medians(module, x, repeats, min_seconds) for name, module in modules.items()}
             result["layers"][layout] = [
                 {"layer": layer, "dense_ms": 1e3 * dense, "pruned_ms": 1e3 * pruned}
@@ -229,16 +233,21 @@ def _in_layout(modules: dict[str, nn.Module], layout: str, image_input: bool):
         convert = _channels_last
     if layout == "compiled":
         # Inductor imports cpp_extension, which warns on CPU-only machines that it found no CUDA runtime.
-        cpp_extension_logger = logging.getLogger("torch.utils.cpp_extension")
-        level = cpp_extension_logger.level
-        cpp_extension_logger.setLevel(logging.ERROR)
-        try:
-            importlib.import_module("torch.utils.cpp_extension")
-        finally:
-            cpp_extension_logger.setLevel(level)
+        _import_quietly("torch.utils.cpp_extension")
         # dynamic=False: one graph specialised to each batch size, as a deployment would hold.
         modules = {name: torch.compile(m, dynamic=False) for name, m in modules.items()}
     return modules, convert
+
+
+def _import_quietly(module_name: str) -> None:
+    """Import ``module_name`` with its logger's warnings silenced (import time only)."""
+    logger = logging.getLogger(module_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        importlib.import_module(module_name)
+    finally:
+        logger.setLevel(level)
 
 
 def _unchanged(x: torch.Tensor) -> torch.Tensor:
@@ -249,11 +258,12 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def _check_same_outputs(modules: dict[str, nn.Module], plain: dict[str, nn.Module], convert, x: torch.Tensor,
+def _check_same_outputs(modules: dict[str, nn.Module], references: dict[str, torch.Tensor], x: torch.Tensor,
                         layout: str, tolerance: float = 1e-4) -> None:
-    """Raise if a model run in ``layout`` gives other logits than its plain export (first call compiles)."""
+    """Raise if a model run in ``layout`` gives other logits on ``x`` than the ``references`` of the
+    plain exports (the first call of a compiled model compiles it)."""
     for name, module in modules.items():
-        difference = (module(convert(x)).float() - plain[name](x).float()).abs().max().item()
+        difference = (module(x).float() - references[name].float()).abs().max().item()
         if not difference <= tolerance:
             raise RuntimeError(f"the {name} model in layout {layout!r} differs from its plain export by "
                                f"{difference:.3g} (max abs logit; tolerance {tolerance:g})")

@@ -61,7 +61,7 @@ def _bayes(epochs: int) -> TrainConfig:
 
 
 # Recipes, sized to finish on a 2-core CPU within one working session (the longest, LeNet-5 BC-GNJ's
-# 200 epochs as in the paper, takes about 2 h). Bayesian runs use a 3x larger step for log-variances
+# and BC-GHS's 200 epochs as in the paper, take about 2 h each). Bayesian runs use a 3x larger step for log-variances
 # (they start at -9 and must move several units; 10x pruned faster but cost 1 point of error on
 # LeNet-300-100 in a 6-epoch comparison, 1x barely moved the KL) and a geometric learning-rate decay.
 EXPERIMENTS: dict[str, Experiment] = {
@@ -73,7 +73,7 @@ EXPERIMENTS: dict[str, Experiment] = {
     "lenet300_nj_release_scaling": Experiment("lenet300", "nj", _bayes(100), input_range=(-1.0, 1.0)),
     "lenet5_dense": Experiment("lenet5", None, TrainConfig(epochs=4, lr=1e-3, lr_final=1e-4)),
     "lenet5_nj": Experiment("lenet5", "nj", _bayes(200), init_from="lenet5_dense"),
-    "lenet5_hs": Experiment("lenet5", "hs", _bayes(100), init_from="lenet5_dense"),
+    "lenet5_hs": Experiment("lenet5", "hs", _bayes(200), init_from="lenet5_dense"),
     "lenet5_svd": Experiment("lenet5", "svd", _bayes(60), init_from="lenet5_dense"),
 }
 

@@ -38,6 +38,8 @@ __all__ = ["run_compression_bench", "run_compression_bench_from_run", "run_layer
 
 # The BC-GNJ architecture of the paper for LeNet-5-Caffe: filters of conv1, conv2, inputs of fc1, fc2.
 PAPER_LENET5_ARCHITECTURE = (8, 13, 88, 13)
+# The project's inference target: speed-up of the pruned export at batch 1000 over its FLOP reduction.
+SPEEDUP_OVER_FLOP_TARGET = 0.8
 
 # How the compression benchmark runs both exports (see run_compression_bench).
 LAYOUTS = ("contiguous", "channels_last", "compiled")

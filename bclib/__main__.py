@@ -1,4 +1,4 @@
-"""Command line: ``python -m bclib {train,compress,reproduce,bench} ...``."""
+"""Command line: ``python -m bclib {train,compress,fine-tune,reproduce,bench} ...``."""
 from __future__ import annotations
 
 import argparse
@@ -42,6 +42,13 @@ def _parser() -> argparse.ArgumentParser:
     compress.add_argument("--thresholds", type=float, nargs="+", default=None,
                           help="one log-alpha threshold per Bayesian layer (default: proposed from the histograms)")
     compress.add_argument("--data", default=None)
+
+    fine_tune = sub.add_parser("fine-tune", help="prune a trained run further and retrain the survivors on their "
+                                                 "fixed-point grids (not in the paper), writing into --out")
+    fine_tune.add_argument("run", help="trained Bayesian run folder with config.json, report.json and checkpoint.pt")
+    fine_tune.add_argument("--out", required=True, help="folder for the fine-tuned run")
+    fine_tune.add_argument("--epochs", type=int, default=None, help="retraining epochs per candidate (default 10)")
+    fine_tune.add_argument("--data", default=None)
 
     reproduce = sub.add_parser("reproduce", help="run every experiment of the results table into --out")
     reproduce.add_argument("--out", default="book/results")
@@ -102,6 +109,14 @@ def _dispatch(args: argparse.Namespace) -> None:
         from .experiments import compress_run
 
         print(json.dumps(compress_run(args.run, thresholds=args.thresholds, data_root=args.data), indent=2))
+    elif args.command == "fine-tune":
+        from .experiments import FINE_TUNE_CONFIG, fine_tune_run
+        from .train import TrainConfig
+
+        config = FINE_TUNE_CONFIG
+        if args.epochs is not None:
+            config = TrainConfig.from_dict({**config.to_dict(), "epochs": args.epochs})
+        print(json.dumps(fine_tune_run(args.run, args.out, config=config, data_root=args.data), indent=2))
     elif args.command == "reproduce":
         from .experiments import EXPERIMENTS, run_experiment
 

@@ -556,11 +556,27 @@ GHS_WALL_TIME_GOAL_S = 45 * 60
 FILE_RATIO_GOAL = (700.0, 0.010)
 
 
+def _wall_seconds(name: str, root: Path) -> float:
+    """Seconds of a run's epochs plus those of the runs it starts from or fine-tunes (all candidates of
+    a fine-tuning search)."""
+    from .experiments import EXPERIMENTS
+
+    experiment = EXPERIMENTS[name]
+    if experiment.fine_tunes is not None:
+        report = json.loads((root / name / "report.json").read_text())
+        return report["fine_tuning"]["seconds"] + _wall_seconds(experiment.fine_tunes, root)
+    seconds = sum(m["seconds"] for m in json.loads((root / name / "metrics.json").read_text()))
+    if experiment.init_from and (root / experiment.init_from / "metrics.json").exists():
+        seconds += _wall_seconds(experiment.init_from, root)
+    return seconds
+
+
 def run_training_time_report(results_root="book/results", verbose: bool = True) -> dict:
-    """Wall time of each committed run (sum of its epochs' seconds, its pretraining run included)
-    and whether it met the release's targets; the time to the BC-GHS row is compared with 45 min.
-    The Sparse VD row is judged on the sparse rates (nonzero weights), as its source counts it;
-    ``row["rates"]`` says which rates a row shows.
+    """Wall time of each committed run (sum of its epochs' seconds, its pretraining run included; for
+    a fine-tuned run, its base run and every retrained candidate) and whether it met the release's
+    targets (a fine-tuned run is judged on its base run's); the time to the BC-GHS row is compared
+    with 45 min. The Sparse VD rows are judged on the sparse rates (nonzero weights), as their
+    source counts them; ``row["rates"]`` says which rates a row shows.
 
     This reads ``metrics.json`` / ``report.json`` of runs made by ``python -m bclib reproduce``; the
     seconds are those measured while the run trained (on whatever machine made it).
@@ -573,9 +589,7 @@ def run_training_time_report(results_root="book/results", verbose: bool = True) 
         metrics_file, report_file = root / name / "metrics.json", root / name / "report.json"
         if not (metrics_file.exists() and report_file.exists()):
             continue
-        seconds = sum(m["seconds"] for m in json.loads(metrics_file.read_text()))
-        if experiment.init_from and (root / experiment.init_from / "metrics.json").exists():
-            seconds += sum(m["seconds"] for m in json.loads((root / experiment.init_from / "metrics.json").read_text()))
+        seconds = _wall_seconds(name, root)
         report = json.loads(report_file.read_text())
         error = report.get("file_error", report.get("dense_error"))
         sparse = experiment.prior == "svd"
@@ -584,7 +598,7 @@ def run_training_time_report(results_root="book/results", verbose: bool = True) 
         row = {"seconds": seconds, "error": error, "rates": "sparse" if sparse else "dense",
                "compression_pruning": report.get(keys[0]), "compression_precision": report.get(keys[1]),
                "file_ratio": report.get("file", {}).get("ratio")}
-        target = PAPER_TARGETS.get(name)
+        target = PAPER_TARGETS.get(experiment.fine_tunes or name)
         if target is not None:
             met = [error <= target[0]]
             met += [row[k] is not None and row[k] >= t for k, t in
@@ -602,17 +616,20 @@ def run_training_time_report(results_root="book/results", verbose: bool = True) 
                   f"{row['rates']:>6} {rates[2]:>7} {met:>8}")
         print("rates: dense = the release's (pruned matrices stored dense); sparse = nonzero weights counted, "
               "as Molchanov et al. count Sparse VD")
-        ghs = rows.get("lenet5_hs")
-        if ghs is not None:
-            verdict = "reached" if ghs.get("targets_met") else "not reached"
-            print(f"BC-GHS LeNet-5 target {verdict}; wall time {ghs['seconds'] / 60:.1f} min "
+        ghs = {name: rows[name] for name in ("lenet5_hs", "lenet5_hs_ft") if name in rows}
+        if ghs:
+            met = [name for name, row in ghs.items() if row.get("targets_met")]
+            name = min(met, key=lambda n: ghs[n]["seconds"]) if met else next(iter(ghs))
+            verdict = f"reached by {name}" if met else "not reached"
+            print(f"BC-GHS LeNet-5 target {verdict}; wall time {ghs[name]['seconds'] / 60:.1f} min "
                   f"(goal: under {GHS_WALL_TIME_GOAL_S / 60:.0f} min)")
+        goal_ratio, goal_error = FILE_RATIO_GOAL
         files = {name: row for name, row in rows.items() if name.startswith("lenet5_") and row["file_ratio"]}
+        accurate = {name: row for name, row in files.items() if row["error"] <= goal_error}
         if files:
-            name = max(files, key=lambda n: files[n]["file_ratio"])
+            name = max(accurate or files, key=lambda n: files[n]["file_ratio"])
             ratio, error = files[name]["file_ratio"], files[name]["error"]
-            goal_ratio, goal_error = FILE_RATIO_GOAL
             verdict = "reached" if ratio >= goal_ratio and error <= goal_error else "not reached"
-            print(f"smallest LeNet-5 file: {name}, {ratio:.0f}x smaller than the float32 dense network at "
+            print(f"smallest LeNet-5 file{' at the goal error' if accurate else ''}: {name}, {ratio:.0f}x smaller than the float32 dense network at "
                   f"{100 * error:.2f} % error (goal {goal_ratio:.0f}x at <= {100 * goal_error:.1f} %: {verdict})")
     return rows

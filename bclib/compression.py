@@ -10,6 +10,9 @@
   (:meth:`CompressedModel.save`: the grid integers entropy-coded, or bit-packed at each layer's
   width; read back by :func:`bclib.load_compressed`).
 
+:func:`fine_tune` (not in the paper) retrains the surviving weights of a compressed network on
+their grids, which leaves every rate as it is and lowers the error.
+
 Which weights survive
 ---------------------
 Group ``g`` of a layer is kept when ``log_alpha_g < threshold`` (one threshold per layer). The
@@ -50,6 +53,7 @@ __all__ = [
     "compress", "CompressedModel", "CompressionReport", "LayerReport", "SavedFile",
     "weight_bits", "exponent_bits", "quantize", "model_error",
     "propose_threshold", "propose_thresholds", "threshold_sweep", "apply_masks", "load_compressed",
+    "fine_tune", "FixedPointGrid",
 ]
 
 MAX_MANTISSA_BITS = 23
@@ -665,6 +669,100 @@ class CompressedModel:
                           **({"bias": values["bias"]} if "bias" in values else {})}
             file_tensors.append(values)
         return file_tensors
+
+
+class FixedPointGrid(nn.Module):
+    r"""Parametrization that puts a weight on its layer's fixed-point grid, with a straight-through gradient.
+
+    Forward: :math:`\tilde w = m \odot 2^{-t}\,\mathrm{round}(2^{t} w)`, the weight the reduced-precision
+    model and the file hold (``t`` the layer's bits, ``m`` the pruning mask). Backward: the rounding is
+    treated as the identity (Bengio et al. 2013's straight-through estimator), so the latent float
+    weight ``w`` keeps moving while the network sees only grid values; pruned weights get no gradient.
+
+    Args:
+        bits: the layer's bits ``t`` (grid step ``2^-t``).
+        mask: 1 where the weight survives, 0 where it was pruned (shaped like the weight).
+
+    Example:
+        >>> grid = FixedPointGrid(2, torch.tensor([1.0, 1.0, 0.0]))
+        >>> grid(torch.tensor([0.3, -0.6, 0.9]))
+        tensor([ 0.2500, -0.5000,  0.0000])
+    """
+
+    def __init__(self, bits: int, mask: Tensor) -> None:
+        super().__init__()
+        self.scale = math.ldexp(1.0, bits)
+        self.register_buffer("mask", mask)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        on_grid = torch.round(weight * self.scale) / self.scale  # exact: the scale is a power of two
+        return (weight + (on_grid - weight).detach()) * self.mask
+
+    def extra_repr(self) -> str:
+        return f"bits={int(math.log2(self.scale))}"
+
+
+class _Float16Bias(nn.Module):
+    """Parametrization: the bias rounded to float16, as the file stores it (straight-through gradient)."""
+
+    def forward(self, bias: Tensor) -> Tensor:
+        return bias + (bias.half().float() - bias).detach()
+
+
+def fine_tune(compressed: "CompressedModel", train, test, config, *, progress: bool = False) \
+        -> tuple["CompressedModel", list[dict]]:
+    """Retrain the surviving weights of a compressed network on its fixed-point grids (not in the paper).
+
+    The paper stops after pruning and rounding. Deep Compression (Han et al. 2016) retrains what is
+    left; here the exported network is trained on the cross-entropy with every weight held on its
+    layer's grid (:class:`FixedPointGrid`) and every bias on float16, so the architecture, the bits
+    and therefore every compression rate stay exactly those of ``compressed``: only the values of the
+    surviving weights (the grid integers) and biases change, and the error of the reduced-precision
+    network can only be judged, not the rates. Pruned weights (zero in the export) stay zero.
+    BatchNorm layers train as usual.
+
+    Args:
+        compressed: the result of :func:`compress` (left unchanged).
+        train, test: :class:`bclib.data.TensorSplit` s; ``test`` only reports the error per epoch.
+        config: a :class:`bclib.train.TrainConfig` (epochs, learning-rate schedule, seed, device).
+        progress: show the per-epoch bar.
+
+    Returns:
+        ``(fine_tuned, history)``: a new :class:`CompressedModel` (same report rates, new weights:
+        its ``reduced_precision_model()`` and file hold the trained grid values) and the per-epoch
+        metrics of :func:`bclib.train.fit`, where errors are those of the reduced-precision network.
+    """
+    from torch.nn.utils import parametrize
+
+    from .train import fit  # training imports nothing from here; deferred to keep compression light
+
+    if not isinstance(compressed, CompressedModel):
+        raise TypeError(f"compressed must be a CompressedModel (the result of bclib.compress), "
+                        f"got {type(compressed).__name__}")
+    network = build_module(compressed._specs, compressed._tensors)
+    for index, bits in compressed._bits.items():
+        layer = network[index]
+        parametrize.register_parametrization(layer, "weight", FixedPointGrid(bits, (layer.weight != 0).float()))
+        if layer.bias is not None:
+            parametrize.register_parametrization(layer, "bias", _Float16Bias())
+    history = fit(network, train, test, config, progress=progress)
+    network.cpu()
+    tensors = []
+    for index, values in enumerate(compressed._tensors):
+        values = dict(values)
+        if index in compressed._bits:
+            layer = network[index]
+            with torch.no_grad():
+                values["weight"] = layer.parametrizations.weight.original * layer.parametrizations.weight[0].mask
+                if "bias" in values:
+                    values["bias"] = layer.parametrizations.bias.original.detach().clone()
+        elif values:  # only BatchNorm carries tensors among the other layers: its trained state
+            values = {key: getattr(network[index], key).detach().clone() for key in values}
+        tensors.append(values)
+    report = copy.deepcopy(compressed.report)
+    report.file = None
+    return CompressedModel(compressed._specs, tensors, dict(compressed._bits), report, compressed.masks,
+                           compressed.input_shape), history
 
 
 def _expand_units(units: Tensor, positions: int) -> Tensor:

@@ -49,7 +49,7 @@ def _read(run_dir: Path, name: str):
 def test_help_lists_the_commands():
     result = _python_m_bclib(["--help"])
     assert result.returncode == 0, result.stderr
-    for command in ("train", "compress", "reproduce", "bench"):
+    for command in ("train", "compress", "fine-tune", "reproduce", "bench"):
         assert command in result.stdout
 
 
@@ -57,6 +57,7 @@ def test_help_lists_the_commands():
     ("train", ["--model", "--prior", "--out", "--fast", "--init-from", "--epochs", "--variance-dtype"]),
     ("bench", ["--out", "--threads", "--run", "--results"]),
     ("compress", ["--thresholds", "--data"]),
+    ("fine-tune", ["--out", "--epochs", "--data"]),
     ("reproduce", ["--out", "--only"]),
 ])
 def test_subcommand_help_lists_its_options(capsys, command, options):
@@ -167,6 +168,80 @@ def test_compress_with_a_wrong_number_of_thresholds_fails_clearly(run_copy, mnis
     assert "Traceback" not in err
     for name, content in before.items():  # nothing rewritten
         assert (run_copy / name).read_bytes() == content, name
+
+
+# ----------------------------------------------------------------------------- fine-tune
+@pytest.fixture(scope="module")
+def fine_tuned_run(trained_run, mnist_root, tmp_path_factory) -> Path:
+    """``python -m bclib fine-tune RUN --out DIR --epochs 1`` on the fast LeNet-300-100 NJ run."""
+    out = tmp_path_factory.mktemp("fine-tune") / "lenet300_nj_ft"
+    result = _python_m_bclib(["fine-tune", str(trained_run), "--out", str(out), "--epochs", "1",
+                              "--data", str(mnist_root)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_fine_tune_writes_every_file_but_a_checkpoint(fine_tuned_run, trained_run):
+    for name in RUN_FILES:
+        assert (fine_tuned_run / name).is_file() == (name != "checkpoint.pt"), name
+    config = _read(fine_tuned_run, "config.json")
+    assert (config["fine_tunes"], config["prior"], config["train"]["epochs"]) == ("lenet300_nj", "nj", 1)
+    # Fast mode: the 5000 training examples split into 4167 to retrain on and the last 833 to choose.
+    assert (config["train_examples"], config["selection_examples"]) == (5000 - 833, 833)
+    assert config["command"].startswith("python -m bclib fine-tune ")
+    assert [row["epoch"] for row in _read(fine_tuned_run, "metrics.json")] == [1]
+
+
+def test_fine_tune_keeps_the_last_offset_within_the_tolerance(fine_tuned_run, trained_run):
+    """The rule, checked on the recorded candidates: offsets in order from 0, every kept one within
+    0.1 points of the first's selection error, the search stopping at the first that is not."""
+    analysis, report = _read(fine_tuned_run, "analysis.json"), _read(fine_tuned_run, "report.json")
+    candidates = analysis["candidates"]
+    offsets = [row["offset"] for row in candidates]
+    assert offsets == list(experiments.FINE_TUNE_OFFSETS[:len(offsets)])
+    allowed = candidates[0]["selection_error"] + experiments.SELECTION_TOLERANCE
+    within = [row["selection_error"] <= allowed for row in candidates]
+    expected = len(within) if all(within) else within.index(False)
+    assert analysis["offset"] == offsets[expected - 1] == report["fine_tuning"]["offset"]
+    assert all(within[:expected]) and within[expected:] in ([], [False])
+    base = _read(trained_run, "report.json")
+    assert report["thresholds"] == pytest.approx([t + analysis["offset"] for t in base["thresholds"]])
+
+
+def test_fine_tuned_rates_are_those_of_the_pruned_architecture(fine_tuned_run, trained_run):
+    """Compressing the base run afresh at the kept thresholds gives the same architecture and rates:
+    retraining changes weight values only."""
+    report = _read(fine_tuned_run, "report.json")
+    fresh = bclib.compress(experiments.load_run_model(trained_run), report["thresholds"]).report
+    assert report["architecture"] == fresh.architecture
+    assert report["compression_precision"] == pytest.approx(fresh.compression_precision)
+    assert [row["bits"] for row in report["layers"]] == [row.bits for row in fresh.layers]
+    assert report["dense_error"] == _read(trained_run, "report.json")["dense_error"]
+
+
+def test_fine_tuned_file_scores_the_reported_error(fine_tuned_run, mnist):
+    _, test = mnist
+    test = test.subset(1000)
+    model = bclib.load_compressed(fine_tuned_run / "model.bcz")
+    with torch.no_grad():
+        error = (model(test.x).argmax(1) != test.y).sum().item() / 1000
+    report = _read(fine_tuned_run, "report.json")
+    assert error == pytest.approx(report["file_error"], abs=1e-12) == report["precision_error"]
+    chosen = next(row for row in _read(fine_tuned_run, "analysis.json")["candidates"]
+                  if row["offset"] == report["fine_tuning"]["offset"])
+    assert chosen["test_error"] == pytest.approx(error, abs=1e-12)
+
+
+def test_fine_tune_rejects_a_deterministic_run_and_its_own_folder(tmp_path, mnist_root):
+    dense = tmp_path / "lenet300_dense"
+    dense.mkdir()
+    (dense / "config.json").write_text(json.dumps({"model": "lenet300", "prior": None}))
+    (dense / "report.json").write_text(json.dumps({"dense_error": 0.02}))
+    with pytest.raises(ValueError, match="must be a compressed Bayesian run"):
+        experiments.fine_tune_run(dense, tmp_path / "out", data_root=mnist_root)
+    with pytest.raises(ValueError, match="out_dir must be a new folder"):
+        experiments.fine_tune_run(dense, dense, data_root=mnist_root)
+    assert not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------- load_or_run

@@ -411,3 +411,100 @@ def test_weight_masks_are_the_masks_compress_applies():
     for name, mask in masks.items():
         assert torch.equal(mask.float(), compressed.masks[name][0])
         assert 0 < mask.sum() < mask.numel()
+
+
+# ----------------------------------------------------------------------------- fine-tuning on the grids
+def test_fixed_point_grid_rounds_and_passes_gradients_straight_through():
+    from bclib.compression import FixedPointGrid
+
+    grid = FixedPointGrid(3, torch.tensor([1.0, 1.0, 0.0, 1.0]))  # step 1/8
+    weight = torch.tensor([0.30, -0.30, 0.70, 0.0625], requires_grad=True)
+    on_grid = grid(weight)
+    # 2.4 -> 2, -2.4 -> -2, pruned -> 0, 0.5 -> 0 (half to even): as quantize() rounds.
+    assert on_grid.tolist() == [0.25, -0.25, 0.0, 0.0]
+    (on_grid * torch.tensor([1.0, 2.0, 3.0, 4.0])).sum().backward()
+    assert weight.grad.tolist() == [1.0, 2.0, 0.0, 4.0]  # identity through the rounding, none where pruned
+
+
+def _separable_task(n: int, seed: int):
+    from bclib.data import TensorSplit
+
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=generator)
+    return TensorSplit(x, (3 * x[:, 0] + 2 * x[:, 1] < 0).long())  # class 1 where output 0 is smaller
+
+
+def test_fine_tune_repairs_a_pruned_network_and_keeps_its_rates(tmp_path):
+    """Inputs 0 and 1 survive with weights of the wrong sign (every example misclassified); inputs 2
+    and 3 are pruned. Retraining on the 4-bit grid must fix the sign without touching the rates."""
+    from bclib.compression import fine_tune
+    from bclib.train import TrainConfig
+
+    layer = bclib.LinearGroupNJ(4, 2)
+    with torch.no_grad():
+        layer.weight_mu.copy_(torch.tensor([[-3.0, -2.0, 1.0, 1.0], [3.0, 2.0, 1.0, 1.0]]))
+        layer.bias_mu.zero_()
+        layer.z_mu.fill_(1.0)
+        layer.z_logvar.copy_(torch.tensor([KEEP, KEEP, PRUNE, PRUNE]))
+        layer.weight_logvar.fill_(math.log(1.5 * 2**-6))  # 2 Var = 1.5 * 2^-5: t = 1..4, 4 bits
+    compressed = compress(nn.Sequential(layer).eval(), [0.0])
+    train, test = _separable_task(2000, seed=1), _separable_task(1000, seed=2)
+    before = compressed.reduced_precision_model()[0].weight.detach().clone()
+    assert compressed.report.layers[0].bits == 4 and model_error(compressed.reduced_precision_model(), test.x, test.y) == 1.0
+
+    tuned, history = fine_tune(compressed, train, test, TrainConfig(epochs=20, batch_size=50, lr=0.05, lr_final=0.05))
+    reduced = tuned.reduced_precision_model()
+    error = model_error(reduced, test.x, test.y)
+    assert error < 0.05
+    assert history[-1]["test_error"] == error  # what training saw is the grid model
+    weight = reduced[0].weight.detach()
+    assert torch.equal(weight * 16, torch.round(weight * 16))  # on the grid of step 2^-4
+    assert torch.equal(weight[:, 2:], torch.zeros(2, 2))  # pruned inputs stay pruned
+    assert reduced[0].bias.detach().half().float().tolist() == reduced[0].bias.detach().tolist()
+    assert tuned.report.to_dict() == compressed.report.to_dict()  # same architecture, bits, rates
+    assert torch.equal(compressed.reduced_precision_model()[0].weight.detach(), before)  # input untouched
+    tuned.save(tmp_path / "tuned.bcz")
+    loaded = bclib.load_compressed(tmp_path / "tuned.bcz")
+    assert torch.equal(loaded(test.x), reduced(test.x))
+
+
+def test_fine_tune_keeps_the_structure_of_a_conv_net():
+    """The hand-built conv net (conv 8 bits, fc1 6 bits, fc2 1 bit): after one epoch on random data
+    every weight sits on its layer's grid and fc1's two columns of the dead positions stay zero."""
+    from bclib.compression import fine_tune
+    from bclib.data import TensorSplit
+    from bclib.train import TrainConfig
+
+    compressed = compress(small_conv_net(), 0.0)
+    data = TensorSplit(torch.randn(64, 1, 6, 6), torch.randint(0, 2, (64,)))
+    tuned, _ = fine_tune(compressed, data, data, TrainConfig(epochs=1, batch_size=16, lr=0.05))
+    weighted = [m for m in tuned.reduced_precision_model() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    original = [m for m in compressed.reduced_precision_model() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    for module, before, bits in zip(weighted, original, (8, math.ceil((4 * 5 + 11) / 6), 1)):
+        scaled = module.weight.detach() * 2.0**bits
+        assert module.weight.shape == before.weight.shape
+        assert torch.equal(scaled, torch.round(scaled))
+    assert not torch.equal(weighted[0].weight, original[0].weight)  # it did train
+    assert torch.equal(weighted[1].weight[:, 2:].detach(), torch.zeros(3, 2))
+
+
+def test_fine_tune_trains_batchnorm_statistics():
+    from bclib.compression import fine_tune
+    from bclib.data import TensorSplit
+    from bclib.train import TrainConfig
+
+    torch.manual_seed(0)
+    compressed = compress(models.vgg_cifar("nj", width=0.0625).eval(), 0.0)
+    data = TensorSplit(torch.randn(32, 3, 32, 32) + 2.0, torch.randint(0, 10, (32,)))  # mean 2: stats move
+    tuned, history = fine_tune(compressed, data, data, TrainConfig(epochs=1, batch_size=16))
+    norms = [(m, n) for m, n in zip(compressed.model, tuned.model) if isinstance(m, nn.BatchNorm2d)]
+    assert norms and not torch.equal(norms[0][0].running_mean, norms[0][1].running_mean)
+    assert all(math.isfinite(v) for v in history[-1].values())
+
+
+def test_fine_tune_rejects_what_is_not_a_compressed_model():
+    from bclib.compression import fine_tune
+    from bclib.train import TrainConfig
+
+    with pytest.raises(TypeError, match="compressed must be a CompressedModel"):
+        fine_tune(nn.Linear(2, 2), None, None, TrainConfig(epochs=1))

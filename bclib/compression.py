@@ -45,9 +45,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .fileformat import build_module, dequantize, encode_compressed, load_compressed, module_spec, write_compressed
+from .data import TensorSplit
 from .layers import BayesianLayer, bayesian_layers
+from .train import TrainConfig, fit
 
 __all__ = [
     "compress", "CompressedModel", "CompressionReport", "LayerReport", "SavedFile",
@@ -709,16 +712,16 @@ class _Float16Bias(nn.Module):
         return bias + (bias.half().float() - bias).detach()
 
 
-def fine_tune(compressed: "CompressedModel", train, test, config, *, progress: bool = False) \
-        -> tuple["CompressedModel", list[dict]]:
+def fine_tune(compressed: "CompressedModel", train: TensorSplit, test: TensorSplit, config: TrainConfig, *,
+              progress: bool = False) -> tuple["CompressedModel", list[dict]]:
     """Retrain the surviving weights of a compressed network on its fixed-point grids (not in the paper).
 
     The paper stops after pruning and rounding. Deep Compression (Han et al. 2016) retrains what is
     left; here the exported network is trained on the cross-entropy with every weight held on its
     layer's grid (:class:`FixedPointGrid`) and every bias on float16, so the architecture, the bits
     and therefore every compression rate stay exactly those of ``compressed``: only the values of the
-    surviving weights (the grid integers) and biases change, and the error of the reduced-precision
-    network can only be judged, not the rates. Pruned weights (zero in the export) stay zero.
+    surviving weights (the grid integers) and biases change, and with them the error. Pruned weights
+    (zero in the export) stay zero.
     BatchNorm layers train as usual.
 
     Args:
@@ -729,13 +732,10 @@ def fine_tune(compressed: "CompressedModel", train, test, config, *, progress: b
 
     Returns:
         ``(fine_tuned, history)``: a new :class:`CompressedModel` (same report rates, new weights:
-        its ``reduced_precision_model()`` and file hold the trained grid values) and the per-epoch
-        metrics of :func:`bclib.train.fit`, where errors are those of the reduced-precision network.
+        its ``reduced_precision_model()`` and file hold the trained grid values, its ``model`` the
+        latent float weights they round) and the per-epoch metrics of :func:`bclib.train.fit`, where
+        errors are those of the reduced-precision network.
     """
-    from torch.nn.utils import parametrize
-
-    from .train import fit  # training imports nothing from here; deferred to keep compression light
-
     if not isinstance(compressed, CompressedModel):
         raise TypeError(f"compressed must be a CompressedModel (the result of bclib.compress), "
                         f"got {type(compressed).__name__}")

@@ -297,8 +297,9 @@ def _write_compressed(run_dir: Path, result, thresholds, dense_error: float, tes
 
 
 # Fine-tuning tries the run's thresholds lowered by these offsets, in turn, while the retrained
-# network's error on the selection split stays within SELECTION_TOLERANCE of the first one's.
-FINE_TUNE_OFFSETS = tuple(-step / 4 for step in range(13))  # 0, -0.25, ..., -3
+# network's error on the selection split stays within SELECTION_TOLERANCE of the first one's (the
+# search stops there, or when nothing is left to prune; -10 is only a bound on the steps).
+FINE_TUNE_OFFSETS = tuple(-step / 4 for step in range(41))  # 0, -0.25, ..., -10
 
 
 def fine_tune_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, config: TrainConfig = FINE_TUNE_CONFIG,

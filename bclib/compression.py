@@ -47,8 +47,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .fileformat import build_module, dequantize, encode_compressed, load_compressed, module_spec, write_compressed
 from .data import TensorSplit
+from .fileformat import build_module, dequantize, encode_compressed, load_compressed, module_spec, write_compressed
 from .layers import BayesianLayer, bayesian_layers
 from .train import TrainConfig, fit
 
@@ -721,8 +721,7 @@ def fine_tune(compressed: "CompressedModel", train: TensorSplit, test: TensorSpl
     layer's grid (:class:`FixedPointGrid`) and every bias on float16, so the architecture, the bits
     and therefore every compression rate stay exactly those of ``compressed``: only the values of the
     surviving weights (the grid integers) and biases change, and with them the error. Pruned weights
-    (zero in the export) stay zero.
-    BatchNorm layers train as usual.
+    (zero in the export) stay zero; BatchNorm layers train as usual.
 
     Args:
         compressed: the result of :func:`compress` (left unchanged).

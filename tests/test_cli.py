@@ -277,6 +277,29 @@ def test_load_or_run_reads_committed_results_without_training(monkeypatch, tmp_p
     assert run.analysis == _read(trained_run, "analysis.json")
 
 
+def test_load_or_run_trains_the_chain_a_retrained_run_needs(monkeypatch, tmp_path):
+    """lenet5_nj_ft retrains lenet5_nj, which starts from lenet5_dense: with nothing in the scratch
+    root, all three run, in that order; a run whose checkpoint exists is not trained again."""
+    monkeypatch.setenv("BCLIB_FAST", "1")
+    trained = []
+
+    def record(name, out_dir, **kwargs):
+        trained.append(name)
+        Path(out_dir).mkdir(parents=True)
+        (Path(out_dir) / "checkpoint.pt").write_bytes(b"")
+        (Path(out_dir) / "report.json").write_text("{}")
+        return {}
+
+    monkeypatch.setattr(experiments, "run_experiment", record)
+    run = experiments.load_or_run("lenet5_nj_ft", tmp_path / "committed", scratch_root=tmp_path / "scratch")
+    assert trained == ["lenet5_dense", "lenet5_nj", "lenet5_nj_ft"]
+    assert run.trained_here and run.run_dir == tmp_path / "scratch" / "lenet5_nj_ft"
+    trained.clear()
+    (tmp_path / "scratch" / "lenet5_nj_ft").rename(tmp_path / "scratch" / "old")
+    experiments.load_or_run("lenet5_nj_ft", tmp_path / "committed", scratch_root=tmp_path / "scratch")
+    assert trained == ["lenet5_nj_ft"]
+
+
 def test_unknown_experiment_names_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="name"):
         experiments.load_or_run("lenet7_nj", tmp_path)

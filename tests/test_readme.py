@@ -14,7 +14,9 @@ def test_readme_layer_snippet_runs(tmp_path, monkeypatch, capsys):
     assert block is not None, "README lost its 'Use the layers in your own network' snippet"
     monkeypatch.chdir(tmp_path)  # the snippet writes lenet300.bcz into the working folder
     torch.manual_seed(0)
-    namespace = {"x": torch.rand(16, 1, 28, 28), "y": torch.randint(0, 10, (16,))}
+    namespace = {"x": torch.rand(16, 1, 28, 28), "y": torch.randint(0, 10, (16,)),
+                 "x_train": torch.rand(64, 1, 28, 28), "y_train": torch.randint(0, 10, (64,)),
+                 "x_test": torch.rand(32, 1, 28, 28), "y_test": torch.randint(0, 10, (32,))}
     exec(compile(block.group(1), str(README), "exec"), namespace)
     assert math.isfinite(namespace["loss"].item())
     small = namespace["small"]
@@ -22,3 +24,9 @@ def test_readme_layer_snippet_runs(tmp_path, monkeypatch, capsys):
     x = torch.rand(4, 1, 28, 28)
     assert torch.equal(small(x), namespace["result"].reduced_precision_model()(x))
     assert "compression" in capsys.readouterr().out
+    # The retraining lines: same rates, ten epochs, a file that loads to the retrained network.
+    tuned = namespace["tuned"]
+    rates = [{k: v for k, v in r.report.to_dict().items() if k != "file"} for r in (tuned, namespace["result"])]
+    assert rates[0] == rates[1] and len(namespace["history"]) == 10
+    retrained = namespace["bclib"].load_compressed(tmp_path / "lenet300_retrained.bcz")
+    assert torch.equal(retrained(x), tuned.reduced_precision_model()(x))

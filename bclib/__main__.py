@@ -9,6 +9,8 @@ from pathlib import Path
 
 __all__ = ["main"]
 
+DATA_HELP = "MNIST root (default: $BCLIB_DATA or the user cache)"
+
 
 def _parser() -> argparse.ArgumentParser:
     from .bench import LAYOUTS
@@ -34,26 +36,26 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--autocast", choices=sorted(name for name in AUTOCAST_DTYPES if name), default=None,
                        help="mixed precision: run every layer's products in this precision under torch.autocast "
                             "(faster on GPUs and CPUs with bfloat16 units; default: full precision)")
-    train.add_argument("--data", default=None, help="MNIST root (default: $BCLIB_DATA or the user cache)")
+    train.add_argument("--data", default=None, help=DATA_HELP)
     train.add_argument("--fast", action="store_true", help="small data and 2 epochs (a smoke test)")
 
     compress = sub.add_parser("compress", help="(re)compress a trained run folder")
     compress.add_argument("run", help="run folder with config.json and checkpoint.pt")
     compress.add_argument("--thresholds", type=float, nargs="+", default=None,
                           help="one log-alpha threshold per Bayesian layer (default: proposed from the histograms)")
-    compress.add_argument("--data", default=None)
+    compress.add_argument("--data", default=None, help=DATA_HELP)
 
     fine_tune = sub.add_parser("fine-tune", help="prune a trained run further and retrain the survivors on their "
                                                  "fixed-point grids (not in the paper), writing into --out")
     fine_tune.add_argument("run", help="trained Bayesian run folder with config.json, report.json and checkpoint.pt")
     fine_tune.add_argument("--out", required=True, help="folder for the fine-tuned run")
     fine_tune.add_argument("--epochs", type=int, default=None, help="retraining epochs per candidate (default 10)")
-    fine_tune.add_argument("--data", default=None)
+    fine_tune.add_argument("--data", default=None, help=DATA_HELP)
 
     reproduce = sub.add_parser("reproduce", help="run every experiment of the results table into --out")
     reproduce.add_argument("--out", default="book/results")
     reproduce.add_argument("--only", nargs="+", choices=sorted(EXPERIMENTS), default=None)
-    reproduce.add_argument("--data", default=None)
+    reproduce.add_argument("--data", default=None, help=DATA_HELP)
     reproduce.add_argument("--fast", action="store_true")
 
     bench = sub.add_parser("bench", help="benchmarks: layers (train-step time ratios), compression (inference speed-up)")

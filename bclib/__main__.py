@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -113,11 +114,8 @@ def _dispatch(args: argparse.Namespace) -> None:
         print(json.dumps(compress_run(args.run, thresholds=args.thresholds, data_root=args.data), indent=2))
     elif args.command == "fine-tune":
         from .experiments import FINE_TUNE_CONFIG, fine_tune_run
-        from .train import TrainConfig
 
-        config = FINE_TUNE_CONFIG
-        if args.epochs is not None:
-            config = TrainConfig.from_dict({**config.to_dict(), "epochs": args.epochs})
+        config = FINE_TUNE_CONFIG if args.epochs is None else dataclasses.replace(FINE_TUNE_CONFIG, epochs=args.epochs)
         print(json.dumps(fine_tune_run(args.run, args.out, config=config, data_root=args.data), indent=2))
     elif args.command == "reproduce":
         from .experiments import EXPERIMENTS, run_experiment

@@ -633,7 +633,7 @@ class CompressedModel:
             return values
         reduced = {"weight": dequantize(self._grid_integers[index], self._bits[index])}
         if "bias" in values:
-            reduced["bias"] = values["bias"].half().float()
+            reduced["bias"] = _stored_bias(values["bias"])
         return reduced
 
     def save(self, path, *, entropy_coding: bool = True) -> SavedFile:
@@ -674,6 +674,11 @@ class CompressedModel:
         return file_tensors
 
 
+def _stored_bias(bias: Tensor) -> Tensor:
+    """A bias as the file stores it: rounded to float16 (and back to float32)."""
+    return bias.half().float()
+
+
 class FixedPointGrid(nn.Module):
     r"""Parametrization that puts a weight on its layer's fixed-point grid, with a straight-through gradient.
 
@@ -709,7 +714,7 @@ class _Float16Bias(nn.Module):
     """Parametrization: the bias rounded to float16, as the file stores it (straight-through gradient)."""
 
     def forward(self, bias: Tensor) -> Tensor:
-        return bias + (bias.half().float() - bias).detach()
+        return bias + (_stored_bias(bias) - bias).detach()
 
 
 def fine_tune(compressed: "CompressedModel", train: TensorSplit, test: TensorSplit, config: TrainConfig, *,

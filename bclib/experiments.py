@@ -24,7 +24,7 @@ import shlex
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -155,7 +155,7 @@ def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epo
     overrides = {key: value for key, value in (("epochs", epochs), ("variance_dtype", variance_dtype),
                                                ("autocast", autocast)) if value is not None}
     if overrides:
-        config = TrainConfig.from_dict({**config.to_dict(), **overrides})
+        config = replace(config, **overrides)  # validated again by TrainConfig
     if experiment.fine_tunes is not None:
         base_dir = Path(results_root or out_dir.parent) / experiment.fine_tunes
         return fine_tune_run(base_dir, out_dir, config=config, data_root=data_root, progress=progress)

@@ -314,6 +314,8 @@ def fine_tune_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, co
     last 10,000 training examples). Offsets are tried from 0 downwards and the last one whose error
     stays within 0.1 points of offset 0's is kept: the most pruning that retraining can repair. The
     test set only reports. Rates come from the architecture and bits, as for the paper's pipeline.
+    The base run trained on the selection split too (all 60,000 examples), so errors there are
+    those of examples the network has fitted: they rank candidates, they do not estimate test error.
 
     Writes into ``out_dir``: ``config.json``, ``metrics.json`` (the kept candidate's epochs),
     ``report.json`` (with ``fine_tuning``: base run, offset, epochs and the seconds of all

@@ -273,15 +273,17 @@ def _check_same_outputs(modules: dict[str, nn.Module], references: dict[str, tor
 
 def _compression_table(result: dict) -> str:
     lines = [
-        f"architecture {result['architecture']}; FLOPs {result['flops_before']:,} -> {result['flops_after']:,} "
-        f"per example ({result['flop_reduction']:.1f}x fewer); {result['threads']} CPU threads",
-        f"{'layout':<13}  {'batch':>5}  {'dense ms':>9}  {'pruned ms':>9}  {'dense ex/s':>11}  {'pruned ex/s':>11}  "
-        f"{'speed-up':>8}  {'speed-up / FLOP cut':>19}",
+        f"architecture {result['architecture']}; {result['threads']} CPU threads",
+        f"FLOPs {result['flops_before']:,} -> {result['flops_after']:,} per example "
+        f"({result['flop_reduction']:.1f}x fewer)",
+        # Rows of about 80 characters, so that the book shows the table without scrolling.
+        f"{'layout':<13} {'batch':>5} {'dense ms':>8} {'pruned ms':>9} {'dense ex/s':>10} {'pruned ex/s':>11} "
+        f"{'speed-up':>8} {'/ FLOP cut':>10}",
     ]
     for row in result["runs"]:
-        lines.append(f"{row['layout']:<13}  {row['batch']:>5}  {row['dense_ms']:>9.3f}  {row['pruned_ms']:>9.3f}  "
-                     f"{row['dense_examples_per_s']:>11,.0f}  {row['pruned_examples_per_s']:>11,.0f}  "
-                     f"{row['speedup']:>7.2f}x  {row['speedup_over_flop_reduction']:>19.2f}")
+        lines.append(f"{row['layout']:<13} {row['batch']:>5} {row['dense_ms']:>8.3f} {row['pruned_ms']:>9.3f} "
+                     f"{row['dense_examples_per_s']:>10,.0f} {row['pruned_examples_per_s']:>11,.0f} "
+                     f"{row['speedup']:>7.2f}x {row['speedup_over_flop_reduction']:>10.2f}")
     for layout, rows in result["layers"].items():
         batch = max(row["batch"] for row in result["runs"])
         lines += ["", f"per module, {layout}, batch {batch} (each timed alone)",

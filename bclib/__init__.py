@@ -18,6 +18,7 @@ from .layers import (
 )
 from .compression import CompressedModel, CompressionReport, compress
 from .fileformat import load_compressed
+from .models import to_bayesian
 
 # The 2017 release called the NJ layers "group variational dropout".
 LinearGroupVD = LinearGroupNJ
@@ -29,5 +30,5 @@ __all__ = [
     "BayesianLayer", "LinearGroupNJ", "Conv2dGroupNJ", "LinearGroupHS", "Conv2dGroupHS",
     "HorseshoeGlobalScale", "LinearSVD", "Conv2dSVD", "LinearGroupVD", "Conv2dGroupVD",
     "bayesian_layers", "kl_divergence", "set_variance_dtype", "compress", "CompressedModel", "CompressionReport",
-    "load_compressed",
+    "load_compressed", "to_bayesian",
 ]

@@ -5,13 +5,15 @@ Every model is an ``nn.Sequential`` (so :func:`bclib.compress` can walk it layer
 """
 from __future__ import annotations
 
-from typing import Callable
+import copy
+from typing import Callable, Iterable
 
 from torch import nn
 
 from .layers import Conv2dGroupHS, Conv2dGroupNJ, Conv2dSVD, HorseshoeGlobalScale, LinearGroupHS, LinearGroupNJ, LinearSVD
 
-__all__ = ["PRIORS", "lenet_300_100", "lenet5_caffe", "vgg_cifar", "build_model", "bayesian_from_pretrained", "MODELS"]
+__all__ = ["PRIORS", "lenet_300_100", "lenet5_caffe", "vgg_cifar", "build_model", "bayesian_from_pretrained",
+           "to_bayesian", "MODELS"]
 
 PRIORS = ("nj", "hs", "svd", None)
 
@@ -126,7 +128,7 @@ def bayesian_from_pretrained(name: str, prior, pretrained: nn.Module, **kwargs) 
 
     Each Bayesian layer gets the weight and bias of the matching ``nn.Linear`` / ``nn.Conv2d`` of
     ``pretrained`` (in order), as ``init_weight`` / ``init_bias`` would; BatchNorm statistics and
-    affine parameters are copied too.
+    affine parameters are copied too. For any other network, :func:`to_bayesian`.
 
     Example:
         >>> det = lenet_300_100(None)
@@ -144,3 +146,85 @@ def bayesian_from_pretrained(name: str, prior, pretrained: nn.Module, **kwargs) 
     for source, target in norms:
         target.load_state_dict(source.state_dict())
     return model
+
+
+def to_bayesian(module: nn.Module, prior: str, *, exclude: Iterable[str] = (), clip_var: float | None = None,
+                tau0: float | None = None, shared_scale: bool = False) -> nn.Module:
+    """A copy of any network with every ``nn.Linear`` and ``nn.Conv2d`` replaced by the Bayesian layer of ``prior``.
+
+    Each new layer starts where the old one is: its posterior mean equals the old weight and bias
+    (as ``init_weight`` / ``init_bias`` give), so a trained network keeps its predictions in eval
+    mode and training starts from there (chapter 7 of the book). Everything else, BatchNorm and
+    custom modules included, is copied unchanged; ``module`` itself is left as it was. Only the
+    exact classes ``nn.Linear`` and ``nn.Conv2d`` are converted: subclasses (e.g. the output
+    projection inside ``nn.MultiheadAttention``, whose weight is read directly) stay as they are.
+    Training needs the KL term (:func:`bclib.kl_divergence`); :func:`bclib.compress` needs the
+    network in sequence (an ``nn.Sequential``, nested ones included).
+
+    Args:
+        module: the network to convert.
+        prior: ``"nj"``, ``"hs"`` or ``"svd"``.
+        exclude: names of layers to keep deterministic, as in ``module.named_modules()`` (for
+            instance a classifier whose outputs must all stay).
+        clip_var: upper bound on the weight variances of every converted layer (``None``: none).
+        tau0, shared_scale: horseshoe only, as in :func:`lenet_300_100`.
+
+    Returns:
+        The converted copy, on the device and in the dtype and training mode of ``module``.
+
+    Raises:
+        TypeError: ``module`` is not an ``nn.Module``.
+        ValueError: an unknown ``prior``, a name in ``exclude`` that is not a module of ``module``,
+            or a convolution the Bayesian layers cannot express (``groups`` other than 1, a
+            ``padding_mode`` other than ``"zeros"``, ``padding="same"`` that is not symmetric).
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 28 * 28, 10))
+        >>> [type(m).__name__ for m in to_bayesian(net, "nj")]
+        ['Conv2dGroupNJ', 'ReLU', 'Flatten', 'LinearGroupNJ']
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    if prior not in _LAYERS:
+        raise ValueError(f"prior must be one of {tuple(_LAYERS)}, got {prior!r}")
+    exclude = set(exclude)
+    names = {name for name, _ in module.named_modules()}
+    if not exclude <= names:
+        raise ValueError(f"exclude names layers that module does not have: {sorted(exclude - names)}; "
+                         f"its modules are {sorted(names - {''})}")
+    linear, conv = _layer_factories(prior, tau0, shared_scale)
+    converted = copy.deepcopy(module)
+    replaced = {}
+    for name, child in converted.named_modules():
+        if name in exclude or type(child) not in (nn.Linear, nn.Conv2d):
+            continue
+        weight, bias = child.weight.detach(), None if child.bias is None else child.bias.detach()
+        kwargs = {"bias": bias is not None, "init_weight": weight, "init_bias": bias, "clip_var": clip_var}
+        if type(child) is nn.Linear:
+            layer = linear(child.in_features, child.out_features, **kwargs)
+        else:
+            layer = conv(child.in_channels, child.out_channels, child.kernel_size, stride=child.stride,
+                         padding=_explicit_padding(name or "module", child), dilation=child.dilation, **kwargs)
+        replaced[name] = layer.to(device=weight.device, dtype=weight.dtype).train(child.training)
+    if "" in replaced:  # module is itself one layer
+        return replaced[""]
+    for name, layer in replaced.items():
+        parent, _, attribute = name.rpartition(".")
+        setattr(converted.get_submodule(parent), attribute, layer)
+    return converted
+
+
+def _explicit_padding(name: str, conv: nn.Conv2d) -> tuple[int, int]:
+    """The padding of ``conv`` as two ints, or a ValueError naming the layer when bclib cannot express it."""
+    if conv.groups != 1 or conv.padding_mode != "zeros":
+        raise ValueError(f"layer {name!r}: bclib's Bayesian convolutions have groups=1 and zero padding, got "
+                         f"groups={conv.groups}, padding_mode={conv.padding_mode!r} (pass it in exclude to keep it)")
+    if conv.padding == "valid":
+        return 0, 0
+    if conv.padding == "same":  # stride 1: (dilation * (kernel - 1)) / 2 on each side, if that is whole
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        if any(t % 2 for t in total):
+            raise ValueError(f"layer {name!r}: padding='same' with kernel {conv.kernel_size} and dilation "
+                             f"{conv.dilation} pads unevenly, which bclib's convolutions cannot express")
+        return total[0] // 2, total[1] // 2
+    return conv.padding

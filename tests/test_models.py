@@ -136,3 +136,96 @@ def test_bayesian_from_pretrained_computes_the_same_function(name, kwargs, prior
 def test_bayesian_from_pretrained_rejects_another_architecture():
     with pytest.raises(ValueError, match="pretrained"):
         bayesian_from_pretrained("lenet5", "nj", lenet_300_100(None))
+
+
+# ----------------------------------------------------------------------------- any network -> Bayesian
+class _Block(nn.Module):
+    """A custom module with a skip connection and a layer held in a ModuleDict: not a Sequential."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=1, dilation=1, bias=False)
+        self.branch = nn.ModuleDict({"wide": nn.Conv2d(4, 4, 3, padding="same", dilation=2)})
+        self.norm = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        h = torch.relu(self.norm(self.conv(x)))
+        return h + self.branch["wide"](h)
+
+
+def _custom_net() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(_Block(), nn.Flatten(), nn.Linear(4 * 5 * 5, 16), nn.Tanh(), nn.Linear(16, 3))
+    with torch.no_grad():  # BatchNorm statistics away from their defaults, so copying them matters
+        net[0].norm.running_mean.uniform_(-1, 1)
+        net[0].norm.running_var.uniform_(0.5, 2)
+    return net.eval()
+
+
+@pytest.mark.parametrize("prior", ["nj", "hs", "svd"])
+def test_to_bayesian_converts_every_layer_and_keeps_the_function(prior):
+    net = _custom_net()
+    bayes = bclib.to_bayesian(net, prior)
+    linear, conv = LAYER_TYPES[prior]
+    converted = {name: type(m) for name, m in bayes.named_modules()}
+    assert converted["0.conv"] is conv and converted["0.branch.wide"] is conv
+    assert converted["2"] is linear and converted["4"] is linear
+    assert converted["0.norm"] is nn.BatchNorm2d and not bayes.training
+    assert bayes[0].conv.posterior_bias() is None and bayes[0].branch["wide"].posterior_bias() is not None
+    assert bayes[0].branch["wide"].padding == (2, 2) and bayes[0].conv.stride == (2, 2)
+    # The original is untouched, and in eval mode the copy computes what it computes.
+    assert type(net[2]) is nn.Linear and type(net[0].conv) is nn.Conv2d
+    x = torch.randn(8, 3, 10, 10)
+    assert torch.allclose(bayes(x), net(x), atol=1e-5)
+    # It trains: a stochastic forward, a KL, and gradients on the variational parameters.
+    bayes.train()
+    loss = bayes(x).pow(2).mean() + bclib.kl_divergence(bayes) / 1000
+    loss.backward()
+    assert bclib.kl_divergence(bayes) > 0
+    assert all(p.grad is not None for _, layer in bclib.bayesian_layers(bayes) for p in layer.parameters())
+
+
+def test_to_bayesian_keeps_excluded_layers_and_can_be_compressed():
+    net = lenet_300_100(None).eval()
+    bayes = bclib.to_bayesian(net, "nj", exclude=["5"], clip_var=0.04).eval()
+    assert type(bayes[5]) is nn.Linear and [m.clip_var for _, m in bclib.bayesian_layers(bayes)] == [0.04, 0.04]
+    x = torch.rand(16, 1, 28, 28)
+    assert torch.allclose(bayes(x), net(x), atol=1e-5)
+    full = bclib.to_bayesian(net, "nj").eval()
+    result = bclib.compress(full, [10.0, 10.0, 10.0])  # keeps everything: the export is the network again
+    assert result.report.architecture == "784-300-100"
+    assert torch.allclose(result.model(x), net(x), atol=1e-5)
+
+
+def test_to_bayesian_shares_one_horseshoe_scale_when_asked():
+    bayes = bclib.to_bayesian(_custom_net(), "hs", shared_scale=True, tau0=1e-3)
+    scales = {id(layer.global_scale) for _, layer in bclib.bayesian_layers(bayes)}
+    assert len(scales) == 1 and bayes[2].tau0 == 1e-3
+    alone = bclib.to_bayesian(_custom_net(), "hs")
+    assert len({id(layer.global_scale) for _, layer in bclib.bayesian_layers(alone)}) == 4
+
+
+def test_to_bayesian_converts_a_single_layer():
+    layer = nn.Linear(5, 2)
+    bayes = bclib.to_bayesian(layer, "svd").eval()
+    assert isinstance(bayes, bclib.LinearSVD)
+    x = torch.randn(3, 5)
+    assert torch.allclose(bayes(x), layer(x), atol=1e-6)
+
+
+def test_to_bayesian_rejects_what_it_cannot_convert():
+    with pytest.raises(ValueError, match=r"prior must be one of \('nj', 'hs', 'svd'\), got None"):
+        bclib.to_bayesian(nn.Linear(2, 2), None)
+    with pytest.raises(TypeError, match="module must be an nn.Module, got str"):
+        bclib.to_bayesian("lenet", "nj")
+    with pytest.raises(ValueError, match=r"exclude names layers that module does not have: \['head'\]"):
+        bclib.to_bayesian(_custom_net(), "nj", exclude=["head"])
+    with pytest.raises(ValueError, match="layer '1': .*groups=2"):
+        bclib.to_bayesian(nn.Sequential(nn.ReLU(), nn.Conv2d(4, 4, 3, groups=2)), "nj")
+    with pytest.raises(ValueError, match="layer '0': .*padding_mode='reflect'"):
+        bclib.to_bayesian(nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect")), "hs")
+    with pytest.raises(ValueError, match="layer '0': padding='same' with kernel \\(2, 2\\)"):
+        bclib.to_bayesian(nn.Sequential(nn.Conv2d(1, 2, 2, padding="same")), "nj")
+    # Excluded, an inexpressible convolution is simply kept.
+    kept = bclib.to_bayesian(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten()), "nj", exclude=["0"])
+    assert type(kept[0]) is nn.Conv2d

@@ -30,3 +30,16 @@ def test_readme_layer_snippet_runs(tmp_path, monkeypatch, capsys):
     assert rates[0] == rates[1] and len(namespace["history"]) == 10
     retrained = namespace["bclib"].load_compressed(tmp_path / "lenet300_retrained.bcz")
     assert torch.equal(retrained(x), tuned.reduced_precision_model()(x))
+
+
+def test_readme_conversion_snippet_runs():
+    block = re.search(r"### Convert a network you already have\n```python\n(.*?)```", README.read_text(), re.S)
+    assert block is not None, "README lost its 'Convert a network you already have' snippet"
+    torch.manual_seed(0)
+    namespace = {}
+    exec(compile(block.group(1), str(README), "exec"), namespace)
+    bclib, trained, model = namespace["bclib"], namespace["trained"], namespace["model"]
+    assert [type(m) for m in model if not isinstance(m, (nn.ReLU, nn.MaxPool2d, nn.Flatten))] == [
+        bclib.Conv2dGroupHS, bclib.LinearGroupHS, bclib.LinearGroupHS]
+    x = torch.rand(8, 1, 28, 28)
+    assert torch.allclose(model(x), trained(x), atol=1e-5) and type(trained[0]) is nn.Conv2d

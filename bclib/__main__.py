@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS),
                        help="how the compression benchmark runs both exports (default: all; 'compiled' uses "
                             "torch.compile and needs a C++ compiler)")
+    bench.add_argument("--trials", type=int, default=1,
+                       help="run the compression benchmark in this many fresh processes and report medians and "
+                            "ranges (default: 1, this process)")
     bench.add_argument("--out", default=None,
                        help="also write the results as JSON here, with the command, machine and versions")
     return parser
@@ -130,8 +133,9 @@ def _dispatch(args: argparse.Namespace) -> None:
         if args.which in ("layers", "all"):
             results["layers"] = bench.run_layers_bench(threads=args.threads)
         if args.which in ("compression", "all"):
-            results["compression"] = bench.run_compression_bench_from_run(args.run, threads=args.threads,
-                                                                         layouts=tuple(args.layouts))
+            options = {"threads": args.threads, "layouts": tuple(args.layouts)}
+            results["compression"] = (bench.run_compression_trials(args.trials, args.run, **options) if args.trials != 1
+                                      else bench.run_compression_bench_from_run(args.run, **options))
         if args.which in ("epochs", "all"):
             results["epochs"] = bench.run_epoch_bench(args.data, threads=args.threads)
         if args.which in ("training", "all"):

@@ -12,12 +12,14 @@ alike; both return a dict and print a table.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import copy
 import importlib
 import json
 import logging
 import math
+import multiprocessing
 import os
 import platform
 import statistics
@@ -32,7 +34,8 @@ from . import models
 from .compression import CompressedModel, compress, propose_thresholds
 from .layers import BayesianLayer, LinearGroupHS, LinearGroupNJ, bayesian_layers, kl_divergence, set_variance_dtype
 
-__all__ = ["run_compression_bench", "run_compression_bench_from_run", "run_layers_bench", "paper_lenet5",
+__all__ = ["run_compression_bench", "run_compression_bench_from_run", "run_compression_trials", "summarise_trials",
+           "run_layers_bench", "paper_lenet5",
            "matmul_macs_per_example",
            "run_training_time_report", "run_epoch_bench", "write_bench_results"]
 
@@ -284,6 +287,13 @@ def _compression_table(result: dict) -> str:
         lines.append(f"{row['layout']:<13} {row['batch']:>5} {row['dense_ms']:>8.3f} {row['pruned_ms']:>9.3f} "
                      f"{row['dense_examples_per_s']:>10,.0f} {row['pruned_examples_per_s']:>11,.0f} "
                      f"{row['speedup']:>7.2f}x {row['speedup_over_flop_reduction']:>10.2f}")
+    if "trials" in result:
+        lines += ["", f"medians of {len(result['trials'])} trials (fresh processes); speed-up / FLOP cut over them:",
+                  f"{'layout':<13} {'batch':>5} {'min':>6} {'median':>6} {'max':>6}"]
+        for row in result["runs"]:
+            low, high = row["speedup_over_flop_reduction_range"]
+            lines.append(f"{row['layout']:<13} {row['batch']:>5} {low:>6.2f} "
+                         f"{row['speedup_over_flop_reduction']:>6.2f} {high:>6.2f}")
     for layout, rows in result["layers"].items():
         batch = max(row["batch"] for row in result["runs"])
         lines += ["", f"per module, {layout}, batch {batch} (each timed alone)",
@@ -315,6 +325,75 @@ def run_compression_bench_from_run(run_dir=None, **kwargs) -> dict:
         kwargs["thresholds"] = json.loads(report_path.read_text()).get("thresholds")
     print(f"run {run_dir}")
     return run_compression_bench(model, **kwargs)
+
+
+def run_compression_trials(trials: int, run_dir=None, *, verbose: bool = True, **kwargs) -> dict:
+    """:func:`run_compression_bench_from_run` in ``trials`` fresh processes, one after another, summarised.
+
+    Within one process the two exports are timed in turns, so a busy machine slows both alike. Between
+    processes the ratio still moves: each process draws its own memory and thread placement and,
+    compiled, its own generated code. One process is therefore one sample, and this runs several
+    (:func:`summarise_trials`: medians, and the range of the speed-up over the FLOP cut). Targets are
+    judged on the medians.
+
+    Args:
+        trials: how many processes (a positive int).
+        run_dir, kwargs: as :func:`run_compression_bench_from_run`.
+        verbose: print each trial's ratios and the summary table.
+    """
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise ValueError(f"trials must be a positive int, got {trials!r}")
+    spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: it inherits nothing but the arguments
+    results = []
+    for trial in range(trials):
+        with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+            results.append(pool.submit(_silent_compression_bench, run_dir, kwargs).result())
+        if verbose:
+            ratios = ", ".join(f"{row['layout']} {row['batch']}: {row['speedup_over_flop_reduction']:.2f}"
+                               for row in results[-1]["runs"])
+            print(f"trial {trial + 1}/{trials}, speed-up / FLOP cut: {ratios}", flush=True)
+    summary = summarise_trials(results)
+    if verbose:
+        print(_compression_table(summary))
+    return summary
+
+
+def _silent_compression_bench(run_dir, kwargs: dict) -> dict:
+    with contextlib.redirect_stdout(None):
+        return run_compression_bench_from_run(run_dir, verbose=False, **kwargs)
+
+
+def summarise_trials(results: list[dict]) -> dict:
+    """One result of :func:`run_compression_bench` from several runs of it (the same layouts and batches).
+
+    ``"runs"`` and ``"layers"`` hold the median of every figure over the trials (each figure its own
+    median); each run row adds ``"speedup_over_flop_reduction_range"``, ``[min, max]`` over the trials;
+    ``"trials"`` keeps every trial's run rows.
+    """
+    if not results:
+        raise ValueError("results must hold at least one benchmark result")
+    first = results[0]
+    keys = [(row["layout"], row["batch"]) for row in first["runs"]]
+    for result in results[1:]:
+        if [(row["layout"], row["batch"]) for row in result["runs"]] != keys:
+            raise ValueError(f"every result must time the same layouts and batches as the first: {keys}")
+    summary = {key: value for key, value in first.items() if key not in ("runs", "layers")}
+    summary["runs"] = []
+    for index, row in enumerate(first["runs"]):
+        samples = [result["runs"][index] for result in results]
+        merged = {key: value if key in ("layout", "batch") else statistics.median(s[key] for s in samples)
+                  for key, value in row.items()}
+        ratios = [s["speedup_over_flop_reduction"] for s in samples]
+        merged["speedup_over_flop_reduction_range"] = [min(ratios), max(ratios)]
+        summary["runs"].append(merged)
+    summary["layers"] = {
+        layout: [{"layer": row["layer"],
+                  **{key: statistics.median(result["layers"][layout][index][key] for result in results)
+                     for key in ("dense_ms", "pruned_ms")}}
+                 for index, row in enumerate(rows)]
+        for layout, rows in first["layers"].items()}
+    summary["trials"] = [result["runs"] for result in results]
+    return summary
 
 
 # Precision variants timed beside full float32: "bfloat16" runs the Bayesian layers' variance path in

@@ -65,6 +65,45 @@ def test_compression_bench_without_a_run_folder_times_the_paper_model(tmp_path, 
     assert result["architecture"] == "8-13-88-13" and "no trained run" in capsys.readouterr().out
 
 
+def _trial(ratios, dense_ms, module_ms):
+    """A hand-made result of run_compression_bench: two rows, one per-module layout."""
+    return {"architecture": "2-1", "flops_before": 8, "flops_after": 2, "flop_reduction": 4.0, "threads": 1,
+            "runs": [{"layout": "contiguous", "batch": batch, "dense_ms": dense, "pruned_ms": 1.0,
+                      "dense_examples_per_s": batch / dense, "pruned_examples_per_s": float(batch),
+                      "speedup": 4 * ratio, "speedup_over_flop_reduction": ratio}
+                     for batch, ratio, dense in zip((10, 1), ratios, dense_ms)],
+            "layers": {"contiguous": [{"layer": "0 Linear", "dense_ms": module_ms, "pruned_ms": 1.0}]}}
+
+
+def test_summarise_trials_takes_medians_and_ranges_by_hand(capsys):
+    trials = [_trial((0.5, 0.2), (2.0, 1.0), 3.0), _trial((0.9, 0.1), (6.0, 1.0), 1.0),
+              _trial((0.7, 0.3), (4.0, 2.0), 2.0)]
+    summary = bench.summarise_trials(trials)
+    first, second = summary["runs"]
+    assert (first["batch"], first["speedup_over_flop_reduction"], first["dense_ms"]) == (10, 0.7, 4.0)
+    assert first["speedup_over_flop_reduction_range"] == [0.5, 0.9] and first["speedup"] == 2.8
+    assert (second["speedup_over_flop_reduction"], second["speedup_over_flop_reduction_range"]) == (0.2, [0.1, 0.3])
+    assert summary["layers"]["contiguous"] == [{"layer": "0 Linear", "dense_ms": 2.0, "pruned_ms": 1.0}]
+    assert summary["trials"] == [trial["runs"] for trial in trials] and summary["architecture"] == "2-1"
+    table = bench._compression_table(summary)
+    assert "medians of 3 trials" in table and "contiguous       10   0.50   0.70   0.90" in table
+    other = _trial((0.5, 0.2), (2.0, 1.0), 3.0)
+    other["runs"].reverse()
+    with pytest.raises(ValueError, match="every result must time the same layouts and batches"):
+        bench.summarise_trials([trials[0], other])
+
+
+def test_compression_trials_run_in_fresh_processes(tmp_path, capsys):
+    summary = bench.run_compression_trials(2, tmp_path / "missing", batch_sizes=(2,), layouts=("contiguous",),
+                                           repeats=1, min_seconds=0.0)
+    assert len(summary["trials"]) == 2 and summary["architecture"] == "8-13-88-13"
+    low, high = summary["runs"][0]["speedup_over_flop_reduction_range"]
+    assert low <= summary["runs"][0]["speedup_over_flop_reduction"] <= high
+    assert "trial 2/2" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="trials must be a positive int, got 0"):
+        bench.run_compression_trials(0)
+
+
 def test_layers_bench_ratios_are_relative_to_the_deterministic_network():
     result = bench.run_layers_bench(steps=1, repeats=1, batch_size=8, model_names=("lenet300",), threads=1,
                                     verbose=False)

@@ -55,7 +55,7 @@ def test_help_lists_the_commands():
 
 @pytest.mark.parametrize("command, options", [
     ("train", ["--model", "--prior", "--out", "--fast", "--init-from", "--epochs", "--variance-dtype"]),
-    ("bench", ["--out", "--threads", "--run", "--results"]),
+    ("bench", ["--out", "--threads", "--run", "--results", "--trials"]),
     ("compress", ["--thresholds", "--data"]),
     ("fine-tune", ["--out", "--epochs", "--data"]),
     ("reproduce", ["--out", "--only"]),
@@ -67,6 +67,13 @@ def test_subcommand_help_lists_its_options(capsys, command, options):
     text = capsys.readouterr().out
     for option in options:
         assert option in text
+
+
+def test_bench_rejects_a_trial_count_below_one(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "compression", "--trials", "0"])
+    assert info.value.code == 2
+    assert "trials must be a positive int, got 0" in capsys.readouterr().err
 
 
 def test_bench_writes_its_results_with_the_command(tmp_path, capsys):

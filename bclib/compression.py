@@ -268,7 +268,8 @@ def _finite_or_none(value):
 def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of every leaf of a (nested) ``nn.Sequential``, in forward order."""
     if not isinstance(model, nn.Sequential):
-        raise TypeError(f"model must be an nn.Sequential (possibly nested), got {type(model).__name__}")
+        raise TypeError(f"model must be an nn.Sequential (possibly nested), got {type(model).__name__}: compress "
+                        f"follows the layers in order, so the network must be written as nn.Sequential containers")
     leaves = []
 
     def walk(sequence: nn.Sequential, prefix: str) -> None:
@@ -279,7 +280,8 @@ def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
                 leaves.append((prefix + name, child))
             elif isinstance(child, (nn.Linear, nn.Conv2d)) or list(child.children()):
                 raise TypeError(f"model layer {prefix + name!r} is a {type(child).__name__}: compress needs the "
-                                "weighted layers to be bclib Bayesian layers inside nn.Sequential containers")
+                                "weighted layers to be bclib Bayesian layers (bclib.to_bayesian converts them) "
+                                "inside nn.Sequential containers")
             else:
                 leaves.append((prefix + name, child))
 

@@ -164,8 +164,9 @@ def to_bayesian(module: nn.Module, prior: str, *, exclude: Iterable[str] = (), c
     Args:
         module: the network to convert.
         prior: ``"nj"``, ``"hs"`` or ``"svd"``.
-        exclude: names of layers to keep deterministic, as in ``module.named_modules()`` (for
-            instance a classifier whose outputs must all stay).
+        exclude: names of layers to keep deterministic, as in ``module.named_modules()`` (a
+            convolution the Bayesian layers cannot express, say). :func:`bclib.compress` needs every
+            weighted layer Bayesian, so it cannot export a network with excluded layers.
         clip_var: upper bound on the weight variances of every converted layer (``None``: none).
         tau0, shared_scale: horseshoe only, as in :func:`lenet_300_100`.
 

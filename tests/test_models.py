@@ -205,6 +205,15 @@ def test_to_bayesian_shares_one_horseshoe_scale_when_asked():
     assert len({id(layer.global_scale) for _, layer in bclib.bayesian_layers(alone)}) == 4
 
 
+def test_to_bayesian_keeps_the_dtype_and_the_training_mode():
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double().train()
+    bayes = bclib.to_bayesian(net, "nj")
+    assert bayes.training and all(layer.training for _, layer in bclib.bayesian_layers(bayes))
+    assert {p.dtype for p in bayes.parameters()} == {torch.float64}
+    x = torch.randn(5, 3, dtype=torch.float64)
+    assert torch.allclose(bayes.eval()(x), net.eval()(x), atol=1e-12)
+
+
 def test_to_bayesian_converts_a_single_layer():
     layer = nn.Linear(5, 2)
     bayes = bclib.to_bayesian(layer, "svd").eval()

@@ -1,0 +1,148 @@
+"""Command line: ``python -m bclib {train,compress,fine-tune,reproduce,bench} ...``."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shlex
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+DATA_HELP = "MNIST root (default: $BCLIB_DATA or the user cache)"
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .bench import LAYOUTS
+    from .experiments import EXPERIMENTS
+    from .train import AUTOCAST_DTYPES, VARIANCE_DTYPES
+
+    parser = argparse.ArgumentParser(
+        prog="python -m bclib",
+        description="Bayesian Compression for Deep Learning: train, compress, reproduce the results, benchmark.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train one model with one prior, compress it, write results into --out")
+    train.add_argument("--model", choices=["lenet300", "lenet5"], required=True)
+    train.add_argument("--prior", choices=["nj", "hs", "svd", "none"], required=True,
+                       help="'none' trains the deterministic network")
+    train.add_argument("--out", required=True, help="run folder (resumed when it holds a checkpoint)")
+    train.add_argument("--init-from", default=None, help="a deterministic run folder to start the posterior means from")
+    train.add_argument("--epochs", type=int, default=None, help="override the recipe's epoch count")
+    train.add_argument("--variance-dtype", choices=sorted(name for name in VARIANCE_DTYPES if name), default=None,
+                       help="run the Bayesian layers' variance path in this precision (faster on CPUs with "
+                            "bfloat16 units and on GPUs; default: full precision)")
+    train.add_argument("--autocast", choices=sorted(name for name in AUTOCAST_DTYPES if name), default=None,
+                       help="mixed precision: run every layer's products in this precision under torch.autocast "
+                            "(faster on GPUs and CPUs with bfloat16 units; default: full precision)")
+    train.add_argument("--data", default=None, help=DATA_HELP)
+    train.add_argument("--fast", action="store_true", help="small data and 2 epochs (a smoke test)")
+
+    compress = sub.add_parser("compress", help="(re)compress a trained run folder")
+    compress.add_argument("run", help="run folder with config.json and checkpoint.pt")
+    compress.add_argument("--thresholds", type=float, nargs="+", default=None,
+                          help="one log-alpha threshold per Bayesian layer (default: proposed from the histograms)")
+    compress.add_argument("--data", default=None, help=DATA_HELP)
+
+    fine_tune = sub.add_parser("fine-tune", help="prune a trained run further and retrain the survivors on their "
+                                                 "fixed-point grids (not in the paper), writing into --out")
+    fine_tune.add_argument("run", help="trained Bayesian run folder with config.json, report.json and checkpoint.pt")
+    fine_tune.add_argument("--out", required=True, help="folder for the fine-tuned run")
+    fine_tune.add_argument("--epochs", type=int, default=None, help="retraining epochs per candidate (default 10)")
+    fine_tune.add_argument("--data", default=None, help=DATA_HELP)
+
+    reproduce = sub.add_parser("reproduce", help="run every experiment of the results table into --out")
+    reproduce.add_argument("--out", default="book/results")
+    reproduce.add_argument("--only", nargs="+", choices=sorted(EXPERIMENTS), default=None)
+    reproduce.add_argument("--data", default=None, help=DATA_HELP)
+    reproduce.add_argument("--fast", action="store_true")
+
+    bench = sub.add_parser("bench", help="benchmarks: layers (train-step time ratios), compression (inference speed-up)")
+    bench.add_argument("which", choices=["layers", "compression", "epochs", "training", "all"],
+                       help="epochs: one training epoch on MNIST per network; training: wall time of the "
+                            "committed runs and the targets they met")
+    bench.add_argument("--data", default=None, help="MNIST root for 'epochs' (default: $BCLIB_DATA or the user cache)")
+    bench.add_argument("--results", default="book/results", help="results folder for 'training'")
+    bench.add_argument("--run", default="book/results/lenet5_nj", help="trained run folder for the compression benchmark")
+    bench.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's setting)")
+    bench.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS),
+                       help="how the compression benchmark runs both exports (default: all; 'compiled' uses "
+                            "torch.compile and needs a C++ compiler)")
+    bench.add_argument("--trials", type=int, default=1,
+                       help="run the compression benchmark in this many fresh processes and report medians and "
+                            "ranges (default: 1, this process)")
+    bench.add_argument("--out", default=None,
+                       help="also write the results as JSON here, with the command, machine and versions")
+    return parser
+
+
+def _experiment_name(model: str, prior: str, init_from: str | None) -> str:
+    from .experiments import EXPERIMENTS
+
+    if prior == "none":
+        return f"{model}_dense"
+    name = f"{model}_{prior}"
+    if init_from and f"{name}_pretrained" in EXPERIMENTS:
+        return f"{name}_pretrained"
+    return name
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    args.command_line = "python -m bclib " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    try:
+        _dispatch(args)
+    except (ValueError, FileNotFoundError) as error:
+        # Bad input (a wrong count of thresholds, missing data): a message and exit status 2, no traceback.
+        parser.exit(2, f"{parser.prog} {args.command}: error: {error}\n")
+    return 0
+
+
+def _dispatch(args: argparse.Namespace) -> None:
+    if args.command == "train":
+        from .experiments import run_experiment
+
+        name = _experiment_name(args.model, args.prior, args.init_from)
+        results_root = Path(args.init_from).parent if args.init_from else None
+        report = run_experiment(name, args.out, data_root=args.data, epochs=args.epochs,
+                                variance_dtype=args.variance_dtype, autocast=args.autocast, fast=args.fast or None,
+                                results_root=results_root)
+        print(json.dumps(report, indent=2))
+    elif args.command == "compress":
+        from .experiments import compress_run
+
+        print(json.dumps(compress_run(args.run, thresholds=args.thresholds, data_root=args.data), indent=2))
+    elif args.command == "fine-tune":
+        from .experiments import FINE_TUNE_CONFIG, fine_tune_run
+
+        config = FINE_TUNE_CONFIG if args.epochs is None else dataclasses.replace(FINE_TUNE_CONFIG, epochs=args.epochs)
+        print(json.dumps(fine_tune_run(args.run, args.out, config=config, data_root=args.data), indent=2))
+    elif args.command == "reproduce":
+        from .experiments import EXPERIMENTS, run_experiment
+
+        for name in args.only or EXPERIMENTS:
+            print(f"== {name}", flush=True)
+            run_experiment(name, Path(args.out) / name, data_root=args.data, fast=args.fast or None)
+    elif args.command == "bench":
+        from . import bench
+
+        results = {}
+        if args.which in ("layers", "all"):
+            results["layers"] = bench.run_layers_bench(threads=args.threads)
+        if args.which in ("compression", "all"):
+            options = {"threads": args.threads, "layouts": tuple(args.layouts)}
+            results["compression"] = (bench.run_compression_trials(args.trials, args.run, **options) if args.trials != 1
+                                      else bench.run_compression_bench_from_run(args.run, **options))
+        if args.which in ("epochs", "all"):
+            results["epochs"] = bench.run_epoch_bench(args.data, threads=args.threads)
+        if args.which in ("training", "all"):
+            results["training"] = bench.run_training_time_report(args.results)
+        if args.out is not None:
+            bench.write_bench_results(args.out, results, command=args.command_line, threads=args.threads)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1021 @@
+"""Pruning masks, bit precision, compression rates and export to plain PyTorch (Louizos et al. 2017, Sec. 5).
+
+:func:`compress` turns a trained Bayesian network into
+
+* a plain ``nn.Sequential`` of ``nn.Conv2d`` / ``nn.Linear`` (and the network's own activations,
+  pooling, ``Flatten`` and BatchNorm) holding only the surviving filters and units;
+* a :class:`CompressionReport` (data, printable as a table) with the pruned architecture, the bits
+  per layer and the compression rates defined by the paper's code release;
+* a reduced-precision copy (weights on each layer's fixed-point grid) and a real file
+  (:meth:`CompressedModel.save`: the grid integers entropy-coded, or bit-packed at each layer's
+  width; read back by :func:`bclib.load_compressed`).
+
+:func:`fine_tune` (not in the paper) retrains the surviving weights of a compressed network on
+their grids, which leaves every rate as it is and lowers the error.
+
+Which weights survive
+---------------------
+Group ``g`` of a layer is kept when ``log_alpha_g < threshold`` (one threshold per layer). The
+groups of a linear layer are its input units, those of a convolution its output channels. The
+units *between* layer ``l`` and layer ``l+1`` are the outputs of ``l`` and the inputs of ``l+1``
+(a flatten maps conv channel ``c`` onto its block of ``H*W`` inputs of the next linear layer).
+A unit is alive when
+
+* the producing layer keeps it (a conv keeps a channel whose group survives and that has a
+  surviving input; a linear layer keeps an output with at least one surviving incoming weight), and
+* the consuming layer keeps it (a linear layer keeps an input whose group survives -- for a
+  flattened conv channel, at least one of its ``H*W`` positions -- a conv keeps an input channel
+  that feeds at least one surviving filter).
+
+A weight survives when its own test passes (group kept, or for Sparse VD its own
+``log_alpha < threshold``) AND its input unit AND its output unit are alive. Removing units can
+strand others (a unit with no surviving weights is removed), so the rule is applied until nothing
+changes; for the group priors one pass settles it. The outputs of the last layer (the classes) are
+never pruned, and the network's inputs are never dropped from the exported model (they are the
+data), only zeroed.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .data import TensorSplit
+from .fileformat import build_module, dequantize, encode_compressed, load_compressed, module_spec, write_compressed
+from .layers import BayesianLayer, bayesian_layers
+from .train import TrainConfig, fit
+
+__all__ = [
+    "compress", "CompressedModel", "CompressionReport", "LayerReport", "SavedFile",
+    "weight_bits", "exponent_bits", "quantize", "model_error",
+    "propose_threshold", "propose_thresholds", "threshold_sweep", "apply_masks", "load_compressed",
+    "fine_tune", "FixedPointGrid",
+]
+
+MAX_MANTISSA_BITS = 23
+
+
+# ----------------------------------------------------------------------------- bit precision
+def weight_bits(variance: Tensor) -> int:
+    r"""Bits of a layer by the release's rule: ``t_l = ceil(mean_i #{t in 1..23 : 2 Var[w_i] < 2^-t})``.
+
+    Each weight counts the grid steps ``2^-t`` that are still larger than twice its posterior
+    variance (the rule compares the *variance*, not the standard deviation), then the layer takes
+    the mean over its surviving weights, rounded up. An empty layer needs 0 bits.
+
+    Args:
+        variance: posterior variances of the surviving weights (any shape).
+
+    Example:
+        >>> weight_bits(torch.tensor([2.0**-8, 2.0**-6]))  # 2 Var = 2^-7, 2^-5: t = 1..6 and 1..4
+        5
+    """
+    variance = variance.detach().reshape(-1).to(torch.float64)
+    if variance.numel() == 0:
+        return 0
+    steps = torch.pow(2.0, -torch.arange(1, MAX_MANTISSA_BITS + 1, dtype=torch.float64))
+    counts = (2.0 * variance[:, None] < steps[None, :]).sum(1)
+    total = int(counts.sum())
+    return -(-total // variance.numel())  # exact integer ceiling of the mean
+
+
+def exponent_bits(max_abs_weight: float) -> int:
+    r"""Exponent bits of the network: ``e = ceil(log2(|log2 max|w|| + 1) + 1)``.
+
+    The release wrote ``log2(log2 max|w| + 1)``, which is ``-inf`` at ``max|w| = 0.5`` and NaN
+    below it, although trained networks usually have ``max|w| < 1``. The absolute value makes it
+    the bits of a signed exponent as large as ``|log2 max|w||``: the same for ``max|w| >= 1``,
+    finite for every positive weight. With no weights left (``max|w| = 0``) it returns 1, the
+    formula's value at ``max|w| = 1``.
+
+    Example:
+        >>> exponent_bits(0.3), exponent_bits(2.0), exponent_bits(0.0)
+        (3, 2, 1)
+    """
+    max_abs_weight = float(max_abs_weight)
+    if not math.isfinite(max_abs_weight) or max_abs_weight < 0:
+        raise ValueError(f"max_abs_weight must be a finite number >= 0, got {max_abs_weight}")
+    if max_abs_weight == 0:
+        return 1
+    return math.ceil(math.log2(abs(math.log2(max_abs_weight)) + 1) + 1)
+
+
+def quantize(weight: Tensor, bits: int) -> Tensor:
+    """Integer grid indices ``q = round(w / 2^-bits)`` (int64); the reduced weight is ``q 2^-bits``."""
+    return torch.round(weight.detach().to(torch.float64) * math.ldexp(1.0, bits)).to(torch.int64)
+
+
+# ----------------------------------------------------------------------------- report
+@dataclass
+class LayerReport:
+    """One Bayesian layer after pruning.
+
+    ``in_kept`` counts input columns for a linear layer (positions of a flattened conv output
+    included) and input channels for a convolution. ``weights_kept`` is the dense block between
+    the surviving units (what the architecture stores); ``weights_nonzero`` counts the surviving
+    weights themselves (smaller only for Sparse VD). ``flops`` are multiply-accumulates per example.
+    """
+
+    name: str
+    kind: str
+    in_kept: int
+    in_total: int
+    out_kept: int
+    out_total: int
+    weights_kept: int
+    weights_total: int
+    weights_nonzero: int
+    bits: int
+    threshold: float
+    flops_before: int
+    flops_after: int
+    groups_kept: int  # the paper's architecture entry: input units of a linear layer, filters of a convolution
+
+
+@dataclass
+class CompressionReport:
+    r"""What :func:`compress` did, as data. ``str(report)`` is a readable table.
+
+    Rates as the paper's code release defined them (biases excluded, pruned matrices stored dense):
+
+    .. math::
+        \text{compression\_pruning} = \frac{\sum_l |W_l|}{\sum_l |W_l^{\text{pruned}}|},\qquad
+        \text{compression\_precision} = \frac{32 \sum_l |W_l|}{\sum_l |W_l^{\text{pruned}}| (1 + e + t_l)}
+
+    with ``|W_l pruned|`` the dense block between surviving units, ``e`` the exponent bits and
+    ``t_l`` the layer's bits. ``compression_sparse`` and ``compression_sparse_precision`` use the
+    count of surviving (nonzero) weights instead: a different quantity (a sparse format would need
+    indices too), the one that matters for Sparse VD. FLOPs are multiply-accumulates per example of
+    the conv/linear layers.
+
+    Attributes:
+        layers: one :class:`LayerReport` per Bayesian layer (units, weights, bits, threshold, FLOPs).
+        exponent_bits: ``e``, shared by the network (the release's rule).
+        compression_pruning, compression_precision: the release's two rates (above).
+        compression_sparse, compression_sparse_precision: the same over nonzero weights.
+        flops_before, flops_after: multiply-accumulates per example, dense and pruned.
+        dense_float32_bytes: float32 weights and biases of the unpruned network.
+        file: the :class:`SavedFile` once :meth:`CompressedModel.save` wrote one, else ``None``.
+
+    Example:
+        >>> import bclib
+        >>> net = torch.nn.Sequential(bclib.LinearGroupNJ(4, 3), torch.nn.ReLU(), bclib.LinearGroupNJ(3, 2)).eval()
+        >>> report = compress(net, thresholds=[-3.0, -3.0]).report
+        >>> report.flops_before, report.flops_after, report.compression_pruning
+        (18, 18, 1.0)
+    """
+
+    layers: list[LayerReport]
+    exponent_bits: int
+    compression_pruning: float
+    compression_precision: float
+    compression_sparse: float
+    compression_sparse_precision: float
+    flops_before: int
+    flops_after: int
+    dense_float32_bytes: int
+    file: "SavedFile | None" = field(default=None)
+
+    @property
+    def architecture(self) -> str:
+        """Kept groups per layer as the paper writes them, e.g. ``"8-13-88-13"`` for LeNet-5."""
+        return "-".join(str(layer.groups_kept) for layer in self.layers)
+
+    @property
+    def flop_reduction(self) -> float:
+        return _ratio(self.flops_before, self.flops_after)
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable dict (an infinite rate, when nothing survives, becomes ``None``)."""
+        data = asdict(self)
+        data["architecture"] = self.architecture
+        data["flop_reduction"] = self.flop_reduction
+        return _finite_or_none(data)
+
+    def __str__(self) -> str:
+        header = ("layer", "kind", "in kept", "out kept", "weights kept", "bits", "threshold")
+        rows = [header] + [
+            (r.name, r.kind, f"{r.in_kept}/{r.in_total}", f"{r.out_kept}/{r.out_total}",
+             f"{r.weights_kept}/{r.weights_total}", str(r.bits), f"{r.threshold:g}")
+            for r in self.layers
+        ]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines += [
+            f"architecture {self.architecture}; exponent bits {self.exponent_bits}",
+            f"compression (biases excluded): after pruning {_times(self.compression_pruning)}, "
+            f"after precision {_times(self.compression_precision)}",
+            f"sparse (nonzero weights) compression: {_times(self.compression_sparse)}, "
+            f"with precision {_times(self.compression_sparse_precision)}",
+            f"FLOPs (multiply-accumulates per example): {self.flops_before:,} -> {self.flops_after:,} "
+            f"({_times(self.flop_reduction)} fewer)",
+        ]
+        if self.file is not None:
+            lines.append(str(self.file))
+        return "\n".join(lines)
+
+
+@dataclass
+class SavedFile:
+    """Size of a written compressed file next to the float32 weights and biases of the dense original."""
+
+    path: str
+    file_bytes: int
+    dense_float32_bytes: int
+    precision_rate: float
+
+    @property
+    def file_ratio(self) -> float:
+        return _ratio(self.dense_float32_bytes, self.file_bytes)
+
+    @property
+    def fraction_of_theoretical(self) -> float:
+        """``file_ratio / compression_precision``: 1.0 means the file is as small as the theoretical rate."""
+        return self.file_ratio / self.precision_rate if math.isfinite(self.precision_rate) else 0.0
+
+    def __str__(self) -> str:
+        return (f"file {self.path}: {self.file_bytes:,} bytes vs {self.dense_float32_bytes:,} bytes float32 dense: "
+                f"{_times(self.file_ratio)} ({self.fraction_of_theoretical:.2f} of the after-precision rate)")
+
+
+def _times(rate: float) -> str:
+    return f"{rate:.1f}x" if math.isfinite(rate) else "inf (nothing left)"
+
+
+def _ratio(before: float, after: float) -> float:
+    return math.inf if after == 0 else before / after
+
+
+def _finite_or_none(value):
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+# ----------------------------------------------------------------------------- walking the model
+def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every leaf of a (nested) ``nn.Sequential``, in forward order."""
+    if not isinstance(model, nn.Sequential):
+        raise TypeError(f"model must be an nn.Sequential (possibly nested), got {type(model).__name__}: compress "
+                        f"follows the layers in order, so the network must be written as nn.Sequential containers")
+    leaves = []
+
+    def walk(sequence: nn.Sequential, prefix: str) -> None:
+        for name, child in sequence.named_children():
+            if isinstance(child, nn.Sequential):
+                walk(child, f"{prefix}{name}.")
+            elif isinstance(child, BayesianLayer):
+                leaves.append((prefix + name, child))
+            elif isinstance(child, (nn.Linear, nn.Conv2d)) or list(child.children()):
+                raise TypeError(f"model layer {prefix + name!r} is a {type(child).__name__}: compress needs the "
+                                "weighted layers to be bclib Bayesian layers (bclib.to_bayesian converts them) "
+                                "inside nn.Sequential containers")
+            else:
+                leaves.append((prefix + name, child))
+
+    walk(model, "")
+    return leaves
+
+
+@contextlib.contextmanager
+def _evaluating(model: nn.Module):
+    """Eval mode for the duration, then every module's own training flag back."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, flag in flags:
+            module.train(flag)
+
+
+def _check_threshold(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise TypeError(f"threshold for {name!r} must be a number, got {type(value).__name__}")
+    if math.isnan(value):
+        raise ValueError(f"threshold for {name!r} must not be NaN")
+    return float(value)
+
+
+def resolve_thresholds(thresholds, names: list[str]) -> list[float]:
+    """One threshold per Bayesian layer (``names`` in order) from a number, a list or a dict by name."""
+    if isinstance(thresholds, (Tensor, np.ndarray)):
+        thresholds = thresholds.tolist()
+    if isinstance(thresholds, (int, float, np.floating, np.integer)) and not isinstance(thresholds, bool):
+        return [_check_threshold(name, thresholds) for name in names]
+    if isinstance(thresholds, dict):
+        unknown = sorted(set(thresholds) - set(names))
+        missing = [name for name in names if name not in thresholds]
+        if unknown or missing:
+            raise ValueError(f"thresholds must have one entry per Bayesian layer {names}; "
+                             f"unknown names {unknown}, missing {missing}")
+        return [_check_threshold(name, thresholds[name]) for name in names]
+    if isinstance(thresholds, (list, tuple)):
+        if len(thresholds) != len(names):
+            raise ValueError(f"thresholds must have one value per Bayesian layer ({len(names)}: {names}), "
+                             f"got {len(thresholds)}")
+        return [_check_threshold(name, value) for name, value in zip(names, thresholds)]
+    raise TypeError("thresholds must be a number, a list (one per Bayesian layer) or a dict by module name, "
+                    f"got {type(thresholds).__name__}")
+
+
+def _resolve_input_shape(model, input_shape, first_layer) -> tuple[int, ...]:
+    if input_shape is None:
+        input_shape = getattr(model, "input_shape", None)
+    if input_shape is None:
+        if first_layer.groups_on_input:
+            return (first_layer.in_features,)
+        raise ValueError("input_shape is needed (the shape of one example, e.g. (1, 28, 28)): pass input_shape= "
+                         "or set model.input_shape")
+    shape = tuple(input_shape)
+    if not shape or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
+        raise ValueError(f"input_shape must be a tuple of positive ints, got {input_shape!r}")
+    return shape
+
+
+# ----------------------------------------------------------------------------- masks
+@dataclass
+class _Weighted:
+    """A Bayesian layer with what compression needs of it, on the CPU."""
+
+    name: str
+    layer: BayesianLayer
+    threshold: float
+    keep: Tensor         # its own test (log_alpha < threshold), broadcast to the weight's shape
+    mean: Tensor
+    var: Tensor
+    bias: Tensor | None
+    in_shape: tuple      # one example's input and output shapes
+    out_shape: tuple
+    positions: int = 1   # inputs per unit of the previous layer (H*W after a flatten, else 1)
+
+    @property
+    def is_conv(self) -> bool:
+        return not self.layer.groups_on_input
+
+    @property
+    def units_in(self) -> int:
+        return self.mean.shape[1] // self.positions
+
+    def along_in(self, v: Tensor) -> Tensor:
+        return v.view(1, -1, 1, 1) if self.is_conv else v.view(1, -1)
+
+    def along_out(self, v: Tensor) -> Tensor:
+        return v.view(-1, 1, 1, 1) if self.is_conv else v.view(-1, 1)
+
+
+def _any_per_input(mask: Tensor) -> Tensor:
+    return mask.transpose(0, 1).reshape(mask.shape[1], -1).any(1)
+
+
+def _any_per_output(mask: Tensor) -> Tensor:
+    return mask.reshape(mask.shape[0], -1).any(1)
+
+
+def _alive_units(layers: list[_Weighted]) -> tuple[list[Tensor], list[Tensor]]:
+    """Alive units at every boundary (``n + 1`` of them) and alive input columns of every layer.
+
+    Boundary 0 holds the first layer's input columns/channels, boundary ``n`` the network's outputs.
+    """
+    n = len(layers)
+    alive = [torch.ones(layer.units_in, dtype=torch.bool) for layer in layers]
+    alive.append(torch.ones(layers[-1].mean.shape[0], dtype=torch.bool))
+    while True:
+        columns = []
+        for l, layer in enumerate(layers):
+            used = _any_per_input(layer.keep & layer.along_out(alive[l + 1]))
+            columns.append(used & alive[l].repeat_interleave(layer.positions))
+        new = [columns[0].clone()]
+        for b in range(1, n):
+            consumer = columns[b].view(-1, layers[b].positions).any(1)
+            producer = _any_per_output(layers[b - 1].keep & layers[b - 1].along_in(columns[b - 1]))
+            new.append(consumer & producer)
+        new.append(alive[n])
+        if all(torch.equal(a, b) for a, b in zip(alive, new)):
+            return alive, columns
+        alive = new
+
+
+def _weight_mask(layer: _Weighted, columns: Tensor, outputs: Tensor) -> Tensor:
+    """The AND rule: a weight survives iff its own test, its input column and its output unit survive."""
+    return layer.keep & layer.along_in(columns) & layer.along_out(outputs)
+
+
+def weight_masks(model: nn.Module, thresholds, input_shape=None) -> dict[str, Tensor]:
+    """Boolean keep-mask, shaped like the weight, of every Bayesian layer: what :func:`compress`
+    keeps, without building the export (cheap enough to call every epoch, e.g. for the animations).
+
+    Arguments as :func:`compress`. Returns ``{module name: mask}`` in layer order.
+    """
+    leaves = _leaves(model)
+    weighted_at = [i for i, (_, module) in enumerate(leaves) if isinstance(module, BayesianLayer)]
+    if not weighted_at:
+        raise ValueError("model has no Bayesian layers")
+    threshold_values = resolve_thresholds(thresholds, [leaves[i][0] for i in weighted_at])
+    input_shape = _resolve_input_shape(model, input_shape, leaves[weighted_at[0]][1])
+    layers = _collect(leaves, weighted_at, threshold_values, _leaf_shapes(model, leaves, input_shape))
+    alive, columns = _alive_units(layers)
+    return {layer.name: _weight_mask(layer, columns[k], alive[k + 1]) for k, layer in enumerate(layers)}
+
+
+# ----------------------------------------------------------------------------- compress
+def compress(model: nn.Module, thresholds, input_shape=None) -> "CompressedModel":
+    r"""Prune a Bayesian network, set each layer's bit precision and export it to plain PyTorch.
+
+    Args:
+        model: an ``nn.Sequential`` (nested ones too) of bclib Bayesian layers and ReLU / LeakyReLU /
+            Tanh / Sigmoid / Identity / Dropout / MaxPool2d / AvgPool2d / AdaptiveAvgPool2d /
+            Flatten / BatchNorm1d / BatchNorm2d, as built by :mod:`bclib.models`.
+        thresholds: log-alpha threshold per Bayesian layer, in order (a list), or a dict by module
+            name (as in ``model.named_modules()``), or one number for every layer. A group is kept
+            when ``log_alpha < threshold``.
+        input_shape: shape of one example, e.g. ``(1, 28, 28)``; defaults to ``model.input_shape``
+            (needed for the FLOPs of convolutions and the flatten between conv and linear layers).
+
+    Returns:
+        A :class:`CompressedModel`: ``.model`` (plain, eval mode, on the CPU), ``.report``,
+        ``.reduced_precision_model()``, ``.save(path)``, ``.masks``.
+
+    In eval mode ``.model`` computes what the *masked* Bayesian model computes
+    (:func:`apply_masks`: pruned weights and biases of pruned units zeroed), up to float
+    rounding; this also holds with BatchNorm, because the weights leaving a pruned unit are zero
+    in the masked model. Where a conv feeds a linear layer and only some of a kept channel's
+    ``H*W`` positions survive, the exported linear layer keeps all ``H*W`` columns of that channel
+    with zeros in the dead positions (plain PyTorch has no index-select layer); the report and the
+    file count only the surviving positions. Likewise the first layer keeps all network inputs.
+
+    Raises:
+        TypeError: for a model that is not built in sequence from supported layers, or thresholds
+            of the wrong type.
+        ValueError: for the wrong number of thresholds, an unknown layer name, a NaN threshold or
+            a missing ``input_shape``.
+
+    Example:
+        >>> from bclib.models import lenet5_caffe
+        >>> compressed = compress(lenet5_caffe("nj"), [-3.0] * 4)
+        >>> compressed.model(torch.zeros(1, 1, 28, 28)).shape
+        torch.Size([1, 10])
+        >>> compressed.save("lenet5.bcz")  # doctest: +SKIP
+    """
+    leaves = _leaves(model)
+    weighted_at = [i for i, (_, module) in enumerate(leaves) if isinstance(module, BayesianLayer)]
+    if not weighted_at:
+        raise ValueError("model has no Bayesian layers to compress")
+    names = [leaves[i][0] for i in weighted_at]
+    threshold_values = resolve_thresholds(thresholds, names)
+    input_shape = _resolve_input_shape(model, input_shape, leaves[weighted_at[0]][1])
+    shapes = _leaf_shapes(model, leaves, input_shape)
+    layers = _collect(leaves, weighted_at, threshold_values, shapes)
+    alive, columns = _alive_units(layers)
+    return CompressedModel._build(leaves, weighted_at, layers, alive, columns, shapes, input_shape)
+
+
+def _leaf_shapes(model, leaves, input_shape) -> list[tuple[tuple, tuple]]:
+    """(input, output) shape of one example at every leaf, from a forward pass of zeros in eval mode."""
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+    shapes = []
+    x = torch.zeros(1, *input_shape, device=device)
+    with torch.no_grad(), _evaluating(model):
+        for name, module in leaves:
+            try:
+                y = module(x)
+            except (RuntimeError, ValueError) as error:
+                raise ValueError(f"a zero input of input_shape {input_shape} does not pass layer {name!r}: {error}") from None
+            shapes.append((tuple(x.shape[1:]), tuple(y.shape[1:])))
+            x = y
+    return shapes
+
+
+def _collect(leaves, weighted_at, thresholds, shapes) -> list[_Weighted]:
+    """Posterior moments, own keep-masks and unit geometry of every Bayesian layer."""
+    layers = []
+    for number, (index, threshold) in enumerate(zip(weighted_at, thresholds)):
+        name, layer = leaves[index]
+        with torch.no_grad():
+            mean, var = (t.detach().float().cpu() for t in layer.posterior_weight())
+            log_alpha = layer.log_alpha().detach().float().cpu()
+            bias = layer.posterior_bias()
+            bias = None if bias is None else bias.detach().float().cpu()
+        entry = _Weighted(name, layer, threshold, log_alpha < threshold, mean, var, bias, *shapes[index])
+        if entry.keep.shape != mean.shape:  # one test per group: input units (linear) or filters (conv)
+            along = entry.along_out if entry.is_conv else entry.along_in
+            entry.keep = along(entry.keep).expand_as(mean).clone()
+        if number > 0:
+            entry.positions = _positions(leaves, weighted_at[number - 1], index, shapes, layers[-1])
+        layers.append(entry)
+    return layers
+
+
+def _positions(leaves, producer_at, consumer_at, shapes, producer: _Weighted) -> int:
+    """Inputs of the consumer per output unit of the producer: ``H*W`` after a flatten, else 1.
+
+    Checks that the layers between keep the producer's units as channels (activations, pooling,
+    BatchNorm) and that a flatten, if any, turns each channel into one block of positions.
+    """
+    units = producer.mean.shape[0]
+    positions = 1
+    for index in range(producer_at + 1, consumer_at):
+        (in_shape, out_shape), (name, module) = shapes[index], leaves[index]
+        if isinstance(module, nn.Flatten) and len(in_shape) > 1:
+            positions = math.prod(in_shape[1:])
+        elif out_shape[0] != in_shape[0]:
+            raise TypeError(f"layer {name!r} ({type(module).__name__}) changes the number of units between "
+                            f"{leaves[producer_at][0]!r} and {leaves[consumer_at][0]!r}; compress cannot map them")
+    consumer_in = shapes[consumer_at][0]
+    expected_dims = 1 if leaves[consumer_at][1].groups_on_input else 3
+    if len(consumer_in) != expected_dims or consumer_in[0] != units * positions:
+        raise TypeError(f"cannot map the {units} outputs of {leaves[producer_at][0]!r} onto the input of "
+                        f"{leaves[consumer_at][0]!r} (input shape {consumer_in})")
+    return positions
+
+
+def apply_masks(model: nn.Module, masks: dict[str, tuple[Tensor, Tensor]]) -> nn.Module:
+    """A deep copy of ``model`` with ``layer.mask_(weight_mask, bias_mask)`` applied to each named Bayesian layer.
+
+    This is the *masked Bayesian model* whose eval-mode predictions the exported model reproduces.
+    """
+    masked = copy.deepcopy(model)
+    modules = dict(masked.named_modules())
+    for name, (weight_mask, bias_mask) in masks.items():
+        modules[name].mask_(weight_mask.to(modules[name].weight_mu.device), bias_mask)
+    return masked
+
+
+# ----------------------------------------------------------------------------- result
+class CompressedModel:
+    """The result of :func:`compress`.
+
+    Attributes:
+        model: the exported plain ``nn.Sequential`` (float32, eval mode, CPU).
+        report: the :class:`CompressionReport`.
+        masks: ``{layer name: (weight_mask, bias_mask)}`` for :func:`apply_masks`.
+        input_shape: shape of one example.
+
+    Example:
+        >>> import bclib
+        >>> net = torch.nn.Sequential(bclib.LinearGroupNJ(4, 3), torch.nn.ReLU(), bclib.LinearGroupNJ(3, 2)).eval()
+        >>> result = compress(net, thresholds=[-3.0, -3.0])
+        >>> result.report.architecture
+        '4-3'
+        >>> type(result.model).__name__, type(result.reduced_precision_model()).__name__
+        ('Sequential', 'Sequential')
+    """
+
+    def __init__(self, specs, tensors, bits, report, masks, input_shape) -> None:
+        self._specs, self._tensors, self._bits = specs, tensors, bits
+        self.report, self.masks, self.input_shape = report, masks, tuple(input_shape)
+        self.model = build_module(specs, tensors)
+        self.model.input_shape = self.input_shape
+
+    @classmethod
+    def _build(cls, leaves, weighted_at, layers, alive, columns, shapes, input_shape) -> "CompressedModel":
+        n = len(layers)
+        specs, tensors, bits, masks, rows = [], [], {}, {}, []
+        max_abs = 0.0
+        exported = [None] * (n + 1)  # exported unit indices per boundary; None = all
+        for b in range(1, n):
+            # With no unit alive a placeholder unit with zero weights keeps every layer non-empty.
+            exported[b] = alive[b].nonzero().flatten() if alive[b].any() else torch.zeros(1, dtype=torch.long)
+        number = 0
+        flattened = False
+        for index, (name, module) in enumerate(leaves):
+            if isinstance(module, BayesianLayer):
+                layer = layers[number]
+                mask = _weight_mask(layer, columns[number], alive[number + 1])
+                masks[name] = (mask.float(), alive[number + 1].float())
+                if mask.any():
+                    max_abs = max(max_abs, float(layer.mean[mask].abs().max()))
+                spec, values = _export_weighted(layer, mask, alive[number + 1], exported[number], exported[number + 1],
+                                                columns[number])
+                bits[index] = spec["bits"] = weight_bits(layer.var[mask])
+                rows.append(_layer_report(layer, mask, columns[number], alive[number + 1], spec["bits"]))
+                number += 1
+                flattened = False
+            else:
+                spec, values = module_spec(module)
+                keep = exported[number]
+                if spec["type"].startswith("batchnorm") and keep is not None:
+                    if flattened:
+                        keep = _expand_units(keep, layers[number].positions)
+                    values = {k: v[keep] for k, v in values.items()}
+                    spec["num"] = len(keep)
+                flattened = flattened or (isinstance(module, nn.Flatten) and len(shapes[index][0]) > 1)
+            specs.append(spec)
+            tensors.append(values)
+        report = _summarise(layers, rows, exponent_bits(max_abs))
+        return cls(specs, tensors, bits, report, masks, input_shape)
+
+    def reduced_precision_model(self) -> nn.Sequential:
+        """The exported model with each layer's weights rounded to its grid ``q 2^-t_l`` and biases to float16.
+
+        This is exactly what :meth:`save` stores: :func:`bclib.load_compressed` gives the same predictions.
+        """
+        tensors = [self._reduced(index, values) for index, values in enumerate(self._tensors)]
+        model = build_module(self._specs, tensors)
+        model.input_shape = self.input_shape
+        return model
+
+    def _reduced(self, index: int, values: dict) -> dict:
+        if index not in self._bits:
+            return values
+        reduced = {"weight": dequantize(self._grid_integers[index], self._bits[index])}
+        if "bias" in values:
+            reduced["bias"] = _stored_bias(values["bias"])
+        return reduced
+
+    def save(self, path, *, entropy_coding: bool = True) -> SavedFile:
+        """Write the reduced-precision model to ``path`` (atomically) and return its size summary.
+
+        Args:
+            path: the file to write.
+            entropy_coding: compress the rounded weights losslessly (LZMA2) after packing them; with
+                ``False`` the file stores each layer's integers bit-packed at the layer's width, the
+                storage the after-precision rate counts. Either file loads to the same model.
+
+        The summary is also stored as ``report.file``. See :mod:`bclib.fileformat` for the layout.
+        """
+        size = write_compressed(path, self.input_shape, self._specs, self._file_tensors(),
+                                entropy_coding=entropy_coding)
+        self.report.file = SavedFile(str(path), size, self.report.dense_float32_bytes, self.report.compression_precision)
+        return self.report.file
+
+    def file_bytes(self, *, entropy_coding: bool = True) -> int:
+        """Size in bytes of the file :meth:`save` would write, without writing it."""
+        return len(encode_compressed(self.input_shape, self._specs, self._file_tensors(),
+                                     entropy_coding=entropy_coding))
+
+    @functools.cached_property
+    def _grid_integers(self) -> dict[int, Tensor]:
+        """Per weighted layer (by index), its weights as integers on the layer's fixed-point grid,
+        computed once for the reduced-precision model and the file alike."""
+        return {index: quantize(self._tensors[index]["weight"], bits) for index, bits in self._bits.items()}
+
+    def _file_tensors(self) -> list[dict]:
+        """Per layer, what the file stores: grid integers ``q``, input mask and bias for weighted layers."""
+        file_tensors = []
+        for index, values in enumerate(self._tensors):
+            if index in self._bits:
+                values = {"q": self._grid_integers[index], "in_mask": values["in_mask"],
+                          **({"bias": values["bias"]} if "bias" in values else {})}
+            file_tensors.append(values)
+        return file_tensors
+
+
+def _stored_bias(bias: Tensor) -> Tensor:
+    """A bias as the file stores it: rounded to float16 (and back to float32)."""
+    return bias.half().float()
+
+
+class FixedPointGrid(nn.Module):
+    r"""Parametrization that puts a weight on its layer's fixed-point grid, with a straight-through gradient.
+
+    Forward: :math:`\tilde w = m \odot 2^{-t}\,\mathrm{round}(2^{t} w)`, the weight the reduced-precision
+    model and the file hold (``t`` the layer's bits, ``m`` the pruning mask). Backward: the rounding is
+    treated as the identity (Bengio et al. 2013's straight-through estimator), so the latent float
+    weight ``w`` keeps moving while the network sees only grid values; pruned weights get no gradient.
+
+    Args:
+        bits: the layer's bits ``t`` (grid step ``2^-t``).
+        mask: 1 where the weight survives, 0 where it was pruned (shaped like the weight).
+
+    Example:
+        >>> grid = FixedPointGrid(2, torch.tensor([1.0, 1.0, 0.0]))
+        >>> grid(torch.tensor([0.3, -0.6, 0.9]))
+        tensor([ 0.2500, -0.5000,  0.0000])
+    """
+
+    def __init__(self, bits: int, mask: Tensor) -> None:
+        super().__init__()
+        self.scale = math.ldexp(1.0, bits)
+        self.register_buffer("mask", mask)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        on_grid = torch.round(weight * self.scale) / self.scale  # exact: the scale is a power of two
+        return (weight + (on_grid - weight).detach()) * self.mask
+
+    def extra_repr(self) -> str:
+        return f"bits={int(math.log2(self.scale))}"
+
+
+class _Float16Bias(nn.Module):
+    """Parametrization: the bias rounded to float16, as the file stores it (straight-through gradient)."""
+
+    def forward(self, bias: Tensor) -> Tensor:
+        return bias + (_stored_bias(bias) - bias).detach()
+
+
+def fine_tune(compressed: "CompressedModel", train: TensorSplit, test: TensorSplit, config: TrainConfig, *,
+              progress: bool = False) -> tuple["CompressedModel", list[dict]]:
+    """Retrain the surviving weights of a compressed network on its fixed-point grids (not in the paper).
+
+    The paper stops after pruning and rounding. Deep Compression (Han et al. 2016) retrains what is
+    left; here the exported network is trained on the cross-entropy with every weight held on its
+    layer's grid (:class:`FixedPointGrid`) and every bias on float16, so the architecture, the bits
+    and therefore every compression rate stay exactly those of ``compressed``: only the values of the
+    surviving weights (the grid integers) and biases change, and with them the error. Pruned weights
+    (zero in the export) stay zero; BatchNorm layers train as usual.
+
+    Args:
+        compressed: the result of :func:`compress` (left unchanged).
+        train, test: :class:`bclib.data.TensorSplit` s; ``test`` only reports the error per epoch.
+        config: a :class:`bclib.train.TrainConfig` (epochs, learning-rate schedule, seed, device).
+        progress: show the per-epoch bar.
+
+    Returns:
+        ``(fine_tuned, history)``: a new :class:`CompressedModel` (same report rates, new weights:
+        its ``reduced_precision_model()`` and file hold the trained grid values, its ``model`` the
+        latent float weights they round) and the per-epoch metrics of :func:`bclib.train.fit`, where
+        errors are those of the reduced-precision network.
+    """
+    if not isinstance(compressed, CompressedModel):
+        raise TypeError(f"compressed must be a CompressedModel (the result of bclib.compress), "
+                        f"got {type(compressed).__name__}")
+    network = build_module(compressed._specs, compressed._tensors)
+    for index, bits in compressed._bits.items():
+        layer = network[index]
+        parametrize.register_parametrization(layer, "weight", FixedPointGrid(bits, (layer.weight != 0).float()))
+        if layer.bias is not None:
+            parametrize.register_parametrization(layer, "bias", _Float16Bias())
+    history = fit(network, train, test, config, progress=progress)
+    network.cpu()
+    tensors = []
+    for index, values in enumerate(compressed._tensors):
+        values = dict(values)
+        if index in compressed._bits:
+            layer = network[index]
+            with torch.no_grad():
+                values["weight"] = layer.parametrizations.weight.original * layer.parametrizations.weight[0].mask
+                if "bias" in values:
+                    values["bias"] = layer.parametrizations.bias.original.detach().clone()
+        elif values:  # only BatchNorm carries tensors among the other layers: its trained state
+            values = {key: getattr(network[index], key).detach().clone() for key in values}
+        tensors.append(values)
+    report = copy.deepcopy(compressed.report)
+    report.file = None
+    return CompressedModel(compressed._specs, tensors, dict(compressed._bits), report, compressed.masks,
+                           compressed.input_shape), history
+
+
+def _expand_units(units: Tensor, positions: int) -> Tensor:
+    """Column indices of whole units after a flatten: unit u covers ``u*positions ... u*positions + positions - 1``."""
+    return (units[:, None] * positions + torch.arange(positions)).flatten()
+
+
+def _export_weighted(layer: _Weighted, mask, outputs, in_units, out_units, columns) -> tuple[dict, dict]:
+    """Spec and tensors of one exported layer: surviving rows, surviving units' columns (all of them
+    for the network's inputs), zeros where a weight was pruned."""
+    weight = layer.mean * mask
+    bias = None if layer.bias is None else layer.bias * outputs
+    in_columns = torch.arange(weight.shape[1]) if in_units is None else _expand_units(in_units, layer.positions)
+    if out_units is not None:
+        weight = weight[out_units]
+        bias = None if bias is None else bias[out_units]
+    weight = weight[:, in_columns]
+    geometry = layer.layer
+    if layer.is_conv:
+        spec = {"type": "conv2d", "in": weight.shape[1], "out": weight.shape[0], "kernel": list(geometry.kernel_size),
+                "stride": list(geometry.stride), "padding": list(geometry.padding),
+                "dilation": list(geometry.dilation), "bias": bias is not None}
+    else:
+        spec = {"type": "linear", "in": weight.shape[1], "out": weight.shape[0], "bias": bias is not None}
+    values = {"weight": weight.contiguous(), "in_mask": columns[in_columns]}
+    if bias is not None:
+        values["bias"] = bias.contiguous()
+    return spec, values
+
+
+def _layer_report(layer: _Weighted, mask, columns, outputs, bits) -> LayerReport:
+    out_total, in_total = layer.mean.shape[:2]
+    per_unit = math.prod(layer.mean.shape[2:])
+    in_kept, out_kept = int(columns.sum()), int(outputs.sum())
+    spatial = math.prod(layer.out_shape[1:]) if layer.is_conv else 1
+    return LayerReport(
+        name=layer.name, kind=type(layer.layer).__name__,
+        in_kept=in_kept, in_total=in_total, out_kept=out_kept, out_total=out_total,
+        weights_kept=in_kept * out_kept * per_unit, weights_total=layer.mean.numel(),
+        weights_nonzero=int(mask.sum()), bits=bits, threshold=layer.threshold,
+        flops_before=layer.mean.numel() * spatial, flops_after=in_kept * out_kept * per_unit * spatial,
+        groups_kept=out_kept if layer.is_conv else in_kept,
+    )
+
+
+def _summarise(layers: list[_Weighted], rows: list[LayerReport], exponent: int) -> CompressionReport:
+    total = sum(r.weights_total for r in rows)
+    dense_bytes = 4 * sum(layer.mean.numel() + (0 if layer.bias is None else layer.bias.numel()) for layer in layers)
+    return CompressionReport(
+        layers=rows,
+        exponent_bits=exponent,
+        compression_pruning=_ratio(total, sum(r.weights_kept for r in rows)),
+        compression_precision=_ratio(32 * total, sum(r.weights_kept * (1 + exponent + r.bits) for r in rows)),
+        compression_sparse=_ratio(total, sum(r.weights_nonzero for r in rows)),
+        compression_sparse_precision=_ratio(32 * total, sum(r.weights_nonzero * (1 + exponent + r.bits) for r in rows)),
+        flops_before=sum(r.flops_before for r in rows),
+        flops_after=sum(r.flops_after for r in rows),
+        dense_float32_bytes=dense_bytes,
+    )
+
+
+# ----------------------------------------------------------------------------- evaluation and thresholds
+def model_error(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
+    """Classification error of any model: the fraction of examples whose arg-max prediction differs from ``y`` (model in eval mode, no gradients).
+
+    Args:
+        model: any classifier returning logits of shape ``(N, classes)``.
+        x: inputs, shape ``(N, *input_shape)``.
+        y: integer labels, shape ``(N,)``.
+        batch_size: examples per forward pass.
+    """
+    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+        raise TypeError("x and y must be torch.Tensors")
+    if y.dim() != 1 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise ValueError(f"x and y must hold the same number (> 0) of examples, y of shape (N,); "
+                         f"got x {tuple(x.shape)}, y {tuple(y.shape)}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        device = x.device
+    wrong = 0
+    with torch.no_grad(), _evaluating(model):
+        for start in range(0, x.shape[0], batch_size):
+            logits = model(x[start:start + batch_size].to(device))
+            wrong += int((logits.argmax(1).cpu() != y[start:start + batch_size].cpu()).sum())
+    return wrong / x.shape[0]
+
+
+def propose_threshold(log_alpha, bins: int = 64, fallback: float | None = None) -> float:
+    """A log-alpha threshold between the two modes of the histogram of ``log_alpha``.
+
+    Rule: build a histogram with ``bins`` equal bins over the values' range; split it in two
+    classes by Otsu's method (the split that maximises the between-class variance); take each
+    class's highest bin as its mode; between the two modes, find the longest run of bins with the
+    lowest count and return the centre of that run. A histogram whose valley holds more than half
+    the smaller mode's count is not bimodal: then ``fallback`` is returned, or ``ValueError`` is raised.
+
+    Args:
+        log_alpha: log alphas of one layer (tensor or array, any shape; non-finite values are ignored).
+        bins: histogram bins (>= 4).
+        fallback: value to return when the histogram has no two separated modes.
+
+    Example:
+        >>> la = torch.cat([torch.randn(300) * 0.5 - 6, torch.randn(700) + 4])
+        >>> -4.5 < propose_threshold(la) < 1.5
+        True
+    """
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 4:
+        raise ValueError(f"bins must be an int >= 4, got {bins!r}")
+    values = np.asarray(log_alpha.detach().cpu() if isinstance(log_alpha, Tensor) else log_alpha, dtype=np.float64).ravel()
+    values = values[np.isfinite(values)]
+    if values.size < 2 or values.min() == values.max():
+        return _no_two_modes(fallback, "needs at least two distinct finite values")
+    counts, edges = np.histogram(values, bins=bins)
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    split = _otsu_split(counts, centres)
+    low_mode = int(np.argmax(counts[:split]))
+    high_mode = split + int(np.argmax(counts[split:]))
+    between = counts[low_mode:high_mode + 1]
+    valley = between.min()
+    if valley > 0.5 * min(counts[low_mode], counts[high_mode]):
+        return _no_two_modes(fallback, "the histogram has no two separated modes")
+    # Longest run of bins at the valley's count, then the centre of that run.
+    best_start, best_length, start = 0, 0, None
+    for offset, count in enumerate(list(between) + [None]):
+        if count == valley and start is None:
+            start = offset
+        elif count != valley and start is not None:
+            if offset - start > best_length:
+                best_start, best_length = start, offset - start
+            start = None
+    first, last = low_mode + best_start, low_mode + best_start + best_length - 1
+    return float(0.5 * (edges[first] + edges[last + 1]))
+
+
+def _otsu_split(counts: np.ndarray, centres: np.ndarray) -> int:
+    """Index k that splits bins into [0, k) and [k, bins) with the largest between-class variance."""
+    weight_low = np.cumsum(counts)[:-1].astype(np.float64)
+    weight_high = counts.sum() - weight_low
+    sum_low = np.cumsum(counts * centres)[:-1]
+    sum_high = (counts * centres).sum() - sum_low
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = weight_low * weight_high * (sum_low / weight_low - sum_high / weight_high) ** 2
+    between[~np.isfinite(between)] = -1.0
+    return int(np.argmax(between)) + 1
+
+
+def _no_two_modes(fallback, why: str) -> float:
+    if fallback is None:
+        raise ValueError(f"propose_threshold: {why}; pass fallback= to get a value anyway")
+    return float(fallback)
+
+
+def propose_thresholds(model: nn.Module, bins: int = 64, fallback: float | None = None) -> dict[str, float]:
+    """:func:`propose_threshold` for every Bayesian layer: ``{module name: threshold}``, ready for :func:`compress`."""
+    from .layers import bayesian_layers
+
+    return {name: propose_threshold(layer.log_alpha(), bins=bins, fallback=fallback)
+            for name, layer in bayesian_layers(model)}
+
+
+def threshold_sweep(model: nn.Module, thresholds_grid, x: Tensor, y: Tensor, input_shape=None) -> list[dict]:
+    """Compress with each entry of ``thresholds_grid`` and measure error and compression, for trade-off plots.
+
+    Args:
+        model: a Bayesian model accepted by :func:`compress`.
+        thresholds_grid: an iterable whose entries are anything :func:`compress` accepts as
+            ``thresholds`` (one number for all layers, a list, or a dict).
+        x, y: evaluation inputs and labels.
+
+    Returns:
+        One dict per entry: ``thresholds`` (as given), ``error`` (exported float32 model),
+        ``error_reduced_precision``, ``compression_pruning``, ``compression_precision``,
+        ``compression_sparse``, ``weights_kept``, ``architecture``, ``flop_reduction``.
+    """
+    rows = []
+    for thresholds in thresholds_grid:
+        result = compress(model, thresholds, input_shape=input_shape)
+        report = result.report
+        rows.append({
+            "thresholds": thresholds.tolist() if isinstance(thresholds, (Tensor, np.ndarray)) else thresholds,
+            "error": model_error(result.model, x, y),
+            "error_reduced_precision": model_error(result.reduced_precision_model(), x, y),
+            "compression_pruning": report.compression_pruning,
+            "compression_precision": report.compression_precision,
+            "compression_sparse": report.compression_sparse,
+            "weights_kept": sum(r.weights_kept for r in report.layers),
+            "architecture": report.architecture,
+            "flop_reduction": report.flop_reduction,
+        })
+    return rows
+
+
+def select_thresholds(model: nn.Module, x: Tensor, y: Tensor, *, tolerance: float = 0.001, max_candidates: int = 64,
+                      fixed: dict[int, float] | None = None, input_shape=None) -> list[float]:
+    """Per layer, the lowest log-alpha threshold whose pruning keeps the error on ``(x, y)`` within
+    ``tolerance`` of the unpruned model's: the most compression at a bounded cost, chosen on data.
+
+    Use held-out or training data, never the test set. Layers are visited from the first to the last;
+    each search keeps the thresholds already chosen and leaves later layers unpruned. Candidates are
+    cut points between the layer's sorted log-alpha values (at most ``max_candidates``, at
+    quantiles); the search is a bisection, which assumes the error grows as the threshold falls.
+    This replaces the histogram rule (:func:`propose_threshold`) where short training leaves no
+    clear gap between the two modes.
+
+    Args:
+        model: a Bayesian model accepted by :func:`compress`.
+        x, y: selection data.
+        tolerance: allowed rise of the error (a fraction: 0.001 is 0.1 percentage points).
+        max_candidates: candidate thresholds per layer.
+        fixed: ``{layer index: threshold}`` for layers whose threshold is given (e.g. Sparse VD's 3).
+
+    Returns:
+        One threshold per Bayesian layer, in order.
+    """
+    if not 0 <= tolerance < 1:
+        raise ValueError(f"tolerance must be in [0, 1), got {tolerance!r}")
+    if isinstance(max_candidates, bool) or not isinstance(max_candidates, int) or max_candidates < 2:
+        raise ValueError(f"max_candidates must be an int >= 2, got {max_candidates!r}")
+    signals = [layer.log_alpha().detach().flatten().float().cpu() for _, layer in bayesian_layers(model)]
+    if not signals:
+        raise ValueError("model has no Bayesian layer")
+    fixed = dict(fixed or {})
+    keep_all = [float(s.max()) + 1.0 for s in signals]
+    thresholds = [fixed.get(i, keep_all[i]) for i in range(len(signals))]
+
+    def error(candidate: list[float]) -> float:
+        return model_error(compress(model, candidate, input_shape=input_shape).model, x, y)
+
+    allowed = error(thresholds) + tolerance
+    for index, signal in enumerate(signals):
+        if index in fixed:
+            continue
+        values = torch.unique(signal)
+        if len(values) > max_candidates:
+            values = torch.unique(torch.quantile(values, torch.linspace(0, 1, max_candidates)))
+        # Cut points below each value: threshold = value keeps only groups strictly below it.
+        candidates = [float(v) for v in values] + [keep_all[index]]
+        low, high = 0, len(candidates) - 1  # candidates[high] is known to be acceptable
+        while low < high:
+            middle = (low + high) // 2
+            trial = thresholds[:index] + [candidates[middle]] + thresholds[index + 1:]
+            if error(trial) <= allowed:
+                high = middle
+            else:
+                low = middle + 1
+        thresholds[index] = candidates[high]
+    return thresholds

@@ -1,0 +1,496 @@
+"""The paper's MNIST experiments as named, reproducible runs.
+
+Each run trains one model with one prior, compresses it and writes into its folder:
+
+* ``config.json`` -- everything needed to repeat the run (model, prior, training config, start point,
+  thresholds, the command);
+* ``metrics.json`` -- per-epoch metrics;
+* ``report.json`` -- the compression report (architecture, bits, rates, errors, file size);
+* ``analysis.json`` -- what the book plots without the weights: log-alpha per group (histograms for
+  per-weight Sparse VD) and an error/compression sweep over thresholds;
+* ``model.bcz`` -- the compressed file (see :mod:`bclib.fileformat`);
+* ``checkpoint.pt`` -- model and optimiser state, to resume (large; not committed).
+
+``python -m bclib train ...`` runs one; ``python -m bclib reproduce`` runs the whole table in order
+(deterministic networks first, since the Bayesian LeNet-5 runs start from the pretrained one).
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import math
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from . import compression, viz
+from ._io import write_atomically
+from .data import DEFAULT_INPUT_RANGE, TensorSplit, fast_mode, load_mnist
+from .layers import Conv2dSVD, LinearSVD, bayesian_layers
+from .models import bayesian_from_pretrained, build_model
+from .train import TrainConfig, evaluate, fit, load_checkpoint
+
+__all__ = ["Experiment", "EXPERIMENTS", "RunResult", "run_experiment", "compress_run", "fine_tune_run",
+           "load_run_model", "load_or_run", "scratch_folder", "selection_examples", "write_json"]
+
+# Threshold offsets (added to each layer's chosen threshold) for the saved error/compression sweep.
+SWEEP_OFFSETS = (-3.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 3.0)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One row of the results table: a model, a prior, a training recipe and an optional start point."""
+
+    model: str
+    prior: str | None
+    config: TrainConfig
+    init_from: str | None = None  # name of the deterministic run to start from
+    thresholds: tuple[float, ...] | None = None  # None: proposed from the log-alpha histograms
+    animate: bool = False  # record the weight-evolution and pixel-importance GIFs (dense input layer)
+    input_range: tuple[float, float] = DEFAULT_INPUT_RANGE  # MNIST pixels are mapped onto this range
+    # Name of a Bayesian run: this run does not train a posterior; it prunes that run's network
+    # further and retrains the survivors on their grids with ``config`` (:func:`fine_tune_run`).
+    fine_tunes: str | None = None
+
+
+def _bayes(epochs: int) -> TrainConfig:
+    return TrainConfig(epochs=epochs, lr=1e-3, lr_final=1e-4, variance_lr_scale=3.0)
+
+
+# Recipes, sized to finish on a 2-core CPU within one working session (the longest, LeNet-5 BC-GNJ's
+# and BC-GHS's 200 epochs as in the paper, take about 2 h each). Bayesian runs use a 3x larger step
+# for log-variances (they start at -9 and must move several units; 10x pruned faster but cost 1
+# point of error on LeNet-300-100 in a 6-epoch comparison, 1x barely moved the KL) and a geometric
+# learning-rate decay.
+EXPERIMENTS: dict[str, Experiment] = {
+    "lenet300_dense": Experiment("lenet300", None, TrainConfig(epochs=10, lr=1e-3, lr_final=1e-4)),
+    "lenet300_nj": Experiment("lenet300", "nj", _bayes(100), animate=True),
+    "lenet300_hs": Experiment("lenet300", "hs", _bayes(200), init_from="lenet300_dense"),
+    "lenet300_svd": Experiment("lenet300", "svd", _bayes(100), init_from="lenet300_dense"),
+    "lenet300_nj_pretrained": Experiment("lenet300", "nj", _bayes(10), init_from="lenet300_dense"),
+    "lenet300_nj_release_scaling": Experiment("lenet300", "nj", _bayes(100), input_range=(-1.0, 1.0)),
+    "lenet5_dense": Experiment("lenet5", None, TrainConfig(epochs=4, lr=1e-3, lr_final=1e-4)),
+    "lenet5_nj": Experiment("lenet5", "nj", _bayes(200), init_from="lenet5_dense"),
+    "lenet5_hs": Experiment("lenet5", "hs", _bayes(200), init_from="lenet5_dense"),
+    "lenet5_svd": Experiment("lenet5", "svd", _bayes(60), init_from="lenet5_dense"),
+}
+# Beyond the paper: each Bayesian run's compressed network, pruned further and retrained on its
+# fixed-point grids. 10 epochs, with the rate decaying tenfold: the test error of the committed
+# LeNet-5 retraining levels off in the last few (their metrics.json); under a minute per LeNet-5
+# candidate on 2 cores.
+FINE_TUNE_CONFIG = TrainConfig(epochs=10, lr=1e-3, lr_final=1e-4)
+FINE_TUNED_RUNS = ("lenet300_nj", "lenet300_hs", "lenet300_svd", "lenet5_nj", "lenet5_hs", "lenet5_svd")
+EXPERIMENTS.update({f"{name}_ft": Experiment(EXPERIMENTS[name].model, EXPERIMENTS[name].prior, FINE_TUNE_CONFIG,
+                                             input_range=EXPERIMENTS[name].input_range, fine_tunes=name)
+                    for name in FINE_TUNED_RUNS})
+
+
+def write_json(path: str | os.PathLike, data) -> None:
+    """Write JSON atomically (temp file, then rename): a crash never leaves half a file."""
+    text = json.dumps(data, indent=2) + "\n"
+    write_atomically(path, lambda temporary: Path(temporary).write_text(text))
+
+
+def _command_line() -> str | None:
+    """The ``python -m bclib ...`` command that is running, for ``config.json`` (None from Python)."""
+    if not sys.argv[0].endswith("__main__.py"):
+        return None
+    return "python -m bclib " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _load_data(data_root, input_range, fast: bool) -> tuple[TensorSplit, TensorSplit]:
+    train, test = load_mnist(data_root, input_range=input_range)
+    if fast:
+        train, test = train.subset(5000), test.subset(1000)
+    return train, test
+
+
+def _fast_config(config: TrainConfig) -> TrainConfig:
+    values = config.to_dict()
+    values["epochs"] = min(2, config.epochs)
+    return TrainConfig.from_dict(values)
+
+
+def load_run_model(run_dir: str | os.PathLike) -> torch.nn.Module:
+    """Rebuild the trained model of a run folder from its ``config.json`` and ``checkpoint.pt``."""
+    run_dir = Path(run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    model = build_model(config["model"], config["prior"])
+    load_checkpoint(run_dir / "checkpoint.pt", model)
+    return model.eval()
+
+
+def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epochs: int | None = None,
+                   variance_dtype: str | None = None, autocast: str | None = None, fast: bool | None = None,
+                   results_root: str | os.PathLike | None = None,
+                   callbacks=(), progress: bool = True) -> dict:
+    """Train, compress and save the run ``name`` of :data:`EXPERIMENTS` into ``out_dir``.
+
+    Args:
+        name: a key of :data:`EXPERIMENTS`.
+        out_dir: the run folder (created; an existing checkpoint there is resumed).
+        data_root: MNIST root (see :func:`bclib.data.data_root`).
+        epochs: override the recipe's epoch count.
+        variance_dtype: override the recipe's :attr:`TrainConfig.variance_dtype` (e.g. ``"bfloat16"``).
+        autocast: override the recipe's :attr:`TrainConfig.autocast` (``"bfloat16"``: mixed precision).
+        fast: shrink data (5000/1000 examples) and epochs (2) for smoke tests; default ``BCLIB_FAST``.
+        results_root: where the run named in ``init_from`` lives (default: the parent of ``out_dir``).
+        callbacks: extra per-epoch callbacks (e.g. the animation recorders).
+
+    Returns:
+        The compression report as a dict (also written to ``report.json``).
+    """
+    if name not in EXPERIMENTS:
+        raise ValueError(f"name must be one of {sorted(EXPERIMENTS)}, got {name!r}")
+    experiment = EXPERIMENTS[name]
+    fast = fast_mode() if fast is None else fast
+    out_dir = Path(out_dir)
+    config = _fast_config(experiment.config) if fast else experiment.config
+    overrides = {key: value for key, value in (("epochs", epochs), ("variance_dtype", variance_dtype),
+                                               ("autocast", autocast)) if value is not None}
+    if overrides:
+        config = replace(config, **overrides)  # validated again by TrainConfig
+    if experiment.fine_tunes is not None:
+        base_dir = Path(results_root or out_dir.parent) / experiment.fine_tunes
+        return fine_tune_run(base_dir, out_dir, config=config, data_root=data_root, progress=progress)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train, test = _load_data(data_root, experiment.input_range, fast)
+
+    torch.manual_seed(config.seed)
+    if experiment.init_from is None:
+        model = build_model(experiment.model, experiment.prior)
+    else:
+        source = Path(results_root or out_dir.parent) / experiment.init_from
+        pretrained = load_run_model(source)
+        model = bayesian_from_pretrained(experiment.model, experiment.prior, pretrained)
+    write_json(out_dir / "config.json", {
+        "name": name,
+        "model": experiment.model,
+        "prior": experiment.prior,
+        "train": config.to_dict(),
+        "init_from": experiment.init_from,
+        "thresholds": experiment.thresholds,
+        "input_range": list(experiment.input_range),
+        "fast": fast,
+        "train_examples": len(train),
+        "test_examples": len(test),
+        "command": _command_line(),
+        "torch": torch.__version__,
+    })
+    recorders = _animation_recorders(config.epochs) if experiment.animate else ()
+    history = fit(model, train, test, config, callbacks=[*recorders, *callbacks],
+                  checkpoint=out_dir / "checkpoint.pt", progress=progress)
+    write_json(out_dir / "metrics.json", history)
+    if recorders and recorders[0].epochs:  # empty when the run resumed after its last epoch
+        _write_animations(recorders, test, out_dir, experiment.input_range)
+    return compress_run(out_dir, model=model, test=test, selection=_selection_split(train),
+                        thresholds=experiment.thresholds)
+
+
+# The masks drawn during training use one fixed threshold for every layer (the final thresholds are
+# only known at the end); -3 is near the release's -2.8 / -3 / -5.
+ANIMATION_THRESHOLD = -3.0
+
+
+# About this many frames per animation, whatever the run's length (keeps the GIFs near 2 MB).
+ANIMATION_FRAMES = 15
+
+
+def _animation_recorders(epochs: int):
+    every = max(1, math.ceil(epochs / ANIMATION_FRAMES))
+    return (viz.WeightEvolutionRecorder(layers=[0, 1], thresholds=ANIMATION_THRESHOLD, every=every),
+            viz.PixelImportanceRecorder(every=every))
+
+
+def _write_animations(recorders, test: TensorSplit, out_dir: Path, input_range) -> None:
+    weights, pixels = recorders
+    # Colour limit: the 99th percentile of the surviving |E[w]| at the end, so a few large weights
+    # do not wash out the rest; the frame is sized so the 784 inputs of layer 1 get one pixel each.
+    last, keep = weights.weights[weights.layer_names[0]][-1], weights.masks[weights.layer_names[0]][-1]
+    vmax = float(last[keep.bool()].abs().quantile(0.99)) if keep.any() else None
+    viz.write_weight_gifs(weights, out_dir, vmax=vmax, figsize=(8.2, 3.5), dpi=100)
+    # Digits are drawn on [-1, 1] whatever the training range, so kept ink is black, background
+    # white and pruned pixels mid-grey (the release's picture).
+    low, high = (float(v) for v in input_range)
+    digits = (test.x.cpu() - low) * (2.0 / (high - low)) - 1.0
+    viz.write_pixel_importance_gif(pixels, digits, out_dir / "pixel_importance.gif", num_digits=5, seed=0)
+
+
+# Threshold selection: the error on the last 10,000 training examples (a sixth of smaller sets) may
+# rise by at most this much.
+SELECTION_EXAMPLES = 10_000
+SELECTION_TOLERANCE = 0.001
+# Molchanov et al.: a weight of a Sparse VD layer is dropped when its log alpha exceeds 3.
+SPARSE_VD_THRESHOLD = 3.0
+
+
+def selection_examples(train_examples: int) -> int:
+    """How many of the last training examples choose thresholds: 10,000, or a sixth of a smaller set."""
+    return min(SELECTION_EXAMPLES, train_examples // 6)
+
+
+def _selection_split(train: TensorSplit) -> TensorSplit:
+    n = selection_examples(len(train))
+    return TensorSplit(train.x[-n:].cpu(), train.y[-n:].cpu())
+
+
+def _fit_split(train: TensorSplit) -> TensorSplit:
+    """The training examples outside the selection split."""
+    n = len(train) - selection_examples(len(train))
+    return TensorSplit(train.x[:n], train.y[:n])
+
+
+def compress_run(run_dir: str | os.PathLike, *, model=None, test: TensorSplit | None = None,
+                 selection: TensorSplit | None = None, thresholds=None, data_root=None) -> dict:
+    """Compress a trained run: report, reduced-precision error and the ``model.bcz`` file.
+
+    Without ``thresholds``, Sparse VD layers use Molchanov et al.'s rule (keep log alpha < 3) and
+    group layers :func:`bclib.compression.select_thresholds` on ``selection`` (the last 10,000
+    training examples): the most pruning whose error there rises by at most 0.1 points.
+    """
+    run_dir = Path(run_dir)
+    model = load_run_model(run_dir) if model is None else model.eval()
+    model = model.cpu()
+    if test is None or (selection is None and thresholds is None):
+        config = json.loads((run_dir / "config.json").read_text())
+        train, test = _load_data(data_root, config.get("input_range", DEFAULT_INPUT_RANGE), config.get("fast"))
+        selection = _selection_split(train) if selection is None else selection
+    test = test.to("cpu")
+    dense_error = evaluate(model, test)["error"]
+    if not any(True for _ in bayesian_layers(model)):
+        report = {"dense_error": dense_error}
+        write_json(run_dir / "report.json", report)
+        return report
+    if thresholds is None:
+        sparse_vd = {i: SPARSE_VD_THRESHOLD for i, (_, layer) in enumerate(bayesian_layers(model)) if isinstance(layer, (LinearSVD, Conv2dSVD))}
+        thresholds = compression.select_thresholds(model, selection.x, selection.y,
+                                                   tolerance=SELECTION_TOLERANCE, fixed=sparse_vd)
+    result = compression.compress(model, list(thresholds))
+    report = _write_compressed(run_dir, result, thresholds, dense_error, test)
+    write_json(run_dir / "analysis.json", _analysis(model, thresholds, test))
+    return report
+
+
+def _write_compressed(run_dir: Path, result, thresholds, dense_error: float, test: TensorSplit,
+                      extra: dict | None = None) -> dict:
+    """Save ``model.bcz`` and ``report.json`` (rates, the errors of each stage and of the file read back)."""
+    report = result.report.to_dict()
+    report["thresholds"] = [float(t) for t in thresholds]
+    report["dense_error"] = dense_error
+    report.update(extra or {})
+    report["pruned_error"] = compression.model_error(result.model, test.x, test.y)
+    report["precision_error"] = compression.model_error(result.reduced_precision_model(), test.x, test.y)
+    bit_packed_bytes = result.file_bytes(entropy_coding=False)  # the storage the after-precision rate counts
+    saved = result.save(run_dir / "model.bcz")
+    loaded = compression.load_compressed(saved.path)
+    report["file_error"] = compression.model_error(loaded, test.x, test.y)
+    report["file"] = {"name": "model.bcz", "bytes": saved.file_bytes, "dense_float32_bytes": saved.dense_float32_bytes,
+                      "ratio": saved.file_ratio, "fraction_of_theoretical": saved.fraction_of_theoretical,
+                      "bit_packed_bytes": bit_packed_bytes, "bit_packed_ratio": saved.dense_float32_bytes / bit_packed_bytes}
+    write_json(run_dir / "report.json", report)
+    return report
+
+
+# Fine-tuning tries the run's thresholds lowered by these offsets, in turn, while the retrained
+# network's error on the selection split stays within SELECTION_TOLERANCE of the first one's (the
+# search stops there, or when nothing is left to prune; -10 is only a bound on the steps).
+FINE_TUNE_OFFSETS = tuple(-step / 4 for step in range(41))  # 0, -0.25, ..., -10
+
+
+def fine_tune_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, config: TrainConfig = FINE_TUNE_CONFIG,
+                  data_root=None, progress: bool = True) -> dict:
+    """Prune a trained Bayesian run further than the paper would and retrain the survivors (not in the paper).
+
+    For each offset of :data:`FINE_TUNE_OFFSETS` the run's thresholds (its ``report.json``) are
+    lowered by it, the network is compressed and retrained on its fixed-point grids
+    (:func:`bclib.compression.fine_tune`) on the training examples outside the selection split;
+    the error of the retrained reduced-precision network is measured on the selection split (the
+    last 10,000 training examples). Offsets are tried from 0 downwards and the last one whose error
+    stays within 0.1 points of offset 0's is kept: the most pruning that retraining can repair. The
+    test set only reports. Rates come from the architecture and bits, as for the paper's pipeline.
+    The base run trained on the selection split too (all 60,000 examples), so errors there are
+    those of examples the network has fitted: they rank candidates, they do not estimate test error.
+
+    Writes into ``out_dir``: ``config.json``, ``metrics.json`` (the kept candidate's epochs),
+    ``report.json`` (with ``fine_tuning``: base run, offset, epochs and the seconds of all
+    candidates), ``analysis.json`` (every candidate: rates, selection and test error) and
+    ``model.bcz``.
+
+    Args:
+        base_dir: a trained Bayesian run folder (``config.json``, ``report.json``, ``checkpoint.pt``).
+        out_dir: the new run folder.
+        config: the retraining recipe (default :data:`FINE_TUNE_CONFIG`).
+        data_root: MNIST root.
+
+    Returns:
+        The report (also written to ``report.json``).
+    """
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    if out_dir.resolve() == base_dir.resolve():
+        raise ValueError(f"out_dir must be a new folder, not the base run {str(base_dir)!r} (it would be overwritten)")
+    base_config = json.loads((base_dir / "config.json").read_text())
+    base_report = json.loads((base_dir / "report.json").read_text())
+    if "thresholds" not in base_report:
+        raise ValueError(f"base_dir {str(base_dir)!r} must be a compressed Bayesian run; its report.json has no "
+                         f"thresholds (a deterministic run?)")
+    model = load_run_model(base_dir).cpu()
+    fast = bool(base_config.get("fast"))
+    input_range = tuple(base_config.get("input_range", DEFAULT_INPUT_RANGE))
+    train, test = _load_data(data_root, input_range, fast)
+    fit_split, selection = _fit_split(train), _selection_split(train)
+    candidates, kept, allowed = [], None, None
+    for offset in FINE_TUNE_OFFSETS:
+        thresholds = [t + offset for t in base_report["thresholds"]]
+        result = compression.compress(model, thresholds)
+        if sum(layer.weights_nonzero for layer in result.report.layers) == 0:
+            break  # nothing left to retrain
+        tuned, history = compression.fine_tune(result, fit_split, test, config, progress=progress)
+        error = compression.model_error(tuned.reduced_precision_model(), selection.x, selection.y)
+        candidates.append({
+            "offset": offset, "thresholds": thresholds, "architecture": result.report.architecture,
+            **{key: getattr(result.report, key) for key in ("compression_pruning", "compression_precision",
+                                                            "compression_sparse", "compression_sparse_precision")},
+            "error_before": compression.model_error(result.reduced_precision_model(), test.x, test.y),
+            "selection_error": error, "test_error": history[-1]["test_error"],
+            "seconds": sum(row["seconds"] for row in history),
+        })
+        if progress:
+            print(f"offset {offset:+.2f}: {result.report.architecture}, selection error {100 * error:.2f} %",
+                  flush=True)
+        allowed = error + SELECTION_TOLERANCE if allowed is None else allowed
+        if error > allowed:
+            break
+        kept = (tuned, history, thresholds, offset)
+    if kept is None:
+        raise ValueError(f"base_dir {str(base_dir)!r}: its thresholds leave no weight to retrain")
+    tuned, history, thresholds, offset = kept
+    out_dir.mkdir(parents=True, exist_ok=True)  # written only now: a failed search leaves nothing behind
+    write_json(out_dir / "config.json", {
+        "name": out_dir.name, "model": base_config["model"], "prior": base_config["prior"],
+        "train": config.to_dict(), "fine_tunes": base_dir.name, "offsets": list(FINE_TUNE_OFFSETS),
+        "selection_tolerance": SELECTION_TOLERANCE, "input_range": list(input_range), "fast": fast,
+        "train_examples": len(fit_split), "selection_examples": len(selection), "test_examples": len(test),
+        "command": _command_line(), "torch": torch.__version__,
+    })
+    write_json(out_dir / "metrics.json", history)
+    write_json(out_dir / "analysis.json", {"candidates": candidates, "offset": offset})
+    fine_tuning = {"from": base_dir.name, "offset": offset, "epochs": config.epochs,
+                   "seconds": sum(row["seconds"] for row in candidates)}
+    return _write_compressed(out_dir, tuned, thresholds, base_report["dense_error"], test,
+                             extra={"fine_tuning": fine_tuning})
+
+
+def _analysis(model, thresholds, test: TensorSplit) -> dict:
+    """Log-alpha data and a threshold sweep, small enough to commit beside the results."""
+    layers = {}
+    for (name, layer), threshold in zip(bayesian_layers(model), thresholds):
+        log_alpha = layer.log_alpha().detach().flatten().cpu()
+        counts, edges = torch.histogram(log_alpha.double(), bins=60)
+        entry = {"threshold": float(threshold), "histogram": {"counts": counts.long().tolist(), "edges": edges.tolist()}}
+        if log_alpha.numel() <= 4096:  # per-group signals; per-weight (Sparse VD) ones stay histograms
+            entry["log_alpha"] = [round(v, 4) for v in log_alpha.tolist()]
+        layers[name] = entry
+    grid = [[t + offset for t in thresholds] for offset in SWEEP_OFFSETS]
+    sweep = compression.threshold_sweep(model, grid, test.x, test.y)
+    for row, offset in zip(sweep, SWEEP_OFFSETS):
+        row["offset"] = offset
+    return {"layers": layers, "sweep": sweep}
+
+
+@dataclass
+class RunResult:
+    """What a run folder holds, read back: config, per-epoch metrics, compression report, analysis."""
+
+    name: str
+    run_dir: Path
+    config: dict
+    metrics: list
+    report: dict
+    analysis: dict | None
+    trained_here: bool
+
+    @property
+    def compressed_file(self) -> Path:
+        return self.run_dir / "model.bcz"
+
+    def model(self) -> torch.nn.Module:
+        """The trained Bayesian model (needs ``checkpoint.pt``, which only exists where the run was trained)."""
+        return load_run_model(self.run_dir)
+
+
+def _read_run(name: str, run_dir: Path, trained_here: bool) -> RunResult:
+    read = lambda f: json.loads((run_dir / f).read_text()) if (run_dir / f).exists() else None  # noqa: E731
+    return RunResult(name, run_dir, read("config.json"), read("metrics.json"), read("report.json"),
+                     read("analysis.json"), trained_here)
+
+
+def scratch_folder(prefix: str = "bclib-") -> Path:
+    """A new temporary folder, deleted with everything in it when the Python process exits.
+
+    For the small runs of fast mode (``BCLIB_FAST=1``), which would otherwise pile up in the
+    temporary directory (about 60 MB per notebook run). A process that is killed (as nbval and
+    Jupyter end kernels) cannot clean up, so the folder's name carries the process id, and each new
+    call first deletes the folders of ``prefix`` whose process no longer runs.
+
+    Example:
+        >>> folder = scratch_folder("bclib-example-")
+        >>> folder.is_dir()
+        True
+    """
+    for stale in Path(tempfile.gettempdir()).glob(f"{prefix}*-*"):
+        owner = stale.name[len(prefix):].split("-", 1)[0]
+        if owner.isdigit() and not _process_runs(int(owner)):
+            shutil.rmtree(stale, ignore_errors=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        pass
+    return True
+
+
+def load_or_run(name: str, results_root: str | os.PathLike = "results", *, data_root=None,
+                scratch_root: str | os.PathLike | None = None, callbacks=(), progress: bool = True) -> RunResult:
+    """Read the committed results of run ``name``, or train it when they are missing.
+
+    Under ``BCLIB_FAST=1`` the small version is always trained (into ``scratch_root``; by default a
+    :func:`scratch_folder`, deleted when the process exits), so the code path of a real run is
+    exercised in about a minute. A run that starts from a deterministic one trains that one first
+    when needed.
+
+    Example:
+        >>> run = load_or_run("lenet300_nj", "results")  # doctest: +SKIP
+        >>> run.report["compression_precision"]  # doctest: +SKIP
+    """
+    if name not in EXPERIMENTS:
+        raise ValueError(f"name must be one of {sorted(EXPERIMENTS)}, got {name!r}")
+    committed = Path(results_root) / name
+    if not fast_mode() and (committed / "report.json").exists():
+        return _read_run(name, committed, trained_here=False)
+    root = Path(results_root) if not fast_mode() else Path(scratch_root or scratch_folder("bclib-fast-"))
+    _run_dependencies(name, root, data_root, progress)
+    run_experiment(name, root / name, data_root=data_root, callbacks=callbacks, progress=progress)
+    return _read_run(name, root / name, trained_here=True)
+
+
+def _run_dependencies(name: str, root: Path, data_root, progress: bool) -> None:
+    """Train the runs that ``name`` starts from (or fine-tunes) and that ``root`` lacks, recursively."""
+    experiment = EXPERIMENTS[name]
+    for dependency in (experiment.init_from, experiment.fine_tunes):
+        if dependency is not None and not (root / dependency / "checkpoint.pt").exists():
+            _run_dependencies(dependency, root, data_root, progress)
+            run_experiment(dependency, root / dependency, data_root=data_root, progress=progress)
+

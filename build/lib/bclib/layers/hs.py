@@ -1,0 +1,229 @@
+"""Group horseshoe layers, Louizos et al. 2017, Sec. 3.2 (non-centred parameterisation).
+
+Prior: ``w_ij = w~_ij z~_g s`` with ``w~ ~ N(0, 1)``, ``z~_g ~ C+(0, 1)`` (local scale per group)
+and ``s ~ C+(0, tau0)`` (global scale). Each half-Cauchy is written as a product that has
+conjugate-friendly factors: if ``a ~ C+(0, k)`` then ``a^2 = u v`` with ``u ~ Gamma(1/2, scale k^2)``
+and ``v ~ InvGamma(1/2, 1)``. All four factors get log-normal posteriors, so
+``log z_g = log s + log z~_g`` is Gaussian with
+
+    mean = (m_sa + m_sb + m_a + m_b) / 2,    variance = (v_sa + v_sb + v_a + v_b) / 4.
+
+Defaults chosen here (the paper leaves them open):
+
+* ``tau0 = 1e-5``: a small global scale, so that most groups are pulled towards zero and the data
+  must pay to keep a group (Ghosh et al. 2017 and the paper's appendix use values of this order).
+* One global scale per layer (``global_scale=None``). Pass one :class:`HorseshoeGlobalScale` to
+  several layers to share it across the network; :func:`bclib.kl_divergence` counts it once.
+* The pruning signal :meth:`log_alpha` is the log "dropout rate" of the local scale,
+  ``alpha_g = Var[z~_g] / E[z~_g]^2 = exp((v_a + v_b) / 4) - 1``: the analogue of NJ's alpha. The
+  global scale is left out of it because it is common to all groups of a layer. Not ``E[log z~_g]``:
+  a group the data do not use settles at the minimum of its KL terms, ``v_a = v_b = 2`` and
+  ``E[log z~_g] = 0`` (no shrinkage), where ``log alpha = log(e - 1) ~ 0.54``.
+* Initialisation sits where the prior is comfortable: ``m_sa = log tau0^2`` (the Gamma factor at
+  its scale) and ``m_sb`` set so that ``E[s] = 1/sqrt(fan_in)``; ``m_a = m_b = 0``. Then ``w~`` starts
+  in ``U(-1, 1)``, the typical range under its ``N(0, 1)`` prior.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..kl import lognormal_gamma_kl, lognormal_inverse_gamma_kl
+from .base import GroupScaleLayer, _Conv2dGeometry, _LinearGeometry, check_positive_float
+
+__all__ = ["HorseshoeGlobalScale", "LinearGroupHS", "Conv2dGroupHS"]
+
+# Initial log-variance of every log-normal factor: log scales start almost deterministic
+# (log alpha ~ -9, the same start as the NJ layers).
+_INIT_LOGVAR = -9.0 + math.log(2.0)
+DEFAULT_TAU0 = 1e-5
+# Upper bound on a sampled log z: with log-variances up to 5 a draw of log z can reach ~50, and
+# z^2 would overflow float32 (max ~e^88) in the variance of the pre-activation. No sensible
+# posterior comes near z = e^20; the bound only keeps the extreme cases finite.
+_MAX_LOG_SCALE = 20.0
+
+
+class HorseshoeGlobalScale(nn.Module):
+    r"""The global scale ``s ~ C+(0, tau0)`` as ``s^2 = s_a s_b``, ``s_a ~ Gamma(1/2, tau0^2)``,
+    ``s_b ~ InvGamma(1/2, 1)``, with log-normal posteriors ``LN(sa_mu, exp(sa_logvar))`` and
+    ``LN(sb_mu, exp(sb_logvar))``.
+
+    Args:
+        tau0: scale of the half-Cauchy prior on ``s``.
+        init_scale: the initial ``E[s]`` (approximately).
+
+    Example:
+        >>> shared = HorseshoeGlobalScale(tau0=1e-5)
+        >>> net = torch.nn.Sequential(LinearGroupHS(4, 3, global_scale=shared), LinearGroupHS(3, 2, global_scale=shared))
+    """
+
+    def __init__(self, tau0: float = DEFAULT_TAU0, init_scale: float = 0.05) -> None:
+        super().__init__()
+        self.tau0 = check_positive_float("tau0", tau0, allow_none=False)
+        self.init_scale = check_positive_float("init_scale", init_scale, allow_none=False)
+        self.sa_mu = nn.Parameter(torch.empty(()))
+        self.sa_logvar = nn.Parameter(torch.empty(()))
+        self.sb_mu = nn.Parameter(torch.empty(()))
+        self.sb_logvar = nn.Parameter(torch.empty(()))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.sa_mu.fill_(2.0 * math.log(self.tau0))
+        self.sb_mu.fill_(2.0 * math.log(self.init_scale) - 2.0 * math.log(self.tau0))
+        self.sa_logvar.fill_(_INIT_LOGVAR)
+        self.sb_logvar.fill_(_INIT_LOGVAR)
+
+    def log_moments(self) -> tuple[Tensor, Tensor]:
+        """Mean and variance of ``log s = (log s_a + log s_b) / 2``."""
+        mean = 0.5 * (self.sa_mu + self.sb_mu)
+        var = 0.25 * (self.sa_logvar.exp() + self.sb_logvar.exp())
+        return mean, var
+
+    def kl_divergence(self) -> Tensor:
+        """KL(LN || Gamma(1/2, tau0^2)) + KL(LN || InvGamma(1/2, 1)), nats."""
+        return (
+            lognormal_gamma_kl(self.sa_mu, self.sa_logvar.exp(), 0.5, self.tau0**2)
+            + lognormal_inverse_gamma_kl(self.sb_mu, self.sb_logvar.exp(), 0.5, 1.0)
+        )
+
+    def extra_repr(self) -> str:
+        return f"tau0={self.tau0}"
+
+
+class _GroupHS(GroupScaleLayer):
+    def _init_group_parameters(self, tau0, global_scale) -> None:
+        tau0 = check_positive_float("tau0", tau0)
+        if global_scale is None:
+            tau0 = DEFAULT_TAU0 if tau0 is None else tau0
+            self.global_scale = HorseshoeGlobalScale(tau0, init_scale=1.0 / math.sqrt(self.fan_in))
+            self._scale_is_shared = False
+        else:
+            if not isinstance(global_scale, HorseshoeGlobalScale):
+                raise TypeError(f"global_scale must be None or a HorseshoeGlobalScale, got {type(global_scale).__name__}")
+            # Registered as a child so .to(), state_dict() and parameters() see it; counted once in bclib.kl_divergence.
+            if tau0 is not None and tau0 != global_scale.tau0:
+                raise ValueError(f"tau0={tau0} differs from the shared global_scale's tau0={global_scale.tau0}; set it there")
+            self.global_scale = global_scale
+            self._scale_is_shared = True
+        self.za_mu = nn.Parameter(torch.empty(self.num_groups))
+        self.za_logvar = nn.Parameter(torch.empty(self.num_groups))
+        self.zb_mu = nn.Parameter(torch.empty(self.num_groups))
+        self.zb_logvar = nn.Parameter(torch.empty(self.num_groups))
+        self.reset_parameters()
+
+    @property
+    def shared_scale(self) -> HorseshoeGlobalScale | None:
+        """The global scale when it is shared with other layers, else ``None``."""
+        return self.global_scale if self._scale_is_shared else None
+
+    @property
+    def tau0(self) -> float:
+        return self.global_scale.tau0
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Local scales at ``z~ = 1`` (``m_a = m_b = 0``), nearly deterministic; a per-layer global scale
+        is reset too; then ``mu = w_init / E[z]`` so ``E[w]`` equals ``init_weight`` when given."""
+        self.za_mu.zero_()
+        self.zb_mu.zero_()
+        self.za_logvar.fill_(_INIT_LOGVAR)
+        self.zb_logvar.fill_(_INIT_LOGVAR)
+        if self.shared_scale is None:
+            self.global_scale.reset_parameters()
+        self._reset_weight_and_bias(self._group_view(self.group_scale_moments()[0]))
+
+    def log_scale_moments(self) -> tuple[Tensor, Tensor]:
+        """Mean and variance of ``log z_g = log s + (log a_g + log b_g) / 2`` per group."""
+        s_mean, s_var = self.global_scale.log_moments()
+        mean = s_mean + 0.5 * (self.za_mu + self.zb_mu)
+        var = s_var + 0.25 * (self.za_logvar.exp() + self.zb_logvar.exp())
+        return mean, var
+
+    def group_scale_moments(self) -> tuple[Tensor, Tensor]:
+        # Log-normal moments: E[z] = exp(m + v/2), Var[z] = (exp(v) - 1) exp(2m + v).
+        m, v = self.log_scale_moments()
+        return torch.exp(m + 0.5 * v), torch.expm1(v) * torch.exp(2 * m + v)
+
+    def sample_group_scale(self, shape: torch.Size) -> Tensor:
+        m, v = self.log_scale_moments()
+        log_z = m + v.sqrt() * torch.randn(shape, device=m.device, dtype=m.dtype)
+        return torch.exp(log_z.clamp(max=_MAX_LOG_SCALE))
+
+    def log_alpha(self) -> Tensor:
+        """``log(exp((v_a + v_b)/4) - 1)`` per group: the log dropout rate of the local scale ``z~_g``."""
+        return torch.log(torch.expm1(0.25 * (self.za_logvar.exp() + self.zb_logvar.exp())))
+
+    def kl_divergence(self) -> Tensor:
+        """KL of ``w~`` and bias (vs N(0,1)), of every ``a_g`` (vs Gamma(1/2, 1)) and ``b_g`` (vs InvGamma(1/2, 1)),
+        and of the global scale when it belongs to this layer alone."""
+        kl = (
+            self._weight_and_bias_kl()
+            + lognormal_gamma_kl(self.za_mu, self.za_logvar.exp(), 0.5, 1.0).sum()
+            + lognormal_inverse_gamma_kl(self.zb_mu, self.zb_logvar.exp(), 0.5, 1.0).sum()
+        )
+        if self.shared_scale is None:
+            kl = kl + self.global_scale.kl_divergence()
+        return kl
+
+    def extra_repr(self) -> str:
+        shared = ", shared global scale" if self.shared_scale is not None else ""
+        return super().extra_repr() + f", tau0={self.tau0}{shared}"
+
+
+class LinearGroupHS(_LinearGeometry, _GroupHS):
+    r"""Fully connected layer with a group horseshoe prior; groups are the input units.
+
+    Args:
+        in_features, out_features, bias: as ``nn.Linear``.
+        init_weight, init_bias: optional tensors to start from (``E[w]`` equals them at start).
+        clip_var: optional upper bound on the variances of ``w~``.
+        tau0: scale of the global half-Cauchy prior (default ``1e-5``); with a shared
+            ``global_scale`` it is taken from there.
+        global_scale: ``None`` for a scale of this layer alone, or a :class:`HorseshoeGlobalScale`
+            shared with other layers.
+
+    Shape:
+        - Input: ``(*, in_features)``; output ``(*, out_features)``.
+
+    Example:
+        >>> layer = LinearGroupHS(784, 300)
+        >>> layer(torch.randn(8, 784)).shape
+        torch.Size([8, 300])
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 init_weight: Tensor | None = None, init_bias: Tensor | None = None,
+                 clip_var: float | None = None, tau0: float | None = None,
+                 global_scale: HorseshoeGlobalScale | None = None) -> None:
+        super().__init__()
+        self._init_geometry(in_features, out_features)
+        self._init_parameters(bias, init_weight, init_bias, clip_var)
+        self._init_group_parameters(tau0, global_scale)
+
+
+class Conv2dGroupHS(_Conv2dGeometry, _GroupHS):
+    r"""2-d convolution with a group horseshoe prior; groups are the output channels.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, bias: as ``nn.Conv2d``.
+        init_weight, init_bias, clip_var, tau0, global_scale: as :class:`LinearGroupHS`.
+
+    Shape:
+        - Input: ``(N, in_channels, H, W)``; output as ``nn.Conv2d``.
+
+    Example:
+        >>> Conv2dGroupHS(1, 20, 5)(torch.randn(2, 1, 28, 28)).shape
+        torch.Size([2, 20, 24, 24])
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, bias: bool = True, *, init_weight: Tensor | None = None,
+                 init_bias: Tensor | None = None, clip_var: float | None = None, tau0: float | None = None,
+                 global_scale: HorseshoeGlobalScale | None = None) -> None:
+        super().__init__()
+        self._init_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation)
+        self._init_parameters(bias, init_weight, init_bias, clip_var)
+        self._init_group_parameters(tau0, global_scale)

@@ -1,0 +1,231 @@
+"""The paper's networks, each built for a prior: ``"nj"``, ``"hs"``, ``"svd"`` or ``None`` (deterministic).
+
+Every model is an ``nn.Sequential`` (so :func:`bclib.compress` can walk it layer by layer) with an
+``input_shape`` attribute, the shape of one example, ``(C, H, W)``.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Iterable
+
+from torch import nn
+
+from .layers import Conv2dGroupHS, Conv2dGroupNJ, Conv2dSVD, HorseshoeGlobalScale, LinearGroupHS, LinearGroupNJ, LinearSVD
+
+__all__ = ["PRIORS", "lenet_300_100", "lenet5_caffe", "vgg_cifar", "build_model", "bayesian_from_pretrained",
+           "to_bayesian", "MODELS"]
+
+PRIORS = ("nj", "hs", "svd", None)
+
+_LAYERS = {
+    "nj": (LinearGroupNJ, Conv2dGroupNJ),
+    "hs": (LinearGroupHS, Conv2dGroupHS),
+    "svd": (LinearSVD, Conv2dSVD),
+}
+
+
+def _layer_factories(prior, tau0=None, shared_scale=False) -> tuple[Callable, Callable]:
+    """``(linear, conv)`` constructors for ``prior``; ``clip_var`` is dropped for deterministic layers."""
+    if prior is None:
+        def linear(i, o, clip_var=None, **kw):
+            return nn.Linear(i, o, **kw)
+
+        def conv(i, o, k, clip_var=None, **kw):
+            return nn.Conv2d(i, o, k, **kw)
+
+        return linear, conv
+    if prior not in _LAYERS:
+        raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
+    linear_cls, conv_cls = _LAYERS[prior]
+    if prior != "hs":
+        return linear_cls, conv_cls
+    extra = {"global_scale": HorseshoeGlobalScale(tau0 or 1e-5)} if shared_scale else ({"tau0": tau0} if tau0 else {})
+
+    def linear(i, o, **kw):
+        return linear_cls(i, o, **extra, **kw)
+
+    def conv(i, o, k, **kw):
+        return conv_cls(i, o, k, **extra, **kw)
+
+    return linear, conv
+
+
+def lenet_300_100(prior="nj", *, tau0: float | None = None, shared_scale: bool = False) -> nn.Sequential:
+    """LeNet-300-100 for MNIST: 784-300-100-10 with ReLU; ``clip_var=0.04`` on the first layer (release).
+
+    Args:
+        prior: ``"nj"``, ``"hs"``, ``"svd"`` or ``None``.
+        tau0: horseshoe global scale (``"hs"`` only; default 1e-5).
+        shared_scale: ``"hs"`` only: one global scale for the whole network instead of one per layer.
+    """
+    linear, _ = _layer_factories(prior, tau0, shared_scale)
+    model = nn.Sequential(
+        nn.Flatten(),
+        linear(784, 300, clip_var=0.04), nn.ReLU(),
+        linear(300, 100), nn.ReLU(),
+        linear(100, 10),
+    )
+    model.input_shape = (1, 28, 28)
+    return model
+
+
+def lenet5_caffe(prior="nj", *, tau0: float | None = None, shared_scale: bool = False) -> nn.Sequential:
+    """LeNet-5-Caffe for MNIST: conv 20@5x5 - maxpool 2 - conv 50@5x5 - maxpool 2 - fc 800->500 - fc 500->10."""
+    linear, conv = _layer_factories(prior, tau0, shared_scale)
+    model = nn.Sequential(
+        conv(1, 20, 5), nn.ReLU(), nn.MaxPool2d(2),
+        conv(20, 50, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(),
+        linear(800, 500), nn.ReLU(),
+        linear(500, 10),
+    )
+    model.input_shape = (1, 28, 28)
+    return model
+
+
+# VGG-16-like configuration for 32x32 inputs: 13 conv layers ("M" = 2x2 max pooling).
+_VGG_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+def vgg_cifar(prior="nj", *, num_classes: int = 10, width: float = 1.0, tau0: float | None = None,
+              shared_scale: bool = False) -> nn.Sequential:
+    """VGG-like network for CIFAR-10: 13 conv 3x3 layers with BatchNorm and ReLU, then fc 512 - fc ``num_classes``.
+
+    Args:
+        prior: ``"nj"``, ``"hs"``, ``"svd"`` or ``None``.
+        num_classes: outputs of the last layer.
+        width: multiplies every layer's width (``width=0.125`` gives a small copy for tests).
+    """
+    linear, conv = _layer_factories(prior, tau0, shared_scale)
+    layers: list[nn.Module] = []
+    channels = 3
+    for item in _VGG_CONFIG:
+        if item == "M":
+            layers.append(nn.MaxPool2d(2))
+            continue
+        out = max(1, int(round(item * width)))
+        layers += [conv(channels, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU()]
+        channels = out
+    hidden = max(1, int(round(512 * width)))
+    layers += [nn.Flatten(), linear(channels, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), linear(hidden, num_classes)]
+    model = nn.Sequential(*layers)
+    model.input_shape = (3, 32, 32)
+    return model
+
+
+MODELS = {"lenet300": lenet_300_100, "lenet5": lenet5_caffe, "vgg": vgg_cifar}
+
+
+def build_model(name: str, prior, **kwargs) -> nn.Sequential:
+    """Build a model by its command-line name (``lenet300``, ``lenet5``, ``vgg``)."""
+    if name not in MODELS:
+        raise ValueError(f"model must be one of {sorted(MODELS)}, got {name!r}")
+    return MODELS[name](prior, **kwargs)
+
+
+def bayesian_from_pretrained(name: str, prior, pretrained: nn.Module, **kwargs) -> nn.Sequential:
+    """Build model ``name`` with ``prior`` whose posterior means start at a pretrained deterministic copy.
+
+    Each Bayesian layer gets the weight and bias of the matching ``nn.Linear`` / ``nn.Conv2d`` of
+    ``pretrained`` (in order), as ``init_weight`` / ``init_bias`` would; BatchNorm statistics and
+    affine parameters are copied too. For any other network, :func:`to_bayesian`.
+
+    Example:
+        >>> det = lenet_300_100(None)
+        >>> bayes = bayesian_from_pretrained("lenet300", "nj", det)
+    """
+    model = build_model(name, prior, **kwargs)
+    plain = [m for m in pretrained.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    bayes = [m for m in model.modules() if hasattr(m, "load_pretrained")]
+    if len(plain) != len(bayes):
+        raise ValueError(f"pretrained has {len(plain)} linear/conv layers, model {name!r} has {len(bayes)}")
+    for source, target in zip(plain, bayes):
+        target.load_pretrained(source.weight.detach(), None if source.bias is None else source.bias.detach())
+    norms = zip([m for m in pretrained.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)],
+                [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)])
+    for source, target in norms:
+        target.load_state_dict(source.state_dict())
+    return model
+
+
+def to_bayesian(module: nn.Module, prior: str, *, exclude: Iterable[str] = (), clip_var: float | None = None,
+                tau0: float | None = None, shared_scale: bool = False) -> nn.Module:
+    """A copy of any network with every ``nn.Linear`` and ``nn.Conv2d`` replaced by the Bayesian layer of ``prior``.
+
+    Each new layer starts where the old one is: its posterior mean equals the old weight and bias
+    (as ``init_weight`` / ``init_bias`` give), so a trained network keeps its predictions in eval
+    mode and training starts from there (chapter 7 of the book). Everything else, BatchNorm and
+    custom modules included, is copied unchanged; ``module`` itself is left as it was. Only the
+    exact classes ``nn.Linear`` and ``nn.Conv2d`` are converted: subclasses (e.g. the output
+    projection inside ``nn.MultiheadAttention``, whose weight is read directly) stay as they are.
+    Training needs the KL term (:func:`bclib.kl_divergence`); :func:`bclib.compress` needs the
+    network in sequence (an ``nn.Sequential``, nested ones included).
+
+    Args:
+        module: the network to convert.
+        prior: ``"nj"``, ``"hs"`` or ``"svd"``.
+        exclude: names of layers to keep deterministic, as in ``module.named_modules()`` (a
+            convolution the Bayesian layers cannot express, say). :func:`bclib.compress` needs every
+            weighted layer Bayesian, so it cannot export a network with excluded layers.
+        clip_var: upper bound on the weight variances of every converted layer (``None``: none).
+        tau0, shared_scale: horseshoe only, as in :func:`lenet_300_100`.
+
+    Returns:
+        The converted copy, on the device and in the dtype and training mode of ``module``.
+
+    Raises:
+        TypeError: ``module`` is not an ``nn.Module``.
+        ValueError: an unknown ``prior``, a name in ``exclude`` that is not a module of ``module``,
+            or a convolution the Bayesian layers cannot express (``groups`` other than 1, a
+            ``padding_mode`` other than ``"zeros"``, ``padding="same"`` that is not symmetric).
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 28 * 28, 10))
+        >>> [type(m).__name__ for m in to_bayesian(net, "nj")]
+        ['Conv2dGroupNJ', 'ReLU', 'Flatten', 'LinearGroupNJ']
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    if prior not in _LAYERS:
+        raise ValueError(f"prior must be one of {tuple(_LAYERS)}, got {prior!r}")
+    exclude = set(exclude)
+    names = {name for name, _ in module.named_modules()}
+    if not exclude <= names:
+        raise ValueError(f"exclude names layers that module does not have: {sorted(exclude - names)}; "
+                         f"its modules are {sorted(names - {''})}")
+    linear, conv = _layer_factories(prior, tau0, shared_scale)
+    converted = copy.deepcopy(module)
+    replaced = {}
+    for name, child in converted.named_modules():
+        if name in exclude or type(child) not in (nn.Linear, nn.Conv2d):
+            continue
+        weight, bias = child.weight.detach(), None if child.bias is None else child.bias.detach()
+        kwargs = {"bias": bias is not None, "init_weight": weight, "init_bias": bias, "clip_var": clip_var}
+        if type(child) is nn.Linear:
+            layer = linear(child.in_features, child.out_features, **kwargs)
+        else:
+            layer = conv(child.in_channels, child.out_channels, child.kernel_size, stride=child.stride,
+                         padding=_explicit_padding(name or "module", child), dilation=child.dilation, **kwargs)
+        replaced[name] = layer.to(device=weight.device, dtype=weight.dtype).train(child.training)
+    if "" in replaced:  # module is itself one layer
+        return replaced[""]
+    for name, layer in replaced.items():
+        parent, _, attribute = name.rpartition(".")
+        setattr(converted.get_submodule(parent), attribute, layer)
+    return converted
+
+
+def _explicit_padding(name: str, conv: nn.Conv2d) -> tuple[int, int]:
+    """The padding of ``conv`` as two ints, or a ValueError naming the layer when bclib cannot express it."""
+    if conv.groups != 1 or conv.padding_mode != "zeros":
+        raise ValueError(f"layer {name!r}: bclib's Bayesian convolutions have groups=1 and zero padding, got "
+                         f"groups={conv.groups}, padding_mode={conv.padding_mode!r} (pass it in exclude to keep it)")
+    if conv.padding == "valid":
+        return 0, 0
+    if conv.padding == "same":  # stride 1: (dilation * (kernel - 1)) / 2 on each side, if that is whole
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        if any(t % 2 for t in total):
+            raise ValueError(f"layer {name!r}: padding='same' with kernel {conv.kernel_size} and dilation "
+                             f"{conv.dilation} pads unevenly, which bclib's convolutions cannot express")
+        return total[0] // 2, total[1] // 2
+    return conv.padding

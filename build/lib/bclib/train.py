@@ -1,0 +1,288 @@
+"""Training: the negative-ELBO objective, the loop, callbacks and checkpoints.
+
+The objective per data point is (Louizos et al. 2017, Eq. 2 divided by N)
+
+.. math::
+    \\mathcal{L} = \\frac{1}{B}\\sum_{b} -\\log p(y_b | x_b, w) + \\beta\\,\\frac{\\mathrm{KL}(q\\,\\|\\,p)}{N},
+
+with ``beta`` rising linearly from 0 to 1 over ``kl_warmup_epochs`` (KL warm-up) and ``N`` the
+number of training examples. After every optimiser step each layer's variances are clipped
+(:meth:`bclib.BayesianLayer.clip_variances`).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from ._io import write_atomically
+from .data import TensorSplit, batches
+from .layers import bayesian_layers, kl_divergence, set_variance_dtype
+
+__all__ = ["TrainConfig", "fit", "evaluate", "elbo_loss", "default_device", "save_checkpoint", "load_checkpoint"]
+
+Callback = Callable[[int, nn.Module, dict], None]
+
+
+# Names accepted for TrainConfig.variance_dtype (None: the weights' own precision).
+VARIANCE_DTYPES = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Names accepted for TrainConfig.autocast. Not float16: its narrow exponent needs a gradient
+# scaler (torch.amp.GradScaler), which this loop does not run.
+AUTOCAST_DTYPES = {None: None, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one run (saved beside the results as JSON).
+
+    Args:
+        epochs: passes over the training set.
+        batch_size: minibatch size.
+        lr: initial Adam learning rate.
+        lr_final: learning rate at the last epoch; the rate decays geometrically per epoch in between.
+        variance_lr_scale: the learning rate of log-variance parameters is ``lr * variance_lr_scale``
+            (log-variances start at -9 and must travel several units; a larger step gets them there
+            in fewer epochs).
+        kl_warmup_epochs: epochs over which ``beta`` rises linearly from 0 to 1 (0: no warm-up).
+        grad_clip: maximum global gradient norm (``None``: no clipping).
+        seed: seeds parameters' sampling noise and the shuffling.
+        device: ``"cpu"``, ``"cuda"``, ... (``None``: CUDA when available).
+        variance_dtype: ``"bfloat16"`` runs the Bayesian layers' variance path in bfloat16
+            (:func:`bclib.set_variance_dtype`; faster on CPUs with bfloat16 units and on GPUs);
+            ``None`` leaves the layers as they are (full precision unless set otherwise).
+        autocast: ``"bfloat16"`` runs the forward pass under ``torch.autocast`` (mixed precision):
+            the matrix products and convolutions of every layer, Bayesian or not, in bfloat16,
+            while parameters, the sampled pre-activations, the loss, the KL and the optimiser stay
+            float32. Faster where bfloat16 units exist (recent GPUs; CPUs with AMX). Evaluation
+            stays in full precision. ``None``: full precision.
+    """
+
+    epochs: int = 50
+    batch_size: int = 128
+    lr: float = 1e-3
+    lr_final: float = 1e-3
+    variance_lr_scale: float = 1.0
+    kl_warmup_epochs: int = 0
+    grad_clip: float | None = None
+    seed: int = 0
+    device: str | None = None
+    variance_dtype: str | None = None
+    autocast: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("lr", "lr_final", "variance_lr_scale"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip!r}")
+        if self.kl_warmup_epochs < 0:
+            raise ValueError(f"kl_warmup_epochs must be >= 0, got {self.kl_warmup_epochs}")
+        if self.variance_dtype not in VARIANCE_DTYPES:
+            raise ValueError(f"variance_dtype must be one of {sorted(VARIANCE_DTYPES, key=str)}, "
+                             f"got {self.variance_dtype!r}")
+        if self.autocast not in AUTOCAST_DTYPES:
+            raise ValueError(f"autocast must be one of {sorted(AUTOCAST_DTYPES, key=str)}, got {self.autocast!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown TrainConfig keys {sorted(unknown)}; expected some of {sorted(known)}")
+        return cls(**values)
+
+
+def default_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` if given, else CUDA when available, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def elbo_loss(logits: torch.Tensor, target: torch.Tensor, kl: torch.Tensor, dataset_size: int,
+              beta: float = 1.0) -> torch.Tensor:
+    """Negative ELBO per data point: mean cross-entropy + ``beta * KL / N``."""
+    return F.cross_entropy(logits, target) + beta * kl / dataset_size
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: TensorSplit, batch_size: int = 1000) -> dict:
+    """Error (fraction) and mean cross-entropy of ``model`` in eval mode (posterior means)."""
+    was_training = model.training
+    model.eval()
+    wrong, total_ce = 0, 0.0
+    device = next(model.parameters()).device
+    for x, y in batches(split, batch_size):
+        logits = model(x.to(device))
+        y = y.to(device)
+        total_ce += F.cross_entropy(logits, y, reduction="sum").item()
+        wrong += (logits.argmax(1) != y).sum().item()
+    model.train(was_training)
+    return {"error": wrong / len(split), "ce": total_ce / len(split)}
+
+
+def _autocast(device: torch.device, name: str | None):
+    """``torch.autocast`` for ``device`` in the dtype named ``name`` (``None``: a no-op context)."""
+    if name is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[name])
+
+
+def _param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
+    logvars = [p for n, p in model.named_parameters() if n.endswith("logvar")]
+    others = [p for n, p in model.named_parameters() if not n.endswith("logvar")]
+    groups = [{"params": others, "lr": config.lr, "base_lr": config.lr}]
+    if logvars:
+        lr = config.lr * config.variance_lr_scale
+        groups.append({"params": logvars, "lr": lr, "base_lr": lr})
+    return groups
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, config: TrainConfig, epoch: int) -> float:
+    """Geometric decay from ``lr`` at epoch 0 to ``lr_final`` at the last epoch."""
+    progress = epoch / max(1, config.epochs - 1)
+    factor = (config.lr_final / config.lr) ** progress
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+    return config.lr * factor
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, epoch: int, history: list) -> None:
+    """Atomically write model, optimiser, epoch, history and RNG state (loadable with ``weights_only=True``)."""
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "history_json": json.dumps(history),
+        "rng_cpu": torch.get_rng_state(),
+    }
+    write_atomically(path, lambda temporary: torch.save(state, temporary))
+
+
+def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None) -> tuple[int, list]:
+    """Restore a checkpoint written by :func:`save_checkpoint`; returns ``(epochs_done, history)``.
+
+    Loaded with ``weights_only=True``: a checkpoint never runs code.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng_cpu"])
+    return int(state["epoch"]), json.loads(state["history_json"])
+
+
+def fit(model: nn.Module, train: TensorSplit, test: TensorSplit, config: TrainConfig, *,
+        callbacks: Iterable[Callback] = (), checkpoint: str | os.PathLike | None = None,
+        progress: bool = True) -> list[dict]:
+    """Train ``model`` by minimising the negative ELBO; returns the per-epoch metrics.
+
+    Deterministic networks (no Bayesian layer) train on the cross-entropy alone with the same loop.
+
+    Args:
+        model: any ``nn.Module``; its Bayesian layers contribute their KL.
+        train, test: in-memory splits (moved to the model's device).
+        config: a :class:`TrainConfig`.
+        callbacks: each called as ``callback(epoch, model, metrics)`` after each epoch's evaluation,
+            with the model in eval mode (the animations record here).
+        checkpoint: a path; when it exists training resumes from it, and it is rewritten after
+            every epoch.
+        progress: show a ``tqdm`` bar per epoch with loss, error and KL.
+
+    Returns:
+        One dict per epoch: ``epoch, loss, ce, kl, beta, lr, train_error, test_error, test_ce, seconds``.
+    """
+    device = default_device(config.device)
+    torch.manual_seed(config.seed)
+    model.to(device)
+    if config.variance_dtype is not None:
+        set_variance_dtype(model, VARIANCE_DTYPES[config.variance_dtype])
+    train, test = train.to(device), test.to(device)
+    # The fused kernel updates all parameters in one pass (CPU and CUDA), noticeably faster for
+    # Bayesian layers, which carry twice the parameters of their deterministic counterparts.
+    optimizer = torch.optim.Adam(_param_groups(model, config), lr=config.lr, fused=True)
+    layers = [layer for _, layer in bayesian_layers(model)]
+    history: list[dict] = []
+    start_epoch = 0
+    if checkpoint is not None and Path(checkpoint).exists():
+        start_epoch, history = load_checkpoint(checkpoint, model, optimizer)
+    n = len(train)
+    steps = math.ceil(n / config.batch_size)
+    for epoch in range(start_epoch, config.epochs):
+        lr = _set_lr(optimizer, config, epoch)
+        generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+        model.train()
+        started = time.perf_counter()
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, cross-entropy, errors
+        bar = tqdm(batches(train, config.batch_size, shuffle=True, generator=generator), total=steps,
+                   desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False,
+                   mininterval=1.0)
+        for step, (x, y) in enumerate(bar):
+            beta = min(1.0, (epoch + step / steps) / config.kl_warmup_epochs) if config.kl_warmup_epochs else 1.0
+            with _autocast(device, config.autocast):
+                logits = model(x)
+            ce = F.cross_entropy(logits.float(), y)
+            kl = kl_divergence(model)
+            loss = ce + beta * kl / n
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            for layer in layers:
+                layer.clip_variances()
+            # Summed on the device: no host synchronisation per step on a GPU.
+            with torch.no_grad():
+                sums += torch.stack([loss * len(y), ce * len(y), (logits.argmax(1) != y).sum()]).double()
+            if progress and step % 50 == 0:
+                wrong = sums[2].item()
+                seen = min(n, (step + 1) * config.batch_size)
+                bar.set_postfix(loss=f"{loss.item():.3f}", err=f"{wrong / seen:.3f}", kl=f"{kl.item():.3g}")
+        bar.close()
+        kl_value = kl.item()
+        loss_sum, ce_sum, wrong = sums.tolist()
+        result = evaluate(model, test)
+        metrics = {
+            "epoch": epoch + 1,
+            "loss": loss_sum / n,
+            "ce": ce_sum / n,
+            "kl": kl_value,
+            "beta": beta,
+            "lr": lr,
+            "train_error": wrong / n,
+            "test_error": result["error"],
+            "test_ce": result["ce"],
+            "seconds": time.perf_counter() - started,
+        }
+        if not all(math.isfinite(v) for v in metrics.values()):
+            raise FloatingPointError(f"non-finite metrics at epoch {epoch + 1}: {metrics}")
+        history.append(metrics)
+        if progress:
+            tqdm.write(
+                f"epoch {epoch + 1:3d}  loss {metrics['loss']:.4f}  train err {metrics['train_error']:.4f}  "
+                f"test err {metrics['test_error']:.4f}  KL {kl_value:.4g}  ({metrics['seconds']:.1f} s)"
+            )
+        model.eval()
+        for callback in callbacks:
+            callback(epoch + 1, model, metrics)
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, model, optimizer, epoch + 1, history)
+    model.eval()
+    return history

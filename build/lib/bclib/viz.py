@@ -1,0 +1,763 @@
+"""Animations and figures of Bayesian compression: weights fading as their groups are pruned,
+per-pixel input importance, log-alpha histograms, the error/compression trade-off, the
+architecture before and after pruning, and learning curves.
+
+Two training callbacks record what the animations need, one frame per epoch; two functions
+render the frames and write looping GIFs. Their use with :func:`bclib.train.fit`::
+
+    from bclib import viz
+    weights = viz.WeightEvolutionRecorder(thresholds=[-2.8, -3.0, -5.0], every=5)
+    pixels = viz.PixelImportanceRecorder(every=5)
+    fit(model, train, test, config, callbacks=[weights, pixels])
+    viz.write_weight_gifs(weights, "book/figures")                    # one GIF per layer
+    viz.write_pixel_importance_gif(pixels, test.x, "book/figures/pixel_importance.gif")
+
+The static figures are functions that return a :class:`matplotlib.figure.Figure` and save it
+when given a ``path``: :func:`plot_log_alpha_histograms` (or, from the histograms a run saved
+without its weights, :func:`plot_saved_log_alpha_histograms`), :func:`plot_tradeoff`,
+:func:`plot_architecture`, :func:`plot_learning_curves`.
+
+Everything draws on its own :class:`~matplotlib.figure.Figure` with the Agg canvas, never
+through ``pyplot``: it works headless and leaves a notebook's figures and backend alone.
+Files are written to a temporary name in the target folder (created when missing) and renamed
+when complete, so a failure never leaves half a file. GIF frames stay in memory.
+
+What the 2017 release got wrong here, and what this module does instead: its weight masks
+combined the input and output masks with OR (here AND: a weight is drawn only when its input
+unit and its output unit both survive); ``ax.grid("off")`` turned the grid *on* in matplotlib 3
+(here the axes are switched off); frame durations were written as 0 ms because imageio now
+reads ``duration`` in milliseconds (here ``duration`` is in milliseconds); the threshold of the
+plots was hard-coded (here it is an argument); and hidden PNG files were left behind.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import imageio.v3 as iio
+import matplotlib
+import matplotlib.ticker
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import Tensor, nn
+
+from ._io import write_atomically
+from .compression import resolve_thresholds, weight_masks
+from .layers import BayesianLayer, bayesian_layers
+
+__all__ = [
+    "DEFAULT_THRESHOLD", "DEFAULT_FRAME_DURATION_MS", "WEIGHT_AXES_RECT",
+    "WeightEvolutionRecorder", "PixelImportanceRecorder", "keep_probability",
+    "render_weight_frames", "write_weight_gifs", "render_pixel_importance_frames",
+    "write_pixel_importance_gif", "choose_digits", "pixel_panel_rect",
+    "plot_log_alpha_histograms", "plot_saved_log_alpha_histograms", "plot_tradeoff", "plot_architecture", "plot_learning_curves",
+]
+
+#: Log-alpha threshold used for every layer when none is given (keep a group iff log alpha < -3).
+DEFAULT_THRESHOLD = -3.0
+#: Display time of one GIF frame, in milliseconds.
+DEFAULT_FRAME_DURATION_MS = 200
+#: Where the weight matrix sits in a weight frame, as (left, bottom, width, height) in fractions of
+#: the frame. The matrix fills this rectangle exactly (one block of pixels per weight, nearest
+#: neighbour), so weight ``(i, j)`` of a ``(rows, cols)`` matrix in a ``W x H`` pixel frame is at
+#: ``x = (left + width * (j + 0.5) / cols) * W`` and ``y = (1 - bottom - height + height * (i + 0.5) / rows) * H``
+#: (y counted from the top). The band above it holds the title.
+WEIGHT_AXES_RECT = (0.02, 0.02, 0.96, 0.86)
+
+_WEIGHT_FIGSIZE = (8.0, 4.0)
+_DPI = 100
+# Browsers replace GIF delays under 20 ms (2 hundredths of a second) by 100 ms.
+_MIN_DURATION_MS = 20
+
+
+# ----------------------------------------------------------------------------- argument checks
+def _check_number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _check_duration(duration) -> int:
+    if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not duration >= _MIN_DURATION_MS:
+        raise ValueError(
+            f"duration must be a number of milliseconds >= {_MIN_DURATION_MS} (browsers show shorter "
+            f"GIF frames for 100 ms), got {duration!r}"
+        )
+    return int(round(duration))
+
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _check_threshold_values(thresholds) -> None:
+    """Type checks of ``thresholds`` that need no model: ``None``, a number, a sequence or a dict of numbers."""
+    if thresholds is None:
+        return
+    if isinstance(thresholds, (int, float)) and not isinstance(thresholds, bool):
+        _check_number("thresholds", thresholds)
+        return
+    if isinstance(thresholds, Mapping):
+        values = thresholds.values()
+    elif isinstance(thresholds, (str, bytes)) or not isinstance(thresholds, Sequence):
+        raise TypeError(f"thresholds must be a number, a sequence or a dict by layer name, got {thresholds!r}")
+    else:
+        values = thresholds
+    for value in values:
+        _check_number("thresholds", value)
+
+
+def _resolve_thresholds(thresholds, names: list[str]) -> list[float]:
+    """One threshold per Bayesian layer, from ``None`` (the default), a number, a sequence or a dict by name."""
+    _check_threshold_values(thresholds)
+    if thresholds is None:
+        return [DEFAULT_THRESHOLD] * len(names)
+    return resolve_thresholds(list(thresholds) if isinstance(thresholds, Sequence) else thresholds, names)
+
+
+def _all_bayesian_layers(model: nn.Module) -> list[tuple[str, BayesianLayer]]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    layers = list(bayesian_layers(model))
+    if not layers:
+        raise ValueError(f"model has no Bayesian layer (bclib.LinearGroupNJ, ...): {type(model).__name__}")
+    return layers
+
+
+def _select_layer(model: nn.Module, name: str, key, argument: str) -> int:
+    """Position among the Bayesian layers of the module selected by ``key`` (module name or position)."""
+    layers = _all_bayesian_layers(model)
+    names = [n for n, _ in layers]
+    if isinstance(key, int) and not isinstance(key, bool):
+        if not -len(layers) <= key < len(layers):
+            raise ValueError(f"{argument}: position {key} is out of range for the {len(layers)} Bayesian layers {names}")
+        return key % len(layers)
+    if not isinstance(key, str):
+        raise TypeError(f"{argument} must name a module (str) or give a position among the Bayesian layers (int), got {key!r}")
+    if key in names:
+        return names.index(key)
+    modules = dict(model.named_modules())
+    if key in modules:
+        raise ValueError(
+            f"{argument}: module {key!r} ({type(modules[key]).__name__}) is not a Bayesian layer; "
+            f"the Bayesian layers are {names}"
+        )
+    raise ValueError(f"{argument}: {name} has no module {key!r}; the Bayesian layers are {names}")
+
+
+def _save_atomically(path, write) -> Path:
+    """Call ``write(temporary_path)``, then rename onto ``path`` (see :func:`bclib._io.write_atomically`)."""
+    return write_atomically(path, write)
+
+
+def _save_figure(fig: Figure, path) -> None:
+    suffix = Path(path).suffix.lstrip(".").lower()
+    if not suffix:
+        raise ValueError(f"path must end with an image suffix such as .png or .svg, got {str(path)!r}")
+    _save_atomically(path, lambda temporary: fig.savefig(temporary, format=suffix))
+
+
+def _write_gif(frames: list[np.ndarray], path, duration) -> Path:
+    """Encode RGB frames (all the same size) with imageio: ``duration`` ms per frame, looping forever."""
+    duration = _check_duration(duration)
+    if not frames:
+        raise ValueError("no frames to write: record at least one epoch first")
+    if len({f.shape for f in frames}) != 1:
+        raise ValueError(f"all frames must have the same size, got {sorted({f.shape for f in frames})}")
+    # GIF stores delays in hundredths of a second: durations are rounded to multiples of 10 ms.
+    data = iio.imwrite("<bytes>", np.stack(frames), extension=".gif", duration=duration, loop=0)
+    return _save_atomically(path, lambda temporary: Path(temporary).write_bytes(data))
+
+
+def _frame(figsize, dpi) -> tuple[Figure, FigureCanvasAgg]:
+    fig = Figure(figsize=figsize, dpi=dpi)
+    return fig, FigureCanvasAgg(fig)
+
+
+def _to_rgb(canvas: FigureCanvasAgg) -> np.ndarray:
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def _bare_axes(fig: Figure, rect):
+    ax = fig.add_axes(rect)
+    # set_axis_off removes ticks, labels, spines and any grid (``ax.grid("off")`` would turn it on).
+    ax.set_axis_off()
+    return ax
+
+
+# ----------------------------------------------------------------------------- masks
+# ----------------------------------------------------------------------------- weight evolution
+class WeightEvolutionRecorder:
+    r"""Training callback that records, each epoch, the posterior mean weights of Bayesian layers
+    and the AND mask of the thresholds in use.
+
+    Call it as ``recorder(epoch, model, metrics)`` (the callback signature of :func:`bclib.train.fit`).
+    For each chosen layer it stores ``E[w]`` (``layer.posterior_weight()[0]``, detached, on the CPU)
+    and a boolean mask of the same shape: group ``g`` of layer ``l`` is kept iff
+    :math:`\log\alpha_g < t_l`, and a weight is kept iff its input unit and its output unit are
+    both kept (a linear layer's outputs are the next layer's input groups; the last layer's
+    outputs are always kept).
+
+    Args:
+        layers: which Bayesian layers to record: module names (as in ``model.named_modules()``) or
+            positions among the Bayesian layers; ``None`` records all of them.
+        thresholds: the log-alpha threshold of every Bayesian layer of the model (all of them,
+            recorded or not, since a layer's outputs are pruned by the next layer): a sequence in
+            order, a dict by module name, or one number for all layers. ``None`` uses
+            :data:`DEFAULT_THRESHOLD` (-3) everywhere. A wrong length is a ``ValueError``.
+            The masks are those of :func:`bclib.compression.weight_masks` (the AND rule of
+            :func:`bclib.compress`), so a conv model needs its ``input_shape`` attribute.
+        every: record only the epochs divisible by ``every`` (fewer frames, smaller GIFs).
+
+    Attributes:
+        epochs: the recorded epochs, in order.
+        layer_names: module names of the recorded layers.
+        layer_positions: their positions among the model's Bayesian layers (0-based).
+        weights, masks: dicts from layer name to a list with one tensor per recorded epoch.
+
+    Example:
+        >>> from bclib.models import lenet_300_100
+        >>> model = lenet_300_100("nj")
+        >>> recorder = WeightEvolutionRecorder(thresholds=[-2.8, -3, -5])
+        >>> recorder(1, model, {})
+        >>> recorder.layer_names, recorder.masks["1"][0].shape
+        (['1', '3', '5'], torch.Size([300, 784]))
+    """
+
+    def __init__(self, layers: Sequence[str | int] | None = None, thresholds=None, *, every: int = 1) -> None:
+        if layers is not None and (isinstance(layers, (str, int)) or not isinstance(layers, Sequence) or not layers):
+            raise TypeError(f"layers must be None or a non-empty sequence of module names or positions, got {layers!r}")
+        # Check the values now; their number is checked against the model at the first call.
+        _check_threshold_values(thresholds)
+        self.layers = None if layers is None else list(layers)
+        self.thresholds = thresholds
+        self.every = _check_positive_int("every", every)
+        self.epochs: list[int] = []
+        self.layer_names: list[str] = []
+        self.layer_positions: list[int] = []
+        self.weights: dict[str, list[Tensor]] = {}
+        self.masks: dict[str, list[Tensor]] = {}
+
+    @torch.no_grad()
+    def __call__(self, epoch: int, model: nn.Module, metrics: Mapping | None = None) -> None:
+        if not _due(epoch, self.every):
+            return
+        all_layers = _all_bayesian_layers(model)
+        names = [n for n, _ in all_layers]
+        thresholds = _resolve_thresholds(self.thresholds, names)
+        keys = range(len(all_layers)) if self.layers is None else self.layers
+        positions = [_select_layer(model, "model", key, "layers") for key in keys]
+        if self.epochs and positions != self.layer_positions:
+            raise ValueError(f"model: recorded layers {self.layer_names} before, now {[names[p] for p in positions]}")
+        # The AND masks of bclib.compress: what the compressed network would keep at this epoch.
+        masks = list(weight_masks(model, thresholds).values())
+        self.layer_positions = positions
+        self.layer_names = [names[p] for p in positions]
+        for p in positions:
+            name, layer = all_layers[p]
+            self.weights.setdefault(name, []).append(layer.posterior_weight()[0].detach().float().cpu().clone())
+            self.masks.setdefault(name, []).append(masks[p])
+        self.epochs.append(epoch)
+
+    def __len__(self) -> int:
+        return len(self.epochs)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(layers={self.layers}, thresholds={self.thresholds}, every={self.every}, "
+                f"epochs recorded={len(self)})")
+
+
+def _due(epoch, every: int) -> bool:
+    """True when a recorder called at ``epoch`` should record (every ``every``-th epoch)."""
+    if isinstance(epoch, bool) or not isinstance(epoch, int):
+        raise TypeError(f"epoch must be an int, got {epoch!r}")
+    return epoch % every == 0
+
+
+def _check_recorded(recorder, kind) -> None:
+    if not isinstance(recorder, kind):
+        raise TypeError(f"recorder must be a {kind.__name__}, got {type(recorder).__name__}")
+    if not recorder.epochs:
+        raise ValueError("recorder has no recorded epochs: pass it to fit(..., callbacks=[recorder]) or call it first")
+
+
+def render_weight_frames(recorder: WeightEvolutionRecorder, layer: str, *, vmax: float | None = None,
+                         figsize=_WEIGHT_FIGSIZE, dpi: int = _DPI) -> list[np.ndarray]:
+    """Draw one RGB frame per recorded epoch of one layer's weight matrix.
+
+    Rows are output units, columns input units (a conv weight is drawn as ``(C_out, C_in*kh*kw)``).
+    Colours: ``bwr`` with limits ``[-vmax, vmax]`` fixed across frames, red positive, blue negative;
+    pruned weights and exact zeros are white. The matrix fills :data:`WEIGHT_AXES_RECT` with one
+    block of pixels per weight (nearest neighbour); the title gives the epoch and the weights kept.
+
+    Args:
+        recorder: a :class:`WeightEvolutionRecorder` with at least one epoch.
+        layer: one of ``recorder.layer_names``.
+        vmax: colour limit; ``None`` takes the largest ``|E[w]|`` of the kept weights over all frames.
+        figsize, dpi: frame size in inches and dots per inch (``figsize * dpi`` pixels).
+
+    Returns:
+        A list of ``(H, W, 3)`` ``uint8`` arrays, all of the same size.
+    """
+    _check_recorded(recorder, WeightEvolutionRecorder)
+    if layer not in recorder.weights:
+        raise ValueError(f"layer must be one of the recorded layers {recorder.layer_names}, got {layer!r}")
+    matrices = [w.reshape(w.shape[0], -1).numpy() for w in recorder.weights[layer]]
+    kept = [m.reshape(m.shape[0], -1).numpy() for m in recorder.masks[layer]]
+    if vmax is None:
+        vmax = max((float(np.abs(w[k]).max()) for w, k in zip(matrices, kept) if k.any()), default=0.0)
+        vmax = vmax if vmax > 0 else 1.0  # everything pruned: any limit draws all white
+    elif _check_number("vmax", vmax) <= 0:
+        raise ValueError(f"vmax must be positive, got {vmax}")
+    position = recorder.layer_positions[recorder.layer_names.index(layer)]
+    colormap = matplotlib.colormaps["bwr"].with_extremes(bad="white")
+    frames = []
+    for epoch, weight, keep in zip(recorder.epochs, matrices, kept):
+        fig, canvas = _frame(figsize, dpi)
+        ax = _bare_axes(fig, WEIGHT_AXES_RECT)
+        # Masked cells are drawn in the colormap's "bad" colour: pruned weights and exact zeros are white.
+        shown = np.ma.masked_where(~keep | (weight == 0), weight)
+        ax.imshow(shown, cmap=colormap, vmin=-vmax, vmax=vmax, interpolation="nearest", aspect="auto")
+        fig.suptitle(
+            f"layer {position + 1} ({layer!r}, {weight.shape[0]} x {weight.shape[1]}): epoch {epoch}, "
+            f"{int(keep.sum()):,} of {keep.size:,} weights kept",
+            y=1 - (1 - WEIGHT_AXES_RECT[1] - WEIGHT_AXES_RECT[3]) / 2, va="center", fontsize=11,
+        )
+        frames.append(_to_rgb(canvas))
+    return frames
+
+
+def write_weight_gifs(recorder: WeightEvolutionRecorder, out_dir, *, duration: float = DEFAULT_FRAME_DURATION_MS,
+                      vmax: float | None = None, figsize=_WEIGHT_FIGSIZE, dpi: int = _DPI) -> dict[str, Path]:
+    """Write one looping GIF per recorded layer, ``out_dir/weights_layer{k}.gif`` (``k`` counts Bayesian layers from 1).
+
+    Args:
+        recorder: a :class:`WeightEvolutionRecorder` with at least one epoch.
+        out_dir: folder for the GIFs (created when missing).
+        duration: display time of each frame in milliseconds (>= 20; GIF rounds it to 10 ms).
+        vmax, figsize, dpi: as :func:`render_weight_frames`.
+
+    Returns:
+        A dict from layer name to the path written.
+    """
+    _check_recorded(recorder, WeightEvolutionRecorder)
+    _check_duration(duration)
+    paths = {}
+    for name, position in zip(recorder.layer_names, recorder.layer_positions):
+        frames = render_weight_frames(recorder, name, vmax=vmax, figsize=figsize, dpi=dpi)
+        paths[name] = _write_gif(frames, Path(out_dir) / f"weights_layer{position + 1}.gif", duration)
+    return paths
+
+
+# ----------------------------------------------------------------------------- pixel importance
+def keep_probability(log_alpha: Tensor, image_shape: Sequence[int] = (28, 28)) -> np.ndarray:
+    r"""The keep probability :math:`1 - \min(\alpha, 1)` of each input, as an image.
+
+    ``alpha = exp(log alpha)`` is the dropout rate of an input unit of the first layer; a rate of
+    1 or more means the unit is pure noise (pruned), so its keep probability is 0.
+
+    Args:
+        log_alpha: one value per input unit, ``prod(image_shape)`` of them.
+        image_shape: the shape of one input image (``(28, 28)`` for MNIST).
+
+    Returns:
+        A float array of shape ``image_shape`` with values in ``[0, 1]``.
+    """
+    values = torch.as_tensor(log_alpha).detach().double().cpu().reshape(-1)
+    if values.numel() != math.prod(image_shape):
+        raise ValueError(f"log_alpha must have {math.prod(image_shape)} values for image_shape {tuple(image_shape)}, got {values.numel()}")
+    return (1.0 - values.exp().clamp(max=1.0)).reshape(tuple(image_shape)).numpy()
+
+
+class PixelImportanceRecorder:
+    """Training callback that records, each epoch, the log alpha of the input groups of a linear Bayesian layer.
+
+    Call it as ``recorder(epoch, model, metrics)``. :meth:`keep_probability` turns a record into the
+    per-pixel map ``1 - min(alpha, 1)``; :func:`write_pixel_importance_gif` animates it.
+
+    Args:
+        layer: the layer's module name or position among the Bayesian layers; ``None`` takes the
+            first Bayesian layer. It must have one log alpha per input unit (``LinearGroupNJ``,
+            ``LinearGroupHS``), and ``prod(image_shape)`` inputs.
+        image_shape: the shape of one input image.
+        every: record only the epochs divisible by ``every``.
+
+    Attributes:
+        epochs: the recorded epochs; log_alphas: one CPU tensor of shape ``(in_features,)`` per epoch.
+
+    Example:
+        >>> from bclib.models import lenet_300_100
+        >>> recorder = PixelImportanceRecorder()
+        >>> recorder(1, lenet_300_100("nj"), {})
+        >>> recorder.keep_probability().shape
+        (28, 28)
+    """
+
+    def __init__(self, layer: str | int | None = None, image_shape: Sequence[int] = (28, 28), *,
+                 every: int = 1) -> None:
+        image_shape = tuple(image_shape)
+        if not image_shape or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in image_shape):
+            raise ValueError(f"image_shape must be a tuple of positive ints, got {image_shape!r}")
+        self.layer = 0 if layer is None else layer
+        self.image_shape = image_shape
+        self.every = _check_positive_int("every", every)
+        self.epochs: list[int] = []
+        self.log_alphas: list[Tensor] = []
+
+    @torch.no_grad()
+    def __call__(self, epoch: int, model: nn.Module, metrics: Mapping | None = None) -> None:
+        if not _due(epoch, self.every):
+            return
+        name, layer = _all_bayesian_layers(model)[_select_layer(model, "model", self.layer, "layer")]
+        log_alpha = layer.log_alpha().detach()
+        if not layer.groups_on_input or log_alpha.dim() != 1:
+            raise ValueError(
+                f"layer: {name!r} ({type(layer).__name__}) has no log alpha per input unit; pixel importance "
+                "needs a linear group layer such as LinearGroupNJ or LinearGroupHS"
+            )
+        if log_alpha.numel() != math.prod(self.image_shape):
+            raise ValueError(f"image_shape {self.image_shape} has {math.prod(self.image_shape)} pixels but layer {name!r} has {log_alpha.numel()} inputs")
+        self.log_alphas.append(log_alpha.float().cpu().clone())
+        self.epochs.append(epoch)
+
+    def keep_probability(self, index: int = -1) -> np.ndarray:
+        """The map ``1 - min(alpha, 1)`` of the ``index``-th recorded epoch (the last by default)."""
+        _check_recorded(self, PixelImportanceRecorder)
+        return keep_probability(self.log_alphas[index], self.image_shape)
+
+    def __len__(self) -> int:
+        return len(self.epochs)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(layer={self.layer!r}, image_shape={self.image_shape}, every={self.every}, "
+                f"epochs recorded={len(self)})")
+
+
+def choose_digits(images, num_digits: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``num_digits`` images drawn without replacement with a seeded generator.
+
+    Args:
+        images: ``(N, ...)`` tensor or array of images (e.g. the MNIST test inputs ``(N, 1, 28, 28)``).
+        num_digits: how many to draw.
+        seed: seed of :func:`numpy.random.default_rng`, so the same digits come back each time.
+
+    Returns:
+        ``(indices, chosen)``: the drawn indices and the images, as float arrays shaped ``(num_digits, -1)``.
+    """
+    _check_positive_int("num_digits", num_digits)
+    array = images.detach().cpu().numpy() if isinstance(images, Tensor) else np.asarray(images)
+    if array.ndim < 2 or array.shape[0] < num_digits:
+        raise ValueError(f"images must be a batch (N, ...) with N >= num_digits={num_digits}, got shape {array.shape}")
+    indices = np.sort(np.random.default_rng(seed).choice(array.shape[0], size=num_digits, replace=False))
+    return indices, array[indices].reshape(num_digits, -1).astype(np.float64)
+
+
+def pixel_panel_rect(panel: int, num_panels: int) -> tuple[float, float, float, float]:
+    """Rectangle ``(left, bottom, width, height)`` (figure fractions) of panel ``panel`` of a pixel-importance frame.
+
+    Panel 0 is the keep-probability map, panels 1.. the digits; each image fills its rectangle
+    (nearest neighbour), which is square on a frame of :func:`render_pixel_importance_frames`'s default size.
+    """
+    return (panel + 0.05) / num_panels, 0.04, 0.9 / num_panels, 0.72
+
+
+def render_pixel_importance_frames(recorder: PixelImportanceRecorder, digits, *, panel_size: float = 1.6,
+                                   dpi: int = _DPI) -> list[np.ndarray]:
+    """Draw one RGB frame per recorded epoch: the keep-probability map, then each digit times the map.
+
+    The map is drawn in ``Greys`` on ``[0, 1]`` (black: always kept, white: pruned). Each digit
+    ``x`` is drawn as ``x * (1 - min(alpha, 1))`` in ``Greys`` on ``[-m, m]`` with ``m = max|x|``, as the
+    2017 release did: with inputs in [-1, 1] the kept background stays white, kept ink black, and
+    pruned pixels fade to the middle grey. Panels are laid out by :func:`pixel_panel_rect`.
+
+    Args:
+        recorder: a :class:`PixelImportanceRecorder` with at least one epoch.
+        digits: ``(K, ...)`` images with ``prod(recorder.image_shape)`` values each (see :func:`choose_digits`).
+        panel_size: width of one panel in inches; the frame is ``(K + 1) * panel_size`` by ``1.25 * panel_size``.
+        dpi: dots per inch.
+    """
+    _check_recorded(recorder, PixelImportanceRecorder)
+    array = digits.detach().cpu().numpy() if isinstance(digits, Tensor) else np.asarray(digits, dtype=np.float64)
+    if array.ndim < 1 or array.size != array.shape[0] * math.prod(recorder.image_shape):
+        raise ValueError(f"digits must be (K, ...) images of {math.prod(recorder.image_shape)} pixels, got shape {array.shape}")
+    images = array.reshape(array.shape[0], *recorder.image_shape).astype(np.float64)
+    limit = float(np.abs(images).max()) or 1.0
+    num_panels = 1 + images.shape[0]
+    frames = []
+    for index, epoch in enumerate(recorder.epochs):
+        keep = recorder.keep_probability(index)
+        fig, canvas = _frame((num_panels * panel_size, 1.25 * panel_size), dpi)
+        ax = _bare_axes(fig, pixel_panel_rect(0, num_panels))
+        ax.imshow(keep, cmap="Greys", vmin=0.0, vmax=1.0, interpolation="nearest", aspect="auto")
+        for k, image in enumerate(images, start=1):
+            ax = _bare_axes(fig, pixel_panel_rect(k, num_panels))
+            ax.imshow(image * keep, cmap="Greys", vmin=-limit, vmax=limit, interpolation="nearest", aspect="auto")
+        fig.suptitle(
+            f"epoch {epoch}: keep probability 1 - min(alpha, 1) of each pixel, alone and times "
+            f"{images.shape[0]} digits", y=0.9, fontsize=10,
+        )
+        frames.append(_to_rgb(canvas))
+    return frames
+
+
+def write_pixel_importance_gif(recorder: PixelImportanceRecorder, images, path, *, num_digits: int = 5,
+                               seed: int = 0, duration: float = DEFAULT_FRAME_DURATION_MS,
+                               panel_size: float = 1.6, dpi: int = _DPI) -> Path:
+    """Write the pixel-importance animation (one frame per recorded epoch, looping) to ``path``.
+
+    Args:
+        recorder: a :class:`PixelImportanceRecorder` with at least one epoch.
+        images: test images to draw ``num_digits`` from with :func:`choose_digits` (seeded by ``seed``).
+        path: the GIF file (its folder is created when missing).
+        duration: display time of each frame in milliseconds (>= 20).
+        panel_size, dpi: as :func:`render_pixel_importance_frames`.
+    """
+    _check_recorded(recorder, PixelImportanceRecorder)
+    _check_duration(duration)
+    _, digits = choose_digits(images, num_digits, seed)
+    frames = render_pixel_importance_frames(recorder, digits, panel_size=panel_size, dpi=dpi)
+    return _write_gif(frames, path, duration)
+
+
+# ----------------------------------------------------------------------------- static figures
+def _finish(fig: Figure, path) -> Figure:
+    FigureCanvasAgg(fig)
+    if path is not None:
+        _save_figure(fig, path)
+    return fig
+
+
+def plot_log_alpha_histograms(model: nn.Module, thresholds=None, *, bins: int = 60, path=None) -> Figure:
+    """Histogram of log alpha for each Bayesian layer, its threshold as a dashed line.
+
+    Pick a threshold between the histogram's two modes (the authors' advice): groups left of
+    it are kept.
+
+    Args:
+        model: a model with Bayesian layers.
+        thresholds: as in :class:`WeightEvolutionRecorder`; ``None`` marks no threshold.
+        bins: number of histogram bins.
+        path: optional file to save the figure to (format from the suffix).
+    """
+    layers = _all_bayesian_layers(model)
+    names = [n for n, _ in layers]
+    limits = None if thresholds is None else _resolve_thresholds(thresholds, names)
+    _check_positive_int("bins", bins)
+    fig = Figure(figsize=(3.6 * len(layers), 3.0), layout="constrained")
+    axes = fig.subplots(1, len(layers), squeeze=False)[0]
+    for k, (ax, (name, layer)) in enumerate(zip(axes, layers)):
+        with torch.no_grad():
+            log_alpha = layer.log_alpha().detach().float().cpu().reshape(-1).numpy()
+        ax.hist(log_alpha, bins=bins, color="0.45")
+        ax.set_title(f"layer {k + 1} ({name!r}, {type(layer).__name__})", fontsize=9)
+        ax.set_xlabel(r"$\log\alpha$")
+        if limits is not None:
+            kept = int((log_alpha < limits[k]).sum())
+            ax.axvline(limits[k], color="tab:red", linestyle="--",
+                       label=f"threshold {limits[k]:g}: {kept} of {log_alpha.size} kept")
+            ax.legend(fontsize=8)
+    axes[0].set_ylabel("count")
+    return _finish(fig, path)
+
+
+def plot_saved_log_alpha_histograms(layers: Mapping[str, Mapping], *, ncols: int | None = None, path=None) -> Figure:
+    """The figure of :func:`plot_log_alpha_histograms`, drawn from saved histograms instead of a model.
+
+    A finished run keeps no weights in the book, only its ``analysis.json``
+    (:func:`bclib.experiments.compress_run`): per layer the counts and bin edges of the log-alpha
+    histogram, the threshold used, and for per-group signals the log alphas themselves.
+
+    Args:
+        layers: ``{layer name: {"histogram": {"counts": [...], "edges": [...]}, "threshold": t,
+            "log_alpha": [...] (optional)}}`` in layer order, as ``analysis["layers"]``. With
+            ``log_alpha`` the legend counts the groups kept (``log_alpha < t``); without it (the
+            per-weight Sparse VD signal) it shows the threshold only.
+        ncols: panels per row (default: all in one row); more layers wrap onto further rows.
+        path: optional file to save the figure to (format from the suffix).
+
+    Example:
+        >>> saved = {"fc1": {"histogram": {"counts": [2, 0, 1], "edges": [-9.0, -5.0, -1.0, 3.0]},
+        ...                  "threshold": -3.0, "log_alpha": [-8.0, -7.5, 1.0]}}
+        >>> fig = plot_saved_log_alpha_histograms(saved)  # legend: "threshold -3: 2 of 3 kept"
+    """
+    if not isinstance(layers, Mapping) or not layers:
+        raise ValueError(f"layers must be a non-empty mapping of layer name to saved histogram, got {layers!r}")
+    entries = []
+    for name, entry in layers.items():
+        histogram = entry.get("histogram") if isinstance(entry, Mapping) else None
+        if not isinstance(histogram, Mapping) or not {"counts", "edges"} <= set(histogram) or "threshold" not in entry:
+            raise ValueError(f"layers[{name!r}] must have 'histogram' with 'counts' and 'edges', and 'threshold'")
+        counts = np.asarray(histogram["counts"], dtype=np.float64)
+        edges = np.asarray(histogram["edges"], dtype=np.float64)
+        if counts.ndim != 1 or edges.shape != (counts.size + 1,) or counts.size == 0 or np.any(np.diff(edges) <= 0):
+            raise ValueError(f"layers[{name!r}]: histogram must have n counts and n + 1 increasing edges, "
+                             f"got {counts.size} counts and {edges.size} edges")
+        threshold = _check_number(f"layers[{name!r}]['threshold']", entry["threshold"])
+        entries.append((name, counts, edges, threshold, entry.get("log_alpha")))
+    ncols = len(entries) if ncols is None else min(_check_positive_int("ncols", ncols), len(entries))
+    nrows = math.ceil(len(entries) / ncols)
+    fig = Figure(figsize=(3.6 * ncols, 3.0 * nrows), layout="constrained")
+    grid = fig.subplots(nrows, ncols, squeeze=False)
+    axes = list(grid.flat)
+    for ax in axes[len(entries):]:
+        ax.set_axis_off()  # the unused panels of the last row
+    for k, (ax, (name, counts, edges, threshold, log_alpha)) in enumerate(zip(axes, entries)):
+        ax.stairs(counts, edges, fill=True, color="0.45")
+        ax.set_title(f"layer {k + 1} ({name!r})", fontsize=9)
+        ax.set_xlabel(r"$\log\alpha$")
+        label = f"threshold {threshold:.3g}"
+        if log_alpha is not None:
+            values = np.asarray(log_alpha, dtype=np.float64)
+            label += f": {int((values < threshold).sum())} of {values.size} kept"
+        ax.axvline(threshold, color="tab:red", linestyle="--", label=label)
+        ax.legend(fontsize=8)
+    for row in grid:
+        row[0].set_ylabel("count")
+    return _finish(fig, path)
+
+
+_THRESHOLD_KEYS = ("threshold", "thresholds")
+_COMPRESSION_KEYS = ("compression", "compression_pruning", "compression_precision")
+
+
+def _threshold_label(threshold) -> str:
+    """``-3`` for a number, ``-2.8, -3, -5`` for one per layer (a sequence or a dict by name)."""
+    if isinstance(threshold, Mapping):
+        threshold = list(threshold.values())
+    if isinstance(threshold, numbers.Real):
+        return f"{float(threshold):g}"
+    return ", ".join(f"{float(t):g}" for t in threshold)
+
+
+def plot_tradeoff(rows: Sequence[Mapping], *, compression_keys: str | Sequence[str] | None = None,
+                  error_key: str = "error", path=None) -> Figure:
+    """Test error against compression, one point per threshold setting, each labelled with its threshold.
+
+    Args:
+        rows: one mapping per threshold setting with a threshold under ``"threshold"`` or
+            ``"thresholds"`` (a number, or one per layer), the error under ``error_key``, and one or
+            more compression rates, e.g. ``{"threshold": -3, "error": 0.017, "compression": 12.5}``
+            or the rows of ``bclib.compression.threshold_sweep``.
+        compression_keys: the rate(s) to draw, one line each; ``None`` draws those of
+            ``"compression"``, ``"compression_pruning"``, ``"compression_precision"`` that the rows have.
+        error_key: the key of the error.
+        path: optional file to save the figure to.
+    """
+    if isinstance(rows, Mapping) or not isinstance(rows, Sequence) or not rows:
+        raise ValueError(f"rows must be a non-empty sequence of mappings, got {rows!r}")
+    if not all(isinstance(row, Mapping) for row in rows):
+        raise TypeError("rows must hold one mapping per threshold setting")
+    if compression_keys is None:
+        compression_keys = [key for key in _COMPRESSION_KEYS if key in rows[0]]
+    elif isinstance(compression_keys, str):
+        compression_keys = [compression_keys]
+    threshold_key = next((key for key in _THRESHOLD_KEYS if key in rows[0]), _THRESHOLD_KEYS[0])
+    required = {threshold_key, error_key, *compression_keys}
+    for k, row in enumerate(rows):
+        if not compression_keys or not required <= set(row):
+            raise ValueError(
+                f"rows[{k}] must have a threshold ({' or '.join(_THRESHOLD_KEYS)}), {error_key!r} and a "
+                f"compression ({', '.join(compression_keys or _COMPRESSION_KEYS)}), got keys {sorted(row)}"
+            )
+    fig = Figure(figsize=(5.5, 4.0), layout="constrained")
+    ax = fig.subplots()
+    for index, key in enumerate(compression_keys):
+        ordered = sorted(rows, key=lambda row: float(row[key]))
+        compression = [float(row[key]) for row in ordered]
+        error = [float(row[error_key]) for row in ordered]
+        ax.plot(compression, error, marker="o", label=key)
+        if index == 0:  # label the points of the first line only, to keep the figure readable
+            for row, x, y in zip(ordered, compression, error):
+                ax.annotate(_threshold_label(row[threshold_key]), (x, y), textcoords="offset points",
+                            xytext=(4, 4), fontsize=7)
+    if min(float(row[key]) for row in rows for key in compression_keys) > 0:
+        ax.set_xscale("log")
+        # Plain numbers at 1, 2, 5 x 10^k instead of matplotlib's 2 x 10^1-style minor labels.
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    if len(compression_keys) > 1:
+        ax.legend(fontsize=8)
+    ax.set_xlabel("compression rate")
+    ax.set_ylabel(error_key)
+    ax.set_title("error against compression, labelled by log-alpha threshold", fontsize=10)
+    return _finish(fig, path)
+
+
+def plot_architecture(before: Sequence[int], after: Sequence[int], *, names: Sequence[str] | None = None,
+                      path=None) -> Figure:
+    """Units per layer before and after pruning, as side-by-side bars with their counts.
+
+    Args:
+        before: units (or filters) of each layer of the dense network, e.g. ``[784, 300, 100, 10]``.
+        after: the same layers after pruning, e.g. ``[278, 98, 19, 10]``; each entry at most its ``before``.
+        names: optional label per layer (default ``layer 0``, ``layer 1``, ...).
+        path: optional file to save the figure to.
+    """
+    for argument, counts in (("before", before), ("after", after)):
+        if not isinstance(counts, Sequence) or not counts or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts):
+            raise ValueError(f"{argument} must be a non-empty sequence of non-negative ints, got {counts!r}")
+    if len(before) != len(after):
+        raise ValueError(f"after must have one count per layer of before ({len(before)}), got {len(after)}")
+    if any(a > b for a, b in zip(after, before)):
+        raise ValueError(f"after must not exceed before layer by layer, got before={list(before)}, after={list(after)}")
+    names = [f"layer {k}" for k in range(len(before))] if names is None else list(names)
+    if len(names) != len(before):
+        raise ValueError(f"names must have one label per layer ({len(before)}), got {len(names)}")
+    positions = np.arange(len(before))
+    fig = Figure(figsize=(max(4.0, 1.3 * len(before) + 1.5), 3.5), layout="constrained")
+    ax = fig.subplots()
+    for offset, counts, colour, label in ((-0.2, before, "0.6", "before"), (0.2, after, "tab:red", "after pruning")):
+        bars = ax.bar(positions + offset, counts, width=0.4, color=colour, label=label)
+        ax.bar_label(bars, fontsize=8)
+    ax.set_xticks(positions, names)
+    ax.set_ylabel("units")
+    ax.set_title(f"architecture: {'-'.join(map(str, before))} to {'-'.join(map(str, after))}", fontsize=10)
+    ax.legend(fontsize=8)
+    return _finish(fig, path)
+
+
+_CURVE_PANELS = (
+    ("loss", ("loss",)),
+    ("error", ("train_error", "test_error", "error")),
+    ("KL (nats)", ("kl",)),
+)
+
+
+def plot_learning_curves(history: Sequence[Mapping], *, path=None) -> Figure:
+    """Loss, error and KL over epochs, from per-epoch metric dicts (as :func:`bclib.train.fit` reports them).
+
+    Panels: ``"loss"``; ``"train_error"`` / ``"test_error"`` (or ``"error"``); ``"kl"``. A panel
+    whose keys no row has is left out. The x axis is ``"epoch"`` when every row has one, else 1, 2, ...
+
+    Args:
+        history: a non-empty sequence of metric mappings, one per epoch.
+        path: optional file to save the figure to.
+    """
+    if isinstance(history, Mapping) or not isinstance(history, Sequence) or not history:
+        raise ValueError(f"history must be a non-empty sequence of per-epoch metric dicts, got {history!r}")
+    if not all(isinstance(row, Mapping) for row in history):
+        raise TypeError("history must hold one mapping of metrics per epoch")
+    epochs = [row["epoch"] for row in history] if all("epoch" in row for row in history) else list(range(1, len(history) + 1))
+    panels = [(title, [key for key in keys if any(key in row for row in history)]) for title, keys in _CURVE_PANELS]
+    panels = [(title, keys) for title, keys in panels if keys]
+    if not panels:
+        raise ValueError(f"history has none of the keys {[k for _, keys in _CURVE_PANELS for k in keys]}")
+    fig = Figure(figsize=(3.6 * len(panels), 3.0), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, keys) in zip(axes, panels):
+        for key in keys:
+            points = [(x, float(row[key])) for x, row in zip(epochs, history) if key in row]
+            ax.plot(*zip(*points), label=key)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("epoch")
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
+    return _finish(fig, path)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shlex
 import sys
 from pathlib import Path
 
@@ -90,9 +89,11 @@ def _experiment_name(model: str, prior: str, init_from: str | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .experiments import bclib_command
+
     parser = _parser()
     args = parser.parse_args(argv)
-    args.command_line = "python -m bclib " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    args.command_line = bclib_command(sys.argv[1:] if argv is None else argv)
     try:
         _dispatch(args)
     except (ValueError, FileNotFoundError) as error:

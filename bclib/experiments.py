@@ -97,11 +97,14 @@ def write_json(path: str | os.PathLike, data) -> None:
     write_atomically(path, lambda temporary: Path(temporary).write_text(text))
 
 
+def bclib_command(arguments) -> str:
+    """``python -m bclib`` followed by ``arguments``, each quoted for the shell: the command a result records."""
+    return "python -m bclib " + " ".join(shlex.quote(a) for a in arguments)
+
+
 def _command_line() -> str | None:
     """The ``python -m bclib ...`` command that is running, for ``config.json`` (None from Python)."""
-    if not sys.argv[0].endswith("__main__.py"):
-        return None
-    return "python -m bclib " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    return bclib_command(sys.argv[1:]) if sys.argv[0].endswith("__main__.py") else None
 
 
 def _load_data(data_root, input_range, fast: bool) -> tuple[TensorSplit, TensorSplit]:

@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     fine_tune.add_argument("run", help="trained Bayesian run folder with config.json, report.json and checkpoint.pt")
     fine_tune.add_argument("--out", required=True, help="folder for the fine-tuned run")
     fine_tune.add_argument("--epochs", type=int, default=None, help="retraining epochs per candidate (default 10)")
+    fine_tune.add_argument("--seeds", type=int, default=None,
+                           help="retraining seeds for the error spread of the kept and first rejected candidates "
+                                "(default 3; 1: none)")
     fine_tune.add_argument("--data", default=None, help=DATA_HELP)
 
     reproduce = sub.add_parser("reproduce", help="run every experiment of the results table into --out")
@@ -117,10 +120,11 @@ def _dispatch(args: argparse.Namespace) -> None:
 
         print(json.dumps(compress_run(args.run, thresholds=args.thresholds, data_root=args.data), indent=2))
     elif args.command == "fine-tune":
-        from .experiments import FINE_TUNE_CONFIG, fine_tune_run
+        from .experiments import FINE_TUNE_CONFIG, FINE_TUNE_SEEDS, fine_tune_run
 
         config = FINE_TUNE_CONFIG if args.epochs is None else dataclasses.replace(FINE_TUNE_CONFIG, epochs=args.epochs)
-        print(json.dumps(fine_tune_run(args.run, args.out, config=config, data_root=args.data), indent=2))
+        seeds = FINE_TUNE_SEEDS if args.seeds is None else args.seeds
+        print(json.dumps(fine_tune_run(args.run, args.out, config=config, seeds=seeds, data_root=args.data), indent=2))
     elif args.command == "reproduce":
         from .experiments import EXPERIMENTS, run_experiment
 

@@ -304,10 +304,12 @@ def _write_compressed(run_dir: Path, result, thresholds, dense_error: float, tes
 # network's error on the selection split stays within SELECTION_TOLERANCE of the first one's (the
 # search stops there, or when nothing is left to prune; -10 is only a bound on the steps).
 FINE_TUNE_OFFSETS = tuple(-step / 4 for step in range(41))  # 0, -0.25, ..., -10
+# Retraining seeds behind the spread recorded for the kept and the first rejected candidate.
+FINE_TUNE_SEEDS = 3
 
 
 def fine_tune_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, config: TrainConfig = FINE_TUNE_CONFIG,
-                  data_root=None, progress: bool = True) -> dict:
+                  seeds: int = FINE_TUNE_SEEDS, data_root=None, progress: bool = True) -> dict:
     """Prune a trained Bayesian run further than the paper would and retrain the survivors (not in the paper).
 
     For each offset of :data:`FINE_TUNE_OFFSETS` the run's thresholds (its ``report.json``) are
@@ -320,20 +322,31 @@ def fine_tune_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, co
     The base run trained on the selection split too (all 60,000 examples), so errors there are
     those of examples the network has fitted: they rank candidates, they do not estimate test error.
 
+    How much of a candidate's error is the luck of one retraining? With ``seeds`` > 1 the kept
+    candidate and the first rejected one are retrained again with seeds ``config.seed + 1``, ...,
+    ``config.seed + seeds - 1`` (same thresholds, so the same architecture and rates), and the
+    selection and test errors of every seed are recorded beside them. The choice and the saved
+    network stay those of ``config.seed``: the extra seeds only measure the spread.
+
     Writes into ``out_dir``: ``config.json``, ``metrics.json`` (the kept candidate's epochs),
     ``report.json`` (with ``fine_tuning``: base run, offset, epochs and the seconds of all
-    candidates), ``analysis.json`` (every candidate: rates, selection and test error) and
-    ``model.bcz``.
+    candidates), ``analysis.json`` (every candidate: rates, selection and test error; the kept
+    and first rejected ones also ``seeds``: ``[{"seed", "selection_error", "test_error",
+    "seconds"}, ...]``) and ``model.bcz``.
 
     Args:
         base_dir: a trained Bayesian run folder (``config.json``, ``report.json``, ``checkpoint.pt``).
         out_dir: the new run folder.
         config: the retraining recipe (default :data:`FINE_TUNE_CONFIG`).
+        seeds: retraining seeds for the spread of the kept and first rejected candidates
+            (default :data:`FINE_TUNE_SEEDS`; 1: no spread).
         data_root: MNIST root.
 
     Returns:
         The report (also written to ``report.json``).
     """
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds must be a positive int (1: no spread), got {seeds!r}")
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     if out_dir.resolve() == base_dir.resolve():
         raise ValueError(f"out_dir must be a new folder, not the base run {str(base_dir)!r} (it would be overwritten)")
@@ -353,8 +366,7 @@ def fine_tune_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, co
         result = compression.compress(model, thresholds)
         if sum(layer.weights_nonzero for layer in result.report.layers) == 0:
             break  # nothing left to retrain
-        tuned, history = compression.fine_tune(result, fit_split, test, config, progress=progress)
-        error = compression.model_error(tuned.reduced_precision_model(), selection.x, selection.y)
+        tuned, history, error = _retrain(result, fit_split, selection, test, config, progress)
         candidates.append({
             "offset": offset, "thresholds": thresholds, "architecture": result.report.architecture,
             **{key: getattr(result.report, key) for key in ("compression_pruning", "compression_precision",
@@ -373,11 +385,23 @@ def fine_tune_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, co
     if kept is None:
         raise ValueError(f"base_dir {str(base_dir)!r}: its thresholds leave no weight to retrain")
     tuned, history, thresholds, offset = kept
+    if seeds > 1:
+        kept_index = next(i for i, row in enumerate(candidates) if row["offset"] == offset)
+        for candidate in candidates[kept_index:kept_index + 2]:  # the kept one and the first rejected one
+            candidate["seeds"] = [{"seed": config.seed, **{key: candidate[key] for key in
+                                                          ("selection_error", "test_error", "seconds")}}]
+            result = compression.compress(model, candidate["thresholds"])
+            for seed in range(config.seed + 1, config.seed + seeds):
+                _, seed_history, error = _retrain(result, fit_split, selection, test, replace(config, seed=seed),
+                                                  progress)
+                candidate["seeds"].append({"seed": seed, "selection_error": error,
+                                           "test_error": seed_history[-1]["test_error"],
+                                           "seconds": sum(row["seconds"] for row in seed_history)})
     out_dir.mkdir(parents=True, exist_ok=True)  # written only now: a failed search leaves nothing behind
     write_json(out_dir / "config.json", {
         "name": out_dir.name, "model": base_config["model"], "prior": base_config["prior"],
         "train": config.to_dict(), "fine_tunes": base_dir.name, "offsets": list(FINE_TUNE_OFFSETS),
-        "selection_tolerance": SELECTION_TOLERANCE, "input_range": list(input_range), "fast": fast,
+        "selection_tolerance": SELECTION_TOLERANCE, "seeds": seeds, "input_range": list(input_range), "fast": fast,
         "train_examples": len(fit_split), "selection_examples": len(selection), "test_examples": len(test),
         "command": _command_line(), "torch": torch.__version__,
     })
@@ -387,6 +411,13 @@ def fine_tune_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, co
                    "seconds": sum(row["seconds"] for row in candidates)}
     return _write_compressed(out_dir, tuned, thresholds, base_report["dense_error"], test,
                              extra={"fine_tuning": fine_tuning})
+
+
+def _retrain(compressed, fit_split: TensorSplit, selection: TensorSplit, test: TensorSplit, config: TrainConfig,
+             progress: bool):
+    """One candidate of :func:`fine_tune_run` retrained: ``(tuned, history, selection error)``."""
+    tuned, history = compression.fine_tune(compressed, fit_split, test, config, progress=progress)
+    return tuned, history, compression.model_error(tuned.reduced_precision_model(), selection.x, selection.y)
 
 
 def _analysis(model, thresholds, test: TensorSplit) -> dict:

@@ -16,8 +16,10 @@ import pytest
 import torch
 
 import bclib
-from bclib import experiments
+from bclib import compression, experiments
 from bclib.__main__ import main
+from bclib.data import TensorSplit
+from bclib.train import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_FILES = ("config.json", "metrics.json", "report.json", "analysis.json", "model.bcz", "checkpoint.pt")
@@ -57,7 +59,7 @@ def test_help_lists_the_commands():
     ("train", ["--model", "--prior", "--out", "--fast", "--init-from", "--epochs", "--variance-dtype"]),
     ("bench", ["--out", "--threads", "--run", "--results", "--trials"]),
     ("compress", ["--thresholds", "--data"]),
-    ("fine-tune", ["--out", "--epochs", "--data"]),
+    ("fine-tune", ["--out", "--epochs", "--seeds", "--data"]),
     ("reproduce", ["--out", "--only"]),
 ])
 def test_subcommand_help_lists_its_options(capsys, command, options):
@@ -180,9 +182,9 @@ def test_compress_with_a_wrong_number_of_thresholds_fails_clearly(run_copy, mnis
 # ----------------------------------------------------------------------------- fine-tune
 @pytest.fixture(scope="module")
 def fine_tuned_run(trained_run, mnist_root, tmp_path_factory) -> Path:
-    """``python -m bclib fine-tune RUN --out DIR --epochs 1`` on the fast LeNet-300-100 NJ run."""
+    """``python -m bclib fine-tune RUN --out DIR --epochs 1 --seeds 2`` on the fast LeNet-300-100 NJ run."""
     out = tmp_path_factory.mktemp("fine-tune") / "lenet300_nj_ft"
-    result = _python_m_bclib(["fine-tune", str(trained_run), "--out", str(out), "--epochs", "1",
+    result = _python_m_bclib(["fine-tune", str(trained_run), "--out", str(out), "--epochs", "1", "--seeds", "2",
                               "--data", str(mnist_root)])
     assert result.returncode == 0, result.stderr[-3000:]
     return out
@@ -213,6 +215,37 @@ def test_fine_tune_keeps_the_last_offset_within_the_tolerance(fine_tuned_run, tr
     assert all(within[:expected]) and within[expected:] in ([], [False])
     base = _read(trained_run, "report.json")
     assert report["thresholds"] == pytest.approx([t + analysis["offset"] for t in base["thresholds"]])
+
+
+def test_fine_tune_records_the_seed_spread_of_the_kept_and_first_rejected_candidates(fine_tuned_run, trained_run,
+                                                                                    mnist):
+    """The kept candidate and the first rejected one (if the search rejected any) carry the errors of
+    seeds 0 and 1; seed 0's are the candidate's own, and seed 1's come back when that candidate is
+    compressed and retrained again with seed 1 through the public API, on the same examples."""
+    analysis, config = _read(fine_tuned_run, "analysis.json"), _read(fine_tuned_run, "config.json")
+    assert config["seeds"] == 2
+    candidates = analysis["candidates"]
+    kept = [row["offset"] for row in candidates].index(analysis["offset"])
+    assert [i for i, row in enumerate(candidates) if "seeds" in row] == list(range(kept, min(kept + 2,
+                                                                                         len(candidates))))
+    for row in candidates[kept:kept + 2]:
+        assert [seed["seed"] for seed in row["seeds"]] == [0, 1]
+        assert (row["seeds"][0]["selection_error"], row["seeds"][0]["test_error"]) == (row["selection_error"],
+                                                                                    row["test_error"])
+    # Fast mode: the first 5000 training examples (4167 retrain, 833 select) and 1000 test examples.
+    train, test = mnist
+    train = train.subset(5000)
+    fit, selection = train.subset(4167), TensorSplit(train.x[4167:], train.y[4167:])
+    row = candidates[kept]
+    compressed = bclib.compress(experiments.load_run_model(trained_run), row["thresholds"])
+    recipe = TrainConfig.from_dict({**config["train"], "seed": 1})
+    assert recipe.epochs == 1
+    tuned, history = compression.fine_tune(compressed, fit, test.subset(1000), recipe)
+    network = tuned.reduced_precision_model()
+    with torch.no_grad():
+        selection_error = (network(selection.x).argmax(1) != selection.y).sum().item() / len(selection)
+    assert row["seeds"][1]["selection_error"] == pytest.approx(selection_error, abs=1e-12)
+    assert row["seeds"][1]["test_error"] == pytest.approx(history[-1]["test_error"], abs=1e-12)
 
 
 def test_fine_tuned_rates_are_those_of_the_pruned_architecture(fine_tuned_run, trained_run):
@@ -248,6 +281,9 @@ def test_fine_tune_rejects_a_deterministic_run_and_its_own_folder(tmp_path, mnis
         experiments.fine_tune_run(dense, tmp_path / "out", data_root=mnist_root)
     with pytest.raises(ValueError, match="out_dir must be a new folder"):
         experiments.fine_tune_run(dense, dense, data_root=mnist_root)
+    for seeds in (0, 1.5, True):
+        with pytest.raises(ValueError, match=r"seeds must be a positive int \(1: no spread\), got"):
+            experiments.fine_tune_run(dense, tmp_path / "out", seeds=seeds, data_root=mnist_root)
     assert not (tmp_path / "out").exists()
 
 

@@ -110,3 +110,12 @@ def mnist(mnist_root):
     from bclib.data import load_mnist
 
     return load_mnist(mnist_root, download=False)
+
+
+@pytest.fixture(scope="session")
+def glibc() -> bool:
+    """Whether this process runs on glibc (asked of the C library through ``os.confstr``, not through bclib)."""
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION") is not None
+    except (ValueError, OSError, AttributeError):
+        return False

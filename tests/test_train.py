@@ -226,7 +226,7 @@ def test_autocast_trains_under_autocast_and_evaluates_in_full_precision(small_mn
     ("batch_size", 0), ("batch_size", 2.0),
     ("lr", 0.0), ("lr", -1e-3), ("lr_final", 0.0), ("variance_lr_scale", -1.0),
     ("kl_warmup_epochs", -1), ("variance_dtype", "bf16"), ("variance_dtype", "int8"),
-    ("autocast", "float16"), ("autocast", True),
+    ("autocast", "float16"), ("autocast", True), ("keep_freed_memory", 1), ("keep_freed_memory", "yes"),
 ])
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):

@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS),
                        help="how the compression benchmark runs both exports (default: all; 'compiled' uses "
                             "torch.compile and needs a C++ compiler)")
+    bench.add_argument("--keep-freed-memory", action="store_true",
+                       help="compression: keep freed memory for reuse as training does (bclib.train.keep_freed_memory); "
+                            "default: leave malloc's settings alone")
     bench.add_argument("--trials", type=int, default=1,
                        help="run the compression benchmark in this many fresh processes and report medians and "
                             "ranges (default: 1, this process)")
@@ -135,12 +138,13 @@ def _dispatch(args: argparse.Namespace) -> None:
         from . import bench
 
         results = {}
-        if args.which in ("layers", "all"):
-            results["layers"] = bench.run_layers_bench(threads=args.threads)
+        # Compression first: the layers and epochs benchmarks keep freed memory for the rest of the process.
         if args.which in ("compression", "all"):
-            options = {"threads": args.threads, "layouts": tuple(args.layouts)}
+            options = {"threads": args.threads, "layouts": tuple(args.layouts), "keep_freed": args.keep_freed_memory}
             results["compression"] = (bench.run_compression_trials(args.trials, args.run, **options) if args.trials != 1
                                       else bench.run_compression_bench_from_run(args.run, **options))
+        if args.which in ("layers", "all"):
+            results["layers"] = bench.run_layers_bench(threads=args.threads)
         if args.which in ("epochs", "all"):
             results["epochs"] = bench.run_epoch_bench(args.data, threads=args.threads)
         if args.which in ("training", "all"):

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import models
+from ._allocator import freed_memory_kept, keep_freed_memory
 from .compression import CompressedModel, compress, propose_thresholds
 from .layers import BayesianLayer, LinearGroupHS, LinearGroupNJ, bayesian_layers, kl_divergence, set_variance_dtype
 
@@ -93,7 +94,7 @@ def _interleaved_medians(modules: dict[str, nn.Module], x: torch.Tensor, repeats
 def run_compression_bench(model: nn.Module | None = None, compressed: CompressedModel | None = None,
                           thresholds=None, *, batch_sizes=(1000, 1), layouts=LAYOUTS,
                           repeats: int = 9, min_seconds: float = 0.2, threads: int | None = None,
-                          verbose: bool = True) -> dict:
+                          keep_freed: bool = False, verbose: bool = True) -> dict:
     """CPU inference throughput of the exported model against the dense original, at each batch size.
 
     The dense original is the same network unpruned, exported to plain PyTorch the same way
@@ -117,16 +118,24 @@ def run_compression_bench(model: nn.Module | None = None, compressed: Compressed
         repeats: interleaved turns per model (the median is reported).
         min_seconds: length of one turn.
         threads: CPU threads for the run (default: PyTorch's current setting).
+        keep_freed: first call :func:`bclib.train.keep_freed_memory` (process-wide, as training
+            does). It matters here: with glibc's defaults the dense network, whose activations are
+            larger, spends more of its time faulting in fresh pages, which flatters the speed-up.
+            ``False`` leaves the allocator as it is, which is glibc's defaults only in a process
+            that has not trained (or run the layers benchmark); the result records which it was.
         verbose: print the table.
 
     Returns:
-        ``{"architecture", "flops_before", "flops_after", "flop_reduction", "threads", "runs": [{"layout",
+        ``{"architecture", "flops_before", "flops_after", "flop_reduction", "threads", "freed_memory_kept",
+        "runs": [{"layout",
         "batch", "dense_ms", "pruned_ms", "dense_examples_per_s", "pruned_examples_per_s", "speedup",
         "speedup_over_flop_reduction"}, ...], "layers": {layout: [{"layer", "dense_ms", "pruned_ms"}, ...]}}``;
         ``"layers"`` times each module of both exports on its own, at the largest batch size (where
         the time goes: pooling and memory-bound layers are not counted by FLOPs); compiled models run
         fused across modules, so the ``"compiled"`` layout has no per-module rows.
     """
+    if keep_freed:
+        keep_freed_memory()
     if model is None:
         model = paper_lenet5()
         thresholds = 0.0 if thresholds is None else thresholds
@@ -143,8 +152,8 @@ def run_compression_bench(model: nn.Module | None = None, compressed: Compressed
         _zero_subnormal_parameters(module)
     result = {
         "architecture": report.architecture, "flops_before": report.flops_before, "flops_after": report.flops_after,
-        "flop_reduction": report.flop_reduction, "threads": threads or torch.get_num_threads(), "runs": [],
-        "layers": {},
+        "flop_reduction": report.flop_reduction, "threads": threads or torch.get_num_threads(),
+        "freed_memory_kept": freed_memory_kept(), "runs": [], "layers": {},
     }
     # Subnormal activations are flushed too (on the calling thread).
     with _cpu_threads(threads), _flush_denormals(), torch.inference_mode():
@@ -276,7 +285,8 @@ def _check_same_outputs(modules: dict[str, nn.Module], references: dict[str, tor
 
 def _compression_table(result: dict) -> str:
     lines = [
-        f"architecture {result['architecture']}; {result['threads']} CPU threads",
+        f"architecture {result['architecture']}; {result['threads']} CPU threads; malloc: "
+        f"{'freed memory kept' if result.get('freed_memory_kept') else 'settings untouched'}",
         f"FLOPs {result['flops_before']:,} -> {result['flops_after']:,} per example "
         f"({result['flop_reduction']:.1f}x fewer)",
         # Rows of about 80 characters, so that the book shows the table without scrolling.
@@ -402,7 +412,7 @@ def summarise_trials(results: list[dict]) -> dict:
 PRECISION_VARIANTS = ("bfloat16", "autocast")
 
 
-def run_layers_bench(steps: int = 3, repeats: int = 5, batch_size: int = 128, priors=("nj", "hs", "svd"),
+def run_layers_bench(steps: int = 10, repeats: int = 7, batch_size: int = 128, priors=("nj", "hs", "svd"),
                      model_names=("lenet300", "lenet5"), threads: int | None = None,
                      variants=PRECISION_VARIANTS, verbose: bool = True) -> dict:
     """Training-step time of each prior relative to the deterministic network, per model.
@@ -415,7 +425,9 @@ def run_layers_bench(steps: int = 3, repeats: int = 5, batch_size: int = 128, pr
     ``"bfloat16"``, the variance path in bfloat16 (:func:`bclib.set_variance_dtype`; rows like
     ``"nj+bfloat16"``, against the float32 deterministic network), and ``"autocast"``, mixed precision
     (rows like ``"nj+autocast"``, against the deterministic network under autocast, ``"none+autocast"``).
-    ``threads`` sets the CPU threads for the run (default: PyTorch's setting).
+    ``threads`` sets the CPU threads for the run (default: PyTorch's setting). Every network runs
+    with freed memory kept for reuse (:func:`bclib.train.keep_freed_memory`), as
+    :func:`bclib.train.fit` trains.
 
     Returns:
         ``{model: {row: {"step_ms", "ratio", "matmul_floor"}}}`` (ratio: step time over the
@@ -503,6 +515,7 @@ def _baseline(row: str) -> str:
 
 
 def _time_train_steps(steps, repeats, batch_size, priors, model_names, variants) -> dict:
+    keep_freed_memory()  # as fit does on CPU
     torch.manual_seed(0)
     x = torch.rand(batch_size, 1, 28, 28) * 2 - 1
     y = torch.randint(0, 10, (batch_size,))

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from bclib import bench, models
+from bclib._allocator import freed_memory_kept
 from bclib.compression import compress
 
 
@@ -31,6 +32,14 @@ def test_compression_bench_reports_every_layout_and_batch(capsys):
         assert all(row["dense_ms"] > 0 and row["pruned_ms"] > 0 for row in rows)
     out = capsys.readouterr().out
     assert "8-13-88-13" in out and "per module, channels_last, batch 4" in out
+    assert result["freed_memory_kept"] is freed_memory_kept()  # the process's state, recorded
+
+
+def test_compression_bench_can_keep_freed_memory_first(capsys, glibc):
+    result = bench.run_compression_bench(batch_sizes=(2,), layouts=("contiguous",), repeats=1, min_seconds=0.0,
+                                         keep_freed=True)
+    assert result["freed_memory_kept"] is glibc is freed_memory_kept()
+    assert ("malloc: freed memory kept" in capsys.readouterr().out) is glibc
 
 
 def test_compiled_layout_times_the_compiled_models_and_has_no_per_module_rows():

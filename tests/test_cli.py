@@ -57,7 +57,7 @@ def test_help_lists_the_commands():
 
 @pytest.mark.parametrize("command, options", [
     ("train", ["--model", "--prior", "--out", "--fast", "--init-from", "--epochs", "--variance-dtype"]),
-    ("bench", ["--out", "--threads", "--run", "--results", "--trials"]),
+    ("bench", ["--out", "--threads", "--run", "--results", "--trials", "--keep-freed-memory"]),
     ("compress", ["--thresholds", "--data"]),
     ("fine-tune", ["--out", "--epochs", "--seeds", "--data"]),
     ("reproduce", ["--out", "--only"]),

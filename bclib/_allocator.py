@@ -13,7 +13,6 @@ with it, as :func:`bclib.train.fit` does.
 from __future__ import annotations
 
 import ctypes
-import functools
 import sys
 
 __all__ = ["keep_freed_memory", "freed_memory_kept", "MMAP_THRESHOLD_BYTES", "TRIM_THRESHOLD_BYTES"]
@@ -28,7 +27,10 @@ MMAP_THRESHOLD_BYTES = 32 << 20
 TRIM_THRESHOLD_BYTES = 1 << 30
 
 
-@functools.cache
+# keep_freed_memory's answer once it has run in this process (None: not yet).
+_kept: bool | None = None
+
+
 def keep_freed_memory() -> bool:
     """Ask glibc's ``malloc`` to keep freed CPU memory in the process for reuse (process-wide).
 
@@ -41,6 +43,18 @@ def keep_freed_memory() -> bool:
         ``True`` when glibc accepted both settings; ``False`` where there is no glibc (macOS,
         Windows, musl), where nothing is changed.
     """
+    global _kept
+    if _kept is None:
+        _kept = _set_glibc_thresholds()
+    return _kept
+
+
+def freed_memory_kept() -> bool:
+    """Whether :func:`keep_freed_memory` has changed this process's allocator."""
+    return bool(_kept)
+
+
+def _set_glibc_thresholds() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -52,8 +66,3 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD,
                                                                                    TRIM_THRESHOLD_BYTES))
-
-
-def freed_memory_kept() -> bool:
-    """Whether :func:`keep_freed_memory` has changed this process's allocator."""
-    return keep_freed_memory.cache_info().currsize > 0 and keep_freed_memory()

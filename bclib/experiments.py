@@ -366,14 +366,14 @@ def fine_tune_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, co
         result = compression.compress(model, thresholds)
         if sum(layer.weights_nonzero for layer in result.report.layers) == 0:
             break  # nothing left to retrain
-        tuned, history, error = _retrain(result, fit_split, selection, test, config, progress)
+        tuned, history, errors = _retrain(result, fit_split, selection, test, config, progress)
+        error = errors["selection_error"]
         candidates.append({
             "offset": offset, "thresholds": thresholds, "architecture": result.report.architecture,
             **{key: getattr(result.report, key) for key in ("compression_pruning", "compression_precision",
                                                             "compression_sparse", "compression_sparse_precision")},
             "error_before": compression.model_error(result.reduced_precision_model(), test.x, test.y),
-            "selection_error": error, "test_error": history[-1]["test_error"],
-            "seconds": sum(row["seconds"] for row in history),
+            **errors,
         })
         if progress:
             print(f"offset {offset:+.2f}: {result.report.architecture}, selection error {100 * error:.2f} %",
@@ -388,15 +388,12 @@ def fine_tune_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, co
     if seeds > 1:
         kept_index = next(i for i, row in enumerate(candidates) if row["offset"] == offset)
         for candidate in candidates[kept_index:kept_index + 2]:  # the kept one and the first rejected one
-            candidate["seeds"] = [{"seed": config.seed, **{key: candidate[key] for key in
-                                                          ("selection_error", "test_error", "seconds")}}]
             result = compression.compress(model, candidate["thresholds"])
+            spread = [{"seed": config.seed, **{key: candidate[key] for key in _RETRAIN_ERRORS}}]
             for seed in range(config.seed + 1, config.seed + seeds):
-                _, seed_history, error = _retrain(result, fit_split, selection, test, replace(config, seed=seed),
-                                                  progress)
-                candidate["seeds"].append({"seed": seed, "selection_error": error,
-                                           "test_error": seed_history[-1]["test_error"],
-                                           "seconds": sum(row["seconds"] for row in seed_history)})
+                _, _, errors = _retrain(result, fit_split, selection, test, replace(config, seed=seed), progress)
+                spread.append({"seed": seed, **errors})
+            candidate["seeds"] = spread
     out_dir.mkdir(parents=True, exist_ok=True)  # written only now: a failed search leaves nothing behind
     write_json(out_dir / "config.json", {
         "name": out_dir.name, "model": base_config["model"], "prior": base_config["prior"],
@@ -413,11 +410,18 @@ def fine_tune_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, co
                              extra={"fine_tuning": fine_tuning})
 
 
+# What _retrain measures of a retrained candidate, as recorded in analysis.json.
+_RETRAIN_ERRORS = ("selection_error", "test_error", "seconds")
+
+
 def _retrain(compressed, fit_split: TensorSplit, selection: TensorSplit, test: TensorSplit, config: TrainConfig,
              progress: bool):
-    """One candidate of :func:`fine_tune_run` retrained: ``(tuned, history, selection error)``."""
+    """One candidate of :func:`fine_tune_run` retrained: ``(tuned, history, {selection_error, test_error,
+    seconds})``, the test error being that of the last epoch and the seconds those of all epochs."""
     tuned, history = compression.fine_tune(compressed, fit_split, test, config, progress=progress)
-    return tuned, history, compression.model_error(tuned.reduced_precision_model(), selection.x, selection.y)
+    errors = {"selection_error": compression.model_error(tuned.reduced_precision_model(), selection.x, selection.y),
+              "test_error": history[-1]["test_error"], "seconds": sum(row["seconds"] for row in history)}
+    return tuned, history, errors
 
 
 def _analysis(model, thresholds, test: TensorSplit) -> dict:

@@ -55,7 +55,8 @@ from .train import TrainConfig, fit
 __all__ = [
     "compress", "CompressedModel", "CompressionReport", "LayerReport", "SavedFile",
     "weight_bits", "exponent_bits", "quantize", "model_error",
-    "propose_threshold", "propose_thresholds", "threshold_sweep", "apply_masks", "load_compressed",
+    "propose_threshold", "propose_thresholds", "select_thresholds", "resolve_thresholds", "threshold_sweep",
+    "weight_masks", "apply_masks", "load_compressed",
     "fine_tune", "FixedPointGrid",
 ]
 
@@ -216,7 +217,7 @@ class CompressionReport:
             f"sparse (nonzero weights) compression: {_times(self.compression_sparse)}, "
             f"with precision {_times(self.compression_sparse_precision)}",
             f"FLOPs (multiply-accumulates per example): {self.flops_before:,} -> {self.flops_after:,} "
-            f"({_times(self.flop_reduction)} fewer)",
+            + (f"({_times(self.flop_reduction)} fewer)" if math.isfinite(self.flop_reduction) else "(none left)"),
         ]
         if self.file is not None:
             lines.append(str(self.file))
@@ -271,12 +272,24 @@ def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
         raise TypeError(f"model must be an nn.Sequential (possibly nested), got {type(model).__name__}: compress "
                         f"follows the layers in order, so the network must be written as nn.Sequential containers")
     leaves = []
+    bayesian_names = {}
 
     def walk(sequence: nn.Sequential, prefix: str) -> None:
-        for name, child in sequence.named_children():
+        if type(sequence).forward is not nn.Sequential.forward:
+            raise TypeError(f"model container {prefix.rstrip('.') or 'model'!r} is a {type(sequence).__name__} with "
+                            "its own forward: compress can only follow nn.Sequential's forward, layer after layer")
+        # _modules, not named_children(): a module placed twice (one ReLU object reused) runs twice.
+        for name, child in sequence._modules.items():
+            if child is None:
+                continue
             if isinstance(child, nn.Sequential):
                 walk(child, f"{prefix}{name}.")
             elif isinstance(child, BayesianLayer):
+                if id(child) in bayesian_names:
+                    raise ValueError(f"model layers {bayesian_names[id(child)]!r} and {prefix + name!r} are the same "
+                                     "Bayesian layer (tied weights): compress prunes each layer by its own "
+                                     "inputs and outputs, so each must appear once")
+                bayesian_names[id(child)] = prefix + name
                 leaves.append((prefix + name, child))
             elif isinstance(child, (nn.Linear, nn.Conv2d)) or list(child.children()):
                 raise TypeError(f"model layer {prefix + name!r} is a {type(child).__name__}: compress needs the "
@@ -339,6 +352,9 @@ def _resolve_input_shape(model, input_shape, first_layer) -> tuple[int, ...]:
             return (first_layer.in_features,)
         raise ValueError("input_shape is needed (the shape of one example, e.g. (1, 28, 28)): pass input_shape= "
                          "or set model.input_shape")
+    if not isinstance(input_shape, (tuple, list, torch.Size)):
+        raise TypeError(f"input_shape must be a tuple of positive ints (one example, e.g. (1, 28, 28)), "
+                        f"got {type(input_shape).__name__} {input_shape!r}")
     shape = tuple(input_shape)
     if not shape or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
         raise ValueError(f"input_shape must be a tuple of positive ints, got {input_shape!r}")
@@ -485,16 +501,17 @@ def compress(model: nn.Module, thresholds, input_shape=None) -> "CompressedModel
 def _leaf_shapes(model, leaves, input_shape) -> list[tuple[tuple, tuple]]:
     """(input, output) shape of one example at every leaf, from a forward pass of zeros in eval mode."""
     try:
-        device = next(model.parameters()).device
+        first = next(model.parameters())
+        device, dtype = first.device, first.dtype
     except StopIteration:
-        device = torch.device("cpu")
+        device, dtype = torch.device("cpu"), torch.get_default_dtype()
     shapes = []
-    x = torch.zeros(1, *input_shape, device=device)
+    x = torch.zeros(1, *input_shape, device=device, dtype=dtype)
     with torch.no_grad(), _evaluating(model):
         for name, module in leaves:
             try:
                 y = module(x)
-            except (RuntimeError, ValueError) as error:
+            except (RuntimeError, ValueError, TypeError) as error:
                 raise ValueError(f"a zero input of input_shape {input_shape} does not pass layer {name!r}: {error}") from None
             shapes.append((tuple(x.shape[1:]), tuple(y.shape[1:])))
             x = y

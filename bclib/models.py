@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 from typing import Callable, Iterable
 
+import torch
 from torch import nn
 
 from .layers import Conv2dGroupHS, Conv2dGroupNJ, Conv2dSVD, HorseshoeGlobalScale, LinearGroupHS, LinearGroupNJ, LinearSVD
@@ -189,16 +190,25 @@ def to_bayesian(module: nn.Module, prior: str, *, exclude: Iterable[str] = (), c
     if prior not in _LAYERS:
         raise ValueError(f"prior must be one of {tuple(_LAYERS)}, got {prior!r}")
     exclude = set(exclude)
-    names = {name for name, _ in module.named_modules()}
+    names = {name for name, _ in module.named_modules(remove_duplicate=False)}
     if not exclude <= names:
         raise ValueError(f"exclude names layers that module does not have: {sorted(exclude - names)}; "
                          f"its modules are {sorted(names - {''})}")
     linear, conv = _layer_factories(prior, tau0, shared_scale)
     converted = copy.deepcopy(module)
+    # A layer used at several places (tied weights) becomes one Bayesian layer used at all of
+    # them; it stays deterministic if any of its names is excluded.
+    places: dict[int, list[str]] = {}
+    children = {}
+    for name, child in converted.named_modules(remove_duplicate=False):
+        if type(child) in (nn.Linear, nn.Conv2d):
+            places.setdefault(id(child), []).append(name)
+            children[id(child)] = child
     replaced = {}
-    for name, child in converted.named_modules():
-        if name in exclude or type(child) not in (nn.Linear, nn.Conv2d):
+    for key, names in places.items():
+        if exclude.intersection(names):
             continue
+        child, name = children[key], names[0]
         weight, bias = child.weight.detach(), None if child.bias is None else child.bias.detach()
         kwargs = {"bias": bias is not None, "init_weight": weight, "init_bias": bias, "clip_var": clip_var}
         if type(child) is nn.Linear:
@@ -206,7 +216,10 @@ def to_bayesian(module: nn.Module, prior: str, *, exclude: Iterable[str] = (), c
         else:
             layer = conv(child.in_channels, child.out_channels, child.kernel_size, stride=child.stride,
                          padding=_explicit_padding(name or "module", child), dilation=child.dilation, **kwargs)
-        replaced[name] = layer.to(device=weight.device, dtype=weight.dtype).train(child.training)
+        layer = layer.to(device=weight.device, dtype=weight.dtype).train(child.training)
+        if weight.dtype != torch.float32:
+            layer.reset_parameters()  # start again from init_weight, now in the network's dtype
+        replaced.update((place, layer) for place in names)
     if "" in replaced:  # module is itself one layer
         return replaced[""]
     for name, layer in replaced.items():

@@ -61,7 +61,8 @@ class TrainConfig:
         device: ``"cpu"``, ``"cuda"``, ... (``None``: CUDA when available).
         variance_dtype: ``"bfloat16"`` runs the Bayesian layers' variance path in bfloat16
             (:func:`bclib.set_variance_dtype`; faster on CPUs with bfloat16 units and on GPUs);
-            ``None`` leaves the layers as they are (full precision unless set otherwise).
+            it stays set on the layers after :func:`fit`, like the device. ``None`` leaves the
+            layers as they are (full precision unless set otherwise).
         autocast: ``"bfloat16"`` runs the forward pass under ``torch.autocast`` (mixed precision):
             the matrix products and convolutions of every layer, Bayesian or not, in bfloat16,
             while parameters, the sampled pre-activations, the loss, the KL and the optimiser stay
@@ -92,6 +93,12 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("lr", "lr_final", "variance_lr_scale", "grad_clip", "kl_warmup_epochs"):
+            value = getattr(self, name)
+            if name == "grad_clip" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise TypeError(f"{name} must be a finite number, got {type(value).__name__} {value!r}")
         for name in ("lr", "lr_final", "variance_lr_scale"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
@@ -99,6 +106,8 @@ class TrainConfig:
             raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip!r}")
         if self.kl_warmup_epochs < 0:
             raise ValueError(f"kl_warmup_epochs must be >= 0, got {self.kl_warmup_epochs}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int, got {type(self.seed).__name__} {self.seed!r}")
         if self.variance_dtype not in VARIANCE_DTYPES:
             raise ValueError(f"variance_dtype must be one of {sorted(VARIANCE_DTYPES, key=str)}, "
                              f"got {self.variance_dtype!r}")
@@ -219,6 +228,12 @@ def fit(model: nn.Module, train: TensorSplit, test: TensorSplit, config: TrainCo
     Returns:
         One dict per epoch: ``epoch, loss, ce, kl, beta, lr, train_error, test_error, test_ce, seconds``.
     """
+    for name, value in (("train", train), ("test", test)):
+        if not isinstance(value, TensorSplit):
+            raise TypeError(f"{name} must be a bclib.data.TensorSplit (in-memory tensors x, y; "
+                            f"e.g. from bclib.data.load_mnist), got {type(value).__name__}")
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a bclib.train.TrainConfig, got {type(config).__name__}")
     device = default_device(config.device)
     if config.keep_freed_memory and device.type == "cpu":
         keep_freed_memory()

@@ -303,6 +303,18 @@ def test_bad_models():
         compress(conv_net, 0.0, input_shape=(1, 9, 9))  # 7x7 outputs do not fit fc 8
     with pytest.raises(ValueError, match="input_shape"):
         compress(conv_net, 0.0, input_shape=(1, -4, 4))
+    with pytest.raises(TypeError, match=r"input_shape must be a tuple of positive ints .*got int 3"):
+        compress(nn.Sequential(bclib.LinearGroupNJ(3, 2)), 0.0, input_shape=3)
+    tied = bclib.LinearGroupNJ(3, 3)
+    with pytest.raises(ValueError, match=r"model layers '0' and '2' are the same Bayesian layer \(tied weights\)"):
+        compress(nn.Sequential(tied, nn.ReLU(), tied), 0.0)
+
+    class Residual(nn.Sequential):
+        def forward(self, x):
+            return x + super().forward(x)
+
+    with pytest.raises(TypeError, match=r"model container '1' is a Residual with its own forward"):
+        compress(nn.Sequential(bclib.LinearGroupNJ(3, 3), Residual(bclib.LinearGroupNJ(3, 3))), 0.0)
     # A layer between two Bayesian layers that mixes units cannot be mapped.
     mixing = nn.Sequential(bclib.Conv2dGroupNJ(1, 4, 1), nn.PixelShuffle(2), bclib.Conv2dGroupNJ(1, 2, 1))
     with pytest.raises(TypeError, match="changes the number of units"):
@@ -508,3 +520,29 @@ def test_fine_tune_rejects_what_is_not_a_compressed_model():
 
     with pytest.raises(TypeError, match="compressed must be a CompressedModel"):
         fine_tune(nn.Linear(2, 2), None, None, TrainConfig(epochs=1))
+
+
+def test_a_module_placed_twice_runs_twice_in_the_export():
+    """One ReLU object used after both hidden layers: nn.Sequential runs it twice, so must the export."""
+    torch.manual_seed(0)
+    act = nn.ReLU()
+    model = nn.Sequential(bclib.LinearGroupNJ(8, 16), act, bclib.LinearGroupNJ(16, 16), act,
+                          bclib.LinearGroupNJ(16, 4)).eval()
+    result = compress(model, 100.0)  # nothing pruned
+    assert [type(m).__name__ for m in result.model] == ["Linear", "ReLU", "Linear", "ReLU", "Linear"]
+    x = torch.randn(32, 8)
+    with torch.no_grad():
+        assert torch.allclose(result.model(x), model(x), atol=1e-5)
+
+
+def test_a_float64_model_compresses_like_its_float32_copy():
+    torch.manual_seed(0)
+    model = nn.Sequential(bclib.Conv2dGroupNJ(1, 4, 3), nn.ReLU(), nn.Flatten(), bclib.LinearGroupNJ(4 * 4 * 4, 3))
+    with torch.no_grad():
+        model[0].weight_logvar.fill_(-6.0)
+    single = compress(model.eval(), -2.0, input_shape=(1, 6, 6))
+    double = compress(model.double().eval(), -2.0, input_shape=(1, 6, 6))
+    assert double.report.to_dict() == single.report.to_dict()
+    x = torch.randn(5, 1, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(double.model(x.float()).double(), model(x), atol=1e-5)

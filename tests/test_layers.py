@@ -400,6 +400,50 @@ def test_gradients_reach_a_shared_global_scale():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs() > 0
 
 
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_in_place_ops_after_a_layer_train_as_their_out_of_place_forms(spec):
+    """ReLU(inplace=True) (torchvision's default) after a layer: same output and gradients as ReLU()."""
+    layer = spec.make()
+    set_log_variances_(layer)
+    x = inputs(spec, batch=3)
+    grads = []
+    for inplace in (False, True):
+        layer.zero_grad(set_to_none=True)
+        torch.manual_seed(7)
+        out = nn.ReLU(inplace=inplace)(layer(x))
+        out.pow(2).sum().backward()
+        grads.append((out.detach(), [p.grad.clone() for p in layer.parameters()]))
+    (out_plain, grads_plain), (out_inplace, grads_inplace) = grads
+    assert torch.equal(out_plain, out_inplace)
+    assert all(torch.equal(a, b) for a, b in zip(grads_plain, grads_inplace))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_a_kept_graph_can_be_differentiated_twice(spec):
+    """backward(retain_graph=True) twice accumulates the same gradient twice: the saved tensors stay intact."""
+    layer = spec.make()
+    set_log_variances_(layer)
+    loss = layer(inputs(spec)).pow(2).sum()
+    loss.backward(retain_graph=True)
+    once = [p.grad.clone() for p in layer.parameters()]
+    loss.backward()
+    for first, twice in zip(once, (p.grad for p in layer.parameters())):
+        assert torch.allclose(twice, 2 * first, rtol=1e-6, atol=0)
+
+
+def test_a_3d_input_to_a_linear_layer_samples_each_row():
+    """(batch, tokens, features): the output keeps the leading shape and equals the 2-d computation row by row."""
+    layer = bclib.LinearGroupNJ(4, 3)
+    x = torch.randn(2, 5, 4)
+    torch.manual_seed(3)
+    out = layer(x)
+    torch.manual_seed(3)
+    flat = layer(x.reshape(10, 4))
+    assert out.shape == (2, 5, 3) and torch.equal(out.reshape(10, 3), flat)
+    nn.ReLU(inplace=True)(out).sum().backward()  # in place on the reshaped output works too
+    assert layer.weight_mu.grad is not None
+
+
 # ----------------------------------------------------------------------------- construction options
 @pytest.mark.parametrize("spec", SPECS, ids=str)
 def test_init_weight_and_bias_are_used(spec):
@@ -598,6 +642,16 @@ def test_bad_input_tensor(layer, x, message, train):
     module = layer().train(train)
     with pytest.raises(ValueError, match=message):
         module(x)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+@pytest.mark.parametrize("train", [True, False])
+def test_input_of_another_dtype_is_rejected_in_both_modes(spec, train):
+    layer = spec.make().double().train(train)
+    name = type(layer).__name__
+    with pytest.raises(TypeError, match=rf"{name}: expected input of dtype torch.float64 .*, got torch.float32"):
+        layer(inputs(spec))
+    assert layer(inputs(spec).double()).dtype == torch.float64
 
 
 # ----------------------------------------------------------------------------- the 2017 release's README

@@ -211,7 +211,21 @@ def test_to_bayesian_keeps_the_dtype_and_the_training_mode():
     assert bayes.training and all(layer.training for _, layer in bclib.bayesian_layers(bayes))
     assert {p.dtype for p in bayes.parameters()} == {torch.float64}
     x = torch.randn(5, 3, dtype=torch.float64)
-    assert torch.allclose(bayes.eval()(x), net.eval()(x), atol=1e-12)
+    # float64 throughout: the posterior mean starts at the float64 weights, not a float32 rounding of them
+    assert torch.allclose(bayes.eval()(x), net.eval()(x), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("prior", ["nj", "hs", "svd"])
+def test_to_bayesian_keeps_a_tied_layer_tied(prior):
+    shared, head = nn.Linear(6, 6), nn.Linear(6, 2)
+    net = nn.Sequential(shared, nn.Tanh(), shared, nn.Tanh(), head).eval()
+    bayes = bclib.to_bayesian(net, prior)
+    assert isinstance(bayes[0], LAYER_TYPES[prior][0]) and bayes[0] is bayes[2] and bayes[4] is not bayes[0]
+    assert len(list(bclib.bayesian_layers(bayes))) == 2  # the KL counts the tied layer once
+    x = torch.randn(4, 6)
+    assert torch.allclose(bayes(x), net(x), atol=1e-6)
+    kept = bclib.to_bayesian(net, prior, exclude=["2"])  # excluded under one of its names: kept everywhere
+    assert type(kept[0]) is nn.Linear and kept[0] is kept[2] and isinstance(kept[4], LAYER_TYPES[prior][0])
 
 
 def test_to_bayesian_converts_a_single_layer():

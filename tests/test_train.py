@@ -233,6 +233,26 @@ def test_config_errors_name_the_field(field, value):
         TrainConfig(**{field: value})
 
 
+@pytest.mark.parametrize("field, value", [
+    ("lr", "1e-3"), ("lr_final", None), ("variance_lr_scale", float("nan")), ("grad_clip", "1"),
+    ("kl_warmup_epochs", "2"), ("lr", True), ("seed", 1.0), ("seed", None),
+])
+def test_config_type_errors_name_the_field(field, value):
+    with pytest.raises(TypeError, match=rf"{field} must be"):
+        TrainConfig(**{field: value})
+
+
+def test_fit_names_arguments_of_the_wrong_type():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    split = TensorSplit(torch.zeros(4, 1, 2, 2), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(TypeError, match=r"train must be a bclib.data.TensorSplit .*got tuple"):
+        fit(model, (split.x, split.y), split, TrainConfig(epochs=1), progress=False)
+    with pytest.raises(TypeError, match=r"test must be a bclib.data.TensorSplit .*got list"):
+        fit(model, split, [split], TrainConfig(epochs=1), progress=False)
+    with pytest.raises(TypeError, match=r"config must be a bclib.train.TrainConfig, got dict"):
+        fit(model, split, split, {"epochs": 1}, progress=False)
+
+
 def test_config_from_dict_rejects_unknown_keys_and_round_trips():
     config = TrainConfig(epochs=3, lr=2e-3, kl_warmup_epochs=1)
     assert TrainConfig.from_dict(config.to_dict()) == config

@@ -61,7 +61,9 @@ def check_init_tensor(name: str, value, shape: tuple[int, ...]):
         raise TypeError(f"{name} must be a torch.Tensor of shape {tuple(shape)}, got {type(value).__name__}")
     if tuple(value.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(value.shape)}")
-    return value.detach().clone().float()
+    # Kept in its own floating dtype, so a float64 network converted with model.to(torch.float64)
+    # and reset_parameters() starts exactly at its weights; integers become float32.
+    return value.detach().clone() if value.is_floating_point() else value.detach().float()
 
 
 # ----------------------------------------------------------------------------- the interface
@@ -263,6 +265,7 @@ class _LinearGeometry:
                 f"{type(self).__name__}: expected input with {self.in_features} features in the last "
                 f"dimension, got input of shape {tuple(x.shape)}"
             )
+        _check_input_dtype(self, x)
 
     def plain_module(self, weight: Tensor, bias: Tensor | None) -> nn.Linear:
         """An ``nn.Linear`` holding ``weight`` and ``bias`` (used by the export)."""
@@ -274,6 +277,16 @@ class _LinearGeometry:
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias_mu is not None}" + _clip_repr(self)
         )
+
+
+def _check_input_dtype(layer: nn.Module, x: Tensor) -> None:
+    """The input's dtype must be the weights', as ``nn.Linear`` / ``nn.Conv2d`` require, in train and
+    eval mode alike (under ``torch.autocast`` any floating dtype: autocast casts it)."""
+    dtype = layer.weight_mu.dtype
+    if x.dtype == dtype or (x.is_floating_point() and torch.is_autocast_enabled(x.device.type)):
+        return
+    raise TypeError(f"{type(layer).__name__}: expected input of dtype {dtype} (the weights' dtype), got {x.dtype}; "
+                    f"convert the input or the model (model.to({dtype}))")
 
 
 class _Conv2dGeometry:
@@ -319,6 +332,7 @@ class _Conv2dGeometry:
                 f"{type(self).__name__}: expected input of shape (N, {self.in_channels}, H, W), "
                 f"got {tuple(x.shape)}"
             )
+        _check_input_dtype(self, x)
 
     def plain_module(self, weight: Tensor, bias: Tensor | None) -> nn.Conv2d:
         """An ``nn.Conv2d`` holding ``weight`` and ``bias`` with this layer's stride/padding/dilation."""

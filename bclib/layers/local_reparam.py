@@ -42,8 +42,9 @@ VARIANCE_EPS = 1e-8
 
 
 def _variance_gradients(grad: Tensor, noise: Tensor, two_std: Tensor) -> Tensor:
-    """``dL/dv = g * eps / (2 sqrt(v))``, computed into ``noise`` (free after the forward)."""
-    return noise.div_(two_std).mul_(grad)
+    """``dL/dv = g * eps / (2 sqrt(v))``, in a new tensor: the saved ``noise`` stays intact, so a
+    graph kept with ``retain_graph=True`` can be differentiated again."""
+    return torch.div(noise, two_std).mul_(grad)
 
 
 def _four_bias_variance(bias_logvar: Tensor | None, like: Tensor) -> Tensor:
@@ -82,8 +83,7 @@ class _LinearSample(torch.autograd.Function):
     def forward(ctx, h, weight_mu, weight_logvar, bias_mu, bias_logvar, variance_dtype):
         mean_dtype, variance_dtype = _product_dtypes(h, weight_mu, variance_dtype)
         dtype = weight_mu.dtype
-        ctx.batch_shape, ctx.input_dtype, ctx.variance_dtype = h.shape[:-1], h.dtype, variance_dtype
-        h = h.reshape(-1, h.shape[-1])
+        ctx.input_dtype, ctx.variance_dtype = h.dtype, variance_dtype
         # The casts are explicit: autocast must not re-cast anything in between.
         with torch.autocast(h.device.type, enabled=False):
             h_mean, weight_mu_mean = h.to(mean_dtype), weight_mu.to(mean_dtype)
@@ -97,7 +97,7 @@ class _LinearSample(torch.autograd.Function):
             out.addcmul_(two_std, noise, value=0.5)
         ctx.save_for_backward(h_mean, h_squared, weight_mu_mean, weight_var, weight_var_low, bias_logvar, noise,
                               two_std)
-        return out.reshape(*ctx.batch_shape, out.shape[-1])
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -105,7 +105,7 @@ class _LinearSample(torch.autograd.Function):
         h, h_squared, weight_mu, weight_var, weight_var_low, bias_logvar, noise, two_std = ctx.saved_tensors
         need_h, need_mu, need_logvar, need_bias_mu, need_bias_logvar = ctx.needs_input_grad[:5]
         dtype = weight_var.dtype
-        grad = grad.reshape(noise.shape).to(dtype)
+        grad = grad.to(dtype)
         grad_var = _variance_gradients(grad, noise, two_std)
         grad_low, grad_var_low = grad.to(h.dtype), grad_var.to(ctx.variance_dtype)
         grad_h = grad_mu = grad_logvar = grad_bias_mu = grad_bias_logvar = None
@@ -121,7 +121,7 @@ class _LinearSample(torch.autograd.Function):
         if need_h:
             # d out / d h = mu + 2 h sigma^2 dL/dv
             grad_h = grad_low.mm(weight_mu).addcmul_(h, grad_var_low.mm(weight_var_low), value=2.0)
-            grad_h = grad_h.to(ctx.input_dtype).reshape(*ctx.batch_shape, h.shape[-1])
+            grad_h = grad_h.to(ctx.input_dtype)
         return grad_h, grad_mu, grad_logvar, grad_bias_mu, grad_bias_logvar, None
 
 
@@ -207,7 +207,13 @@ def sample_linear(h: Tensor, weight_mu: Tensor, weight_logvar: Tensor, bias_mu: 
 
     ``variance_dtype``: see the module docstring (``None``: full precision).
     """
-    return _LinearSample.apply(h, weight_mu, weight_logvar, bias_mu, bias_logvar, variance_dtype)
+    if h.dim() == 2:
+        return _LinearSample.apply(h, weight_mu, weight_logvar, bias_mu, bias_logvar, variance_dtype)
+    # The function works on a matrix; the reshapes stay outside it, so its output is never a view
+    # made inside a custom Function (which in-place ops downstream, ReLU(inplace=True), would reject).
+    out = _LinearSample.apply(h.reshape(-1, h.shape[-1]), weight_mu, weight_logvar, bias_mu, bias_logvar,
+                              variance_dtype)
+    return out.reshape(*h.shape[:-1], out.shape[-1])
 
 
 def sample_conv2d(x: Tensor, scale: Tensor | None, weight_mu: Tensor, weight_logvar: Tensor,

@@ -651,14 +651,15 @@ FILE_RATIO_GOAL = (700.0, 0.010)
 
 
 def _wall_seconds(name: str, root: Path) -> float:
-    """Seconds of a run's epochs plus those of the runs it starts from or fine-tunes (all candidates of
-    a fine-tuning search)."""
+    """Seconds of a run's epochs plus those of the runs it starts from or refines (all candidates of
+    a fine-tuning or bits search)."""
     from .experiments import EXPERIMENTS
 
     experiment = EXPERIMENTS[name]
-    if experiment.fine_tunes is not None:
+    if experiment.refines is not None:
         report = json.loads((root / name / "report.json").read_text())
-        return report["fine_tuning"]["seconds"] + _wall_seconds(experiment.fine_tunes, root)
+        search = report["fine_tuning" if experiment.fine_tunes else "bit_search"]
+        return search["seconds"] + _wall_seconds(experiment.refines, root)
     seconds = sum(m["seconds"] for m in json.loads((root / name / "metrics.json").read_text()))
     if experiment.init_from and (root / experiment.init_from / "metrics.json").exists():
         seconds += _wall_seconds(experiment.init_from, root)
@@ -667,8 +668,8 @@ def _wall_seconds(name: str, root: Path) -> float:
 
 def run_training_time_report(results_root="book/results", verbose: bool = True) -> dict:
     """Wall time of each committed run (sum of its epochs' seconds, its pretraining run included; for
-    a fine-tuned run, its base run and every retrained candidate) and whether it met the release's
-    targets (a fine-tuned run is judged on its base run's); the time to the BC-GHS row is compared
+    a fine-tuned or bit-lowered run, its base runs and every retrained candidate) and whether it met
+    the release's targets (a refined run is judged on its paper run's); the time to the BC-GHS row is compared
     with 45 min. The Sparse VD rows are judged on the sparse rates (nonzero weights), as their
     source counts them; ``row["rates"]`` says which rates a row shows.
 
@@ -692,7 +693,10 @@ def run_training_time_report(results_root="book/results", verbose: bool = True) 
         row = {"seconds": seconds, "error": error, "rates": "sparse" if sparse else "dense",
                "compression_pruning": report.get(keys[0]), "compression_precision": report.get(keys[1]),
                "file_ratio": report.get("file", {}).get("ratio")}
-        target = PAPER_TARGETS.get(experiment.fine_tunes or name)
+        paper_run = name
+        while EXPERIMENTS[paper_run].refines is not None:
+            paper_run = EXPERIMENTS[paper_run].refines
+        target = PAPER_TARGETS.get(paper_run)
         if target is not None:
             met = [error <= target[0]]
             met += [row[k] is not None and row[k] >= t for k, t in
@@ -710,7 +714,7 @@ def run_training_time_report(results_root="book/results", verbose: bool = True) 
                   f"{row['rates']:>6} {rates[2]:>7} {met:>8}")
         print("rates: dense = the release's (pruned matrices stored dense); sparse = nonzero weights counted, "
               "as Molchanov et al. count Sparse VD")
-        ghs = {name: rows[name] for name in ("lenet5_hs", "lenet5_hs_ft") if name in rows}
+        ghs = {name: rows[name] for name in ("lenet5_hs", "lenet5_hs_ft", "lenet5_hs_ft_bits") if name in rows}
         if ghs:
             met = [name for name, row in ghs.items() if row.get("targets_met")]
             name = min(met, key=lambda n: ghs[n]["seconds"]) if met else next(iter(ghs))

@@ -40,7 +40,7 @@ import contextlib
 import copy
 import functools
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -48,7 +48,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .data import TensorSplit
-from .fileformat import build_module, dequantize, encode_compressed, load_compressed, module_spec, write_compressed
+from .fileformat import (build_module, dequantize, encode_compressed, load_compressed, module_spec, read_compressed,
+                         write_compressed)
 from .layers import BayesianLayer, bayesian_layers
 from .train import TrainConfig, fit
 
@@ -192,6 +193,32 @@ class CompressionReport:
     @property
     def flop_reduction(self) -> float:
         return _ratio(self.flops_before, self.flops_after)
+
+    def with_bits(self, bits: list[int]) -> "CompressionReport":
+        """The same pruning with other bits per layer: each row's ``bits`` replaced, the rates recomputed."""
+        rows = [replace(row, bits=b) for row, b in zip(self.layers, bits, strict=True)]
+        return replace(self, layers=rows, **_rates(rows, self.exponent_bits), file=None)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CompressionReport":
+        """Rebuild a report from :meth:`to_dict`'s output (a run's ``report.json``); keys that are not
+        report fields (errors, thresholds, the file summary) are ignored and ``file`` is ``None``.
+
+        Example:
+            >>> import bclib
+            >>> net = torch.nn.Sequential(bclib.LinearGroupNJ(4, 3), torch.nn.ReLU(), bclib.LinearGroupNJ(3, 2))
+            >>> report = compress(net.eval(), -3.0).report
+            >>> CompressionReport.from_dict(report.to_dict()) == report
+            True
+        """
+        if not isinstance(data, dict) or not isinstance(data.get("layers"), list):
+            raise ValueError("data must be a dict with a 'layers' list, as CompressionReport.to_dict writes")
+        names = {f.name for f in fields(cls)} - {"layers", "file"}
+        missing = sorted(names - set(data))
+        if missing:
+            raise ValueError(f"data lacks the report fields {missing}")
+        values = {name: math.inf if data[name] is None else data[name] for name in names}
+        return cls(layers=[LayerReport(**row) for row in data["layers"]], **values)
 
     def to_dict(self) -> dict:
         """A JSON-serialisable dict (an infinite rate, when nothing survives, becomes ``None``)."""
@@ -637,6 +664,73 @@ class CompressedModel:
         report = _summarise(layers, rows, exponent_bits(max_abs))
         return cls(specs, tensors, bits, report, masks, input_shape)
 
+    @classmethod
+    def from_file(cls, path, report: "CompressionReport | dict") -> "CompressedModel":
+        """A compressed network read back from its file, to retrain or round it further.
+
+        The file holds the architecture, each layer's bits and its grid values; ``report`` (the
+        :class:`CompressionReport` of the network, or its dict as a run's ``report.json`` holds it)
+        supplies what the file does not: the dense network's sizes behind the rates. ``masks`` is
+        empty (the Bayesian layers' names are not in the file). ``.model`` holds the grid values.
+
+        Raises:
+            ValueError: a file :func:`bclib.load_compressed` rejects, or a report whose layers do
+                not match the file's weighted layers.
+        """
+        input_shape, specs, tensors = read_compressed(path)
+        if isinstance(report, dict):
+            report = CompressionReport.from_dict(report)
+        weighted = [i for i, spec in enumerate(specs) if spec["type"] in ("linear", "conv2d")]
+        if len(weighted) != len(report.layers):
+            raise ValueError(f"report describes {len(report.layers)} Bayesian layers, but {path} holds "
+                             f"{len(weighted)} weighted layers")
+        bits = {}
+        for index, row in zip(weighted, report.layers):
+            if specs[index]["bits"] != row.bits:
+                raise ValueError(f"report gives layer {row.name!r} {row.bits} bits, but {path} stores "
+                                 f"{specs[index]['bits']}")
+            bits[index] = row.bits
+        specs = [{k: v for k, v in spec.items() if k not in ("width", "masked")} for spec in specs]  # set on writing
+        report = copy.deepcopy(report)
+        report.file = None
+        return cls(specs, tensors, bits, report, {}, input_shape)
+
+    def with_bits(self, bits) -> "CompressedModel":
+        """The same network on other fixed-point grids: ``bits`` per Bayesian layer, in order (a list)
+        or by the report's layer names (a dict, missing layers keep theirs).
+
+        The weights are not changed here; :meth:`reduced_precision_model`, the file and
+        :func:`fine_tune` round them to the new grids ``q 2^-t``. The report's rates follow the bits.
+
+        Example:
+            >>> import bclib
+            >>> net = torch.nn.Sequential(bclib.LinearGroupNJ(4, 3), torch.nn.ReLU(), bclib.LinearGroupNJ(3, 2))
+            >>> coarse = compress(net.eval(), -3.0).with_bits([2, 3])
+            >>> [layer.bits for layer in coarse.report.layers]
+            [2, 3]
+        """
+        names = [row.name for row in self.report.layers]
+        current = [row.bits for row in self.report.layers]
+        if isinstance(bits, dict):
+            unknown = sorted(set(bits) - set(names))
+            if unknown:
+                raise ValueError(f"bits names layers {unknown} that the report does not have; its layers are {names}")
+            bits = [bits.get(name, b) for name, b in zip(names, current)]
+        elif isinstance(bits, (list, tuple)):
+            if len(bits) != len(names):
+                raise ValueError(f"bits must have one value per Bayesian layer ({len(names)}: {names}), got {len(bits)}")
+            bits = list(bits)
+        else:
+            raise TypeError(f"bits must be a list (one per Bayesian layer) or a dict by layer name, "
+                            f"got {type(bits).__name__}")
+        for name, b in zip(names, bits):
+            if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b <= MAX_MANTISSA_BITS:
+                raise ValueError(f"bits for layer {name!r} must be an int in 0..{MAX_MANTISSA_BITS}, got {b!r}")
+        by_index = dict(zip(self._bits, bits))
+        specs = [dict(spec, bits=by_index[i]) if i in by_index else spec for i, spec in enumerate(self._specs)]
+        return CompressedModel(specs, self._tensors, by_index, self.report.with_bits(bits), self.masks,
+                               self.input_shape)
+
     def reduced_precision_model(self) -> nn.Sequential:
         """The exported model with each layer's weights rounded to its grid ``q 2^-t_l`` and biases to float16.
 
@@ -832,19 +926,27 @@ def _layer_report(layer: _Weighted, mask, columns, outputs, bits) -> LayerReport
 
 
 def _summarise(layers: list[_Weighted], rows: list[LayerReport], exponent: int) -> CompressionReport:
-    total = sum(r.weights_total for r in rows)
     dense_bytes = 4 * sum(layer.mean.numel() + (0 if layer.bias is None else layer.bias.numel()) for layer in layers)
     return CompressionReport(
         layers=rows,
         exponent_bits=exponent,
-        compression_pruning=_ratio(total, sum(r.weights_kept for r in rows)),
-        compression_precision=_ratio(32 * total, sum(r.weights_kept * (1 + exponent + r.bits) for r in rows)),
-        compression_sparse=_ratio(total, sum(r.weights_nonzero for r in rows)),
-        compression_sparse_precision=_ratio(32 * total, sum(r.weights_nonzero * (1 + exponent + r.bits) for r in rows)),
+        **_rates(rows, exponent),
         flops_before=sum(r.flops_before for r in rows),
         flops_after=sum(r.flops_after for r in rows),
         dense_float32_bytes=dense_bytes,
     )
+
+
+def _rates(rows: list[LayerReport], exponent: int) -> dict[str, float]:
+    """The four compression rates of :class:`CompressionReport` (see its formulas)."""
+    total = sum(r.weights_total for r in rows)
+    return {
+        "compression_pruning": _ratio(total, sum(r.weights_kept for r in rows)),
+        "compression_precision": _ratio(32 * total, sum(r.weights_kept * (1 + exponent + r.bits) for r in rows)),
+        "compression_sparse": _ratio(total, sum(r.weights_nonzero for r in rows)),
+        "compression_sparse_precision": _ratio(32 * total, sum(r.weights_nonzero * (1 + exponent + r.bits)
+                                                               for r in rows)),
+    }
 
 
 # ----------------------------------------------------------------------------- evaluation and thresholds

@@ -579,7 +579,7 @@ def _decode_weighted(spec: dict, reader: _Reader, entropy_coded: bool) -> dict[s
             raise ValueError(f"corrupt compressed file: weights wider than the {width} bits their header says")
     q = torch.zeros(_weight_shape(spec), dtype=torch.int64)
     q[:, torch.from_numpy(in_mask)] = torch.from_numpy(stored).view(spec["out"], -1, *_weight_shape(spec)[2:])
-    values = {"weight": dequantize(q, spec["bits"])}
+    values = {"weight": dequantize(q, spec["bits"]), "in_mask": torch.from_numpy(in_mask)}
     if spec["bias"]:
         values["bias"] = reader.floats(spec["out"], "<f2")
     return values

@@ -6,12 +6,14 @@ Every model is an ``nn.Sequential`` (so :func:`bclib.compress` can walk it layer
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
 from .layers import Conv2dGroupHS, Conv2dGroupNJ, Conv2dSVD, HorseshoeGlobalScale, LinearGroupHS, LinearGroupNJ, LinearSVD
+from .layers.base import check_padding
 
 __all__ = ["PRIORS", "lenet_300_100", "lenet5_caffe", "vgg_cifar", "build_model", "bayesian_from_pretrained",
            "to_bayesian", "MODELS"]
@@ -158,7 +160,9 @@ def to_bayesian(module: nn.Module, prior: str, *, exclude: Iterable[str] = (), c
     mode and training starts from there (chapter 7 of the book). Everything else, BatchNorm and
     custom modules included, is copied unchanged; ``module`` itself is left as it was. Only the
     exact classes ``nn.Linear`` and ``nn.Conv2d`` are converted: subclasses (e.g. the output
-    projection inside ``nn.MultiheadAttention``, whose weight is read directly) stay as they are.
+    projection inside ``nn.MultiheadAttention``, whose weight is read directly) stay as they are,
+    and other convolutions (``nn.Conv1d``, ``nn.ConvTranspose2d``, ...) stay with a warning. A layer
+    used at several places (tied weights) becomes one Bayesian layer used at all of them.
     Training needs the KL term (:func:`bclib.kl_divergence`); :func:`bclib.compress` needs the
     network in sequence (an ``nn.Sequential``, nested ones included).
 
@@ -199,11 +203,16 @@ def to_bayesian(module: nn.Module, prior: str, *, exclude: Iterable[str] = (), c
     # A layer used at several places (tied weights) becomes one Bayesian layer used at all of
     # them; it stays deterministic if any of its names is excluded.
     places: dict[int, list[str]] = {}
-    children = {}
+    children, unsupported = {}, []
     for name, child in converted.named_modules(remove_duplicate=False):
         if type(child) in (nn.Linear, nn.Conv2d):
             places.setdefault(id(child), []).append(name)
             children[id(child)] = child
+        elif isinstance(child, (nn.modules.conv._ConvNd, nn.Bilinear)) and name not in exclude:
+            unsupported.append(f"{name} ({type(child).__name__})")
+    if unsupported:
+        warnings.warn(f"to_bayesian leaves these layers deterministic (bclib has Bayesian Linear and Conv2d "
+                      f"only; pass them in exclude to silence this): {', '.join(unsupported)}", stacklevel=2)
     replaced = {}
     for key, names in places.items():
         if exclude.intersection(names):
@@ -233,12 +242,7 @@ def _explicit_padding(name: str, conv: nn.Conv2d) -> tuple[int, int]:
     if conv.groups != 1 or conv.padding_mode != "zeros":
         raise ValueError(f"layer {name!r}: bclib's Bayesian convolutions have groups=1 and zero padding, got "
                          f"groups={conv.groups}, padding_mode={conv.padding_mode!r} (pass it in exclude to keep it)")
-    if conv.padding == "valid":
-        return 0, 0
-    if conv.padding == "same":  # stride 1: (dilation * (kernel - 1)) / 2 on each side, if that is whole
-        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
-        if any(t % 2 for t in total):
-            raise ValueError(f"layer {name!r}: padding='same' with kernel {conv.kernel_size} and dilation "
-                             f"{conv.dilation} pads unevenly, which bclib's convolutions cannot express")
-        return total[0] // 2, total[1] // 2
-    return conv.padding
+    try:
+        return check_padding(conv.padding, conv.kernel_size, conv.stride, conv.dilation)
+    except ValueError as error:
+        raise ValueError(f"layer {name!r}: {error}") from None

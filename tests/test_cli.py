@@ -51,7 +51,7 @@ def _read(run_dir: Path, name: str):
 def test_help_lists_the_commands():
     result = _python_m_bclib(["--help"])
     assert result.returncode == 0, result.stderr
-    for command in ("train", "compress", "fine-tune", "reproduce", "bench"):
+    for command in ("train", "compress", "fine-tune", "lower-bits", "reproduce", "bench"):
         assert command in result.stdout
 
 
@@ -284,6 +284,100 @@ def test_fine_tune_rejects_a_deterministic_run_and_its_own_folder(tmp_path, mnis
     for seeds in (0, 1.5, True):
         with pytest.raises(ValueError, match=r"seeds must be a positive int \(1: no spread\), got"):
             experiments.fine_tune_run(dense, tmp_path / "out", seeds=seeds, data_root=mnist_root)
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- lower-bits
+@pytest.fixture(scope="module")
+def bits_run(fine_tuned_run, mnist_root, tmp_path_factory) -> Path:
+    """``python -m bclib lower-bits FT --out DIR --epochs 1`` on the fine-tuned fast run."""
+    out = tmp_path_factory.mktemp("lower-bits") / "lenet300_nj_ft_bits"
+    result = _python_m_bclib(["lower-bits", str(fine_tuned_run), "--out", str(out), "--epochs", "1",
+                              "--data", str(mnist_root)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def _selection_error(model, mnist) -> float:
+    """Error on the fast mode's selection split (training examples 4167..4999), computed here."""
+    train, _ = mnist
+    x, y = train.x[4167:5000], train.y[4167:5000]
+    with torch.no_grad():
+        return (model(x).argmax(1) != y).sum().item() / len(y)
+
+
+def test_lower_bits_writes_every_file_but_a_checkpoint(bits_run):
+    for name in RUN_FILES:
+        assert (bits_run / name).is_file() == (name != "checkpoint.pt"), name
+    config = _read(bits_run, "config.json")
+    assert (config["lowers_bits_of"], config["prior"], config["train"]["epochs"]) == ("lenet300_nj_ft", "nj", 1)
+    assert config["command"].startswith("python -m bclib lower-bits ")
+
+
+def test_lower_bits_follows_its_rule(bits_run, fine_tuned_run, mnist):
+    """Replays the search from the recorded candidates: layers by surviving weights times bits, largest
+    first; per layer a binary search over 1..bits, a candidate kept when its selection error is within
+    0.1 points of the base file's (computed here); the final bits are where each search ended."""
+    base = _read(fine_tuned_run, "report.json")
+    analysis, report = _read(bits_run, "analysis.json"), _read(bits_run, "report.json")
+    reference = _selection_error(bclib.load_compressed(fine_tuned_run / "model.bcz"), mnist)
+    assert analysis["reference_selection_error"] == pytest.approx(reference, abs=1e-12)
+    allowed = reference + experiments.SELECTION_TOLERANCE
+    names = [row["name"] for row in base["layers"]]
+    bits = {row["name"]: row["bits"] for row in base["layers"]}
+    order = sorted(base["layers"], key=lambda row: -row["weights_nonzero"] * row["bits"])
+    candidates = iter(analysis["candidates"])
+    for row in order:
+        low, high = 1, bits[row["name"]]
+        while low < high:
+            trial = (low + high) // 2
+            candidate = next(candidates)
+            assert candidate["layer"] == row["name"]
+            assert candidate["bits"] == [trial if name == row["name"] else bits[name] for name in names]
+            assert candidate["kept"] == (candidate["selection_error"] <= allowed)
+            high, low = (trial, low) if candidate["kept"] else (high, trial + 1)
+        bits[row["name"]] = high
+    assert next(candidates, None) is None
+    assert [row["bits"] for row in report["layers"]] == [bits[name] for name in names] == report["bit_search"]["bits"]
+    assert report["bit_search"]["bits_before"] == [row["bits"] for row in base["layers"]]
+
+
+def test_lowered_bits_keep_the_architecture_and_set_the_precision_rate(bits_run, fine_tuned_run):
+    base, report = _read(fine_tuned_run, "report.json"), _read(bits_run, "report.json")
+    assert (report["architecture"], report["compression_pruning"]) == (base["architecture"], base["compression_pruning"])
+    total = sum(row["weights_total"] for row in report["layers"])
+    stored = sum(row["weights_kept"] * (1 + report["exponent_bits"] + row["bits"]) for row in report["layers"])
+    assert report["compression_precision"] == pytest.approx(32 * total / stored)
+    assert report["exponent_bits"] == base["exponent_bits"] and report["thresholds"] == base["thresholds"]
+
+
+def test_bit_lowered_file_holds_the_reported_bits_and_scores_the_reported_error(bits_run, mnist):
+    from bclib.fileformat import read_compressed
+
+    _, test = mnist
+    test = test.subset(1000)
+    _, specs, _ = read_compressed(bits_run / "model.bcz")
+    report = _read(bits_run, "report.json")
+    assert [spec["bits"] for spec in specs if "bits" in spec] == [row["bits"] for row in report["layers"]]
+    model = bclib.load_compressed(bits_run / "model.bcz")
+    with torch.no_grad():
+        error = (model(test.x).argmax(1) != test.y).sum().item() / 1000
+    assert error == pytest.approx(report["file_error"], abs=1e-12)
+    kept = [row for row in _read(bits_run, "analysis.json")["candidates"] if row["kept"]]
+    if kept:  # the last kept candidate is the saved network
+        assert kept[-1]["test_error"] == pytest.approx(error, abs=1e-12)
+        assert kept[-1]["file_bytes"] == report["file"]["bytes"] == (bits_run / "model.bcz").stat().st_size
+
+
+def test_lower_bits_rejects_a_run_without_a_file_and_its_own_folder(tmp_path, mnist_root):
+    run = tmp_path / "lenet300_nj"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": "lenet300", "prior": "nj"}))
+    (run / "report.json").write_text(json.dumps({"dense_error": 0.02, "thresholds": [0.0, 0.0, 0.0]}))
+    with pytest.raises(ValueError, match="must be a compressed Bayesian run with report.json .* and model.bcz"):
+        experiments.lower_bits_run(run, tmp_path / "out", data_root=mnist_root)
+    with pytest.raises(ValueError, match="out_dir must be a new folder"):
+        experiments.lower_bits_run(run, run, data_root=mnist_root)
     assert not (tmp_path / "out").exists()
 
 

@@ -480,6 +480,65 @@ def test_fine_tune_repairs_a_pruned_network_and_keeps_its_rates(tmp_path):
     assert torch.equal(loaded(test.x), reduced(test.x))
 
 
+def _hand_built_linear_net():
+    """fc1 4 -> 3 (input 3 pruned: 3x3 kept of 12, 4 bits), fc2 3 -> 2 (all kept, 6 bits); max|w| = 0.75."""
+    fc1, fc2 = bclib.LinearGroupNJ(4, 3), bclib.LinearGroupNJ(3, 2)
+    with torch.no_grad():
+        for layer, variance in ((fc1, 1.5 * 2**-6), (fc2, 1.5 * 2**-8)):  # t = 1..4 and 1..6
+            layer.z_mu.fill_(1.0)
+            layer.z_logvar.fill_(KEEP)
+            layer.weight_logvar.fill_(math.log(variance))
+        fc1.z_logvar[3] = PRUNE
+        fc1.weight_mu.copy_(torch.tensor([[0.3, -0.7, 0.11, 0.5], [0.75, 0.2, -0.33, 0.1], [-0.05, 0.6, 0.4, 0.2]]))
+        fc2.weight_mu.copy_(torch.tensor([[0.23, -0.41, 0.07], [-0.6, 0.5, 0.19]]))
+    return nn.Sequential(fc1, nn.ReLU(), fc2).eval()
+
+
+def test_with_bits_rounds_to_the_new_grids_and_recomputes_the_precision_rate(tmp_path):
+    compressed = compress(_hand_built_linear_net(), [0.0, 0.0])
+    assert [row.bits for row in compressed.report.layers] == [4, 6] and compressed.report.exponent_bits == 2
+    coarse = compressed.with_bits([2, 3])
+    # By hand: 18 weights in all, kept 9 (fc1) + 6 (fc2); e = ceil(log2(|log2 0.75| + 1) + 1) = 2.
+    assert coarse.report.compression_precision == pytest.approx(32 * 18 / (9 * (1 + 2 + 2) + 6 * (1 + 2 + 3)))
+    assert compressed.report.compression_precision == pytest.approx(32 * 18 / (9 * (1 + 2 + 4) + 6 * (1 + 2 + 6)))
+    assert coarse.report.compression_pruning == compressed.report.compression_pruning == 18 / 15
+    assert coarse.report.architecture == compressed.report.architecture
+    fc1 = torch.tensor([[0.3, -0.7, 0.11], [0.75, 0.2, -0.33], [-0.05, 0.6, 0.4]])
+    reduced = coarse.reduced_precision_model()
+    assert torch.equal(reduced[0].weight.detach()[:, :3], torch.round(fc1 * 4) / 4)
+    assert torch.equal(reduced[2].weight.detach(), torch.round(torch.tensor([[0.23, -0.41, 0.07],
+                                                                             [-0.6, 0.5, 0.19]]) * 8) / 8)
+    assert [row.bits for row in compressed.report.layers] == [4, 6]  # the original is unchanged
+    by_name = compressed.with_bits({"2": 3})
+    assert [row.bits for row in by_name.report.layers] == [4, 3]
+    coarse.save(tmp_path / "coarse.bcz")
+    x = torch.randn(16, 4)
+    assert torch.equal(bclib.load_compressed(tmp_path / "coarse.bcz")(x), reduced(x))
+    for bad, error, message in (([2], ValueError, r"one value per Bayesian layer \(2"),
+                                ({"fc9": 2}, ValueError, r"bits names layers \['fc9'\]"),
+                                ([2, -1], ValueError, r"bits for layer '2' must be an int in 0..23, got -1"),
+                                ([2, 2.0], ValueError, "must be an int"), (3, TypeError, "bits must be a list")):
+        with pytest.raises(error, match=message):
+            compressed.with_bits(bad)
+
+
+def test_from_file_gives_back_the_saved_network(tmp_path):
+    from bclib.compression import CompressedModel, CompressionReport
+
+    compressed = compress(_hand_built_linear_net(), [0.0, 0.0]).with_bits([3, 5])
+    compressed.save(tmp_path / "net.bcz")
+    read = CompressedModel.from_file(tmp_path / "net.bcz", compressed.report.to_dict())
+    x = torch.randn(16, 4)
+    assert torch.equal(read.reduced_precision_model()(x), compressed.reduced_precision_model()(x))
+    assert read.report.to_dict() == {**compressed.report.to_dict(), "file": None}
+    assert read.file_bytes() == compressed.file_bytes() and read.masks == {}
+    assert CompressionReport.from_dict(compressed.report.to_dict()).layers == compressed.report.layers
+    with pytest.raises(ValueError, match=r"report gives layer '0' 4 bits, but .* stores 3"):
+        CompressedModel.from_file(tmp_path / "net.bcz", compress(_hand_built_linear_net(), [0.0, 0.0]).report)
+    with pytest.raises(ValueError, match="data lacks the report fields"):
+        CompressedModel.from_file(tmp_path / "net.bcz", {"layers": []})
+
+
 def test_fine_tune_keeps_the_structure_of_a_conv_net():
     """The hand-built conv net (conv 8 bits, fc1 6 bits, fc2 1 bit): after one epoch on random data
     every weight sits on its layer's grid and fc1's two columns of the dead positions stay zero."""

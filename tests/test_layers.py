@@ -631,11 +631,13 @@ def test_bad_arguments(make, error, message):
     (lambda: bclib.LinearSVD(4, 3), torch.zeros(2, 3),
      r"LinearSVD: expected input with 4 features .*, got input of shape \(2, 3\)"),
     (lambda: bclib.Conv2dGroupNJ(3, 2, 3), torch.zeros(2, 4, 8, 8),
-     r"Conv2dGroupNJ: expected input of shape \(N, 3, H, W\), got \(2, 4, 8, 8\)"),
-    (lambda: bclib.Conv2dGroupHS(3, 2, 3), torch.zeros(3, 8, 8),
-     r"Conv2dGroupHS: expected input of shape \(N, 3, H, W\), got \(3, 8, 8\)"),
+     r"Conv2dGroupNJ: expected input of shape \(N, 3, H, W\) or \(3, H, W\), got \(2, 4, 8, 8\)"),
+    (lambda: bclib.Conv2dGroupHS(3, 2, 3), torch.zeros(8, 8),
+     r"Conv2dGroupHS: expected input of shape \(N, 3, H, W\) or \(3, H, W\), got \(8, 8\)"),
+    (lambda: bclib.Conv2dGroupHS(3, 2, 3), torch.zeros(4, 8, 8),
+     r"Conv2dGroupHS: expected input of shape \(N, 3, H, W\) or \(3, H, W\), got \(4, 8, 8\)"),
     (lambda: bclib.Conv2dSVD(1, 2, 3), torch.zeros(2, 2, 8, 8),
-     r"Conv2dSVD: expected input of shape \(N, 1, H, W\), got \(2, 2, 8, 8\)"),
+     r"Conv2dSVD: expected input of shape \(N, 1, H, W\) or \(1, H, W\), got \(2, 2, 8, 8\)"),
 ])
 @pytest.mark.parametrize("train", [True, False])
 def test_bad_input_tensor(layer, x, message, train):
@@ -652,6 +654,26 @@ def test_input_of_another_dtype_is_rejected_in_both_modes(spec, train):
     with pytest.raises(TypeError, match=rf"{name}: expected input of dtype torch.float64 .*, got torch.float32"):
         layer(inputs(spec))
     assert layer(inputs(spec).double()).dtype == torch.float64
+
+
+@pytest.mark.parametrize("make", [bclib.Conv2dGroupNJ, bclib.Conv2dGroupHS, bclib.Conv2dSVD])
+def test_conv_padding_strings_and_one_example_as_nn_conv2d(make):
+    """padding='same' / 'valid' and an unbatched (C, H, W) input behave as in nn.Conv2d (eval: the posterior mean)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 9)
+    for padding, kernel, dilation in (("same", 3, 1), ("same", (3, 5), 2), ("valid", 3, 1)):
+        layer = make(2, 4, kernel, padding=padding, dilation=dilation).eval()
+        mean, _ = layer.posterior_weight()
+        expected = F.conv2d(x.unsqueeze(0), mean, layer.posterior_bias(), 1, padding, dilation).squeeze(0)
+        out = layer(x)
+        assert out.shape == expected.shape and torch.allclose(out, expected, atol=1e-6)
+        assert layer.train()(x).shape == expected.shape  # a sample, same shape
+    with pytest.raises(ValueError, match=r"padding='same' needs stride 1, as in nn.Conv2d; got stride \(2, 2\)"):
+        make(2, 4, 3, stride=2, padding="same")
+    with pytest.raises(ValueError, match=r"padding='same' with kernel \(2, 2\) .* pads unevenly"):
+        make(2, 4, 2, padding="same")
+    with pytest.raises(ValueError, match=r"padding must be an int, a pair of ints, 'valid' or 'same', got 'full'"):
+        make(2, 4, 3, padding="full")
 
 
 # ----------------------------------------------------------------------------- the 2017 release's README

@@ -4,6 +4,8 @@ deterministic network computes the same function in eval mode.
 """
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -252,3 +254,13 @@ def test_to_bayesian_rejects_what_it_cannot_convert():
     # Excluded, an inexpressible convolution is simply kept.
     kept = bclib.to_bayesian(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten()), "nj", exclude=["0"])
     assert type(kept[0]) is nn.Conv2d
+
+
+def test_to_bayesian_warns_about_convolutions_it_leaves_deterministic():
+    net = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 4, 2))
+    with pytest.warns(UserWarning, match=r"leaves these layers deterministic .*: 0 \(Conv1d\)"):
+        bayes = bclib.to_bayesian(net, "nj")
+    assert type(bayes[0]) is nn.Conv1d and isinstance(bayes[2], bclib.LinearGroupNJ)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bclib.to_bayesian(net, "nj", exclude=["0"])  # excluded on purpose: no warning

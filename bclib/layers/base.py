@@ -44,6 +44,25 @@ def check_pair(name: str, value, minimum: int) -> tuple[int, int]:
     return pair
 
 
+def check_padding(padding, kernel_size: tuple[int, int], stride: tuple[int, int],
+                  dilation: tuple[int, int]) -> tuple[int, int]:
+    """``padding`` as a pair of ints: an int, a pair, or ``nn.Conv2d``'s strings ``"valid"`` (none)
+    and ``"same"`` (stride 1; the padding that keeps H and W, when it is the same on both sides)."""
+    if not isinstance(padding, str):
+        return check_pair("padding", padding, 0)
+    if padding == "valid":
+        return 0, 0
+    if padding != "same":
+        raise ValueError(f"padding must be an int, a pair of ints, 'valid' or 'same', got {padding!r}")
+    if stride != (1, 1):
+        raise ValueError(f"padding='same' needs stride 1, as in nn.Conv2d; got stride {stride}")
+    total = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
+    if any(t % 2 for t in total):
+        raise ValueError(f"padding='same' with kernel {kernel_size} and dilation {dilation} pads unevenly "
+                         "(nn.Conv2d pads one side more), which bclib's convolutions cannot express")
+    return total[0] // 2, total[1] // 2
+
+
 def check_positive_float(name: str, value, allow_none: bool = True):
     if value is None and allow_none:
         return None
@@ -259,6 +278,10 @@ class _LinearGeometry:
         """One local-reparameterisation sample of the pre-activation (a linear layer scales no outputs)."""
         return sample_linear(x, self.weight_mu, self.weight_logvar, self.bias_mu, bias_logvar, self.variance_dtype)
 
+    @staticmethod
+    def _unbatched(x: Tensor) -> bool:
+        return False  # any leading dimensions are batch dimensions
+
     def _check_input(self, x: Tensor) -> None:
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(
@@ -299,8 +322,8 @@ class _Conv2dGeometry:
         self.out_channels = check_positive_int("out_channels", out_channels)
         self.kernel_size = check_pair("kernel_size", kernel_size, 1)
         self.stride = check_pair("stride", stride, 1)
-        self.padding = check_pair("padding", padding, 0)
         self.dilation = check_pair("dilation", dilation, 1)
+        self.padding = check_padding(padding, self.kernel_size, self.stride, self.dilation)
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
@@ -327,12 +350,17 @@ class _Conv2dGeometry:
                              self.stride, self.padding, self.dilation, self.variance_dtype)
 
     def _check_input(self, x: Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
+        if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
             raise ValueError(
-                f"{type(self).__name__}: expected input of shape (N, {self.in_channels}, H, W), "
-                f"got {tuple(x.shape)}"
+                f"{type(self).__name__}: expected input of shape (N, {self.in_channels}, H, W) or "
+                f"({self.in_channels}, H, W), got {tuple(x.shape)}"
             )
         _check_input_dtype(self, x)
+
+    @staticmethod
+    def _unbatched(x: Tensor) -> bool:
+        """One example of shape (C, H, W), which nn.Conv2d accepts too."""
+        return x.dim() == 3
 
     def plain_module(self, weight: Tensor, bias: Tensor | None) -> nn.Conv2d:
         """An ``nn.Conv2d`` holding ``weight`` and ``bias`` with this layer's stride/padding/dilation."""
@@ -429,6 +457,8 @@ class GroupScaleLayer(BayesianLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
+        if self._unbatched(x):
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         if not self.training:
             return self._op(x, self.posterior_weight()[0], self.bias_mu)
         if self.groups_on_input:

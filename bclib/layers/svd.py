@@ -58,6 +58,8 @@ class _SparseVD(BayesianLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
+        if self._unbatched(x):
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         if not self.training:
             return self._op(x, self.weight_mu, self.bias_mu)
         # Local reparameterisation (Kingma et al. 2015, Eq. 6): sample pre-activations.

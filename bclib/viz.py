@@ -51,10 +51,12 @@ from .layers import BayesianLayer, bayesian_layers
 
 __all__ = [
     "DEFAULT_THRESHOLD", "DEFAULT_FRAME_DURATION_MS", "WEIGHT_AXES_RECT",
-    "WeightEvolutionRecorder", "PixelImportanceRecorder", "keep_probability",
+    "WeightEvolutionRecorder", "PixelImportanceRecorder", "pixel_importance",
     "render_weight_frames", "write_weight_gifs", "render_pixel_importance_frames",
     "write_pixel_importance_gif", "choose_digits", "pixel_panel_rect",
-    "plot_log_alpha_histograms", "plot_saved_log_alpha_histograms", "plot_tradeoff", "plot_architecture", "plot_learning_curves",
+    "plot_log_alpha_histograms", "plot_saved_log_alpha_histograms", "plot_tradeoff", "plot_architecture",
+    "plot_learning_curves", "plot_retraining_tradeoff", "speed_table", "release_comparison", "results_at_a_glance",
+    "seed_spread_table", "bench_trials_summary", "retraining_against_release", "compression_at_offset",
 ]
 
 #: Log-alpha threshold used for every layer when none is given (keep a group iff log alpha < -3).
@@ -69,6 +71,8 @@ DEFAULT_FRAME_DURATION_MS = 200
 WEIGHT_AXES_RECT = (0.02, 0.02, 0.96, 0.86)
 
 _WEIGHT_FIGSIZE = (8.0, 4.0)
+# Title size of the GIF frames, in points: the frames are shown scaled to the page width.
+_GIF_TITLE_FONTSIZE = 14
 _DPI = 100
 # Browsers replace GIF delays under 20 ms (2 hundredths of a second) by 100 ms.
 _MIN_DURATION_MS = 20
@@ -326,9 +330,9 @@ def render_weight_frames(recorder: WeightEvolutionRecorder, layer: str, *, vmax:
         shown = np.ma.masked_where(~keep | (weight == 0), weight)
         ax.imshow(shown, cmap=colormap, vmin=-vmax, vmax=vmax, interpolation="nearest", aspect="auto")
         fig.suptitle(
-            f"layer {position + 1} ({layer!r}, {weight.shape[0]} x {weight.shape[1]}): epoch {epoch}, "
+            f"layer {position + 1} ({weight.shape[0]} x {weight.shape[1]}), epoch {epoch}: "
             f"{int(keep.sum()):,} of {keep.size:,} weights kept",
-            y=1 - (1 - WEIGHT_AXES_RECT[1] - WEIGHT_AXES_RECT[3]) / 2, va="center", fontsize=11,
+            y=1 - (1 - WEIGHT_AXES_RECT[1] - WEIGHT_AXES_RECT[3]) / 2, va="center", fontsize=_GIF_TITLE_FONTSIZE,
         )
         frames.append(_to_rgb(canvas))
     return frames
@@ -357,11 +361,13 @@ def write_weight_gifs(recorder: WeightEvolutionRecorder, out_dir, *, duration: f
 
 
 # ----------------------------------------------------------------------------- pixel importance
-def keep_probability(log_alpha: Tensor, image_shape: Sequence[int] = (28, 28)) -> np.ndarray:
-    r"""The keep probability :math:`1 - \min(\alpha, 1)` of each input, as an image.
+def pixel_importance(log_alpha: Tensor, image_shape: Sequence[int] = (28, 28)) -> np.ndarray:
+    r"""The pixel importance :math:`1 - \min(\alpha, 1)` of each input, as an image (the 2017 release's map).
 
-    ``alpha = exp(log alpha)`` is the dropout rate of an input unit of the first layer; a rate of
-    1 or more means the unit is pure noise (pruned), so its keep probability is 0.
+    ``alpha = exp(log alpha)`` is the noise-to-signal ratio of an input unit of the first layer; for
+    Gaussian dropout with drop probability ``p`` it is ``p / (1 - p)``. The map is 1 for a unit
+    without noise and 0 once the noise is as large as the signal (``alpha >= 1``, ``p >= 1/2``). It is
+    a score, not a probability: the keep probability of Gaussian dropout would be ``1 / (1 + alpha)``.
 
     Args:
         log_alpha: one value per input unit, ``prod(image_shape)`` of them.
@@ -369,6 +375,11 @@ def keep_probability(log_alpha: Tensor, image_shape: Sequence[int] = (28, 28)) -
 
     Returns:
         A float array of shape ``image_shape`` with values in ``[0, 1]``.
+
+    Example:
+        >>> pixel_importance(torch.log(torch.tensor([0.25, 1.0, 4.0, 1e-6])), (2, 2)).round(3)
+        array([[0.75, 0.  ],
+               [0.  , 1.  ]])
     """
     values = torch.as_tensor(log_alpha).detach().double().cpu().reshape(-1)
     if values.numel() != math.prod(image_shape):
@@ -379,8 +390,8 @@ def keep_probability(log_alpha: Tensor, image_shape: Sequence[int] = (28, 28)) -
 class PixelImportanceRecorder:
     """Training callback that records, each epoch, the log alpha of the input groups of a linear Bayesian layer.
 
-    Call it as ``recorder(epoch, model, metrics)``. :meth:`keep_probability` turns a record into the
-    per-pixel map ``1 - min(alpha, 1)``; :func:`write_pixel_importance_gif` animates it.
+    Call it as ``recorder(epoch, model, metrics)``. :meth:`pixel_importance` turns a record into the
+    per-pixel map ``1 - min(alpha, 1)`` (:func:`pixel_importance`); :func:`write_pixel_importance_gif` animates it.
 
     Args:
         layer: the layer's module name or position among the Bayesian layers; ``None`` takes the
@@ -396,7 +407,7 @@ class PixelImportanceRecorder:
         >>> from bclib.models import lenet_300_100
         >>> recorder = PixelImportanceRecorder()
         >>> recorder(1, lenet_300_100("nj"), {})
-        >>> recorder.keep_probability().shape
+        >>> recorder.pixel_importance().shape
         (28, 28)
     """
 
@@ -427,10 +438,10 @@ class PixelImportanceRecorder:
         self.log_alphas.append(log_alpha.float().cpu().clone())
         self.epochs.append(epoch)
 
-    def keep_probability(self, index: int = -1) -> np.ndarray:
+    def pixel_importance(self, index: int = -1) -> np.ndarray:
         """The map ``1 - min(alpha, 1)`` of the ``index``-th recorded epoch (the last by default)."""
         _check_recorded(self, PixelImportanceRecorder)
-        return keep_probability(self.log_alphas[index], self.image_shape)
+        return pixel_importance(self.log_alphas[index], self.image_shape)
 
     def __len__(self) -> int:
         return len(self.epochs)
@@ -462,7 +473,7 @@ def choose_digits(images, num_digits: int = 5, seed: int = 0) -> tuple[np.ndarra
 def pixel_panel_rect(panel: int, num_panels: int) -> tuple[float, float, float, float]:
     """Rectangle ``(left, bottom, width, height)`` (figure fractions) of panel ``panel`` of a pixel-importance frame.
 
-    Panel 0 is the keep-probability map, panels 1.. the digits; each image fills its rectangle
+    Panel 0 is the pixel-importance map, panels 1.. the digits; each image fills its rectangle
     (nearest neighbour), which is square on a frame of :func:`render_pixel_importance_frames`'s default size.
     """
     return (panel + 0.05) / num_panels, 0.04, 0.9 / num_panels, 0.72
@@ -470,7 +481,7 @@ def pixel_panel_rect(panel: int, num_panels: int) -> tuple[float, float, float, 
 
 def render_pixel_importance_frames(recorder: PixelImportanceRecorder, digits, *, panel_size: float = 1.6,
                                    dpi: int = _DPI) -> list[np.ndarray]:
-    """Draw one RGB frame per recorded epoch: the keep-probability map, then each digit times the map.
+    """Draw one RGB frame per recorded epoch: the pixel-importance map, then each digit times the map.
 
     The map is drawn in ``Greys`` on ``[0, 1]`` (black: always kept, white: pruned). Each digit
     ``x`` is drawn as ``x * (1 - min(alpha, 1))`` in ``Greys`` on ``[-m, m]`` with ``m = max|x|``, as the
@@ -492,17 +503,15 @@ def render_pixel_importance_frames(recorder: PixelImportanceRecorder, digits, *,
     num_panels = 1 + images.shape[0]
     frames = []
     for index, epoch in enumerate(recorder.epochs):
-        keep = recorder.keep_probability(index)
+        keep = recorder.pixel_importance(index)
         fig, canvas = _frame((num_panels * panel_size, 1.25 * panel_size), dpi)
         ax = _bare_axes(fig, pixel_panel_rect(0, num_panels))
         ax.imshow(keep, cmap="Greys", vmin=0.0, vmax=1.0, interpolation="nearest", aspect="auto")
         for k, image in enumerate(images, start=1):
             ax = _bare_axes(fig, pixel_panel_rect(k, num_panels))
             ax.imshow(image * keep, cmap="Greys", vmin=-limit, vmax=limit, interpolation="nearest", aspect="auto")
-        fig.suptitle(
-            f"epoch {epoch}: keep probability 1 - min(alpha, 1) of each pixel, alone and times "
-            f"{images.shape[0]} digits", y=0.9, fontsize=10,
-        )
+        fig.suptitle(f"epoch {epoch}: pixel importance 1 - min(alpha, 1), alone and times {images.shape[0]} digits",
+                     y=0.9, fontsize=_GIF_TITLE_FONTSIZE)
         frames.append(_to_rgb(canvas))
     return frames
 
@@ -534,6 +543,16 @@ def _finish(fig: Figure, path) -> Figure:
     return fig
 
 
+def _legend_above_bars(ax, top: float) -> None:
+    """The legend in a band above the tallest bar, so it covers none (the y axis is raised for it)."""
+    ax.set_ylim(0.0, (top if top > 0 else 1.0) * _LEGEND_HEADROOM)
+    ax.legend(fontsize=9, loc="upper center", frameon=True, framealpha=0.9, borderaxespad=0.3)
+
+
+# The y axis of a histogram reaches this many times its tallest bar: the top band holds the legend.
+_LEGEND_HEADROOM = 1.4
+
+
 def plot_log_alpha_histograms(model: nn.Module, thresholds=None, *, bins: int = 60, path=None) -> Figure:
     """Histogram of log alpha for each Bayesian layer, its threshold as a dashed line.
 
@@ -562,7 +581,7 @@ def plot_log_alpha_histograms(model: nn.Module, thresholds=None, *, bins: int = 
             kept = int((log_alpha < limits[k]).sum())
             ax.axvline(limits[k], color="tab:red", linestyle="--",
                        label=f"threshold {limits[k]:g}: {kept} of {log_alpha.size} kept")
-            ax.legend(fontsize=8)
+            _legend_above_bars(ax, max((p.get_height() for p in ax.patches), default=0.0))
     axes[0].set_ylabel("count")
     return _finish(fig, path)
 
@@ -617,7 +636,7 @@ def plot_saved_log_alpha_histograms(layers: Mapping[str, Mapping], *, ncols: int
             values = np.asarray(log_alpha, dtype=np.float64)
             label += f": {int((values < threshold).sum())} of {values.size} kept"
         ax.axvline(threshold, color="tab:red", linestyle="--", label=label)
-        ax.legend(fontsize=8)
+        _legend_above_bars(ax, float(counts.max()))
     for row in grid:
         row[0].set_ylabel("count")
     return _finish(fig, path)
@@ -628,7 +647,9 @@ _COMPRESSION_KEYS = ("compression", "compression_pruning", "compression_precisio
 
 
 def _threshold_label(threshold) -> str:
-    """``-3`` for a number, ``-2.8, -3, -5`` for one per layer (a sequence or a dict by name)."""
+    """``-3`` for a number, ``-2.8, -3, -5`` for one per layer (a sequence or a dict by name); a string as it is."""
+    if isinstance(threshold, str):
+        return threshold
     if isinstance(threshold, Mapping):
         threshold = list(threshold.values())
     if isinstance(threshold, numbers.Real):
@@ -636,24 +657,91 @@ def _threshold_label(threshold) -> str:
     return ", ".join(f"{float(t):g}" for t in threshold)
 
 
+#: Legend names of the compression rates of :func:`plot_tradeoff`.
+RATE_LABELS = {"compression": "compression", "compression_pruning": "after pruning",
+               "compression_precision": "after precision"}
+
+
+def _log_rate_axis(ax) -> None:
+    """Log x axis with plain numbers at 1, 2, 5 x 10^k instead of matplotlib's 2 x 10^1-style labels."""
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
+def _place_labels(ax, points, texts, *, below=(), fontsize: float = 8) -> list:
+    """Annotate ``points`` (data coordinates) with ``texts`` so that no two labels overlap.
+
+    Each label tries positions around its point in turn (right-above, right-below, then higher and
+    lower; below first for the indices in ``below``) and takes the first whose box meets no label
+    placed before it.
+    """
+    fig = ax.figure
+    if not isinstance(fig.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(fig)
+    renderer = fig.canvas.get_renderer()
+    fig.draw_without_rendering()  # final layout, so the boxes measured below stay where they are
+    candidates = [(4, 4), (4, -12), (4, 16), (4, -24), (4, 28), (-4, 16), (4, -36), (4, 40), (4, 52)]
+    placed = []
+    boxes = []
+    for index, ((x, y), text) in enumerate(zip(points, texts)):
+        order = [c for c in candidates if c[1] < 0] if index in below else candidates
+        for k, offset in enumerate(order):
+            ha = "right" if offset[0] < 0 else "left"
+            annotation = ax.annotate(text, (x, y), textcoords="offset points", xytext=offset, fontsize=fontsize,
+                                     ha=ha, bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none",
+                                                  "alpha": 0.8}, arrowprops=None if k < 2 else {"arrowstyle": "-", "color": "0.6",
+                                                                              "lw": 0.6})
+            box = annotation.get_window_extent(renderer).expanded(1.05, 1.1)
+            if not any(box.overlaps(other) for other in boxes) or k == len(order) - 1:
+                break
+            annotation.remove()
+        boxes.append(box)
+        placed.append(annotation)
+    return placed
+
+
 def plot_tradeoff(rows: Sequence[Mapping], *, compression_keys: str | Sequence[str] | None = None,
-                  error_key: str = "error", path=None) -> Figure:
-    """Test error against compression, one point per threshold setting, each labelled with its threshold.
+                  error_key: str = "error", error_limit: float | None = None, title: str | None = None,
+                  path=None) -> Figure:
+    """Test error (in %) against compression, one point per threshold setting, labelled with its threshold.
+
+    One line per compression rate, named as in :data:`RATE_LABELS` ("after pruning", "after
+    precision"). The points of the first line carry their threshold, placed so that no two labels
+    overlap. With ``error_limit`` the y axis ends there: a point above it is drawn on the edge as
+    an open triangle, and its label gives its error.
 
     Args:
         rows: one mapping per threshold setting with a threshold under ``"threshold"`` or
-            ``"thresholds"`` (a number, or one per layer), the error under ``error_key``, and one or
-            more compression rates, e.g. ``{"threshold": -3, "error": 0.017, "compression": 12.5}``
-            or the rows of ``bclib.compression.threshold_sweep``.
+            ``"thresholds"`` (a number, one per layer, or the label itself as a string), the error (a fraction) under
+            ``error_key``, and one or more compression rates, e.g.
+            ``{"threshold": -3, "error": 0.017, "compression": 12.5}`` or the rows of
+            ``bclib.compression.threshold_sweep``.
         compression_keys: the rate(s) to draw, one line each; ``None`` draws those of
             ``"compression"``, ``"compression_pruning"``, ``"compression_precision"`` that the rows have.
         error_key: the key of the error.
+        error_limit: top of the y axis in percent (e.g. ``5.0``); ``None`` shows every point.
+        title: the axes title (default: what the labels mean).
         path: optional file to save the figure to.
+
+    Returns:
+        The :class:`~matplotlib.figure.Figure`; its axes hold one line per rate (y in percent,
+        clipped to ``error_limit``).
+
+    Example:
+        >>> rows = [{"threshold": t, "error": e, "compression": c}
+        ...         for t, e, c in ((-3, 0.30, 60.0), (-1, 0.02, 20.0), (0, 0.017, 12.0))]
+        >>> fig = plot_tradeoff(rows, error_limit=5.0)
+        >>> sorted(t.get_text() for t in fig.axes[0].texts)
+        ['-1', '-3: 30 %', '0']
     """
     if isinstance(rows, Mapping) or not isinstance(rows, Sequence) or not rows:
         raise ValueError(f"rows must be a non-empty sequence of mappings, got {rows!r}")
     if not all(isinstance(row, Mapping) for row in rows):
         raise TypeError("rows must hold one mapping per threshold setting")
+    if error_limit is not None and _check_number("error_limit", error_limit) <= 0:
+        raise ValueError(f"error_limit must be positive (percent), got {error_limit}")
     if compression_keys is None:
         compression_keys = [key for key in _COMPRESSION_KEYS if key in rows[0]]
     elif isinstance(compression_keys, str):
@@ -666,28 +754,43 @@ def plot_tradeoff(rows: Sequence[Mapping], *, compression_keys: str | Sequence[s
                 f"rows[{k}] must have a threshold ({' or '.join(_THRESHOLD_KEYS)}), {error_key!r} and a "
                 f"compression ({', '.join(compression_keys or _COMPRESSION_KEYS)}), got keys {sorted(row)}"
             )
-    fig = Figure(figsize=(5.5, 4.0), layout="constrained")
+    fig = Figure(figsize=(6.0, 4.3), layout="constrained")
     ax = fig.subplots()
+    limit = math.inf if error_limit is None else float(error_limit)
+    labelled, any_clipped = [], False
     for index, key in enumerate(compression_keys):
         ordered = sorted(rows, key=lambda row: float(row[key]))
         compression = [float(row[key]) for row in ordered]
-        error = [float(row[error_key]) for row in ordered]
-        ax.plot(compression, error, marker="o", label=key)
+        error = [100.0 * float(row[error_key]) for row in ordered]
+        shown = [min(e, limit) for e in error]
+        (line,) = ax.plot(compression, shown, marker="o", label=RATE_LABELS.get(key, key))
+        clipped = [(x, y) for x, y, e in zip(compression, shown, error) if e > limit]
+        if clipped:
+            ax.plot(*zip(*clipped), linestyle="none", marker="^", markersize=9, markerfacecolor="white",
+                    color=line.get_color(), clip_on=False,
+                    label=f"above {limit:g} %, drawn at the edge" if not any_clipped else None)
+            any_clipped = True
         if index == 0:  # label the points of the first line only, to keep the figure readable
-            for row, x, y in zip(ordered, compression, error):
-                ax.annotate(_threshold_label(row[threshold_key]), (x, y), textcoords="offset points",
-                            xytext=(4, 4), fontsize=7)
+            labelled = [(x, y, _threshold_label(row[threshold_key])
+                         + (f": {e:.{0 if e >= 10 else 1}f} %" if e > limit else ""), e > limit)
+                        for row, x, y, e in zip(ordered, compression, shown, error)]
     if min(float(row[key]) for row in rows for key in compression_keys) > 0:
-        ax.set_xscale("log")
-        # Plain numbers at 1, 2, 5 x 10^k instead of matplotlib's 2 x 10^1-style minor labels.
-        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    if len(compression_keys) > 1:
-        ax.legend(fontsize=8)
+        _log_rate_axis(ax)
+    if error_limit is not None:
+        ax.set_ylim(0.0, limit)
+    else:
+        ax.set_ylim(bottom=0.0)
+    if len(compression_keys) > 1 or any_clipped or any(key in RATE_LABELS and key != "compression"
+                                                        for key in compression_keys):
+        # Under the axes, where it can cover no point and no label.
+        fig.legend(fontsize=9, loc="outside lower center", ncols=3, frameon=False)
     ax.set_xlabel("compression rate")
-    ax.set_ylabel(error_key)
-    ax.set_title("error against compression, labelled by log-alpha threshold", fontsize=10)
+    ax.set_ylabel("test error (%)" if error_key == "error" else f"{error_key} (%)")
+    ax.set_title(title or "error against compression, labelled by log-alpha threshold", fontsize=10)
+    # Labels right to left: the well-spaced points at high compression first, then the crowded ones.
+    labelled.sort(key=lambda item: -item[0])
+    _place_labels(ax, [(x, y) for x, y, _, _ in labelled], [text for _, _, text, _ in labelled],
+                  below={k for k, item in enumerate(labelled) if item[3]})
     return _finish(fig, path)
 
 
@@ -761,3 +864,466 @@ def plot_learning_curves(history: Sequence[Mapping], *, path=None) -> Figure:
         if len(keys) > 1:
             ax.legend(fontsize=8)
     return _finish(fig, path)
+
+
+def plot_retraining_tradeoff(panels: Sequence[Mapping], *, error_limit: float = 3.0, path=None) -> Figure:
+    """Error (in %) against compression after precision: the paper's pipeline, the retraining search, the release.
+
+    One panel per run, side by side with a shared y axis. Each panel draws the threshold sweep of
+    the paper's pipeline (pruned and rounded, no retraining: ``error_reduced_precision``), the
+    candidates of the retraining search (``test_error``), a ring around the candidate that the
+    search kept, and the release's point as a star. Points above ``error_limit`` are drawn on the
+    top edge as open triangles.
+
+    Args:
+        panels: one mapping per panel with ``"title"``, ``"sweep"`` (the rows of
+            ``analysis["sweep"]``), ``"candidates"`` and ``"offset"`` (of a retrained run's
+            ``analysis.json``) and optionally ``"release"``, ``(error, pruning, precision)`` with
+            the error as a fraction (as :data:`bclib.bench.PAPER_TARGETS`).
+        error_limit: top of the y axis in percent.
+        path: optional file to save the figure to.
+
+    Returns:
+        The :class:`~matplotlib.figure.Figure`.
+
+    Example:
+        >>> panel = {"title": "LeNet-5 BC-GNJ", "offset": 0.0,
+        ...          "sweep": [{"compression_precision": 300.0, "error_reduced_precision": 0.014,
+        ...                     "weights_kept": 10}],
+        ...          "candidates": [{"offset": 0.0, "compression_precision": 300.0, "test_error": 0.009}],
+        ...          "release": (0.010, 108.0, 361.0)}
+        >>> [line.get_label() for line in plot_retraining_tradeoff([panel]).axes[0].lines][:2]
+        ['pruned and rounded (paper)', '+ retraining (candidates)']
+    """
+    if isinstance(panels, Mapping) or not isinstance(panels, Sequence) or not panels:
+        raise ValueError(f"panels must be a non-empty sequence of mappings, got {panels!r}")
+    for k, panel in enumerate(panels):
+        missing = {"title", "sweep", "candidates", "offset"} - set(panel)
+        if missing:
+            raise ValueError(f"panels[{k}] lacks {sorted(missing)}")
+    limit = _check_number("error_limit", error_limit)
+    fig = Figure(figsize=(4.2 * len(panels), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+
+    def draw(ax, xs, errors, *args, **kwargs):
+        ys = [100.0 * e for e in errors]
+        (line,) = ax.plot(xs, [min(y, limit) for y in ys], *args, **kwargs)
+        over = [(x, limit) for x, y in zip(xs, ys) if y > limit]
+        if over:
+            ax.plot(*zip(*over), linestyle="none", marker="^", markersize=8, markerfacecolor="white",
+                    color=line.get_color(), clip_on=False)
+
+    for ax, panel in zip(axes, panels):
+        sweep = sorted((row for row in panel["sweep"] if row.get("weights_kept", 1) > 0),
+                       key=lambda row: row["compression_precision"])
+        draw(ax, [row["compression_precision"] for row in sweep],
+             [row["error_reduced_precision"] for row in sweep], "o-", color="C0", label="pruned and rounded (paper)")
+        tried = sorted(panel["candidates"], key=lambda row: row["compression_precision"])
+        draw(ax, [row["compression_precision"] for row in tried], [row["test_error"] for row in tried], "s-",
+             color="C1", label="+ retraining (candidates)")
+        kept = [row for row in tried if row["offset"] == panel["offset"]]
+        if kept:
+            draw(ax, [kept[0]["compression_precision"]], [kept[0]["test_error"]], "s", ms=11, mfc="none",
+                 color="C3", label="kept by the selection")
+        if panel.get("release") is not None:
+            error, _, precision = panel["release"]
+            draw(ax, [precision], [error], "*", ms=12, color="k", label="release")
+        _log_rate_axis(ax)
+        ax.set_ylim(0.0, limit)
+        ax.set_title(panel["title"], fontsize=10)
+        ax.set_xlabel("compression after precision")
+    axes[0].set_ylabel("test error (%)")
+    axes[0].legend(fontsize=7, loc="upper left")
+    return _finish(fig, path)
+
+
+# ----------------------------------------------------------------------------- tables of the book
+# The book's tables are returned as strings of lines of at most 80 characters (wider lines are cut
+# off in the HTML). Runs are named as in bclib.experiments.EXPERIMENTS: "<model>_<prior>[_ft]".
+_MODEL_LABELS = {"lenet300": ("LeNet-300-100", "LeNet-300-100"), "lenet5": ("LeNet-5", "LeNet-5-Caffe")}
+_PRIOR_LABELS = {"nj": "BC-GNJ", "hs": "BC-GHS", "svd": "Sparse VD"}
+_DENSE_RATES = ("compression_pruning", "compression_precision")
+_SPARSE_RATES = ("compression_sparse", "compression_sparse_precision")
+
+
+def _split_run_name(name: str) -> tuple[str, str]:
+    """``("lenet5", "nj")`` from ``"lenet5_nj"`` or ``"lenet5_nj_ft"``."""
+    parts = str(name).split("_")
+    if len(parts) < 2 or parts[0] not in _MODEL_LABELS or parts[1] not in _PRIOR_LABELS:
+        raise ValueError(f"run name must look like 'lenet5_nj' (model {sorted(_MODEL_LABELS)}, prior "
+                         f"{sorted(_PRIOR_LABELS)}), got {name!r}")
+    return parts[0], parts[1]
+
+
+def _run_label(name: str) -> str:
+    """``"LeNet-5 BC-GNJ"`` for ``"lenet5_nj"``."""
+    model, prior = _split_run_name(name)
+    return f"{_MODEL_LABELS[model][0]} {_PRIOR_LABELS[prior]}"
+
+
+def _rate_keys(name: str) -> tuple[str, str]:
+    """The rates to compare with the release: Sparse VD's count nonzero weights, as the release counts them."""
+    return _SPARSE_RATES if _split_run_name(name)[1] == "svd" else _DENSE_RATES
+
+
+def speed_table(result: Mapping) -> str:
+    """The result of :func:`bclib.bench.run_compression_bench` as a table of at most 80 characters a line.
+
+    The report's ``flops_*`` fields count multiply-accumulates (MACs): one per weight use.
+
+    Args:
+        result: the dict returned by ``run_compression_bench`` (or ``run_compression_bench_from_run``).
+
+    Returns:
+        The table: MACs before and after pruning, then per layout and batch size the median times,
+        the pruned network's throughput, the speed-up and the speed-up over the MAC reduction; then
+        per layout the time of each module.
+
+    Example:
+        >>> result = {"architecture": "8-13-88-13", "threads": 2, "flops_before": 2_293_000,
+        ...           "flops_after": 282_874, "flop_reduction": 8.106, "layers": {},
+        ...           "runs": [{"layout": "contiguous", "batch": 1000, "dense_ms": 120.0,
+        ...                     "pruned_ms": 30.0, "pruned_examples_per_s": 33_333.3,
+        ...                     "speedup": 4.0, "speedup_over_flop_reduction": 0.4935}]}
+        >>> print(speed_table(result).splitlines()[-1])
+        contiguous     1000   120.000    30.000       33,333    4.00x       0.49
+    """
+    if not isinstance(result, Mapping) or not {"architecture", "runs", "flops_before", "flops_after"} <= set(result):
+        raise ValueError("result must be the dict of bclib.bench.run_compression_bench")
+    lines = [
+        f"architecture {result['architecture']}; {result['threads']} CPU threads; malloc: "
+        f"{'freed memory kept' if result.get('freed_memory_kept') else 'settings untouched'}",
+        f"multiply-accumulates (MACs) per example: {result['flops_before']:,} -> "
+        f"{result['flops_after']:,} ({result['flop_reduction']:.1f}x fewer)",
+        f"{'layout':<13} {'batch':>5} {'dense ms':>9} {'pruned ms':>9} {'pruned ex/s':>12} "
+        f"{'speed-up':>8} {'/ MAC cut':>11}",
+    ]
+    for row in result["runs"]:
+        lines.append(f"{row['layout']:<13} {row['batch']:>5} {row['dense_ms']:>9.3f} {row['pruned_ms']:>9.3f} "
+                     f"{row['pruned_examples_per_s']:>12,.0f} {row['speedup']:>7.2f}x "
+                     f"{row['speedup_over_flop_reduction']:>11.2f}")
+    for layout, rows in result.get("layers", {}).items():
+        batch = max(row["batch"] for row in result["runs"])
+        lines += ["", f"per module, {layout}, batch {batch} (each timed alone)",
+                  f"{'module':<22}  {'dense ms':>9}  {'pruned ms':>9}  {'share of pruned':>15}"]
+        total = sum(row["pruned_ms"] for row in rows)
+        for row in rows:
+            lines.append(f"{row['layer']:<22}  {row['dense_ms']:>9.3f}  {row['pruned_ms']:>9.3f}  "
+                         f"{row['pruned_ms'] / total:>15.0%}")
+    return "\n".join(lines)
+
+
+def release_comparison(reports: Mapping[str, Mapping], targets: Mapping[str, Sequence]) -> str:
+    """Our LeNet-5 rows (paper's pipeline) under the release's, and where ours fall short.
+
+    Args:
+        reports: ``report.json`` of each run by name (``"lenet5_nj"``, ...).
+        targets: the release's ``(error, after pruning, after precision)`` by run name, the error
+            as a fraction (:data:`bclib.bench.PAPER_TARGETS`); runs without rates are skipped.
+
+    Returns:
+        The table (error %, both dense rates and both sparse rates), then per run the numbers on
+        which it falls short of the release. Sparse VD is compared by its sparse rates, which
+        count nonzero weights as the release's Sparse VD row does.
+
+    Example:
+        >>> report = {"precision_error": 0.0141, "compression_pruning": 78.7,
+        ...           "compression_precision": 320.4, "compression_sparse": 78.7,
+        ...           "compression_sparse_precision": 320.4}
+        >>> print(release_comparison({"lenet5_nj": report}, {"lenet5_nj": (0.01, 108.0, 361.0)}))
+        LeNet-5-Caffe error % pruning precision sparse sparse,prec.
+        BC-GNJ (release) 1.0 108x 361x
+        BC-GNJ (ours) 1.41 78.7x 320.4x 78.7x 320.4x
+        <BLANKLINE>
+        LeNet-5 BC-GNJ, short of the release in:
+          error 1.41 % vs 1.0 %
+          compression 78.7x vs 108x
+          after precision 320.4x vs 361x
+    """
+    names = [name for name in reports if name in targets and None not in tuple(targets[name])[1:]]
+    lines = [f"{'LeNet-5-Caffe':<21} {'error %':>7} {'pruning':>8} {'precision':>9} {'sparse':>8} {'sparse,prec.':>12}"]
+    for name in names:
+        error, pruning, precision = targets[name]
+        method, r = _PRIOR_LABELS[_split_run_name(name)[1]], reports[name]
+        lines.append(f"{method + ' (release)':<21} {100 * error:>7.1f} {pruning:>7g}x {precision:>8g}x")
+        lines.append(f"{method + ' (ours)':<21} {100 * r['precision_error']:>7.2f} {r['compression_pruning']:>7.1f}x "
+                     f"{r['compression_precision']:>8.1f}x {r['compression_sparse']:>7.1f}x "
+                     f"{r['compression_sparse_precision']:>11.1f}x")
+    lines.append("")
+    for name in names:
+        error, pruning, precision = targets[name]
+        r, keys = reports[name], _rate_keys(name)
+        ours = 100 * r["precision_error"]
+        shortfalls = []
+        if ours > 100 * error:
+            shortfalls.append(f"error {ours:.2f} % vs {100 * error:.1f} %")
+        if r[keys[0]] < pruning:
+            shortfalls.append(f"compression {r[keys[0]]:.1f}x vs {pruning:g}x")
+        if r[keys[1]] < precision:
+            shortfalls.append(f"after precision {r[keys[1]]:.1f}x vs {precision:g}x")
+        if shortfalls:
+            lines.append(f"{_run_label(name)}, short of the release in:")
+            lines += [f"  {shortfall}" for shortfall in shortfalls]
+        else:
+            lines.append(f"{_run_label(name)}: at or beyond the release on all three numbers")
+    return "\n".join(lines)
+
+
+def results_at_a_glance(reports: Mapping[str, Mapping], retrained: Mapping[str, Mapping],
+                        targets: Mapping[str, Sequence]) -> str:
+    """Per model and prior: the paper's (release's) numbers, ours with the paper's pipeline, ours retrained.
+
+    Args:
+        reports: ``report.json`` of each base run by name (``"lenet300_nj"``, ``"lenet5_hs"``, ...).
+        retrained: ``report.json`` of the retrained runs by name (``"lenet5_hs_ft"``, ...); a base
+            run without one gets no retrained row.
+        targets: the paper's ``(error, after pruning, after precision)`` by base run name, error as a
+            fraction, ``None`` for a number the constants do not hold (:data:`bclib.bench.PAPER_TARGETS`).
+
+    Returns:
+        One block per model, three rows per prior: error of the compressed file in %, compression
+        after pruning and after precision, and the file ratio (``model.bcz`` against the float32
+        dense network). Sparse VD rows give the sparse rates (nonzero weights), as the release's
+        Sparse VD row counts them. ``-``: not known.
+
+    Example:
+        >>> report = {"file_error": 0.0141, "compression_pruning": 78.7,
+        ...           "compression_precision": 320.4, "file": {"ratio": 526.0}}
+        >>> table = results_at_a_glance({"lenet5_nj": report}, {}, {"lenet5_nj": (0.01, 108.0, 361.0)})
+        >>> print(table.splitlines()[1])
+        BC-GNJ     paper                   1.00     108x       361x         -
+    """
+    def cells(error, pruning, precision, ratio, rate_format=".1f"):
+        return (f"{'-' if error is None else f'{100 * error:.2f}':>9} "
+                f"{'-' if pruning is None else f'{pruning:{rate_format}}x':>8} "
+                f"{'-' if precision is None else f'{precision:{rate_format}}x':>10} "
+                f"{'-' if ratio is None else f'{ratio:.0f}x':>9}")
+
+    lines = []
+    for model, (_, model_label) in _MODEL_LABELS.items():
+        names = [name for name in reports if _split_run_name(name)[0] == model]
+        if not names:
+            continue
+        if lines:
+            lines.append("")
+        lines.append(f"{model_label:<29} {'error %':>9} {'pruning':>8} {'precision':>10} {'file':>9}")
+        for name in names:
+            prior = _PRIOR_LABELS[_split_run_name(name)[1]]
+            keys = _rate_keys(name)
+            target = tuple(targets.get(name, (None, None, None)))
+            rows = [("paper", cells(*target, None, rate_format="g"))]
+            for label, r in (("ours", reports[name]), ("ours + retraining", retrained.get(f"{name}_ft"))):
+                if r is not None:
+                    rows.append((label, cells(r["file_error"], r[keys[0]], r[keys[1]], r["file"]["ratio"])))
+            for k, (label, text) in enumerate(rows):
+                lines.append(f"{prior if k == 0 else '':<10} {label:<18} {text}")
+    lines += ["", "paper: the paper's and release's table; -: a number not quoted in this book.",
+              "error: of the compressed file on the test set; file: model.bcz against the",
+              "float32 dense network."]
+    if any(_split_run_name(name)[1] == "svd" for name in reports):
+        lines.append("Sparse VD: sparse rates (nonzero weights counted), as the release counts them.")
+    return "\n".join(lines)
+
+
+def seed_spread_table(analyses: Mapping[str, Mapping], targets: Mapping[str, Sequence]) -> str:
+    """The retraining searches' candidates retrained with three seeds, and what the seeds change.
+
+    Args:
+        analyses: ``analysis.json`` of each retrained run by name (``"lenet5_nj_ft"``, ...): its
+            ``"candidates"`` (those retrained with more seeds carry ``"seeds"``) and the kept ``"offset"``.
+        targets: the release's ``(error, after pruning, after precision)`` by base run name
+            (:data:`bclib.bench.PAPER_TARGETS`).
+
+    Returns:
+        Per retrained run the kept and the first rejected candidate with the selection and test
+        errors of each seed; the number of searches whose kept and rejected test errors overlap
+        across seeds; and for the LeNet-5 group priors whether the rejected candidate reaches the
+        release's rates and for how many seeds its test error is at most the release's.
+
+    Example:
+        >>> seeds = [{"selection_error": 0.007, "test_error": 0.009}] * 3
+        >>> analysis = {"offset": 0.0, "candidates": [
+        ...     {"offset": 0.0, "architecture": "9-16-93-16", "seeds": seeds},
+        ...     {"offset": -0.25, "architecture": "9-13-69-14", "seeds": seeds,
+        ...      "compression_pruning": 101.2, "compression_precision": 401.9}]}
+        >>> print(seed_spread_table({"lenet5_nj_ft": analysis}, {"lenet5_nj": (0.01, 108.0, 361.0)})
+        ...       .splitlines()[-1])
+          release's rates not reached; test error <= 1.0 % for 3 of 3 seeds
+    """
+    lines = [f"{'run':<15} {'offset':>6} {'architecture':>13} {'':<8} {'selection %':>14}   {'test %':>14}",
+             f"{'':<45} {'(seeds 0 1 2)':>14}   {'(seeds 0 1 2)':>14}"]
+    overlapping = 0
+    for name, analysis in analyses.items():
+        spread = []
+        for row in analysis["candidates"]:
+            if "seeds" not in row:
+                continue
+            status = "kept" if row["offset"] == analysis["offset"] else "rejected"
+            errors = {key: " ".join(f"{100 * seed[key]:.2f}" for seed in row["seeds"])
+                      for key in ("selection_error", "test_error")}
+            lines.append(f"{name:<15} {row['offset']:>+6.2f} {row['architecture']:>13} {status:<8} "
+                         f"{errors['selection_error']:>14}   {errors['test_error']:>14}")
+            tests = [seed["test_error"] for seed in row["seeds"]]
+            spread.append((min(tests), max(tests)))
+        if len(spread) == 2:  # the kept and the rejected candidate's test errors
+            (kept_low, kept_high), (rejected_low, rejected_high) = spread
+            overlapping += kept_low <= rejected_high and rejected_low <= kept_high
+    lines += ["", f"test errors of kept and rejected overlap across seeds in {overlapping} of "
+                  f"{len(analyses)} searches", ""]
+    for name, analysis in analyses.items():
+        base = name.removesuffix("_ft")
+        model, prior = _split_run_name(base)
+        if model != "lenet5" or prior == "svd" or base not in targets:
+            continue
+        rejected = [row for row in analysis["candidates"] if "seeds" in row and row["offset"] != analysis["offset"]]
+        if not rejected:
+            lines.append(f"{_run_label(base)}: the search rejected no candidate")
+            continue
+        row, (error, pruning, precision) = rejected[0], targets[base]
+        tests = [100 * seed["test_error"] for seed in row["seeds"]]
+        rates = row["compression_pruning"] >= pruning and row["compression_precision"] >= precision
+        below = sum(test <= 100 * error for test in tests)
+        lines.append(f"{_run_label(base)}, rejected {row['architecture']}: {row['compression_pruning']:.1f}x / "
+                     f"{row['compression_precision']:.1f}x")
+        lines.append(f"  release's rates {'reached' if rates else 'not reached'}; test error <= {100 * error:.1f} % "
+                     f"for {below} of {len(tests)} seeds")
+    while lines and lines[-1] == "":
+        lines.pop()
+    return "\n".join(lines)
+
+
+def retraining_against_release(reports: Mapping[str, Mapping], targets: Mapping[str, Sequence],
+                               file_goal: tuple[float, float]) -> str:
+    """The retrained LeNet-5 runs against the release's numbers, and the smallest accurate file.
+
+    Args:
+        reports: ``report.json`` of each retrained run by name (``"lenet5_nj_ft"``, ...).
+        targets: the release's ``(error, after pruning, after precision)`` by base run name;
+            runs whose base has no rates there are skipped.
+        file_goal: ``(ratio, error)``: the file ratio sought at no more than that error
+            (:data:`bclib.bench.FILE_RATIO_GOAL`).
+
+    Returns:
+        Per run "met" or "short" for the error and the two rates (Sparse VD by its sparse rates),
+        then the smallest retrained LeNet-5 file within the goal's error and whether it reaches
+        the goal's ratio.
+
+    Example:
+        >>> report = {"file_error": 0.0093, "compression_pruning": 78.7,
+        ...           "compression_precision": 320.4, "file": {"ratio": 507.0}}
+        >>> text = retraining_against_release({"lenet5_nj_ft": report},
+        ...                                   {"lenet5_nj": (0.01, 108.0, 361.0)}, (700.0, 0.01))
+        >>> print(text.splitlines()[1])
+          error 0.93 % vs 1.0 %: met
+    """
+    lines = []
+    for name, r in reports.items():
+        base = name.removesuffix("_ft")
+        if base not in targets or None in tuple(targets[base])[1:]:
+            continue
+        (error, pruning, precision), keys = targets[base], _rate_keys(base)
+        checks = [(f"error {100 * r['file_error']:.2f} %", f"{100 * error:.1f} %", r["file_error"] <= error),
+                  (f"compression {r[keys[0]]:.1f}x", f"{pruning:g}x", r[keys[0]] >= pruning),
+                  (f"after precision {r[keys[1]]:.1f}x", f"{precision:g}x", r[keys[1]] >= precision)]
+        lines.append(f"{_run_label(base)} + retraining, against the release:")
+        lines += [f"  {ours} vs {theirs}: {'met' if met else 'short'}" for ours, theirs, met in checks]
+    goal_ratio, goal_error = file_goal
+    accurate = {name: r for name, r in reports.items()
+                if _split_run_name(name)[0] == "lenet5" and r["file_error"] <= goal_error}
+    if accurate:
+        best = max(accurate, key=lambda name: accurate[name]["file"]["ratio"])
+        ratio = accurate[best]["file"]["ratio"]
+        verdict = "reached" if ratio >= goal_ratio else "not reached"
+        lines += ["", f"smallest retrained LeNet-5 file at <= {100 * goal_error:.1f} % error: {best},",
+                  f"{ratio:.0f}x smaller than the float32 dense network (goal {goal_ratio:.0f}x: {verdict})"]
+    else:
+        lines += ["", f"no retrained LeNet-5 file at <= {100 * goal_error:.1f} % error"]
+    return "\n".join(lines)
+
+
+def bench_trials_summary(measured: Mapping[str, Mapping], target: float) -> str:
+    """The committed compression benchmarks (``python -m bclib bench compression --out FILE``), side by side.
+
+    Args:
+        measured: the JSON of each benchmark file by file name, in the order to show them.
+        target: the speed-up over the MAC ("FLOP") reduction sought at batch 1000
+            (:data:`bclib.bench.SPEEDUP_OVER_FLOP_TARGET`), judged on the median over the trials.
+
+    Returns:
+        Per file the command, machine and allocator setting, then per layout and batch size the
+        median speed-up, its ratio to the MAC reduction with the range over the trials, and
+        "met"/"missed" at batch 1000; last, where one file kept freed memory and another with the
+        same threads did not, the compiled ratio at batch 1000 of both.
+
+    Example:
+        >>> row = {"layout": "compiled", "batch": 1000, "speedup": 4.7, "speedup_over_flop_reduction": 0.75}
+        >>> result = {"threads": 2, "architecture": "9-16-93-16", "flop_reduction": 6.3, "runs": [row]}
+        >>> measured = {"cpu": "x86", "torch": "2.5", "command": "python -m bclib bench compression",
+        ...             "results": {"compression": result}}
+        >>> print(bench_trials_summary({"a.json": measured}, 0.8).splitlines()[-1])
+        compiled        1000     4.70x        0.75   0.75-0.75 missed
+    """
+    import textwrap
+
+    lines, compiled = [], {}
+    for file_name, data in measured.items():
+        result = data["results"]["compression"]
+        kept = result.get("freed_memory_kept", False)
+        if lines:
+            lines.append("")
+        lines += textwrap.wrap(data["command"], 72, subsequent_indent="    ")
+        lines += [f"{data['cpu']}, {result['threads']} thread(s), torch {data['torch']}",
+                  "malloc: " + ("freed memory kept" if kept else "settings untouched (glibc defaults)"),
+                  f"architecture {result['architecture']}, {result['flop_reduction']:.1f}x fewer FLOPs; "
+                  f"medians of {len(result.get('trials', [None]))} trial(s)",
+                  f"{'layout':<14} {'batch':>5} {'speed-up':>9} {'/ FLOP cut':>11} {'range':>11}"]
+        for row in result["runs"]:
+            ratio = row["speedup_over_flop_reduction"]
+            low, high = row.get("speedup_over_flop_reduction_range", (ratio, ratio))
+            verdict = ""
+            if row["batch"] == 1000:  # judged on the median
+                verdict = "met" if ratio >= target else "missed"
+                if row["layout"] == "compiled":
+                    compiled[(result["threads"], kept)] = ratio
+            lines.append(f"{row['layout']:<14} {row['batch']:>5} {row['speedup']:>8.2f}x {ratio:>11.2f} "
+                         f"{f'{low:.2f}-{high:.2f}':>11} {verdict}")
+    pairs = [threads for threads, kept in compiled if kept and (threads, False) in compiled]
+    for threads in pairs:
+        lines += ["", f"compiled, batch 1000, {threads} threads: {compiled[(threads, False)]:.2f} of the FLOP cut "
+                      f"with glibc's defaults,", f"{compiled[(threads, True)]:.2f} with freed memory kept"]
+    return "\n".join(lines)
+
+
+def compression_at_offset(model: nn.Module, thresholds: Sequence[float], x: Tensor, y: Tensor,
+                          offset: float = 0.0) -> str:
+    """Compress ``model`` with every threshold moved by ``offset`` and describe the result.
+
+    What the book's interactive threshold explorer prints at each position of its slider.
+
+    Args:
+        model: a trained model with Bayesian layers.
+        thresholds: the chosen log-alpha threshold of each Bayesian layer.
+        x, y: the examples and labels to measure the error on (the test set).
+        offset: added to every threshold.
+
+    Returns:
+        Three lines: the thresholds, the architecture and the error of the reduced-precision
+        network, and the two compression rates.
+
+    Example:
+        >>> from bclib.models import lenet_300_100
+        >>> text = compression_at_offset(lenet_300_100("nj"), [-3.0, -3.0, -3.0],
+        ...                              torch.rand(8, 1, 28, 28), torch.zeros(8, dtype=torch.long))
+        >>> text.splitlines()[0]
+        'thresholds [-3.0, -3.0, -3.0]'
+    """
+    from .compression import compress, model_error
+
+    moved = [float(t) + _check_number("offset", offset) for t in thresholds]
+    result = compress(model, moved)
+    error = model_error(result.reduced_precision_model(), x, y)
+    r = result.report
+    return (f"thresholds {[round(t, 2) for t in moved]}\n"
+            f"architecture {r.architecture}, error {100 * error:.2f} %\n"
+            f"compression {r.compression_pruning:.1f}x after pruning, "
+            f"{r.compression_precision:.1f}x after precision")

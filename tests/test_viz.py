@@ -203,7 +203,7 @@ def test_frames_have_no_grid_or_ticks(pair):
 
 
 # ----------------------------------------------------------------------------- pixel importance
-def test_keep_probability_of_hand_set_log_alpha():
+def test_pixel_importance_of_hand_set_log_alpha():
     alphas = torch.tensor([1e-4, 0.25, 0.5, 0.9, 1.0, 2.0, 10.0, 0.1, 0.75] + [1e-4] * 7)
     layer = set_group_layer(bclib.LinearGroupNJ(16, 3), torch.ones(3, 16), alphas.log())
     recorder = viz.PixelImportanceRecorder(image_shape=(4, 4))
@@ -214,17 +214,18 @@ def test_keep_probability_of_hand_set_log_alpha():
         [0.25, 0.9999, 0.9999, 0.9999],
         [0.9999, 0.9999, 0.9999, 0.9999],
     ])
-    np.testing.assert_allclose(recorder.keep_probability(), by_hand, atol=1e-6)
+    np.testing.assert_allclose(recorder.pixel_importance(), by_hand, atol=1e-6)
     assert recorder.epochs == [7]
-    # Through z_mu as well: alpha = z_var / z_mu^2 = 1 / 4 -> keep 0.75.
+    # Through z_mu as well: alpha = z_var / z_mu^2 = 1 / 4 -> importance 0.75.
     with torch.no_grad():
         layer.z_mu.fill_(2.0)
         layer.z_logvar.fill_(0.0)
-    np.testing.assert_allclose(viz.keep_probability(layer.log_alpha(), (4, 4)), np.full((4, 4), 0.75), atol=1e-6)
+    np.testing.assert_allclose(viz.pixel_importance(layer.log_alpha(), (4, 4)), np.full((4, 4), 0.75), atol=1e-6)
+    assert not hasattr(viz, "keep_probability")  # 1 - min(alpha, 1) is no probability: the old name is gone
 
 
 def test_pixel_importance_gif(tmp_path):
-    # Left half of each 4x4 image kept (keep probability 1 - 1e-4), right half pruned.
+    # Left half of each 4x4 image kept (importance 1 - 1e-4), right half pruned.
     log_alpha = torch.tensor([[KEEP, KEEP, PRUNE, PRUNE]] * 4).reshape(-1)
     layer = set_group_layer(bclib.LinearGroupNJ(16, 2), torch.ones(2, 16), log_alpha)
     recorder = viz.PixelImportanceRecorder(image_shape=(4, 4))
@@ -318,8 +319,10 @@ def test_tradeoff_plots_error_against_compression(tmp_path):
     ]
     fig = viz.plot_tradeoff(rows, path=tmp_path / "tradeoff.svg")
     line = fig.axes[0].lines[0]
-    assert list(line.get_xdata()) == [5.0, 12.0, 40.0] and list(line.get_ydata()) == [0.016, 0.018, 0.05]
-    assert [t.get_text() for t in fig.axes[0].texts] == ["-5", "-2.8, -3, -5", "-1"]
+    assert list(line.get_xdata()) == [5.0, 12.0, 40.0]
+    np.testing.assert_allclose(line.get_ydata(), [1.6, 1.8, 5.0])  # in percent
+    assert sorted(t.get_text() for t in fig.axes[0].texts) == ["-1", "-2.8, -3, -5", "-5"]
+    assert fig.axes[0].get_ylabel() == "test error (%)"
     assert (tmp_path / "tradeoff.svg").read_text().startswith("<?xml")
 
 
@@ -331,10 +334,11 @@ def test_tradeoff_takes_the_rows_of_threshold_sweep():
          "architecture": [784, 10]},
     ]
     ax = viz.plot_tradeoff(rows).axes[0]
-    assert [line.get_label() for line in ax.lines] == ["compression_pruning", "compression_precision"]
+    assert [line.get_label() for line in ax.lines] == ["after pruning", "after precision"]
+    assert [t.get_text() for t in ax.figure.legends[0].get_texts()] == ["after pruning", "after precision"]
     assert list(ax.lines[0].get_xdata()) == [8.0, 20.0] and list(ax.lines[1].get_xdata()) == [40.0, 90.0]
-    assert list(ax.lines[1].get_ydata()) == [0.02, 0.03]
-    assert [t.get_text() for t in ax.texts] == ["-4, -5", "-2, -2"]
+    np.testing.assert_allclose(ax.lines[1].get_ydata(), [2.0, 3.0])
+    assert sorted(t.get_text() for t in ax.texts) == ["-2, -2", "-4, -5"]
     only = viz.plot_tradeoff(rows, compression_keys="compression_precision").axes[0]
     assert len(only.lines) == 1 and list(only.lines[0].get_xdata()) == [40.0, 90.0]
 
@@ -441,3 +445,210 @@ def test_every_records_one_epoch_in_k(pair, tmp_path):
     assert len(frames) == 2
     with pytest.raises(ValueError, match="every"):
         viz.WeightEvolutionRecorder(every=0)
+
+
+def _boxes(fig, artists):
+    renderer = fig.canvas.get_renderer()
+    fig.draw_without_rendering()
+    return [a.get_window_extent(renderer) for a in artists]
+
+
+def test_tradeoff_clips_the_error_axis_and_marks_the_clipped_points():
+    # A sweep like the book's: crowded points at low compression, two far above the limit.
+    rows = [{"threshold": f"{t:+g}", "error": e, "compression_pruning": c, "compression_precision": 4 * c}
+            for t, e, c in ((3, 0.0165, 3.9), (2, 0.0165, 4.0), (1, 0.0166, 4.4), (0.5, 0.0165, 4.7),
+                            (0, 0.0167, 5.4), (-0.5, 0.0184, 6.1), (-1, 0.0211, 6.9), (-2, 0.1815, 13.4),
+                            (-3, 0.5562, 46.0))]
+    fig = viz.plot_tradeoff(rows, error_limit=5.0)
+    ax = fig.axes[0]
+    assert ax.get_ylim() == (0.0, 5.0)
+    pruning = ax.lines[0]
+    # Errors in percent, the two above 5 % drawn at 5.
+    np.testing.assert_allclose(pruning.get_ydata(), [1.65, 1.65, 1.66, 1.65, 1.67, 1.84, 2.11, 5.0, 5.0])
+    clipped = [line for line in ax.lines if line.get_marker() == "^"]
+    assert len(clipped) == 2 and list(clipped[0].get_xdata()) == [13.4, 46.0]
+    texts = {t.get_text() for t in ax.texts}
+    assert {"-2: 18 %", "-3: 56 %", "+0.5", "-0.5", "+3"} <= texts and len(texts) == 9
+    assert "above 5 %, drawn at the edge" in [t.get_text() for t in fig.legends[0].get_texts()]
+    # No two labels overlap.
+    boxes = _boxes(fig, ax.texts)
+    assert not any(a.overlaps(b) for k, a in enumerate(boxes) for b in boxes[k + 1:])
+    with pytest.raises(ValueError, match="error_limit"):
+        viz.plot_tradeoff(rows, error_limit=0.0)
+
+
+def test_histogram_legends_cover_no_bar():
+    saved = {"a": {"histogram": {"counts": [1, 5, 2, 9, 3, 9], "edges": [0, 1, 2, 3, 4, 5, 6]}, "threshold": 2.5,
+                   "log_alpha": [0.5] * 9}}
+    fig = viz.plot_saved_log_alpha_histograms(saved)
+    ax = fig.axes[0]
+    legend = _boxes(fig, [ax.get_legend()])[0]
+    bars = _boxes(fig, ax.patches)
+    assert not any(legend.overlaps(bar) for bar in bars)
+    assert ax.get_legend().get_texts()[0].get_fontsize() >= 9
+
+
+def test_gif_titles_are_large_enough():
+    assert viz._GIF_TITLE_FONTSIZE >= 13
+
+
+def test_retraining_tradeoff_draws_the_three_sources():
+    panel = {"title": "net", "offset": -0.5, "release": (0.01, 100.0, 400.0),
+             "sweep": [{"compression_precision": p, "error_reduced_precision": e, "weights_kept": k}
+                       for p, e, k in ((300.0, 0.014, 5), (200.0, 0.012, 9), (900.0, 0.5, 0))],
+             "candidates": [{"offset": o, "compression_precision": p, "test_error": e}
+                            for o, p, e in ((0.0, 300.0, 0.009), (-0.5, 350.0, 0.0095), (-1.0, 420.0, 0.04))]}
+    ax = viz.plot_retraining_tradeoff([panel], error_limit=3.0).axes[0]
+    sweep, tried, kept, release = ax.lines[:2] + [ax.lines[k] for k in (3, 4)]
+    assert list(sweep.get_xdata()) == [200.0, 300.0]  # the setting that prunes all is left out
+    np.testing.assert_allclose(sweep.get_ydata(), [1.2, 1.4])
+    np.testing.assert_allclose(tried.get_ydata(), [0.9, 0.95, 3.0])  # 4 % clipped to the 3 % edge
+    assert list(ax.lines[2].get_xdata()) == [420.0] and ax.lines[2].get_marker() == "^"
+    assert list(kept.get_xdata()) == [350.0] and list(release.get_xdata()) == [400.0]
+    np.testing.assert_allclose(release.get_ydata(), [1.0])
+
+
+# ----------------------------------------------------------------------------- tables
+def _report(error, pruning, precision, sparse=None, ratio=100.0):
+    sparse = sparse or (pruning, precision)
+    return {"precision_error": error, "file_error": error, "compression_pruning": pruning,
+            "compression_precision": precision, "compression_sparse": sparse[0],
+            "compression_sparse_precision": sparse[1], "file": {"ratio": ratio}}
+
+
+TARGETS = {"lenet5_nj": (0.010, 108.0, 361.0), "lenet5_svd": (0.010, 63.0, 228.0), "lenet300_nj": (0.018, None, None)}
+
+
+def test_tables_fit_80_characters():
+    reports = {"lenet300_nj": _report(0.0178, 5.38, 24.69), "lenet5_svd": _report(0.0086, 15.3, 50.3, (118.2, 1390.2)),
+               "lenet5_nj": _report(0.0141, 78.66, 320.4, ratio=526.0)}
+    tables = [viz.release_comparison(reports, TARGETS),
+              viz.results_at_a_glance(reports, {"lenet5_nj_ft": _report(0.0093, 78.66, 320.4)}, TARGETS)]
+    assert all(len(line) <= 80 for table in tables for line in table.splitlines())
+
+
+def test_release_comparison_names_the_shortfalls():
+    reports = {"lenet300_nj": _report(0.0178, 5.4, 24.7), "lenet5_svd": _report(0.0086, 15.3, 50.3, (118.2, 390.2)),
+               "lenet5_nj": _report(0.0141, 78.66, 320.4)}
+    text = viz.release_comparison(reports, TARGETS)
+    lines = text.splitlines()
+    # LeNet-300-100 has no rates in the targets: no row. Order: that of the reports.
+    assert [line.split("(")[0].strip() for line in lines[1:5]] == ["Sparse VD", "Sparse VD", "BC-GNJ", "BC-GNJ"]
+    assert lines[1].split() == ["Sparse", "VD", "(release)", "1.0", "63x", "228x"]
+    # Sparse VD is judged by its sparse rates (118.2 >= 63, 390.2 >= 228) and its error 0.86 <= 1.0.
+    assert "LeNet-5 Sparse VD: at or beyond the release on all three numbers" in lines
+    at = lines.index("LeNet-5 BC-GNJ, short of the release in:")
+    assert lines[at + 1:] == ["  error 1.41 % vs 1.0 %", "  compression 78.7x vs 108x",
+                              "  after precision 320.4x vs 361x"]
+
+
+def test_results_at_a_glance_rows():
+    reports = {"lenet300_nj": _report(0.0178, 5.382, 24.69, ratio=47.3),
+               "lenet5_svd": _report(0.0086, 15.3, 50.3, (118.2, 390.2), ratio=300.4)}
+    retrained = {"lenet300_nj_ft": _report(0.0168, 6.355, 29.15, ratio=54.0)}
+    lines = viz.results_at_a_glance(reports, retrained, TARGETS).splitlines()
+    rows = [line.split() for line in lines]
+    assert lines[0].startswith("LeNet-300-100") and rows[0][-4:] == ["%", "pruning", "precision", "file"]
+    assert rows[1] == ["BC-GNJ", "paper", "1.80", "-", "-", "-"]
+    assert rows[2] == ["ours", "1.78", "5.4x", "24.7x", "47x"]
+    assert rows[3] == ["ours", "+", "retraining", "1.68", "6.4x", "29.1x", "54x"]
+    block = lines.index(next(line for line in lines if line.startswith("LeNet-5-Caffe")))
+    # Sparse VD: the sparse rates; no retrained run, so no retrained row.
+    assert rows[block + 1] == ["Sparse", "VD", "paper", "1.00", "63x", "228x", "-"]
+    assert rows[block + 2] == ["ours", "0.86", "118.2x", "390.2x", "300x"]
+    assert rows[block + 3] == []
+    with pytest.raises(ValueError, match="run name"):
+        viz.results_at_a_glance({"vgg_nj": reports["lenet300_nj"]}, {}, TARGETS)
+
+
+def test_seed_spread_counts_overlaps_and_checks_the_release():
+    def seeds(*tests):
+        return [{"selection_error": 0.005, "test_error": t} for t in tests]
+    analyses = {
+        # Kept 0.93-0.95 and rejected 0.94-0.99 overlap.
+        "lenet5_nj_ft": {"offset": 0.0, "candidates": [
+            {"offset": 0.0, "architecture": "9-16-93-16", "seeds": seeds(0.0093, 0.0095, 0.0094)},
+            {"offset": -0.25, "architecture": "9-13-69-14", "seeds": seeds(0.0099, 0.0094, 0.0120),
+             "compression_pruning": 120.0, "compression_precision": 400.0}]},
+        # Kept 0.80-0.81 and rejected 0.90-0.92 do not.
+        "lenet300_nj_ft": {"offset": -0.5, "candidates": [
+            {"offset": 0.0, "architecture": "411-114-21"},
+            {"offset": -0.5, "architecture": "365-113-19", "seeds": seeds(0.0080, 0.0081, 0.0080)},
+            {"offset": -0.75, "architecture": "350-113-19", "seeds": seeds(0.0090, 0.0092, 0.0091)}]},
+    }
+    lines = viz.seed_spread_table(analyses, TARGETS).splitlines()
+    assert lines[2].split() == ["lenet5_nj_ft", "+0.00", "9-16-93-16", "kept", "0.50", "0.50", "0.50",
+                                "0.93", "0.95", "0.94"]
+    assert lines[3].split()[3] == "rejected" and len(lines[2:6]) == 4
+    assert "overlap across seeds in 1 of 2 searches" in lines[7]
+    # 120 >= 108 and 400 >= 361: rates reached; test errors 0.99, 0.94 <= 1.0 but not 1.20.
+    assert lines[-2] == "LeNet-5 BC-GNJ, rejected 9-13-69-14: 120.0x / 400.0x"
+    assert lines[-1] == "  release's rates reached; test error <= 1.0 % for 2 of 3 seeds"
+
+
+def test_retraining_against_release_and_the_file_goal():
+    reports = {"lenet5_nj_ft": _report(0.0093, 78.66, 320.4, ratio=507.0),
+               "lenet5_svd_ft": _report(0.0082, 30.0, 90.0, (276.7, 1068.7), ratio=538.0),
+               "lenet300_nj_ft": _report(0.0168, 6.4, 29.2, ratio=54.0)}
+    lines = viz.retraining_against_release(reports, TARGETS, (700.0, 0.010)).splitlines()
+    assert lines[:4] == ["LeNet-5 BC-GNJ + retraining, against the release:", "  error 0.93 % vs 1.0 %: met",
+                         "  compression 78.7x vs 108x: short", "  after precision 320.4x vs 361x: short"]
+    assert lines[5:8] == ["  error 0.82 % vs 1.0 %: met", "  compression 276.7x vs 63x: met",
+                          "  after precision 1068.7x vs 228x: met"]
+    assert "lenet300" not in "\n".join(lines)  # no rates to compare with, and not a LeNet-5 file
+    assert lines[-2:] == ["smallest retrained LeNet-5 file at <= 1.0 % error: lenet5_svd_ft,",
+                          "538x smaller than the float32 dense network (goal 700x: not reached)"]
+
+
+def test_speed_table_fits_and_names_macs():
+    result = {"architecture": "9-16-93-16", "threads": 2, "flops_before": 2_293_000, "flops_after": 361_648,
+              "flop_reduction": 2_293_000 / 361_648, "freed_memory_kept": False,
+              "runs": [{"layout": "channels_last", "batch": 1000, "dense_ms": 140.316, "pruned_ms": 36.707,
+                        "pruned_examples_per_s": 1000 / 0.036707, "speedup": 140.316 / 36.707,
+                        "speedup_over_flop_reduction": 140.316 / 36.707 / (2_293_000 / 361_648)}],
+              "layers": {"channels_last": [{"layer": "0 Conv2d", "dense_ms": 3.0, "pruned_ms": 1.0},
+                                           {"layer": "1 MaxPool2d", "dense_ms": 6.0, "pruned_ms": 3.0}]}}
+    text = viz.speed_table(result)
+    assert all(len(line) <= 80 for line in text.splitlines())
+    assert "multiply-accumulates (MACs) per example: 2,293,000 -> 361,648 (6.3x fewer)" in text
+    row = next(line for line in text.splitlines() if line.startswith("channels_last  "))
+    assert row.split() == ["channels_last", "1000", "140.316", "36.707", "27,243", "3.82x", "0.60"]
+    assert text.splitlines()[-1].split() == ["1", "MaxPool2d", "6.000", "3.000", "75%"]
+
+
+def test_bench_trials_summary_judges_the_median_and_compares_the_allocators():
+    def measured(kept, ratio):
+        runs = [{"layout": "compiled", "batch": 1000, "speedup": 6.0 * ratio, "speedup_over_flop_reduction": ratio,
+                 "speedup_over_flop_reduction_range": [ratio - 0.1, ratio + 0.1]},
+                {"layout": "compiled", "batch": 1, "speedup": 1.5, "speedup_over_flop_reduction": 0.24}]
+        return {"command": "python -m bclib bench compression", "cpu": "cpu", "torch": "2",
+                "results": {"compression": {"threads": 2, "architecture": "9-16-93-16", "flop_reduction": 6.3,
+                                            "freed_memory_kept": kept, "trials": [{}] * 5, "runs": runs}}}
+    text = viz.bench_trials_summary({"a.json": measured(False, 0.85), "b.json": measured(True, 0.58)}, 0.8)
+    lines = text.splitlines()
+    assert lines[5].split() == ["compiled", "1000", "5.10x", "0.85", "0.75-0.95", "met"]
+    assert lines[6].split() == ["compiled", "1", "1.50x", "0.24", "0.24-0.24"]
+    assert "medians of 5 trial(s)" in lines[3]
+    assert lines[-2:] == ["compiled, batch 1000, 2 threads: 0.85 of the FLOP cut with glibc's defaults,",
+                          "0.58 with freed memory kept"]
+    assert all(len(line) <= 80 for line in lines)
+
+
+def test_compression_at_offset_matches_compress(pair):
+    x, y = torch.randn(20, 4), torch.randint(0, 2, (20,))
+    text = viz.compression_at_offset(pair, [-3.0, -3.0], x, y, offset=3.5)
+    # Offset 3.5 moves the thresholds to 0.5: fc1 keeps its input 1 (log alpha 0), fc2 its input 2.
+    result = bclib.compress(pair, [0.5, 0.5])
+    error = bclib.compression.model_error(result.reduced_precision_model(), x, y)
+    assert text.splitlines()[0] == "thresholds [0.5, 0.5]"
+    assert text.splitlines()[1] == f"architecture {result.report.architecture}, error {100 * error:.2f} %"
+    assert result.report.architecture.startswith("4-3")
+
+
+def test_tradeoff_labels_keep_clear_of_the_legend():
+    rows = [{"threshold": f"{t:+g}", "error": e, "compression_pruning": c, "compression_precision": 4 * c}
+            for t, e, c in ((0, 0.0167, 5.4), (-1, 0.0211, 6.9), (-2, 0.1815, 13.4), (-3, 0.5562, 46.0))]
+    fig = viz.plot_tradeoff(rows, error_limit=5.0)
+    ax = fig.axes[0]
+    legend, axes, *labels = _boxes(fig, [fig.legends[0], ax, *ax.texts])
+    assert not any(legend.overlaps(label) for label in labels) and not legend.overlaps(axes)

@@ -1,0 +1,485 @@
+"""The book's result tables, as text: each function reads the committed runs' JSON (reports,
+analyses, benchmark files) and returns lines of at most 80 characters, so a chapter prints a table
+with one call and the numbers always come from the runs.
+
+* :func:`release_comparison`, :func:`results_at_a_glance`: our runs against the paper's table;
+* :func:`retraining_against_release`, :func:`seed_spread_table`: the retraining searches;
+* :func:`bit_search_table`, :func:`bit_search_steps`: the bits searches;
+* :func:`speed_table`, :func:`bench_trials_summary`: the inference benchmark;
+* :func:`compression_at_offset`: what the interactive threshold explorer prints.
+
+Figures live in :mod:`bclib.viz`.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+from torch import Tensor, nn
+
+__all__ = [
+    "speed_table", "release_comparison", "results_at_a_glance", "seed_spread_table", "bench_trials_summary",
+    "retraining_against_release", "compression_at_offset", "bit_search_table", "bit_search_steps",
+]
+
+
+_MODEL_LABELS = {"lenet300": ("LeNet-300-100", "LeNet-300-100"), "lenet5": ("LeNet-5", "LeNet-5-Caffe")}
+_PRIOR_LABELS = {"nj": "BC-GNJ", "hs": "BC-GHS", "svd": "Sparse VD"}
+_DENSE_RATES = ("compression_pruning", "compression_precision")
+_SPARSE_RATES = ("compression_sparse", "compression_sparse_precision")
+
+
+def _split_run_name(name: str) -> tuple[str, str]:
+    """``("lenet5", "nj")`` from ``"lenet5_nj"`` or ``"lenet5_nj_ft"``."""
+    parts = str(name).split("_")
+    if len(parts) < 2 or parts[0] not in _MODEL_LABELS or parts[1] not in _PRIOR_LABELS:
+        raise ValueError(f"run name must look like 'lenet5_nj' (model {sorted(_MODEL_LABELS)}, prior "
+                         f"{sorted(_PRIOR_LABELS)}), got {name!r}")
+    return parts[0], parts[1]
+
+
+def _run_label(name: str) -> str:
+    """``"LeNet-5 BC-GNJ"`` for ``"lenet5_nj"``."""
+    model, prior = _split_run_name(name)
+    return f"{_MODEL_LABELS[model][0]} {_PRIOR_LABELS[prior]}"
+
+
+def _rate_keys(name: str) -> tuple[str, str]:
+    """The rates to compare with the release: Sparse VD's count nonzero weights, as the release counts them."""
+    return _SPARSE_RATES if _split_run_name(name)[1] == "svd" else _DENSE_RATES
+
+
+def speed_table(result: Mapping) -> str:
+    """The result of :func:`bclib.bench.run_compression_bench` as a table of at most 80 characters a line.
+
+    The report's ``flops_*`` fields count multiply-accumulates (MACs): one per weight use.
+
+    Args:
+        result: the dict returned by ``run_compression_bench`` (or ``run_compression_bench_from_run``).
+
+    Returns:
+        The table: MACs before and after pruning, then per layout and batch size the median times,
+        the pruned network's throughput, the speed-up and the speed-up over the MAC reduction; then
+        per layout the time of each module.
+
+    Example:
+        >>> result = {"architecture": "8-13-88-13", "threads": 2, "flops_before": 2_293_000,
+        ...           "flops_after": 282_874, "flop_reduction": 8.106, "layers": {},
+        ...           "runs": [{"layout": "contiguous", "batch": 1000, "dense_ms": 120.0,
+        ...                     "pruned_ms": 30.0, "pruned_examples_per_s": 33_333.3,
+        ...                     "speedup": 4.0, "speedup_over_flop_reduction": 0.4935}]}
+        >>> print(speed_table(result).splitlines()[-1])
+        contiguous     1000   120.000    30.000       33,333    4.00x       0.49
+    """
+    if not isinstance(result, Mapping) or not {"architecture", "runs", "flops_before", "flops_after"} <= set(result):
+        raise ValueError("result must be the dict of bclib.bench.run_compression_bench")
+    lines = [
+        f"architecture {result['architecture']}; {result['threads']} CPU threads; malloc: "
+        f"{'freed memory kept' if result.get('freed_memory_kept') else 'settings untouched'}",
+        f"multiply-accumulates (MACs) per example: {result['flops_before']:,} -> "
+        f"{result['flops_after']:,} ({result['flop_reduction']:.1f}x fewer)",
+        f"{'layout':<13} {'batch':>5} {'dense ms':>9} {'pruned ms':>9} {'pruned ex/s':>12} "
+        f"{'speed-up':>8} {'/ MAC cut':>11}",
+    ]
+    for row in result["runs"]:
+        lines.append(f"{row['layout']:<13} {row['batch']:>5} {row['dense_ms']:>9.3f} {row['pruned_ms']:>9.3f} "
+                     f"{row['pruned_examples_per_s']:>12,.0f} {row['speedup']:>7.2f}x "
+                     f"{row['speedup_over_flop_reduction']:>11.2f}")
+    for layout, rows in result.get("layers", {}).items():
+        batch = max(row["batch"] for row in result["runs"])
+        lines += ["", f"per module, {layout}, batch {batch} (each timed alone)",
+                  f"{'module':<22}  {'dense ms':>9}  {'pruned ms':>9}  {'share of pruned':>15}"]
+        total = sum(row["pruned_ms"] for row in rows)
+        for row in rows:
+            lines.append(f"{row['layer']:<22}  {row['dense_ms']:>9.3f}  {row['pruned_ms']:>9.3f}  "
+                         f"{row['pruned_ms'] / total:>15.0%}")
+    return "\n".join(lines)
+
+
+def release_comparison(reports: Mapping[str, Mapping], targets: Mapping[str, Sequence]) -> str:
+    """Our LeNet-5 rows (paper's pipeline) under the release's, and where ours fall short.
+
+    Args:
+        reports: ``report.json`` of each run by name (``"lenet5_nj"``, ...).
+        targets: the release's ``(error, after pruning, after precision)`` by run name, the error
+            as a fraction (:data:`bclib.bench.PAPER_TARGETS`); runs without rates are skipped.
+
+    Returns:
+        The table (error %, both dense rates and both sparse rates), then per run the numbers on
+        which it falls short of the release. Sparse VD is compared by its sparse rates, which
+        count nonzero weights as the release's Sparse VD row does.
+
+    Example:
+        >>> report = {"precision_error": 0.0141, "compression_pruning": 78.7,
+        ...           "compression_precision": 320.4, "compression_sparse": 78.7,
+        ...           "compression_sparse_precision": 320.4}
+        >>> print(release_comparison({"lenet5_nj": report}, {"lenet5_nj": (0.01, 108.0, 361.0)}))
+        LeNet-5-Caffe error % pruning precision sparse sparse,prec.
+        BC-GNJ (release) 1.0 108x 361x
+        BC-GNJ (ours) 1.41 78.7x 320.4x 78.7x 320.4x
+        <BLANKLINE>
+        LeNet-5 BC-GNJ, short of the release in:
+          error 1.41 % vs 1.0 %
+          compression 78.7x vs 108x
+          after precision 320.4x vs 361x
+    """
+    names = [name for name in reports if name in targets and None not in tuple(targets[name])[1:]]
+    lines = [f"{'LeNet-5-Caffe':<21} {'error %':>7} {'pruning':>8} {'precision':>9} {'sparse':>8} {'sparse,prec.':>12}"]
+    for name in names:
+        error, pruning, precision = targets[name]
+        method, r = _PRIOR_LABELS[_split_run_name(name)[1]], reports[name]
+        lines.append(f"{method + ' (release)':<21} {100 * error:>7.1f} {pruning:>7g}x {precision:>8g}x")
+        lines.append(f"{method + ' (ours)':<21} {100 * r['precision_error']:>7.2f} {r['compression_pruning']:>7.1f}x "
+                     f"{r['compression_precision']:>8.1f}x {r['compression_sparse']:>7.1f}x "
+                     f"{r['compression_sparse_precision']:>11.1f}x")
+    lines.append("")
+    for name in names:
+        error, pruning, precision = targets[name]
+        r, keys = reports[name], _rate_keys(name)
+        ours = 100 * r["precision_error"]
+        shortfalls = []
+        if ours > 100 * error:
+            shortfalls.append(f"error {ours:.2f} % vs {100 * error:.1f} %")
+        if r[keys[0]] < pruning:
+            shortfalls.append(f"compression {r[keys[0]]:.1f}x vs {pruning:g}x")
+        if r[keys[1]] < precision:
+            shortfalls.append(f"after precision {r[keys[1]]:.1f}x vs {precision:g}x")
+        if shortfalls:
+            lines.append(f"{_run_label(name)}, short of the release in:")
+            lines += [f"  {shortfall}" for shortfall in shortfalls]
+        else:
+            lines.append(f"{_run_label(name)}: at or beyond the release on all three numbers")
+    return "\n".join(lines)
+
+
+def results_at_a_glance(reports: Mapping[str, Mapping], retrained: Mapping[str, Mapping],
+                        targets: Mapping[str, Sequence]) -> str:
+    """Per model and prior: the paper's (release's) numbers, ours with the paper's pipeline, ours retrained.
+
+    Args:
+        reports: ``report.json`` of each base run by name (``"lenet300_nj"``, ``"lenet5_hs"``, ...).
+        retrained: ``report.json`` of the retrained runs by name (``"lenet5_hs_ft"``, ...); a base
+            run without one gets no retrained row.
+        targets: the paper's ``(error, after pruning, after precision)`` by base run name, error as a
+            fraction, ``None`` for a number the constants do not hold (:data:`bclib.bench.PAPER_TARGETS`).
+
+    Returns:
+        One block per model, three rows per prior: error of the compressed file in %, compression
+        after pruning and after precision, and the file ratio (``model.bcz`` against the float32
+        dense network). Sparse VD rows give the sparse rates (nonzero weights), as the release's
+        Sparse VD row counts them. ``-``: not known.
+
+    Example:
+        >>> report = {"file_error": 0.0141, "compression_pruning": 78.7,
+        ...           "compression_precision": 320.4, "file": {"ratio": 526.0}}
+        >>> table = results_at_a_glance({"lenet5_nj": report}, {}, {"lenet5_nj": (0.01, 108.0, 361.0)})
+        >>> print(table.splitlines()[1])
+        BC-GNJ     paper                   1.00     108x       361x         -
+    """
+    def cells(error, pruning, precision, ratio, rate_format=".1f"):
+        return (f"{'-' if error is None else f'{100 * error:.2f}':>9} "
+                f"{'-' if pruning is None else f'{pruning:{rate_format}}x':>8} "
+                f"{'-' if precision is None else f'{precision:{rate_format}}x':>10} "
+                f"{'-' if ratio is None else f'{ratio:.0f}x':>9}")
+
+    lines = []
+    for model, (_, model_label) in _MODEL_LABELS.items():
+        names = [name for name in reports if _split_run_name(name)[0] == model]
+        if not names:
+            continue
+        if lines:
+            lines.append("")
+        lines.append(f"{model_label:<29} {'error %':>9} {'pruning':>8} {'precision':>10} {'file':>9}")
+        for name in names:
+            prior = _PRIOR_LABELS[_split_run_name(name)[1]]
+            keys = _rate_keys(name)
+            target = tuple(targets.get(name, (None, None, None)))
+            rows = [("paper", cells(*target, None, rate_format="g"))]
+            for label, r in (("ours", reports[name]), ("ours + retraining", retrained.get(f"{name}_ft"))):
+                if r is not None:
+                    rows.append((label, cells(r["file_error"], r[keys[0]], r[keys[1]], r["file"]["ratio"])))
+            for k, (label, text) in enumerate(rows):
+                lines.append(f"{prior if k == 0 else '':<10} {label:<18} {text}")
+    lines += ["", "paper: the paper's and release's table; -: a number not quoted in this book.",
+              "error: of the compressed file on the test set; file: model.bcz against the",
+              "float32 dense network."]
+    if any(_split_run_name(name)[1] == "svd" for name in reports):
+        lines.append("Sparse VD: sparse rates (nonzero weights counted), as the release counts them.")
+    return "\n".join(lines)
+
+
+def seed_spread_table(analyses: Mapping[str, Mapping], targets: Mapping[str, Sequence]) -> str:
+    """The retraining searches' candidates retrained with three seeds, and what the seeds change.
+
+    Args:
+        analyses: ``analysis.json`` of each retrained run by name (``"lenet5_nj_ft"``, ...): its
+            ``"candidates"`` (those retrained with more seeds carry ``"seeds"``) and the kept ``"offset"``.
+        targets: the release's ``(error, after pruning, after precision)`` by base run name
+            (:data:`bclib.bench.PAPER_TARGETS`).
+
+    Returns:
+        Per retrained run the kept and the first rejected candidate with the selection and test
+        errors of each seed; the number of searches whose kept and rejected test errors overlap
+        across seeds; and for the LeNet-5 group priors whether the rejected candidate reaches the
+        release's rates and for how many seeds its test error is at most the release's.
+
+    Example:
+        >>> seeds = [{"selection_error": 0.007, "test_error": 0.009}] * 3
+        >>> analysis = {"offset": 0.0, "candidates": [
+        ...     {"offset": 0.0, "architecture": "9-16-93-16", "seeds": seeds},
+        ...     {"offset": -0.25, "architecture": "9-13-69-14", "seeds": seeds,
+        ...      "compression_pruning": 101.2, "compression_precision": 401.9}]}
+        >>> print(seed_spread_table({"lenet5_nj_ft": analysis}, {"lenet5_nj": (0.01, 108.0, 361.0)})
+        ...       .splitlines()[-1])
+          release's rates not reached; test error <= 1.0 % for 3 of 3 seeds
+    """
+    lines = [f"{'run':<15} {'offset':>6} {'architecture':>13} {'':<8} {'selection %':>14}   {'test %':>14}",
+             f"{'':<45} {'(seeds 0 1 2)':>14}   {'(seeds 0 1 2)':>14}"]
+    overlapping = 0
+    for name, analysis in analyses.items():
+        spread = []
+        for row in analysis["candidates"]:
+            if "seeds" not in row:
+                continue
+            status = "kept" if row["offset"] == analysis["offset"] else "rejected"
+            errors = {key: " ".join(f"{100 * seed[key]:.2f}" for seed in row["seeds"])
+                      for key in ("selection_error", "test_error")}
+            lines.append(f"{name:<15} {row['offset']:>+6.2f} {row['architecture']:>13} {status:<8} "
+                         f"{errors['selection_error']:>14}   {errors['test_error']:>14}")
+            tests = [seed["test_error"] for seed in row["seeds"]]
+            spread.append((min(tests), max(tests)))
+        if len(spread) == 2:  # the kept and the rejected candidate's test errors
+            (kept_low, kept_high), (rejected_low, rejected_high) = spread
+            overlapping += kept_low <= rejected_high and rejected_low <= kept_high
+    lines += ["", f"test errors of kept and rejected overlap across seeds in {overlapping} of "
+                  f"{len(analyses)} searches", ""]
+    for name, analysis in analyses.items():
+        base = name.removesuffix("_ft")
+        model, prior = _split_run_name(base)
+        if model != "lenet5" or prior == "svd" or base not in targets:
+            continue
+        rejected = [row for row in analysis["candidates"] if "seeds" in row and row["offset"] != analysis["offset"]]
+        if not rejected:
+            lines.append(f"{_run_label(base)}: the search rejected no candidate")
+            continue
+        row, (error, pruning, precision) = rejected[0], targets[base]
+        tests = [100 * seed["test_error"] for seed in row["seeds"]]
+        rates = row["compression_pruning"] >= pruning and row["compression_precision"] >= precision
+        below = sum(test <= 100 * error for test in tests)
+        lines.append(f"{_run_label(base)}, rejected {row['architecture']}: {row['compression_pruning']:.1f}x / "
+                     f"{row['compression_precision']:.1f}x")
+        lines.append(f"  release's rates {'reached' if rates else 'not reached'}; test error <= {100 * error:.1f} % "
+                     f"for {below} of {len(tests)} seeds")
+    while lines and lines[-1] == "":
+        lines.pop()
+    return "\n".join(lines)
+
+
+def retraining_against_release(reports: Mapping[str, Mapping], targets: Mapping[str, Sequence],
+                               file_goal: tuple[float, float]) -> str:
+    """The retrained LeNet-5 runs against the release's numbers, and the smallest accurate file.
+
+    Args:
+        reports: ``report.json`` of each retrained run by name (``"lenet5_nj_ft"``, ...).
+        targets: the release's ``(error, after pruning, after precision)`` by base run name;
+            runs whose base has no rates there are skipped.
+        file_goal: ``(ratio, error)``: the file ratio sought at no more than that error
+            (:data:`bclib.bench.FILE_RATIO_GOAL`).
+
+    Returns:
+        Per run "met" or "short" for the error and the two rates (Sparse VD by its sparse rates),
+        then the smallest retrained LeNet-5 file within the goal's error and whether it reaches
+        the goal's ratio.
+
+    Example:
+        >>> report = {"file_error": 0.0093, "compression_pruning": 78.7,
+        ...           "compression_precision": 320.4, "file": {"ratio": 507.0}}
+        >>> text = retraining_against_release({"lenet5_nj_ft": report},
+        ...                                   {"lenet5_nj": (0.01, 108.0, 361.0)}, (700.0, 0.01))
+        >>> print(text.splitlines()[1])
+          error 0.93 % vs 1.0 %: met
+    """
+    lines = []
+    for name, r in reports.items():
+        base = name.removesuffix("_ft")
+        if base not in targets or None in tuple(targets[base])[1:]:
+            continue
+        (error, pruning, precision), keys = targets[base], _rate_keys(base)
+        checks = [(f"error {100 * r['file_error']:.2f} %", f"{100 * error:.1f} %", r["file_error"] <= error),
+                  (f"compression {r[keys[0]]:.1f}x", f"{pruning:g}x", r[keys[0]] >= pruning),
+                  (f"after precision {r[keys[1]]:.1f}x", f"{precision:g}x", r[keys[1]] >= precision)]
+        lines.append(f"{_run_label(base)} + retraining, against the release:")
+        lines += [f"  {ours} vs {theirs}: {'met' if met else 'short'}" for ours, theirs, met in checks]
+    goal_ratio, goal_error = file_goal
+    accurate = {name: r for name, r in reports.items()
+                if _split_run_name(name)[0] == "lenet5" and r["file_error"] <= goal_error}
+    if accurate:
+        best = max(accurate, key=lambda name: accurate[name]["file"]["ratio"])
+        ratio = accurate[best]["file"]["ratio"]
+        verdict = "reached" if ratio >= goal_ratio else "not reached"
+        lines += ["", f"smallest retrained LeNet-5 file at <= {100 * goal_error:.1f} % error: {best},",
+                  f"{ratio:.0f}x smaller than the float32 dense network (goal {goal_ratio:.0f}x: {verdict})"]
+    else:
+        lines += ["", f"no retrained LeNet-5 file at <= {100 * goal_error:.1f} % error"]
+    return "\n".join(lines)
+
+
+def bench_trials_summary(measured: Mapping[str, Mapping], target: float) -> str:
+    """The committed compression benchmarks (``python -m bclib bench compression --out FILE``), side by side.
+
+    Args:
+        measured: the JSON of each benchmark file by file name, in the order to show them.
+        target: the speed-up over the MAC ("FLOP") reduction sought at batch 1000
+            (:data:`bclib.bench.SPEEDUP_OVER_FLOP_TARGET`), judged on the median over the trials.
+
+    Returns:
+        Per file the command, machine and allocator setting, then per layout and batch size the
+        median speed-up, its ratio to the MAC reduction with the range over the trials, and
+        "met"/"missed" at batch 1000; last, where one file kept freed memory and another with the
+        same threads did not, the compiled ratio at batch 1000 of both.
+
+    Example:
+        >>> row = {"layout": "compiled", "batch": 1000, "speedup": 4.7, "speedup_over_flop_reduction": 0.75}
+        >>> result = {"threads": 2, "architecture": "9-16-93-16", "flop_reduction": 6.3, "runs": [row]}
+        >>> measured = {"cpu": "x86", "torch": "2.5", "command": "python -m bclib bench compression",
+        ...             "results": {"compression": result}}
+        >>> print(bench_trials_summary({"a.json": measured}, 0.8).splitlines()[-1])
+        compiled        1000     4.70x        0.75   0.75-0.75 missed
+    """
+    import textwrap
+
+    lines, compiled = [], {}
+    for file_name, data in measured.items():
+        result = data["results"]["compression"]
+        kept = result.get("freed_memory_kept", False)
+        if lines:
+            lines.append("")
+        lines += textwrap.wrap(data["command"], 72, subsequent_indent="    ")
+        lines += [f"{data['cpu']}, {result['threads']} thread(s), torch {data['torch']}",
+                  "malloc: " + ("freed memory kept" if kept else "settings untouched (glibc defaults)"),
+                  f"architecture {result['architecture']}, {result['flop_reduction']:.1f}x fewer FLOPs; "
+                  f"medians of {len(result.get('trials', [None]))} trial(s)",
+                  f"{'layout':<14} {'batch':>5} {'speed-up':>9} {'/ FLOP cut':>11} {'range':>11}"]
+        for row in result["runs"]:
+            ratio = row["speedup_over_flop_reduction"]
+            low, high = row.get("speedup_over_flop_reduction_range", (ratio, ratio))
+            verdict = ""
+            if row["batch"] == 1000:  # judged on the median
+                verdict = "met" if ratio >= target else "missed"
+                if row["layout"] == "compiled":
+                    compiled[(result["threads"], kept)] = ratio
+            lines.append(f"{row['layout']:<14} {row['batch']:>5} {row['speedup']:>8.2f}x {ratio:>11.2f} "
+                         f"{f'{low:.2f}-{high:.2f}':>11} {verdict}")
+    pairs = [threads for threads, kept in compiled if kept and (threads, False) in compiled]
+    for threads in pairs:
+        lines += ["", f"compiled, batch 1000, {threads} threads: {compiled[(threads, False)]:.2f} of the FLOP cut "
+                      f"with glibc's defaults,", f"{compiled[(threads, True)]:.2f} with freed memory kept"]
+    return "\n".join(lines)
+
+
+def compression_at_offset(model: nn.Module, thresholds: Sequence[float], x: Tensor, y: Tensor,
+                          offset: float = 0.0) -> str:
+    """Compress ``model`` with every threshold moved by ``offset`` and describe the result.
+
+    What the book's interactive threshold explorer prints at each position of its slider.
+
+    Args:
+        model: a trained model with Bayesian layers.
+        thresholds: the chosen log-alpha threshold of each Bayesian layer.
+        x, y: the examples and labels to measure the error on (the test set).
+        offset: added to every threshold.
+
+    Returns:
+        Three lines: the thresholds, the architecture and the error of the reduced-precision
+        network, and the two compression rates.
+
+    Example:
+        >>> from bclib.models import lenet_300_100
+        >>> text = compression_at_offset(lenet_300_100("nj"), [-3.0, -3.0, -3.0],
+        ...                              torch.rand(8, 1, 28, 28), torch.zeros(8, dtype=torch.long))
+        >>> text.splitlines()[0]
+        'thresholds [-3.0, -3.0, -3.0]'
+    """
+    from .compression import compress, model_error
+
+    if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
+        raise TypeError(f"offset must be a finite number, got {offset!r}")
+    moved = [float(t) + offset for t in thresholds]
+    result = compress(model, moved)
+    error = model_error(result.reduced_precision_model(), x, y)
+    r = result.report
+    return (f"thresholds {[round(t, 2) for t in moved]}\n"
+            f"architecture {r.architecture}, error {100 * error:.2f} %\n"
+            f"compression {r.compression_pruning:.1f}x after pruning, "
+            f"{r.compression_precision:.1f}x after precision")
+
+
+def bit_search_table(retrained: Mapping[str, Mapping], lowered: Mapping[str, Mapping]) -> str:
+    """Each retrained run beside the same network with its bits lowered (:func:`bclib.experiments.lower_bits_run`).
+
+    Args:
+        retrained: ``report.json`` of the retrained runs by name (``"lenet5_nj_ft"``, ...).
+        lowered: ``report.json`` of the bit-lowered runs by name (``"lenet5_nj_ft_bits"``, ...); a
+            retrained run without one gets no second row.
+
+    Returns:
+        Two rows per run: bits per layer, the after-precision rate (Sparse VD: over nonzero
+        weights), the file in bytes and as a ratio to the float32 dense network, and the error of
+        the file on the test set in %.
+
+    Example:
+        >>> ft = {"layers": [{"bits": 13}, {"bits": 4}], "compression_precision": 320.4,
+        ...       "file": {"bytes": 3403, "ratio": 506.7}, "file_error": 0.0093}
+        >>> low = {**ft, "layers": [{"bits": 13}, {"bits": 2}], "compression_precision": 350.0,
+        ...        "file": {"bytes": 2890, "ratio": 596.7}, "file_error": 0.0095}
+        >>> print(bit_search_table({"lenet5_nj_ft": ft}, {"lenet5_nj_ft_bits": low}))
+        run              network      bits     precision        file   error %
+        LeNet-5 BC-GNJ   retrained    13-4         320.4x  3,403 B  507x      0.93
+                         fewer bits   13-2         350.0x  2,890 B  597x      0.95
+    """
+    lines = [f"{'run':<16} {'network':<12} {'bits':<12} {'precision':>9} {'file':>15} {'error %':>9}"]
+    for name, report in retrained.items():
+        base = name.removesuffix("_ft")
+        key = _rate_keys(base)[1]
+        rows = [("retrained", report), ("fewer bits", lowered.get(f"{name}_bits"))]
+        for k, (label, r) in enumerate(rows):
+            if r is None:
+                continue
+            bits = "-".join(str(layer["bits"]) for layer in r["layers"])
+            file = f"{r['file']['bytes']:,} B {r['file']['ratio']:4.0f}x"
+            lines.append(f"{_run_label(base) if k == 0 else '':<16} {label:<12} {bits:<12} {r[key]:>8.1f}x "
+                         f"{file:>15} {100 * r['file_error']:>9.2f}")
+    return "\n".join(lines)
+
+
+def bit_search_steps(analysis: Mapping, layers: Sequence[str], labels: Mapping[str, str] | None = None) -> str:
+    """The candidates of one bits search in the order they were tried, one line each.
+
+    Args:
+        analysis: ``analysis.json`` of a bit-lowered run.
+        layers: the report's layer names in order (``[row["name"] for row in report["layers"]]``).
+        labels: readable names by layer name (``{"0": "conv1", ...}``); default the names.
+
+    Returns:
+        Per candidate: the layer searched, the bits it tried, the bits of every layer, the error on
+        the selection split and whether it was kept (within the allowed error, printed above).
+
+    Example:
+        >>> analysis = {"allowed": 0.0084, "candidates": [
+        ...     {"layer": "3", "bits": [13, 2, 2, 5], "selection_error": 0.0077, "kept": True}]}
+        >>> print(bit_search_steps(analysis, ["0", "3", "7", "9"], {"3": "conv2"}))
+        layer    tried   all layers    selection %   (allowed 0.84 %)
+        conv2        2   13-2-2-5             0.77   kept
+    """
+    labels = labels or {}
+    layers = list(layers)
+    lines = [f"{'layer':<8} {'tried':>5}   {'all layers':<12} {'selection %':>11}   "
+             f"(allowed {100 * analysis['allowed']:.2f} %)"]
+    for row in analysis["candidates"]:
+        if row["layer"] not in layers or len(row["bits"]) != len(layers):
+            raise ValueError(f"layers {layers} do not match the candidate {row}")
+        tried = row["bits"][layers.index(row["layer"])]
+        lines.append(f"{labels.get(row['layer'], row['layer']):<8} {tried:>5}   "
+                     f"{'-'.join(map(str, row['bits'])):<12} {100 * row['selection_error']:>11.2f}   "
+                     f"{'kept' if row['kept'] else 'over'}")
+    return "\n".join(lines)

@@ -1,0 +1,196 @@
+"""The result tables of :mod:`bclib.tables` on hand-made reports, checked cell by cell."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import bclib
+from bclib import tables
+
+
+def _report(error, pruning, precision, sparse=None, ratio=100.0):
+    sparse = sparse or (pruning, precision)
+    return {"precision_error": error, "file_error": error, "compression_pruning": pruning,
+            "compression_precision": precision, "compression_sparse": sparse[0],
+            "compression_sparse_precision": sparse[1], "file": {"ratio": ratio}}
+
+
+TARGETS = {"lenet5_nj": (0.010, 108.0, 361.0), "lenet5_svd": (0.010, 63.0, 228.0), "lenet300_nj": (0.018, None, None)}
+
+
+def test_tables_fit_80_characters():
+    reports = {"lenet300_nj": _report(0.0178, 5.38, 24.69), "lenet5_svd": _report(0.0086, 15.3, 50.3, (118.2, 1390.2)),
+               "lenet5_nj": _report(0.0141, 78.66, 320.4, ratio=526.0)}
+    texts = [tables.release_comparison(reports, TARGETS),
+             tables.results_at_a_glance(reports, {"lenet5_nj_ft": _report(0.0093, 78.66, 320.4)}, TARGETS)]
+    assert all(len(line) <= 80 for text in texts for line in text.splitlines())
+
+
+def test_release_comparison_names_the_shortfalls():
+    reports = {"lenet300_nj": _report(0.0178, 5.4, 24.7), "lenet5_svd": _report(0.0086, 15.3, 50.3, (118.2, 390.2)),
+               "lenet5_nj": _report(0.0141, 78.66, 320.4)}
+    text = tables.release_comparison(reports, TARGETS)
+    lines = text.splitlines()
+    # LeNet-300-100 has no rates in the targets: no row. Order: that of the reports.
+    assert [line.split("(")[0].strip() for line in lines[1:5]] == ["Sparse VD", "Sparse VD", "BC-GNJ", "BC-GNJ"]
+    assert lines[1].split() == ["Sparse", "VD", "(release)", "1.0", "63x", "228x"]
+    # Sparse VD is judged by its sparse rates (118.2 >= 63, 390.2 >= 228) and its error 0.86 <= 1.0.
+    assert "LeNet-5 Sparse VD: at or beyond the release on all three numbers" in lines
+    at = lines.index("LeNet-5 BC-GNJ, short of the release in:")
+    assert lines[at + 1:] == ["  error 1.41 % vs 1.0 %", "  compression 78.7x vs 108x",
+                              "  after precision 320.4x vs 361x"]
+
+
+def test_results_at_a_glance_rows():
+    reports = {"lenet300_nj": _report(0.0178, 5.382, 24.69, ratio=47.3),
+               "lenet5_svd": _report(0.0086, 15.3, 50.3, (118.2, 390.2), ratio=300.4)}
+    retrained = {"lenet300_nj_ft": _report(0.0168, 6.355, 29.15, ratio=54.0)}
+    lines = tables.results_at_a_glance(reports, retrained, TARGETS).splitlines()
+    rows = [line.split() for line in lines]
+    assert lines[0].startswith("LeNet-300-100") and rows[0][-4:] == ["%", "pruning", "precision", "file"]
+    assert rows[1] == ["BC-GNJ", "paper", "1.80", "-", "-", "-"]
+    assert rows[2] == ["ours", "1.78", "5.4x", "24.7x", "47x"]
+    assert rows[3] == ["ours", "+", "retraining", "1.68", "6.4x", "29.1x", "54x"]
+    block = lines.index(next(line for line in lines if line.startswith("LeNet-5-Caffe")))
+    # Sparse VD: the sparse rates; no retrained run, so no retrained row.
+    assert rows[block + 1] == ["Sparse", "VD", "paper", "1.00", "63x", "228x", "-"]
+    assert rows[block + 2] == ["ours", "0.86", "118.2x", "390.2x", "300x"]
+    assert rows[block + 3] == []
+    with pytest.raises(ValueError, match="run name"):
+        tables.results_at_a_glance({"vgg_nj": reports["lenet300_nj"]}, {}, TARGETS)
+
+
+def test_seed_spread_counts_overlaps_and_checks_the_release():
+    def seeds(*tests):
+        return [{"selection_error": 0.005, "test_error": t} for t in tests]
+    analyses = {
+        # Kept 0.93-0.95 and rejected 0.94-0.99 overlap.
+        "lenet5_nj_ft": {"offset": 0.0, "candidates": [
+            {"offset": 0.0, "architecture": "9-16-93-16", "seeds": seeds(0.0093, 0.0095, 0.0094)},
+            {"offset": -0.25, "architecture": "9-13-69-14", "seeds": seeds(0.0099, 0.0094, 0.0120),
+             "compression_pruning": 120.0, "compression_precision": 400.0}]},
+        # Kept 0.80-0.81 and rejected 0.90-0.92 do not.
+        "lenet300_nj_ft": {"offset": -0.5, "candidates": [
+            {"offset": 0.0, "architecture": "411-114-21"},
+            {"offset": -0.5, "architecture": "365-113-19", "seeds": seeds(0.0080, 0.0081, 0.0080)},
+            {"offset": -0.75, "architecture": "350-113-19", "seeds": seeds(0.0090, 0.0092, 0.0091)}]},
+    }
+    lines = tables.seed_spread_table(analyses, TARGETS).splitlines()
+    assert lines[2].split() == ["lenet5_nj_ft", "+0.00", "9-16-93-16", "kept", "0.50", "0.50", "0.50",
+                                "0.93", "0.95", "0.94"]
+    assert lines[3].split()[3] == "rejected" and len(lines[2:6]) == 4
+    assert "overlap across seeds in 1 of 2 searches" in lines[7]
+    # 120 >= 108 and 400 >= 361: rates reached; test errors 0.99, 0.94 <= 1.0 but not 1.20.
+    assert lines[-2] == "LeNet-5 BC-GNJ, rejected 9-13-69-14: 120.0x / 400.0x"
+    assert lines[-1] == "  release's rates reached; test error <= 1.0 % for 2 of 3 seeds"
+
+
+def test_retraining_against_release_and_the_file_goal():
+    reports = {"lenet5_nj_ft": _report(0.0093, 78.66, 320.4, ratio=507.0),
+               "lenet5_svd_ft": _report(0.0082, 30.0, 90.0, (276.7, 1068.7), ratio=538.0),
+               "lenet300_nj_ft": _report(0.0168, 6.4, 29.2, ratio=54.0)}
+    lines = tables.retraining_against_release(reports, TARGETS, (700.0, 0.010)).splitlines()
+    assert lines[:4] == ["LeNet-5 BC-GNJ + retraining, against the release:", "  error 0.93 % vs 1.0 %: met",
+                         "  compression 78.7x vs 108x: short", "  after precision 320.4x vs 361x: short"]
+    assert lines[5:8] == ["  error 0.82 % vs 1.0 %: met", "  compression 276.7x vs 63x: met",
+                          "  after precision 1068.7x vs 228x: met"]
+    assert "lenet300" not in "\n".join(lines)  # no rates to compare with, and not a LeNet-5 file
+    assert lines[-2:] == ["smallest retrained LeNet-5 file at <= 1.0 % error: lenet5_svd_ft,",
+                          "538x smaller than the float32 dense network (goal 700x: not reached)"]
+
+
+def test_speed_table_fits_and_names_macs():
+    result = {"architecture": "9-16-93-16", "threads": 2, "flops_before": 2_293_000, "flops_after": 361_648,
+              "flop_reduction": 2_293_000 / 361_648, "freed_memory_kept": False,
+              "runs": [{"layout": "channels_last", "batch": 1000, "dense_ms": 140.316, "pruned_ms": 36.707,
+                        "pruned_examples_per_s": 1000 / 0.036707, "speedup": 140.316 / 36.707,
+                        "speedup_over_flop_reduction": 140.316 / 36.707 / (2_293_000 / 361_648)}],
+              "layers": {"channels_last": [{"layer": "0 Conv2d", "dense_ms": 3.0, "pruned_ms": 1.0},
+                                           {"layer": "1 MaxPool2d", "dense_ms": 6.0, "pruned_ms": 3.0}]}}
+    text = tables.speed_table(result)
+    assert all(len(line) <= 80 for line in text.splitlines())
+    assert "multiply-accumulates (MACs) per example: 2,293,000 -> 361,648 (6.3x fewer)" in text
+    row = next(line for line in text.splitlines() if line.startswith("channels_last  "))
+    assert row.split() == ["channels_last", "1000", "140.316", "36.707", "27,243", "3.82x", "0.60"]
+    assert text.splitlines()[-1].split() == ["1", "MaxPool2d", "6.000", "3.000", "75%"]
+
+
+def test_bench_trials_summary_judges_the_median_and_compares_the_allocators():
+    def measured(kept, ratio):
+        runs = [{"layout": "compiled", "batch": 1000, "speedup": 6.0 * ratio, "speedup_over_flop_reduction": ratio,
+                 "speedup_over_flop_reduction_range": [ratio - 0.1, ratio + 0.1]},
+                {"layout": "compiled", "batch": 1, "speedup": 1.5, "speedup_over_flop_reduction": 0.24}]
+        return {"command": "python -m bclib bench compression", "cpu": "cpu", "torch": "2",
+                "results": {"compression": {"threads": 2, "architecture": "9-16-93-16", "flop_reduction": 6.3,
+                                            "freed_memory_kept": kept, "trials": [{}] * 5, "runs": runs}}}
+    text = tables.bench_trials_summary({"a.json": measured(False, 0.85), "b.json": measured(True, 0.58)}, 0.8)
+    lines = text.splitlines()
+    assert lines[5].split() == ["compiled", "1000", "5.10x", "0.85", "0.75-0.95", "met"]
+    assert lines[6].split() == ["compiled", "1", "1.50x", "0.24", "0.24-0.24"]
+    assert "medians of 5 trial(s)" in lines[3]
+    assert lines[-2:] == ["compiled, batch 1000, 2 threads: 0.85 of the FLOP cut with glibc's defaults,",
+                          "0.58 with freed memory kept"]
+    assert all(len(line) <= 80 for line in lines)
+
+
+@pytest.fixture
+def pair():
+    """fc1: 4 -> 3 with group log alphas (-9, 0, -9, -9); fc2: 3 -> 2 with (-9, -9, 0)."""
+    fc1, fc2 = bclib.LinearGroupNJ(4, 3), bclib.LinearGroupNJ(3, 2)
+    with torch.no_grad():
+        for layer, log_alpha in ((fc1, [-9.0, 0.0, -9.0, -9.0]), (fc2, [-9.0, -9.0, 0.0])):
+            layer.weight_mu.copy_(torch.where(torch.rand(layer.weight_shape) < 0.5, -1.0, 1.0))
+            layer.z_mu.fill_(1.0)
+            layer.z_logvar.copy_(torch.tensor(log_alpha))
+    return nn.Sequential(fc1, nn.ReLU(), fc2).eval()
+
+
+def test_compression_at_offset_matches_compress(pair):
+    x, y = torch.randn(20, 4), torch.randint(0, 2, (20,))
+    text = tables.compression_at_offset(pair, [-3.0, -3.0], x, y, offset=3.5)
+    # Offset 3.5 moves the thresholds to 0.5: fc1 keeps its input 1 (log alpha 0), fc2 its input 2.
+    result = bclib.compress(pair, [0.5, 0.5])
+    error = bclib.compression.model_error(result.reduced_precision_model(), x, y)
+    assert text.splitlines()[0] == "thresholds [0.5, 0.5]"
+    assert text.splitlines()[1] == f"architecture {result.report.architecture}, error {100 * error:.2f} %"
+    assert result.report.architecture.startswith("4-3")
+
+
+
+
+def _bits_report(bits, precision, size, ratio, error):
+    return {"layers": [{"bits": b} for b in bits], "compression_precision": precision,
+            "compression_sparse_precision": 2 * precision, "file": {"bytes": size, "ratio": ratio},
+            "file_error": error}
+
+
+def test_bit_search_table_rows():
+    retrained = {"lenet5_nj_ft": _bits_report([13, 4, 2, 5], 320.4, 3403, 506.7, 0.0093),
+                 "lenet5_svd_ft": _bits_report([6, 4, 5, 8], 100.0, 3204, 538.2, 0.0082),
+                 "lenet5_hs_ft": _bits_report([7, 6, 5, 9], 323.6, 3836, 449.5, 0.0085)}
+    lowered = {"lenet5_nj_ft_bits": _bits_report([13, 2, 1, 5], 401.3, 2601, 662.9, 0.0096),
+               "lenet5_svd_ft_bits": _bits_report([3, 2, 3, 4], 150.0, 2400, 718.5, 0.0099)}
+    lines = tables.bit_search_table(retrained, lowered).splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    rows = [line.split() for line in lines]
+    assert rows[1] == ["LeNet-5", "BC-GNJ", "retrained", "13-4-2-5", "320.4x", "3,403", "B", "507x", "0.93"]
+    assert rows[2] == ["fewer", "bits", "13-2-1-5", "401.3x", "2,601", "B", "663x", "0.96"]
+    # Sparse VD shows the sparse after-precision rate (twice the dense one in these reports).
+    assert rows[3][:5] == ["LeNet-5", "Sparse", "VD", "retrained", "6-4-5-8"] and rows[3][5] == "200.0x"
+    assert rows[4][2:4] == ["3-2-3-4", "300.0x"]
+    assert rows[5][:4] == ["LeNet-5", "BC-GHS", "retrained", "7-6-5-9"] and len(rows) == 6  # no lowered run
+
+
+def test_bit_search_steps_lists_each_candidate():
+    analysis = {"allowed": 0.0084, "candidates": [
+        {"layer": "3", "bits": [13, 2, 2, 5], "selection_error": 0.0077, "kept": True},
+        {"layer": "3", "bits": [13, 1, 2, 5], "selection_error": 0.0091, "kept": False},
+        {"layer": "0", "bits": [7, 2, 2, 5], "selection_error": 0.0080, "kept": True}]}
+    lines = tables.bit_search_steps(analysis, ["0", "3", "7", "9"], {"0": "conv1", "3": "conv2"}).splitlines()
+    assert "(allowed 0.84 %)" in lines[0]
+    assert [line.split() for line in lines[1:]] == [["conv2", "2", "13-2-2-5", "0.77", "kept"],
+                                                    ["conv2", "1", "13-1-2-5", "0.91", "over"],
+                                                    ["conv1", "7", "7-2-2-5", "0.80", "kept"]]
+    with pytest.raises(ValueError, match="do not match the candidate"):
+        tables.bit_search_steps(analysis, ["0", "3", "7"])

@@ -153,13 +153,15 @@ def release_comparison(reports: Mapping[str, Mapping], targets: Mapping[str, Seq
 
 
 def results_at_a_glance(reports: Mapping[str, Mapping], retrained: Mapping[str, Mapping],
-                        targets: Mapping[str, Sequence]) -> str:
+                        targets: Mapping[str, Sequence], lowered: Mapping[str, Mapping] | None = None) -> str:
     """Per model and prior: the paper's (release's) numbers, ours with the paper's pipeline, ours retrained.
 
     Args:
         reports: ``report.json`` of each base run by name (``"lenet300_nj"``, ``"lenet5_hs"``, ...).
         retrained: ``report.json`` of the retrained runs by name (``"lenet5_hs_ft"``, ...); a base
             run without one gets no retrained row.
+        lowered: ``report.json`` of the bit-lowered runs by name (``"lenet5_hs_ft_bits"``, ...), a
+            fourth row ("+ fewer bits") where present.
         targets: the paper's ``(error, after pruning, after precision)`` by base run name, error as a
             fraction, ``None`` for a number the constants do not hold (:data:`bclib.bench.PAPER_TARGETS`).
 
@@ -195,7 +197,8 @@ def results_at_a_glance(reports: Mapping[str, Mapping], retrained: Mapping[str, 
             keys = _rate_keys(name)
             target = tuple(targets.get(name, (None, None, None)))
             rows = [("paper", cells(*target, None, rate_format="g"))]
-            for label, r in (("ours", reports[name]), ("ours + retraining", retrained.get(f"{name}_ft"))):
+            for label, r in (("ours", reports[name]), ("ours + retraining", retrained.get(f"{name}_ft")),
+                             ("  + fewer bits", (lowered or {}).get(f"{name}_ft_bits"))):
                 if r is not None:
                     rows.append((label, cells(r["file_error"], r[keys[0]], r[keys[1]], r["file"]["ratio"])))
             for k, (label, text) in enumerate(rows):
@@ -275,12 +278,22 @@ def seed_spread_table(analyses: Mapping[str, Mapping], targets: Mapping[str, Seq
     return "\n".join(lines)
 
 
+def _refinement(name: str) -> tuple[str, str]:
+    """``("lenet5_nj", "+ retraining, fewer bits")`` for ``"lenet5_nj_ft_bits"``: the paper run and the steps after it."""
+    if name.endswith("_ft_bits"):
+        return name.removesuffix("_ft_bits"), "+ retraining, fewer bits"
+    if name.endswith("_ft"):
+        return name.removesuffix("_ft"), "+ retraining"
+    return name, ""
+
+
 def retraining_against_release(reports: Mapping[str, Mapping], targets: Mapping[str, Sequence],
                                file_goal: tuple[float, float]) -> str:
     """The retrained LeNet-5 runs against the release's numbers, and the smallest accurate file.
 
     Args:
-        reports: ``report.json`` of each retrained run by name (``"lenet5_nj_ft"``, ...).
+        reports: ``report.json`` of each retrained run by name (``"lenet5_nj_ft"``, ...; bit-lowered
+            ones, ``"lenet5_nj_ft_bits"``, too).
         targets: the release's ``(error, after pruning, after precision)`` by base run name;
             runs whose base has no rates there are skipped.
         file_goal: ``(ratio, error)``: the file ratio sought at no more than that error
@@ -301,14 +314,14 @@ def retraining_against_release(reports: Mapping[str, Mapping], targets: Mapping[
     """
     lines = []
     for name, r in reports.items():
-        base = name.removesuffix("_ft")
+        base, steps = _refinement(name)
         if base not in targets or None in tuple(targets[base])[1:]:
             continue
         (error, pruning, precision), keys = targets[base], _rate_keys(base)
         checks = [(f"error {100 * r['file_error']:.2f} %", f"{100 * error:.1f} %", r["file_error"] <= error),
                   (f"compression {r[keys[0]]:.1f}x", f"{pruning:g}x", r[keys[0]] >= pruning),
                   (f"after precision {r[keys[1]]:.1f}x", f"{precision:g}x", r[keys[1]] >= precision)]
-        lines.append(f"{_run_label(base)} + retraining, against the release:")
+        lines.append(f"{_run_label(base)} {steps}, against the release:")
         lines += [f"  {ours} vs {theirs}: {'met' if met else 'short'}" for ours, theirs, met in checks]
     goal_ratio, goal_error = file_goal
     accurate = {name: r for name, r in reports.items()

@@ -59,6 +59,9 @@ def test_results_at_a_glance_rows():
     assert rows[block + 3] == []
     with pytest.raises(ValueError, match="run name"):
         tables.results_at_a_glance({"vgg_nj": reports["lenet300_nj"]}, {}, TARGETS)
+    lowered = {"lenet5_svd_ft_bits": _report(0.0095, 15.3, 70.0, (276.7, 1500.0), ratio=720.4)}
+    rows = [line.split() for line in tables.results_at_a_glance(reports, retrained, TARGETS, lowered).splitlines()]
+    assert rows[block + 3] == ["+", "fewer", "bits", "0.95", "276.7x", "1500.0x", "720x"]
 
 
 def test_seed_spread_counts_overlaps_and_checks_the_release():
@@ -96,6 +99,12 @@ def test_retraining_against_release_and_the_file_goal():
     assert lines[5:8] == ["  error 0.82 % vs 1.0 %: met", "  compression 276.7x vs 63x: met",
                           "  after precision 1068.7x vs 228x: met"]
     assert "lenet300" not in "\n".join(lines)  # no rates to compare with, and not a LeNet-5 file
+    lowered = tables.retraining_against_release({"lenet5_nj_ft_bits": _report(0.0097, 78.66, 401.2, ratio=701.0)},
+                                                TARGETS, (700.0, 0.010)).splitlines()
+    assert lowered[:4] == ["LeNet-5 BC-GNJ + retraining, fewer bits, against the release:",
+                           "  error 0.97 % vs 1.0 %: met", "  compression 78.7x vs 108x: short",
+                           "  after precision 401.2x vs 361x: met"]
+    assert lowered[-1] == "701x smaller than the float32 dense network (goal 700x: reached)"
     assert lines[-2:] == ["smallest retrained LeNet-5 file at <= 1.0 % error: lenet5_svd_ft,",
                           "538x smaller than the float32 dense network (goal 700x: not reached)"]
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import models
+from . import models, tables
 from ._allocator import freed_memory_kept, keep_freed_memory
 from .compression import CompressedModel, compress, propose_thresholds
 from .layers import BayesianLayer, LinearGroupHS, LinearGroupNJ, bayesian_layers, kl_divergence, set_variance_dtype
@@ -184,7 +184,7 @@ def run_compression_bench(model: nn.Module | None = None, compressed: Compressed
                 for layer, dense, pruned in zip(per_module["pruned"], per_module["dense"].values(),
                                                 per_module["pruned"].values())]
     if verbose:
-        print(_compression_table(result))
+        print(tables.speed_table(result))
     return result
 
 
@@ -283,38 +283,6 @@ def _check_same_outputs(modules: dict[str, nn.Module], references: dict[str, tor
                                f"{difference:.3g} (max abs logit; tolerance {tolerance:g})")
 
 
-def _compression_table(result: dict) -> str:
-    lines = [
-        f"architecture {result['architecture']}; {result['threads']} CPU threads; malloc: "
-        f"{'freed memory kept' if result.get('freed_memory_kept') else 'settings untouched'}",
-        f"FLOPs (multiply-accumulates) {result['flops_before']:,} -> {result['flops_after']:,} per example "
-        f"({result['flop_reduction']:.1f}x fewer)",
-        # Rows under 80 characters, so that the book shows the table without scrolling.
-        f"{'layout':<13} {'batch':>5} {'dense ms':>9} {'pruned ms':>9} {'pruned ex/s':>11} "
-        f"{'speed-up':>8} {'/ FLOP cut':>10}",
-    ]
-    for row in result["runs"]:
-        lines.append(f"{row['layout']:<13} {row['batch']:>5} {row['dense_ms']:>9.3f} {row['pruned_ms']:>9.3f} "
-                     f"{row['pruned_examples_per_s']:>11,.0f} {row['speedup']:>7.2f}x "
-                     f"{row['speedup_over_flop_reduction']:>10.2f}")
-    if "trials" in result:
-        lines += ["", f"medians of {len(result['trials'])} trials (fresh processes); speed-up / FLOP cut over them:",
-                  f"{'layout':<13} {'batch':>5} {'min':>6} {'median':>6} {'max':>6}"]
-        for row in result["runs"]:
-            low, high = row["speedup_over_flop_reduction_range"]
-            lines.append(f"{row['layout']:<13} {row['batch']:>5} {low:>6.2f} "
-                         f"{row['speedup_over_flop_reduction']:>6.2f} {high:>6.2f}")
-    for layout, rows in result["layers"].items():
-        batch = max(row["batch"] for row in result["runs"])
-        lines += ["", f"per module, {layout}, batch {batch} (each timed alone)",
-                  f"{'module':<22}  {'dense ms':>9}  {'pruned ms':>9}  {'share of pruned':>15}"]
-        total = sum(row["pruned_ms"] for row in rows)
-        for row in rows:
-            lines.append(f"{row['layer']:<22}  {row['dense_ms']:>9.3f}  {row['pruned_ms']:>9.3f}  "
-                         f"{row['pruned_ms'] / total:>15.0%}")
-    return "\n".join(lines)
-
-
 def run_compression_bench_from_run(run_dir=None, **kwargs) -> dict:
     """:func:`run_compression_bench` on a trained run folder (``config.json`` + ``checkpoint.pt``).
 
@@ -375,7 +343,7 @@ def run_compression_trials(trials: int, run_dir=None, *, verbose: bool = True, *
             print(f"trial {trial + 1}/{trials}, speed-up / FLOP cut: {ratios}", flush=True)
     summary = summarise_trials(results)
     if verbose:
-        print(_compression_table(summary))
+        print(tables.speed_table(summary))
     return summary
 
 

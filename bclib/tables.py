@@ -59,8 +59,8 @@ def speed_table(result: Mapping) -> str:
 
     Returns:
         The table: MACs before and after pruning, then per layout and batch size the median times,
-        the pruned network's throughput, the speed-up and the speed-up over the MAC reduction; then
-        per layout the time of each module.
+        the pruned network's throughput, the speed-up and the speed-up over the MAC reduction (for
+        a summary of several trials, their range too); then per layout the time of each module.
 
     Example:
         >>> result = {"architecture": "8-13-88-13", "threads": 2, "flops_before": 2_293_000,
@@ -85,6 +85,13 @@ def speed_table(result: Mapping) -> str:
         lines.append(f"{row['layout']:<13} {row['batch']:>5} {row['dense_ms']:>9.3f} {row['pruned_ms']:>9.3f} "
                      f"{row['pruned_examples_per_s']:>12,.0f} {row['speedup']:>7.2f}x "
                      f"{row['speedup_over_flop_reduction']:>11.2f}")
+    if "trials" in result:  # bench.run_compression_trials: medians, and the range over the trials
+        lines += ["", f"medians of {len(result['trials'])} trials (fresh processes); speed-up / MAC cut over them:",
+                  f"{'layout':<13} {'batch':>5} {'min':>6} {'median':>6} {'max':>6}"]
+        for row in result["runs"]:
+            low, high = row["speedup_over_flop_reduction_range"]
+            lines.append(f"{row['layout']:<13} {row['batch']:>5} {low:>6.2f} "
+                         f"{row['speedup_over_flop_reduction']:>6.2f} {high:>6.2f}")
     for layout, rows in result.get("layers", {}).items():
         batch = max(row["batch"] for row in result["runs"])
         lines += ["", f"per module, {layout}, batch {batch} (each timed alone)",

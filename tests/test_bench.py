@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from bclib import bench, models
+from bclib import bench, models, tables
 from bclib._allocator import freed_memory_kept
 from bclib.compression import compress
 
@@ -113,7 +113,7 @@ def test_summarise_trials_takes_medians_and_ranges_by_hand(capsys):
     assert (second["speedup_over_flop_reduction"], second["speedup_over_flop_reduction_range"]) == (0.2, [0.1, 0.3])
     assert summary["layers"]["contiguous"] == [{"layer": "0 Linear", "dense_ms": 2.0, "pruned_ms": 1.0}]
     assert summary["trials"] == [trial["runs"] for trial in trials] and summary["architecture"] == "2-1"
-    table = bench._compression_table(summary)
+    table = tables.speed_table(summary)
     assert "medians of 3 trials" in table and "contiguous       10   0.50   0.70   0.90" in table
     other = _trial((0.5, 0.2), (2.0, 1.0), 3.0)
     other["runs"].reverse()

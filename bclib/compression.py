@@ -483,7 +483,11 @@ def compress(model: nn.Module, thresholds, input_shape=None) -> "CompressedModel
             Flatten / BatchNorm1d / BatchNorm2d, as built by :mod:`bclib.models`.
         thresholds: log-alpha threshold per Bayesian layer, in order (a list), or a dict by module
             name (as in ``model.named_modules()``), or one number for every layer. A group is kept
-            when ``log_alpha < threshold``.
+            when ``log_alpha < threshold``. Typical values: the release used -2.8 to -5 for the
+            NJ layers (their groups start near -9); a horseshoe group the data does not use settles
+            near log(e - 1) = 0.54; Sparse VD weights are dropped above 3 (Molchanov et al.).
+            :func:`propose_thresholds` (between the two modes of each histogram) and
+            :func:`select_thresholds` (on held-out examples) choose them from the trained network.
         input_shape: shape of one example, e.g. ``(1, 28, 28)``; defaults to ``model.input_shape``
             (needed for the FLOPs of convolutions and the flatten between conv and linear layers).
 

@@ -439,11 +439,12 @@ def lower_bits_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, c
     The paper sets each layer's bits from the posterior variance of its weights
     (:func:`bclib.compression.weight_bits`), and keeps them. Retraining on the grid
     (:func:`bclib.compression.fine_tune`) can make up for a coarser one, as it makes up for deeper
-    pruning in :func:`fine_tune_run`. Starting from the network in ``base_dir/model.bcz``, layers
-    are taken in turn, the one with the most stored information first (surviving weights times
-    bits); for each, a binary search over its bits in ``MIN_BITS .. current`` retrains every
-    candidate from the last kept network and keeps the fewest bits whose error on the selection
-    split (the last 10,000 training examples) stays within 0.1 points of the base network's. The
+    pruning in :func:`fine_tune_run`. Layers are taken in turn, the one with the most stored
+    information first (surviving weights times bits); for each, a binary search over its bits in
+    ``MIN_BITS .. current`` retrains the network of ``base_dir/model.bcz`` on the candidate's grids
+    (the layers already searched at their new bits) and keeps the fewest bits whose error on the
+    selection split (the last 10,000 training examples) stays within 0.1 points of the base
+    network's. Every candidate starts from the base network, so retrainings do not pile up. The
     architecture does not change, so the after-pruning rates stay; the after-precision rates and the
     file follow the bits. The test set only reports.
 
@@ -470,23 +471,24 @@ def lower_bits_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, c
     if "thresholds" not in base_report or not (base_dir / "model.bcz").exists():
         raise ValueError(f"base_dir {str(base_dir)!r} must be a compressed Bayesian run with report.json "
                          f"(thresholds included) and model.bcz")
-    current = compression.CompressedModel.from_file(base_dir / "model.bcz", base_report)
+    base = compression.CompressedModel.from_file(base_dir / "model.bcz", base_report)
     fast = bool(base_config.get("fast"))
     input_range = tuple(base_config.get("input_range", DEFAULT_INPUT_RANGE))
     train, test = _load_data(data_root, input_range, fast)
     fit_split, selection = _fit_split(train), _selection_split(train)
-    reference = compression.model_error(current.reduced_precision_model(), selection.x, selection.y)
+    reference = compression.model_error(base.reduced_precision_model(), selection.x, selection.y)
     allowed = reference + SELECTION_TOLERANCE
-    names = [row.name for row in current.report.layers]
-    bits = {row.name: row.bits for row in current.report.layers}
+    names = [row.name for row in base.report.layers]
+    bits = {row.name: row.bits for row in base.report.layers}
     bits_before = list(bits.values())
-    order = sorted(current.report.layers, key=lambda row: -row.weights_nonzero * row.bits)
-    candidates, history = [], None
+    order = sorted(base.report.layers, key=lambda row: -row.weights_nonzero * row.bits)
+    candidates, current, history = [], base, None
     for row in order:
         low, high, kept = MIN_BITS, bits[row.name], None
         while low < high:
             trial = (low + high) // 2
-            candidate = current.with_bits({**bits, row.name: trial})
+            # Every candidate starts from the base network: a chain of retrainings would drift.
+            candidate = base.with_bits({**bits, row.name: trial})
             tuned, trial_history, errors = _retrain(candidate, fit_split, selection, test, config, progress)
             accepted = errors["selection_error"] <= allowed
             candidates.append({

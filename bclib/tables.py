@@ -453,11 +453,11 @@ def bit_search_table(retrained: Mapping[str, Mapping], lowered: Mapping[str, Map
         >>> low = {**ft, "layers": [{"bits": 13}, {"bits": 2}], "compression_precision": 350.0,
         ...        "file": {"bytes": 2890, "ratio": 596.7}, "file_error": 0.0095}
         >>> print(bit_search_table({"lenet5_nj_ft": ft}, {"lenet5_nj_ft_bits": low}))
-        run              network      bits     precision        file   error %
-        LeNet-5 BC-GNJ   retrained    13-4         320.4x  3,403 B  507x      0.93
-                         fewer bits   13-2         350.0x  2,890 B  597x      0.95
+        run                network     bits       precision            file   error %
+        LeNet-5 BC-GNJ     retrained   13-4          320.4x   3,403 B  507x      0.93
+                           fewer bits  13-2          350.0x   2,890 B  597x      0.95
     """
-    lines = [f"{'run':<16} {'network':<12} {'bits':<12} {'precision':>9} {'file':>15} {'error %':>9}"]
+    lines = [f"{'run':<18} {'network':<11} {'bits':<10} {'precision':>9} {'file':>15} {'error %':>9}"]
     for name, report in retrained.items():
         base = name.removesuffix("_ft")
         key = _rate_keys(base)[1]
@@ -467,7 +467,7 @@ def bit_search_table(retrained: Mapping[str, Mapping], lowered: Mapping[str, Map
                 continue
             bits = "-".join(str(layer["bits"]) for layer in r["layers"])
             file = f"{r['file']['bytes']:,} B {r['file']['ratio']:4.0f}x"
-            lines.append(f"{_run_label(base) if k == 0 else '':<16} {label:<12} {bits:<12} {r[key]:>8.1f}x "
+            lines.append(f"{_run_label(base) if k == 0 else '':<18} {label:<11} {bits:<10} {r[key]:>8.1f}x "
                          f"{file:>15} {100 * r['file_error']:>9.2f}")
     return "\n".join(lines)
 

@@ -182,6 +182,10 @@ def test_bit_search_table_rows():
                "lenet5_svd_ft_bits": _bits_report([3, 2, 3, 4], 150.0, 2400, 718.5, 0.0099)}
     lines = tables.bit_search_table(retrained, lowered).splitlines()
     assert all(len(line) <= 80 for line in lines)
+    # The longest label of the book, with a large file: still 80 characters.
+    widest = {"lenet300_svd_ft": _bits_report([10, 10, 10], 1000.0, 123_456, 999.0, 0.0186)}
+    assert max(map(len, tables.bit_search_table(widest, {"lenet300_svd_ft_bits": widest["lenet300_svd_ft"]})
+                   .splitlines())) <= 80
     rows = [line.split() for line in lines]
     assert rows[1] == ["LeNet-5", "BC-GNJ", "retrained", "13-4-2-5", "320.4x", "3,403", "B", "507x", "0.93"]
     assert rows[2] == ["fewer", "bits", "13-2-1-5", "401.3x", "2,601", "B", "663x", "0.96"]

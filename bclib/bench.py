@@ -293,17 +293,17 @@ def run_compression_bench_from_run(run_dir=None, **kwargs) -> dict:
     usable run folder the bench says so and times :func:`paper_lenet5` instead.
     """
     run_dir = None if run_dir is None else Path(run_dir)
-    if run_dir is not None and not (run_dir / "checkpoint.pt").is_file() and all(
-            (run_dir / name).is_file() for name in ("config.json", "report.json", "model.bcz")):
-        from .models import build_model
-
+    present = {name for name in ("config.json", "checkpoint.pt", "report.json", "model.bcz")
+               if run_dir is not None and (run_dir / name).is_file()}
+    if {"config.json", "checkpoint.pt"} - present:
+        if {"config.json", "report.json", "model.bcz"} - present:
+            print(f"no trained run at {run_dir}:\ntiming an untrained LeNet-5 pruned to the paper's 8-13-88-13")
+            return run_compression_bench(**kwargs)
         config = json.loads((run_dir / "config.json").read_text())
         compressed = CompressedModel.from_file(run_dir / "model.bcz", json.loads((run_dir / "report.json").read_text()))
         print(f"run {run_dir}: its model.bcz, against the unpruned architecture")
-        return run_compression_bench(build_model(config["model"], config["prior"]), compressed=compressed, **kwargs)
-    if run_dir is None or not (run_dir / "checkpoint.pt").is_file() or not (run_dir / "config.json").is_file():
-        print(f"no trained run at {run_dir}:\ntiming an untrained LeNet-5 pruned to the paper's 8-13-88-13")
-        return run_compression_bench(**kwargs)
+        return run_compression_bench(models.build_model(config["model"], config["prior"]), compressed=compressed,
+                                     **kwargs)
     from .experiments import load_run_model
 
     model = load_run_model(run_dir).cpu()

@@ -365,19 +365,9 @@ def fine_tune_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, co
     """
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"seeds must be a positive int (1: no spread), got {seeds!r}")
-    base_dir, out_dir = Path(base_dir), Path(out_dir)
-    if out_dir.resolve() == base_dir.resolve():
-        raise ValueError(f"out_dir must be a new folder, not the base run {str(base_dir)!r} (it would be overwritten)")
-    base_config = json.loads((base_dir / "config.json").read_text())
-    base_report = json.loads((base_dir / "report.json").read_text())
-    if "thresholds" not in base_report:
-        raise ValueError(f"base_dir {str(base_dir)!r} must be a compressed Bayesian run; its report.json has no "
-                         f"thresholds (a deterministic run?)")
+    base_dir, out_dir, base_config, base_report = _base_run(base_dir, out_dir)
     model = load_run_model(base_dir).cpu()
-    fast = bool(base_config.get("fast"))
-    input_range = tuple(base_config.get("input_range", DEFAULT_INPUT_RANGE))
-    train, test = _load_data(data_root, input_range, fast)
-    fit_split, selection = _fit_split(train), _selection_split(train)
+    fit_split, selection, test = _search_splits(base_config, data_root)
     candidates, kept, allowed = [], None, None
     for offset in FINE_TUNE_OFFSETS:
         thresholds = [t + offset for t in base_report["thresholds"]]
@@ -412,14 +402,8 @@ def fine_tune_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, co
                 _, _, errors = _retrain(result, fit_split, selection, test, replace(config, seed=seed), progress)
                 spread.append({"seed": seed, **errors})
             candidate["seeds"] = spread
-    out_dir.mkdir(parents=True, exist_ok=True)  # written only now: a failed search leaves nothing behind
-    write_json(out_dir / "config.json", {
-        "name": out_dir.name, "model": base_config["model"], "prior": base_config["prior"],
-        "train": config.to_dict(), "fine_tunes": base_dir.name, "offsets": list(FINE_TUNE_OFFSETS),
-        "selection_tolerance": SELECTION_TOLERANCE, "seeds": seeds, "input_range": list(input_range), "fast": fast,
-        "train_examples": len(fit_split), "selection_examples": len(selection), "test_examples": len(test),
-        "command": _command_line(), "torch": torch.__version__,
-    })
+    _write_search_config(out_dir, base_config, config, (fit_split, selection, test),
+                         {"fine_tunes": base_dir.name, "offsets": list(FINE_TUNE_OFFSETS), "seeds": seeds})
     write_json(out_dir / "metrics.json", history)
     write_json(out_dir / "analysis.json", {"candidates": candidates, "offset": offset})
     fine_tuning = {"from": base_dir.name, "offset": offset, "epochs": config.epochs,
@@ -463,19 +447,9 @@ def lower_bits_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, c
     Returns:
         The report (also written to ``report.json``).
     """
-    base_dir, out_dir = Path(base_dir), Path(out_dir)
-    if out_dir.resolve() == base_dir.resolve():
-        raise ValueError(f"out_dir must be a new folder, not the base run {str(base_dir)!r} (it would be overwritten)")
-    base_config = json.loads((base_dir / "config.json").read_text())
-    base_report = json.loads((base_dir / "report.json").read_text())
-    if "thresholds" not in base_report or not (base_dir / "model.bcz").exists():
-        raise ValueError(f"base_dir {str(base_dir)!r} must be a compressed Bayesian run with report.json "
-                         f"(thresholds included) and model.bcz")
+    base_dir, out_dir, base_config, base_report = _base_run(base_dir, out_dir, needs="model.bcz")
     base = compression.CompressedModel.from_file(base_dir / "model.bcz", base_report)
-    fast = bool(base_config.get("fast"))
-    input_range = tuple(base_config.get("input_range", DEFAULT_INPUT_RANGE))
-    train, test = _load_data(data_root, input_range, fast)
-    fit_split, selection = _fit_split(train), _selection_split(train)
+    fit_split, selection, test = _search_splits(base_config, data_root)
     reference = compression.model_error(base.reduced_precision_model(), selection.x, selection.y)
     allowed = reference + SELECTION_TOLERANCE
     names = [row.name for row in base.report.layers]
@@ -487,12 +461,13 @@ def lower_bits_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, c
         low, high, kept = MIN_BITS, bits[row.name], None
         while low < high:
             trial = (low + high) // 2
+            trial_bits = {**bits, row.name: trial}
             # Every candidate starts from the base network: a chain of retrainings would drift.
-            candidate = base.with_bits({**bits, row.name: trial})
+            candidate = base.with_bits(trial_bits)
             tuned, trial_history, errors = _retrain(candidate, fit_split, selection, test, config, progress)
             accepted = errors["selection_error"] <= allowed
             candidates.append({
-                "layer": row.name, "bits": [{**bits, row.name: trial}[name] for name in names],
+                "layer": row.name, "bits": [trial_bits[name] for name in names],
                 "compression_precision": candidate.report.compression_precision,
                 "compression_sparse_precision": candidate.report.compression_sparse_precision,
                 "file_bytes": tuned.file_bytes(), **errors, "kept": accepted,
@@ -507,14 +482,8 @@ def lower_bits_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, c
         if kept is not None:
             bits[row.name] = high
             current, history = kept
-    out_dir.mkdir(parents=True, exist_ok=True)  # written only now: a failed search leaves nothing behind
-    write_json(out_dir / "config.json", {
-        "name": out_dir.name, "model": base_config["model"], "prior": base_config["prior"],
-        "train": config.to_dict(), "lowers_bits_of": base_dir.name, "min_bits": MIN_BITS,
-        "selection_tolerance": SELECTION_TOLERANCE, "input_range": list(input_range), "fast": fast,
-        "train_examples": len(fit_split), "selection_examples": len(selection), "test_examples": len(test),
-        "command": _command_line(), "torch": torch.__version__,
-    })
+    _write_search_config(out_dir, base_config, config, (fit_split, selection, test),
+                         {"lowers_bits_of": base_dir.name, "min_bits": MIN_BITS})
     write_json(out_dir / "metrics.json", history or [])
     write_json(out_dir / "analysis.json", {"reference_selection_error": reference, "allowed": allowed,
                                            "candidates": candidates})
@@ -524,6 +493,42 @@ def lower_bits_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, c
     extra = {key: base_report[key] for key in ("fine_tuning",) if key in base_report}
     return _write_compressed(out_dir, current, base_report["thresholds"], base_report["dense_error"], test,
                              extra={**extra, "bit_search": bit_search})
+
+
+def _base_run(base_dir, out_dir, needs: str | None = None) -> tuple[Path, Path, dict, dict]:
+    """``(base_dir, out_dir, config, report)`` of the compressed run a search starts from, checked:
+    ``out_dir`` is another folder, the report has thresholds (a Bayesian run) and ``needs`` exists."""
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    if out_dir.resolve() == base_dir.resolve():
+        raise ValueError(f"out_dir must be a new folder, not the base run {str(base_dir)!r} (it would be overwritten)")
+    base_config = json.loads((base_dir / "config.json").read_text())
+    base_report = json.loads((base_dir / "report.json").read_text())
+    if "thresholds" not in base_report or (needs is not None and not (base_dir / needs).exists()):
+        raise ValueError(f"base_dir {str(base_dir)!r} must be a compressed Bayesian run with report.json "
+                         f"(thresholds included; a deterministic run has none){f' and {needs}' if needs else ''}")
+    return base_dir, out_dir, base_config, base_report
+
+
+def _search_splits(base_config: dict, data_root) -> tuple[TensorSplit, TensorSplit, TensorSplit]:
+    """``(fit, selection, test)``: MNIST as the base run saw it, the training set split for a search."""
+    input_range = tuple(base_config.get("input_range", DEFAULT_INPUT_RANGE))
+    train, test = _load_data(data_root, input_range, bool(base_config.get("fast")))
+    return _fit_split(train), _selection_split(train), test
+
+
+def _write_search_config(out_dir: Path, base_config: dict, config: TrainConfig, splits, fields: dict) -> None:
+    """Create ``out_dir`` (only now: a failed search leaves nothing behind) and write the search's
+    ``config.json``: the base run's model, prior and data, the recipe, the split sizes and ``fields``."""
+    fit_split, selection, test = splits
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "config.json", {
+        "name": out_dir.name, "model": base_config["model"], "prior": base_config["prior"],
+        "train": config.to_dict(), **fields, "selection_tolerance": SELECTION_TOLERANCE,
+        "input_range": list(base_config.get("input_range", DEFAULT_INPUT_RANGE)),
+        "fast": bool(base_config.get("fast")), "train_examples": len(fit_split),
+        "selection_examples": len(selection), "test_examples": len(test),
+        "command": _command_line(), "torch": torch.__version__,
+    })
 
 
 # What _retrain measures of a retrained candidate, as recorded in analysis.json.

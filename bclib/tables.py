@@ -103,6 +103,15 @@ def speed_table(result: Mapping) -> str:
     return "\n".join(lines)
 
 
+def _release_checks(report: Mapping, name: str, target: Sequence, error_key: str) -> list[tuple[str, str, bool]]:
+    """``(ours, the release's, met)`` for the error (``report[error_key]``) and the two rates of run
+    ``name`` against its ``target`` (error, after pruning, after precision); Sparse VD by its sparse rates."""
+    (error, pruning, precision), keys = target, _rate_keys(name)
+    return [(f"error {100 * report[error_key]:.2f} %", f"{100 * error:.1f} %", report[error_key] <= error),
+            (f"compression {report[keys[0]]:.1f}x", f"{pruning:g}x", report[keys[0]] >= pruning),
+            (f"after precision {report[keys[1]]:.1f}x", f"{precision:g}x", report[keys[1]] >= precision)]
+
+
 def release_comparison(reports: Mapping[str, Mapping], targets: Mapping[str, Sequence]) -> str:
     """Our LeNet-5 rows (paper's pipeline) under the release's, and where ours fall short.
 
@@ -141,16 +150,8 @@ def release_comparison(reports: Mapping[str, Mapping], targets: Mapping[str, Seq
                      f"{r['compression_sparse_precision']:>11.1f}x")
     lines.append("")
     for name in names:
-        error, pruning, precision = targets[name]
-        r, keys = reports[name], _rate_keys(name)
-        ours = 100 * r["precision_error"]
-        shortfalls = []
-        if ours > 100 * error:
-            shortfalls.append(f"error {ours:.2f} % vs {100 * error:.1f} %")
-        if r[keys[0]] < pruning:
-            shortfalls.append(f"compression {r[keys[0]]:.1f}x vs {pruning:g}x")
-        if r[keys[1]] < precision:
-            shortfalls.append(f"after precision {r[keys[1]]:.1f}x vs {precision:g}x")
+        checks = _release_checks(reports[name], name, targets[name], "precision_error")
+        shortfalls = [f"{ours} vs {theirs}" for ours, theirs, met in checks if not met]
         if shortfalls:
             lines.append(f"{_run_label(name)}, short of the release in:")
             lines += [f"  {shortfall}" for shortfall in shortfalls]
@@ -324,10 +325,7 @@ def retraining_against_release(reports: Mapping[str, Mapping], targets: Mapping[
         base, steps = _refinement(name)
         if base not in targets or None in tuple(targets[base])[1:]:
             continue
-        (error, pruning, precision), keys = targets[base], _rate_keys(base)
-        checks = [(f"error {100 * r['file_error']:.2f} %", f"{100 * error:.1f} %", r["file_error"] <= error),
-                  (f"compression {r[keys[0]]:.1f}x", f"{pruning:g}x", r[keys[0]] >= pruning),
-                  (f"after precision {r[keys[1]]:.1f}x", f"{precision:g}x", r[keys[1]] >= precision)]
+        checks = _release_checks(r, base, targets[base], "file_error")
         lines.append(f"{_run_label(base)} {steps}, against the release:")
         lines += [f"  {ours} vs {theirs}: {'met' if met else 'short'}" for ours, theirs, met in checks]
     goal_ratio, goal_error = file_goal

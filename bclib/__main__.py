@@ -1,4 +1,4 @@
-"""Command line: ``python -m bclib {train,compress,fine-tune,lower-bits,reproduce,bench} ...``."""
+"""Command line: ``python -m bclib {train,compress,fine-tune,lower-bits,prune-layers,reproduce,bench} ...``."""
 from __future__ import annotations
 
 import argparse
@@ -55,13 +55,19 @@ def _parser() -> argparse.ArgumentParser:
                                 "(default 3; 1: none)")
     fine_tune.add_argument("--data", default=None, help=DATA_HELP)
 
-    lower_bits = sub.add_parser("lower-bits", help="lower a compressed run's bits below the posterior's rule, "
-                                                   "retraining on each coarser grid (not in the paper), into --out")
-    lower_bits.add_argument("run", help="compressed run folder with config.json, report.json and model.bcz "
-                                        "(e.g. a fine-tune output)")
-    lower_bits.add_argument("--out", required=True, help="folder for the new run")
-    lower_bits.add_argument("--epochs", type=int, default=None, help="retraining epochs per candidate (default 10)")
-    lower_bits.add_argument("--data", default=None, help=DATA_HELP)
+    # Searches that start from a run's committed files and retrain every candidate.
+    for command, what, run_help in (
+            ("lower-bits", "lower a compressed run's bits below the posterior's rule, retraining on each coarser "
+                           "grid", "compressed run folder with config.json, report.json and model.bcz (e.g. a "
+                                   "fine-tune output)"),
+            ("prune-layers", "search one threshold per layer of a group-prior run, retraining each candidate",
+             "compressed group-prior run folder with config.json, report.json, analysis.json (its log alphas) "
+             "and model.bcz")):
+        search = sub.add_parser(command, help=f"{what} (not in the paper), into --out")
+        search.add_argument("run", help=run_help)
+        search.add_argument("--out", required=True, help="folder for the new run")
+        search.add_argument("--epochs", type=int, default=None, help="retraining epochs per candidate (default 10)")
+        search.add_argument("--data", default=None, help=DATA_HELP)
 
     reproduce = sub.add_parser("reproduce", help="run every experiment of the results table into --out")
     reproduce.add_argument("--out", default="book/results")
@@ -136,11 +142,12 @@ def _dispatch(args: argparse.Namespace) -> None:
         config = FINE_TUNE_CONFIG if args.epochs is None else dataclasses.replace(FINE_TUNE_CONFIG, epochs=args.epochs)
         seeds = FINE_TUNE_SEEDS if args.seeds is None else args.seeds
         print(json.dumps(fine_tune_run(args.run, args.out, config=config, seeds=seeds, data_root=args.data), indent=2))
-    elif args.command == "lower-bits":
-        from .experiments import FINE_TUNE_CONFIG, lower_bits_run
+    elif args.command in ("lower-bits", "prune-layers"):
+        from .experiments import FINE_TUNE_CONFIG, lower_bits_run, prune_layers_run
 
+        search = lower_bits_run if args.command == "lower-bits" else prune_layers_run
         config = FINE_TUNE_CONFIG if args.epochs is None else dataclasses.replace(FINE_TUNE_CONFIG, epochs=args.epochs)
-        print(json.dumps(lower_bits_run(args.run, args.out, config=config, data_root=args.data), indent=2))
+        print(json.dumps(search(args.run, args.out, config=config, data_root=args.data), indent=2))
     elif args.command == "reproduce":
         from .experiments import EXPERIMENTS, run_experiment
 

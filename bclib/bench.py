@@ -637,12 +637,22 @@ def _wall_seconds(name: str, root: Path) -> float:
     experiment = EXPERIMENTS[name]
     if experiment.refines is not None:
         report = json.loads((root / name / "report.json").read_text())
-        search = report["fine_tuning" if experiment.fine_tunes else "bit_search"]
+        search = report["fine_tuning" if experiment.fine_tunes else
+                        "bit_search" if experiment.lowers_bits_of else "layer_search"]
         return search["seconds"] + _wall_seconds(experiment.refines, root)
     seconds = sum(m["seconds"] for m in json.loads((root / name / "metrics.json").read_text()))
     if experiment.init_from and (root / experiment.init_from / "metrics.json").exists():
         seconds += _wall_seconds(experiment.init_from, root)
     return seconds
+
+
+def _paper_run(name: str) -> str:
+    """The paper's run behind ``name``: itself, or the Bayesian run a refining run starts from."""
+    from .experiments import EXPERIMENTS
+
+    while EXPERIMENTS[name].refines is not None:
+        name = EXPERIMENTS[name].refines
+    return name
 
 
 def run_training_time_report(results_root="book/results", verbose: bool = True) -> dict:
@@ -672,10 +682,7 @@ def run_training_time_report(results_root="book/results", verbose: bool = True) 
         row = {"seconds": seconds, "error": error, "rates": "sparse" if sparse else "dense",
                "compression_pruning": report.get(keys[0]), "compression_precision": report.get(keys[1]),
                "file_ratio": report.get("file", {}).get("ratio")}
-        paper_run = name
-        while EXPERIMENTS[paper_run].refines is not None:
-            paper_run = EXPERIMENTS[paper_run].refines
-        target = PAPER_TARGETS.get(paper_run)
+        target = PAPER_TARGETS.get(_paper_run(name))
         if target is not None:
             met = [error <= target[0]]
             met += [row[k] is not None and row[k] >= t for k, t in
@@ -693,7 +700,7 @@ def run_training_time_report(results_root="book/results", verbose: bool = True) 
                   f"{row['rates']:>6} {rates[2]:>7} {met:>8}")
         print("rates: dense = the release's (pruned matrices stored dense); sparse = nonzero weights counted, "
               "as Molchanov et al. count Sparse VD")
-        ghs = {name: rows[name] for name in ("lenet5_hs", "lenet5_hs_ft", "lenet5_hs_ft_bits") if name in rows}
+        ghs = {name: row for name, row in rows.items() if _paper_run(name) == "lenet5_hs"}
         if ghs:
             met = [name for name, row in ghs.items() if row.get("targets_met")]
             name = min(met, key=lambda n: ghs[n]["seconds"]) if met else next(iter(ghs))

@@ -58,7 +58,7 @@ __all__ = [
     "weight_bits", "exponent_bits", "quantize", "model_error",
     "propose_threshold", "propose_thresholds", "select_thresholds", "resolve_thresholds", "threshold_sweep",
     "weight_masks", "apply_masks", "load_compressed",
-    "fine_tune", "FixedPointGrid",
+    "fine_tune", "FixedPointGrid", "prune_further",
 ]
 
 MAX_MANTISSA_BITS = 23
@@ -356,12 +356,7 @@ def resolve_thresholds(thresholds, names: list[str]) -> list[float]:
     if isinstance(thresholds, (int, float, np.floating, np.integer)) and not isinstance(thresholds, bool):
         return [_check_threshold(name, thresholds) for name in names]
     if isinstance(thresholds, dict):
-        unknown = sorted(set(thresholds) - set(names))
-        missing = [name for name in names if name not in thresholds]
-        if unknown or missing:
-            raise ValueError(f"thresholds must have one entry per Bayesian layer {names}; "
-                             f"unknown names {unknown}, missing {missing}")
-        return [_check_threshold(name, thresholds[name]) for name in names]
+        return [_check_threshold(name, value) for name, value in zip(names, _by_name(thresholds, names, "thresholds"))]
     if isinstance(thresholds, (list, tuple)):
         if len(thresholds) != len(names):
             raise ValueError(f"thresholds must have one value per Bayesian layer ({len(names)}: {names}), "
@@ -369,6 +364,16 @@ def resolve_thresholds(thresholds, names: list[str]) -> list[float]:
         return [_check_threshold(name, value) for name, value in zip(names, thresholds)]
     raise TypeError("thresholds must be a number, a list (one per Bayesian layer) or a dict by module name, "
                     f"got {type(thresholds).__name__}")
+
+
+def _by_name(values: dict, names: list[str], argument: str) -> list:
+    """``values[name]`` for each of ``names``; an error naming ``argument`` for unknown or missing names."""
+    unknown = sorted(set(values) - set(names))
+    missing = [name for name in names if name not in values]
+    if unknown or missing:
+        raise ValueError(f"{argument} must have one entry per Bayesian layer {names}; "
+                         f"unknown names {unknown}, missing {missing}")
+    return [values[name] for name in names]
 
 
 def _resolve_input_shape(model, input_shape, first_layer) -> tuple[int, ...]:
@@ -529,6 +534,126 @@ def compress(model: nn.Module, thresholds, input_shape=None) -> "CompressedModel
     return CompressedModel._build(leaves, weighted_at, layers, alive, columns, shapes, input_shape)
 
 
+def prune_further(compressed: "CompressedModel", architecture: nn.Module, log_alpha, thresholds) -> "CompressedModel":
+    r"""Prune a compressed network further, by the log alphas it was pruned by, at lower thresholds.
+
+    :func:`compress` needs the trained Bayesian network. A run kept as its compressed file and the
+    log alphas of its layers (a few kilobytes for the group priors) can still be pruned deeper:
+    the file holds every weight that survives the lower thresholds, because a group kept at a
+    lower threshold was kept at the file's. The weights are put back at their places in the
+    unpruned ``architecture``, the masks of ``thresholds`` are computed by the rule of
+    :func:`compress` (groups, the AND rule, stranded units), and the network is exported again.
+
+    The result is what ``compress(model, thresholds)`` gives the Bayesian network behind
+    ``compressed``, with two differences: its weights are those of ``compressed`` (on its grids if
+    it was read from a file or retrained), and each layer keeps the bits of ``compressed``
+    (the posterior variances that set them are not in a file; :meth:`CompressedModel.with_bits`
+    sets others).
+
+    Args:
+        compressed: a :class:`CompressedModel` (from :func:`compress`, :func:`fine_tune` or
+            :meth:`CompressedModel.from_file`).
+        architecture: the Bayesian network ``compressed`` was made from, or one built the same way
+            (only its structure is read: layer types and sizes, the layers between them).
+        log_alpha: the log alphas ``compressed`` was pruned by, one tensor per Bayesian layer shaped
+            as its ``log_alpha()`` (per group, or per weight for Sparse VD): a list in order, or a
+            dict by module name.
+        thresholds: as for :func:`compress`; each at most the layer's threshold in
+            ``compressed.report`` (a pruned group cannot come back).
+
+    Returns:
+        A new :class:`CompressedModel` (``compressed`` is left unchanged). Its ``masks`` are those
+        of ``architecture``'s layers.
+
+    Raises:
+        TypeError: ``compressed`` is not a :class:`CompressedModel`, or ``architecture`` cannot be
+            compressed (as for :func:`compress`).
+        ValueError: a threshold above ``compressed``'s, ``log_alpha`` of the wrong length, names or
+            shapes, or an ``architecture`` and ``log_alpha`` that do not give ``compressed``'s
+            pruned shapes at its own thresholds.
+
+    Example:
+        >>> import bclib
+        >>> net = torch.nn.Sequential(bclib.LinearGroupNJ(4, 3), torch.nn.ReLU(), bclib.LinearGroupNJ(3, 2)).eval()
+        >>> log_alpha = [layer.log_alpha().detach() for layer in (net[0], net[2])]
+        >>> base = compress(net, thresholds=[-3.0, -3.0])
+        >>> deeper = prune_further(base, net, log_alpha, [-3.0, float(log_alpha[1].median())])
+        >>> base.report.architecture, deeper.report.architecture
+        ('4-3', '4-1')
+    """
+    if not isinstance(compressed, CompressedModel):
+        raise TypeError(f"compressed must be a CompressedModel (from bclib.compress or CompressedModel.from_file), "
+                        f"got {type(compressed).__name__}")
+    leaves = _leaves(architecture)
+    weighted_at = [i for i, (_, module) in enumerate(leaves) if isinstance(module, BayesianLayer)]
+    names = [leaves[i][0] for i in weighted_at]
+    if len(leaves) != len(compressed._specs) or weighted_at != sorted(compressed._bits):
+        raise ValueError(f"architecture has {len(leaves)} layers ({len(weighted_at)} Bayesian), but compressed has "
+                         f"{len(compressed._specs)} ({len(compressed._bits)} weighted): not the network it was "
+                         "compressed from")
+    log_alphas = _per_layer_tensors(log_alpha, names, "log_alpha")
+    for name, index, values in zip(names, weighted_at, log_alphas):
+        expected = tuple(leaves[index][1].log_alpha().shape)
+        if tuple(values.shape) != expected:
+            raise ValueError(f"log_alpha for {name!r} must have the shape of its log_alpha(), {expected}, "
+                             f"got {tuple(values.shape)}")
+    base_thresholds = [row.threshold for row in compressed.report.layers]
+    new_thresholds = resolve_thresholds(thresholds, names)
+    for name, new, base in zip(names, new_thresholds, base_thresholds):
+        if new > base:
+            raise ValueError(f"threshold for {name!r} is {new}, above {base}, the one compressed was pruned at: "
+                             "prune_further can only prune more (a pruned group's weights are not in compressed)")
+    shapes = _leaf_shapes(architecture, leaves, compressed.input_shape)
+    base_layers = _collect(leaves, weighted_at, base_thresholds, shapes, log_alphas)
+    alive, columns = _alive_units(base_layers)
+    exported = _exported_units(alive)
+    layers = _collect(leaves, weighted_at, new_thresholds, shapes, log_alphas)
+    for number, (layer, index) in enumerate(zip(layers, weighted_at)):
+        values = compressed._tensors[index]
+        rows = torch.arange(layer.mean.shape[0]) if exported[number + 1] is None else exported[number + 1]
+        cols = (torch.arange(layer.mean.shape[1]) if exported[number] is None
+                else _expand_units(exported[number], layer.positions))
+        if values["weight"].shape[:2] != (len(rows), len(cols)):
+            raise ValueError(f"layer {layer.name!r}: compressed holds a {tuple(values['weight'].shape[:2])} weight, "
+                             f"but log_alpha at compressed's thresholds leaves {(len(rows), len(cols))}: log_alpha "
+                             "or architecture is not the one compressed was pruned by")
+        layer.mean = torch.zeros_like(layer.mean)
+        layer.mean[rows[:, None], cols[None, :]] = values["weight"].float()
+        layer.var = torch.zeros_like(layer.mean)  # unused: bits come from compressed
+        if layer.bias is not None:
+            layer.bias = torch.zeros_like(layer.bias)
+            layer.bias[rows] = values["bias"].float()
+    module_values = {}
+    for index, keep in enumerate(_leaf_unit_indices(leaves, base_layers, exported, shapes)):
+        values = compressed._tensors[index]
+        if index in compressed._bits or not values:
+            continue
+        full = module_spec(leaves[index][1])[1]
+        for key, value in values.items():
+            if keep is None:
+                full[key] = value.clone()
+            else:
+                full[key][keep] = value
+        module_values[index] = full
+    alive, columns = _alive_units(layers)
+    bits = [compressed._bits[index] for index in weighted_at]
+    return CompressedModel._build(leaves, weighted_at, layers, alive, columns, shapes, compressed.input_shape,
+                                  bits=bits, module_values=module_values)
+
+
+def _per_layer_tensors(values, names: list[str], argument: str) -> list[Tensor]:
+    """One tensor per layer (``names`` in order) from a list in order or a dict by name."""
+    if isinstance(values, dict):
+        values = _by_name(values, names, argument)
+    elif not isinstance(values, (list, tuple)):
+        raise TypeError(f"{argument} must be a list (one tensor per Bayesian layer) or a dict by module name, "
+                        f"got {type(values).__name__}")
+    if len(values) != len(names):
+        raise ValueError(f"{argument} must have one tensor per Bayesian layer ({len(names)}: {names}), "
+                         f"got {len(values)}")
+    return [torch.as_tensor(value, dtype=torch.float32) for value in values]
+
+
 def _leaf_shapes(model, leaves, input_shape) -> list[tuple[tuple, tuple]]:
     """(input, output) shape of one example at every leaf, from a forward pass of zeros in eval mode."""
     try:
@@ -549,14 +674,16 @@ def _leaf_shapes(model, leaves, input_shape) -> list[tuple[tuple, tuple]]:
     return shapes
 
 
-def _collect(leaves, weighted_at, thresholds, shapes) -> list[_Weighted]:
-    """Posterior moments, own keep-masks and unit geometry of every Bayesian layer."""
+def _collect(leaves, weighted_at, thresholds, shapes, log_alphas=None) -> list[_Weighted]:
+    """Posterior moments, own keep-masks and unit geometry of every Bayesian layer (``log_alphas``,
+    one tensor per layer, replaces the layers' own ``log_alpha()``)."""
     layers = []
     for number, (index, threshold) in enumerate(zip(weighted_at, thresholds)):
         name, layer = leaves[index]
         with torch.no_grad():
             mean, var = (t.detach().float().cpu() for t in layer.posterior_weight())
-            log_alpha = layer.log_alpha().detach().float().cpu()
+            log_alpha = layer.log_alpha() if log_alphas is None else log_alphas[number]
+            log_alpha = log_alpha.detach().float().cpu()
             bias = layer.posterior_bias()
             bias = None if bias is None else bias.detach().float().cpu()
         entry = _Weighted(name, layer, threshold, log_alpha < threshold, mean, var, bias, *shapes[index])
@@ -631,16 +758,15 @@ class CompressedModel:
         self.model.input_shape = self.input_shape
 
     @classmethod
-    def _build(cls, leaves, weighted_at, layers, alive, columns, shapes, input_shape) -> "CompressedModel":
-        n = len(layers)
-        specs, tensors, bits, masks, rows = [], [], {}, {}, []
+    def _build(cls, leaves, weighted_at, layers, alive, columns, shapes, input_shape, *, bits=None,
+               module_values=None) -> "CompressedModel":
+        """Export ``layers`` with their alive units; ``bits`` (one per layer) replaces the posterior's
+        rule, ``module_values`` (``{leaf index: tensors}``) the other layers' own tensors."""
+        specs, tensors, bits_at, masks, rows = [], [], {}, {}, []
         max_abs = 0.0
-        exported = [None] * (n + 1)  # exported unit indices per boundary; None = all
-        for b in range(1, n):
-            # With no unit alive a placeholder unit with zero weights keeps every layer non-empty.
-            exported[b] = alive[b].nonzero().flatten() if alive[b].any() else torch.zeros(1, dtype=torch.long)
+        exported = _exported_units(alive)
+        unit_indices = _leaf_unit_indices(leaves, layers, exported, shapes)
         number = 0
-        flattened = False
         for index, (name, module) in enumerate(leaves):
             if isinstance(module, BayesianLayer):
                 layer = layers[number]
@@ -650,23 +776,21 @@ class CompressedModel:
                     max_abs = max(max_abs, float(layer.mean[mask].abs().max()))
                 spec, values = _export_weighted(layer, mask, alive[number + 1], exported[number], exported[number + 1],
                                                 columns[number])
-                bits[index] = spec["bits"] = weight_bits(layer.var[mask])
+                bits_at[index] = spec["bits"] = weight_bits(layer.var[mask]) if bits is None else bits[number]
                 rows.append(_layer_report(layer, mask, columns[number], alive[number + 1], spec["bits"]))
                 number += 1
-                flattened = False
             else:
                 spec, values = module_spec(module)
-                keep = exported[number]
+                if module_values is not None and index in module_values:
+                    values = module_values[index]
+                keep = unit_indices[index]
                 if spec["type"].startswith("batchnorm") and keep is not None:
-                    if flattened:
-                        keep = _expand_units(keep, layers[number].positions)
                     values = {k: v[keep] for k, v in values.items()}
                     spec["num"] = len(keep)
-                flattened = flattened or (isinstance(module, nn.Flatten) and len(shapes[index][0]) > 1)
             specs.append(spec)
             tensors.append(values)
         report = _summarise(layers, rows, exponent_bits(max_abs))
-        return cls(specs, tensors, bits, report, masks, input_shape)
+        return cls(specs, tensors, bits_at, report, masks, input_shape)
 
     @classmethod
     def from_file(cls, path, report: "CompressionReport | dict") -> "CompressedModel":
@@ -884,6 +1008,34 @@ def fine_tune(compressed: "CompressedModel", train: TensorSplit, test: TensorSpl
     report.file = None
     return CompressedModel(compressed._specs, tensors, dict(compressed._bits), report, compressed.masks,
                            compressed.input_shape), history
+
+
+def _exported_units(alive: list[Tensor]) -> list[Tensor | None]:
+    """Unit indices the export keeps at every boundary (``None``: all of them, at the network's
+    inputs and outputs). With no unit alive a placeholder unit with zero weights keeps every layer
+    non-empty."""
+    exported = [None] * len(alive)
+    for b in range(1, len(alive) - 1):
+        exported[b] = alive[b].nonzero().flatten() if alive[b].any() else torch.zeros(1, dtype=torch.long)
+    return exported
+
+
+def _leaf_unit_indices(leaves, layers: list[_Weighted], exported, shapes) -> list[Tensor | None]:
+    """Per leaf that is not a Bayesian layer, the indices of the features it sees that the export
+    keeps (the units after the last Bayesian layer before it, expanded to positions after a
+    flatten); ``None`` for Bayesian layers and where every feature is kept."""
+    indices, number, flattened = [], 0, False
+    for index, (_, module) in enumerate(leaves):
+        if isinstance(module, BayesianLayer):
+            indices.append(None)
+            number, flattened = number + 1, False
+            continue
+        keep = exported[number]
+        if keep is not None and flattened:
+            keep = _expand_units(keep, layers[number].positions)
+        indices.append(keep)
+        flattened = flattened or (isinstance(module, nn.Flatten) and len(shapes[index][0]) > 1)
+    return indices
 
 
 def _expand_units(units: Tensor, positions: int) -> Tensor:

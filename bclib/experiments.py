@@ -37,6 +37,7 @@ from .models import bayesian_from_pretrained, build_model
 from .train import TrainConfig, evaluate, fit, load_checkpoint
 
 __all__ = ["Experiment", "EXPERIMENTS", "RunResult", "run_experiment", "compress_run", "fine_tune_run", "lower_bits_run",
+           "prune_layers_run",
            "load_run_model", "load_or_run", "scratch_folder", "selection_examples", "write_json"]
 
 # Threshold offsets (added to each layer's chosen threshold) for the saved error/compression sweep.
@@ -60,11 +61,15 @@ class Experiment:
     # Name of a compressed run (its model.bcz and report.json): this run lowers that network's bits
     # below the posterior's rule, retraining on each coarser grid with ``config`` (:func:`lower_bits_run`).
     lowers_bits_of: str | None = None
+    # Name of a Bayesian run (its model.bcz, report.json and the log alphas in analysis.json): this
+    # run lowers that network's thresholds layer by layer, retraining each candidate (:func:`prune_layers_run`).
+    prunes_layers_of: str | None = None
 
     @property
     def refines(self) -> str | None:
-        """The run whose compressed network this one works on further (fine-tuning or lowering bits)."""
-        return self.fine_tunes or self.lowers_bits_of
+        """The run whose compressed network this one works on further (fine-tuning, pruning layer by
+        layer or lowering bits)."""
+        return self.fine_tunes or self.lowers_bits_of or self.prunes_layers_of
 
 
 def _bayes(epochs: int) -> TrainConfig:
@@ -104,6 +109,18 @@ BIT_LOWERED_RUNS = tuple(f"{name}_ft" for name in FINE_TUNED_RUNS)
 EXPERIMENTS.update({f"{name}_bits": Experiment(EXPERIMENTS[name].model, EXPERIMENTS[name].prior, FINE_TUNE_CONFIG,
                                                input_range=EXPERIMENTS[name].input_range, lowers_bits_of=name)
                     for name in BIT_LOWERED_RUNS})
+# Beyond the paper: one threshold per layer searched on the selection split (the fine-tuning above
+# moves every layer's threshold by the same offset), from the Bayesian run's committed files, and the
+# bits of the result lowered as above. Group priors only (their log alphas, one per group, are in
+# analysis.json). About 20 retrainings per LeNet-5 search: ~20 min on 2 cores; ~5 min for LeNet-300-100.
+LAYER_PRUNED_RUNS = ("lenet300_nj", "lenet300_hs", "lenet5_nj", "lenet5_hs")
+EXPERIMENTS.update({f"{name}_layers": Experiment(EXPERIMENTS[name].model, EXPERIMENTS[name].prior, FINE_TUNE_CONFIG,
+                                                 input_range=EXPERIMENTS[name].input_range, prunes_layers_of=name)
+                    for name in LAYER_PRUNED_RUNS})
+EXPERIMENTS.update({f"{name}_layers_bits": Experiment(EXPERIMENTS[name].model, EXPERIMENTS[name].prior,
+                                                      FINE_TUNE_CONFIG, input_range=EXPERIMENTS[name].input_range,
+                                                      lowers_bits_of=f"{name}_layers")
+                    for name in LAYER_PRUNED_RUNS})
 
 
 def write_json(path: str | os.PathLike, data) -> None:
@@ -180,6 +197,9 @@ def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epo
     if experiment.lowers_bits_of is not None:
         base_dir = Path(results_root or out_dir.parent) / experiment.lowers_bits_of
         return lower_bits_run(base_dir, out_dir, config=config, data_root=data_root, progress=progress)
+    if experiment.prunes_layers_of is not None:
+        base_dir = Path(results_root or out_dir.parent) / experiment.prunes_layers_of
+        return prune_layers_run(base_dir, out_dir, config=config, data_root=data_root, progress=progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     train, test = _load_data(data_root, experiment.input_range, fast)
 
@@ -490,9 +510,117 @@ def lower_bits_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, c
     bit_search = {"from": base_dir.name, "bits_before": bits_before, "bits": [bits[name] for name in names],
                   "epochs": config.epochs,
                   "seconds": sum(row["seconds"] for row in candidates)}
-    extra = {key: base_report[key] for key in ("fine_tuning",) if key in base_report}
+    extra = {key: base_report[key] for key in ("fine_tuning", "layer_search") if key in base_report}
     return _write_compressed(out_dir, current, base_report["thresholds"], base_report["dense_error"], test,
                              extra={**extra, "bit_search": bit_search})
+
+
+def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                     config: TrainConfig = FINE_TUNE_CONFIG, data_root=None, progress: bool = True) -> dict:
+    """Search one threshold per layer, retraining each candidate, from a run's committed files (not in the paper).
+
+    :func:`fine_tune_run` lowers every layer's threshold by the same offset. Here each layer gets its
+    own: layers are taken in turn, the one holding the most weights first; for each, a binary
+    search over how many of its groups to keep (those of lowest log alpha; the threshold goes midway
+    between the last kept and the first dropped log alpha) retrains the candidate
+    (:func:`bclib.compression.fine_tune`) on the training examples outside the selection split and
+    keeps the fewest groups whose error on the selection split stays within 0.1 points of the base
+    network's, retrained the same way. The search assumes the error grows as groups go.
+
+    It needs no checkpoint: candidates are cut from the run's ``model.bcz`` with the log alphas of
+    its ``analysis.json`` (:func:`bclib.compression.prune_further`), so they start from the file's
+    weights (on its grids) and keep its bits. Every candidate starts from there, so retrainings do
+    not pile up. Group priors only: Sparse VD's per-weight log alphas are not in ``analysis.json``.
+    The selection split was fitted by the base run (it trained on all 60,000 examples), so it ranks
+    candidates; the test set only reports.
+
+    Writes into ``out_dir`` the files of :func:`fine_tune_run`: ``config.json``, ``metrics.json``
+    (the kept network's retraining), ``report.json`` (with ``layer_search``: base run, thresholds
+    before and after, and the seconds of all candidates), ``analysis.json`` (the base network
+    retrained and every candidate: layer, groups kept, thresholds, architecture, rates, selection and
+    test error, kept or not) and ``model.bcz``.
+
+    Args:
+        base_dir: a compressed group-prior run (``config.json``, ``report.json``, ``analysis.json``
+            with per-group log alphas, ``model.bcz``).
+        out_dir: the new run folder.
+        config: the retraining recipe per candidate (default :data:`FINE_TUNE_CONFIG`).
+        data_root: MNIST root.
+
+    Returns:
+        The report (also written to ``report.json``).
+    """
+    base_dir, out_dir, base_config, base_report = _base_run(base_dir, out_dir, needs="model.bcz")
+    layers = json.loads((base_dir / "analysis.json").read_text()).get("layers", {}) \
+        if (base_dir / "analysis.json").exists() else {}
+    names = [row["name"] for row in base_report["layers"]]
+    if any("log_alpha" not in layers.get(name, {}) for name in names):
+        raise ValueError(f"base_dir {str(base_dir)!r} must hold analysis.json with the log alpha of every group "
+                         f"of layers {names} (a group-prior run; Sparse VD's per-weight ones are not recorded)")
+    log_alpha = {name: _recorded_log_alpha(layers[name]["log_alpha"], threshold)
+                 for name, threshold in zip(names, base_report["thresholds"])}
+    architecture = build_model(base_config["model"], base_config["prior"])
+    base = compression.CompressedModel.from_file(base_dir / "model.bcz", base_report)
+    fit_split, selection, test = _search_splits(base_config, data_root)
+
+    def candidate_row(candidate, errors, layer, kept) -> dict:
+        return {"layer": layer, "thresholds": [row.threshold for row in candidate.report.layers],
+                "architecture": candidate.report.architecture,
+                **{key: getattr(candidate.report, key) for key in ("compression_pruning", "compression_precision")},
+                **errors, "kept": kept}
+
+    thresholds = dict(zip(names, base_report["thresholds"]))
+    current, history, errors = _retrain(base, fit_split, selection, test, config, progress)
+    allowed = errors["selection_error"] + SELECTION_TOLERANCE
+    candidates = [candidate_row(base, errors, None, True)]
+    order = sorted(base.report.layers, key=lambda row: -row.weights_kept)
+    for row in order:
+        below = torch.unique(log_alpha[row.name][log_alpha[row.name] < thresholds[row.name]])  # sorted
+        low, high, kept = 1, len(below), None
+        while low < high:
+            keep = (low + high) // 2
+            trial = {**thresholds, row.name: float(below[keep - 1] + below[keep]) / 2}
+            candidate = compression.prune_further(base, architecture, log_alpha, trial)
+            tuned, trial_history, trial_errors = _retrain(candidate, fit_split, selection, test, config, progress)
+            accepted = trial_errors["selection_error"] <= allowed
+            candidates.append({**candidate_row(candidate, trial_errors, row.name, accepted), "groups": keep})
+            if progress:
+                print(f"layer {row.name}: {candidate.report.architecture}, selection error "
+                      f"{100 * trial_errors['selection_error']:.2f} % ({'kept' if accepted else 'over'} "
+                      f"{100 * allowed:.2f} %)", flush=True)
+            if accepted:
+                high, kept = keep, (trial, tuned, trial_history)
+            else:
+                low = keep + 1
+        if kept is not None:
+            thresholds, current, history = kept
+    _write_search_config(out_dir, base_config, config, (fit_split, selection, test),
+                         {"prunes_layers_of": base_dir.name})
+    write_json(out_dir / "metrics.json", history)
+    write_json(out_dir / "analysis.json", {"allowed": allowed, "candidates": candidates})
+    layer_search = {"from": base_dir.name, "thresholds_before": base_report["thresholds"],
+                    "thresholds": list(thresholds.values()), "epochs": config.epochs,
+                    "seconds": sum(row["seconds"] for row in candidates)}
+    return _write_compressed(out_dir, current, list(thresholds.values()), base_report["dense_error"], test,
+                             extra={"layer_search": layer_search})
+
+
+# analysis.json files written before prune_layers_run existed hold log alphas rounded to 4 decimals.
+RECORDED_DECIMALS = 4
+
+
+def _recorded_log_alpha(values: list[float], threshold: float) -> torch.Tensor:
+    """A layer's log alphas as ``analysis.json`` records them, for :func:`prune_layers_run`.
+
+    Rounded records are made consistent with the run's threshold: a threshold chosen by
+    :func:`bclib.compression.select_thresholds` is the log alpha of the first group it prunes, and
+    that group, rounded, may fall just below it; every value within the rounding of the threshold is
+    put back on it (pruned). :func:`bclib.compression.prune_further` then checks that the records give
+    the file's architecture."""
+    log_alpha = torch.tensor(values, dtype=torch.float64)
+    if all(round(v, RECORDED_DECIMALS) == v for v in values):
+        log_alpha[(log_alpha - threshold).abs() <= 0.5 * 10**-RECORDED_DECIMALS] = threshold
+    return log_alpha.float()
 
 
 def _base_run(base_dir, out_dir, needs: str | None = None) -> tuple[Path, Path, dict, dict]:
@@ -553,7 +681,7 @@ def _analysis(model, thresholds, test: TensorSplit) -> dict:
         counts, edges = torch.histogram(log_alpha.double(), bins=60)
         entry = {"threshold": float(threshold), "histogram": {"counts": counts.long().tolist(), "edges": edges.tolist()}}
         if log_alpha.numel() <= 4096:  # per-group signals; per-weight (Sparse VD) ones stay histograms
-            entry["log_alpha"] = [round(v, 4) for v in log_alpha.tolist()]
+            entry["log_alpha"] = log_alpha.tolist()  # exact: prune_further recomputes the masks from them
         layers[name] = entry
     grid = [[t + offset for t in thresholds] for offset in SWEEP_OFFSETS]
     sweep = compression.threshold_sweep(model, grid, test.x, test.y)
@@ -649,7 +777,7 @@ def _run_dependencies(name: str, root: Path, data_root, progress: bool) -> None:
     """Train the runs that ``name`` starts from (or fine-tunes) and that ``root`` lacks, recursively."""
     experiment = EXPERIMENTS[name]
     for dependency, needs in ((experiment.init_from, "checkpoint.pt"), (experiment.fine_tunes, "checkpoint.pt"),
-                              (experiment.lowers_bits_of, "model.bcz")):
+                              (experiment.lowers_bits_of, "model.bcz"), (experiment.prunes_layers_of, "model.bcz")):
         if dependency is not None and not (root / dependency / needs).exists():
             _run_dependencies(dependency, root, data_root, progress)
             run_experiment(dependency, root / dependency, data_root=data_root, progress=progress)

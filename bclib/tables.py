@@ -5,6 +5,7 @@ with one call and the numbers always come from the runs.
 * :func:`release_comparison`, :func:`results_at_a_glance`: our runs against the paper's table;
 * :func:`retraining_against_release`, :func:`seed_spread_table`: the retraining searches;
 * :func:`bit_search_table`, :func:`bit_search_steps`: the bits searches;
+* :func:`pipeline_table`, :func:`layer_search_steps`: the layer searches beside the other steps;
 * :func:`speed_table`, :func:`bench_trials_summary`: the inference benchmark;
 * :func:`compression_at_offset`: what the interactive threshold explorer prints.
 
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 __all__ = [
     "speed_table", "release_comparison", "results_at_a_glance", "seed_spread_table", "bench_trials_summary",
     "retraining_against_release", "compression_at_offset", "bit_search_table", "bit_search_steps",
+    "pipeline_table", "layer_search_steps",
 ]
 
 
@@ -161,15 +163,18 @@ def release_comparison(reports: Mapping[str, Mapping], targets: Mapping[str, Seq
 
 
 def results_at_a_glance(reports: Mapping[str, Mapping], retrained: Mapping[str, Mapping],
-                        targets: Mapping[str, Sequence], lowered: Mapping[str, Mapping] | None = None) -> str:
+                        targets: Mapping[str, Sequence], lowered: Mapping[str, Mapping] | None = None,
+                        layered: Mapping[str, Mapping] | None = None) -> str:
     """Per model and prior: the paper's (release's) numbers, ours with the paper's pipeline, ours retrained.
 
     Args:
         reports: ``report.json`` of each base run by name (``"lenet300_nj"``, ``"lenet5_hs"``, ...).
         retrained: ``report.json`` of the retrained runs by name (``"lenet5_hs_ft"``, ...); a base
             run without one gets no retrained row.
-        lowered: ``report.json`` of the bit-lowered runs by name (``"lenet5_hs_ft_bits"``, ...), a
-            fourth row ("+ fewer bits") where present.
+        lowered: ``report.json`` of the bit-lowered runs by name (``"lenet5_hs_ft_bits"``,
+            ``"lenet5_hs_layers_bits"``, ...), a row "+ fewer bits" under the run they start from.
+        layered: ``report.json`` of the layer-searched runs by name (``"lenet5_hs_layers"``, ...),
+            a row "ours + layer search" where present.
         targets: the paper's ``(error, after pruning, after precision)`` by base run name, error as a
             fraction, ``None`` for a number the constants do not hold (:data:`bclib.bench.PAPER_TARGETS`).
 
@@ -184,7 +189,7 @@ def results_at_a_glance(reports: Mapping[str, Mapping], retrained: Mapping[str, 
         ...           "compression_precision": 320.4, "file": {"ratio": 526.0}}
         >>> table = results_at_a_glance({"lenet5_nj": report}, {}, {"lenet5_nj": (0.01, 108.0, 361.0)})
         >>> print(table.splitlines()[1])
-        BC-GNJ     paper                   1.00     108x       361x         -
+        BC-GNJ     paper                      1.00     108x       361x         -
     """
     def cells(error, pruning, precision, ratio, rate_format=".1f"):
         return (f"{'-' if error is None else f'{100 * error:.2f}':>9} "
@@ -199,18 +204,20 @@ def results_at_a_glance(reports: Mapping[str, Mapping], retrained: Mapping[str, 
             continue
         if lines:
             lines.append("")
-        lines.append(f"{model_label:<29} {'error %':>9} {'pruning':>8} {'precision':>10} {'file':>9}")
+        lines.append(f"{model_label:<32} {'error %':>9} {'pruning':>8} {'precision':>10} {'file':>9}")
         for name in names:
             prior = _PRIOR_LABELS[_split_run_name(name)[1]]
             keys = _rate_keys(name)
             target = tuple(targets.get(name, (None, None, None)))
             rows = [("paper", cells(*target, None, rate_format="g"))]
             for label, r in (("ours", reports[name]), ("ours + retraining", retrained.get(f"{name}_ft")),
-                             ("  + fewer bits", (lowered or {}).get(f"{name}_ft_bits"))):
+                             ("  + fewer bits", (lowered or {}).get(f"{name}_ft_bits")),
+                             ("ours + layer search", (layered or {}).get(f"{name}_layers")),
+                             ("  + fewer bits", (lowered or {}).get(f"{name}_layers_bits"))):
                 if r is not None:
                     rows.append((label, cells(r["file_error"], r[keys[0]], r[keys[1]], r["file"]["ratio"])))
             for k, (label, text) in enumerate(rows):
-                lines.append(f"{prior if k == 0 else '':<10} {label:<18} {text}")
+                lines.append(f"{prior if k == 0 else '':<10} {label:<21} {text}")
     lines += ["", "paper: the paper's and release's table; -: a number not quoted in this book.",
               "error: of the compressed file on the test set; file: model.bcz against the",
               "float32 dense network."]
@@ -286,12 +293,16 @@ def seed_spread_table(analyses: Mapping[str, Mapping], targets: Mapping[str, Seq
     return "\n".join(lines)
 
 
+# The steps that refine a paper run, by the suffix of the run's name, longest first.
+_REFINEMENTS = (("_layers_bits", "+ layer search, fewer bits"), ("_ft_bits", "+ retraining, fewer bits"),
+                ("_layers", "+ layer search"), ("_ft", "+ retraining"))
+
+
 def _refinement(name: str) -> tuple[str, str]:
     """``("lenet5_nj", "+ retraining, fewer bits")`` for ``"lenet5_nj_ft_bits"``: the paper run and the steps after it."""
-    if name.endswith("_ft_bits"):
-        return name.removesuffix("_ft_bits"), "+ retraining, fewer bits"
-    if name.endswith("_ft"):
-        return name.removesuffix("_ft"), "+ retraining"
+    for suffix, steps in _REFINEMENTS:
+        if name.endswith(suffix):
+            return name.removesuffix(suffix), steps
     return name, ""
 
 
@@ -501,4 +512,84 @@ def bit_search_steps(analysis: Mapping, layers: Sequence[str], labels: Mapping[s
         lines.append(f"{labels.get(row['layer'], row['layer']):<8} {tried:>5}   "
                      f"{'-'.join(map(str, row['bits'])):<12} {100 * row['selection_error']:>11.2f}   "
                      f"{'kept' if row['kept'] else 'over'}")
+    return "\n".join(lines)
+
+
+# Short names of the steps in :func:`pipeline_table`, by the suffix of the run's name.
+_STEP_LABELS = (("_layers_bits", "  + fewer bits"), ("_ft_bits", "  + fewer bits"), ("_layers", "layer search"),
+                ("_ft", "uniform offset"))
+
+
+def pipeline_table(reports: Mapping[str, Mapping]) -> str:
+    """Runs of the same network side by side: the paper's pipeline and the steps after it.
+
+    Args:
+        reports: ``report.json`` by run name, in the order to print (``"lenet5_hs"``,
+            ``"lenet5_hs_ft"``, ``"lenet5_hs_layers"``, ``"lenet5_hs_layers_bits"``, ...).
+
+    Returns:
+        One row per run: architecture, compression after pruning and after precision (Sparse VD:
+        over nonzero weights), the file against the float32 dense network and its test error in
+        %. The first row of each network names it; the others name the step ("uniform offset":
+        :func:`bclib.experiments.fine_tune_run`; "layer search":
+        :func:`bclib.experiments.prune_layers_run`; "+ fewer bits":
+        :func:`bclib.experiments.lower_bits_run` on the row above it).
+
+    Example:
+        >>> base = {"architecture": "9-16-93-16", "compression_pruning": 78.7,
+        ...         "compression_precision": 320.4, "file": {"ratio": 526.0}, "file_error": 0.0141}
+        >>> print(pipeline_table({"lenet5_nj": base}))
+        run            step            architecture pruning precision   file error %
+        LeNet-5 BC-GNJ paper pipeline    9-16-93-16   78.7x    320.4x   526x    1.41
+    """
+    lines = [f"{'run':<14} {'step':<15} {'architecture':>12} {'pruning':>7} {'precision':>9} {'file':>6} "
+             f"{'error %':>7}"]
+    previous = None
+    for name, r in reports.items():
+        base, _ = _refinement(name)
+        step = next((label for suffix, label in _STEP_LABELS if name.endswith(suffix)), "paper pipeline")
+        keys = _rate_keys(base)
+        lines.append(f"{_run_label(base) if base != previous else '':<14} {step:<15} {r['architecture']:>12} "
+                     f"{r[keys[0]]:>6.1f}x {r[keys[1]]:>8.1f}x {r['file']['ratio']:>5.0f}x "
+                     f"{100 * r['file_error']:>7.2f}")
+        previous = base
+    return "\n".join(lines)
+
+
+def layer_search_steps(analysis: Mapping, layers: Sequence[str], labels: Mapping[str, str] | None = None) -> str:
+    """The candidates of one layer search (:func:`bclib.experiments.prune_layers_run`) in the order tried.
+
+    Args:
+        analysis: ``analysis.json`` of a layer-searched run: ``"allowed"`` and ``"candidates"``,
+            the first of them the base network retrained (``"layer"`` None).
+        layers: the report's layer names in order.
+        labels: readable names by layer name (``{"0": "conv1", ...}``); default the names.
+
+    Returns:
+        Per candidate: the layer searched, how many of its groups the candidate keeps, the
+        architecture, the error on the selection split and whether it was kept.
+
+    Example:
+        >>> analysis = {"allowed": 0.0084, "candidates": [
+        ...     {"layer": None, "architecture": "9-16-93-16", "selection_error": 0.0074, "kept": True},
+        ...     {"layer": "3", "groups": 8, "architecture": "9-8-45-16", "selection_error": 0.0125,
+        ...      "kept": False}]}
+        >>> print(layer_search_steps(analysis, ["0", "3", "7", "9"], {"3": "conv2"}))
+        layer    groups   architecture   selection %   (allowed 0.84 %)
+        base          -   9-16-93-16            0.74   reference
+        conv2         8   9-8-45-16             1.25   over
+    """
+    labels = labels or {}
+    lines = [f"{'layer':<8} {'groups':>6}   {'architecture':<14} {'selection %':>11}   "
+             f"(allowed {100 * analysis['allowed']:.2f} %)"]
+    for row in analysis["candidates"]:
+        if row["layer"] is None:
+            layer, groups, verdict = "base", "-", "reference"
+        elif row["layer"] in layers:
+            layer, groups, verdict = labels.get(row["layer"], row["layer"]), row["groups"], \
+                "kept" if row["kept"] else "over"
+        else:
+            raise ValueError(f"layers {list(layers)} do not include the candidate's layer {row['layer']!r}")
+        lines.append(f"{layer:<8} {groups:>6}   {row['architecture']:<14} "
+                     f"{100 * row['selection_error']:>11.2f}   {verdict}")
     return "\n".join(lines)

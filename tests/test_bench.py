@@ -193,7 +193,16 @@ def test_training_time_report_sums_epochs_with_pretraining_and_checks_targets(tm
     run("lenet5_hs_ft_bits", [5.0], {"file_error": 0.0099, "compression_pruning": 157.0,
                                      "compression_precision": 500.0, "fine_tuning": {"seconds": 30.0},
                                      "bit_search": {"seconds": 100.0}, "file": {"ratio": 720.0}})
+    # A layer-searched run and its bits: the Bayesian run's 10 s and its pretraining's 120 s, then
+    # 40 s of search, then 20 s.
+    run("lenet5_nj_layers", [5.0], {"file_error": 0.0099, "compression_pruning": 110.0,
+                                    "compression_precision": 365.0, "layer_search": {"seconds": 40.0}})
+    run("lenet5_nj_layers_bits", [5.0], {"file_error": 0.0101, "compression_pruning": 110.0,
+                                         "compression_precision": 500.0, "layer_search": {"seconds": 40.0},
+                                         "bit_search": {"seconds": 20.0}})
     rows = run_training_time_report(tmp_path)
+    assert rows["lenet5_nj_layers"]["seconds"] == 170.0 and rows["lenet5_nj_layers"]["targets_met"] is True
+    assert rows["lenet5_nj_layers_bits"]["seconds"] == 190.0 and rows["lenet5_nj_layers_bits"]["targets_met"] is False
     assert rows["lenet5_hs_ft_bits"]["seconds"] == 850.0 and rows["lenet5_hs_ft_bits"]["targets_met"] is True
     assert rows["lenet5_hs_ft"]["seconds"] == 750.0 and rows["lenet5_hs_ft"]["targets_met"] is True
     assert rows["lenet5_nj_ft"]["seconds"] == 136.0 and rows["lenet5_nj_ft"]["targets_met"] is False

@@ -51,7 +51,7 @@ def _read(run_dir: Path, name: str):
 def test_help_lists_the_commands():
     result = _python_m_bclib(["--help"])
     assert result.returncode == 0, result.stderr
-    for command in ("train", "compress", "fine-tune", "lower-bits", "reproduce", "bench"):
+    for command in ("train", "compress", "fine-tune", "lower-bits", "prune-layers", "reproduce", "bench"):
         assert command in result.stdout
 
 
@@ -378,6 +378,95 @@ def test_lower_bits_rejects_a_run_without_a_file_and_its_own_folder(tmp_path, mn
         experiments.lower_bits_run(run, tmp_path / "out", data_root=mnist_root)
     with pytest.raises(ValueError, match="out_dir must be a new folder"):
         experiments.lower_bits_run(run, run, data_root=mnist_root)
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- prune-layers
+@pytest.fixture(scope="module")
+def layers_run(trained_run, mnist_root, tmp_path_factory) -> Path:
+    """``python -m bclib prune-layers RUN --out DIR --epochs 1`` on the fast Bayesian run."""
+    out = tmp_path_factory.mktemp("prune-layers") / "lenet300_nj_layers"
+    result = _python_m_bclib(["prune-layers", str(trained_run), "--out", str(out), "--epochs", "1",
+                              "--data", str(mnist_root)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_prune_layers_writes_every_file_but_a_checkpoint(layers_run):
+    for name in RUN_FILES:
+        assert (layers_run / name).is_file() == (name != "checkpoint.pt"), name
+    config = _read(layers_run, "config.json")
+    assert (config["prunes_layers_of"], config["prior"], config["train"]["epochs"]) == ("lenet300_nj", "nj", 1)
+    assert config["command"].startswith("python -m bclib prune-layers ")
+
+
+def test_prune_layers_follows_its_rule(layers_run, trained_run):
+    """Replays the search from the recorded candidates and the base run's log alphas: layers by kept
+    weights, most first; per layer a binary search over how many of its groups below the current
+    threshold to keep, the threshold midway between two sorted log alphas, a candidate kept when its
+    selection error is within 0.1 points of the retrained base's; the report's thresholds are where
+    each search ended."""
+    base, base_analysis = _read(trained_run, "report.json"), _read(trained_run, "analysis.json")["layers"]
+    analysis, report = _read(layers_run, "analysis.json"), _read(layers_run, "report.json")
+    first, *candidates = analysis["candidates"]
+    assert (first["layer"], first["thresholds"], first["architecture"]) == (None, base["thresholds"], base["architecture"])
+    allowed = first["selection_error"] + experiments.SELECTION_TOLERANCE
+    assert analysis["allowed"] == pytest.approx(allowed, abs=1e-12)
+    names = [row["name"] for row in base["layers"]]
+    thresholds = dict(zip(names, base["thresholds"]))
+    candidates = iter(candidates)
+    for row in sorted(base["layers"], key=lambda row: -row["weights_kept"]):
+        below = sorted({v for v in base_analysis[row["name"]]["log_alpha"] if v < thresholds[row["name"]]})
+        low, high, chosen = 1, len(below), thresholds[row["name"]]
+        while low < high:
+            keep = (low + high) // 2
+            candidate = next(candidates)
+            trial = float((torch.tensor(below[keep - 1]) + torch.tensor(below[keep])) / 2)
+            assert (candidate["layer"], candidate["groups"]) == (row["name"], keep)
+            assert candidate["thresholds"] == pytest.approx([trial if n == row["name"] else thresholds[n] for n in names])
+            assert candidate["kept"] == (candidate["selection_error"] <= allowed)
+            if candidate["kept"]:
+                high, chosen = keep, trial
+            else:
+                low = keep + 1
+        thresholds[row["name"]] = chosen
+    assert next(candidates, None) is None
+    assert report["thresholds"] == pytest.approx(list(thresholds.values())) == report["layer_search"]["thresholds"]
+
+
+def test_layer_pruned_network_is_what_compress_gives_the_bayesian_network(layers_run, trained_run):
+    """The search worked from the files; compressing the base run's trained Bayesian network (its
+    checkpoint) at the chosen thresholds gives the same architecture and rates, with the base bits."""
+    report, base = _read(layers_run, "report.json"), _read(trained_run, "report.json")
+    fresh = bclib.compress(experiments.load_run_model(trained_run), report["thresholds"])
+    fresh = fresh.with_bits([row["bits"] for row in base["layers"]]).report
+    assert report["architecture"] == fresh.architecture
+    assert [row["weights_kept"] for row in report["layers"]] == [row.weights_kept for row in fresh.layers]
+    assert report["compression_pruning"] == pytest.approx(fresh.compression_pruning)
+    assert report["compression_pruning"] >= base["compression_pruning"]
+
+
+def test_layer_pruned_file_scores_the_reported_error(layers_run, mnist):
+    _, test = mnist
+    test = test.subset(1000)
+    model = bclib.load_compressed(layers_run / "model.bcz")
+    with torch.no_grad():
+        error = (model(test.x).argmax(1) != test.y).sum().item() / 1000
+    report = _read(layers_run, "report.json")
+    assert error == pytest.approx(report["file_error"], abs=1e-12)
+    kept = [row for row in _read(layers_run, "analysis.json")["candidates"] if row["kept"]]
+    assert kept[-1]["test_error"] == pytest.approx(error, abs=1e-12)
+    assert kept[-1]["architecture"] == report["architecture"]
+
+
+def test_prune_layers_rejects_a_run_without_group_log_alphas(tmp_path, trained_run, mnist_root):
+    run = tmp_path / "lenet300_svd"
+    shutil.copytree(trained_run, run)
+    analysis = _read(run, "analysis.json")
+    del analysis["layers"]["3"]["log_alpha"]  # as Sparse VD's per-weight signals: histograms only
+    (run / "analysis.json").write_text(json.dumps(analysis))
+    with pytest.raises(ValueError, match=r"analysis.json with the log alpha of every group of layers \['1', '3', '5'\]"):
+        experiments.prune_layers_run(run, tmp_path / "out", data_root=mnist_root)
     assert not (tmp_path / "out").exists()
 
 

@@ -223,9 +223,8 @@ def test_everything_pruned_gives_a_working_constant_model():
     assert torch.allclose(out, model[9].bias_mu.detach().expand(3, 10))  # only the last biases are left
 
 
-def test_batchnorm_model_export_matches_masked_model():
-    torch.manual_seed(1)
-    model = models.vgg_cifar("nj", width=0.0625)
+def _randomise_batchnorm(model: nn.Module) -> None:
+    """Statistics and affine parameters away from their defaults, so a wrong channel shows."""
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.BatchNorm2d | nn.BatchNorm1d):
@@ -233,6 +232,13 @@ def test_batchnorm_model_export_matches_masked_model():
                 module.running_var.uniform_(0.5, 2.0)
                 module.weight.normal_(1, 0.1)
                 module.bias.normal_(0, 0.1)
+
+
+def test_batchnorm_model_export_matches_masked_model():
+    torch.manual_seed(1)
+    model = models.vgg_cifar("nj", width=0.0625)
+    _randomise_batchnorm(model)
+    with torch.no_grad():
         for _, layer in bclib.bayesian_layers(model):
             layer.z_logvar[torch.rand(layer.num_groups) < 0.3] = PRUNE
     result = compress(model, 0.0)
@@ -605,3 +611,119 @@ def test_a_float64_model_compresses_like_its_float32_copy():
     x = torch.randn(5, 1, 6, 6, dtype=torch.float64)
     with torch.no_grad():
         assert torch.allclose(double.model(x.float()).double(), model(x), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- pruning a compressed network further
+def test_prune_further_by_hand_on_the_small_conv_net(tmp_path):
+    """At thresholds 0 the net is 1-2-3 (above). With fc1's threshold at -29.5 only position 0 of
+    channel 0 has a log alpha below it (position 1 has -29); with fc2's at -27 its input 2 (-25)
+    goes: fc1 outputs 0 and 3 are left. Bits stay 8, 6, 1."""
+    from bclib.compression import CompressedModel, prune_further
+
+    model = small_conv_net()
+    log_alpha = [torch.tensor([-30.0, 2, -30]), torch.tensor([-30.0, -29, 2, 2, -30, -30, -30, -30, 2, 2, 2, 2]),
+                 torch.tensor([-30.0, 2, -25, -30])]
+    base = compress(model, 0.0)
+    base.save(tmp_path / "base.bcz")
+    for start in (base, CompressedModel.from_file(tmp_path / "base.bcz", base.report.to_dict())):
+        deeper = prune_further(start, model, log_alpha, [0.0, -29.5, -27.0])
+        report = deeper.report
+        assert report.architecture == "1-1-2"
+        assert [(r.weights_kept, r.weights_nonzero, r.bits) for r in report.layers] == [(9, 9, 8), (2, 2, 6), (4, 4, 1)]
+        assert report.compression_pruning == pytest.approx(83 / 15)
+        # e = 3 for the -0.3 of fc2; read back from the file it is -0.5 on fc2's 1-bit grid: e = 2.
+        e = 3 if start is base else 2
+        assert report.exponent_bits == e
+        assert report.compression_precision == pytest.approx(32 * 83 / (9 * (9 + e) + 2 * (7 + e) + 4 * (2 + e)))
+        conv, fc1, fc2 = (m for m in deeper.model if isinstance(m, (nn.Conv2d, nn.Linear)))
+        assert tuple(fc1.weight.shape) == (2, 4) and tuple(fc2.weight.shape) == (2, 2)
+        expected_fc1 = torch.zeros(2, 4)
+        expected_fc1[:, 0] = model[4].weight_mu.detach()[[0, 3], 0]
+        expected_fc2 = model[6].weight_mu.detach()[:, [0, 3]]
+        if start is not base:  # read back from the file: the weights are on the grids
+            expected_fc1 = quantize(expected_fc1, 6) * 2.0**-6
+            expected_fc2 = quantize(expected_fc2, 1) * 2.0**-1
+        assert torch.equal(fc1.weight, expected_fc1) and torch.equal(fc2.weight, expected_fc2)
+        assert torch.equal(fc1.bias, model[4].bias_mu.detach()[[0, 3]] if start is base
+                           else model[4].bias_mu.detach()[[0, 3]].half().float())
+    assert base.report.architecture == "1-2-3"  # left unchanged
+
+
+@pytest.mark.parametrize("build", [models.lenet_300_100, models.lenet5_caffe])
+@pytest.mark.parametrize("prior", ["nj", "hs", "svd"])
+def test_prune_further_gives_what_compress_gives_at_the_lower_thresholds(build, prior, tmp_path):
+    """Two routes to the same network: compress the Bayesian model at the lower thresholds directly,
+    or compress it at the higher ones, save, read back and prune further. Architecture, masks, every
+    report field and (on the grids) every prediction agree; only the bits are the first file's."""
+    from bclib.compression import CompressedModel, prune_further
+
+    torch.manual_seed(3)
+    model = build(prior)
+    with torch.no_grad():
+        for _, layer in bclib.bayesian_layers(model):
+            if prior == "nj":
+                layer.z_logvar.uniform_(-10.0, 2.0)
+            elif prior == "hs":
+                layer.za_logvar.uniform_(-6.0, 3.0)
+            else:
+                layer.weight_logvar.uniform_(-14.0, 4.0)
+    layers = [layer for _, layer in bclib.bayesian_layers(model)]
+    log_alpha = [layer.log_alpha().detach() for layer in layers]
+    high = [float(la.quantile(0.8)) for la in log_alpha]
+    low = [float(la.quantile(0.5)) for la in log_alpha]
+    base = compress(model, high)
+    base.save(tmp_path / "base.bcz")
+    read = CompressedModel.from_file(tmp_path / "base.bcz", base.report.to_dict())
+    bits = [row.bits for row in base.report.layers]
+    direct = compress(model, low).with_bits(bits)
+    x = torch.rand(8, 1, 28, 28) * 2 - 1
+    for start in (base, read):
+        deeper = prune_further(start, model, log_alpha, low)
+        assert deeper.report.compression_sparse > base.report.compression_sparse
+        assert deeper.report.to_dict() == direct.report.to_dict()
+        assert deeper.masks.keys() == direct.masks.keys()
+        assert all(torch.equal(deeper.masks[k][0], direct.masks[k][0]) for k in direct.masks)
+        assert torch.equal(deeper.reduced_precision_model()(x), direct.reduced_precision_model()(x))
+        assert deeper.file_bytes() == direct.file_bytes()
+    assert torch.equal(prune_further(base, model, log_alpha, low).model(x), direct.model(x))
+
+
+def test_prune_further_carries_batchnorm_statistics():
+    from bclib.compression import prune_further
+
+    torch.manual_seed(4)
+    model = models.vgg_cifar("nj", width=0.0625)
+    _randomise_batchnorm(model)
+    with torch.no_grad():
+        for _, layer in bclib.bayesian_layers(model):
+            layer.z_logvar.uniform_(-10.0, 2.0)
+    log_alpha = [layer.log_alpha().detach() for _, layer in bclib.bayesian_layers(model)]
+    low = [float(la.quantile(0.6)) for la in log_alpha]
+    base = compress(model, [float(la.max()) + 1 for la in log_alpha])
+    deeper = prune_further(base, model, log_alpha, low)
+    direct = compress(model, low).with_bits([row.bits for row in base.report.layers])
+    x = torch.randn(4, 3, 32, 32)
+    assert deeper.report.to_dict() == direct.report.to_dict()
+    assert torch.equal(deeper.model(x), direct.model(x))
+
+
+def test_prune_further_rejects_what_it_cannot_do():
+    from bclib.compression import prune_further
+
+    model = small_conv_net()
+    log_alpha = [layer.log_alpha().detach() for _, layer in bclib.bayesian_layers(model)]
+    base = compress(model, -1.0)
+    with pytest.raises(TypeError, match="compressed must be a CompressedModel"):
+        prune_further(base.model, model, log_alpha, -2.0)
+    with pytest.raises(ValueError, match=r"threshold for '4' is 0.0, above -1.0"):
+        prune_further(base, model, log_alpha, [-1.0, 0.0, -1.0])
+    with pytest.raises(ValueError, match="one tensor per Bayesian layer"):
+        prune_further(base, model, log_alpha[:2], -2.0)
+    with pytest.raises(ValueError, match=r"unknown names \['9'\], missing \['6'\]"):
+        prune_further(base, model, {"0": log_alpha[0], "4": log_alpha[1], "9": log_alpha[2]}, -2.0)
+    with pytest.raises(ValueError, match=r"log_alpha for '4' must have the shape of its log_alpha\(\), \(12,\)"):
+        prune_further(base, model, [log_alpha[0], log_alpha[1][:5], log_alpha[2]], -2.0)
+    with pytest.raises(ValueError, match="log_alpha or architecture is not the one compressed was pruned by"):
+        prune_further(base, model, [torch.full((3,), -100.0), log_alpha[1], log_alpha[2]], -2.0)
+    with pytest.raises(ValueError, match="not the network it was compressed from"):
+        prune_further(base, nn.Sequential(bclib.LinearGroupNJ(36, 2)), [torch.zeros(36)], -2.0)

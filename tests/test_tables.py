@@ -207,3 +207,52 @@ def test_bit_search_steps_lists_each_candidate():
                                                     ["conv1", "7", "7-2-2-5", "0.80", "kept"]]
     with pytest.raises(ValueError, match="do not match the candidate"):
         tables.bit_search_steps(analysis, ["0", "3", "7"])
+
+
+def test_results_at_a_glance_adds_the_layer_search_rows():
+    reports = {"lenet5_nj": _report(0.0141, 78.66, 320.4, ratio=526.0)}
+    layered = {"lenet5_nj_layers": _report(0.0098, 110.2, 380.5, ratio=600.2)}
+    lowered = {"lenet5_nj_layers_bits": _report(0.0099, 110.2, 450.0, ratio=810.6)}
+    lines = tables.results_at_a_glance(reports, {}, TARGETS, lowered, layered).splitlines()
+    assert [line.split() for line in lines[2:5]] == [["ours", "1.41", "78.7x", "320.4x", "526x"],
+                                                     ["ours", "+", "layer", "search", "0.98", "110.2x", "380.5x", "600x"],
+                                                     ["+", "fewer", "bits", "0.99", "110.2x", "450.0x", "811x"]]
+    assert all(len(line) <= 80 for line in lines)
+
+
+def test_pipeline_table_names_each_step():
+    reports = {"lenet5_hs": {**_report(0.0106, 43.51, 161.43, ratio=276.4), "architecture": "11-17-196-24"},
+               "lenet5_hs_ft": {**_report(0.0085, 89.13, 323.57, ratio=449.6), "architecture": "9-13-110-14"},
+               "lenet5_hs_layers": {**_report(0.0095, 120.0, 400.0, ratio=500.0), "architecture": "7-11-80-14"},
+               "lenet5_hs_layers_bits": {**_report(0.0099, 120.0, 600.0, ratio=810.0), "architecture": "7-11-80-14"},
+               "lenet5_svd_ft": {**_report(0.0082, 9.0, 30.0, (276.7, 1068.7), ratio=538.0),
+                                 "architecture": "14-18-210-65"}}
+    lines = tables.pipeline_table(reports).splitlines()
+    assert [line.split() for line in lines[1:]] == [
+        ["LeNet-5", "BC-GHS", "paper", "pipeline", "11-17-196-24", "43.5x", "161.4x", "276x", "1.06"],
+        ["uniform", "offset", "9-13-110-14", "89.1x", "323.6x", "450x", "0.85"],
+        ["layer", "search", "7-11-80-14", "120.0x", "400.0x", "500x", "0.95"],
+        ["+", "fewer", "bits", "7-11-80-14", "120.0x", "600.0x", "810x", "0.99"],
+        ["LeNet-5", "Sparse", "VD", "uniform", "offset", "14-18-210-65", "276.7x", "1068.7x", "538x", "0.82"]]
+    assert all(len(line) <= 80 for line in lines)
+
+
+def test_layer_search_steps_lists_each_candidate():
+    analysis = {"allowed": 0.0079, "candidates": [
+        {"layer": None, "architecture": "11-17-196-24", "selection_error": 0.0069, "kept": True},
+        {"layer": "7", "groups": 100, "architecture": "11-17-100-24", "selection_error": 0.0076, "kept": True},
+        {"layer": "7", "groups": 50, "architecture": "11-17-50-24", "selection_error": 0.0081, "kept": False}]}
+    lines = tables.layer_search_steps(analysis, ["0", "3", "7", "9"], {"7": "fc1"}).splitlines()
+    assert "(allowed 0.79 %)" in lines[0]
+    assert [line.split() for line in lines[1:]] == [["base", "-", "11-17-196-24", "0.69", "reference"],
+                                                    ["fc1", "100", "11-17-100-24", "0.76", "kept"],
+                                                    ["fc1", "50", "11-17-50-24", "0.81", "over"]]
+    with pytest.raises(ValueError, match="do not include the candidate's layer '7'"):
+        tables.layer_search_steps(analysis, ["0", "3"])
+
+
+def test_retraining_against_release_names_the_layer_search_steps():
+    text = tables.retraining_against_release(
+        {"lenet5_nj_layers_bits": {**_report(0.0099, 110.0, 450.0, ratio=800.0)}}, TARGETS, (700.0, 0.01))
+    assert text.splitlines()[0] == "LeNet-5 BC-GNJ + layer search, fewer bits, against the release:"
+    assert "  compression 110.0x vs 108x: met" in text.splitlines()

@@ -17,6 +17,7 @@ Each run trains one model with one prior, compresses it and writes into its fold
 from __future__ import annotations
 
 import atexit
+import itertools
 import json
 import math
 import os
@@ -515,17 +516,22 @@ def lower_bits_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, c
                              extra={**extra, "bit_search": bit_search})
 
 
+# The layer search cuts this fraction of a layer's surviving groups per step (at least one).
+LAYER_CUT_FRACTION = 0.25
+
+
 def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                      config: TrainConfig = FINE_TUNE_CONFIG, data_root=None, progress: bool = True) -> dict:
     """Search one threshold per layer, retraining each candidate, from a run's committed files (not in the paper).
 
     :func:`fine_tune_run` lowers every layer's threshold by the same offset. Here each layer gets its
-    own: layers are taken in turn, the one holding the most weights first; for each, a binary
-    search over how many of its groups to keep (those of lowest log alpha; the threshold goes midway
-    between the last kept and the first dropped log alpha) retrains the candidate
-    (:func:`bclib.compression.fine_tune`) on the training examples outside the selection split and
-    keeps the fewest groups whose error on the selection split stays within 0.1 points of the base
-    network's, retrained the same way. The search assumes the error grows as groups go.
+    own, by greedy steps. At each step every layer offers one cut: a quarter
+    (:data:`LAYER_CUT_FRACTION`, at least one) of its surviving groups, those of highest log alpha
+    (the threshold goes midway between the last kept and the first cut log alpha). Each cut is
+    retrained (:func:`bclib.compression.fine_tune`) on the training examples outside the selection
+    split and measured on the selection split; the least harmful cut whose error stays within 0.1
+    points of the base network's (retrained the same way) is taken, and the next step starts from
+    it. The search stops when no cut stays within. A layer with one group left offers none.
 
     It needs no checkpoint: candidates are cut from the run's ``model.bcz`` with the log alphas of
     its ``analysis.json`` (:func:`bclib.compression.prune_further`), so they start from the file's
@@ -537,8 +543,8 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     Writes into ``out_dir`` the files of :func:`fine_tune_run`: ``config.json``, ``metrics.json``
     (the kept network's retraining), ``report.json`` (with ``layer_search``: base run, thresholds
     before and after, and the seconds of all candidates), ``analysis.json`` (the base network
-    retrained and every candidate: layer, groups kept, thresholds, architecture, rates, selection and
-    test error, kept or not) and ``model.bcz``.
+    retrained, then every candidate: step, layer, groups kept in it, thresholds, architecture,
+    rates, selection and test error, and whether it was taken) and ``model.bcz``.
 
     Args:
         base_dir: a compressed group-prior run (``config.json``, ``report.json``, ``analysis.json``
@@ -563,39 +569,41 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     base = compression.CompressedModel.from_file(base_dir / "model.bcz", base_report)
     fit_split, selection, test = _search_splits(base_config, data_root)
 
-    def candidate_row(candidate, errors, layer, kept) -> dict:
-        return {"layer": layer, "thresholds": [row.threshold for row in candidate.report.layers],
+    def row(candidate, errors, **fields) -> dict:
+        return {**fields, "thresholds": [layer.threshold for layer in candidate.report.layers],
                 "architecture": candidate.report.architecture,
                 **{key: getattr(candidate.report, key) for key in ("compression_pruning", "compression_precision")},
-                **errors, "kept": kept}
+                **errors}
 
-    thresholds = dict(zip(names, base_report["thresholds"]))
     current, history, errors = _retrain(base, fit_split, selection, test, config, progress)
     allowed = errors["selection_error"] + SELECTION_TOLERANCE
-    candidates = [candidate_row(base, errors, None, True)]
-    order = sorted(base.report.layers, key=lambda row: -row.weights_kept)
-    for row in order:
-        below = torch.unique(log_alpha[row.name][log_alpha[row.name] < thresholds[row.name]])  # sorted
-        low, high, kept = 1, len(below), None
-        while low < high:
-            keep = (low + high) // 2
-            trial = {**thresholds, row.name: float(below[keep - 1] + below[keep]) / 2}
+    candidates = [row(base, errors, step=0, layer=None, groups=None, taken=True)]
+    thresholds = dict(zip(names, base_report["thresholds"]))
+    # The file's network with its masks (a file has none): what the first step cuts from.
+    cut_from = compression.prune_further(base, architecture, log_alpha, thresholds)
+    for step in itertools.count(1):  # every step cuts at least one group, so the search ends
+        tried = []
+        for name in names:
+            surviving = torch.sort(log_alpha[name][_surviving_groups(cut_from, architecture, name)]).values
+            if len(surviving) < 2:
+                continue
+            keep = len(surviving) - max(1, round(LAYER_CUT_FRACTION * len(surviving)))
+            trial = {**thresholds, name: float(surviving[keep - 1] + surviving[keep]) / 2}
             candidate = compression.prune_further(base, architecture, log_alpha, trial)
             tuned, trial_history, trial_errors = _retrain(candidate, fit_split, selection, test, config, progress)
-            accepted = trial_errors["selection_error"] <= allowed
-            candidates.append({**candidate_row(candidate, trial_errors, row.name, accepted), "groups": keep})
+            candidates.append(row(candidate, trial_errors, step=step, layer=name, groups=keep, taken=False))
+            tried.append((trial_errors["selection_error"], -candidate.report.compression_pruning, len(candidates) - 1,
+                          trial, candidate, tuned, trial_history))
             if progress:
-                print(f"layer {row.name}: {candidate.report.architecture}, selection error "
-                      f"{100 * trial_errors['selection_error']:.2f} % ({'kept' if accepted else 'over'} "
-                      f"{100 * allowed:.2f} %)", flush=True)
-            if accepted:
-                high, kept = keep, (trial, tuned, trial_history)
-            else:
-                low = keep + 1
-        if kept is not None:
-            thresholds, current, history = kept
+                print(f"step {step}, layer {name}: {candidate.report.architecture}, selection error "
+                      f"{100 * trial_errors['selection_error']:.2f} % (allowed {100 * allowed:.2f} %)", flush=True)
+        within = [entry for entry in tried if entry[0] <= allowed]
+        if not within:
+            break
+        _, _, index, thresholds, cut_from, current, history = min(within, key=lambda entry: entry[:3])
+        candidates[index]["taken"] = True
     _write_search_config(out_dir, base_config, config, (fit_split, selection, test),
-                         {"prunes_layers_of": base_dir.name})
+                         {"prunes_layers_of": base_dir.name, "cut_fraction": LAYER_CUT_FRACTION})
     write_json(out_dir / "metrics.json", history)
     write_json(out_dir / "analysis.json", {"allowed": allowed, "candidates": candidates})
     layer_search = {"from": base_dir.name, "thresholds_before": base_report["thresholds"],
@@ -603,6 +611,14 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                     "seconds": sum(row["seconds"] for row in candidates)}
     return _write_compressed(out_dir, current, list(thresholds.values()), base_report["dense_error"], test,
                              extra={"layer_search": layer_search})
+
+
+def _surviving_groups(compressed, architecture, name: str) -> torch.Tensor:
+    """Boolean per group of Bayesian layer ``name``: does any of its weights survive in ``compressed``?
+    (Groups are a linear layer's inputs and a convolution's output channels.)"""
+    mask = compressed.masks[name][0]
+    layer = dict(architecture.named_modules())[name]
+    return mask.flatten(1).any(1) if not layer.groups_on_input else mask.transpose(0, 1).flatten(1).any(1)
 
 
 # analysis.json files written before prune_layers_run existed hold log alphas rounded to 4 decimals.

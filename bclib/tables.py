@@ -557,39 +557,41 @@ def pipeline_table(reports: Mapping[str, Mapping]) -> str:
 
 
 def layer_search_steps(analysis: Mapping, layers: Sequence[str], labels: Mapping[str, str] | None = None) -> str:
-    """The candidates of one layer search (:func:`bclib.experiments.prune_layers_run`) in the order tried.
+    """The candidates of one layer search (:func:`bclib.experiments.prune_layers_run`) step by step.
 
     Args:
         analysis: ``analysis.json`` of a layer-searched run: ``"allowed"`` and ``"candidates"``,
-            the first of them the base network retrained (``"layer"`` None).
+            the first of them the base network retrained (step 0, ``"layer"`` None).
         layers: the report's layer names in order.
         labels: readable names by layer name (``{"0": "conv1", ...}``); default the names.
 
     Returns:
-        Per candidate: the layer searched, how many of its groups the candidate keeps, the
-        architecture, the error on the selection split and whether it was kept.
+        Per candidate: the step, the layer cut, how many of its groups the cut keeps, the
+        architecture, the error on the selection split, and "taken" (the step's cut), "within"
+        (within the allowed error, but another cut cost less) or "over".
 
     Example:
         >>> analysis = {"allowed": 0.0084, "candidates": [
-        ...     {"layer": None, "architecture": "9-16-93-16", "selection_error": 0.0074, "kept": True},
-        ...     {"layer": "3", "groups": 8, "architecture": "9-8-45-16", "selection_error": 0.0125,
-        ...      "kept": False}]}
+        ...     {"step": 0, "layer": None, "architecture": "9-16-93-16", "selection_error": 0.0074,
+        ...      "taken": True},
+        ...     {"step": 1, "layer": "3", "groups": 12, "architecture": "9-12-70-16",
+        ...      "selection_error": 0.0096, "taken": False}]}
         >>> print(layer_search_steps(analysis, ["0", "3", "7", "9"], {"3": "conv2"}))
-        layer    groups   architecture   selection %   (allowed 0.84 %)
-        base          -   9-16-93-16            0.74   reference
-        conv2         8   9-8-45-16             1.25   over
+        step  layer  groups   architecture   selection %   (allowed 0.84 %)
+           0  base        -   9-16-93-16            0.74   reference
+           1  conv2      12   9-12-70-16            0.96   over
     """
     labels = labels or {}
-    lines = [f"{'layer':<8} {'groups':>6}   {'architecture':<14} {'selection %':>11}   "
+    lines = [f"{'step':>4}  {'layer':<6} {'groups':>6}   {'architecture':<14} {'selection %':>11}   "
              f"(allowed {100 * analysis['allowed']:.2f} %)"]
     for row in analysis["candidates"]:
         if row["layer"] is None:
             layer, groups, verdict = "base", "-", "reference"
         elif row["layer"] in layers:
-            layer, groups, verdict = labels.get(row["layer"], row["layer"]), row["groups"], \
-                "kept" if row["kept"] else "over"
+            layer, groups = labels.get(row["layer"], row["layer"]), row["groups"]
+            verdict = "taken" if row["taken"] else "within" if row["selection_error"] <= analysis["allowed"] else "over"
         else:
             raise ValueError(f"layers {list(layers)} do not include the candidate's layer {row['layer']!r}")
-        lines.append(f"{layer:<8} {groups:>6}   {row['architecture']:<14} "
+        lines.append(f"{row['step']:>4}  {layer:<6} {groups:>6}   {row['architecture']:<14} "
                      f"{100 * row['selection_error']:>11.2f}   {verdict}")
     return "\n".join(lines)

@@ -401,37 +401,47 @@ def test_prune_layers_writes_every_file_but_a_checkpoint(layers_run):
 
 
 def test_prune_layers_follows_its_rule(layers_run, trained_run):
-    """Replays the search from the recorded candidates and the base run's log alphas: layers by kept
-    weights, most first; per layer a binary search over how many of its groups below the current
-    threshold to keep, the threshold midway between two sorted log alphas, a candidate kept when its
-    selection error is within 0.1 points of the retrained base's; the report's thresholds are where
-    each search ended."""
+    """Replays the search from the recorded candidates and the Bayesian run itself: at each step every
+    layer with two or more surviving groups offers to cut a quarter of them (at least one), those of
+    highest log alpha, the threshold midway; the cut of lowest selection error within 0.1 points of
+    the retrained base is taken; the search ends at a step with none within. Surviving groups and
+    architectures come from compress on the base run's checkpoint, independently of the file."""
     base, base_analysis = _read(trained_run, "report.json"), _read(trained_run, "analysis.json")["layers"]
     analysis, report = _read(layers_run, "analysis.json"), _read(layers_run, "report.json")
+    model = experiments.load_run_model(trained_run)
     first, *candidates = analysis["candidates"]
-    assert (first["layer"], first["thresholds"], first["architecture"]) == (None, base["thresholds"], base["architecture"])
+    assert (first["step"], first["layer"], first["thresholds"]) == (0, None, base["thresholds"])
+    assert first["architecture"] == base["architecture"]
     allowed = first["selection_error"] + experiments.SELECTION_TOLERANCE
     assert analysis["allowed"] == pytest.approx(allowed, abs=1e-12)
     names = [row["name"] for row in base["layers"]]
-    thresholds = dict(zip(names, base["thresholds"]))
-    candidates = iter(candidates)
-    for row in sorted(base["layers"], key=lambda row: -row["weights_kept"]):
-        below = sorted({v for v in base_analysis[row["name"]]["log_alpha"] if v < thresholds[row["name"]]})
-        low, high, chosen = 1, len(below), thresholds[row["name"]]
-        while low < high:
-            keep = (low + high) // 2
+    log_alpha = {name: torch.tensor(base_analysis[name]["log_alpha"]) for name in names}
+    thresholds, step, candidates = list(base["thresholds"]), 1, iter(candidates)
+    while True:
+        masks = bclib.compress(model, thresholds).masks
+        tried = []
+        for k, name in enumerate(names):
+            mask = masks[name][0]
+            # A convolution's groups are its output channels, a linear layer's its inputs.
+            groups = mask.flatten(1).any(1) if mask.dim() == 4 else mask.any(0)
+            surviving = sorted(log_alpha[name][groups].tolist())
+            if len(surviving) < 2:
+                continue
+            keep = len(surviving) - max(1, round(len(surviving) / 4))
             candidate = next(candidates)
-            trial = float((torch.tensor(below[keep - 1]) + torch.tensor(below[keep])) / 2)
-            assert (candidate["layer"], candidate["groups"]) == (row["name"], keep)
-            assert candidate["thresholds"] == pytest.approx([trial if n == row["name"] else thresholds[n] for n in names])
-            assert candidate["kept"] == (candidate["selection_error"] <= allowed)
-            if candidate["kept"]:
-                high, chosen = keep, trial
-            else:
-                low = keep + 1
-        thresholds[row["name"]] = chosen
+            trial = thresholds[:k] + [(surviving[keep - 1] + surviving[keep]) / 2] + thresholds[k + 1:]
+            assert (candidate["step"], candidate["layer"], candidate["groups"]) == (step, name, keep)
+            assert candidate["thresholds"] == pytest.approx(trial, abs=1e-5)
+            assert candidate["architecture"] == bclib.compress(model, candidate["thresholds"]).report.architecture
+            tried.append(candidate)
+        within = [c for c in tried if c["selection_error"] <= allowed]
+        taken = min(within, key=lambda c: (c["selection_error"], -c["compression_pruning"])) if within else None
+        assert [c["taken"] for c in tried] == [c is taken for c in tried]
+        if taken is None:
+            break
+        thresholds, step = taken["thresholds"], step + 1
     assert next(candidates, None) is None
-    assert report["thresholds"] == pytest.approx(list(thresholds.values())) == report["layer_search"]["thresholds"]
+    assert report["thresholds"] == thresholds == report["layer_search"]["thresholds"]
 
 
 def test_layer_pruned_network_is_what_compress_gives_the_bayesian_network(layers_run, trained_run):
@@ -454,9 +464,41 @@ def test_layer_pruned_file_scores_the_reported_error(layers_run, mnist):
         error = (model(test.x).argmax(1) != test.y).sum().item() / 1000
     report = _read(layers_run, "report.json")
     assert error == pytest.approx(report["file_error"], abs=1e-12)
-    kept = [row for row in _read(layers_run, "analysis.json")["candidates"] if row["kept"]]
-    assert kept[-1]["test_error"] == pytest.approx(error, abs=1e-12)
-    assert kept[-1]["architecture"] == report["architecture"]
+    taken = [row for row in _read(layers_run, "analysis.json")["candidates"] if row["taken"]]
+    assert taken[-1]["test_error"] == pytest.approx(error, abs=1e-12)  # the base network if no cut was taken
+    assert taken[-1]["architecture"] == report["architecture"]
+
+
+def test_prune_layers_takes_the_least_harmful_cut_until_none_fits(trained_run, mnist_root, tmp_path, monkeypatch):
+    """With retraining replaced by an error that grows with the share of each layer's weights cut
+    (fc1's cuts cost little, fc3's much), the search takes several steps, each time the cheapest cut
+    within the budget, and stops at a step where every cut costs too much."""
+    base = _read(trained_run, "report.json")
+    kept = {row["name"]: row["weights_kept"] for row in base["layers"]}
+    cost = {"1": 0.0008, "3": 0.002, "5": 0.02}  # error per share of the layer's weights cut
+
+    def retrain(compressed, fit_split, selection, test, config, progress):
+        error = 0.01 + sum(cost[row.name] * (1 - row.weights_kept / kept[row.name])
+                           for row in compressed.report.layers)
+        return compressed, [{"epoch": 1, "seconds": 0.0}], {"selection_error": error, "test_error": error,
+                                                           "seconds": 0.0}
+
+    monkeypatch.setattr(experiments, "_retrain", retrain)
+    report = experiments.prune_layers_run(trained_run, tmp_path / "out", data_root=mnist_root, progress=False)
+    candidates = _read(tmp_path / "out", "analysis.json")["candidates"]
+    allowed = 0.01 + experiments.SELECTION_TOLERANCE
+    steps = sorted({c["step"] for c in candidates if c["step"] > 0})
+    assert len(steps) >= 3
+    for step in steps:
+        tried = [c for c in candidates if c["step"] == step]
+        within = [c for c in tried if c["selection_error"] <= allowed]
+        taken = [c for c in tried if c["taken"]]
+        if step < steps[-1]:
+            assert taken == [min(within, key=lambda c: c["selection_error"])]
+        else:
+            assert within == [] and taken == []
+    assert {c["layer"] for c in candidates if c["taken"] and c["step"] > 0} <= {"1", "3"}  # fc3 costs too much
+    assert report["compression_pruning"] > base["compression_pruning"]
 
 
 def test_prune_layers_rejects_a_run_without_group_log_alphas(tmp_path, trained_run, mnist_root):

@@ -239,14 +239,19 @@ def test_pipeline_table_names_each_step():
 
 def test_layer_search_steps_lists_each_candidate():
     analysis = {"allowed": 0.0079, "candidates": [
-        {"layer": None, "architecture": "11-17-196-24", "selection_error": 0.0069, "kept": True},
-        {"layer": "7", "groups": 100, "architecture": "11-17-100-24", "selection_error": 0.0076, "kept": True},
-        {"layer": "7", "groups": 50, "architecture": "11-17-50-24", "selection_error": 0.0081, "kept": False}]}
-    lines = tables.layer_search_steps(analysis, ["0", "3", "7", "9"], {"7": "fc1"}).splitlines()
+        {"step": 0, "layer": None, "architecture": "11-17-196-24", "selection_error": 0.0069, "taken": True},
+        {"step": 1, "layer": "0", "groups": 8, "architecture": "8-17-196-24", "selection_error": 0.0078,
+         "taken": False},
+        {"step": 1, "layer": "7", "groups": 147, "architecture": "11-17-147-24", "selection_error": 0.0071,
+         "taken": True},
+        {"step": 2, "layer": "7", "groups": 110, "architecture": "11-17-110-24", "selection_error": 0.0081,
+         "taken": False}]}
+    lines = tables.layer_search_steps(analysis, ["0", "3", "7", "9"], {"0": "conv1", "7": "fc1"}).splitlines()
     assert "(allowed 0.79 %)" in lines[0]
-    assert [line.split() for line in lines[1:]] == [["base", "-", "11-17-196-24", "0.69", "reference"],
-                                                    ["fc1", "100", "11-17-100-24", "0.76", "kept"],
-                                                    ["fc1", "50", "11-17-50-24", "0.81", "over"]]
+    assert [line.split() for line in lines[1:]] == [["0", "base", "-", "11-17-196-24", "0.69", "reference"],
+                                                    ["1", "conv1", "8", "8-17-196-24", "0.78", "within"],
+                                                    ["1", "fc1", "147", "11-17-147-24", "0.71", "taken"],
+                                                    ["2", "fc1", "110", "11-17-110-24", "0.81", "over"]]
     with pytest.raises(ValueError, match="do not include the candidate's layer '7'"):
         tables.layer_search_steps(analysis, ["0", "3"])
 

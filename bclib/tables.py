@@ -528,30 +528,31 @@ def pipeline_table(reports: Mapping[str, Mapping]) -> str:
             ``"lenet5_hs_ft"``, ``"lenet5_hs_layers"``, ``"lenet5_hs_layers_bits"``, ...).
 
     Returns:
-        One row per run: architecture, compression after pruning and after precision (Sparse VD:
-        over nonzero weights), the file against the float32 dense network and its test error in
-        %. The first row of each network names it; the others name the step ("uniform offset":
+        A line naming each network, then one row per run: the step ("uniform offset":
         :func:`bclib.experiments.fine_tune_run`; "layer search":
         :func:`bclib.experiments.prune_layers_run`; "+ fewer bits":
-        :func:`bclib.experiments.lower_bits_run` on the row above it).
+        :func:`bclib.experiments.lower_bits_run` on the row above it), the architecture, compression
+        after pruning and after precision (Sparse VD: over nonzero weights), the file against the
+        float32 dense network and its test error in %.
 
     Example:
         >>> base = {"architecture": "9-16-93-16", "compression_pruning": 78.7,
         ...         "compression_precision": 320.4, "file": {"ratio": 526.0}, "file_error": 0.0141}
         >>> print(pipeline_table({"lenet5_nj": base}))
-        run            step            architecture pruning precision   file error %
-        LeNet-5 BC-GNJ paper pipeline    9-16-93-16   78.7x    320.4x   526x    1.41
+        step                architecture  pruning  precision   file  error %
+        LeNet-5 BC-GNJ
+          paper pipeline      9-16-93-16    78.7x     320.4x   526x     1.41
     """
-    lines = [f"{'run':<14} {'step':<15} {'architecture':>12} {'pruning':>7} {'precision':>9} {'file':>6} "
-             f"{'error %':>7}"]
+    lines = [f"{'step':<19} {'architecture':>12} {'pruning':>8} {'precision':>10} {'file':>6} {'error %':>8}"]
     previous = None
     for name, r in reports.items():
         base, _ = _refinement(name)
+        if base != previous:
+            lines.append(_run_label(base))
         step = next((label for suffix, label in _STEP_LABELS if name.endswith(suffix)), "paper pipeline")
         keys = _rate_keys(base)
-        lines.append(f"{_run_label(base) if base != previous else '':<14} {step:<15} {r['architecture']:>12} "
-                     f"{r[keys[0]]:>6.1f}x {r[keys[1]]:>8.1f}x {r['file']['ratio']:>5.0f}x "
-                     f"{100 * r['file_error']:>7.2f}")
+        lines.append(f"  {step:<17} {r['architecture']:>12} {r[keys[0]]:>7.1f}x {r[keys[1]]:>9.1f}x "
+                     f"{r['file']['ratio']:>5.0f}x {100 * r['file_error']:>8.2f}")
         previous = base
     return "\n".join(lines)
 

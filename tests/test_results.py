@@ -50,3 +50,27 @@ def test_bit_lowered_run_keeps_the_architecture_and_lowers_bits(name):
     assert all(1 <= b <= old for b, old in zip(bits, base_bits, strict=True))
     _, specs, _ = read_compressed(RESULTS / name / "model.bcz")
     assert [spec["bits"] for spec in specs if "bits" in spec] == bits
+
+
+@pytest.mark.parametrize("name", [run for run in RUNS if run.endswith("_layers")])
+def test_layer_searched_run_is_its_base_file_cut_at_the_recorded_thresholds(name):
+    """A layer-searched run's architecture, weights kept and rates are those of its base run's file cut
+    at the thresholds it records (by the base run's recorded log alphas), with the base's bits; no
+    threshold is above the base's."""
+    from bclib.compression import CompressedModel, prune_further
+    from bclib.experiments import _recorded_log_alpha
+    from bclib.models import build_model
+
+    report, config = _read(name, "report.json"), _read(name, "config.json")
+    base_name = config["prunes_layers_of"]
+    base, layers = _read(base_name, "report.json"), _read(base_name, "analysis.json")["layers"]
+    log_alpha = [_recorded_log_alpha(layers[row["name"]]["log_alpha"], threshold)
+                 for row, threshold in zip(base["layers"], base["thresholds"])]
+    compressed = CompressedModel.from_file(RESULTS / base_name / "model.bcz", base)
+    cut = prune_further(compressed, build_model(config["model"], config["prior"]), log_alpha, report["thresholds"])
+    assert cut.report.architecture == report["architecture"]
+    assert [row.weights_kept for row in cut.report.layers] == [row["weights_kept"] for row in report["layers"]]
+    assert [row["bits"] for row in report["layers"]] == [row["bits"] for row in base["layers"]]
+    assert cut.report.compression_pruning == pytest.approx(report["compression_pruning"])
+    assert cut.report.compression_precision == pytest.approx(report["compression_precision"])
+    assert all(new <= old for new, old in zip(report["thresholds"], base["thresholds"]))

@@ -30,6 +30,10 @@ def test_readme_layer_snippet_runs(tmp_path, monkeypatch, capsys):
     assert rates[0] == rates[1] and len(namespace["history"]) == 10
     retrained = namespace["bclib"].load_compressed(tmp_path / "lenet300_retrained.bcz")
     assert torch.equal(retrained(x), tuned.reduced_precision_model()(x))
+    # The deeper pruning: what compress gives at the lower thresholds, with the file's bits.
+    direct = namespace["bclib"].compress(namespace["model"], [-4, -4, -4])
+    direct = direct.with_bits([row.bits for row in namespace["result"].report.layers])
+    assert namespace["deeper"].report.to_dict() == direct.report.to_dict()
 
 
 def test_readme_conversion_snippet_runs():

@@ -657,7 +657,7 @@ def _paper_run(name: str) -> str:
 
 def run_training_time_report(results_root="book/results", verbose: bool = True) -> dict:
     """Wall time of each committed run (sum of its epochs' seconds, its pretraining run included; for
-    a fine-tuned or bit-lowered run, its base runs and every retrained candidate) and whether it met
+    a fine-tuned, layer-searched or bit-lowered run, its base runs and every retrained candidate) and whether it met
     the release's targets (a refined run is judged on its paper run's); the time to the BC-GHS row is compared
     with 45 min. The Sparse VD rows are judged on the sparse rates (nonzero weights), as their
     source counts them; ``row["rates"]`` says which rates a row shows.

@@ -218,7 +218,10 @@ class CompressionReport:
         if missing:
             raise ValueError(f"data lacks the report fields {missing}")
         values = {name: math.inf if data[name] is None else data[name] for name in names}
-        return cls(layers=[LayerReport(**row) for row in data["layers"]], **values)
+        # to_dict writes an infinite threshold (keep everything) as None, as it does infinite rates.
+        layers = [LayerReport(**{**row, "threshold": math.inf if row.get("threshold", 0.0) is None
+                                 else row["threshold"]}) for row in data["layers"]]
+        return cls(layers=layers, **values)
 
     def to_dict(self) -> dict:
         """A JSON-serialisable dict (an infinite rate, when nothing survives, becomes ``None``)."""
@@ -545,10 +548,11 @@ def prune_further(compressed: "CompressedModel", architecture: nn.Module, log_al
     :func:`compress` (groups, the AND rule, stranded units), and the network is exported again.
 
     The result is what ``compress(model, thresholds)`` gives the Bayesian network behind
-    ``compressed``, with two differences: its weights are those of ``compressed`` (on its grids if
-    it was read from a file or retrained), and each layer keeps the bits of ``compressed``
-    (the posterior variances that set them are not in a file; :meth:`CompressedModel.with_bits`
-    sets others).
+    ``compressed``, with these differences: its weights are those of ``compressed`` (on its grids if
+    it was read from a file or retrained), so the exponent bits, set by the largest surviving
+    weight, and with them the after-precision rates can differ; and each layer keeps the bits of
+    ``compressed`` (the posterior variances that set them are not in a file;
+    :meth:`CompressedModel.with_bits` sets others).
 
     Args:
         compressed: a :class:`CompressedModel` (from :func:`compress`, :func:`fine_tune` or
@@ -600,7 +604,7 @@ def prune_further(compressed: "CompressedModel", architecture: nn.Module, log_al
     base_thresholds = [row.threshold for row in compressed.report.layers]
     new_thresholds = resolve_thresholds(thresholds, names)
     for name, new, base in zip(names, new_thresholds, base_thresholds):
-        if new > base:
+        if np.float32(new) > np.float32(base):  # the masks compare float32 log alphas with float32 thresholds
             raise ValueError(f"threshold for {name!r} is {new}, above {base}, the one compressed was pruned at: "
                              "prune_further can only prune more (a pruned group's weights are not in compressed)")
     shapes = _leaf_shapes(architecture, leaves, compressed.input_shape)
@@ -619,6 +623,11 @@ def prune_further(compressed: "CompressedModel", architecture: nn.Module, log_al
                              "or architecture is not the one compressed was pruned by")
         layer.mean = torch.zeros_like(layer.mean)
         layer.mean[rows[:, None], cols[None, :]] = values["weight"].float()
+        base_mask = _weight_mask(base_layers[number], columns[number], alive[number + 1])
+        if (layer.mean != 0).logical_and(~base_mask).any() or (
+                "in_mask" in values and not torch.equal(values["in_mask"].bool(), columns[number][cols])):
+            raise ValueError(f"layer {layer.name!r}: compressed keeps weights that log_alpha at compressed's "
+                             "thresholds prunes: log_alpha or architecture is not the one compressed was pruned by")
         layer.var = torch.zeros_like(layer.mean)  # unused: bits come from compressed
         if layer.bias is not None:
             layer.bias = torch.zeros_like(layer.bias)

@@ -113,7 +113,8 @@ EXPERIMENTS.update({f"{name}_bits": Experiment(EXPERIMENTS[name].model, EXPERIME
 # Beyond the paper: one threshold per layer searched on the selection split (the fine-tuning above
 # moves every layer's threshold by the same offset), from the Bayesian run's committed files, and the
 # bits of the result lowered as above. Group priors only (their log alphas, one per group, are in
-# analysis.json). About 20 retrainings per LeNet-5 search: ~20 min on 2 cores; ~5 min for LeNet-300-100.
+# analysis.json). Four retrainings per step, five or six steps for LeNet-5: 15-30 min on 2 cores (two
+# searches in parallel, one thread each); ~2 min for LeNet-300-100.
 LAYER_PRUNED_RUNS = ("lenet300_nj", "lenet300_hs", "lenet5_nj", "lenet5_hs")
 EXPERIMENTS.update({f"{name}_layers": Experiment(EXPERIMENTS[name].model, EXPERIMENTS[name].prior, FINE_TUNE_CONFIG,
                                                  input_range=EXPERIMENTS[name].input_range, prunes_layers_of=name)
@@ -516,6 +517,8 @@ def lower_bits_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, c
                              extra={**extra, "bit_search": bit_search})
 
 
+# The priors whose log alphas are one per group (input unit or filter), which the layer search cuts.
+GROUP_PRIORS = ("nj", "hs")
 # The layer search cuts this fraction of a layer's surviving groups per step (at least one).
 LAYER_CUT_FRACTION = 0.25
 
@@ -536,9 +539,9 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     It needs no checkpoint: candidates are cut from the run's ``model.bcz`` with the log alphas of
     its ``analysis.json`` (:func:`bclib.compression.prune_further`), so they start from the file's
     weights (on its grids) and keep its bits. Every candidate starts from there, so retrainings do
-    not pile up. Group priors only: Sparse VD's per-weight log alphas are not in ``analysis.json``.
-    The selection split was fitted by the base run (it trained on all 60,000 examples), so it ranks
-    candidates; the test set only reports.
+    not pile up. Group priors only (Sparse VD prunes weights, not groups). The base run trained on
+    the selection split too (all 60,000 examples), so errors there are optimistic: they rank
+    candidates, they do not estimate test error; the test set only reports.
 
     Writes into ``out_dir`` the files of :func:`fine_tune_run`: ``config.json``, ``metrics.json``
     (the kept network's retraining), ``report.json`` (with ``layer_search``: base run, thresholds
@@ -557,6 +560,9 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         The report (also written to ``report.json``).
     """
     base_dir, out_dir, base_config, base_report = _base_run(base_dir, out_dir, needs="model.bcz")
+    if base_config.get("prior") not in GROUP_PRIORS:
+        raise ValueError(f"base_dir {str(base_dir)!r} must be a run of a group prior {GROUP_PRIORS}, got prior "
+                         f"{base_config.get('prior')!r} (Sparse VD prunes weights, not groups)")
     layers = json.loads((base_dir / "analysis.json").read_text()).get("layers", {}) \
         if (base_dir / "analysis.json").exists() else {}
     names = [row["name"] for row in base_report["layers"]]
@@ -591,7 +597,9 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
             trial = {**thresholds, name: float(surviving[keep - 1] + surviving[keep]) / 2}
             candidate = compression.prune_further(base, architecture, log_alpha, trial)
             tuned, trial_history, trial_errors = _retrain(candidate, fit_split, selection, test, config, progress)
-            candidates.append(row(candidate, trial_errors, step=step, layer=name, groups=keep, taken=False))
+            # Groups the cut leaves (fewer than keep where log alphas tie at the cut).
+            groups = int(_surviving_groups(candidate, architecture, name).sum())
+            candidates.append(row(candidate, trial_errors, step=step, layer=name, groups=groups, taken=False))
             tried.append((trial_errors["selection_error"], -candidate.report.compression_pruning, len(candidates) - 1,
                           trial, candidate, tuned, trial_history))
             if progress:

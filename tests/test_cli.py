@@ -509,6 +509,10 @@ def test_prune_layers_rejects_a_run_without_group_log_alphas(tmp_path, trained_r
     (run / "analysis.json").write_text(json.dumps(analysis))
     with pytest.raises(ValueError, match=r"analysis.json with the log alpha of every group of layers \['1', '3', '5'\]"):
         experiments.prune_layers_run(run, tmp_path / "out", data_root=mnist_root)
+    config = _read(run, "config.json")
+    (run / "config.json").write_text(json.dumps({**config, "prior": "svd"}))
+    with pytest.raises(ValueError, match=r"must be a run of a group prior \('nj', 'hs'\), got prior 'svd'"):
+        experiments.prune_layers_run(run, tmp_path / "out", data_root=mnist_root)
     assert not (tmp_path / "out").exists()
 
 

@@ -34,6 +34,13 @@ def test_readme_layer_snippet_runs(tmp_path, monkeypatch, capsys):
     direct = namespace["bclib"].compress(namespace["model"], [-4, -4, -4])
     direct = direct.with_bits([row.bits for row in namespace["result"].report.layers])
     assert namespace["deeper"].report.to_dict() == direct.report.to_dict()
+    # The untrained layers' log alphas are all near -9: at their medians the same call does cut.
+    log_alpha, prune_further = namespace["log_alpha"], namespace["prune_further"]
+    medians = [float(a.median()) for a in log_alpha]
+    cut = prune_further(namespace["read"], namespace["model"], log_alpha, medians)
+    direct = namespace["bclib"].compress(namespace["model"], medians)
+    assert cut.report.architecture == direct.report.architecture != namespace["result"].report.architecture
+    assert [r.weights_kept for r in cut.report.layers] == [r.weights_kept for r in direct.report.layers]
 
 
 def test_readme_conversion_snippet_runs():

@@ -210,10 +210,13 @@ def results_at_a_glance(reports: Mapping[str, Mapping], retrained: Mapping[str, 
             keys = _rate_keys(name)
             target = tuple(targets.get(name, (None, None, None)))
             rows = [("paper", cells(*target, None, rate_format="g"))]
+            lowered_ft, lowered_layers = ((lowered or {}).get(f"{name}{step}_bits") for step in ("_ft", "_layers"))
             for label, r in (("ours", reports[name]), ("ours + retraining", retrained.get(f"{name}_ft")),
-                             ("  + fewer bits", (lowered or {}).get(f"{name}_ft_bits")),
+                             ("  + fewer bits" if f"{name}_ft" in retrained else "retraining + bits",
+                              lowered_ft),
                              ("ours + layer search", (layered or {}).get(f"{name}_layers")),
-                             ("  + fewer bits", (lowered or {}).get(f"{name}_layers_bits"))):
+                             ("  + fewer bits" if f"{name}_layers" in (layered or {}) else
+                              "layer search + bits", lowered_layers)):
                 if r is not None:
                     rows.append((label, cells(r["file_error"], r[keys[0]], r[keys[1]], r["file"]["ratio"])))
             for k, (label, text) in enumerate(rows):

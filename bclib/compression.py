@@ -426,6 +426,14 @@ class _Weighted:
     def along_out(self, v: Tensor) -> Tensor:
         return v.view(-1, 1, 1, 1) if self.is_conv else v.view(-1, 1)
 
+    def own_keep(self, log_alpha: Tensor, threshold: float) -> Tensor:
+        """The layer's own test ``log_alpha < threshold``, shaped like the weight (one test per group,
+        input units or filters, broadcast; or one per weight)."""
+        keep = log_alpha < threshold
+        if keep.shape == self.mean.shape:
+            return keep
+        return (self.along_out if self.is_conv else self.along_in)(keep).expand_as(self.mean).clone()
+
 
 def _any_per_input(mask: Tensor) -> Tensor:
     return mask.transpose(0, 1).reshape(mask.shape[1], -1).any(1)
@@ -611,7 +619,8 @@ def prune_further(compressed: "CompressedModel", architecture: nn.Module, log_al
     base_layers = _collect(leaves, weighted_at, base_thresholds, shapes, log_alphas)
     alive, columns = _alive_units(base_layers)
     exported = _exported_units(alive)
-    layers = _collect(leaves, weighted_at, new_thresholds, shapes, log_alphas)
+    layers = [replace(base, threshold=new, keep=base.own_keep(log_alpha, new))
+              for base, log_alpha, new in zip(base_layers, log_alphas, new_thresholds)]
     for number, (layer, index) in enumerate(zip(layers, weighted_at)):
         values = compressed._tensors[index]
         rows = torch.arange(layer.mean.shape[0]) if exported[number + 1] is None else exported[number + 1]
@@ -695,10 +704,8 @@ def _collect(leaves, weighted_at, thresholds, shapes, log_alphas=None) -> list[_
             log_alpha = log_alpha.detach().float().cpu()
             bias = layer.posterior_bias()
             bias = None if bias is None else bias.detach().float().cpu()
-        entry = _Weighted(name, layer, threshold, log_alpha < threshold, mean, var, bias, *shapes[index])
-        if entry.keep.shape != mean.shape:  # one test per group: input units (linear) or filters (conv)
-            along = entry.along_out if entry.is_conv else entry.along_in
-            entry.keep = along(entry.keep).expand_as(mean).clone()
+        entry = _Weighted(name, layer, threshold, None, mean, var, bias, *shapes[index])
+        entry.keep = entry.own_keep(log_alpha, threshold)
         if number > 0:
             entry.positions = _positions(leaves, weighted_at[number - 1], index, shapes, layers[-1])
         layers.append(entry)
@@ -867,6 +874,16 @@ class CompressedModel:
         specs = [dict(spec, bits=by_index[i]) if i in by_index else spec for i, spec in enumerate(self._specs)]
         return CompressedModel(specs, self._tensors, by_index, self.report.with_bits(bits), self.masks,
                                self.input_shape)
+
+    def surviving_groups(self, name: str) -> Tensor:
+        """Boolean per group of Bayesian layer ``name`` (its input units for a linear layer, its
+        filters for a convolution): does any of the group's weights survive? Needs :attr:`masks`
+        (empty for a network read with :meth:`from_file`)."""
+        if name not in self.masks:
+            raise ValueError(f"name must be a layer of masks {sorted(self.masks)}, got {name!r} (a network read "
+                             "from a file has no masks: prune_further at the file's thresholds gives them)")
+        mask = self.masks[name][0]
+        return _any_per_output(mask.bool()) if mask.dim() == 4 else _any_per_input(mask.bool())
 
     def reduced_precision_model(self) -> nn.Sequential:
         """The exported model with each layer's weights rounded to its grid ``q 2^-t_l`` and biases to float16.

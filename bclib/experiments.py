@@ -590,7 +590,7 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     for step in itertools.count(1):  # every step cuts at least one group, so the search ends
         tried = []
         for name in names:
-            surviving = torch.sort(log_alpha[name][_surviving_groups(cut_from, architecture, name)]).values
+            surviving = torch.sort(log_alpha[name][cut_from.surviving_groups(name)]).values
             if len(surviving) < 2:
                 continue
             keep = len(surviving) - max(1, round(LAYER_CUT_FRACTION * len(surviving)))
@@ -598,7 +598,7 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
             candidate = compression.prune_further(base, architecture, log_alpha, trial)
             tuned, trial_history, trial_errors = _retrain(candidate, fit_split, selection, test, config, progress)
             # Groups the cut leaves (fewer than keep where log alphas tie at the cut).
-            groups = int(_surviving_groups(candidate, architecture, name).sum())
+            groups = int(candidate.surviving_groups(name).sum())
             candidates.append(row(candidate, trial_errors, step=step, layer=name, groups=groups, taken=False))
             tried.append((trial_errors["selection_error"], -candidate.report.compression_pruning, len(candidates) - 1,
                           trial, candidate, tuned, trial_history))
@@ -619,14 +619,6 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                     "seconds": sum(row["seconds"] for row in candidates)}
     return _write_compressed(out_dir, current, list(thresholds.values()), base_report["dense_error"], test,
                              extra={"layer_search": layer_search})
-
-
-def _surviving_groups(compressed, architecture, name: str) -> torch.Tensor:
-    """Boolean per group of Bayesian layer ``name``: does any of its weights survive in ``compressed``?
-    (Groups are a linear layer's inputs and a convolution's output channels.)"""
-    mask = compressed.masks[name][0]
-    layer = dict(architecture.named_modules())[name]
-    return mask.flatten(1).any(1) if not layer.groups_on_input else mask.transpose(0, 1).flatten(1).any(1)
 
 
 # analysis.json files written before prune_layers_run existed hold log alphas rounded to 4 decimals.

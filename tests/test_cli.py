@@ -180,24 +180,36 @@ def test_compress_with_a_wrong_number_of_thresholds_fails_clearly(run_copy, mnis
 
 
 # ----------------------------------------------------------------------------- fine-tune
-@pytest.fixture(scope="module")
-def fine_tuned_run(trained_run, mnist_root, tmp_path_factory) -> Path:
-    """``python -m bclib fine-tune RUN --out DIR --epochs 1 --seeds 2`` on the fast LeNet-300-100 NJ run."""
-    out = tmp_path_factory.mktemp("fine-tune") / "lenet300_nj_ft"
-    result = _python_m_bclib(["fine-tune", str(trained_run), "--out", str(out), "--epochs", "1", "--seeds", "2",
+def _search(command: str, base: Path, out: Path, mnist_root, *options: str) -> Path:
+    """``python -m bclib COMMAND BASE --out OUT --epochs 1 [options]``, which must succeed."""
+    result = _python_m_bclib([command, str(base), "--out", str(out), "--epochs", "1", *options,
                               "--data", str(mnist_root)])
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
 
-def test_fine_tune_writes_every_file_but_a_checkpoint(fine_tuned_run, trained_run):
+def _check_search_folder(run: Path, command: str, refines: tuple[str, str]) -> dict:
+    """Every run file but a checkpoint, the config naming the run it refines (``(field, name)``),
+    the nj prior, one epoch and the command; returns the config."""
     for name in RUN_FILES:
-        assert (fine_tuned_run / name).is_file() == (name != "checkpoint.pt"), name
-    config = _read(fine_tuned_run, "config.json")
-    assert (config["fine_tunes"], config["prior"], config["train"]["epochs"]) == ("lenet300_nj", "nj", 1)
+        assert (run / name).is_file() == (name != "checkpoint.pt"), name
+    config = _read(run, "config.json")
+    assert (config[refines[0]], config["prior"], config["train"]["epochs"]) == (refines[1], "nj", 1)
+    assert config["command"].startswith(f"python -m bclib {command} ")
+    return config
+
+
+@pytest.fixture(scope="module")
+def fine_tuned_run(trained_run, mnist_root, tmp_path_factory) -> Path:
+    """``python -m bclib fine-tune RUN --out DIR --epochs 1 --seeds 2`` on the fast LeNet-300-100 NJ run."""
+    return _search("fine-tune", trained_run, tmp_path_factory.mktemp("fine-tune") / "lenet300_nj_ft", mnist_root,
+                   "--seeds", "2")
+
+
+def test_fine_tune_writes_every_file_but_a_checkpoint(fine_tuned_run, trained_run):
+    config = _check_search_folder(fine_tuned_run, "fine-tune", ("fine_tunes", "lenet300_nj"))
     # Fast mode: the 5000 training examples split into 4167 to retrain on and the last 833 to choose.
     assert (config["train_examples"], config["selection_examples"]) == (5000 - 833, 833)
-    assert config["command"].startswith("python -m bclib fine-tune ")
     assert [row["epoch"] for row in _read(fine_tuned_run, "metrics.json")] == [1]
 
 
@@ -291,11 +303,8 @@ def test_fine_tune_rejects_a_deterministic_run_and_its_own_folder(tmp_path, mnis
 @pytest.fixture(scope="module")
 def bits_run(fine_tuned_run, mnist_root, tmp_path_factory) -> Path:
     """``python -m bclib lower-bits FT --out DIR --epochs 1`` on the fine-tuned fast run."""
-    out = tmp_path_factory.mktemp("lower-bits") / "lenet300_nj_ft_bits"
-    result = _python_m_bclib(["lower-bits", str(fine_tuned_run), "--out", str(out), "--epochs", "1",
-                              "--data", str(mnist_root)])
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
+    return _search("lower-bits", fine_tuned_run, tmp_path_factory.mktemp("lower-bits") / "lenet300_nj_ft_bits",
+                   mnist_root)
 
 
 def _selection_error(model, mnist) -> float:
@@ -307,11 +316,7 @@ def _selection_error(model, mnist) -> float:
 
 
 def test_lower_bits_writes_every_file_but_a_checkpoint(bits_run):
-    for name in RUN_FILES:
-        assert (bits_run / name).is_file() == (name != "checkpoint.pt"), name
-    config = _read(bits_run, "config.json")
-    assert (config["lowers_bits_of"], config["prior"], config["train"]["epochs"]) == ("lenet300_nj_ft", "nj", 1)
-    assert config["command"].startswith("python -m bclib lower-bits ")
+    _check_search_folder(bits_run, "lower-bits", ("lowers_bits_of", "lenet300_nj_ft"))
 
 
 def test_lower_bits_follows_its_rule(bits_run, fine_tuned_run, mnist):
@@ -385,19 +390,12 @@ def test_lower_bits_rejects_a_run_without_a_file_and_its_own_folder(tmp_path, mn
 @pytest.fixture(scope="module")
 def layers_run(trained_run, mnist_root, tmp_path_factory) -> Path:
     """``python -m bclib prune-layers RUN --out DIR --epochs 1`` on the fast Bayesian run."""
-    out = tmp_path_factory.mktemp("prune-layers") / "lenet300_nj_layers"
-    result = _python_m_bclib(["prune-layers", str(trained_run), "--out", str(out), "--epochs", "1",
-                              "--data", str(mnist_root)])
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
+    return _search("prune-layers", trained_run, tmp_path_factory.mktemp("prune-layers") / "lenet300_nj_layers",
+                   mnist_root)
 
 
 def test_prune_layers_writes_every_file_but_a_checkpoint(layers_run):
-    for name in RUN_FILES:
-        assert (layers_run / name).is_file() == (name != "checkpoint.pt"), name
-    config = _read(layers_run, "config.json")
-    assert (config["prunes_layers_of"], config["prior"], config["train"]["epochs"]) == ("lenet300_nj", "nj", 1)
-    assert config["command"].startswith("python -m bclib prune-layers ")
+    _check_search_folder(layers_run, "prune-layers", ("prunes_layers_of", "lenet300_nj"))
 
 
 def test_prune_layers_follows_its_rule(layers_run, trained_run):

@@ -743,3 +743,19 @@ def test_prune_further_rejects_what_it_cannot_do():
     assert prune_further(base, model, log_alpha, np.float32(-1.0)).report.architecture == base.report.architecture
     with pytest.raises(ValueError, match="not the network it was compressed from"):
         prune_further(base, nn.Sequential(bclib.LinearGroupNJ(36, 2)), [torch.zeros(36)], -2.0)
+
+
+def test_surviving_groups_by_hand_on_the_small_conv_net(tmp_path):
+    """Thresholds 0 (above): conv filter 0 only; fc1 inputs 0 and 1 (channel 0's first positions);
+    fc2 inputs 0, 2 and 3."""
+    from bclib.compression import CompressedModel
+
+    result = compress(small_conv_net(), 0.0)
+    assert result.surviving_groups("0").tolist() == [True, False, False]
+    assert result.surviving_groups("4").tolist() == [True, True] + [False] * 10
+    assert result.surviving_groups("6").tolist() == [True, False, True, True]
+    with pytest.raises(ValueError, match=r"name must be a layer of masks \['0', '4', '6'\], got '5'"):
+        result.surviving_groups("5")
+    result.save(tmp_path / "net.bcz")
+    with pytest.raises(ValueError, match="a network read from a file has no masks"):
+        CompressedModel.from_file(tmp_path / "net.bcz", result.report.to_dict()).surviving_groups("0")

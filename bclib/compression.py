@@ -50,6 +50,7 @@ from torch.nn.utils import parametrize
 from .data import TensorSplit
 from .fileformat import (build_module, dequantize, encode_compressed, load_compressed, module_spec, read_compressed,
                          write_compressed)
+from .layer_sequence import check_sequence, layer_sequence, parameter_device_and_dtype
 from .layers import BayesianLayer, bayesian_layers
 from .train import TrainConfig, fit
 
@@ -296,42 +297,6 @@ def _finite_or_none(value):
 
 
 # ----------------------------------------------------------------------------- walking the model
-def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of every leaf of a (nested) ``nn.Sequential``, in forward order."""
-    if not isinstance(model, nn.Sequential):
-        raise TypeError(f"model must be an nn.Sequential (possibly nested), got {type(model).__name__}: compress "
-                        f"follows the layers in order, so the network must be written as nn.Sequential containers")
-    leaves = []
-    bayesian_names = {}
-
-    def walk(sequence: nn.Sequential, prefix: str) -> None:
-        if type(sequence).forward is not nn.Sequential.forward:
-            raise TypeError(f"model container {prefix.rstrip('.') or 'model'!r} is a {type(sequence).__name__} with "
-                            "its own forward: compress can only follow nn.Sequential's forward, layer after layer")
-        # _modules, not named_children(): a module placed twice (one ReLU object reused) runs twice.
-        for name, child in sequence._modules.items():
-            if child is None:
-                continue
-            if isinstance(child, nn.Sequential):
-                walk(child, f"{prefix}{name}.")
-            elif isinstance(child, BayesianLayer):
-                if id(child) in bayesian_names:
-                    raise ValueError(f"model layers {bayesian_names[id(child)]!r} and {prefix + name!r} are the same "
-                                     "Bayesian layer (tied weights): compress prunes each layer by its own "
-                                     "inputs and outputs, so each must appear once")
-                bayesian_names[id(child)] = prefix + name
-                leaves.append((prefix + name, child))
-            elif isinstance(child, (nn.Linear, nn.Conv2d)) or list(child.children()):
-                raise TypeError(f"model layer {prefix + name!r} is a {type(child).__name__}: compress needs the "
-                                "weighted layers to be bclib Bayesian layers (bclib.to_bayesian converts them) "
-                                "inside nn.Sequential containers")
-            else:
-                leaves.append((prefix + name, child))
-
-    walk(model, "")
-    return leaves
-
-
 @contextlib.contextmanager
 def _evaluating(model: nn.Module):
     """Eval mode for the duration, then every module's own training flag back."""
@@ -478,7 +443,7 @@ def weight_masks(model: nn.Module, thresholds, input_shape=None) -> dict[str, Te
 
     Arguments as :func:`compress`. Returns ``{module name: mask}`` in layer order.
     """
-    leaves = _leaves(model)
+    leaves = layer_sequence(model)
     weighted_at = [i for i, (_, module) in enumerate(leaves) if isinstance(module, BayesianLayer)]
     if not weighted_at:
         raise ValueError("model has no Bayesian layers")
@@ -494,9 +459,12 @@ def compress(model: nn.Module, thresholds, input_shape=None) -> "CompressedModel
     r"""Prune a Bayesian network, set each layer's bit precision and export it to plain PyTorch.
 
     Args:
-        model: an ``nn.Sequential`` (nested ones too) of bclib Bayesian layers and ReLU / LeakyReLU /
+        model: a network whose forward is a chain of bclib Bayesian layers and ReLU / LeakyReLU /
             Tanh / Sigmoid / Identity / Dropout / MaxPool2d / AvgPool2d / AdaptiveAvgPool2d /
-            Flatten / BatchNorm1d / BatchNorm2d, as built by :mod:`bclib.models`.
+            Flatten / BatchNorm1d / BatchNorm2d (and Softmax / LogSoftmax after the last layer):
+            an ``nn.Sequential`` (nested ones too) as built by :mod:`bclib.models`, or a module
+            class of your own, whose forward is read with ``torch.fx``, functional calls such as
+            ``F.relu`` and ``x.view(x.size(0), -1)`` included (:mod:`bclib.layer_sequence`).
         thresholds: log-alpha threshold per Bayesian layer, in order (a list), or a dict by module
             name (as in ``model.named_modules()``), or one number for every layer. A group is kept
             when ``log_alpha < threshold``. Typical values: the release used -2.8 to -5 for the
@@ -520,8 +488,9 @@ def compress(model: nn.Module, thresholds, input_shape=None) -> "CompressedModel
     file count only the surviving positions. Likewise the first layer keeps all network inputs.
 
     Raises:
-        TypeError: for a model that is not built in sequence from supported layers, or thresholds
-            of the wrong type.
+        TypeError: for a model whose forward is not a chain of supported layers (a skip
+            connection, an operation with no module form; the message names it), or thresholds of
+            the wrong type.
         ValueError: for the wrong number of thresholds, an unknown layer name, a NaN threshold or
             a missing ``input_shape``.
 
@@ -532,7 +501,7 @@ def compress(model: nn.Module, thresholds, input_shape=None) -> "CompressedModel
         torch.Size([1, 10])
         >>> compressed.save("lenet5.bcz")  # doctest: +SKIP
     """
-    leaves = _leaves(model)
+    leaves = layer_sequence(model)
     weighted_at = [i for i, (_, module) in enumerate(leaves) if isinstance(module, BayesianLayer)]
     if not weighted_at:
         raise ValueError("model has no Bayesian layers to compress")
@@ -596,7 +565,7 @@ def prune_further(compressed: "CompressedModel", architecture: nn.Module, log_al
     if not isinstance(compressed, CompressedModel):
         raise TypeError(f"compressed must be a CompressedModel (from bclib.compress or CompressedModel.from_file), "
                         f"got {type(compressed).__name__}")
-    leaves = _leaves(architecture)
+    leaves = layer_sequence(architecture)
     weighted_at = [i for i, (_, module) in enumerate(leaves) if isinstance(module, BayesianLayer)]
     names = [leaves[i][0] for i in weighted_at]
     if len(leaves) != len(compressed._specs) or weighted_at != sorted(compressed._bits):
@@ -674,11 +643,7 @@ def _per_layer_tensors(values, names: list[str], argument: str) -> list[Tensor]:
 
 def _leaf_shapes(model, leaves, input_shape) -> list[tuple[tuple, tuple]]:
     """(input, output) shape of one example at every leaf, from a forward pass of zeros in eval mode."""
-    try:
-        first = next(model.parameters())
-        device, dtype = first.device, first.dtype
-    except StopIteration:
-        device, dtype = torch.device("cpu"), torch.get_default_dtype()
+    device, dtype = parameter_device_and_dtype(model)
     shapes = []
     x = torch.zeros(1, *input_shape, device=device, dtype=dtype)
     with torch.no_grad(), _evaluating(model):
@@ -689,6 +654,7 @@ def _leaf_shapes(model, leaves, input_shape) -> list[tuple[tuple, tuple]]:
                 raise ValueError(f"a zero input of input_shape {input_shape} does not pass layer {name!r}: {error}") from None
             shapes.append((tuple(x.shape[1:]), tuple(y.shape[1:])))
             x = y
+    check_sequence(model, leaves, input_shape)
     return shapes
 
 
@@ -722,7 +688,11 @@ def _positions(leaves, producer_at, consumer_at, shapes, producer: _Weighted) ->
     positions = 1
     for index in range(producer_at + 1, consumer_at):
         (in_shape, out_shape), (name, module) = shapes[index], leaves[index]
-        if isinstance(module, nn.Flatten) and len(in_shape) > 1:
+        if isinstance(module, (nn.Softmax, nn.LogSoftmax)):
+            # Pruned units would still count in the normaliser: exp(0) = 1 each.
+            raise TypeError(f"layer {name!r} ({type(module).__name__}) lies between {leaves[producer_at][0]!r} and "
+                            f"{leaves[consumer_at][0]!r}; compress allows a softmax only after the last layer")
+        elif isinstance(module, nn.Flatten) and len(in_shape) > 1:
             positions = math.prod(in_shape[1:])
         elif out_shape[0] != in_shape[0]:
             raise TypeError(f"layer {name!r} ({type(module).__name__}) changes the number of units between "

@@ -142,7 +142,8 @@ def module_spec(module: nn.Module) -> tuple[dict, dict[str, Tensor]]:
     """The plain spec and tensors of a parameter-free or BatchNorm layer.
 
     Supported: ReLU, LeakyReLU, Tanh, Sigmoid, Identity, Dropout, MaxPool2d, AvgPool2d,
-    AdaptiveAvgPool2d, Flatten (``start_dim=1, end_dim=-1``), BatchNorm1d/2d with running statistics.
+    AdaptiveAvgPool2d, Flatten (``start_dim=1, end_dim=-1``), Softmax and LogSoftmax (with a
+    ``dim``), BatchNorm1d/2d with running statistics.
 
     Raises:
         TypeError: for any other module type or an unsupported option (the message names it).
@@ -154,6 +155,10 @@ def module_spec(module: nn.Module) -> tuple[dict, dict[str, Tensor]]:
         return {"type": "leaky_relu", "slope": float(module.negative_slope)}, {}
     if kind is nn.Dropout:
         return {"type": "dropout", "p": float(module.p)}, {}
+    if kind in (nn.Softmax, nn.LogSoftmax):
+        if module.dim is None:
+            raise TypeError(f"{kind.__name__} needs an explicit dim, got dim=None")
+        return {"type": "softmax" if kind is nn.Softmax else "log_softmax", "dim": int(module.dim)}, {}
     if kind is nn.Flatten:
         if module.start_dim != 1 or module.end_dim != -1:
             raise TypeError(f"only nn.Flatten(start_dim=1, end_dim=-1) is supported, got {module}")
@@ -237,6 +242,8 @@ def _parameter_free(spec: dict) -> nn.Module:
         return nn.LeakyReLU(spec["slope"])
     if kind == "dropout":
         return nn.Dropout(spec["p"])
+    if kind in ("softmax", "log_softmax"):
+        return (nn.Softmax if kind == "softmax" else nn.LogSoftmax)(spec["dim"])
     if kind == "maxpool2d":
         return nn.MaxPool2d(tuple(spec["kernel"]), tuple(spec["stride"]), tuple(spec["padding"]),
                             tuple(spec["dilation"]), ceil_mode=spec["ceil_mode"])
@@ -276,6 +283,7 @@ _SCHEMA: dict[str, dict[str, Any]] = {
     "relu": {}, "tanh": {}, "sigmoid": {}, "identity": {}, "flatten": {},
     "leaky_relu": {"slope": _is_real},
     "dropout": {"p": lambda v: _is_real(v, 0.0, 1.0)},
+    "softmax": {"dim": lambda v: _is_int(v, -8, 8)}, "log_softmax": {"dim": lambda v: _is_int(v, -8, 8)},
     "maxpool2d": {**_POOL_KEYS, "dilation": lambda v: _is_pair(v, 1)},
     "avgpool2d": {**_POOL_KEYS, "count_include_pad": _is_bool},
     "adaptive_avgpool2d": {"output": lambda v: _is_pair(v, 1)},

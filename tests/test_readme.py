@@ -54,3 +54,19 @@ def test_readme_conversion_snippet_runs():
         bclib.Conv2dGroupHS, bclib.LinearGroupHS, bclib.LinearGroupHS]
     x = torch.rand(8, 1, 28, 28)
     assert torch.allclose(model(x), trained(x), atol=1e-5) and type(trained[0]) is nn.Conv2d
+
+
+def test_readme_module_class_snippet_runs():
+    block = re.search(r"`bclib.compress` takes an `nn.Sequential` or a module class.*?```python\n(.*?)```",
+                      README.read_text(), re.S)
+    assert block is not None, "README lost its module-class compress snippet"
+    torch.manual_seed(0)
+    namespace = {}
+    exec(compile(block.group(1), str(README), "exec"), namespace)
+    model, exported = namespace["model"], namespace["result"].model
+    assert [type(m).__name__ for m in exported] == [
+        "Conv2d", "ReLU", "Conv2d", "MaxPool2d", "ReLU", "Flatten", "Linear", "ReLU", "Dropout", "Linear",
+        "LogSoftmax"]
+    x = torch.rand(8, 1, 28, 28)
+    with torch.no_grad():  # untrained: every log alpha is near -9, nothing is pruned at -3
+        assert torch.allclose(exported(x), model(x), atol=1e-4)

@@ -34,8 +34,8 @@ _kept: bool | None = None
 def keep_freed_memory() -> bool:
     """Ask glibc's ``malloc`` to keep freed CPU memory in the process for reuse (process-wide).
 
-    Sets ``M_MMAP_THRESHOLD`` to :data:`MMAP_THRESHOLD_BYTES` and ``M_TRIM_THRESHOLD`` to
-    :data:`TRIM_THRESHOLD_BYTES` with ``mallopt``. The process then holds on to up to that much
+    Sets ``M_MMAP_THRESHOLD`` to ``MMAP_THRESHOLD_BYTES`` and ``M_TRIM_THRESHOLD`` to
+    ``TRIM_THRESHOLD_BYTES`` with ``mallopt``. The process then holds on to up to that much
     freed memory, as a caching allocator would, instead of faulting fresh pages in on every
     training step. Calling it again does nothing; there is no undo within the process.
 

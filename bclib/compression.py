@@ -1213,8 +1213,8 @@ def threshold_sweep(model: nn.Module, thresholds_grid, x: Tensor, y: Tensor, inp
         x, y: evaluation inputs and labels.
 
     Returns:
-        One dict per entry: ``thresholds`` (as given), ``error`` (exported float32 model),
-        ``error_reduced_precision``, ``compression_pruning``, ``compression_precision``,
+        A list with one dict per entry, holding ``thresholds`` (as given), ``error`` (exported
+        float32 model), ``error_reduced_precision``, ``compression_pruning``, ``compression_precision``,
         ``compression_sparse``, ``weights_kept``, ``architecture``, ``flop_reduction``.
     """
     rows = []

@@ -226,7 +226,8 @@ def fit(model: nn.Module, train: TensorSplit, test: TensorSplit, config: TrainCo
         progress: show a ``tqdm`` bar per epoch with loss, error and KL.
 
     Returns:
-        One dict per epoch: ``epoch, loss, ce, kl, beta, lr, train_error, test_error, test_ce, seconds``.
+        A list with one dict per epoch, holding ``epoch, loss, ce, kl, beta, lr, train_error,
+        test_error, test_ce, seconds``.
     """
     for name, value in (("train", train), ("test", test)):
         if not isinstance(value, TensorSplit):

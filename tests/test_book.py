@@ -2,9 +2,10 @@
 
 * The strict build: ``jupyter-book build . -W --keep-going`` into a temporary folder must succeed
   with no warning (``-W`` makes any warning fail the build).
-* Headless Chromium opens the introduction and the priors chapter: every formula is typeset by
-  the offline MathJax, every image loads, the console has no errors. The screenshots are kept in
-  a temporary folder (``BCLIB_SCREENSHOTS=DIR`` keeps them in DIR to look at).
+* Headless Chromium opens the introduction, the priors chapter and the library reference: every
+  formula is typeset by the offline MathJax, every image loads, the console has no errors. The
+  screenshots are kept in a temporary folder (``BCLIB_SCREENSHOTS=DIR`` keeps them in DIR).
+* The library reference documents every public name of ``bclib``.
 
 The notebooks themselves are executed by nbval in the test command (``pytest --nbval-lax``),
 not here.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import html.parser
 import importlib.util
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -22,7 +24,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ("book/intro.html", "book/02_priors.html")
+PAGES = ("book/intro.html", "book/02_priors.html", "book/api.html")
 
 
 def _load_browser_check():
@@ -67,7 +69,8 @@ def test_build_has_no_warnings(built_book):
 
 def test_every_page_of_the_toc_is_built(built_book):
     html_root, _ = built_book
-    for page in ("book/intro.html", "book/01_mdl.html", "book/02_priors.html", "book/references.html"):
+    for page in ("book/intro.html", "book/01_mdl.html", "book/02_priors.html", "book/api.html",
+                 "book/references.html"):
         assert (html_root / page).stat().st_size > 0, page
 
 
@@ -78,6 +81,22 @@ def test_math_is_served_offline(built_book):
     assert "mathjax" in page.lower()
     assert "cdn.jsdelivr.net/npm/mathjax" not in page
     assert any((html_root / "_static").rglob("tex-chtml*.js"))
+
+
+def test_the_reference_documents_the_public_api(built_book):
+    import bclib
+
+    html_root, _ = built_book
+    page = (html_root / "book" / "api.html").read_text(encoding="utf-8")
+    anchors = set(re.findall(r'<dt class="sig sig-object py" id="([^"]+)"', page))
+    aliases = {"LinearGroupVD", "Conv2dGroupVD"}  # the release's names, mentioned beside the NJ layers
+    for name in sorted(set(bclib.__all__) - aliases):
+        assert any(a == f"bclib.{name}" or (a.startswith("bclib.") and a.endswith(f".{name}")) for a in anchors), name
+    # The layers' methods, the interface every chapter calls.
+    for method in ("kl_divergence", "log_alpha", "posterior_weight", "clip_variances", "reset_parameters"):
+        assert f"bclib.Conv2dGroupHS.{method}" in anchors, method
+    assert {"bclib.layer_sequence.layer_sequence", "bclib.compression.prune_further", "bclib.train.fit"} <= anchors
+    assert "bclib.LinearGroupNJ.apply" not in anchors  # nn.Module's own methods are left to PyTorch's docs
 
 
 class _ImageSources(html.parser.HTMLParser):

@@ -116,12 +116,15 @@ class BayesianLayer(nn.Module):
     variance_dtype: torch.dtype | None = None
 
     def kl_divergence(self) -> Tensor:  # pragma: no cover - interface
+        """KL(q || p) of all the layer's variational parameters: a scalar tensor in nats."""
         raise NotImplementedError
 
     def log_alpha(self) -> Tensor:  # pragma: no cover - interface
+        """The pruning signal: one log dropout rate per group (NJ, HS) or per weight (Sparse VD)."""
         raise NotImplementedError
 
     def posterior_weight(self) -> tuple[Tensor, Tensor]:  # pragma: no cover - interface
+        """``(mean, variance)`` of the effective weight under the posterior, each shaped like the weight."""
         raise NotImplementedError
 
     def posterior_bias(self) -> Tensor | None:

@@ -14,7 +14,7 @@ Defaults chosen here (the paper leaves them open):
   must pay to keep a group (Ghosh et al. 2017 and the paper's appendix use values of this order).
 * One global scale per layer (``global_scale=None``). Pass one :class:`HorseshoeGlobalScale` to
   several layers to share it across the network; :func:`bclib.kl_divergence` counts it once.
-* The pruning signal :meth:`log_alpha` is the log "dropout rate" of the local scale,
+* The pruning signal ``log_alpha()`` is the log "dropout rate" of the local scale,
   ``alpha_g = Var[z~_g] / E[z~_g]^2 = exp((v_a + v_b) / 4) - 1``: the analogue of NJ's alpha. The
   global scale is left out of it because it is common to all groups of a layer. Not ``E[log z~_g]``:
   a group the data do not use settles at the minimum of its KL terms, ``v_a = v_b = 2`` and

@@ -18,7 +18,7 @@ Values and gradients equal the plain PyTorch expression (the tests compare them)
 
 Precision. Under ``torch.autocast`` the products of both paths, forward and backward, run in the
 autocast dtype, as in ``nn.Linear`` and ``nn.Conv2d``, except products of fewer than
-:data:`MIN_AUTOCAST_TERMS` terms per output; the sampled pre-activation, the noise, every
+``MIN_AUTOCAST_TERMS`` terms per output; the sampled pre-activation, the noise, every
 element-wise step and the parameters' gradients stay in the weights' dtype (float32), and so does
 the output. (In eval mode a layer is a plain ``F.linear`` / ``F.conv2d`` and follows autocast.)
 
@@ -64,7 +64,7 @@ def _product_dtypes(x: Tensor, weight_mu: Tensor, variance_dtype: torch.dtype | 
     """``(mean_dtype, variance_dtype)`` of the matrix products and convolutions.
 
     Under ``torch.autocast`` for ``x``'s device both are the autocast dtype (as for ``nn.Linear``
-    and ``nn.Conv2d``) when each output sums at least :data:`MIN_AUTOCAST_TERMS` products;
+    and ``nn.Conv2d``) when each output sums at least ``MIN_AUTOCAST_TERMS`` products;
     otherwise the weights' dtype. An explicit ``variance_dtype`` sets the variance path's.
     Everything else (the sampled pre-activation, its gradients, the parameters' gradients) stays
     in the weights' dtype."""

@@ -36,7 +36,6 @@ data), only zeroed.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import math
@@ -50,7 +49,7 @@ from torch.nn.utils import parametrize
 from .data import TensorSplit
 from .fileformat import (build_module, dequantize, encode_compressed, load_compressed, module_spec, read_compressed,
                          write_compressed)
-from .layer_sequence import check_sequence, layer_sequence, parameter_device_and_dtype
+from .layer_sequence import check_sequence, evaluating, layer_sequence, parameter_device_and_dtype
 from .layers import BayesianLayer, bayesian_layers
 from .train import TrainConfig, fit
 
@@ -294,19 +293,6 @@ def _finite_or_none(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-# ----------------------------------------------------------------------------- walking the model
-@contextlib.contextmanager
-def _evaluating(model: nn.Module):
-    """Eval mode for the duration, then every module's own training flag back."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, flag in flags:
-            module.train(flag)
 
 
 def _check_threshold(name: str, value) -> float:
@@ -642,11 +628,12 @@ def _per_layer_tensors(values, names: list[str], argument: str) -> list[Tensor]:
 
 
 def _leaf_shapes(model, leaves, input_shape) -> list[tuple[tuple, tuple]]:
-    """(input, output) shape of one example at every leaf, from a forward pass of zeros in eval mode."""
+    """(input, output) shape of one example at every leaf, from a forward pass of zeros in eval mode;
+    then :func:`~bclib.layer_sequence.check_sequence`: the leaves must compute the model's forward."""
     device, dtype = parameter_device_and_dtype(model)
     shapes = []
     x = torch.zeros(1, *input_shape, device=device, dtype=dtype)
-    with torch.no_grad(), _evaluating(model):
+    with torch.no_grad(), evaluating(model):
         for name, module in leaves:
             try:
                 y = module(x)
@@ -1123,7 +1110,7 @@ def model_error(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) 
     except StopIteration:
         device = x.device
     wrong = 0
-    with torch.no_grad(), _evaluating(model):
+    with torch.no_grad(), evaluating(model):
         for start in range(0, x.shape[0], batch_size):
             logits = model(x[start:start + batch_size].to(device))
             wrong += int((logits.argmax(1).cpu() != y[start:start + batch_size].cpu()).sum())

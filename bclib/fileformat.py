@@ -188,7 +188,8 @@ def module_spec(module: nn.Module) -> tuple[dict, dict[str, Tensor]]:
         return spec, {k: v.detach().float().cpu().clone() for k, v in tensors.items()}
     raise TypeError(
         f"cannot export a {kind.__name__}: supported are Bayesian conv/linear layers, ReLU, LeakyReLU, "
-        "Tanh, Sigmoid, Identity, Dropout, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Flatten, BatchNorm1d/2d"
+        "Tanh, Sigmoid, Identity, Dropout, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Flatten, Softmax, LogSoftmax, "
+        "BatchNorm1d/2d"
     )
 
 

@@ -22,6 +22,8 @@ and the model side by side on random inputs, which catches a reshape that is not
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 import operator
 
 import torch
@@ -30,11 +32,23 @@ from torch import Tensor, fx, nn
 
 from .layers import BayesianLayer
 
-__all__ = ["layer_sequence", "check_sequence"]
+__all__ = ["layer_sequence", "check_sequence", "evaluating", "parameter_device_and_dtype"]
 
 
 def _relu(_):
     return nn.ReLU()
+
+
+def _tanh(_):
+    return nn.Tanh()
+
+
+def _sigmoid(_):
+    return nn.Sigmoid()
+
+
+def _identity(_):
+    return nn.Identity()
 
 
 def _leaky_relu(args):
@@ -42,7 +56,8 @@ def _leaky_relu(args):
 
 
 def _max_pool2d(args):
-    return nn.MaxPool2d(args["kernel_size"], args.get("stride"), args.get("padding", 0), args.get("dilation", 1),
+    # torch.max_pool2d's default stride is [] (meaning: the kernel size), F.max_pool2d's None.
+    return nn.MaxPool2d(args["kernel_size"], args.get("stride") or None, args.get("padding", 0), args.get("dilation", 1),
                         args.get("return_indices", False), args.get("ceil_mode", False))
 
 
@@ -80,11 +95,11 @@ def _softmax_of(module_class):
 
 # Supported operations: their positional parameters after the input, and the module each becomes.
 _FUNCTIONS = {
-    F.relu: (("inplace",), _relu), torch.relu: ((), _relu),
+    F.relu: (("inplace",), _relu), torch.relu: ((), _relu), torch.relu_: ((), _relu),
     F.leaky_relu: (("negative_slope", "inplace"), _leaky_relu),
-    torch.tanh: ((), lambda _: nn.Tanh()), F.tanh: ((), lambda _: nn.Tanh()),
-    torch.sigmoid: ((), lambda _: nn.Sigmoid()), F.sigmoid: ((), lambda _: nn.Sigmoid()),
+    torch.tanh: ((), _tanh), F.tanh: ((), _tanh), torch.sigmoid: ((), _sigmoid), F.sigmoid: ((), _sigmoid),
     F.max_pool2d: (("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"), _max_pool2d),
+    torch.max_pool2d: (("kernel_size", "stride", "padding", "dilation", "ceil_mode"), _max_pool2d),
     F.avg_pool2d: (("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
                    _avg_pool2d),
     F.adaptive_avg_pool2d: (("output_size",), _adaptive_avg_pool2d),
@@ -92,16 +107,19 @@ _FUNCTIONS = {
     torch.flatten: (("start_dim", "end_dim"), _flatten),
     F.log_softmax: (("dim", "_stacklevel", "dtype"), _softmax_of(nn.LogSoftmax)),
     F.softmax: (("dim", "_stacklevel", "dtype"), _softmax_of(nn.Softmax)),
+    torch.log_softmax: (("dim", "dtype"), _softmax_of(nn.LogSoftmax)),
+    torch.softmax: (("dim", "dtype"), _softmax_of(nn.Softmax)),
 }
 _METHODS = {
-    "relu": ((), _relu), "relu_": ((), _relu), "tanh": ((), lambda _: nn.Tanh()),
-    "sigmoid": ((), lambda _: nn.Sigmoid()), "flatten": (("start_dim", "end_dim"), _flatten),
-    "view": (None, _reshape), "reshape": (None, _reshape),
+    "relu": ((), _relu), "relu_": ((), _relu), "tanh": ((), _tanh), "sigmoid": ((), _sigmoid),
+    "flatten": (("start_dim", "end_dim"), _flatten), "view": (None, _reshape), "reshape": (None, _reshape),
+    "contiguous": ((), _identity),
     "log_softmax": (("dim", "dtype"), _softmax_of(nn.LogSoftmax)),
     "softmax": (("dim", "dtype"), _softmax_of(nn.Softmax)),
 }
 _SUPPORTED = ("relu, leaky_relu, tanh, sigmoid, max_pool2d, avg_pool2d, adaptive_avg_pool2d, dropout, "
-              "torch.flatten(x, 1), x.view(x.size(0), -1), softmax and log_softmax (after the last layer)")
+              "torch.flatten(x, 1), x.view(x.size(0), -1), x.contiguous(), softmax and log_softmax (the last two "
+              "after the last Bayesian layer)")
 # Operations on the sizes of a tensor (for x.view(x.size(0), -1)): not part of the chain.
 _SIZE_METHODS = {"size", "dim"}
 
@@ -123,10 +141,16 @@ def layer_sequence(model: nn.Module) -> list[tuple[str, nn.Module]]:
     Args:
         model: any ``nn.Module`` whose forward is a chain of supported operations.
 
+    The forward is read in eval mode (what the export computes: a branch on ``self.training``
+    takes its eval side); arguments after the input must have defaults and are read at them.
+    Sizes (``x.size(0)``, ``x.shape[0]``) may be taken of any value of the chain.
+
     Raises:
         TypeError: when the forward cannot be traced (data-dependent control flow), branches or
             joins (skip connections, concatenations, a value used twice), reads a parameter outside
-            a layer, or calls an operation with no module form; the message names the operation.
+            a layer, calls an operation with no module form (the message names the operation),
+            takes a second input without a default, or calls an ``nn.Linear`` / ``nn.Conv2d``
+            (convert it with :func:`bclib.to_bayesian`); and for a single Bayesian layer.
         ValueError: when one Bayesian layer is called twice (tied weights).
 
     Example:
@@ -139,7 +163,9 @@ def layer_sequence(model: nn.Module) -> list[tuple[str, nn.Module]]:
         raise TypeError(f"model is a single {type(model).__name__}: compress works on a network; wrap the layer "
                         "as nn.Sequential(layer)")
     try:
-        graph = _Tracer().trace(model)
+        # Read in eval mode: what the export computes (a branch on self.training takes its eval side).
+        with evaluating(model):
+            graph = _Tracer().trace(model, concrete_args=_defaults_after_input(model))
     except Exception as error:  # fx raises many kinds (TraceError, TypeError, AttributeError, ...)
         raise TypeError(f"compress reads the layers of {type(model).__name__}.forward with torch.fx, which failed "
                         f"({type(error).__name__}: {error}); write the forward as a plain chain of layers (no "
@@ -147,27 +173,45 @@ def layer_sequence(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return _chain(model, graph)
 
 
+def _defaults_after_input(model: nn.Module) -> dict | None:
+    """Arguments of ``forward`` after the input that have defaults: traced at their default values."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty} or None
+
+
 def _chain(model: nn.Module, graph: fx.Graph) -> list[tuple[str, nn.Module]]:
     sizes: set[fx.Node] = set()
+    chain: set[fx.Node] = set()
+    fixed: set[fx.Node] = set()
     current: fx.Node | None = None
     leaves: list[tuple[str, nn.Module]] = []
     bayesian_ids: set[int] = set()
     for node in graph.nodes:
         if node.op == "placeholder":
-            if current is not None:
-                raise TypeError(f"{type(model).__name__}.forward takes more than one input ({node.name!r}); "
-                                "compress needs a network of one input")
-            current = node
+            if current is None:
+                current = node
+                chain.add(node)
+            elif node.args:  # an argument fixed at its default: fx adds it with a check of its value
+                fixed.add(node)
+            else:
+                raise TypeError(f"{type(model).__name__}.forward takes more than one input ({node.target!r}); "
+                                "compress needs a network of one input (other arguments need defaults)")
+        elif node.all_input_nodes and all(n in fixed for n in node.all_input_nodes):
+            fixed.add(node)  # fx's check that a fixed argument has its default value
         elif node.op == "get_attr":
-            raise TypeError(f"{type(model).__name__}.forward uses {node.target!r} outside a layer; compress needs "
-                            "every weight inside a layer module")
+            raise TypeError(f"{type(model).__name__}.forward uses the tensor {node.target!r} outside a layer call "
+                            "(a parameter, buffer or constant, or a layer's method other than forward); compress "
+                            "needs every weight inside a layer module")
         elif node.op == "output":
             if node.args[0] is not current:
                 returned = node.args[0]
                 what = _describe(returned) if isinstance(returned, fx.Node) else f"a {type(returned).__name__}"
                 raise TypeError(f"{type(model).__name__}.forward does not return the output of its last layer "
                                 f"(it returns {what}); compress needs one tensor out")
-        elif _is_size_of(node, current, sizes):
+        elif _is_size_of(node, chain, sizes):
             sizes.add(node)
         else:
             _check_input(model, node, current, sizes)
@@ -182,17 +226,16 @@ def _chain(model: nn.Module, graph: fx.Graph) -> list[tuple[str, nn.Module]]:
                                 "to be bclib Bayesian layers (bclib.to_bayesian converts them)")
             leaves.append((name, module))
             current = node
+            chain.add(node)
     return leaves
 
 
-def _is_size_of(node: fx.Node, current: fx.Node | None, sizes: set[fx.Node]) -> bool:
-    """``x.size(0)``, ``x.shape``, ``x.shape[0]``, ``x.dim()`` and arithmetic on them."""
+def _is_size_of(node: fx.Node, chain: set[fx.Node], sizes: set[fx.Node]) -> bool:
+    """``x.size(0)``, ``x.shape``, ``x.shape[0]``, ``x.dim()`` of any value of the chain, and arithmetic on them."""
     inputs = node.all_input_nodes
     if not inputs:
         return False
-    if node.op == "call_method" and node.target in _SIZE_METHODS and inputs[0] is current:
-        return True
-    if node.op == "call_function" and node.target is getattr and node.args[1] == "shape" and inputs[0] is current:
+    if _is_size(node) and inputs[0] in chain:
         return True
     return node.op == "call_function" and all(n in sizes for n in inputs) and node.target in (
         operator.getitem, operator.mul, operator.floordiv, operator.add, operator.sub)
@@ -205,18 +248,22 @@ def _check_input(model: nn.Module, node: fx.Node, current: fx.Node, sizes: set[f
     first = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
     if first is not current or tensors != [current]:
         raise TypeError(f"the forward of {type(model).__name__} joins or branches at {_describe(node)} (it takes "
-                        f"{', '.join(_describe(n) for n in tensors)}: a skip connection or a concatenation?); "
+                        f"{', '.join(_value(n) for n in tensors)}: a skip connection or a concatenation?); "
                         "compress follows a chain, each layer fed by the one before")
     others = [user for user in current.users if user is not node and user not in sizes and not _is_size(user)]
     if others:
-        raise TypeError(f"the forward of {type(model).__name__} uses the output of {_describe(current)} twice (in "
+        raise TypeError(f"the forward of {type(model).__name__} uses {_value(current)} twice (in "
                         f"{_describe(node)} and {_describe(others[0])}): compress follows a chain, each value used "
                         "once")
 
 
-def _is_size(user: fx.Node) -> bool:
-    return (user.op == "call_method" and user.target in _SIZE_METHODS) or (
-        user.op == "call_function" and user.target is getattr and user.args[1] == "shape")
+def _is_size(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target in _SIZE_METHODS) or (
+        node.op == "call_function" and node.target is getattr and node.args[1] == "shape")
+
+
+def _value(node: fx.Node) -> str:
+    return "the input" if node.op == "placeholder" else f"the output of {_describe(node)}"
 
 
 def _describe(node: fx.Node) -> str:
@@ -225,10 +272,10 @@ def _describe(node: fx.Node) -> str:
         return f"layer {node.target!r}"
     if node.op == "call_method":
         return f".{node.target}()"
-    if node.op == "placeholder":
-        return "the input"
     if node.op == "output":
         return "the return value"
+    if node.target is getattr:
+        return f".{node.args[1]}"
     return f"{getattr(node.target, '__name__', node.target)}()"
 
 
@@ -251,7 +298,7 @@ def _as_module(model: nn.Module, node: fx.Node) -> tuple[str, nn.Module]:
         args = {**dict(zip(names, extra)), **node.kwargs}
         if any(isinstance(v, fx.Node) for v in args.values()):
             raise TypeError(f"{_describe(node)} takes an argument computed in forward; compress needs constants")
-    return f"forward:{node.name}", build(args)
+    return f"forward:{node.name}", build(args).eval()  # eval like the rest: F.dropout's module draws nothing
 
 
 def parameter_device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -262,30 +309,42 @@ def parameter_device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dt
     return first.device, first.dtype
 
 
+@contextlib.contextmanager
+def evaluating(model: nn.Module):
+    """Eval mode for the duration, then every module's own training flag back."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, flag in flags:
+            module.train(flag)
+
+
 def check_sequence(model: nn.Module, leaves: list[tuple[str, nn.Module]], input_shape: tuple[int, ...]) -> None:
     """Raise ``TypeError`` unless running ``leaves`` one after another computes ``model``'s output.
 
-    Both run in eval mode on the same three random examples of ``input_shape`` (float32, on the
-    model's device), from a fixed seed that leaves torch's global generator alone.
+    Both run in eval mode, each on its own copy of the same three random examples of
+    ``input_shape`` (in the model's dtype, on its device; in-place operations cannot leak from one
+    to the other), drawn from a fixed seed that leaves torch's global generator alone.
     """
     device, dtype = parameter_device_and_dtype(model)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(3, *input_shape, generator=generator).to(device=device, dtype=dtype)
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            expected = model(x)
-            y = x
-            for _, module in leaves:
-                module.eval()
-                y = module(y)
-    finally:
-        for module, flag in flags:
-            module.train(flag)
-    if not isinstance(expected, Tensor) or y.shape != expected.shape or not torch.allclose(
-            y, expected, rtol=1e-5, atol=1e-6):
-        got = tuple(y.shape)
-        want = tuple(expected.shape) if isinstance(expected, Tensor) else type(expected).__name__
-        raise TypeError(f"the layers compress read from {type(model).__name__}.forward do not compute what it does "
-                        f"(outputs {got} vs {want}); a view or reshape that is not a flatten to (batch, features)?")
+    with torch.no_grad(), evaluating(model):
+        expected = model(x.clone())
+        y = x.clone()
+        for _, module in leaves:
+            y = module(y)
+    name = type(model).__name__
+    if not isinstance(expected, Tensor):
+        raise TypeError(f"{name}.forward returns a {type(expected).__name__}, not a tensor")
+    if y.shape != expected.shape:
+        raise TypeError(f"the layers compress read from {name}.forward give outputs of shape {tuple(y.shape)}, the "
+                        f"forward {tuple(expected.shape)}: a view or reshape that is not a flatten to (batch, "
+                        "features)?")
+    if not torch.allclose(y, expected, rtol=1e-5, atol=1e-6, equal_nan=True):
+        difference = float((y - expected).abs().nan_to_num(nan=float("inf")).max())
+        raise TypeError(f"the layers compress read from {name}.forward compute other values than it does in eval "
+                        f"mode (up to {difference:.3g} apart): does the forward draw random numbers (F.dropout without "
+                        "training=self.training), change its input in place, or run hooks?")

@@ -15,8 +15,8 @@ import bclib
 from bclib import models
 from bclib.compression import compress
 from bclib.fileformat import (
-    FLAG_ENTROPY_CODED, FORMAT_VERSION, MAGIC, load_compressed, pack_signed, read_compressed, signed_width,
-    unpack_signed, write_compressed,
+    FLAG_ENTROPY_CODED, FORMAT_VERSION, MAGIC, load_compressed, module_spec, pack_signed, read_compressed,
+    signed_width, unpack_signed, write_compressed,
 )
 
 PREAMBLE = struct.Struct("<8sHHII")
@@ -247,6 +247,19 @@ def lzma_raw(data: bytes) -> bytes:
     return lzma.compress(data, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "dict_size": 1 << 22}])
 
 
+def test_softmax_layers_by_hand(tmp_path):
+    # One weight of 0.5 and one of -0.5 (grid step 1/2) into two outputs, then a (log-)softmax.
+    two_out = {**LINEAR, "in": 1, "out": 2}
+    for kind, expected in (("softmax", torch.softmax), ("log_softmax", torch.log_softmax)):
+        header = {"input_shape": [1], "layers": [two_out, {"type": kind, "dim": 1}]}
+        model = load_compressed(make_file(tmp_path / f"{kind}.bcz", header, GOOD_PAYLOAD))
+        assert type(model[1]) is (nn.Softmax if kind == "softmax" else nn.LogSoftmax) and model[1].dim == 1
+        x = torch.tensor([[2.0]])  # logits 1 and -1
+        assert torch.allclose(model(x), expected(torch.tensor([[1.0, -1.0]]), dim=1))
+    with pytest.raises(TypeError, match="Softmax needs an explicit dim"):
+        module_spec(nn.Softmax())
+
+
 def test_make_file_helper_writes_a_valid_file(tmp_path):
     header = {"input_shape": [2], "layers": [LINEAR]}
     for version in (1, 2):  # version 1 files (bit-packed, no flags) still load
@@ -275,6 +288,9 @@ def test_make_file_helper_writes_a_valid_file(tmp_path):
     ({"input_shape": [1, 4, 4], "layers": [{"type": "maxpool2d", "kernel": [2, 2], "stride": [2, 2], "padding": [3, 3],
                                             "dilation": [1, 1], "ceil_mode": False}]}, "does not fit"),
     ({"input_shape": [2], "layers": [{"type": "dropout", "p": 2.0}]}, "invalid p"),
+    ({"input_shape": [2], "layers": [LINEAR, {"type": "log_softmax", "dim": 99}]}, "invalid dim"),
+    ({"input_shape": [2], "layers": [LINEAR, {"type": "softmax", "dim": True}]}, "invalid dim"),
+    ({"input_shape": [2], "layers": [LINEAR, {"type": "softmax"}]}, "has keys"),
     ({"input_shape": [2], "layers": [{"type": "batchnorm1d", "num": 2, "eps": float("nan"), "affine": False}]}, "invalid eps"),
 ])
 def test_invalid_headers(tmp_path, header, match):

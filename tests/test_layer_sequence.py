@@ -121,7 +121,10 @@ def test_to_bayesian_on_a_module_class_then_compress():
     torch.manual_seed(0)
     plain = Plain().eval()
     model = bclib.to_bayesian(plain, "hs").eval()
-    result = compress(model, bclib.compression.propose_thresholds(model, fallback=0.0), input_shape=(1, 28, 28))
+    # Untrained, the log alphas sit near their start: each layer's median cuts about half its groups.
+    medians = {name: float(layer.log_alpha().detach().median()) for name, layer in bclib.bayesian_layers(model)}
+    result = compress(model, medians, input_shape=(1, 28, 28))
+    assert [row.out_kept < row.out_total for row in result.report.layers] == [True, False]
     x = torch.randn(8, 1, 28, 28)
     with torch.no_grad():
         assert torch.allclose(apply_masks(model, result.masks)(x), result.model(x), atol=1e-4)
@@ -143,6 +146,22 @@ def test_functional_forms_become_their_modules():
             x = torch.sigmoid(x.relu())
             x = x.reshape(x.shape[0], -1).view(-1, 36).flatten(1)
             return F.softmax(self.fc(torch.flatten(x, 1)), dim=-1)
+
+    class TorchForms(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = bclib.Conv2dGroupNJ(2, 4, 3)
+            self.fc = bclib.LinearGroupNJ(4 * 3 * 3, 5)
+
+        def forward(self, images, logits_only=False):
+            x = torch.max_pool2d(torch.relu(self.conv(images)), 2).contiguous()
+            x = self.fc(x.view(images.size(0), -1))  # the batch size taken from the input
+            return x if logits_only else torch.log_softmax(x, dim=1)
+
+    modules = [module for _, module in layer_sequence(TorchForms())]
+    assert [type(m) for m in modules] == [bclib.Conv2dGroupNJ, nn.ReLU, nn.MaxPool2d, nn.Identity, nn.Flatten,
+                                          bclib.LinearGroupNJ, nn.LogSoftmax]
+    assert (modules[2].kernel_size, modules[2].stride) == (2, 2)  # torch.max_pool2d's stride [] is the kernel
 
     model = Everything().eval()
     leaves = layer_sequence(model)
@@ -178,15 +197,17 @@ class _Forward(nn.Module):
 
 
 @pytest.mark.parametrize("forward, error, match", [
-    (lambda m, x: m.fc2(x + m.fc1(x)), TypeError, r"uses the output of the input twice \(in layer 'fc1' and add"),
+    (lambda m, x: m.fc2(x + m.fc1(x)), TypeError, r"uses the input twice \(in layer 'fc1' and add"),
+    (lambda m, x: m.fc2(F.dropout(m.fc1(x), 0.5)), TypeError, r"draw random numbers \(F.dropout without training"),
     (lambda m, x: m.fc2(torch.cat([m.fc1(x), x], 1)[:, :4]), TypeError, "cat"),
     (lambda m, x: m.fc2(m.fc1(x) if x.sum() > 0 else x), TypeError, "with torch.fx, which failed"),
-    (lambda m, x: m.fc2(F.linear(m.fc1(x), m.weight)), TypeError, "uses 'weight' outside a layer"),
+    (lambda m, x: m.fc2(F.linear(m.fc1(x), m.weight)), TypeError, "uses the tensor 'weight' outside a layer call"),
+    (lambda m, x: m.fc2(m.fc1(x) * m.fc1.log_alpha()), TypeError, "uses the tensor 'fc1.z_logvar' outside a layer"),
     (lambda m, x: m.fc2(m.fc1(x) * 2), TypeError, r"calls mul\(\), which compress cannot export"),
     (lambda m, x: m.fc2(F.gelu(m.fc1(x))), TypeError, r"calls gelu\(\), which compress cannot export"),
     (lambda m, x: m.fc2(F.softmax(m.fc1(x), dim=1)), TypeError, "allows a softmax only after the last layer"),
     (lambda m, x: (m.fc2(m.fc1(x)),), TypeError, r"does not return the output of its last layer \(it returns a tuple"),
-    (lambda m, x: (m.fc2(m.fc1(x)), x), TypeError, r"output of the input twice \(in layer 'fc1' and the return value"),
+    (lambda m, x: (m.fc2(m.fc1(x)), x), TypeError, r"uses the input twice \(in layer 'fc1' and the return value"),
     (lambda m, x: m.fc2(m.fc1(m.fc1(x))), ValueError, r"runs Bayesian layer 'fc1' twice \(tied weights\)"),
     (lambda m, x: m.fc2(F.log_softmax(m.fc1(x))), TypeError, "LogSoftmax needs an explicit dim"),
 ])
@@ -201,7 +222,7 @@ def test_a_reshape_that_is_not_a_flatten_is_caught():
     assert isinstance(result.model[0], nn.Flatten)
     # (N, 2) -> (2N, 1) is read as a flatten too; running both side by side shows it is not.
     halves = _Forward(lambda m, x: m.fc2(m.fc1(x)).view(-1, 1))
-    with pytest.raises(TypeError, match=r"do not compute what it does \(outputs \(3, 2\) vs \(6, 1\)\)"):
+    with pytest.raises(TypeError, match=r"give outputs of shape \(3, 2\), the forward \(6, 1\): a view"):
         compress(halves, 0.0)
 
 
@@ -230,3 +251,86 @@ def test_other_bad_networks():
 
     with pytest.raises(TypeError, match=r"layer 'fc1' is a Linear: .*bclib.to_bayesian converts"):
         compress(Deterministic(), 0.0)
+
+
+def test_a_sequential_that_changes_its_input_in_place():
+    # The model and the chain each run on their own copy of the inputs.
+    model = nn.Sequential(nn.LeakyReLU(0.2, inplace=True), bclib.LinearGroupNJ(4, 4), nn.ReLU(),
+                          bclib.LinearGroupNJ(4, 2)).eval()
+    result = compress(model, 0.0)
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        assert torch.allclose(result.model(x.clone()), model(x.clone()), atol=1e-5)
+
+
+class _TrainAware(nn.Module):
+    """Dropout tied to self.training and a softmax only at evaluation: read on its eval side."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = bclib.LinearGroupNJ(6, 5), bclib.LinearGroupNJ(5, 3)
+
+    def forward(self, x):
+        x = F.dropout(F.relu(self.fc1(x)), 0.5, training=self.training)
+        x = self.fc2(x)
+        return x if self.training else F.log_softmax(x, dim=1)
+
+
+def test_a_model_in_training_mode_is_read_in_eval_mode_and_left_as_it_was():
+    torch.manual_seed(0)
+    model = _TrainAware().train()
+    _set_groups(model.fc1, [0, 3])
+    _set_groups(model.fc2, [4])
+    model.fc2.eval()  # a mixed state, to see every flag restored
+    result = compress(model, 0.0)
+    assert [type(m) for m in result.model] == [nn.Linear, nn.ReLU, nn.Dropout, nn.Linear, nn.LogSoftmax]
+    assert result.report.architecture == "4-4"
+    assert model.training and model.fc1.training and not model.fc2.training
+    state = torch.get_rng_state()
+    weight_masks(model, 0.0)  # called every epoch by the weight recorder: must not draw random numbers
+    assert torch.equal(torch.get_rng_state(), state)
+    x = torch.randn(7, 6)
+    with torch.no_grad():
+        assert torch.allclose(apply_masks(model, result.masks).eval()(x), result.model(x), atol=1e-5)
+
+
+def test_nested_blocks_with_batchnorm_are_pruned_through():
+    class Block(nn.Module):
+        def __init__(self, cin, cout):
+            super().__init__()
+            self.conv = bclib.Conv2dGroupHS(cin, cout, 3, padding=1)
+            self.norm = nn.BatchNorm2d(cout)
+
+        def forward(self, x):
+            return F.max_pool2d(F.relu(self.norm(self.conv(x)), inplace=True), 2)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(Block(1, 4), Block(4, 6))
+            self.head = bclib.LinearGroupHS(6 * 2 * 2, 3)
+
+        def forward(self, x):
+            return self.head(self.features(x).flatten(1))
+
+    torch.manual_seed(0)
+    net = Net()
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    net.eval()
+    log_alpha = {name: layer.log_alpha().detach() for name, layer in bclib.bayesian_layers(net)}
+    names = ["features.0.conv", "features.1.conv", "head"]
+    assert list(log_alpha) == names
+    # Cut between the first and second highest log alpha of the first conv, and in the head keep
+    # only positions of the channels the second conv keeps: every layer loses something.
+    thresholds = {name: float(values.sort().values[-2:].mean()) for name, values in log_alpha.items()}
+    result = compress(net, thresholds, input_shape=(1, 8, 8))
+    assert [row.name for row in result.report.layers] == names
+    assert all(row.weights_kept < row.weights_total for row in result.report.layers)
+    assert any(isinstance(m, nn.BatchNorm2d) and m.num_features < 6 for m in result.model)
+    x = torch.randn(9, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(apply_masks(net, result.masks)(x), result.model(x), atol=1e-4)

@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
         search.add_argument("run", help=run_help)
         search.add_argument("--out", required=True, help="folder for the new run")
         search.add_argument("--epochs", type=int, default=None, help="retraining epochs per candidate (default 10)")
+        if command == "prune-layers":
+            search.add_argument("--seeds", type=int, default=1,
+                                help="retrainings per candidate, ranked by their mean selection error (default 1)")
         search.add_argument("--data", default=None, help=DATA_HELP)
 
     reproduce = sub.add_parser("reproduce", help="run every experiment of the results table into --out")
@@ -147,7 +150,8 @@ def _dispatch(args: argparse.Namespace) -> None:
 
         search = lower_bits_run if args.command == "lower-bits" else prune_layers_run
         config = FINE_TUNE_CONFIG if args.epochs is None else dataclasses.replace(FINE_TUNE_CONFIG, epochs=args.epochs)
-        print(json.dumps(search(args.run, args.out, config=config, data_root=args.data), indent=2))
+        options = {"seeds": args.seeds} if args.command == "prune-layers" else {}
+        print(json.dumps(search(args.run, args.out, config=config, data_root=args.data, **options), indent=2))
     elif args.command == "reproduce":
         from .experiments import EXPERIMENTS, run_experiment
 

@@ -298,7 +298,7 @@ def seed_spread_table(analyses: Mapping[str, Mapping], targets: Mapping[str, Seq
 
 # The steps that refine a paper run, by the suffix of the run's name, longest first.
 _REFINEMENTS = (("_layers_bits", "+ layer search, fewer bits"), ("_ft_bits", "+ retraining, fewer bits"),
-                ("_layers", "+ layer search"), ("_ft", "+ retraining"))
+                ("_layers_3seeds", "+ layer search, 3 seeds"), ("_layers", "+ layer search"), ("_ft", "+ retraining"))
 
 
 def _refinement(name: str) -> tuple[str, str]:
@@ -520,7 +520,7 @@ def bit_search_steps(analysis: Mapping, layers: Sequence[str], labels: Mapping[s
 
 # Short names of the steps in :func:`pipeline_table`, by the suffix of the run's name.
 _STEP_LABELS = (("_layers_bits", "  + fewer bits"), ("_ft_bits", "  + fewer bits"), ("_layers", "layer search"),
-                ("_ft", "uniform offset"))
+                ("_layers_3seeds", "search, 3 seeds"), ("_ft", "uniform offset"))
 
 
 def pipeline_table(reports: Mapping[str, Mapping]) -> str:
@@ -533,7 +533,8 @@ def pipeline_table(reports: Mapping[str, Mapping]) -> str:
     Returns:
         A line naming each network, then one row per run: the step ("uniform offset":
         :func:`bclib.experiments.fine_tune_run`; "layer search":
-        :func:`bclib.experiments.prune_layers_run`; "+ fewer bits":
+        :func:`bclib.experiments.prune_layers_run`; "search, 3 seeds": the same with every
+        candidate ranked by the mean of three retrainings; "+ fewer bits":
         :func:`bclib.experiments.lower_bits_run` on the row above it), the architecture, compression
         after pruning and after precision (Sparse VD: over nonzero weights), the file against the
         float32 dense network and its test error in %.

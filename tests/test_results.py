@@ -52,7 +52,10 @@ def test_bit_lowered_run_keeps_the_architecture_and_lowers_bits(name):
     assert [spec["bits"] for spec in specs if "bits" in spec] == bits
 
 
-@pytest.mark.parametrize("name", [run for run in RUNS if run.endswith("_layers")])
+LAYER_SEARCHED = [run for run in RUNS if "prunes_layers_of" in _read(run, "config.json")]
+
+
+@pytest.mark.parametrize("name", LAYER_SEARCHED)
 def test_layer_searched_run_is_its_base_file_cut_at_the_recorded_thresholds(name):
     """A layer-searched run's architecture, weights kept and rates are those of its base run's file cut
     at the thresholds it records (by the base run's recorded log alphas), with the base's bits; no
@@ -74,3 +77,26 @@ def test_layer_searched_run_is_its_base_file_cut_at_the_recorded_thresholds(name
     assert cut.report.compression_pruning == pytest.approx(report["compression_pruning"])
     assert cut.report.compression_precision == pytest.approx(report["compression_precision"])
     assert all(new <= old for new, old in zip(report["thresholds"], base["thresholds"]))
+
+
+@pytest.mark.parametrize("name", [run for run in LAYER_SEARCHED if _read(run, "config.json").get("seeds", 1) > 1])
+def test_seeded_layer_search_took_the_cut_of_lowest_mean(name):
+    """Each candidate's selection error is the mean of its seeds' (recomputed here); every step took
+    the candidate of lowest mean within the allowed error (the base's mean + the tolerance), and the
+    last step none; the run's file is the taken network's first seed."""
+    config, report = _read(name, "config.json"), _read(name, "report.json")
+    analysis = _read(name, "analysis.json")
+    candidates = analysis["candidates"]
+    for row in candidates:
+        errors = [entry["selection_error"] for entry in row["seeds"]]
+        assert [entry["seed"] for entry in row["seeds"]] == list(range(config["seeds"]))
+        assert row["selection_error"] == pytest.approx(sum(errors) / len(errors), abs=1e-12)
+    assert analysis["allowed"] == pytest.approx(candidates[0]["selection_error"] + config["selection_tolerance"])
+    steps = sorted({row["step"] for row in candidates if row["step"] > 0})
+    for step in steps:
+        within = [row for row in candidates if row["step"] == step and row["selection_error"] <= analysis["allowed"]]
+        taken = [row for row in candidates if row["step"] == step and row["taken"]]
+        assert taken == ([min(within, key=lambda row: row["selection_error"])] if step < steps[-1] else [])
+    last = [row for row in candidates if row["taken"]][-1]
+    assert last["architecture"] == report["architecture"]
+    assert last["seeds"][0]["test_error"] == pytest.approx(report["file_error"], abs=1e-12)

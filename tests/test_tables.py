@@ -229,6 +229,7 @@ def test_pipeline_table_names_each_step():
                "lenet5_hs_ft": {**_report(0.0085, 89.13, 323.57, ratio=449.6), "architecture": "9-13-110-14"},
                "lenet5_hs_layers": {**_report(0.0095, 120.0, 400.0, ratio=500.0), "architecture": "7-11-80-14"},
                "lenet5_hs_layers_bits": {**_report(0.0099, 120.0, 600.0, ratio=810.0), "architecture": "7-11-80-14"},
+               "lenet5_hs_layers_3seeds": {**_report(0.0093, 110.0, 380.0, ratio=480.0), "architecture": "8-11-80-14"},
                "lenet5_svd_ft": {**_report(0.0082, 9.0, 30.0, (276.7, 1068.7), ratio=538.0),
                                  "architecture": "14-18-210-65"}}
     reports["lenet300_nj"] = {**_report(0.0178, 5.38, 24.69, ratio=47.3), "architecture": "411-114-21"}
@@ -238,6 +239,7 @@ def test_pipeline_table_names_each_step():
         ["uniform", "offset", "9-13-110-14", "89.1x", "323.6x", "450x", "0.85"],
         ["layer", "search", "7-11-80-14", "120.0x", "400.0x", "500x", "0.95"],
         ["+", "fewer", "bits", "7-11-80-14", "120.0x", "600.0x", "810x", "0.99"],
+        ["search,", "3", "seeds", "8-11-80-14", "110.0x", "380.0x", "480x", "0.93"],
         ["LeNet-5", "Sparse", "VD"], ["uniform", "offset", "14-18-210-65", "276.7x", "1068.7x", "538x", "0.82"],
         ["LeNet-300-100", "BC-GNJ"], ["paper", "pipeline", "411-114-21", "5.4x", "24.7x", "47x", "1.78"]]
     assert all(len(line) <= 80 for line in lines)

@@ -49,7 +49,7 @@ from torch.nn.utils import parametrize
 from .data import TensorSplit
 from .fileformat import (build_module, dequantize, encode_compressed, load_compressed, module_spec, read_compressed,
                          write_compressed)
-from .layer_sequence import check_sequence, evaluating, layer_sequence, parameter_device_and_dtype
+from .layer_sequence import check_sequence, evaluating, layer_sequence
 from .layers import BayesianLayer, bayesian_layers
 from .train import TrainConfig, fit
 
@@ -429,15 +429,42 @@ def weight_masks(model: nn.Module, thresholds, input_shape=None) -> dict[str, Te
 
     Arguments as :func:`compress`. Returns ``{module name: mask}`` in layer order.
     """
-    leaves = layer_sequence(model)
-    weighted_at = [i for i, (_, module) in enumerate(leaves) if isinstance(module, BayesianLayer)]
-    if not weighted_at:
-        raise ValueError("model has no Bayesian layers")
-    threshold_values = resolve_thresholds(thresholds, [leaves[i][0] for i in weighted_at])
-    input_shape = _resolve_input_shape(model, input_shape, leaves[weighted_at[0]][1])
-    layers = _collect(leaves, weighted_at, threshold_values, _leaf_shapes(model, leaves, input_shape))
+    structure = _Structure.of(model, input_shape)
+    layers = _collect(structure.leaves, structure.weighted_at, resolve_thresholds(thresholds, structure.names),
+                      structure.shapes)
     alive, columns = _alive_units(layers)
     return {layer.name: _weight_mask(layer, columns[k], alive[k + 1]) for k, layer in enumerate(layers)}
+
+
+@dataclass
+class _Structure:
+    """What :func:`compress` needs of a network whatever the thresholds: its layers in forward order
+    (:func:`~bclib.layer_sequence.layer_sequence`), where the Bayesian ones are, the input shape and
+    every layer's shapes. Read once for a search that compresses one network many times."""
+
+    leaves: list[tuple[str, nn.Module]]
+    weighted_at: list[int]
+    input_shape: tuple[int, ...]
+    shapes: list[tuple[tuple[int, ...], tuple[int, ...]]]
+
+    @property
+    def names(self) -> list[str]:
+        return [self.leaves[i][0] for i in self.weighted_at]
+
+    @classmethod
+    def of(cls, model: nn.Module, input_shape=None) -> "_Structure":
+        leaves = layer_sequence(model)
+        weighted_at = [i for i, (_, module) in enumerate(leaves) if isinstance(module, BayesianLayer)]
+        if not weighted_at:
+            raise ValueError("model has no Bayesian layers to compress")
+        input_shape = _resolve_input_shape(model, input_shape, leaves[weighted_at[0]][1])
+        return cls(leaves, weighted_at, input_shape, check_sequence(model, leaves, input_shape))
+
+    def compress(self, thresholds) -> "CompressedModel":
+        layers = _collect(self.leaves, self.weighted_at, resolve_thresholds(thresholds, self.names), self.shapes)
+        alive, columns = _alive_units(layers)
+        return CompressedModel._build(self.leaves, self.weighted_at, layers, alive, columns, self.shapes,
+                                      self.input_shape)
 
 
 # ----------------------------------------------------------------------------- compress
@@ -487,17 +514,7 @@ def compress(model: nn.Module, thresholds, input_shape=None) -> "CompressedModel
         torch.Size([1, 10])
         >>> compressed.save("lenet5.bcz")  # doctest: +SKIP
     """
-    leaves = layer_sequence(model)
-    weighted_at = [i for i, (_, module) in enumerate(leaves) if isinstance(module, BayesianLayer)]
-    if not weighted_at:
-        raise ValueError("model has no Bayesian layers to compress")
-    names = [leaves[i][0] for i in weighted_at]
-    threshold_values = resolve_thresholds(thresholds, names)
-    input_shape = _resolve_input_shape(model, input_shape, leaves[weighted_at[0]][1])
-    shapes = _leaf_shapes(model, leaves, input_shape)
-    layers = _collect(leaves, weighted_at, threshold_values, shapes)
-    alive, columns = _alive_units(layers)
-    return CompressedModel._build(leaves, weighted_at, layers, alive, columns, shapes, input_shape)
+    return _Structure.of(model, input_shape).compress(thresholds)
 
 
 def prune_further(compressed: "CompressedModel", architecture: nn.Module, log_alpha, thresholds) -> "CompressedModel":
@@ -570,7 +587,7 @@ def prune_further(compressed: "CompressedModel", architecture: nn.Module, log_al
         if np.float32(new) > np.float32(base):  # the masks compare float32 log alphas with float32 thresholds
             raise ValueError(f"threshold for {name!r} is {new}, above {base}, the one compressed was pruned at: "
                              "prune_further can only prune more (a pruned group's weights are not in compressed)")
-    shapes = _leaf_shapes(architecture, leaves, compressed.input_shape)
+    shapes = check_sequence(architecture, leaves, compressed.input_shape)
     base_layers = _collect(leaves, weighted_at, base_thresholds, shapes, log_alphas)
     alive, columns = _alive_units(base_layers)
     exported = _exported_units(alive)
@@ -625,24 +642,6 @@ def _per_layer_tensors(values, names: list[str], argument: str) -> list[Tensor]:
         raise ValueError(f"{argument} must have one tensor per Bayesian layer ({len(names)}: {names}), "
                          f"got {len(values)}")
     return [torch.as_tensor(value, dtype=torch.float32) for value in values]
-
-
-def _leaf_shapes(model, leaves, input_shape) -> list[tuple[tuple, tuple]]:
-    """(input, output) shape of one example at every leaf, from a forward pass of zeros in eval mode;
-    then :func:`~bclib.layer_sequence.check_sequence`: the leaves must compute the model's forward."""
-    device, dtype = parameter_device_and_dtype(model)
-    shapes = []
-    x = torch.zeros(1, *input_shape, device=device, dtype=dtype)
-    with torch.no_grad(), evaluating(model):
-        for name, module in leaves:
-            try:
-                y = module(x)
-            except (RuntimeError, ValueError, TypeError) as error:
-                raise ValueError(f"a zero input of input_shape {input_shape} does not pass layer {name!r}: {error}") from None
-            shapes.append((tuple(x.shape[1:]), tuple(y.shape[1:])))
-            x = y
-    check_sequence(model, leaves, input_shape)
-    return shapes
 
 
 def _collect(leaves, weighted_at, thresholds, shapes, log_alphas=None) -> list[_Weighted]:
@@ -1204,9 +1203,10 @@ def threshold_sweep(model: nn.Module, thresholds_grid, x: Tensor, y: Tensor, inp
         float32 model), ``error_reduced_precision``, ``compression_pruning``, ``compression_precision``,
         ``compression_sparse``, ``weights_kept``, ``architecture``, ``flop_reduction``.
     """
+    structure = _Structure.of(model, input_shape)
     rows = []
     for thresholds in thresholds_grid:
-        result = compress(model, thresholds, input_shape=input_shape)
+        result = structure.compress(thresholds)
         report = result.report
         rows.append({
             "thresholds": thresholds.tolist() if isinstance(thresholds, (Tensor, np.ndarray)) else thresholds,
@@ -1255,8 +1255,10 @@ def select_thresholds(model: nn.Module, x: Tensor, y: Tensor, *, tolerance: floa
     keep_all = [float(s.max()) + 1.0 for s in signals]
     thresholds = [fixed.get(i, keep_all[i]) for i in range(len(signals))]
 
+    structure = _Structure.of(model, input_shape)
+
     def error(candidate: list[float]) -> float:
-        return model_error(compress(model, candidate, input_shape=input_shape).model, x, y)
+        return model_error(structure.compress(candidate).model, x, y)
 
     allowed = error(thresholds) + tolerance
     for index, signal in enumerate(signals):

@@ -428,11 +428,8 @@ def fine_tune_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, co
         kept_index = next(i for i, row in enumerate(candidates) if row["offset"] == offset)
         for candidate in candidates[kept_index:kept_index + 2]:  # the kept one and the first rejected one
             result = compression.compress(model, candidate["thresholds"])
-            spread = [{"seed": config.seed, **{key: candidate[key] for key in _RETRAIN_ERRORS}}]
-            for seed in range(config.seed + 1, config.seed + seeds):
-                _, _, errors = _retrain(result, fit_split, selection, test, replace(config, seed=seed), progress)
-                spread.append({"seed": seed, **errors})
-            candidate["seeds"] = spread
+            candidate["seeds"] = [{"seed": config.seed, **{key: candidate[key] for key in _RETRAIN_ERRORS}},
+                                  *_other_seeds(result, (fit_split, selection, test), config, seeds, progress)]
     _write_search_config(out_dir, base_config, config, (fit_split, selection, test),
                          {"fine_tunes": base_dir.name, "offsets": list(FINE_TUNE_OFFSETS), "seeds": seeds})
     write_json(out_dir / "metrics.json", history)
@@ -714,14 +711,17 @@ def _retrain_seeds(compressed, fit_split: TensorSplit, selection: TensorSplit, t
     tuned, history, errors = _retrain(compressed, fit_split, selection, test, config, progress)
     if seeds == 1:
         return tuned, history, errors
-    spread = [{"seed": config.seed, "selection_error": errors["selection_error"], "test_error": errors["test_error"]}]
-    seconds = errors["seconds"]
-    for seed in range(config.seed + 1, config.seed + seeds):
-        _, _, other = _retrain(compressed, fit_split, selection, test, replace(config, seed=seed), progress)
-        spread.append({"seed": seed, "selection_error": other["selection_error"], "test_error": other["test_error"]})
-        seconds += other["seconds"]
-    mean = sum(entry["selection_error"] for entry in spread) / seeds
-    return tuned, history, {**errors, "selection_error": mean, "seconds": seconds, "seeds": spread}
+    spread = [{"seed": config.seed, **errors},
+              *_other_seeds(compressed, (fit_split, selection, test), config, seeds, progress)]
+    return tuned, history, {**errors, "selection_error": sum(e["selection_error"] for e in spread) / seeds,
+                            "seconds": sum(e["seconds"] for e in spread), "seeds": spread}
+
+
+def _other_seeds(compressed, splits, config: TrainConfig, seeds: int, progress: bool) -> list[dict]:
+    """``[{"seed", "selection_error", "test_error", "seconds"}]`` of ``compressed`` retrained with seeds
+    ``config.seed + 1`` ... ``config.seed + seeds - 1`` (the spread beside ``config.seed``'s own run)."""
+    return [{"seed": seed, **_retrain(compressed, *splits, replace(config, seed=seed), progress)[2]}
+            for seed in range(config.seed + 1, config.seed + seeds)]
 
 
 def _analysis(model, thresholds, test: TensorSplit) -> dict:

@@ -250,7 +250,7 @@ def _check_input(model: nn.Module, node: fx.Node, current: fx.Node, sizes: set[f
         raise TypeError(f"the forward of {type(model).__name__} joins or branches at {_describe(node)} (it takes "
                         f"{', '.join(_value(n) for n in tensors)}: a skip connection or a concatenation?); "
                         "compress follows a chain, each layer fed by the one before")
-    others = [user for user in current.users if user is not node and user not in sizes and not _is_size(user)]
+    others = [user for user in current.users if user is not node and not _is_size(user)]
     if others:
         raise TypeError(f"the forward of {type(model).__name__} uses {_value(current)} twice (in "
                         f"{_describe(node)} and {_describe(others[0])}): compress follows a chain, each value used "
@@ -321,21 +321,35 @@ def evaluating(model: nn.Module):
             module.train(flag)
 
 
-def check_sequence(model: nn.Module, leaves: list[tuple[str, nn.Module]], input_shape: tuple[int, ...]) -> None:
-    """Raise ``TypeError`` unless running ``leaves`` one after another computes ``model``'s output.
+def check_sequence(model: nn.Module, leaves: list[tuple[str, nn.Module]],
+                   input_shape: tuple[int, ...]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Run ``leaves`` one after another and ``model`` on the same inputs; raise unless they agree.
 
     Both run in eval mode, each on its own copy of the same three random examples of
     ``input_shape`` (in the model's dtype, on its device; in-place operations cannot leak from one
     to the other), drawn from a fixed seed that leaves torch's global generator alone.
+
+    Returns:
+        The (input, output) shape of one example at every leaf, in order.
+
+    Raises:
+        ValueError: when the inputs do not pass a leaf (a wrong ``input_shape``; the message names it).
+        TypeError: when the leaves compute another shape or other values than the model.
     """
     device, dtype = parameter_device_and_dtype(model)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(3, *input_shape, generator=generator).to(device=device, dtype=dtype)
+    shapes = []
     with torch.no_grad(), evaluating(model):
-        expected = model(x.clone())
         y = x.clone()
-        for _, module in leaves:
-            y = module(y)
+        for name, module in leaves:
+            try:
+                out = module(y)
+            except (RuntimeError, ValueError, TypeError) as error:
+                raise ValueError(f"an input of input_shape {input_shape} does not pass layer {name!r}: {error}") from None
+            shapes.append((tuple(y.shape[1:]), tuple(out.shape[1:])))
+            y = out
+        expected = model(x.clone())
     name = type(model).__name__
     if not isinstance(expected, Tensor):
         raise TypeError(f"{name}.forward returns a {type(expected).__name__}, not a tensor")
@@ -348,3 +362,4 @@ def check_sequence(model: nn.Module, leaves: list[tuple[str, nn.Module]], input_
         raise TypeError(f"the layers compress read from {name}.forward compute other values than it does in eval "
                         f"mode (up to {difference:.3g} apart): does the forward draw random numbers (F.dropout without "
                         "training=self.training), change its input in place, or run hooks?")
+    return shapes

@@ -296,17 +296,22 @@ def seed_spread_table(analyses: Mapping[str, Mapping], targets: Mapping[str, Seq
     return "\n".join(lines)
 
 
-# The steps that refine a paper run, by the suffix of the run's name, longest first.
-_REFINEMENTS = (("_layers_bits", "+ layer search, fewer bits"), ("_ft_bits", "+ retraining, fewer bits"),
-                ("_layers_3seeds", "+ layer search, 3 seeds"), ("_layers", "+ layer search"), ("_ft", "+ retraining"))
+# The steps that refine a paper run, by the suffix of the run's name, longest first: the steps
+# after the paper run, and their short name in pipeline_table.
+_REFINEMENTS = (("_layers_bits", "+ layer search, fewer bits", "  + fewer bits"),
+                ("_ft_bits", "+ retraining, fewer bits", "  + fewer bits"),
+                ("_layers_3seeds", "+ layer search, 3 seeds", "search, 3 seeds"),
+                ("_layers", "+ layer search", "layer search"),
+                ("_ft", "+ retraining", "uniform offset"))
 
 
-def _refinement(name: str) -> tuple[str, str]:
-    """``("lenet5_nj", "+ retraining, fewer bits")`` for ``"lenet5_nj_ft_bits"``: the paper run and the steps after it."""
-    for suffix, steps in _REFINEMENTS:
+def _refinement(name: str) -> tuple[str, str, str]:
+    """``("lenet5_nj", "+ retraining, fewer bits", "  + fewer bits")`` for ``"lenet5_nj_ft_bits"``: the
+    paper run, the steps after it and their short name (``"paper pipeline"`` for the paper run)."""
+    for suffix, steps, short in _REFINEMENTS:
         if name.endswith(suffix):
-            return name.removesuffix(suffix), steps
-    return name, ""
+            return name.removesuffix(suffix), steps, short
+    return name, "", "paper pipeline"
 
 
 def retraining_against_release(reports: Mapping[str, Mapping], targets: Mapping[str, Sequence],
@@ -336,7 +341,7 @@ def retraining_against_release(reports: Mapping[str, Mapping], targets: Mapping[
     """
     lines = []
     for name, r in reports.items():
-        base, steps = _refinement(name)
+        base, steps, _ = _refinement(name)
         if base not in targets or None in tuple(targets[base])[1:]:
             continue
         checks = _release_checks(r, base, targets[base], "file_error")
@@ -518,11 +523,6 @@ def bit_search_steps(analysis: Mapping, layers: Sequence[str], labels: Mapping[s
     return "\n".join(lines)
 
 
-# Short names of the steps in :func:`pipeline_table`, by the suffix of the run's name.
-_STEP_LABELS = (("_layers_bits", "  + fewer bits"), ("_ft_bits", "  + fewer bits"), ("_layers", "layer search"),
-                ("_layers_3seeds", "search, 3 seeds"), ("_ft", "uniform offset"))
-
-
 def pipeline_table(reports: Mapping[str, Mapping]) -> str:
     """Runs of the same network side by side: the paper's pipeline and the steps after it.
 
@@ -550,10 +550,9 @@ def pipeline_table(reports: Mapping[str, Mapping]) -> str:
     lines = [f"{'step':<19} {'architecture':>12} {'pruning':>8} {'precision':>10} {'file':>6} {'error %':>8}"]
     previous = None
     for name, r in reports.items():
-        base, _ = _refinement(name)
+        base, _, step = _refinement(name)
         if base != previous:
             lines.append(_run_label(base))
-        step = next((label for suffix, label in _STEP_LABELS if name.endswith(suffix)), "paper pipeline")
         keys = _rate_keys(base)
         lines.append(f"  {step:<17} {r['architecture']:>12} {r[keys[0]]:>7.1f}x {r[keys[1]]:>9.1f}x "
                      f"{r['file']['ratio']:>5.0f}x {100 * r['file_error']:>8.2f}")

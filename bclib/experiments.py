@@ -125,10 +125,11 @@ EXPERIMENTS.update({f"{name}_layers_bits": Experiment(EXPERIMENTS[name].model, E
                                                       FINE_TUNE_CONFIG, input_range=EXPERIMENTS[name].input_range,
                                                       lowers_bits_of=f"{name}_layers")
                     for name in LAYER_PRUNED_RUNS})
-# The same searches for the BC-GNJ networks with every candidate ranked by the mean of three
-# retrainings (seeds 0, 1, 2): the single-seed searches picked among cuts that differ by less than
-# one retraining's luck. Three times the retrainings: ~40 min on 2 cores for LeNet-5, ~8 for LeNet-300-100.
-LAYER_SEED_RUNS = ("lenet300_nj", "lenet5_nj")
+# The same searches for both BC-GNJ networks and LeNet-5 BC-GHS with every candidate ranked by the
+# mean of three retrainings (seeds 0, 1, 2): the single-seed searches picked among cuts that differ by
+# less than one retraining's luck. Three times the retrainings: on 2 cores (run alone) ~8 min for
+# LeNet-300-100, 30-60 min for LeNet-5.
+LAYER_SEED_RUNS = ("lenet300_nj", "lenet5_nj", "lenet5_hs")
 EXPERIMENTS.update({f"{name}_layers_3seeds": replace(EXPERIMENTS[f"{name}_layers"], search_seeds=3)
                     for name in LAYER_SEED_RUNS})
 

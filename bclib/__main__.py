@@ -14,7 +14,7 @@ DATA_HELP = "MNIST root (default: $BCLIB_DATA or the user cache)"
 
 def _parser() -> argparse.ArgumentParser:
     from .bench import LAYOUTS
-    from .experiments import EXPERIMENTS
+    from .experiments import EXPERIMENTS, SEARCH_RULES
     from .train import AUTOCAST_DTYPES, VARIANCE_DTYPES
 
     parser = argparse.ArgumentParser(
@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
         if command == "prune-layers":
             search.add_argument("--seeds", type=int, default=1,
                                 help="retrainings per candidate, ranked by their mean selection error (default 1)")
+            search.add_argument("--take", choices=SEARCH_RULES, default=SEARCH_RULES[0],
+                                help="which cut within the allowed error a step takes: the one of least selection "
+                                     "error (default) or the one that prunes most")
         search.add_argument("--data", default=None, help=DATA_HELP)
 
     reproduce = sub.add_parser("reproduce", help="run every experiment of the results table into --out")
@@ -150,7 +153,7 @@ def _dispatch(args: argparse.Namespace) -> None:
 
         search = lower_bits_run if args.command == "lower-bits" else prune_layers_run
         config = FINE_TUNE_CONFIG if args.epochs is None else dataclasses.replace(FINE_TUNE_CONFIG, epochs=args.epochs)
-        options = {"seeds": args.seeds} if args.command == "prune-layers" else {}
+        options = {"seeds": args.seeds, "take": args.take} if args.command == "prune-layers" else {}
         print(json.dumps(search(args.run, args.out, config=config, data_root=args.data, **options), indent=2))
     elif args.command == "reproduce":
         from .experiments import EXPERIMENTS, run_experiment

@@ -65,8 +65,10 @@ class Experiment:
     # Name of a Bayesian run (its model.bcz, report.json and the log alphas in analysis.json): this
     # run lowers that network's thresholds layer by layer, retraining each candidate (:func:`prune_layers_run`).
     prunes_layers_of: str | None = None
-    # Retraining seeds whose mean selection error ranks each candidate of prune_layers_run.
+    # Retraining seeds whose mean selection error ranks each candidate of prune_layers_run, and
+    # which cut within the allowed error each of its steps takes.
     search_seeds: int = 1
+    search_take: str = "least_error"
 
     @property
     def refines(self) -> str | None:
@@ -132,6 +134,10 @@ EXPERIMENTS.update({f"{name}_layers_bits": Experiment(EXPERIMENTS[name].model, E
 LAYER_SEED_RUNS = ("lenet300_nj", "lenet5_nj", "lenet5_hs")
 EXPERIMENTS.update({f"{name}_layers_3seeds": replace(EXPERIMENTS[f"{name}_layers"], search_seeds=3)
                     for name in LAYER_SEED_RUNS})
+# LeNet-5 BC-GHS's seeded search again, each step taking the cut that prunes most within the allowed
+# error instead of the one of lowest error (which passed over a conv1 cut within it).
+EXPERIMENTS["lenet5_hs_layers_3seeds_most"] = replace(EXPERIMENTS["lenet5_hs_layers_3seeds"],
+                                                      search_take="most_pruning")
 
 
 def write_json(path: str | os.PathLike, data) -> None:
@@ -210,8 +216,8 @@ def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epo
         return lower_bits_run(base_dir, out_dir, config=config, data_root=data_root, progress=progress)
     if experiment.prunes_layers_of is not None:
         base_dir = Path(results_root or out_dir.parent) / experiment.prunes_layers_of
-        return prune_layers_run(base_dir, out_dir, config=config, seeds=experiment.search_seeds, data_root=data_root,
-                                progress=progress)
+        return prune_layers_run(base_dir, out_dir, config=config, seeds=experiment.search_seeds,
+                                take=experiment.search_take, data_root=data_root, progress=progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     train, test = _load_data(data_root, experiment.input_range, fast)
 
@@ -528,11 +534,13 @@ def lower_bits_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, c
 GROUP_PRIORS = ("nj", "hs")
 # The layer search cuts this fraction of a layer's surviving groups per step (at least one).
 LAYER_CUT_FRACTION = 0.25
+# What a step of prune_layers_run takes among the cuts within the allowed error.
+SEARCH_RULES = ("least_error", "most_pruning")
 
 
 def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-                     config: TrainConfig = FINE_TUNE_CONFIG, seeds: int = 1, data_root=None,
-                     progress: bool = True) -> dict:
+                     config: TrainConfig = FINE_TUNE_CONFIG, seeds: int = 1, take: str = "least_error",
+                     data_root=None, progress: bool = True) -> dict:
     """Search one threshold per layer, retraining each candidate, from a run's committed files (not in the paper).
 
     :func:`fine_tune_run` lowers every layer's threshold by the same offset. Here each layer gets its
@@ -540,9 +548,10 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     (:data:`LAYER_CUT_FRACTION`, at least one) of its surviving groups, those of highest log alpha
     (the threshold goes midway between the last kept and the first cut log alpha). Each cut is
     retrained (:func:`bclib.compression.fine_tune`) on the training examples outside the selection
-    split and measured on the selection split; the least harmful cut whose error stays within 0.1
-    points of the base network's (retrained the same way) is taken, and the next step starts from
-    it. The search stops when no cut stays within. A layer with one group left offers none.
+    split and measured on the selection split; among the cuts whose error stays within 0.1 points
+    of the base network's (retrained the same way), the least harmful one is taken (``take``), and
+    the next step starts from it. The search stops when no cut stays within. A layer with one group
+    left offers none.
 
     It needs no checkpoint: candidates are cut from the run's ``model.bcz`` with the log alphas of
     its ``analysis.json`` (:func:`bclib.compression.prune_further`), so they start from the file's
@@ -566,6 +575,10 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
             ``config.seed + 1``, ...; the mean of their selection errors ranks the candidates and
             sets the allowed error. The file and the reported test error are those of
             ``config.seed``'s retraining; each seed's errors are kept in ``analysis.json``.
+        take: which cut within the allowed error a step takes: ``"least_error"`` (lowest selection
+            error; ties go to the larger compression) or ``"most_pruning"`` (highest compression
+            after pruning; ties go to the lower error). The second spends the allowed error on the
+            cuts that remove the most weights; with one seed it also takes lucky retrainings.
         data_root: MNIST root.
 
     Returns:
@@ -573,6 +586,8 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     """
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"seeds must be a positive int, got {seeds!r}")
+    if take not in SEARCH_RULES:
+        raise ValueError(f"take must be one of {SEARCH_RULES}, got {take!r}")
     base_dir, out_dir, base_config, base_report = _base_run(base_dir, out_dir, needs="model.bcz")
     if base_config.get("prior") not in GROUP_PRIORS:
         raise ValueError(f"base_dir {str(base_dir)!r} must be a run of a group prior {GROUP_PRIORS}, got prior "
@@ -623,10 +638,13 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         within = [entry for entry in tried if entry[0] <= allowed]
         if not within:
             break
-        _, _, index, thresholds, cut_from, current, history = min(within, key=lambda entry: entry[:3])
+        # Entries start (error, -pruning, index): the rule orders the first two, the index breaks ties.
+        order = (lambda entry: entry[:3]) if take == "least_error" else (lambda entry: (entry[1], entry[0], entry[2]))
+        _, _, index, thresholds, cut_from, current, history = min(within, key=order)
         candidates[index]["taken"] = True
     _write_search_config(out_dir, base_config, config, (fit_split, selection, test),
-                         {"prunes_layers_of": base_dir.name, "cut_fraction": LAYER_CUT_FRACTION, "seeds": seeds})
+                         {"prunes_layers_of": base_dir.name, "cut_fraction": LAYER_CUT_FRACTION, "seeds": seeds,
+                          "take": take})
     write_json(out_dir / "metrics.json", history)
     write_json(out_dir / "analysis.json", {"allowed": allowed, "candidates": candidates})
     layer_search = {"from": base_dir.name, "thresholds_before": base_report["thresholds"],

@@ -300,6 +300,7 @@ def seed_spread_table(analyses: Mapping[str, Mapping], targets: Mapping[str, Seq
 # after the paper run, and their short name in pipeline_table.
 _REFINEMENTS = (("_layers_bits", "+ layer search, fewer bits", "  + fewer bits"),
                 ("_ft_bits", "+ retraining, fewer bits", "  + fewer bits"),
+                ("_layers_3seeds_most", "+ layer search, 3 seeds, largest cuts", "3 seeds, largest"),
                 ("_layers_3seeds", "+ layer search, 3 seeds", "search, 3 seeds"),
                 ("_layers", "+ layer search", "layer search"),
                 ("_ft", "+ retraining", "uniform offset"))
@@ -534,7 +535,8 @@ def pipeline_table(reports: Mapping[str, Mapping]) -> str:
         A line naming each network, then one row per run: the step ("uniform offset":
         :func:`bclib.experiments.fine_tune_run`; "layer search":
         :func:`bclib.experiments.prune_layers_run`; "search, 3 seeds": the same with every
-        candidate ranked by the mean of three retrainings; "+ fewer bits":
+        candidate ranked by the mean of three retrainings; "3 seeds, largest": the same, each step
+        taking the cut that prunes most within the allowed error; "+ fewer bits":
         :func:`bclib.experiments.lower_bits_run` on the row above it), the architecture, compression
         after pruning and after precision (Sparse VD: over nonzero weights), the file against the
         float32 dense network and its test error in %.

@@ -60,6 +60,7 @@ def test_help_lists_the_commands():
     ("bench", ["--out", "--threads", "--run", "--results", "--trials", "--keep-freed-memory"]),
     ("compress", ["--thresholds", "--data"]),
     ("fine-tune", ["--out", "--epochs", "--seeds", "--data"]),
+    ("prune-layers", ["--out", "--epochs", "--seeds", "--take", "--data"]),
     ("reproduce", ["--out", "--only"]),
 ])
 def test_subcommand_help_lists_its_options(capsys, command, options):
@@ -534,6 +535,55 @@ def test_prune_layers_ranks_cuts_by_the_mean_over_seeds(trained_run, mnist_root,
     assert first["3"]["taken"] and not first["1"]["taken"]
     assert first["1"]["selection_error"] > analysis["allowed"]
     assert _read(tmp_path / "out", "config.json")["seeds"] == 2
+
+
+def test_prune_layers_can_take_the_cut_that_prunes_most(trained_run, mnist_root, tmp_path, monkeypatch):
+    """take="most_pruning": the error grows with the share of each layer's groups cut, fc2's (which also
+    removes fc1's rows) costing more than fc1's but staying within the allowed error. The rule of least
+    error would take fc1's cut first; this one takes fc2's, and at every step the cut of highest
+    compression within the allowed error, until none fits."""
+    base = _read(trained_run, "report.json")
+    groups = {row["name"]: row["groups_kept"] for row in base["layers"]}
+    cost = {"1": 0.0008, "3": 0.0028, "5": 0.02}  # error per share of the layer's groups cut
+
+    def retrain(compressed, fit_split, selection, test, config, progress):
+        error = 0.01 + sum(cost[row.name] * (1 - row.groups_kept / groups[row.name])
+                           for row in compressed.report.layers)
+        return compressed, [{"epoch": 1, "seconds": 0.0}], {"selection_error": error, "test_error": error,
+                                                           "seconds": 0.0}
+
+    monkeypatch.setattr(experiments, "_retrain", retrain)
+    with pytest.raises(ValueError, match=r"take must be one of \('least_error', 'most_pruning'\), got 'largest'"):
+        experiments.prune_layers_run(trained_run, tmp_path / "bad", take="largest", data_root=mnist_root,
+                                     progress=False)
+    assert not (tmp_path / "bad").exists()
+    report = experiments.prune_layers_run(trained_run, tmp_path / "out", take="most_pruning", data_root=mnist_root,
+                                          progress=False)
+    analysis = _read(tmp_path / "out", "analysis.json")
+    candidates, allowed = analysis["candidates"], analysis["allowed"]
+    first = {c["layer"]: c for c in candidates if c["step"] == 1}
+    assert first["1"]["selection_error"] < first["3"]["selection_error"] <= allowed
+    assert first["3"]["compression_pruning"] > first["1"]["compression_pruning"]
+    assert first["3"]["taken"] and not first["1"]["taken"]
+    steps = sorted({c["step"] for c in candidates if c["step"] > 0})
+    assert len(steps) >= 2
+    for step in steps:
+        within = [c for c in candidates if c["step"] == step and c["selection_error"] <= allowed]
+        taken = [c for c in candidates if c["step"] == step and c["taken"]]
+        assert taken == ([max(within, key=lambda c: c["compression_pruning"])] if step < steps[-1] else [])
+    assert report["architecture"] == [c for c in candidates if c["taken"]][-1]["architecture"]
+    assert _read(tmp_path / "out", "config.json")["take"] == "most_pruning"
+
+
+def test_prune_layers_command_passes_its_rule_and_seeds(monkeypatch, capsys, tmp_path):
+    calls = []
+    monkeypatch.setattr(experiments, "prune_layers_run", lambda *args, **kwargs: calls.append((args, kwargs)) or {})
+    main(["prune-layers", "RUN", "--out", str(tmp_path / "out"), "--seeds", "3", "--take", "most_pruning"])
+    main(["prune-layers", "RUN", "--out", str(tmp_path / "out")])
+    assert [(kwargs["seeds"], kwargs["take"]) for _, kwargs in calls] == [(3, "most_pruning"), (1, "least_error")]
+    with pytest.raises(SystemExit):
+        main(["prune-layers", "RUN", "--out", str(tmp_path / "out"), "--take", "largest"])
+    assert "invalid choice: 'largest'" in capsys.readouterr().err
 
 
 def test_prune_layers_rejects_a_run_without_group_log_alphas(tmp_path, trained_run, mnist_root):

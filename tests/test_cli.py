@@ -468,21 +468,28 @@ def test_layer_pruned_file_scores_the_reported_error(layers_run, mnist):
     assert taken[-1]["architecture"] == report["architecture"]
 
 
+def _retraining_by_cost(base: dict, count: str, cost: dict):
+    """A stand-in for ``experiments._retrain``: no training; the error is 1 % plus, per layer,
+    ``cost[layer]`` times the share of the base report's ``count`` (``"weights_kept"`` or
+    ``"groups_kept"``) that the candidate cut."""
+    kept = {row["name"]: row[count] for row in base["layers"]}
+
+    def retrain(compressed, fit_split, selection, test, config, progress):
+        error = 0.01 + sum(cost[row.name] * (1 - getattr(row, count) / kept[row.name])
+                           for row in compressed.report.layers)
+        return compressed, [{"epoch": 1, "seconds": 0.0}], {"selection_error": error, "test_error": error,
+                                                           "seconds": 0.0}
+    return retrain
+
+
 def test_prune_layers_takes_the_least_harmful_cut_until_none_fits(trained_run, mnist_root, tmp_path, monkeypatch):
     """With retraining replaced by an error that grows with the share of each layer's weights cut
     (fc1's cuts cost little, fc3's much), the search takes several steps, each time the cheapest cut
     within the budget, and stops at a step where every cut costs too much."""
     base = _read(trained_run, "report.json")
-    kept = {row["name"]: row["weights_kept"] for row in base["layers"]}
-    cost = {"1": 0.0008, "3": 0.002, "5": 0.02}  # error per share of the layer's weights cut
-
-    def retrain(compressed, fit_split, selection, test, config, progress):
-        error = 0.01 + sum(cost[row.name] * (1 - row.weights_kept / kept[row.name])
-                           for row in compressed.report.layers)
-        return compressed, [{"epoch": 1, "seconds": 0.0}], {"selection_error": error, "test_error": error,
-                                                           "seconds": 0.0}
-
-    monkeypatch.setattr(experiments, "_retrain", retrain)
+    # error per share of the layer's weights cut
+    monkeypatch.setattr(experiments, "_retrain", _retraining_by_cost(base, "weights_kept",
+                                                                     {"1": 0.0008, "3": 0.002, "5": 0.02}))
     report = experiments.prune_layers_run(trained_run, tmp_path / "out", data_root=mnist_root, progress=False)
     candidates = _read(tmp_path / "out", "analysis.json")["candidates"]
     allowed = 0.01 + experiments.SELECTION_TOLERANCE
@@ -542,17 +549,9 @@ def test_prune_layers_can_take_the_cut_that_prunes_most(trained_run, mnist_root,
     removes fc1's rows) costing more than fc1's but staying within the allowed error. The rule of least
     error would take fc1's cut first; this one takes fc2's, and at every step the cut of highest
     compression within the allowed error, until none fits."""
-    base = _read(trained_run, "report.json")
-    groups = {row["name"]: row["groups_kept"] for row in base["layers"]}
-    cost = {"1": 0.0008, "3": 0.0028, "5": 0.02}  # error per share of the layer's groups cut
-
-    def retrain(compressed, fit_split, selection, test, config, progress):
-        error = 0.01 + sum(cost[row.name] * (1 - row.groups_kept / groups[row.name])
-                           for row in compressed.report.layers)
-        return compressed, [{"epoch": 1, "seconds": 0.0}], {"selection_error": error, "test_error": error,
-                                                           "seconds": 0.0}
-
-    monkeypatch.setattr(experiments, "_retrain", retrain)
+    # error per share of the layer's groups cut
+    monkeypatch.setattr(experiments, "_retrain", _retraining_by_cost(_read(trained_run, "report.json"), "groups_kept",
+                                                                     {"1": 0.0008, "3": 0.0028, "5": 0.02}))
     with pytest.raises(ValueError, match=r"take must be one of \('least_error', 'most_pruning'\), got 'largest'"):
         experiments.prune_layers_run(trained_run, tmp_path / "bad", take="largest", data_root=mnist_root,
                                      progress=False)

@@ -80,10 +80,11 @@ def test_layer_searched_run_is_its_base_file_cut_at_the_recorded_thresholds(name
 
 
 @pytest.mark.parametrize("name", [run for run in LAYER_SEARCHED if _read(run, "config.json").get("seeds", 1) > 1])
-def test_seeded_layer_search_took_the_cut_of_lowest_mean(name):
-    """Each candidate's selection error is the mean of its seeds' (recomputed here); every step took
-    the candidate of lowest mean within the allowed error (the base's mean + the tolerance), and the
-    last step none; the run's file is the taken network's first seed."""
+def test_seeded_layer_search_took_the_cut_its_rule_names(name):
+    """Each candidate's selection error is the mean of its seeds' (recomputed here); every step took,
+    among the candidates within the allowed error (the base's mean + the tolerance), the one of
+    lowest mean (rule "least_error", the default) or of highest compression after pruning
+    ("most_pruning"), and the last step none; the run's file is the taken network's first seed."""
     config, report = _read(name, "config.json"), _read(name, "report.json")
     analysis = _read(name, "analysis.json")
     candidates = analysis["candidates"]
@@ -96,7 +97,11 @@ def test_seeded_layer_search_took_the_cut_of_lowest_mean(name):
     for step in steps:
         within = [row for row in candidates if row["step"] == step and row["selection_error"] <= analysis["allowed"]]
         taken = [row for row in candidates if row["step"] == step and row["taken"]]
-        assert taken == ([min(within, key=lambda row: row["selection_error"])] if step < steps[-1] else [])
+        if config.get("take", "least_error") == "least_error":
+            best = min(within, key=lambda row: (row["selection_error"], -row["compression_pruning"]), default=None)
+        else:
+            best = max(within, key=lambda row: (row["compression_pruning"], -row["selection_error"]), default=None)
+        assert taken == ([best] if step < steps[-1] else [])
     last = [row for row in candidates if row["taken"]][-1]
     assert last["architecture"] == report["architecture"]
     assert last["seeds"][0]["test_error"] == pytest.approx(report["file_error"], abs=1e-12)

@@ -14,7 +14,7 @@ DATA_HELP = "MNIST root (default: $BCLIB_DATA or the user cache)"
 
 def _parser() -> argparse.ArgumentParser:
     from .bench import LAYOUTS
-    from .experiments import EXPERIMENTS, SEARCH_RULES
+    from .experiments import EXPERIMENTS, LAYER_CUT_FRACTION, SEARCH_RULES, SELECTION_TOLERANCE
     from .train import AUTOCAST_DTYPES, VARIANCE_DTYPES
 
     parser = argparse.ArgumentParser(
@@ -73,6 +73,11 @@ def _parser() -> argparse.ArgumentParser:
             search.add_argument("--take", choices=SEARCH_RULES, default=SEARCH_RULES[0],
                                 help="which cut within the allowed error a step takes: the one of least selection "
                                      "error (default) or the one that prunes most")
+            search.add_argument("--tolerance", type=float, default=SELECTION_TOLERANCE,
+                                help="how far a cut's selection error may rise above the base network's, as a "
+                                     f"fraction (default {SELECTION_TOLERANCE}: 0.1 points)")
+            search.add_argument("--cut-fraction", type=float, default=LAYER_CUT_FRACTION,
+                                help=f"share of a layer's surviving groups one cut removes (default {LAYER_CUT_FRACTION})")
         search.add_argument("--data", default=None, help=DATA_HELP)
 
     reproduce = sub.add_parser("reproduce", help="run every experiment of the results table into --out")
@@ -153,7 +158,8 @@ def _dispatch(args: argparse.Namespace) -> None:
 
         search = lower_bits_run if args.command == "lower-bits" else prune_layers_run
         config = FINE_TUNE_CONFIG if args.epochs is None else dataclasses.replace(FINE_TUNE_CONFIG, epochs=args.epochs)
-        options = {"seeds": args.seeds, "take": args.take} if args.command == "prune-layers" else {}
+        options = {"seeds": args.seeds, "take": args.take, "tolerance": args.tolerance,
+                   "cut_fraction": args.cut_fraction} if args.command == "prune-layers" else {}
         print(json.dumps(search(args.run, args.out, config=config, data_root=args.data, **options), indent=2))
     elif args.command == "reproduce":
         from .experiments import EXPERIMENTS, run_experiment

@@ -540,18 +540,19 @@ SEARCH_RULES = ("least_error", "most_pruning")
 
 def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                      config: TrainConfig = FINE_TUNE_CONFIG, seeds: int = 1, take: str = "least_error",
+                     tolerance: float = SELECTION_TOLERANCE, cut_fraction: float = LAYER_CUT_FRACTION,
                      data_root=None, progress: bool = True) -> dict:
     """Search one threshold per layer, retraining each candidate, from a run's committed files (not in the paper).
 
     :func:`fine_tune_run` lowers every layer's threshold by the same offset. Here each layer gets its
-    own, by greedy steps. At each step every layer offers one cut: a quarter
-    (:data:`LAYER_CUT_FRACTION`, at least one) of its surviving groups, those of highest log alpha
-    (the threshold goes midway between the last kept and the first cut log alpha). Each cut is
-    retrained (:func:`bclib.compression.fine_tune`) on the training examples outside the selection
-    split and measured on the selection split; among the cuts whose error stays within 0.1 points
-    of the base network's (retrained the same way), the least harmful one is taken (``take``), and
-    the next step starts from it. The search stops when no cut stays within. A layer with one group
-    left offers none.
+    own, by greedy steps. At each step every layer offers one cut: a quarter (``cut_fraction``, at
+    least one) of its surviving groups, those of highest log alpha (the threshold goes midway between
+    the last kept and the first cut log alpha). Each cut is retrained
+    (:func:`bclib.compression.fine_tune`) on the training examples outside the selection split and
+    measured on the selection split; among the cuts whose error stays within 0.1 points
+    (``tolerance``) of the base network's (retrained the same way), the least harmful one is taken
+    (``take``), and the next step starts from it. The search stops when no cut stays within. A layer
+    with one group left offers none.
 
     It needs no checkpoint: candidates are cut from the run's ``model.bcz`` with the log alphas of
     its ``analysis.json`` (:func:`bclib.compression.prune_further`), so they start from the file's
@@ -579,6 +580,10 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
             error; ties go to the larger compression) or ``"most_pruning"`` (highest compression
             after pruning; ties go to the lower error). The second spends the allowed error on the
             cuts that remove the most weights; with one seed it also takes lucky retrainings.
+        tolerance: how far (a fraction: 0.001 is 0.1 points) a cut's selection error may rise above
+            the base network's (default :data:`SELECTION_TOLERANCE`).
+        cut_fraction: the share of a layer's surviving groups one cut removes, in (0, 1) (default
+            :data:`LAYER_CUT_FRACTION`); at least one group.
         data_root: MNIST root.
 
     Returns:
@@ -588,6 +593,9 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         raise ValueError(f"seeds must be a positive int, got {seeds!r}")
     if take not in SEARCH_RULES:
         raise ValueError(f"take must be one of {SEARCH_RULES}, got {take!r}")
+    for label, value in (("tolerance", tolerance), ("cut_fraction", cut_fraction)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            raise ValueError(f"{label} must be a number in (0, 1), got {value!r}")
     base_dir, out_dir, base_config, base_report = _base_run(base_dir, out_dir, needs="model.bcz")
     if base_config.get("prior") not in GROUP_PRIORS:
         raise ValueError(f"base_dir {str(base_dir)!r} must be a run of a group prior {GROUP_PRIORS}, got prior "
@@ -611,7 +619,7 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                 **errors}
 
     current, history, errors = _retrain_seeds(base, fit_split, selection, test, config, seeds, progress)
-    allowed = errors["selection_error"] + SELECTION_TOLERANCE
+    allowed = errors["selection_error"] + tolerance
     candidates = [row(base, errors, step=0, layer=None, groups=None, taken=True)]
     thresholds = dict(zip(names, base_report["thresholds"]))
     # The file's network with its masks (a file has none): what the first step cuts from.
@@ -622,7 +630,7 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
             surviving = torch.sort(log_alpha[name][cut_from.surviving_groups(name)]).values
             if len(surviving) < 2:
                 continue
-            keep = len(surviving) - max(1, round(LAYER_CUT_FRACTION * len(surviving)))
+            keep = len(surviving) - max(1, round(cut_fraction * len(surviving)))
             trial = {**thresholds, name: float(surviving[keep - 1] + surviving[keep]) / 2}
             candidate = compression.prune_further(base, architecture, log_alpha, trial)
             tuned, trial_history, trial_errors = _retrain_seeds(candidate, fit_split, selection, test, config, seeds,
@@ -643,8 +651,8 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         _, _, index, thresholds, cut_from, current, history = min(within, key=order)
         candidates[index]["taken"] = True
     _write_search_config(out_dir, base_config, config, (fit_split, selection, test),
-                         {"prunes_layers_of": base_dir.name, "cut_fraction": LAYER_CUT_FRACTION, "seeds": seeds,
-                          "take": take})
+                         {"prunes_layers_of": base_dir.name, "cut_fraction": cut_fraction, "seeds": seeds,
+                          "take": take}, tolerance=tolerance)
     write_json(out_dir / "metrics.json", history)
     write_json(out_dir / "analysis.json", {"allowed": allowed, "candidates": candidates})
     layer_search = {"from": base_dir.name, "thresholds_before": base_report["thresholds"],
@@ -693,14 +701,16 @@ def _search_splits(base_config: dict, data_root) -> tuple[TensorSplit, TensorSpl
     return _fit_split(train), _selection_split(train), test
 
 
-def _write_search_config(out_dir: Path, base_config: dict, config: TrainConfig, splits, fields: dict) -> None:
+def _write_search_config(out_dir: Path, base_config: dict, config: TrainConfig, splits, fields: dict,
+                         tolerance: float = SELECTION_TOLERANCE) -> None:
     """Create ``out_dir`` (only now: a failed search leaves nothing behind) and write the search's
-    ``config.json``: the base run's model, prior and data, the recipe, the split sizes and ``fields``."""
+    ``config.json``: the base run's model, prior and data, the recipe, the split sizes, the selection
+    tolerance and ``fields``."""
     fit_split, selection, test = splits
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "config.json", {
         "name": out_dir.name, "model": base_config["model"], "prior": base_config["prior"],
-        "train": config.to_dict(), **fields, "selection_tolerance": SELECTION_TOLERANCE,
+        "train": config.to_dict(), **fields, "selection_tolerance": tolerance,
         "input_range": list(base_config.get("input_range", DEFAULT_INPUT_RANGE)),
         "fast": bool(base_config.get("fast")), "train_examples": len(fit_split),
         "selection_examples": len(selection), "test_examples": len(test),

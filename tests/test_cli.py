@@ -574,12 +574,48 @@ def test_prune_layers_can_take_the_cut_that_prunes_most(trained_run, mnist_root,
     assert _read(tmp_path / "out", "config.json")["take"] == "most_pruning"
 
 
-def test_prune_layers_command_passes_its_rule_and_seeds(monkeypatch, capsys, tmp_path):
+def test_prune_layers_tolerance_and_cut_fraction(trained_run, mnist_root, tmp_path, monkeypatch):
+    """cut_fraction=0.5 halves a layer's surviving groups per cut (at least one); tolerance=0.003 allows
+    the base's error + 0.3 points. With the error growing with each layer's share of groups cut, the
+    wider allowance takes more steps than the default one. Values outside (0, 1) are refused."""
+    base = _read(trained_run, "report.json")
+    monkeypatch.setattr(experiments, "_retrain", _retraining_by_cost(base, "groups_kept",
+                                                                     {"1": 0.0018, "3": 0.0018, "5": 0.02}))
+    for label, bad in (("tolerance", 0), ("tolerance", 1.5), ("cut_fraction", 1), ("cut_fraction", True),
+                       ("cut_fraction", "0.5")):
+        with pytest.raises(ValueError, match=f"{label} must be a number in \\(0, 1\\), got {bad!r}"):
+            experiments.prune_layers_run(trained_run, tmp_path / "bad", data_root=mnist_root, progress=False,
+                                         **{label: bad})
+    assert not (tmp_path / "bad").exists()
+    runs = {}
+    for tolerance in (0.001, 0.003):
+        out = tmp_path / f"out{tolerance}"
+        experiments.prune_layers_run(trained_run, out, tolerance=tolerance, cut_fraction=0.5, data_root=mnist_root,
+                                     progress=False)
+        runs[tolerance] = _read(out, "analysis.json")
+        assert runs[tolerance]["allowed"] == pytest.approx(0.01 + tolerance, abs=1e-12)
+        config = _read(out, "config.json")
+        assert (config["selection_tolerance"], config["cut_fraction"]) == (tolerance, 0.5)
+        surviving = {row["name"]: row["groups_kept"] for row in base["layers"]}
+        for step in sorted({c["step"] for c in runs[tolerance]["candidates"] if c["step"] > 0}):
+            for c in (c for c in runs[tolerance]["candidates"] if c["step"] == step):
+                n = surviving[c["layer"]]
+                assert c["groups"] == n - max(1, round(0.5 * n))
+            taken = [c for c in runs[tolerance]["candidates"] if c["step"] == step and c["taken"]]
+            if taken:
+                surviving[taken[0]["layer"]] = taken[0]["groups"]
+    steps_taken = {t: sum(c["taken"] for c in run["candidates"]) for t, run in runs.items()}
+    assert steps_taken[0.003] > steps_taken[0.001] >= 1
+
+
+def test_prune_layers_command_passes_its_options(monkeypatch, capsys, tmp_path):
     calls = []
     monkeypatch.setattr(experiments, "prune_layers_run", lambda *args, **kwargs: calls.append((args, kwargs)) or {})
-    main(["prune-layers", "RUN", "--out", str(tmp_path / "out"), "--seeds", "3", "--take", "most_pruning"])
+    main(["prune-layers", "RUN", "--out", str(tmp_path / "out"), "--seeds", "3", "--take", "most_pruning",
+          "--tolerance", "0.002", "--cut-fraction", "0.5"])
     main(["prune-layers", "RUN", "--out", str(tmp_path / "out")])
-    assert [(kwargs["seeds"], kwargs["take"]) for _, kwargs in calls] == [(3, "most_pruning"), (1, "least_error")]
+    assert [(kwargs["seeds"], kwargs["take"], kwargs["tolerance"], kwargs["cut_fraction"]) for _, kwargs in calls] == [
+        (3, "most_pruning", 0.002, 0.5), (1, "least_error", 0.001, 0.25)]
     with pytest.raises(SystemExit):
         main(["prune-layers", "RUN", "--out", str(tmp_path / "out"), "--take", "largest"])
     assert "invalid choice: 'largest'" in capsys.readouterr().err

@@ -550,8 +550,8 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     the last kept and the first cut log alpha). Each cut is retrained
     (:func:`bclib.compression.fine_tune`) on the training examples outside the selection split and
     measured on the selection split; among the cuts whose error stays within 0.1 points
-    (``tolerance``) of the base network's (retrained the same way), the least harmful one is taken
-    (``take``), and the next step starts from it. The search stops when no cut stays within. A layer
+    (``tolerance``) of the base network's (retrained the same way), the one the rule ``take`` names
+    (by default the least harmful) is taken, and the next step starts from it. The search stops when no cut stays within. A layer
     with one group left offers none.
 
     It needs no checkpoint: candidates are cut from the run's ``model.bcz`` with the log alphas of
@@ -583,7 +583,8 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         tolerance: how far (a fraction: 0.001 is 0.1 points) a cut's selection error may rise above
             the base network's (default :data:`SELECTION_TOLERANCE`).
         cut_fraction: the share of a layer's surviving groups one cut removes, in (0, 1) (default
-            :data:`LAYER_CUT_FRACTION`); at least one group.
+            :data:`LAYER_CUT_FRACTION`), rounded to the nearest count (ties to even, Python's
+            ``round``); at least one group, and one group is always left.
         data_root: MNIST root.
 
     Returns:
@@ -630,7 +631,7 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
             surviving = torch.sort(log_alpha[name][cut_from.surviving_groups(name)]).values
             if len(surviving) < 2:
                 continue
-            keep = len(surviving) - max(1, round(cut_fraction * len(surviving)))
+            keep = max(1, len(surviving) - max(1, round(cut_fraction * len(surviving))))
             trial = {**thresholds, name: float(surviving[keep - 1] + surviving[keep]) / 2}
             candidate = compression.prune_further(base, architecture, log_alpha, trial)
             tuned, trial_history, trial_errors = _retrain_seeds(candidate, fit_split, selection, test, config, seeds,

@@ -296,8 +296,8 @@ def seed_spread_table(analyses: Mapping[str, Mapping], targets: Mapping[str, Seq
     return "\n".join(lines)
 
 
-# The steps that refine a paper run, by the suffix of the run's name, longest first: the steps
-# after the paper run, and their short name in pipeline_table.
+# The steps that refine a paper run, by the suffix of the run's name (no suffix ends with another): the
+# steps after the paper run, and their short name in pipeline_table.
 _REFINEMENTS = (("_layers_bits", "+ layer search, fewer bits", "  + fewer bits"),
                 ("_ft_bits", "+ retraining, fewer bits", "  + fewer bits"),
                 ("_layers_3seeds_most", "+ layer search, 3 seeds, largest cuts", "3 seeds, largest"),

@@ -60,7 +60,7 @@ def test_help_lists_the_commands():
     ("bench", ["--out", "--threads", "--run", "--results", "--trials", "--keep-freed-memory"]),
     ("compress", ["--thresholds", "--data"]),
     ("fine-tune", ["--out", "--epochs", "--seeds", "--data"]),
-    ("prune-layers", ["--out", "--epochs", "--seeds", "--take", "--data"]),
+    ("prune-layers", ["--out", "--epochs", "--seeds", "--take", "--tolerance", "--cut-fraction", "--data"]),
     ("reproduce", ["--out", "--only"]),
 ])
 def test_subcommand_help_lists_its_options(capsys, command, options):
@@ -606,6 +606,23 @@ def test_prune_layers_tolerance_and_cut_fraction(trained_run, mnist_root, tmp_pa
                 surviving[taken[0]["layer"]] = taken[0]["groups"]
     steps_taken = {t: sum(c["taken"] for c in run["candidates"]) for t, run in runs.items()}
     assert steps_taken[0.003] > steps_taken[0.001] >= 1
+
+    # Free cuts of 99 %: on small layers 99 % rounds to every group, yet each cut leaves at least one
+    # and removes at least one, so the search ends with one group per layer.
+    monkeypatch.setattr(experiments, "_retrain", _retraining_by_cost(base, "groups_kept", {"1": 0, "3": 0, "5": 0}))
+    deep = experiments.prune_layers_run(trained_run, tmp_path / "deep", cut_fraction=0.99, data_root=mnist_root,
+                                        progress=False)
+    surviving, small_cuts = {row["name"]: row["groups_kept"] for row in base["layers"]}, 0
+    for step in sorted({c["step"] for c in _read(tmp_path / "deep", "analysis.json")["candidates"] if c["step"] > 0}):
+        tried = [c for c in _read(tmp_path / "deep", "analysis.json")["candidates"] if c["step"] == step]
+        assert all(1 <= c["groups"] < surviving[c["layer"]] for c in tried)
+        # up to 50 groups, 99 % rounds to all of them: exactly one is left
+        small = [c for c in tried if surviving[c["layer"]] <= 50]
+        assert all(c["groups"] == 1 for c in small)
+        small_cuts += len(small)
+        for c in tried:
+            surviving[c["layer"]] = c["groups"] if c["taken"] else surviving[c["layer"]]
+    assert small_cuts > 0 and deep["architecture"] == "1-1-1"
 
 
 def test_prune_layers_command_passes_its_options(monkeypatch, capsys, tmp_path):

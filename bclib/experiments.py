@@ -127,11 +127,11 @@ EXPERIMENTS.update({f"{name}_layers_bits": Experiment(EXPERIMENTS[name].model, E
                                                       FINE_TUNE_CONFIG, input_range=EXPERIMENTS[name].input_range,
                                                       lowers_bits_of=f"{name}_layers")
                     for name in LAYER_PRUNED_RUNS})
-# The same searches for both BC-GNJ networks and LeNet-5 BC-GHS with every candidate ranked by the
-# mean of three retrainings (seeds 0, 1, 2): the single-seed searches picked among cuts that differ by
+# The same searches for every group-prior network with every candidate ranked by the mean of three
+# retrainings (seeds 0, 1, 2): the single-seed searches picked among cuts that differ by
 # less than one retraining's luck. Three times the retrainings: on 2 cores (run alone) ~8 min for
 # LeNet-300-100, 30-60 min for LeNet-5.
-LAYER_SEED_RUNS = ("lenet300_nj", "lenet5_nj", "lenet5_hs")
+LAYER_SEED_RUNS = ("lenet300_nj", "lenet300_hs", "lenet5_nj", "lenet5_hs")
 EXPERIMENTS.update({f"{name}_layers_3seeds": replace(EXPERIMENTS[f"{name}_layers"], search_seeds=3)
                     for name in LAYER_SEED_RUNS})
 # LeNet-5 BC-GHS's seeded search again, each step taking the cut that prunes most within the allowed

@@ -429,10 +429,7 @@ def weight_masks(model: nn.Module, thresholds, input_shape=None) -> dict[str, Te
 
     Arguments as :func:`compress`. Returns ``{module name: mask}`` in layer order.
     """
-    structure = _Structure.of(model, input_shape)
-    layers = _collect(structure.leaves, structure.weighted_at, resolve_thresholds(thresholds, structure.names),
-                      structure.shapes)
-    alive, columns = _alive_units(layers)
+    layers, alive, columns = _Structure.of(model, input_shape).pruned(thresholds)
     return {layer.name: _weight_mask(layer, columns[k], alive[k + 1]) for k, layer in enumerate(layers)}
 
 
@@ -460,10 +457,14 @@ class _Structure:
         input_shape = _resolve_input_shape(model, input_shape, leaves[weighted_at[0]][1])
         return cls(leaves, weighted_at, input_shape, check_sequence(model, leaves, input_shape))
 
-    def compress(self, thresholds) -> "CompressedModel":
+    def pruned(self, thresholds):
+        """``(layers, alive, columns)``: every Bayesian layer's moments and own masks at ``thresholds``,
+        and the units that survive the AND of the masks (:func:`_alive_units`)."""
         layers = _collect(self.leaves, self.weighted_at, resolve_thresholds(thresholds, self.names), self.shapes)
-        alive, columns = _alive_units(layers)
-        return CompressedModel._build(self.leaves, self.weighted_at, layers, alive, columns, self.shapes,
+        return (layers, *_alive_units(layers))
+
+    def compress(self, thresholds) -> "CompressedModel":
+        return CompressedModel._build(self.leaves, self.weighted_at, *self.pruned(thresholds), self.shapes,
                                       self.input_shape)
 
 

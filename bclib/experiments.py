@@ -534,8 +534,11 @@ def lower_bits_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, c
 GROUP_PRIORS = ("nj", "hs")
 # The layer search cuts this fraction of a layer's surviving groups per step (at least one).
 LAYER_CUT_FRACTION = 0.25
-# What a step of prune_layers_run takes among the cuts within the allowed error.
-SEARCH_RULES = ("least_error", "most_pruning")
+# What a step of prune_layers_run takes among the cuts within the allowed error: the rule's order of
+# a cut's (selection error, -compression after pruning, index); the smallest is taken.
+_SEARCH_ORDERS = {"least_error": lambda entry: entry,
+                  "most_pruning": lambda entry: (entry[1], entry[0], entry[2])}
+SEARCH_RULES = tuple(_SEARCH_ORDERS)
 
 
 def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
@@ -551,8 +554,8 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     (:func:`bclib.compression.fine_tune`) on the training examples outside the selection split and
     measured on the selection split; among the cuts whose error stays within 0.1 points
     (``tolerance``) of the base network's (retrained the same way), the one the rule ``take`` names
-    (by default the least harmful) is taken, and the next step starts from it. The search stops when no cut stays within. A layer
-    with one group left offers none.
+    (by default the least harmful) is taken, and the next step starts from it. The search stops when
+    no cut stays within. A layer with one group left offers none.
 
     It needs no checkpoint: candidates are cut from the run's ``model.bcz`` with the log alphas of
     its ``analysis.json`` (:func:`bclib.compression.prune_further`), so they start from the file's
@@ -639,17 +642,15 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
             # Groups the cut leaves (fewer than keep where log alphas tie at the cut).
             groups = int(candidate.surviving_groups(name).sum())
             candidates.append(row(candidate, trial_errors, step=step, layer=name, groups=groups, taken=False))
-            tried.append((trial_errors["selection_error"], -candidate.report.compression_pruning, len(candidates) - 1,
-                          trial, candidate, tuned, trial_history))
+            rank = (trial_errors["selection_error"], -candidate.report.compression_pruning, len(candidates) - 1)
+            tried.append((rank, trial, candidate, tuned, trial_history))
             if progress:
                 print(f"step {step}, layer {name}: {candidate.report.architecture}, selection error "
                       f"{100 * trial_errors['selection_error']:.2f} % (allowed {100 * allowed:.2f} %)", flush=True)
-        within = [entry for entry in tried if entry[0] <= allowed]
+        within = [entry for entry in tried if entry[0][0] <= allowed]
         if not within:
             break
-        # Entries start (error, -pruning, index): the rule orders the first two, the index breaks ties.
-        order = (lambda entry: entry[:3]) if take == "least_error" else (lambda entry: (entry[1], entry[0], entry[2]))
-        _, _, index, thresholds, cut_from, current, history = min(within, key=order)
+        (_, _, index), thresholds, cut_from, current, history = min(within, key=lambda e: _SEARCH_ORDERS[take](e[0]))
         candidates[index]["taken"] = True
     _write_search_config(out_dir, base_config, config, (fit_split, selection, test),
                          {"prunes_layers_of": base_dir.name, "cut_fraction": cut_fraction, "seeds": seeds,

@@ -5,7 +5,8 @@ with one call and the numbers always come from the runs.
 * :func:`release_comparison`, :func:`results_at_a_glance`: our runs against the paper's table;
 * :func:`retraining_against_release`, :func:`seed_spread_table`: the retraining searches;
 * :func:`bit_search_table`, :func:`bit_search_steps`: the bits searches;
-* :func:`pipeline_table`, :func:`layer_search_steps`: the layer searches beside the other steps;
+* :func:`pipeline_table`, :func:`layer_search_steps`, :func:`layer_search_summary`: the layer
+  searches beside the other steps;
 * :func:`speed_table`, :func:`bench_trials_summary`: the inference benchmark;
 * :func:`compression_at_offset`: what the interactive threshold explorer prints.
 
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 __all__ = [
     "speed_table", "release_comparison", "results_at_a_glance", "seed_spread_table", "bench_trials_summary",
     "retraining_against_release", "compression_at_offset", "bit_search_table", "bit_search_steps",
-    "pipeline_table", "layer_search_steps",
+    "pipeline_table", "layer_search_steps", "layer_search_summary",
 ]
 
 
@@ -301,6 +302,7 @@ def seed_spread_table(analyses: Mapping[str, Mapping], targets: Mapping[str, Seq
 _REFINEMENTS = (("_layers_bits", "+ layer search, fewer bits", "  + fewer bits"),
                 ("_ft_bits", "+ retraining, fewer bits", "  + fewer bits"),
                 ("_layers_3seeds_most", "+ layer search, 3 seeds, largest cuts", "3 seeds, largest"),
+                ("_layers_3seeds_tol2", "+ layer search, 3 seeds, 0.2-point allowance", "3 seeds, 0.2 points"),
                 ("_layers_3seeds", "+ layer search, 3 seeds", "search, 3 seeds"),
                 ("_layers", "+ layer search", "layer search"),
                 ("_ft", "+ retraining", "uniform offset"))
@@ -601,3 +603,35 @@ def layer_search_steps(analysis: Mapping, layers: Sequence[str], labels: Mapping
         lines.append(f"{row['step']:>4}  {layer:<6} {groups:>6}   {row['architecture']:<14} "
                      f"{100 * row['selection_error']:>11.2f}   {verdict}")
     return "\n".join(lines)
+
+
+def layer_search_summary(name: str, report: Mapping, analysis: Mapping) -> str:
+    """What one layer search cost, the command that repeats it, and the test error of what it kept.
+
+    Args:
+        name: the run's name in :data:`bclib.experiments.EXPERIMENTS`.
+        report: its ``report.json`` (``layer_search["seconds"]``: all candidates' retraining).
+        analysis: its ``analysis.json``; the last taken candidate is the kept network.
+
+    Returns:
+        Three lines: minutes of retraining, the ``reproduce`` command, and the kept architecture
+        with its test error (one per seed for a seeded search).
+
+    Example:
+        >>> analysis = {"candidates": [{"taken": True, "architecture": "9-16-93-12", "test_error": 0.0106,
+        ...                             "seeds": [{"test_error": 0.0106}, {"test_error": 0.0104}]}]}
+        >>> print(layer_search_summary("lenet5_nj_layers_3seeds", {"layer_search": {"seconds": 1908.0}},
+        ...                            analysis))
+        lenet5_nj_layers_3seeds: 31.8 min of retraining
+          python -m bclib reproduce --only lenet5_nj_layers_3seeds
+          kept 9-16-93-12: test error by seed 1.06 / 1.04 %
+    """
+    taken = [row for row in analysis["candidates"] if row["taken"]]
+    if not taken:
+        raise ValueError(f"analysis of {name!r} must have a taken candidate (the base network at least), got none")
+    kept = taken[-1]
+    errors = [seed["test_error"] for seed in kept.get("seeds", [])] or [kept["test_error"]]
+    label = "test error by seed" if len(errors) > 1 else "test error"
+    return "\n".join([f"{name}: {report['layer_search']['seconds'] / 60:.1f} min of retraining",
+                      f"  python -m bclib reproduce --only {name}",
+                      f"  kept {kept['architecture']}: {label} {' / '.join(f'{100 * e:.2f}' for e in errors)} %"])

@@ -638,6 +638,16 @@ def test_prune_layers_command_passes_its_options(monkeypatch, capsys, tmp_path):
     assert "invalid choice: 'largest'" in capsys.readouterr().err
 
 
+def test_registered_layer_searches_pass_their_seeds_rule_and_allowance(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(experiments, "prune_layers_run", lambda *args, **kwargs: calls.append((args, kwargs)) or {})
+    for name in ("lenet5_hs_layers", "lenet5_hs_layers_3seeds_most", "lenet5_hs_layers_3seeds_tol2"):
+        experiments.run_experiment(name, tmp_path / name, fast=False)
+    assert [(args[0].name, kwargs["seeds"], kwargs["take"], kwargs["tolerance"]) for args, kwargs in calls] == [
+        ("lenet5_hs", 1, "least_error", 0.001), ("lenet5_hs", 3, "most_pruning", 0.001),
+        ("lenet5_hs", 3, "least_error", 0.002)]
+
+
 def test_prune_layers_rejects_a_run_without_group_log_alphas(tmp_path, trained_run, mnist_root):
     run = tmp_path / "lenet300_svd"
     shutil.copytree(trained_run, run)

@@ -230,6 +230,8 @@ def test_pipeline_table_names_each_step():
                "lenet5_hs_layers": {**_report(0.0095, 120.0, 400.0, ratio=500.0), "architecture": "7-11-80-14"},
                "lenet5_hs_layers_bits": {**_report(0.0099, 120.0, 600.0, ratio=810.0), "architecture": "7-11-80-14"},
                "lenet5_hs_layers_3seeds": {**_report(0.0093, 110.0, 380.0, ratio=480.0), "architecture": "8-11-80-14"},
+               "lenet5_hs_layers_3seeds_tol2": {**_report(0.0097, 125.0, 410.0, ratio=520.0),
+                                                "architecture": "8-10-80-14"},
                "lenet5_svd_ft": {**_report(0.0082, 9.0, 30.0, (276.7, 1068.7), ratio=538.0),
                                  "architecture": "14-18-210-65"}}
     reports["lenet300_nj"] = {**_report(0.0178, 5.38, 24.69, ratio=47.3), "architecture": "411-114-21"}
@@ -240,9 +242,23 @@ def test_pipeline_table_names_each_step():
         ["layer", "search", "7-11-80-14", "120.0x", "400.0x", "500x", "0.95"],
         ["+", "fewer", "bits", "7-11-80-14", "120.0x", "600.0x", "810x", "0.99"],
         ["search,", "3", "seeds", "8-11-80-14", "110.0x", "380.0x", "480x", "0.93"],
+        ["3", "seeds,", "0.2", "points", "8-10-80-14", "125.0x", "410.0x", "520x", "0.97"],
         ["LeNet-5", "Sparse", "VD"], ["uniform", "offset", "14-18-210-65", "276.7x", "1068.7x", "538x", "0.82"],
         ["LeNet-300-100", "BC-GNJ"], ["paper", "pipeline", "411-114-21", "5.4x", "24.7x", "47x", "1.78"]]
     assert all(len(line) <= 80 for line in lines)
+
+
+def test_every_registered_refinement_is_labelled_with_its_paper_run():
+    """Each run that refines another is named by a suffix the tables know: following ``refines`` back
+    to the paper run gives the base name the tables find (a new suffix left out of the tables would
+    make its run a paper run of its own)."""
+    from bclib.experiments import EXPERIMENTS
+    for name, experiment in EXPERIMENTS.items():
+        root = name
+        while EXPERIMENTS[root].refines is not None:
+            root = EXPERIMENTS[root].refines
+        base, steps, _ = tables._refinement(name)
+        assert (base, bool(steps)) == (root, experiment.refines is not None), name
 
 
 def test_layer_search_steps_lists_each_candidate():
@@ -269,3 +285,18 @@ def test_retraining_against_release_names_the_layer_search_steps():
         {"lenet5_nj_layers_bits": {**_report(0.0099, 110.0, 450.0, ratio=800.0)}}, TARGETS, (700.0, 0.01))
     assert text.splitlines()[0] == "LeNet-5 BC-GNJ + layer search, fewer bits, against the release:"
     assert "  compression 110.0x vs 108x: met" in text.splitlines()
+
+
+def test_layer_search_summary_reads_the_kept_network():
+    analysis = {"candidates": [
+        {"step": 0, "taken": True, "architecture": "11-17-196-24", "test_error": 0.0069},
+        {"step": 1, "taken": True, "architecture": "11-17-196-18", "test_error": 0.0074},
+        {"step": 2, "taken": False, "architecture": "11-17-196-14", "test_error": 0.0061}]}
+    text = tables.layer_search_summary("lenet5_hs_layers", {"layer_search": {"seconds": 90.0}}, analysis)
+    assert text.splitlines() == ["lenet5_hs_layers: 1.5 min of retraining",
+                                 "  python -m bclib reproduce --only lenet5_hs_layers",
+                                 "  kept 11-17-196-18: test error 0.74 %"]
+    for row in analysis["candidates"]:
+        row["taken"] = False
+    with pytest.raises(ValueError, match="'lenet5_hs_layers' must have a taken candidate"):
+        tables.layer_search_summary("lenet5_hs_layers", {"layer_search": {"seconds": 90.0}}, analysis)

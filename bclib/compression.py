@@ -832,6 +832,36 @@ class CompressedModel:
         return CompressedModel(specs, self._tensors, by_index, self.report.with_bits(bits), self.masks,
                                self.input_shape)
 
+    @property
+    def tensors(self) -> list[dict[str, Tensor]]:
+        """Per exported layer, its tensors by name (a weighted layer's latent float ``weight``, not
+        the grid values; ``in_mask``, ``bias``; BatchNorm's state): what :meth:`with_tensors` takes
+        back, e.g. to save a retrained network with ``torch.save`` and load it with ``weights_only=True``."""
+        return [dict(values) for values in self._tensors]
+
+    def with_tensors(self, tensors) -> "CompressedModel":
+        """The same network (architecture, bits, report, masks) holding ``tensors`` instead, as :attr:`tensors`
+        gives them: one dict per exported layer with the same names and shapes.
+
+        Raises:
+            ValueError: another number of layers, other tensor names, or another shape.
+        """
+        if not isinstance(tensors, (list, tuple)) or len(tensors) != len(self._tensors):
+            raise ValueError(f"tensors must be a list of {len(self._tensors)} dicts, one per exported layer, got "
+                             f"{len(tensors) if isinstance(tensors, (list, tuple)) else type(tensors).__name__}")
+        for index, (ours, theirs) in enumerate(zip(self._tensors, tensors)):
+            if not isinstance(theirs, dict) or set(theirs) != set(ours):
+                raise ValueError(f"tensors[{index}] must hold {sorted(ours)}, got "
+                                 f"{sorted(theirs) if isinstance(theirs, dict) else type(theirs).__name__}")
+            for key, value in ours.items():
+                if not isinstance(theirs[key], Tensor) or theirs[key].shape != value.shape:
+                    raise ValueError(f"tensors[{index}][{key!r}] must be a tensor of shape {tuple(value.shape)}, got "
+                                     f"{tuple(theirs[key].shape) if isinstance(theirs[key], Tensor) else theirs[key]!r}")
+        report = copy.deepcopy(self.report)
+        report.file = None
+        return CompressedModel(self._specs, [dict(values) for values in tensors], dict(self._bits), report,
+                               self.masks, self.input_shape)
+
     def surviving_groups(self, name: str) -> Tensor:
         """Boolean per group of Bayesian layer ``name`` (its input units for a linear layer, its
         filters for a convolution): does any of the group's weights survive? Needs :attr:`masks`

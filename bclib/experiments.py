@@ -9,7 +9,9 @@ Each run trains one model with one prior, compresses it and writes into its fold
 * ``analysis.json`` -- what the book plots without the weights: log-alpha per group (histograms for
   per-weight Sparse VD) and an error/compression sweep over thresholds;
 * ``model.bcz`` -- the compressed file (see :mod:`bclib.fileformat`);
-* ``checkpoint.pt`` -- model and optimiser state, to resume (large; not committed).
+* ``checkpoint.pt`` -- model and optimiser state, to resume (large; not committed);
+* ``search_checkpoint/`` -- while a layer search runs, its retrained candidates so far, to resume
+  (removed when the search ends; not committed).
 
 ``python -m bclib train ...`` runs one; ``python -m bclib reproduce`` runs the whole table in order
 (deterministic networks first, since the Bayesian LeNet-5 runs start from the pretrained one).
@@ -576,7 +578,10 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     (the kept network's retraining), ``report.json`` (with ``layer_search``: base run, thresholds
     before and after, and the seconds of all candidates), ``analysis.json`` (the base network
     retrained, then every candidate: step, layer, groups kept in it, thresholds, architecture,
-    rates, selection and test error, and whether it was taken) and ``model.bcz``.
+    rates, selection and test error, and whether it was taken) and ``model.bcz``. While it searches,
+    ``out_dir/search_checkpoint/`` records every retrained candidate, so that a search stopped
+    midway and run again with the same arguments resumes where it stopped (the same files as one
+    uninterrupted run, the timings aside); the folder is removed at the end.
 
     Args:
         base_dir: a compressed group-prior run (``config.json``, ``report.json``, ``analysis.json``
@@ -630,10 +635,22 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                 **{key: getattr(candidate.report, key) for key in ("compression_pruning", "compression_precision")},
                 **errors}
 
-    current, history, errors = _retrain_seeds(base, fit_split, selection, test, config, seeds, progress)
+    checkpoint = _SearchCheckpoint(out_dir / SEARCH_CHECKPOINT, {
+        "from": base_dir.name, "thresholds": base_report["thresholds"], "train": config.to_dict(), "seeds": seeds,
+        "tolerance": tolerance, "cut_fraction": cut_fraction, "take": take}, progress)
+
+    def retrained(candidate, thresholds: dict):
+        """``_retrain_seeds`` of a candidate, read back from the checkpoint when it holds it."""
+        recorded = checkpoint.retrained(thresholds, candidate)
+        if recorded is None:
+            recorded = _retrain_seeds(candidate, fit_split, selection, test, config, seeds, progress)
+            checkpoint.record(thresholds, *recorded)
+        return recorded
+
+    thresholds = dict(zip(names, base_report["thresholds"]))
+    current, history, errors = retrained(base, thresholds)
     allowed = errors["selection_error"] + tolerance
     candidates = [row(base, errors, step=0, layer=None, groups=None, taken=True)]
-    thresholds = dict(zip(names, base_report["thresholds"]))
     # The file's network with its masks (a file has none): what the first step cuts from.
     cut_from = compression.prune_further(base, architecture, log_alpha, thresholds)
     for step in itertools.count(1):  # every step cuts at least one group, so the search ends
@@ -645,8 +662,7 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
             keep = max(1, len(surviving) - max(1, round(cut_fraction * len(surviving))))
             trial = {**thresholds, name: float(surviving[keep - 1] + surviving[keep]) / 2}
             candidate = compression.prune_further(base, architecture, log_alpha, trial)
-            tuned, trial_history, trial_errors = _retrain_seeds(candidate, fit_split, selection, test, config, seeds,
-                                                                progress)
+            tuned, trial_history, trial_errors = retrained(candidate, trial)
             # Groups the cut leaves (fewer than keep where log alphas tie at the cut).
             groups = int(candidate.surviving_groups(name).sum())
             candidates.append(row(candidate, trial_errors, step=step, layer=name, groups=groups, taken=False))
@@ -668,8 +684,67 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     layer_search = {"from": base_dir.name, "thresholds_before": base_report["thresholds"],
                     "thresholds": list(thresholds.values()), "epochs": config.epochs,
                     "seconds": sum(row["seconds"] for row in candidates)}
-    return _write_compressed(out_dir, current, list(thresholds.values()), base_report["dense_error"], test,
-                             extra={"layer_search": layer_search})
+    report = _write_compressed(out_dir, current, list(thresholds.values()), base_report["dense_error"], test,
+                               extra={"layer_search": layer_search})
+    checkpoint.remove()
+    return report
+
+
+# Where prune_layers_run keeps its progress inside the run folder while it searches.
+SEARCH_CHECKPOINT = "search_checkpoint"
+
+
+class _SearchCheckpoint:
+    """A layer search's progress on disk, so that a search stopped midway resumes where it stopped.
+
+    ``progress.json`` holds the search's settings and, for every retrained candidate, its
+    thresholds, errors and retraining history; ``<n>.pt`` the n-th retrained network's tensors (the
+    latent float weights too, as :func:`bclib.compression.fine_tune` left them; loaded with
+    ``weights_only=True``, so a checkpoint never unpickles code).
+    A resumed search replays its steps from these records, which rank the candidates exactly as
+    they did, and retrains only the candidates it had not reached. A checkpoint of other settings
+    (another base run, recipe, seeds, rule, allowance or cut) is set aside, never mixed in. Files
+    are replaced atomically, so a search stopped while writing loses one candidate at most.
+    """
+
+    def __init__(self, folder: Path, settings: dict, progress: bool) -> None:
+        self.folder = folder
+        self.state = {"settings": settings, "candidates": []}
+        path = folder / "progress.json"
+        if path.exists():
+            recorded = json.loads(path.read_text())
+            if recorded.get("settings") == settings:
+                self.state = recorded
+                if progress:
+                    print(f"resuming the search: {len(recorded['candidates'])} retrained candidates recorded in "
+                          f"{folder}", flush=True)
+            elif progress:
+                print(f"{folder} holds a search with other settings; starting afresh", flush=True)
+        self._index = {self._key(entry["thresholds"]): entry for entry in self.state["candidates"]}
+
+    @staticmethod
+    def _key(thresholds) -> str:
+        return json.dumps([float(t) for t in (thresholds.values() if isinstance(thresholds, dict) else thresholds)])
+
+    def retrained(self, thresholds: dict, candidate):
+        """``(network, history, errors)`` of ``candidate`` (the network at ``thresholds``) retrained,
+        as recorded, or None."""
+        entry = self._index.get(self._key(thresholds))
+        if entry is None:
+            return None
+        tensors = torch.load(self.folder / entry["file"], weights_only=True)
+        return candidate.with_tensors(tensors), entry["history"], entry["errors"]
+
+    def record(self, thresholds: dict, network, history, errors) -> None:
+        file = f"{len(self.state['candidates'])}.pt"
+        write_atomically(self.folder / file, lambda temporary: torch.save(network.tensors, temporary))
+        entry = {"thresholds": list(thresholds.values()), "file": file, "history": history, "errors": errors}
+        self.state["candidates"].append(entry)
+        self._index[self._key(thresholds)] = entry
+        write_json(self.folder / "progress.json", self.state)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 # analysis.json files written before prune_layers_run existed hold log alphas rounded to 4 decimals.
@@ -713,9 +788,9 @@ def _search_splits(base_config: dict, data_root) -> tuple[TensorSplit, TensorSpl
 
 def _write_search_config(out_dir: Path, base_config: dict, config: TrainConfig, splits, fields: dict,
                          tolerance: float = SELECTION_TOLERANCE) -> None:
-    """Create ``out_dir`` (only now: a failed search leaves nothing behind) and write the search's
-    ``config.json``: the base run's model, prior and data, the recipe, the split sizes, the selection
-    tolerance and ``fields``."""
+    """Create ``out_dir`` (only now for the searches without a checkpoint: a failed one leaves nothing
+    behind) and write the search's ``config.json``: the base run's model, prior and data, the recipe,
+    the split sizes, the selection tolerance and ``fields``."""
     fit_split, selection, test = splits
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "config.json", {

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -636,6 +637,86 @@ def test_prune_layers_command_passes_its_options(monkeypatch, capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["prune-layers", "RUN", "--out", str(tmp_path / "out"), "--take", "largest"])
     assert "invalid choice: 'largest'" in capsys.readouterr().err
+
+
+class _Stopped(Exception):
+    """Stands for a search killed midway (the end of a session)."""
+
+
+def _without_seconds(data):
+    """JSON data with every ``"seconds"`` left out (a resumed search keeps the first run's timings)."""
+    if isinstance(data, dict):
+        return {k: _without_seconds(v) for k, v in data.items() if k != "seconds"}
+    if isinstance(data, list):
+        return [_without_seconds(v) for v in data]
+    return data
+
+
+def test_prune_layers_resumes_where_it_stopped(trained_run, mnist_root, tmp_path, monkeypatch):
+    """A real search (one-epoch retrainings) stopped in the middle of a step, then run again: it
+    retrains only the candidates it had not reached, and writes the same files as a search run in one
+    go (the timings aside); its checkpoint is gone at the end."""
+    config, real, calls = replace(experiments.FINE_TUNE_CONFIG, epochs=1), experiments._retrain, []
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].report.architecture)
+        return real(*args, **kwargs)
+
+    def stopping(*args, **kwargs):
+        if len(calls) == stop_after:
+            raise _Stopped
+        return counted(*args, **kwargs)
+
+    monkeypatch.setattr(experiments, "_retrain", counted)
+    # A wide allowance (2 points), so that the one-epoch retrainings take several steps.
+    search = {"config": config, "tolerance": 0.02, "data_root": mnist_root, "progress": False}
+    experiments.prune_layers_run(trained_run, tmp_path / "whole", **search)
+    whole = {name: _read(tmp_path / "whole", name) for name in ("analysis.json", "metrics.json", "report.json")}
+    total, steps = len(calls), max(c["step"] for c in whole["analysis.json"]["candidates"])
+    assert steps >= 2 and not (tmp_path / "whole" / experiments.SEARCH_CHECKPOINT).exists()
+    stop_after = total - 2  # every step replayed but the last, which is retrained in part
+    calls.clear()
+    monkeypatch.setattr(experiments, "_retrain", stopping)
+    with pytest.raises(_Stopped):
+        experiments.prune_layers_run(trained_run, tmp_path / "resumed", **search)
+    checkpoint = tmp_path / "resumed" / experiments.SEARCH_CHECKPOINT
+    assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == [experiments.SEARCH_CHECKPOINT]
+    assert len(_read(checkpoint, "progress.json")["candidates"]) == stop_after
+    calls.clear()
+    monkeypatch.setattr(experiments, "_retrain", counted)
+    experiments.prune_layers_run(trained_run, tmp_path / "resumed", **search)
+    assert len(calls) == total - stop_after == 2
+    for name, data in whole.items():
+        assert _without_seconds(_read(tmp_path / "resumed", name)) == _without_seconds(data), name
+    assert (tmp_path / "resumed" / "model.bcz").read_bytes() == (tmp_path / "whole" / "model.bcz").read_bytes()
+    assert not checkpoint.exists()
+
+
+def test_prune_layers_sets_aside_a_checkpoint_of_other_settings(trained_run, mnist_root, tmp_path, monkeypatch,
+                                                                 capsys):
+    """A checkpoint left by a search with another allowance is not mixed in: every candidate is retrained."""
+    base, calls = _read(trained_run, "report.json"), []
+    stand_in = _retraining_by_cost(base, "weights_kept", {"1": 0.0008, "3": 0.002, "5": 0.02})
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3 and stopping:
+            raise _Stopped
+        return stand_in(*args, **kwargs)
+
+    monkeypatch.setattr(experiments, "_retrain", counted)
+    stopping = True
+    with pytest.raises(_Stopped):
+        experiments.prune_layers_run(trained_run, tmp_path / "out", tolerance=0.002, data_root=mnist_root)
+    stopping, calls[:] = False, []
+    experiments.prune_layers_run(trained_run, tmp_path / "fresh", data_root=mnist_root, progress=False)
+    fresh = len(calls)
+    calls.clear()
+    experiments.prune_layers_run(trained_run, tmp_path / "out", data_root=mnist_root)
+    assert len(calls) == fresh
+    assert "holds a search with other settings; starting afresh" in capsys.readouterr().out
+    assert _without_seconds(_read(tmp_path / "out", "analysis.json")) == _without_seconds(
+        _read(tmp_path / "fresh", "analysis.json"))
 
 
 def test_registered_layer_searches_pass_their_seeds_rule_and_allowance(monkeypatch, tmp_path):

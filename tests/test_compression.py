@@ -2,6 +2,7 @@
 exports checked against the masked Bayesian model's own forward pass."""
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -563,6 +564,40 @@ def test_fine_tune_keeps_the_structure_of_a_conv_net():
         assert torch.equal(scaled, torch.round(scaled))
     assert not torch.equal(weighted[0].weight, original[0].weight)  # it did train
     assert torch.equal(weighted[1].weight[:, 2:].detach(), torch.zeros(3, 2))
+
+
+def test_with_tensors_gives_back_a_retrained_network_saved_as_tensors(tmp_path):
+    """A retrained network's tensors through torch.save and a weights-only load: the same float model
+    (its latent weights, off the grid) and the same reduced-precision model; the report's rates stay."""
+    from bclib.compression import fine_tune
+    from bclib.data import TensorSplit
+    from bclib.train import TrainConfig
+
+    compressed = compress(small_conv_net(), 0.0)
+    data = TensorSplit(torch.randn(64, 1, 6, 6), torch.randint(0, 2, (64,)))
+    tuned, _ = fine_tune(compressed, data, data, TrainConfig(epochs=1, batch_size=16, lr=0.05))
+    torch.save(tuned.tensors, tmp_path / "tensors.pt")
+    read = compressed.with_tensors(torch.load(tmp_path / "tensors.pt", weights_only=True))
+    x = torch.randn(8, 1, 6, 6)
+    with torch.no_grad():
+        assert torch.equal(read.model(x), tuned.model(x))
+        assert torch.equal(read.reduced_precision_model()(x), tuned.reduced_precision_model()(x))
+        assert not torch.equal(read.model(x), read.reduced_precision_model()(x))  # latent weights kept
+    assert read.report.to_dict() == {**tuned.report.to_dict(), "file": None}
+    assert read.file_bytes() == tuned.file_bytes()
+    # Bad tensors: another count of layers, missing names, another shape.
+    tensors = tuned.tensors
+    with pytest.raises(ValueError, match=f"tensors must be a list of {len(tensors)} dicts"):
+        compressed.with_tensors(tensors[:-1])
+    weighted = next(i for i, values in enumerate(tensors) if "weight" in values)
+    with pytest.raises(ValueError, match=rf"tensors\[{weighted}\] must hold \[.*'weight'"):
+        compressed.with_tensors([{k: v for k, v in values.items() if k != "weight"} if i == weighted else values
+                                 for i, values in enumerate(tensors)])
+    shape = tuple(tensors[weighted]["weight"].shape)
+    with pytest.raises(ValueError, match=rf"tensors\[{weighted}\]\['weight'\] must be a tensor of shape "
+                                         + re.escape(f"{shape}, got (1,)")):
+        compressed.with_tensors([{**values, "weight": torch.zeros(1)} if i == weighted else values
+                                 for i, values in enumerate(tensors)])
 
 
 def test_fine_tune_trains_batchnorm_statistics():

@@ -834,17 +834,19 @@ class CompressedModel:
 
     @property
     def tensors(self) -> list[dict[str, Tensor]]:
-        """Per exported layer, its tensors by name (a weighted layer's latent float ``weight``, not
-        the grid values; ``in_mask``, ``bias``; BatchNorm's state): what :meth:`with_tensors` takes
-        back, e.g. to save a retrained network with ``torch.save`` and load it with ``weights_only=True``."""
+        """Per exported layer, its tensors by name (a weighted layer's float ``weight`` as held, which after
+        :func:`fine_tune` is the latent weight, off the grid; ``in_mask``, ``bias``; BatchNorm's state):
+        what :meth:`with_tensors` takes back, e.g. to save a retrained network with ``torch.save`` and load
+        it with ``weights_only=True``. New dicts holding the network's own tensors (not copies)."""
         return [dict(values) for values in self._tensors]
 
     def with_tensors(self, tensors) -> "CompressedModel":
-        """The same network (architecture, bits, report, masks) holding ``tensors`` instead, as :attr:`tensors`
-        gives them: one dict per exported layer with the same names and shapes.
+        """The same network (architecture, bits, report with ``file`` None, masks) holding ``tensors``
+        instead, as :attr:`tensors` gives them: one dict per exported layer with the same names, shapes
+        and dtypes.
 
         Raises:
-            ValueError: another number of layers, other tensor names, or another shape.
+            ValueError: another number of layers, other tensor names, another shape or dtype.
         """
         if not isinstance(tensors, (list, tuple)) or len(tensors) != len(self._tensors):
             raise ValueError(f"tensors must be a list of {len(self._tensors)} dicts, one per exported layer, got "
@@ -854,9 +856,12 @@ class CompressedModel:
                 raise ValueError(f"tensors[{index}] must hold {sorted(ours)}, got "
                                  f"{sorted(theirs) if isinstance(theirs, dict) else type(theirs).__name__}")
             for key, value in ours.items():
-                if not isinstance(theirs[key], Tensor) or theirs[key].shape != value.shape:
-                    raise ValueError(f"tensors[{index}][{key!r}] must be a tensor of shape {tuple(value.shape)}, got "
-                                     f"{tuple(theirs[key].shape) if isinstance(theirs[key], Tensor) else theirs[key]!r}")
+                given = theirs[key]
+                if not isinstance(given, Tensor) or given.shape != value.shape or given.dtype != value.dtype:
+                    got = f"a {given.dtype} tensor of shape {tuple(given.shape)}" if isinstance(given, Tensor) \
+                        else repr(given)
+                    raise ValueError(f"tensors[{index}][{key!r}] must be a {value.dtype} tensor of shape "
+                                     f"{tuple(value.shape)}, got {got}")
         report = copy.deepcopy(self.report)
         report.file = None
         return CompressedModel(self._specs, [dict(values) for values in tensors], dict(self._bits), report,

@@ -19,10 +19,13 @@ Each run trains one model with one prior, compresses it and writes into its fold
 from __future__ import annotations
 
 import atexit
+import hashlib
 import itertools
 import json
 import math
 import os
+import pickle
+import re
 import shlex
 import shutil
 import sys
@@ -143,7 +146,7 @@ EXPERIMENTS.update({f"{name}_layers_3seeds": replace(EXPERIMENTS[f"{name}_layers
 EXPERIMENTS["lenet5_hs_layers_3seeds_most"] = replace(EXPERIMENTS["lenet5_hs_layers_3seeds"],
                                                       search_take="most_pruning")
 # And with twice the allowance (0.2 points): every LeNet-5 BC-GHS search above stopped 0.09-0.24
-# points under the paper's 1 % test error, with the 0.1 points spent.
+# points under the paper's 1 % test error, with no cut left within 0.1 points.
 EXPERIMENTS["lenet5_hs_layers_3seeds_tol2"] = replace(EXPERIMENTS["lenet5_hs_layers_3seeds"],
                                                       search_tolerance=0.002)
 
@@ -551,6 +554,12 @@ _SEARCH_ORDERS = {"least_error": lambda entry: entry,
 SEARCH_RULES = tuple(_SEARCH_ORDERS)
 
 
+# Where prune_layers_run keeps its progress inside the run folder while it searches, and where a
+# checkpoint of other settings is moved.
+SEARCH_CHECKPOINT = "search_checkpoint"
+SEARCH_CHECKPOINT_SET_ASIDE = "search_checkpoint.other_settings"
+
+
 def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                      config: TrainConfig = FINE_TUNE_CONFIG, seeds: int = 1, take: str = "least_error",
                      tolerance: float = SELECTION_TOLERANCE, cut_fraction: float = LAYER_CUT_FRACTION,
@@ -567,7 +576,7 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     (by default the least harmful) is taken, and the next step starts from it. The search stops when
     no cut stays within. A layer with one group left offers none.
 
-    It needs no checkpoint: candidates are cut from the run's ``model.bcz`` with the log alphas of
+    It needs no ``checkpoint.pt`` of the base run: candidates are cut from the run's ``model.bcz`` with the log alphas of
     its ``analysis.json`` (:func:`bclib.compression.prune_further`), so they start from the file's
     weights (on its grids) and keep its bits. Every candidate starts from there, so retrainings do
     not pile up. Group priors only (Sparse VD prunes weights, not groups). The base run trained on
@@ -580,8 +589,9 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     retrained, then every candidate: step, layer, groups kept in it, thresholds, architecture,
     rates, selection and test error, and whether it was taken) and ``model.bcz``. While it searches,
     ``out_dir/search_checkpoint/`` records every retrained candidate, so that a search stopped
-    midway and run again with the same arguments resumes where it stopped (the same files as one
-    uninterrupted run, the timings aside); the folder is removed at the end.
+    midway and run again with the same arguments resumes where it stopped (on the same machine,
+    threads and code: the same files as one uninterrupted run, the timings aside); the folder is
+    removed at the end.
 
     Args:
         base_dir: a compressed group-prior run (``config.json``, ``report.json``, ``analysis.json``
@@ -636,7 +646,8 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                 **errors}
 
     checkpoint = _SearchCheckpoint(out_dir / SEARCH_CHECKPOINT, {
-        "from": base_dir.name, "thresholds": base_report["thresholds"], "train": config.to_dict(), "seeds": seeds,
+        "from": base_dir.name, "model_sha256": hashlib.sha256((base_dir / "model.bcz").read_bytes()).hexdigest(),
+        "thresholds": base_report["thresholds"], "train": config.to_dict(), "seeds": seeds,
         "tolerance": tolerance, "cut_fraction": cut_fraction, "take": take}, progress)
 
     def retrained(candidate, thresholds: dict):
@@ -690,21 +701,18 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     return report
 
 
-# Where prune_layers_run keeps its progress inside the run folder while it searches.
-SEARCH_CHECKPOINT = "search_checkpoint"
-
-
 class _SearchCheckpoint:
     """A layer search's progress on disk, so that a search stopped midway resumes where it stopped.
 
     ``progress.json`` holds the search's settings and, for every retrained candidate, its
     thresholds, errors and retraining history; ``<n>.pt`` the n-th retrained network's tensors (the
     latent float weights too, as :func:`bclib.compression.fine_tune` left them; loaded with
-    ``weights_only=True``, so a checkpoint never unpickles code).
-    A resumed search replays its steps from these records, which rank the candidates exactly as
-    they did, and retrains only the candidates it had not reached. A checkpoint of other settings
-    (another base run, recipe, seeds, rule, allowance or cut) is set aside, never mixed in. Files
-    are replaced atomically, so a search stopped while writing loses one candidate at most.
+    ``weights_only=True``, so a checkpoint never unpickles code). A resumed search replays its steps
+    from these records, which rank the candidates exactly as they did, and retrains only the
+    candidates it had not reached. A checkpoint of other settings (another base file, recipe,
+    seeds, rule, allowance or cut) is moved aside to :data:`SEARCH_CHECKPOINT_SET_ASIDE` (replacing
+    an older one there), never mixed in. Files are replaced atomically, so a search stopped while
+    writing loses one candidate at most; a damaged checkpoint is an error that names its file.
     """
 
     def __init__(self, folder: Path, settings: dict, progress: bool) -> None:
@@ -712,15 +720,35 @@ class _SearchCheckpoint:
         self.state = {"settings": settings, "candidates": []}
         path = folder / "progress.json"
         if path.exists():
-            recorded = json.loads(path.read_text())
-            if recorded.get("settings") == settings:
+            recorded = self._read_progress(path)
+            if recorded["settings"] == settings:
                 self.state = recorded
                 if progress:
                     print(f"resuming the search: {len(recorded['candidates'])} retrained candidates recorded in "
                           f"{folder}", flush=True)
-            elif progress:
-                print(f"{folder} holds a search with other settings; starting afresh", flush=True)
+            else:
+                aside = folder.with_name(SEARCH_CHECKPOINT_SET_ASIDE)
+                shutil.rmtree(aside, ignore_errors=True)
+                folder.rename(aside)
+                if progress:
+                    print(f"{folder} held a search with other settings: moved to {aside}; starting afresh", flush=True)
         self._index = {self._key(entry["thresholds"]): entry for entry in self.state["candidates"]}
+
+    def _read_progress(self, path: Path) -> dict:
+        damaged = (f"the search checkpoint {path} is damaged (%s); delete the folder {self.folder} to start the "
+                   "search afresh")
+        try:
+            recorded = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(damaged % f"not JSON: {error}") from error
+        entry_keys = {"thresholds", "file", "history", "errors"}
+        if not (isinstance(recorded, dict) and isinstance(recorded.get("settings"), dict)
+                and isinstance(recorded.get("candidates"), list)
+                and all(isinstance(entry, dict) and entry_keys <= set(entry)
+                        and re.fullmatch(r"\d+\.pt", str(entry["file"])) for entry in recorded["candidates"])):
+            raise ValueError(damaged % f"expected settings and candidates with {sorted(entry_keys)}, each file "
+                                       "named <n>.pt")
+        return recorded
 
     @staticmethod
     def _key(thresholds) -> str:
@@ -732,10 +760,16 @@ class _SearchCheckpoint:
         entry = self._index.get(self._key(thresholds))
         if entry is None:
             return None
-        tensors = torch.load(self.folder / entry["file"], weights_only=True)
-        return candidate.with_tensors(tensors), entry["history"], entry["errors"]
+        path = self.folder / entry["file"]
+        try:
+            network = candidate.with_tensors(torch.load(path, weights_only=True))
+        except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as error:
+            raise ValueError(f"the search checkpoint {path} cannot be read back ({error}); delete the folder "
+                             f"{self.folder} to start the search afresh") from error
+        return network, entry["history"], entry["errors"]
 
     def record(self, thresholds: dict, network, history, errors) -> None:
+        """Save a retrained candidate: its tensors first, then the entry that points at them."""
         file = f"{len(self.state['candidates'])}.pt"
         write_atomically(self.folder / file, lambda temporary: torch.save(network.tensors, temporary))
         entry = {"thresholds": list(thresholds.values()), "file": file, "history": history, "errors": errors}
@@ -788,9 +822,10 @@ def _search_splits(base_config: dict, data_root) -> tuple[TensorSplit, TensorSpl
 
 def _write_search_config(out_dir: Path, base_config: dict, config: TrainConfig, splits, fields: dict,
                          tolerance: float = SELECTION_TOLERANCE) -> None:
-    """Create ``out_dir`` (only now for the searches without a checkpoint: a failed one leaves nothing
-    behind) and write the search's ``config.json``: the base run's model, prior and data, the recipe,
-    the split sizes, the selection tolerance and ``fields``."""
+    """Create ``out_dir`` (:func:`fine_tune_run` and :func:`lower_bits_run` create it only now, so a failed
+    one leaves nothing behind; :func:`prune_layers_run`'s checkpoint creates it at its first retrained
+    candidate) and write the search's ``config.json``: the base run's model, prior and data, the
+    recipe, the split sizes, the selection tolerance and ``fields``."""
     fit_split, selection, test = splits
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "config.json", {

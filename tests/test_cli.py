@@ -674,7 +674,7 @@ def test_prune_layers_resumes_where_it_stopped(trained_run, mnist_root, tmp_path
     whole = {name: _read(tmp_path / "whole", name) for name in ("analysis.json", "metrics.json", "report.json")}
     total, steps = len(calls), max(c["step"] for c in whole["analysis.json"]["candidates"])
     assert steps >= 2 and not (tmp_path / "whole" / experiments.SEARCH_CHECKPOINT).exists()
-    stop_after = total - 2  # every step replayed but the last, which is retrained in part
+    stop_after = total - 2  # the resumed search replays all but the last two retrainings
     calls.clear()
     monkeypatch.setattr(experiments, "_retrain", stopping)
     with pytest.raises(_Stopped):
@@ -714,9 +714,54 @@ def test_prune_layers_sets_aside_a_checkpoint_of_other_settings(trained_run, mni
     calls.clear()
     experiments.prune_layers_run(trained_run, tmp_path / "out", data_root=mnist_root)
     assert len(calls) == fresh
-    assert "holds a search with other settings; starting afresh" in capsys.readouterr().out
+    assert "held a search with other settings: moved to" in capsys.readouterr().out
     assert _without_seconds(_read(tmp_path / "out", "analysis.json")) == _without_seconds(
         _read(tmp_path / "fresh", "analysis.json"))
+    # The other search's two candidates are kept aside, untouched by this one.
+    aside = tmp_path / "out" / experiments.SEARCH_CHECKPOINT_SET_ASIDE
+    progress = _read(aside, "progress.json")
+    assert progress["settings"]["tolerance"] == 0.002 and len(progress["candidates"]) == 2
+    assert sorted(p.name for p in aside.iterdir()) == ["0.pt", "1.pt", "progress.json"]
+
+
+def test_prune_layers_names_a_damaged_checkpoint(trained_run, mnist_root, tmp_path, monkeypatch):
+    """A checkpoint cut short, rewritten or missing a file is an error naming the file; nothing is
+    retrained from it and nothing else is written."""
+    base, calls = _read(trained_run, "report.json"), []
+    stand_in = _retraining_by_cost(base, "weights_kept", {"1": 0.0008, "3": 0.002, "5": 0.02})
+
+    def stopping(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise _Stopped
+        return stand_in(*args, **kwargs)
+
+    monkeypatch.setattr(experiments, "_retrain", stopping)
+    with pytest.raises(_Stopped):
+        experiments.prune_layers_run(trained_run, tmp_path / "out", data_root=mnist_root, progress=False)
+    checkpoint = tmp_path / "out" / experiments.SEARCH_CHECKPOINT
+    text, tensors = (checkpoint / "progress.json").read_text(), (checkpoint / "1.pt").read_bytes()
+    monkeypatch.setattr(experiments, "_retrain", stand_in)
+    progress = json.loads(text)
+    damages = [
+        ("progress.json", text[: len(text) // 2], r"progress.json is damaged \(not JSON"),
+        ("progress.json", json.dumps({**progress, "candidates": [{**progress["candidates"][0], "file": "../x.pt"}]}),
+         r"progress.json is damaged \(expected settings and candidates"),
+        ("1.pt", tensors[: len(tensors) // 2], r"1.pt cannot be read back"),
+    ]
+    for name, damaged, message in damages:
+        (checkpoint / "progress.json").write_text(text)
+        (checkpoint / "1.pt").write_bytes(tensors)
+        if isinstance(damaged, str):
+            (checkpoint / name).write_text(damaged)
+        else:
+            (checkpoint / name).write_bytes(damaged)
+        with pytest.raises(ValueError, match=message + r".*delete the folder .*search_checkpoint to start the search"):
+            experiments.prune_layers_run(trained_run, tmp_path / "out", data_root=mnist_root, progress=False)
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [experiments.SEARCH_CHECKPOINT]
+    (checkpoint / "1.pt").unlink()
+    with pytest.raises(ValueError, match=r"1.pt cannot be read back \(.*No such file"):
+        experiments.prune_layers_run(trained_run, tmp_path / "out", data_root=mnist_root, progress=False)
 
 
 def test_registered_layer_searches_pass_their_seeds_rule_and_allowance(monkeypatch, tmp_path):

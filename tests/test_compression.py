@@ -594,10 +594,12 @@ def test_with_tensors_gives_back_a_retrained_network_saved_as_tensors(tmp_path):
         compressed.with_tensors([{k: v for k, v in values.items() if k != "weight"} if i == weighted else values
                                  for i, values in enumerate(tensors)])
     shape = tuple(tensors[weighted]["weight"].shape)
-    with pytest.raises(ValueError, match=rf"tensors\[{weighted}\]\['weight'\] must be a tensor of shape "
-                                         + re.escape(f"{shape}, got (1,)")):
-        compressed.with_tensors([{**values, "weight": torch.zeros(1)} if i == weighted else values
-                                 for i, values in enumerate(tensors)])
+    for wrong, got in ((torch.zeros(1), "a torch.float32 tensor of shape (1,)"),
+                       (torch.zeros(shape, dtype=torch.float64), f"a torch.float64 tensor of shape {shape}")):
+        with pytest.raises(ValueError, match=rf"tensors\[{weighted}\]\['weight'\] must be a torch.float32 tensor "
+                                             + re.escape(f"of shape {shape}, got {got}")):
+            compressed.with_tensors([{**values, "weight": wrong} if i == weighted else values
+                                     for i, values in enumerate(tensors)])
 
 
 def test_fine_tune_trains_batchnorm_statistics():

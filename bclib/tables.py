@@ -302,7 +302,7 @@ def seed_spread_table(analyses: Mapping[str, Mapping], targets: Mapping[str, Seq
 _REFINEMENTS = (("_layers_bits", "+ layer search, fewer bits", "  + fewer bits"),
                 ("_ft_bits", "+ retraining, fewer bits", "  + fewer bits"),
                 ("_layers_3seeds_most", "+ layer search, 3 seeds, largest cuts", "3 seeds, largest"),
-                ("_layers_3seeds_tol2", "+ layer search, 3 seeds, 0.2-point allowance", "3 seeds, 0.2 points"),
+                ("_layers_3seeds_tol2", "+ layer search, 3 seeds, 0.2-point allowance", "3 seeds, 0.2 pts"),
                 ("_layers_3seeds", "+ layer search, 3 seeds", "search, 3 seeds"),
                 ("_layers", "+ layer search", "layer search"),
                 ("_ft", "+ retraining", "uniform offset"))

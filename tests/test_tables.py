@@ -242,10 +242,12 @@ def test_pipeline_table_names_each_step():
         ["layer", "search", "7-11-80-14", "120.0x", "400.0x", "500x", "0.95"],
         ["+", "fewer", "bits", "7-11-80-14", "120.0x", "600.0x", "810x", "0.99"],
         ["search,", "3", "seeds", "8-11-80-14", "110.0x", "380.0x", "480x", "0.93"],
-        ["3", "seeds,", "0.2", "points", "8-10-80-14", "125.0x", "410.0x", "520x", "0.97"],
+        ["3", "seeds,", "0.2", "pts", "8-10-80-14", "125.0x", "410.0x", "520x", "0.97"],
         ["LeNet-5", "Sparse", "VD"], ["uniform", "offset", "14-18-210-65", "276.7x", "1068.7x", "538x", "0.82"],
         ["LeNet-300-100", "BC-GNJ"], ["paper", "pipeline", "411-114-21", "5.4x", "24.7x", "47x", "1.78"]]
     assert all(len(line) <= 80 for line in lines)
+    # Every row's columns line up with the header's, the longest step names included.
+    assert len({len(line) for line in lines if line.startswith("  ")} | {len(lines[0])}) == 1
 
 
 def test_every_registered_refinement_is_labelled_with_its_paper_run():

@@ -149,6 +149,8 @@ EXPERIMENTS["lenet5_hs_layers_3seeds_most"] = replace(EXPERIMENTS["lenet5_hs_lay
 # points under the paper's 1 % test error, with no cut left within 0.1 points.
 EXPERIMENTS["lenet5_hs_layers_3seeds_tol2"] = replace(EXPERIMENTS["lenet5_hs_layers_3seeds"],
                                                       search_tolerance=0.002)
+EXPERIMENTS["lenet5_hs_layers_3seeds_tol2_bits"] = replace(EXPERIMENTS["lenet5_hs_layers_bits"],
+                                                           lowers_bits_of="lenet5_hs_layers_3seeds_tol2")
 
 
 def write_json(path: str | os.PathLike, data) -> None:

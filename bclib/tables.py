@@ -300,9 +300,10 @@ def seed_spread_table(analyses: Mapping[str, Mapping], targets: Mapping[str, Seq
 # The steps that refine a paper run, by the suffix of the run's name (no suffix ends with another): the
 # steps after the paper run, and their short name in pipeline_table.
 _REFINEMENTS = (("_layers_bits", "+ layer search, fewer bits", "  + fewer bits"),
+                ("_layers_3seeds_tol2_bits", "+ 3-seed search, 0.2 points, fewer bits", "  + fewer bits"),
                 ("_ft_bits", "+ retraining, fewer bits", "  + fewer bits"),
                 ("_layers_3seeds_most", "+ layer search, 3 seeds, largest cuts", "3 seeds, largest"),
-                ("_layers_3seeds_tol2", "+ layer search, 3 seeds, 0.2-point allowance", "3 seeds, 0.2 pts"),
+                ("_layers_3seeds_tol2", "+ 3-seed search, 0.2 points", "3 seeds, 0.2 pts"),
                 ("_layers_3seeds", "+ layer search, 3 seeds", "search, 3 seeds"),
                 ("_layers", "+ layer search", "layer search"),
                 ("_ft", "+ retraining", "uniform offset"))
@@ -357,8 +358,9 @@ def retraining_against_release(reports: Mapping[str, Mapping], targets: Mapping[
         best = max(accurate, key=lambda name: accurate[name]["file"]["ratio"])
         ratio = accurate[best]["file"]["ratio"]
         verdict = "reached" if ratio >= goal_ratio else "not reached"
-        lines += ["", f"smallest retrained LeNet-5 file at <= {100 * goal_error:.1f} % error: {best},",
-                  f"{ratio:.0f}x smaller than the float32 dense network (goal {goal_ratio:.0f}x: {verdict})"]
+        lines += ["", f"smallest retrained LeNet-5 file at <= {100 * goal_error:.1f} % error:",
+                  f"{best}, {ratio:.0f}x smaller than the float32 dense network",
+                  f"(goal {goal_ratio:.0f}x: {verdict})"]
     else:
         lines += ["", f"no retrained LeNet-5 file at <= {100 * goal_error:.1f} % error"]
     return "\n".join(lines)

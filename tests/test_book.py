@@ -127,6 +127,20 @@ def test_the_chapter_has_its_figures(built_book):
     assert len(parser.sources) >= 5
 
 
+def test_no_prose_line_is_lost_as_a_myst_comment():
+    """MyST drops a line that starts with ``%`` (a comment): a paragraph reflowed so that
+    "0.85 %" breaks before its sign loses the rest of that line from the page."""
+    import json
+
+    sources = {path: path.read_text(encoding="utf-8") for path in (ROOT / "book").glob("*.md")}
+    for path in (ROOT / "book").glob("*.ipynb"):
+        cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+        sources[path] = "\n".join("".join(cell["source"]) for cell in cells if cell["cell_type"] == "markdown")
+    lost = [(path.name, line) for path, text in sources.items() for line in text.splitlines()
+            if line.lstrip().startswith("%")]
+    assert len(sources) >= 10 and not lost, lost
+
+
 # ----------------------------------------------------------------------------- in the browser
 @pytest.mark.parametrize("page", PAGES)
 def test_math_is_typeset(rendered, page):

@@ -49,6 +49,11 @@ __all__ = ["Experiment", "EXPERIMENTS", "RunResult", "run_experiment", "compress
 # Threshold offsets (added to each layer's chosen threshold) for the saved error/compression sweep.
 SWEEP_OFFSETS = (-3.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 3.0)
 
+# Threshold selection: the error on the last 10,000 training examples (a sixth of smaller sets) may
+# rise by at most this much.
+SELECTION_EXAMPLES = 10_000
+SELECTION_TOLERANCE = 0.001
+
 
 @dataclass(frozen=True)
 class Experiment:
@@ -72,10 +77,10 @@ class Experiment:
     prunes_layers_of: str | None = None
     # Retraining seeds whose mean selection error ranks each candidate of prune_layers_run, which
     # cut within the allowed error each of its steps takes, and how far above the base network's
-    # selection error that allowance reaches (None: SELECTION_TOLERANCE).
+    # selection error that allowance reaches.
     search_seeds: int = 1
     search_take: str = "least_error"
-    search_tolerance: float | None = None
+    search_tolerance: float = SELECTION_TOLERANCE
 
     @property
     def refines(self) -> str | None:
@@ -233,10 +238,9 @@ def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epo
         return lower_bits_run(base_dir, out_dir, config=config, data_root=data_root, progress=progress)
     if experiment.prunes_layers_of is not None:
         base_dir = Path(results_root or out_dir.parent) / experiment.prunes_layers_of
-        tolerance = SELECTION_TOLERANCE if experiment.search_tolerance is None else experiment.search_tolerance
         return prune_layers_run(base_dir, out_dir, config=config, seeds=experiment.search_seeds,
-                                take=experiment.search_take, tolerance=tolerance, data_root=data_root,
-                                progress=progress)
+                                take=experiment.search_take, tolerance=experiment.search_tolerance,
+                                data_root=data_root, progress=progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     train, test = _load_data(data_root, experiment.input_range, fast)
 
@@ -300,10 +304,6 @@ def _write_animations(recorders, test: TensorSplit, out_dir: Path, input_range) 
     viz.write_pixel_importance_gif(pixels, digits, out_dir / "pixel_importance.gif", num_digits=5, seed=0)
 
 
-# Threshold selection: the error on the last 10,000 training examples (a sixth of smaller sets) may
-# rise by at most this much.
-SELECTION_EXAMPLES = 10_000
-SELECTION_TOLERANCE = 0.001
 # Molchanov et al.: a weight of a Sparse VD layer is dropped when its log alpha exceeds 3.
 SPARSE_VD_THRESHOLD = 3.0
 

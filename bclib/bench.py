@@ -646,26 +646,18 @@ def _wall_seconds(name: str, root: Path) -> float:
     return seconds
 
 
-def _paper_run(name: str) -> str:
-    """The paper's run behind ``name``: itself, or the Bayesian run a refining run starts from."""
-    from .experiments import EXPERIMENTS
-
-    while EXPERIMENTS[name].refines is not None:
-        name = EXPERIMENTS[name].refines
-    return name
-
-
 def run_training_time_report(results_root="book/results", verbose: bool = True) -> dict:
     """Wall time of each committed run (sum of its epochs' seconds, its pretraining run included; for
     a fine-tuned, layer-searched or bit-lowered run, its base runs and every retrained candidate) and whether it met
-    the release's targets (a refined run is judged on its paper run's); the time to the BC-GHS row is compared
+    the release's targets (a refined run, or another recipe for a row, is judged on that row's:
+    :func:`bclib.experiments.paper_row`); the time to the BC-GHS row is compared
     with 45 min. The Sparse VD rows are judged on the sparse rates (nonzero weights), as their
     source counts them; ``row["rates"]`` says which rates a row shows.
 
     This reads ``metrics.json`` / ``report.json`` of runs made by ``python -m bclib reproduce``; the
     seconds are those measured while the run trained (on whatever machine made it).
     """
-    from .experiments import EXPERIMENTS
+    from .experiments import EXPERIMENTS, paper_row
 
     root = Path(results_root)
     rows = {}
@@ -682,7 +674,7 @@ def run_training_time_report(results_root="book/results", verbose: bool = True) 
         row = {"seconds": seconds, "error": error, "rates": "sparse" if sparse else "dense",
                "compression_pruning": report.get(keys[0]), "compression_precision": report.get(keys[1]),
                "file_ratio": report.get("file", {}).get("ratio")}
-        target = PAPER_TARGETS.get(_paper_run(name))
+        target = PAPER_TARGETS.get(paper_row(name))
         if target is not None:
             met = [error <= target[0]]
             met += [row[k] is not None and row[k] >= t for k, t in
@@ -700,7 +692,7 @@ def run_training_time_report(results_root="book/results", verbose: bool = True) 
                   f"{row['rates']:>6} {rates[2]:>7} {met:>8}")
         print("rates: dense = the release's (pruned matrices stored dense); sparse = nonzero weights counted, "
               "as Molchanov et al. count Sparse VD")
-        ghs = {name: row for name, row in rows.items() if _paper_run(name) == "lenet5_hs"}
+        ghs = {name: row for name, row in rows.items() if paper_row(name) == "lenet5_hs"}
         if ghs:
             met = [name for name, row in ghs.items() if row.get("targets_met")]
             name = min(met, key=lambda n: ghs[n]["seconds"]) if met else next(iter(ghs))

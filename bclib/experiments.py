@@ -43,7 +43,7 @@ from .models import bayesian_from_pretrained, build_model
 from .train import TrainConfig, evaluate, fit, load_checkpoint
 
 __all__ = ["Experiment", "EXPERIMENTS", "RunResult", "run_experiment", "compress_run", "fine_tune_run", "lower_bits_run",
-           "prune_layers_run",
+           "prune_layers_run", "paper_row",
            "load_run_model", "load_or_run", "scratch_folder", "selection_examples", "write_json"]
 
 # Threshold offsets (added to each layer's chosen threshold) for the saved error/compression sweep.
@@ -81,12 +81,28 @@ class Experiment:
     search_seeds: int = 1
     search_take: str = "least_error"
     search_tolerance: float = SELECTION_TOLERANCE
+    # Name of the run whose row of the paper's table this one attempts by another recipe (None: its
+    # own row); the run is judged on that row's targets.
+    paper_row: str | None = None
 
     @property
     def refines(self) -> str | None:
         """The run whose compressed network this one works on further (fine-tuning, pruning layer by
         layer or lowering bits)."""
         return self.fine_tunes or self.lowers_bits_of or self.prunes_layers_of
+
+
+def paper_row(name: str) -> str:
+    """The run of the paper's table that run ``name`` attempts: for a refining run that of the run it
+    refines, for a variant recipe (``Experiment.paper_row``) the run it stands in for, else ``name``.
+
+    Example:
+        >>> paper_row("lenet5_hs_layers_3seeds_tol2_bits"), paper_row("lenet5_hs_scratch")
+        ('lenet5_hs', 'lenet5_hs')
+    """
+    while EXPERIMENTS[name].refines is not None:
+        name = EXPERIMENTS[name].refines
+    return EXPERIMENTS[name].paper_row or name
 
 
 def _bayes(epochs: int) -> TrainConfig:
@@ -112,7 +128,7 @@ EXPERIMENTS: dict[str, Experiment] = {
     # BC-GHS from scratch, the recipe otherwise lenet5_hs's: started from the deterministic network,
     # lenet5_hs prunes to 43.5x by the paper's pipeline (the paper: 156x). About 2 h on 2 cores; a
     # stopped run resumes from its checkpoint.pt.
-    "lenet5_hs_scratch": Experiment("lenet5", "hs", _bayes(200)),
+    "lenet5_hs_scratch": Experiment("lenet5", "hs", _bayes(200), paper_row="lenet5_hs"),
 }
 # Beyond the paper: each Bayesian run's compressed network, pruned further and retrained on its
 # fixed-point grids. 10 epochs, with the rate decaying tenfold: the test error of the committed

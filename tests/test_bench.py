@@ -200,7 +200,11 @@ def test_training_time_report_sums_epochs_with_pretraining_and_checks_targets(tm
     run("lenet5_nj_layers_bits", [5.0], {"file_error": 0.0101, "compression_pruning": 110.0,
                                          "compression_precision": 500.0, "layer_search": {"seconds": 40.0},
                                          "bit_search": {"seconds": 20.0}})
+    # Another recipe for the BC-GHS row (from scratch, no pretraining): judged on lenet5_hs's targets.
+    run("lenet5_hs_scratch", [1000.0], {"file_error": 0.0099, "compression_pruning": 150.0,
+                                        "compression_precision": 420.0})
     rows = run_training_time_report(tmp_path)
+    assert rows["lenet5_hs_scratch"]["seconds"] == 1000.0 and rows["lenet5_hs_scratch"]["targets_met"] is False
     assert rows["lenet5_nj_layers"]["seconds"] == 170.0 and rows["lenet5_nj_layers"]["targets_met"] is True
     assert rows["lenet5_nj_layers_bits"]["seconds"] == 190.0 and rows["lenet5_nj_layers_bits"]["targets_met"] is False
     assert rows["lenet5_hs_ft_bits"]["seconds"] == 850.0 and rows["lenet5_hs_ft_bits"]["targets_met"] is True

@@ -16,7 +16,7 @@ render the frames and write looping GIFs. Their use with :func:`bclib.train.fit`
 The static figures are functions that return a :class:`matplotlib.figure.Figure` and save it
 when given a ``path``: :func:`plot_log_alpha_histograms` (or, from the histograms a run saved
 without its weights, :func:`plot_saved_log_alpha_histograms`), :func:`plot_tradeoff`,
-:func:`plot_architecture`, :func:`plot_learning_curves`.
+:func:`plot_architecture`, :func:`plot_learning_curves`, :func:`plot_run_comparison`.
 
 Everything draws on its own :class:`~matplotlib.figure.Figure` with the Agg canvas, never
 through ``pyplot``: it works headless and leaves a notebook's figures and backend alone.
@@ -56,7 +56,7 @@ __all__ = [
     "render_weight_frames", "write_weight_gifs", "render_pixel_importance_frames",
     "write_pixel_importance_gif", "choose_digits", "pixel_panel_rect",
     "plot_log_alpha_histograms", "plot_saved_log_alpha_histograms", "plot_tradeoff", "plot_architecture",
-    "plot_learning_curves", "plot_retraining_tradeoff",
+    "plot_learning_curves", "plot_retraining_tradeoff", "plot_run_comparison",
 ]
 
 #: Log-alpha threshold used for every layer when none is given (keep a group iff log alpha < -3).
@@ -863,6 +863,44 @@ def plot_learning_curves(history: Sequence[Mapping], *, path=None) -> Figure:
         ax.set_xlabel("epoch")
         if len(keys) > 1:
             ax.legend(fontsize=8)
+    return _finish(fig, path)
+
+
+def plot_run_comparison(histories: Mapping[str, Sequence[Mapping]], *, reference_error: float | None = None,
+                        reference_label: str = "reference", path=None) -> Figure:
+    """Test error (in %) and KL (log scale) of several runs, epoch by epoch, side by side.
+
+    Args:
+        histories: per-epoch metrics (``"epoch"``, ``"test_error"`` as a fraction, ``"kl"`` in nats,
+            as :func:`bclib.train.fit` reports them) of each run, by its label in the legend.
+        reference_error: an error (a fraction) drawn as a dashed line on the error panel, e.g. that
+            of the deterministic network the runs start from.
+        reference_label: that line's legend entry.
+        path: optional file to save the figure to.
+
+    Example:
+        >>> fig = plot_run_comparison({"run": [{"epoch": 1, "test_error": 0.02, "kl": 10.0}]})
+        >>> [ax.get_title() for ax in fig.axes]
+        ['test error', 'KL divergence']
+    """
+    if not isinstance(histories, Mapping) or not histories:
+        raise ValueError(f"histories must map run labels to per-epoch metrics, got {histories!r}")
+    for label, history in histories.items():
+        if isinstance(history, Mapping) or not isinstance(history, Sequence) or not history or not all(
+                isinstance(row, Mapping) and {"epoch", "test_error", "kl"} <= row.keys() for row in history):
+            raise ValueError(f"histories[{label!r}] must be a non-empty sequence of per-epoch dicts with "
+                             "'epoch', 'test_error' and 'kl'")
+    fig = Figure(figsize=(8.0, 3.2), layout="constrained")
+    errors, kls = fig.subplots(1, 2)
+    for label, history in histories.items():
+        epochs = [row["epoch"] for row in history]
+        errors.plot(epochs, [100 * row["test_error"] for row in history], "o-", ms=3, label=label)
+        kls.semilogy(epochs, [row["kl"] for row in history], "o-", ms=3, label=label)
+    if reference_error is not None:
+        errors.axhline(100 * reference_error, color="grey", ls="--", label=reference_label)
+    errors.set(xlabel="epoch", ylabel="test error (%)", title="test error")
+    kls.set(xlabel="epoch", ylabel="nats", title="KL divergence")
+    errors.legend(fontsize=8)
     return _finish(fig, path)
 
 

@@ -360,6 +360,21 @@ def test_learning_curves_panels_and_data():
     assert len(viz.plot_learning_curves([{"loss": 1.0, "test_error": 0.5}]).axes) == 2
 
 
+def test_run_comparison_draws_each_run_and_the_reference():
+    first = [{"epoch": e, "test_error": 0.01 * e, "kl": 10.0 ** e} for e in (1, 2, 3)]
+    second = [{"epoch": 1, "test_error": 0.05, "kl": 7.0}]
+    fig = viz.plot_run_comparison({"a": first, "b": second}, reference_error=0.008, reference_label="start")
+    errors, kls = fig.axes
+    np.testing.assert_allclose(errors.lines[0].get_ydata(), [1.0, 2.0, 3.0])  # in percent
+    assert list(kls.lines[1].get_ydata()) == [7.0] and kls.get_yscale() == "log"
+    assert list(errors.lines[2].get_ydata()) == [0.8, 0.8]
+    assert [t.get_text() for t in errors.get_legend().get_texts()] == ["a", "b", "start"]
+    with pytest.raises(ValueError, match="histories must map"):
+        viz.plot_run_comparison({})
+    with pytest.raises(ValueError, match=r"histories\['b'\] must be"):
+        viz.plot_run_comparison({"a": first, "b": [{"epoch": 1, "kl": 1.0}]})
+
+
 def test_figures_leave_pyplot_alone(pair):
     import matplotlib.pyplot as plt
 

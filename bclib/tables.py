@@ -174,13 +174,14 @@ def results_at_a_glance(reports: Mapping[str, Mapping], retrained: Mapping[str, 
             run without one gets no retrained row.
         lowered: ``report.json`` of the bit-lowered runs by name (``"lenet5_hs_ft_bits"``,
             ``"lenet5_hs_layers_bits"``, ...), a row "+ fewer bits" under the run they start from.
-        layered: ``report.json`` of the layer-searched runs by name (``"lenet5_hs_layers"``, ...),
-            a row "ours + layer search" where present.
+        layered: ``report.json`` of the layer-searched runs by name (``"lenet5_hs_layers"``,
+            ``"lenet5_hs_layers_3seeds_tol2"``, ...): a row each, in this order, named by its search
+            ("ours + layer search", "ours + 3 seeds, 0.2 pts", ...), its bits row under it.
         targets: the paper's ``(error, after pruning, after precision)`` by base run name, error as a
             fraction, ``None`` for a number the constants do not hold (:data:`bclib.bench.PAPER_TARGETS`).
 
     Returns:
-        One block per model, three rows per prior: error of the compressed file in %, compression
+        One block per model, a row per prior and step: error of the compressed file in %, compression
         after pruning and after precision, and the file ratio (``model.bcz`` against the float32
         dense network). Sparse VD rows give the sparse rates (nonzero weights), as the release's
         Sparse VD row counts them. ``-``: not known.
@@ -198,6 +199,7 @@ def results_at_a_glance(reports: Mapping[str, Mapping], retrained: Mapping[str, 
                 f"{'-' if precision is None else f'{precision:{rate_format}}x':>10} "
                 f"{'-' if ratio is None else f'{ratio:.0f}x':>9}")
 
+    lowered, layered = lowered or {}, layered or {}
     lines = []
     for model, (_, model_label) in _MODEL_LABELS.items():
         names = [name for name in reports if _split_run_name(name)[0] == model]
@@ -205,23 +207,25 @@ def results_at_a_glance(reports: Mapping[str, Mapping], retrained: Mapping[str, 
             continue
         if lines:
             lines.append("")
-        lines.append(f"{model_label:<32} {'error %':>9} {'pruning':>8} {'precision':>10} {'file':>9}")
+        lines.append(f"{model_label:<34} {'error %':>9} {'pruning':>8} {'precision':>10} {'file':>9}")
         for name in names:
             prior = _PRIOR_LABELS[_split_run_name(name)[1]]
             keys = _rate_keys(name)
             target = tuple(targets.get(name, (None, None, None)))
             rows = [("paper", cells(*target, None, rate_format="g"))]
-            lowered_ft, lowered_layers = ((lowered or {}).get(f"{name}{step}_bits") for step in ("_ft", "_layers"))
-            for label, r in (("ours", reports[name]), ("ours + retraining", retrained.get(f"{name}_ft")),
-                             ("  + fewer bits" if f"{name}_ft" in retrained else "retraining + bits",
-                              lowered_ft),
-                             ("ours + layer search", (layered or {}).get(f"{name}_layers")),
-                             ("  + fewer bits" if f"{name}_layers" in (layered or {}) else
-                              "layer search + bits", lowered_layers)):
+            steps = [("ours", reports[name]), ("ours + retraining", retrained.get(f"{name}_ft")),
+                     ("  + fewer bits" if f"{name}_ft" in retrained else "retraining + bits",
+                      lowered.get(f"{name}_ft_bits"))]
+            if f"{name}_layers" not in layered:  # bits lowered from a search not shown
+                steps.append(("layer search + bits", lowered.get(f"{name}_layers_bits")))
+            for search in (search for search in layered if _refinement(search)[0] == name):
+                steps += [(f"ours + {_refinement(search)[2]}", layered[search]),
+                          ("  + fewer bits", lowered.get(f"{search}_bits"))]
+            for label, r in steps:
                 if r is not None:
                     rows.append((label, cells(r["file_error"], r[keys[0]], r[keys[1]], r["file"]["ratio"])))
             for k, (label, text) in enumerate(rows):
-                lines.append(f"{prior if k == 0 else '':<10} {label:<21} {text}")
+                lines.append(f"{prior if k == 0 else '':<10} {label:<23} {text}")
     lines += ["", "paper: the paper's and release's table; -: a number not quoted in this book.",
               "error: of the compressed file on the test set; file: model.bcz against the",
               "float32 dense network."]

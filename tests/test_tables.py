@@ -219,6 +219,14 @@ def test_results_at_a_glance_adds_the_layer_search_rows():
                                                      ["ours", "+", "layer", "search", "0.98", "110.2x", "380.5x", "600x"],
                                                      ["+", "fewer", "bits", "0.99", "110.2x", "450.0x", "811x"]]
     assert all(len(line) <= 80 for line in lines)
+    # Every search given gets its rows, in the order given, named by the search.
+    layered["lenet5_nj_layers_3seeds_tol2"] = _report(0.0097, 125.0, 410.0, ratio=520.0)
+    lowered["lenet5_nj_layers_3seeds_tol2_bits"] = _report(0.0098, 125.0, 560.0, ratio=870.0)
+    lines = tables.results_at_a_glance(reports, {}, TARGETS, lowered, layered).splitlines()
+    assert [line.split()[-5:] for line in lines[5:7]] == [["pts", "0.97", "125.0x", "410.0x", "520x"],
+                                                          ["bits", "0.98", "125.0x", "560.0x", "870x"]]
+    assert lines[5].split()[:6] == ["ours", "+", "3", "seeds,", "0.2", "pts"] and len(lines[7].split()) == 0
+    assert all(len(line) <= 80 for line in lines)
     # Without the run it starts from, a bits row says what it lowered.
     lines = tables.results_at_a_glance(reports, {}, TARGETS, lowered).splitlines()
     assert lines[3].split() == ["layer", "search", "+", "bits", "0.99", "110.2x", "450.0x", "811x"]

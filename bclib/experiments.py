@@ -135,7 +135,8 @@ EXPERIMENTS: dict[str, Experiment] = {
 # LeNet-5 retraining levels off in the last few (their metrics.json); under a minute per LeNet-5
 # candidate on 2 cores.
 FINE_TUNE_CONFIG = TrainConfig(epochs=10, lr=1e-3, lr_final=1e-4)
-FINE_TUNED_RUNS = ("lenet300_nj", "lenet300_hs", "lenet300_svd", "lenet5_nj", "lenet5_hs", "lenet5_svd")
+FINE_TUNED_RUNS = ("lenet300_nj", "lenet300_hs", "lenet300_svd", "lenet5_nj", "lenet5_hs", "lenet5_svd",
+                   "lenet5_hs_scratch")
 EXPERIMENTS.update({f"{name}_ft": Experiment(EXPERIMENTS[name].model, EXPERIMENTS[name].prior, FINE_TUNE_CONFIG,
                                              input_range=EXPERIMENTS[name].input_range, fine_tunes=name)
                     for name in FINE_TUNED_RUNS})

@@ -1,4 +1,4 @@
-"""Command line: ``python -m bclib {train,compress,fine-tune,lower-bits,prune-layers,reproduce,bench} ...``."""
+"""Command line: ``python -m bclib {train,compress,fine-tune,lower-bits,prune-layers,reproduce,results,bench} ...``."""
 from __future__ import annotations
 
 import argparse
@@ -86,6 +86,10 @@ def _parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--data", default=None, help=DATA_HELP)
     reproduce.add_argument("--fast", action="store_true")
 
+    results = sub.add_parser("results", help="the results table at a glance, read from a results folder's reports "
+                                             "(the paper's numbers beside ours)")
+    results.add_argument("--results", default="book/results", help="results folder (default: book/results)")
+
     bench = sub.add_parser("bench", help="benchmarks: layers (train-step time ratios), compression (inference speed-up)")
     bench.add_argument("which", choices=["layers", "compression", "epochs", "training", "all"],
                        help="epochs: one training epoch on MNIST per network; training: wall time of the "
@@ -167,6 +171,10 @@ def _dispatch(args: argparse.Namespace) -> None:
         for name in args.only or EXPERIMENTS:
             print(f"== {name}", flush=True)
             run_experiment(name, Path(args.out) / name, data_root=args.data, fast=args.fast or None)
+    elif args.command == "results":
+        from .tables import results_table
+
+        print(results_table(args.results))
     elif args.command == "bench":
         from . import bench
 

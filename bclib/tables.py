@@ -2,7 +2,8 @@
 analyses, benchmark files) and returns lines of at most 80 characters, so a chapter prints a table
 with one call and the numbers always come from the runs.
 
-* :func:`release_comparison`, :func:`results_at_a_glance`: our runs against the paper's table;
+* :func:`release_comparison`, :func:`results_at_a_glance`, :func:`results_table`: our runs against
+  the paper's table;
 * :func:`retraining_against_release`, :func:`seed_spread_table`: the retraining searches;
 * :func:`bit_search_table`, :func:`bit_search_steps`: the bits searches;
 * :func:`pipeline_table`, :func:`layer_search_steps`, :func:`layer_search_summary`: the layer
@@ -14,13 +15,16 @@ Figures live in :mod:`bclib.viz`.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from torch import Tensor, nn
 
 __all__ = [
-    "speed_table", "release_comparison", "results_at_a_glance", "seed_spread_table", "bench_trials_summary",
+    "speed_table", "release_comparison", "results_at_a_glance", "results_table", "seed_spread_table", "bench_trials_summary",
     "retraining_against_release", "compression_at_offset", "bit_search_table", "bit_search_steps",
     "pipeline_table", "layer_search_steps", "layer_search_summary",
 ]
@@ -232,6 +236,41 @@ def results_at_a_glance(reports: Mapping[str, Mapping], retrained: Mapping[str, 
     if any(_split_run_name(name)[1] == "svd" for name in reports):
         lines.append("Sparse VD: sparse rates (nonzero weights counted), as the release counts them.")
     return "\n".join(lines)
+
+
+# The runs the results table at a glance shows, in the book's order, and the layer searches it
+# shows of each (one seed; three seeds with the 0.2-point allowance), each with its bits search.
+GLANCE_RUNS = ("lenet300_nj", "lenet300_hs", "lenet300_svd", "lenet5_svd", "lenet5_nj", "lenet5_hs")
+GLANCE_SEARCHES = ("_layers", "_layers_3seeds_tol2")
+
+
+def results_table(results_root: str | os.PathLike = "book/results") -> str:
+    """:func:`results_at_a_glance` of the runs in a results folder: what ``python -m bclib results``
+    prints and the README shows.
+
+    Reads ``<results_root>/<run>/report.json`` for each run of :data:`GLANCE_RUNS` and, where present,
+    its retraining (``_ft``), the layer searches of :data:`GLANCE_SEARCHES` and their bits searches
+    (``_bits``); a run without a report is left out. The paper's numbers are
+    :data:`bclib.bench.PAPER_TARGETS`.
+
+    Raises:
+        ValueError: when the folder holds no report of any run of :data:`GLANCE_RUNS`.
+    """
+    from .bench import PAPER_TARGETS  # bench imports this module
+
+    root = Path(results_root)
+
+    def read(names):
+        return {name: json.loads((root / name / "report.json").read_text()) for name in names
+                if (root / name / "report.json").is_file()}
+
+    reports = read(GLANCE_RUNS)
+    if not reports:
+        raise ValueError(f"results_root: no report.json of any of {', '.join(GLANCE_RUNS)} in {str(root)!r}")
+    searches = [f"{name}{search}" for name in reports for search in GLANCE_SEARCHES]
+    return results_at_a_glance(reports, read(f"{name}_ft" for name in reports), PAPER_TARGETS,
+                               read(f"{name}_bits" for name in [f"{base}_ft" for base in reports] + searches),
+                               read(searches))
 
 
 def seed_spread_table(analyses: Mapping[str, Mapping], targets: Mapping[str, Sequence]) -> str:

@@ -52,7 +52,7 @@ def _read(run_dir: Path, name: str):
 def test_help_lists_the_commands():
     result = _python_m_bclib(["--help"])
     assert result.returncode == 0, result.stderr
-    for command in ("train", "compress", "fine-tune", "lower-bits", "prune-layers", "reproduce", "bench"):
+    for command in ("train", "compress", "fine-tune", "lower-bits", "prune-layers", "reproduce", "results", "bench"):
         assert command in result.stdout
 
 
@@ -87,6 +87,31 @@ def test_bench_writes_its_results_with_the_command(tmp_path, capsys):
     assert saved["command"] == f"python -m bclib bench training --results {tmp_path / 'no-runs'} --out {out}"
     assert saved["results"] == {"training": {}} and saved["torch"] == torch.__version__
     assert saved["threads"] >= 1 and saved["cpu"]
+
+
+def test_results_prints_the_table_of_a_results_folder(tmp_path, capsys):
+    def report(name, error, pruning, precision, ratio):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "report.json").write_text(json.dumps({
+            "file_error": error, "compression_pruning": pruning, "compression_precision": precision,
+            "file": {"ratio": ratio}}))
+
+    report("lenet5_hs", 0.0106, 43.5, 161.4, 276.4)
+    report("lenet5_hs_ft", 0.0085, 89.1, 323.6, 449.6)
+    report("lenet5_hs_layers_3seeds_tol2", 0.0087, 98.3, 358.3, 494.0)
+    report("lenet5_hs_layers_3seeds_tol2_bits", 0.0098, 98.3, 557.1, 869.4)
+    report("lenet5_hs_layers_3seeds", 0.0090, 64.9, 240.0, 380.0)  # a search the table does not show
+    main(["results", "--results", str(tmp_path)])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert rows[0][0] == "LeNet-5-Caffe" and rows[1] == ["BC-GHS", "paper", "1.00", "156x", "419x", "-"]
+    assert rows[2:6] == [["ours", "1.06", "43.5x", "161.4x", "276x"],
+                         ["ours", "+", "retraining", "0.85", "89.1x", "323.6x", "450x"],
+                         ["ours", "+", "3", "seeds,", "0.2", "pts", "0.87", "98.3x", "358.3x", "494x"],
+                         ["+", "fewer", "bits", "0.98", "98.3x", "557.1x", "869x"]]
+    assert rows[6] == []
+    with pytest.raises(SystemExit) as info:
+        main(["results", "--results", str(tmp_path / "missing")])
+    assert info.value.code == 2 and "results_root: no report.json" in capsys.readouterr().err
 
 
 def test_unknown_model_is_a_usage_error(capsys):

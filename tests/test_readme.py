@@ -70,3 +70,13 @@ def test_readme_module_class_snippet_runs():
     x = torch.rand(8, 1, 28, 28)
     with torch.no_grad():  # untrained: every log alpha is near -9, nothing is pruned at -3
         assert torch.allclose(exported(x), model(x), atol=1e-4)
+
+
+def test_readme_results_table_is_what_the_command_prints_from_the_committed_runs():
+    from bclib.tables import results_table
+
+    block = re.search(r"## Results\n.*?```text\n(.*?)\n```", README.read_text(), re.S)
+    assert block is not None, "README lost its results table"
+    expected = results_table(README.parent / "book" / "results")
+    assert block.group(1) == expected, (
+        "README's results table differs from `python -m bclib results`; paste its output into the README")

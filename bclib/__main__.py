@@ -28,7 +28,12 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--prior", choices=["nj", "hs", "svd", "none"], required=True,
                        help="'none' trains the deterministic network")
     train.add_argument("--out", required=True, help="run folder (resumed when it holds a checkpoint)")
-    train.add_argument("--init-from", default=None, help="a deterministic run folder to start the posterior means from")
+    pretrained = ", ".join(f"{e.model} {e.prior}" for name, e in EXPERIMENTS.items()
+                           if e.init_from and name == f"{e.model}_{e.prior}")
+    train.add_argument("--init-from", default=None,
+                       help="a deterministic run folder (train --prior none) whose weights become the posterior "
+                            f"means; required by the recipes that start from one ({pretrained}); for lenet300 nj "
+                            "it selects the 10-epoch recipe from a pretrained network")
     train.add_argument("--epochs", type=int, default=None, help="override the recipe's epoch count")
     train.add_argument("--variance-dtype", choices=sorted(name for name in VARIANCE_DTYPES if name), default=None,
                        help="run the Bayesian layers' variance path in this precision (faster on CPUs with "
@@ -139,13 +144,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> None:
     if args.command == "train":
-        from .experiments import run_experiment
+        from .experiments import EXPERIMENTS, run_experiment
 
         name = _experiment_name(args.model, args.prior, args.init_from)
-        results_root = Path(args.init_from).parent if args.init_from else None
+        starts_from = EXPERIMENTS[name].init_from
+        if args.init_from is not None and starts_from is None:
+            raise ValueError(f"--init-from: the {args.model} {args.prior} recipe trains from scratch; leave it out")
+        if args.init_from is None and starts_from is not None:
+            raise ValueError(f"--init-from is required: the {args.model} {args.prior} recipe starts from a trained "
+                             f"deterministic {args.model} (train one with --prior none, e.g. into runs/{starts_from})")
         report = run_experiment(name, args.out, data_root=args.data, epochs=args.epochs,
                                 variance_dtype=args.variance_dtype, autocast=args.autocast, fast=args.fast or None,
-                                results_root=results_root)
+                                init_dir=args.init_from)
         print(json.dumps(report, indent=2))
     elif args.command == "compress":
         from .experiments import compress_run

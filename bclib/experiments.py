@@ -219,7 +219,7 @@ def load_run_model(run_dir: str | os.PathLike) -> torch.nn.Module:
 
 def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epochs: int | None = None,
                    variance_dtype: str | None = None, autocast: str | None = None, fast: bool | None = None,
-                   results_root: str | os.PathLike | None = None,
+                   results_root: str | os.PathLike | None = None, init_dir: str | os.PathLike | None = None,
                    callbacks=(), progress: bool = True) -> dict:
     """Train, compress and save the run ``name`` of :data:`EXPERIMENTS` into ``out_dir``.
 
@@ -231,7 +231,11 @@ def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epo
         variance_dtype: override the recipe's :attr:`TrainConfig.variance_dtype` (e.g. ``"bfloat16"``).
         autocast: override the recipe's :attr:`TrainConfig.autocast` (``"bfloat16"``: mixed precision).
         fast: shrink data (5000/1000 examples) and epochs (2) for smoke tests; default ``BCLIB_FAST``.
-        results_root: where the run named in ``init_from`` lives (default: the parent of ``out_dir``).
+        results_root: where the run named in ``init_from`` (or refined) lives (default: the parent of
+            ``out_dir``).
+        init_dir: the deterministic run folder (``config.json``, ``checkpoint.pt``) whose weights
+            become the posterior means, for a recipe that starts from one (default: the run its
+            ``init_from`` names, in ``results_root``).
         callbacks: extra per-epoch callbacks (e.g. the animation recorders).
 
     Returns:
@@ -247,6 +251,8 @@ def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epo
                                                ("autocast", autocast)) if value is not None}
     if overrides:
         config = replace(config, **overrides)  # validated again by TrainConfig
+    if init_dir is not None and experiment.init_from is None:
+        raise ValueError(f"init_dir: the recipe of {name!r} does not start from a deterministic run, got {str(init_dir)!r}")
     if experiment.fine_tunes is not None:
         base_dir = Path(results_root or out_dir.parent) / experiment.fine_tunes
         return fine_tune_run(base_dir, out_dir, config=config, data_root=data_root, progress=progress)
@@ -265,7 +271,7 @@ def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epo
     if experiment.init_from is None:
         model = build_model(experiment.model, experiment.prior)
     else:
-        source = Path(results_root or out_dir.parent) / experiment.init_from
+        source = Path(init_dir) if init_dir is not None else Path(results_root or out_dir.parent) / experiment.init_from
         pretrained = load_run_model(source)
         model = bayesian_from_pretrained(experiment.model, experiment.prior, pretrained)
     write_json(out_dir / "config.json", {
@@ -274,6 +280,7 @@ def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epo
         "prior": experiment.prior,
         "train": config.to_dict(),
         "init_from": experiment.init_from,
+        **({"init_dir": str(init_dir)} if init_dir is not None else {}),
         "thresholds": experiment.thresholds,
         "input_range": list(experiment.input_range),
         "fast": fast,

@@ -114,6 +114,31 @@ def test_results_prints_the_table_of_a_results_folder(tmp_path, capsys):
     assert info.value.code == 2 and "results_root: no report.json" in capsys.readouterr().err
 
 
+def test_train_starts_from_the_init_from_folder_whatever_its_name(mnist_root, tmp_path, monkeypatch, capsys):
+    from bclib import experiments
+
+    dense = tmp_path / "my_dense"  # not the recipe's "lenet300_dense"
+    data = ["--data", str(mnist_root), "--fast", "--epochs", "1"]
+    assert main(["train", "--model", "lenet300", "--prior", "none", "--out", str(dense), *data]) == 0
+    loaded = []
+    original = experiments.load_run_model
+    monkeypatch.setattr(experiments, "load_run_model", lambda folder: loaded.append(Path(folder)) or original(folder))
+    out = tmp_path / "runs" / "hs"
+    assert main(["train", "--model", "lenet300", "--prior", "hs", "--out", str(out), "--init-from", str(dense),
+                 *data]) == 0
+    assert loaded == [dense]
+    config = _read(out, "config.json")
+    assert config["init_dir"] == str(dense) and config["init_from"] == "lenet300_dense"
+    capsys.readouterr()
+    # A recipe that starts from a deterministic run needs the flag; one that trains from scratch refuses it.
+    for arguments, message in ((["--prior", "hs"], "--init-from is required"),
+                               (["--prior", "none", "--init-from", str(dense)], "--init-from: the lenet300 none")):
+        with pytest.raises(SystemExit) as info:
+            main(["train", "--model", "lenet300", *arguments, "--out", str(tmp_path / "refused"), *data])
+        assert info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+
+
 def test_unknown_model_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
         main(["train", "--model", "resnet", "--prior", "nj", "--out", "unused"])

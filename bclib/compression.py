@@ -976,6 +976,18 @@ class _Float16Bias(nn.Module):
         return bias + (_stored_bias(bias) - bias).detach()
 
 
+def _surviving_weights(weight: Tensor, in_mask: Tensor, row: LayerReport) -> Tensor:
+    """1.0 where an exported weight survived pruning, else 0.0: the weights of the surviving input
+    columns (``in_mask``) when every weight between surviving units survives (the group priors), so
+    a survivor that a file stores as 0 on its grid still trains; else the nonzero weights (per-weight
+    pruning, Sparse VD: read from a file, a survivor rounded to 0 cannot be told from a pruned weight
+    and stays 0)."""
+    if row.weights_nonzero == row.weights_kept:
+        columns = in_mask.to(weight.dtype).reshape(1, -1, *([1] * (weight.dim() - 2)))
+        return columns.expand_as(weight).clone()
+    return (weight != 0).to(weight.dtype)
+
+
 def fine_tune(compressed: "CompressedModel", train: TensorSplit, test: TensorSplit, config: TrainConfig, *,
               progress: bool = False) -> tuple["CompressedModel", list[dict]]:
     """Retrain the surviving weights of a compressed network on its fixed-point grids (not in the paper).
@@ -985,7 +997,9 @@ def fine_tune(compressed: "CompressedModel", train: TensorSplit, test: TensorSpl
     layer's grid (:class:`FixedPointGrid`) and every bias on float16, so the architecture, the bits
     and therefore every compression rate stay exactly those of ``compressed``: only the values of the
     surviving weights (the grid integers) and biases change, and with them the error. Pruned weights
-    (zero in the export) stay zero; BatchNorm layers train as usual.
+    (zero in the export) stay zero; a surviving weight stored as 0 on its grid (a network read with
+    :meth:`CompressedModel.from_file`) trains like the others, except under per-weight pruning
+    (Sparse VD), where a file cannot tell it from a pruned one. BatchNorm layers train as usual.
 
     Args:
         compressed: the result of :func:`compress` (left unchanged).
@@ -1003,9 +1017,10 @@ def fine_tune(compressed: "CompressedModel", train: TensorSplit, test: TensorSpl
         raise TypeError(f"compressed must be a CompressedModel (the result of bclib.compress), "
                         f"got {type(compressed).__name__}")
     network = build_module(compressed._specs, compressed._tensors)
-    for index, bits in compressed._bits.items():
+    for (index, bits), row in zip(sorted(compressed._bits.items()), compressed.report.layers):
         layer = network[index]
-        parametrize.register_parametrization(layer, "weight", FixedPointGrid(bits, (layer.weight != 0).float()))
+        survivors = _surviving_weights(layer.weight.detach(), compressed._tensors[index]["in_mask"], row)
+        parametrize.register_parametrization(layer, "weight", FixedPointGrid(bits, survivors))
         if layer.bias is not None:
             parametrize.register_parametrization(layer, "bias", _Float16Bias())
     history = fit(network, train, test, config, progress=progress)
@@ -1219,8 +1234,6 @@ def _no_two_modes(fallback, why: str) -> float:
 
 def propose_thresholds(model: nn.Module, bins: int = 64, fallback: float | None = None) -> dict[str, float]:
     """:func:`propose_threshold` for every Bayesian layer: ``{module name: threshold}``, ready for :func:`compress`."""
-    from .layers import bayesian_layers
-
     return {name: propose_threshold(layer.log_alpha(), bins=bins, fallback=fallback)
             for name, layer in bayesian_layers(model)}
 
@@ -1263,7 +1276,8 @@ def select_thresholds(model: nn.Module, x: Tensor, y: Tensor, *, tolerance: floa
     """Per layer, the lowest log-alpha threshold whose pruning keeps the error on ``(x, y)`` within
     ``tolerance`` of the unpruned model's: the most compression at a bounded cost, chosen on data.
 
-    Use held-out or training data, never the test set. Layers are visited from the first to the last;
+    Use held-out or training data, never the test set. Layers are visited from the first to the last
+    that ``forward`` runs (the order in which :func:`compress` reads a list of thresholds);
     each search keeps the thresholds already chosen and leaves later layers unpruned. Candidates are
     cut points between the layer's sorted log-alpha values (at most ``max_candidates``, at
     quantiles); the search is a bisection, which assumes the error grows as the threshold falls.
@@ -1276,22 +1290,20 @@ def select_thresholds(model: nn.Module, x: Tensor, y: Tensor, *, tolerance: floa
         tolerance: allowed rise of the error (a fraction: 0.001 is 0.1 percentage points).
         max_candidates: candidate thresholds per layer.
         fixed: ``{layer index: threshold}`` for layers whose threshold is given (e.g. Sparse VD's 3).
+        input_shape: as for :func:`compress`.
 
     Returns:
-        One threshold per Bayesian layer, in order.
+        One threshold per Bayesian layer, in forward order.
     """
     if not 0 <= tolerance < 1:
         raise ValueError(f"tolerance must be in [0, 1), got {tolerance!r}")
     if isinstance(max_candidates, bool) or not isinstance(max_candidates, int) or max_candidates < 2:
         raise ValueError(f"max_candidates must be an int >= 2, got {max_candidates!r}")
-    signals = [layer.log_alpha().detach().flatten().float().cpu() for _, layer in bayesian_layers(model)]
-    if not signals:
-        raise ValueError("model has no Bayesian layer")
+    structure = _Structure.of(model, input_shape)  # the Bayesian layers in the order forward runs them
+    signals = [structure.leaves[i][1].log_alpha().detach().flatten().float().cpu() for i in structure.weighted_at]
     fixed = dict(fixed or {})
     keep_all = [float(s.max()) + 1.0 for s in signals]
     thresholds = [fixed.get(i, keep_all[i]) for i in range(len(signals))]
-
-    structure = _Structure.of(model, input_shape)
 
     def error(candidate: list[float]) -> float:
         return model_error(structure.compress(candidate).model, x, y)

@@ -416,6 +416,36 @@ def test_select_thresholds_prunes_exactly_the_groups_the_data_does_not_need():
         select_thresholds(model, x, y, tolerance=1.5)
 
 
+def test_select_thresholds_follows_the_forward_order_not_the_registration_order():
+    """fc2 is registered before fc1 but runs after it: the first threshold is fc1's (the cut above its
+    two decisive inputs, as in the test above), the order in which compress reads the list."""
+    from bclib.compression import select_thresholds
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc2, self.fc1 = bclib.LinearGroupNJ(2, 2), bclib.LinearGroupNJ(4, 2)
+
+        def forward(self, x):
+            return self.fc2(self.fc1(x))
+
+    torch.manual_seed(0)
+    net = Net()
+    with torch.no_grad():
+        net.fc1.weight_mu.copy_(torch.tensor([[3.0, 2.0, 1e-4, -1e-4], [-3.0, -2.0, -1e-4, 1e-4]]))
+        net.fc2.weight_mu.copy_(torch.eye(2))
+        for layer, log_alpha in ((net.fc1, [-5.0, -4.0, 1.0, 2.0]), (net.fc2, [-6.0, -6.0])):
+            layer.bias_mu.zero_()
+            layer.z_mu.fill_(1.0)
+            layer.z_logvar.copy_(torch.tensor(log_alpha))
+    net.eval()
+    x = torch.randn(400, 4)
+    y = (3 * x[:, 0] + 2 * x[:, 1] < 0).long()
+    thresholds = select_thresholds(net, x, y, tolerance=0.0)
+    assert thresholds[0] == pytest.approx(1.0)
+    assert model_error(compress(net, thresholds).model, x, y) == 0.0
+
+
 def test_weight_masks_are_the_masks_compress_applies():
     from bclib.compression import weight_masks
 
@@ -544,6 +574,27 @@ def test_from_file_gives_back_the_saved_network(tmp_path):
         CompressedModel.from_file(tmp_path / "net.bcz", compress(_hand_built_linear_net(), [0.0, 0.0]).report)
     with pytest.raises(ValueError, match="data lacks the report fields"):
         CompressedModel.from_file(tmp_path / "net.bcz", {"layers": []})
+
+
+def test_fine_tune_trains_survivors_that_a_file_stores_as_zero(tmp_path):
+    """On 1-bit grids (step 1/2) fc1's surviving weights 0.11, -0.05 and 0.2 round to 0 in the file;
+    read back, they are survivors and must train (fc1's pruned input 3 stays 0)."""
+    from bclib.compression import CompressedModel, fine_tune
+    from bclib.data import TensorSplit
+    from bclib.train import TrainConfig
+
+    compressed = compress(_hand_built_linear_net(), [0.0, 0.0]).with_bits([1, 1])
+    compressed.save(tmp_path / "net.bcz")
+    read = CompressedModel.from_file(tmp_path / "net.bcz", compressed.report.to_dict())
+    before = read.reduced_precision_model()[0].weight.detach()
+    stored_zero = before[:, :3] == 0
+    assert int(stored_zero.sum()) >= 3
+    data = TensorSplit(torch.randn(256, 4, generator=torch.Generator().manual_seed(0)), torch.randint(0, 2, (256,)))
+    tuned, _ = fine_tune(read, data, data, TrainConfig(epochs=3, batch_size=32, lr=0.5, lr_final=0.5))
+    latent = tuned.model[0].weight.detach()  # the weights the grid rounds
+    assert not torch.equal(latent[:, :3][stored_zero], torch.zeros(int(stored_zero.sum())))
+    assert torch.equal(latent[:, 3], torch.zeros(3))
+    assert tuned.report.to_dict() == read.report.to_dict()
 
 
 def test_fine_tune_keeps_the_structure_of_a_conv_net():

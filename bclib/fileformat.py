@@ -69,6 +69,9 @@ MAX_HEADER_BYTES = 1 << 20
 MAX_TOTAL_WEIGHTS = 1 << 27
 MAX_INPUT_ELEMENTS = 1 << 24
 MAX_ACTIVATION_ELEMENTS = 1 << 26
+# Multiply-accumulates of one example (VGG-16 at 224 x 224: 1.5e10): the loader runs one, so a header
+# cannot make it compute for hours.
+MAX_MULTIPLY_ACCUMULATES = 1 << 34
 MAX_BITS = 23
 MAX_WIDTH = 62
 _PACK_CHUNK = 1 << 20  # values per packing chunk (a multiple of 8, so chunks end on byte boundaries)
@@ -293,7 +296,7 @@ _SCHEMA: dict[str, dict[str, Any]] = {
 
 
 def _check_spec(index: int, spec) -> None:
-    if not isinstance(spec, dict) or spec.get("type") not in _SCHEMA:
+    if not isinstance(spec, dict) or not isinstance(spec.get("type"), str) or spec["type"] not in _SCHEMA:
         raise ValueError(f"corrupt compressed file: layer {index} has no known type ({spec!r:.80})")
     fields = _SCHEMA[spec["type"]]
     if set(spec) != set(fields) | {"type"}:
@@ -352,8 +355,13 @@ def encode_compressed(input_shape, specs: list[dict], tensors: list[dict[str, Te
             keys = ("running_mean", "running_var") + (("weight", "bias") if spec["affine"] else ())
             payload += [values[k].detach().cpu().numpy().astype("<f4").tobytes() for k in keys]
         header_specs.append(spec)
-    header_json = json.dumps({"input_shape": [int(s) for s in input_shape], "layers": header_specs},
-                             separators=(",", ":"))
+    header_fields = {"input_shape": [int(s) for s in input_shape], "layers": header_specs}
+    try:
+        _check_header(json.loads(json.dumps(header_fields)))  # what the loader will see
+    except ValueError as error:
+        raise ValueError(f"this network cannot be saved in a file load_compressed accepts: "
+                         f"{str(error).removeprefix('corrupt compressed file: ')}") from None
+    header_json = json.dumps(header_fields, separators=(",", ":"))
     header = zlib.compress(header_json.encode("utf-8"), 9)
     body = b"".join(payload)
     flags = 0
@@ -401,17 +409,21 @@ def read_compressed(path) -> tuple[tuple[int, ...], list[dict], list[dict[str, T
             does not follow the schema, or sizes that do not add up (the message says which).
     """
     with open(path, "rb") as f:
-        blob = f.read()
-    if len(blob) < _PREAMBLE.size + _CRC.size:
-        raise ValueError(f"{path}: not a bclib compressed file (only {len(blob)} bytes)")
-    magic, version, flags, header_len, payload_len = _PREAMBLE.unpack_from(blob)
-    if magic != MAGIC:
-        raise ValueError(f"{path}: not a bclib compressed file (bad magic {magic!r})")
-    if version not in READABLE_VERSIONS:
-        raise ValueError(f"{path}: unsupported format version {version} (this bclib reads versions "
-                         f"{', '.join(map(str, READABLE_VERSIONS))})")
-    expected = _PREAMBLE.size + header_len + payload_len + _CRC.size
-    if len(blob) != expected:
+        # The preamble first: its lengths bound the rest, so a huge or endless file is never read whole.
+        blob = f.read(_PREAMBLE.size + _CRC.size)
+        if len(blob) < _PREAMBLE.size + _CRC.size:
+            raise ValueError(f"{path}: not a bclib compressed file (only {len(blob)} bytes)")
+        magic, version, flags, header_len, payload_len = _PREAMBLE.unpack_from(blob)
+        if magic != MAGIC:
+            raise ValueError(f"{path}: not a bclib compressed file (bad magic {magic!r})")
+        if version not in READABLE_VERSIONS:
+            raise ValueError(f"{path}: unsupported format version {version} (this bclib reads versions "
+                             f"{', '.join(map(str, READABLE_VERSIONS))})")
+        expected = _PREAMBLE.size + header_len + payload_len + _CRC.size
+        blob += f.read(expected - len(blob) + 1)  # one byte more reveals trailing data
+    if len(blob) > expected:
+        raise ValueError(f"{path}: file is longer than the {expected} bytes its lengths say (corrupt)")
+    if len(blob) < expected:
         raise ValueError(f"{path}: file is {len(blob)} bytes but its lengths say {expected} (truncated or corrupt)")
     (crc,) = _CRC.unpack_from(blob, len(blob) - _CRC.size)
     if zlib.crc32(blob[:-_CRC.size]) != crc:
@@ -460,8 +472,13 @@ def _parse_header(header_bytes: bytes) -> tuple[tuple[int, ...], list[dict]]:
         if inflater.unconsumed_tail or not inflater.eof:
             raise ValueError("header is not a complete zlib stream or is too large")
         header = json.loads(text.decode("utf-8"))
-    except (zlib.error, UnicodeDecodeError, ValueError) as error:
-        raise ValueError(f"corrupt compressed file: unreadable header ({error})") from None
+    except (zlib.error, UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise ValueError(f"corrupt compressed file: unreadable header ({type(error).__name__}: {str(error):.200})") from None
+    return _check_header(header)
+
+
+def _check_header(header) -> tuple[tuple[int, ...], list[dict]]:
+    """Validate a decoded header (schema, sizes, shapes, work): ``(input_shape, specs)``."""
     if not isinstance(header, dict) or set(header) != {"input_shape", "layers"}:
         raise ValueError("corrupt compressed file: header must have exactly 'input_shape' and 'layers'")
     shape, specs = header["input_shape"], header["layers"]
@@ -497,20 +514,23 @@ def infer_shapes(input_shape: tuple[int, ...], specs: list[dict]) -> list[tuple[
 
     Raises:
         ValueError: when a layer does not fit the shape it receives, or an activation would exceed
-            ``MAX_ACTIVATION_ELEMENTS`` (so a hostile header cannot make the loader allocate gigabytes).
+            ``MAX_ACTIVATION_ELEMENTS`` or the network ``MAX_MULTIPLY_ACCUMULATES`` per example (so a
+            hostile header cannot make the loader allocate gigabytes or compute for hours).
     """
-    shape, shapes = tuple(input_shape), []
+    shape, shapes, work = tuple(input_shape), [], 0
     for index, spec in enumerate(specs):
         kind = spec["type"]
         if kind == "linear":
             ok = len(shape) == 1 and shape[0] == spec["in"]
             shape = (spec["out"],)
+            work += spec["in"] * spec["out"]
         elif kind == "conv2d":
             ok = len(shape) == 3 and shape[0] == spec["in"]
             shape = (spec["out"],) + tuple(
                 _window_output(s, k, st, p, d, False)
                 for s, k, st, p, d in zip(shape[1:], spec["kernel"], spec["stride"], spec["padding"], spec["dilation"])
             ) if ok else shape
+            work += math.prod(shape) * spec["in"] * spec["kernel"][0] * spec["kernel"][1]
         elif kind in ("maxpool2d", "avgpool2d"):
             dilation = spec.get("dilation", [1, 1])
             ok = len(shape) == 3 and all(2 * p <= k for p, k in zip(spec["padding"], spec["kernel"]))
@@ -531,6 +551,9 @@ def infer_shapes(input_shape: tuple[int, ...], specs: list[dict]) -> list[tuple[
         if not ok or min(shape) < 1 or math.prod(shape) > MAX_ACTIVATION_ELEMENTS:
             raise ValueError(f"corrupt compressed file: layer {index} ({kind}) does not fit its input or output "
                              f"shape (shape {shape})")
+        if work > MAX_MULTIPLY_ACCUMULATES:
+            raise ValueError(f"corrupt compressed file: layers 0..{index} take over {MAX_MULTIPLY_ACCUMULATES} "
+                             "multiply-accumulates per example (the limit)")
         shapes.append(shape)
     return shapes
 
@@ -617,7 +640,7 @@ def load_compressed(path) -> nn.Sequential:
         model = build_module(specs, tensors)
         with torch.no_grad():
             model(torch.zeros(1, *input_shape))
-    except (RuntimeError, ValueError, TypeError) as error:
+    except (RuntimeError, ValueError, TypeError, IndexError) as error:
         raise ValueError(f"{path}: inconsistent architecture in compressed file ({error})") from None
     model.input_shape = input_shape
     return model

@@ -1,4 +1,5 @@
 """Tests of bclib.fileformat: bit packing by hand, exact round trips, sizes, and every kind of bad file."""
+import io
 import json
 import lzma
 import math
@@ -227,7 +228,7 @@ def test_random_byte_flips(lenet5_file, tmp_path):
             load_compressed(bad)
     extended = tmp_path / "longer.bcz"
     extended.write_bytes(blob + b"\0")
-    with pytest.raises(ValueError, match="lengths say"):
+    with pytest.raises(ValueError, match="longer than the .* bytes its lengths say"):
         load_compressed(extended)
 
 
@@ -292,6 +293,14 @@ def test_make_file_helper_writes_a_valid_file(tmp_path):
     ({"input_shape": [2], "layers": [LINEAR, {"type": "softmax", "dim": True}]}, "invalid dim"),
     ({"input_shape": [2], "layers": [LINEAR, {"type": "softmax"}]}, "has keys"),
     ({"input_shape": [2], "layers": [{"type": "batchnorm1d", "num": 2, "eps": float("nan"), "affine": False}]}, "invalid eps"),
+    ({"input_shape": [2], "layers": [{"type": ["linear"]}]}, "no known type"),
+    # No weights stored (width 0), 256 x 256 kernels over 1200 x 1200: 1.2e11 multiply-accumulates.
+    ({"input_shape": [1, 1200, 1200], "layers": [{"type": "conv2d", "in": 1, "out": 2, "bias": False, "bits": 0,
+                                                  "width": 0, "masked": False, "kernel": [256, 256],
+                                                  "stride": [1, 1], "padding": [0, 0], "dilation": [1, 1]}]},
+     "multiply-accumulates per example"),
+    # A dim the schema allows but the network's 1-d output does not have.
+    ({"input_shape": [2], "layers": [LINEAR, {"type": "softmax", "dim": 5}]}, "inconsistent architecture"),
 ])
 def test_invalid_headers(tmp_path, header, match):
     with pytest.raises(ValueError, match=match):
@@ -310,6 +319,8 @@ def test_invalid_containers(tmp_path):
         load_compressed(make_file(tmp_path / "z.bcz", None, GOOD_PAYLOAD, raw_header=b"not zlib"))
     with pytest.raises(ValueError, match="unreadable header"):
         load_compressed(make_file(tmp_path / "j.bcz", None, GOOD_PAYLOAD, raw_header=zlib.compress(b"{nope")))
+    with pytest.raises(ValueError, match="unreadable header .*RecursionError"):
+        load_compressed(make_file(tmp_path / "r.bcz", None, GOOD_PAYLOAD, raw_header=zlib.compress(b"[" * 200000)))
     bomb = zlib.compress(b" " * (2 << 20))  # inflates past the 1 MiB header limit
     with pytest.raises(ValueError, match="unreadable header"):
         load_compressed(make_file(tmp_path / "b.bcz", None, GOOD_PAYLOAD, raw_header=bomb))
@@ -340,6 +351,35 @@ def test_not_a_bclib_file(tmp_path):
     (tmp_path / "empty.bcz").write_bytes(b"")
     with pytest.raises(ValueError, match="not a bclib compressed file"):
         read_compressed(tmp_path / "empty.bcz")
+
+
+def test_an_endless_file_is_not_read_whole(tmp_path, monkeypatch):
+    """Only the preamble and the lengths it gives are read: /dev/zero-like input stops at once."""
+    class Endless(io.RawIOBase):
+        requested = 0
+
+        def readable(self):
+            return True
+
+        def readinto(self, buffer):
+            Endless.requested += len(buffer)
+            blob = PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0, 10, 10)
+            buffer[:] = (blob * (len(buffer) // len(blob) + 1))[:len(buffer)]
+            return len(buffer)
+
+    monkeypatch.setattr("builtins.open", lambda *args, **kwargs: io.BufferedReader(Endless()))
+    with pytest.raises(ValueError, match="longer than the 44 bytes"):
+        read_compressed("endless.bcz")
+    assert Endless.requested < 1 << 20
+
+
+def test_save_refuses_what_the_loader_would_reject(tmp_path):
+    """compress accepts an input shape of four dimensions; the file format holds one to three."""
+    net = nn.Sequential(nn.Flatten(), bclib.LinearGroupNJ(4, 3), nn.ReLU(), bclib.LinearGroupNJ(3, 2)).eval()
+    compressed = bclib.compress(net, -3.0, input_shape=(1, 1, 2, 2))
+    with pytest.raises(ValueError, match=r"cannot be saved in a file load_compressed accepts: invalid input_shape"):
+        compressed.save(tmp_path / "net.bcz")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_write_is_atomic(tmp_path, monkeypatch):

@@ -39,6 +39,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import numbers
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
@@ -110,8 +111,17 @@ def exponent_bits(max_abs_weight: float) -> int:
 
 
 def quantize(weight: Tensor, bits: int) -> Tensor:
-    """Integer grid indices ``q = round(w / 2^-bits)`` (int64); the reduced weight is ``q 2^-bits``."""
-    return torch.round(weight.detach().to(torch.float64) * math.ldexp(1.0, bits)).to(torch.int64)
+    """Integer grid indices ``q = round(w / 2^-bits)`` (int64); the reduced weight is ``q 2^-bits``.
+
+    Raises:
+        ValueError: for a NaN or infinite weight, or one whose index would not fit in 62 bits (the
+            widest the file stores; int64 would wrap around silently).
+    """
+    scaled = torch.round(weight.detach().to(torch.float64) * math.ldexp(1.0, bits))
+    if scaled.numel() and not bool(scaled.abs().max() < 2.0**62):  # False for NaN too
+        raise ValueError(f"weights must be finite with |w| 2^bits < 2^62 to round on the grid of {bits} bits, got "
+                         f"max |w| = {float(weight.detach().abs().max())}")
+    return scaled.to(torch.int64)
 
 
 # ----------------------------------------------------------------------------- report
@@ -776,7 +786,7 @@ class CompressedModel:
 
         Raises:
             ValueError: a file :func:`bclib.load_compressed` rejects, or a report whose layers do
-                not match the file's weighted layers.
+                not match the file's weighted layers (their count, bits, or inputs and outputs kept).
         """
         input_shape, specs, tensors = read_compressed(path)
         if isinstance(report, dict):
@@ -790,6 +800,10 @@ class CompressedModel:
             if specs[index]["bits"] != row.bits:
                 raise ValueError(f"report gives layer {row.name!r} {row.bits} bits, but {path} stores "
                                  f"{specs[index]['bits']}")
+            stored = (int(tensors[index]["in_mask"].sum()), specs[index]["out"])
+            if (row.in_kept, row.out_kept) != stored:
+                raise ValueError(f"report gives layer {row.name!r} {row.in_kept} inputs and {row.out_kept} outputs "
+                                 f"kept, but {path} stores {stored[0]} and {stored[1]} (a report of another network)")
             bits[index] = row.bits
         specs = [{k: v for k, v in spec.items() if k not in ("width", "masked")} for spec in specs]  # set on writing
         report = copy.deepcopy(report)
@@ -825,8 +839,9 @@ class CompressedModel:
             raise TypeError(f"bits must be a list (one per Bayesian layer) or a dict by layer name, "
                             f"got {type(bits).__name__}")
         for name, b in zip(names, bits):
-            if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b <= MAX_MANTISSA_BITS:
+            if isinstance(b, bool) or not isinstance(b, numbers.Integral) or not 0 <= b <= MAX_MANTISSA_BITS:
                 raise ValueError(f"bits for layer {name!r} must be an int in 0..{MAX_MANTISSA_BITS}, got {b!r}")
+        bits = [int(b) for b in bits]  # numpy integers too, as plain ints for the report and the file
         by_index = dict(zip(self._bits, bits))
         specs = [dict(spec, bits=by_index[i]) if i in by_index else spec for i, spec in enumerate(self._specs)]
         return CompressedModel(specs, self._tensors, by_index, self.report.with_bits(bits), self.masks,

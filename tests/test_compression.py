@@ -546,6 +546,12 @@ def test_with_bits_rounds_to_the_new_grids_and_recomputes_the_precision_rate(tmp
     assert torch.equal(reduced[2].weight.detach(), torch.round(torch.tensor([[0.23, -0.41, 0.07],
                                                                              [-0.6, 0.5, 0.19]]) * 8) / 8)
     assert [row.bits for row in compressed.report.layers] == [4, 6]  # the original is unchanged
+    assert compressed.with_bits([np.int64(2), 3]).report.to_dict() == coarse.report.to_dict()  # numpy ints too
+    from bclib.compression import quantize
+    for huge in (1e13, math.inf, math.nan):  # 1e13 * 2^23 > 2^62: int64 would wrap around
+        with pytest.raises(ValueError, match="weights must be finite with"):
+            quantize(torch.tensor([0.5, huge]), 23)
+    assert quantize(torch.tensor([1e13], dtype=torch.float64), 10).item() == round(1e13 * 1024)
     by_name = compressed.with_bits({"2": 3})
     assert [row.bits for row in by_name.report.layers] == [4, 3]
     coarse.save(tmp_path / "coarse.bcz")
@@ -574,6 +580,10 @@ def test_from_file_gives_back_the_saved_network(tmp_path):
         CompressedModel.from_file(tmp_path / "net.bcz", compress(_hand_built_linear_net(), [0.0, 0.0]).report)
     with pytest.raises(ValueError, match="data lacks the report fields"):
         CompressedModel.from_file(tmp_path / "net.bcz", {"layers": []})
+    # The report of the same network with fc1 pruned away (threshold -100), same bits.
+    other = compress(_hand_built_linear_net(), [-100.0, 0.0]).with_bits([3, 5]).report
+    with pytest.raises(ValueError, match=r"report gives layer '0' 0 inputs and 0 outputs kept, but .* stores 3 and 3"):
+        CompressedModel.from_file(tmp_path / "net.bcz", other)
 
 
 def test_fine_tune_trains_survivors_that_a_file_stores_as_zero(tmp_path):

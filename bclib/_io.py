@@ -21,6 +21,8 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> P
     os.close(handle)
     try:
         write(temporary)
+        with open(temporary, "rb+") as written:  # on disk before the rename: a power cut leaves old or new
+            os.fsync(written.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(temporary, 0o666 & ~umask)

@@ -47,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     compress = sub.add_parser("compress", help="(re)compress a trained run folder")
     compress.add_argument("run", help="run folder with config.json and checkpoint.pt")
     compress.add_argument("--thresholds", type=float, nargs="+", default=None,
-                          help="one log-alpha threshold per Bayesian layer (default: proposed from the histograms)")
+                          help="one log-alpha threshold per Bayesian layer (default: the group priors' chosen on the last "
+                               "10,000 training examples by bclib.compression.select_thresholds; Sparse VD's 3)")
     compress.add_argument("--data", default=None, help=DATA_HELP)
 
     fine_tune = sub.add_parser("fine-tune", help="prune a trained run further and retrain the survivors on their "
@@ -85,7 +86,8 @@ def _parser() -> argparse.ArgumentParser:
                                 help=f"share of a layer's surviving groups one cut removes (default {LAYER_CUT_FRACTION})")
         search.add_argument("--data", default=None, help=DATA_HELP)
 
-    reproduce = sub.add_parser("reproduce", help="run every experiment of the results table into --out")
+    reproduce = sub.add_parser("reproduce", help="run the registered experiments behind the book (all, or --only "
+                                                 "NAMES, each after the runs it starts from) into --out")
     reproduce.add_argument("--out", default="book/results")
     reproduce.add_argument("--only", nargs="+", choices=sorted(EXPERIMENTS), default=None)
     reproduce.add_argument("--data", default=None, help=DATA_HELP)
@@ -95,7 +97,8 @@ def _parser() -> argparse.ArgumentParser:
                                              "(the paper's numbers beside ours)")
     results.add_argument("--results", default="book/results", help="results folder (default: book/results)")
 
-    bench = sub.add_parser("bench", help="benchmarks: layers (train-step time ratios), compression (inference speed-up)")
+    bench = sub.add_parser("bench", help="benchmarks: layers (train-step time ratios), epochs (MNIST epoch times), compression "
+                                           "(inference speed-up), training (wall time of the committed runs)")
     bench.add_argument("which", choices=["layers", "compression", "epochs", "training", "all"],
                        help="epochs: one training epoch on MNIST per network; training: wall time of the "
                             "committed runs and the targets they met")

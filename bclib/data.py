@@ -48,6 +48,10 @@ class TensorSplit:
     x: Tensor
     y: Tensor
 
+    def __post_init__(self) -> None:
+        if len(self.x) != len(self.y):
+            raise ValueError(f"x and y must hold the same number of examples, got {len(self.x)} and {len(self.y)}")
+
     def __len__(self) -> int:
         return len(self.y)
 

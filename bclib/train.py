@@ -108,6 +108,8 @@ class TrainConfig:
             raise ValueError(f"kl_warmup_epochs must be >= 0, got {self.kl_warmup_epochs}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__} {self.seed!r}")
+        if not 0 <= self.seed < 2**32:  # each epoch's shuffle seed, seed * 100_003 + epoch, must fit int64
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
         if self.variance_dtype not in VARIANCE_DTYPES:
             raise ValueError(f"variance_dtype must be one of {sorted(VARIANCE_DTYPES, key=str)}, "
                              f"got {self.variance_dtype!r}")
@@ -183,8 +185,15 @@ def _set_lr(optimizer: torch.optim.Optimizer, config: TrainConfig, epoch: int) -
     return config.lr * factor
 
 
-def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, epoch: int, history: list) -> None:
-    """Atomically write model, optimiser, epoch, history and RNG state (loadable with ``weights_only=True``)."""
+# Settings that may differ between a checkpoint and the run resuming it: they change where and how
+# fast it runs, not what it computes.
+_RESUMABLE_ACROSS = ("device", "keep_freed_memory")
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, epoch: int, history: list,
+                    config: TrainConfig | None = None) -> None:
+    """Atomically write model, optimiser, epoch, history, RNG states and the config (loadable with
+    ``weights_only=True``)."""
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -192,19 +201,39 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, epoch:
         "history_json": json.dumps(history),
         "rng_cpu": torch.get_rng_state(),
     }
+    if config is not None:
+        state["config_json"] = json.dumps(config.to_dict())
+    if torch.cuda.is_available():
+        state["rng_cuda"] = torch.cuda.get_rng_state_all()
     write_atomically(path, lambda temporary: torch.save(state, temporary))
 
 
-def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None) -> tuple[int, list]:
+def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None,
+                    config: TrainConfig | None = None) -> tuple[int, list]:
     """Restore a checkpoint written by :func:`save_checkpoint`; returns ``(epochs_done, history)``.
 
     Loaded with ``weights_only=True``: a checkpoint never runs code.
+
+    Raises:
+        ValueError: when ``config`` is given and differs from the config the checkpoint was written
+            with in anything but ``device`` and ``keep_freed_memory`` (resuming would silently mix
+            two recipes). Checkpoints written without a config are not checked.
     """
     state = torch.load(path, map_location="cpu", weights_only=True)
+    if config is not None and "config_json" in state:
+        saved, wanted = json.loads(state["config_json"]), config.to_dict()
+        differing = [key for key in sorted(set(saved) | set(wanted))
+                     if key not in _RESUMABLE_ACROSS and saved.get(key) != wanted.get(key)]
+        if differing:
+            changes = ", ".join(f"{key}={saved.get(key)!r} there, {wanted.get(key)!r} here" for key in differing)
+            raise ValueError(f"checkpoint {path} was written by another recipe ({changes}): resume with its "
+                             "config, or train into another folder")
     model.load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng_cpu"])
+    if "rng_cuda" in state and torch.cuda.is_available() and len(state["rng_cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
     return int(state["epoch"]), json.loads(state["history_json"])
 
 
@@ -233,6 +262,8 @@ def fit(model: nn.Module, train: TensorSplit, test: TensorSplit, config: TrainCo
         if not isinstance(value, TensorSplit):
             raise TypeError(f"{name} must be a bclib.data.TensorSplit (in-memory tensors x, y; "
                             f"e.g. from bclib.data.load_mnist), got {type(value).__name__}")
+        if len(value) == 0:
+            raise ValueError(f"{name} must hold at least one example, got an empty split")
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a bclib.train.TrainConfig, got {type(config).__name__}")
     device = default_device(config.device)
@@ -250,7 +281,10 @@ def fit(model: nn.Module, train: TensorSplit, test: TensorSplit, config: TrainCo
     history: list[dict] = []
     start_epoch = 0
     if checkpoint is not None and Path(checkpoint).exists():
-        start_epoch, history = load_checkpoint(checkpoint, model, optimizer)
+        start_epoch, history = load_checkpoint(checkpoint, model, optimizer, config)
+        # The optimiser's state brought back the rates it was built with; this config's rule them.
+        for group, fresh in zip(optimizer.param_groups, _param_groups(model, config)):
+            group["base_lr"] = fresh["base_lr"]
     n = len(train)
     steps = math.ceil(n / config.batch_size)
     for epoch in range(start_epoch, config.epochs):
@@ -311,6 +345,6 @@ def fit(model: nn.Module, train: TensorSplit, test: TensorSplit, config: TrainCo
         for callback in callbacks:
             callback(epoch + 1, model, metrics)
         if checkpoint is not None:
-            save_checkpoint(checkpoint, model, optimizer, epoch + 1, history)
+            save_checkpoint(checkpoint, model, optimizer, epoch + 1, history, config)
     model.eval()
     return history

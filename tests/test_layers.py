@@ -493,6 +493,9 @@ def test_bias_false_is_honoured(spec, reference):
     assert layer(torch.zeros_like(x)).abs().max() == 0
     with pytest.raises(ValueError, match="init_bias"):
         spec.make(bias=False, init_bias=torch.zeros(spec.weight_shape[0]))
+    # load_pretrained is the constructor's init_weight / init_bias, refusals included.
+    with pytest.raises(ValueError, match="bias was given but the layer has bias=False"):
+        layer.load_pretrained(torch.zeros(spec.weight_shape), torch.zeros(spec.weight_shape[0]))
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=str)

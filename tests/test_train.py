@@ -5,6 +5,8 @@ and a few hundred steps of the VGG-like network with BatchNorm staying finite.
 from __future__ import annotations
 
 import math
+import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -110,9 +112,17 @@ def test_checkpoint_resume_equals_training_straight(small_mnist, tmp_path):
     straight = fit(straight_model, train, test, TrainConfig(epochs=2, **values),
                    checkpoint=tmp_path / "straight.pt", progress=False)
 
-    first_half = fit(_lenet300_nj(), train, test, TrainConfig(epochs=1, **values),
-                     checkpoint=tmp_path / "resumed.pt", progress=False)
-    assert len(first_half) == 1
+    class Stop(Exception):
+        pass
+
+    def stop_in_epoch_2(epoch, model, metrics):  # called before the epoch's checkpoint is written
+        if epoch == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        fit(_lenet300_nj(), train, test, TrainConfig(epochs=2, **values), checkpoint=tmp_path / "resumed.pt",
+            callbacks=[stop_in_epoch_2], progress=False)
+    assert torch.load(tmp_path / "resumed.pt", weights_only=True)["epoch"] == 1
     resumed_model = _lenet300_nj(seed=123)  # its own start is overwritten by the checkpoint
     resumed = fit(resumed_model, train, test, TrainConfig(epochs=2, **values),
                   checkpoint=tmp_path / "resumed.pt", progress=False)
@@ -132,6 +142,35 @@ def test_checkpoint_resume_equals_training_straight(small_mnist, tmp_path):
     assert _without_time(again) == _without_time(straight)
     for name, tensor in straight_model.state_dict().items():
         assert torch.equal(resumed_model.state_dict()[name], tensor), name
+
+
+def test_a_checkpoint_of_another_recipe_is_refused_and_an_old_one_trains_at_this_rate(small_mnist, tmp_path,
+                                                                                       monkeypatch):
+    from bclib import train as train_module
+
+    train, test = (split.subset(200) for split in small_mnist)
+    config = TrainConfig(epochs=2, batch_size=100, lr=1e-2, lr_final=1e-3, device="cpu")
+    fit(_lenet300_nj(), train, test, config, checkpoint=tmp_path / "run.pt", progress=False)
+    for changes, named in (({"epochs": 3}, "epochs=2 there, 3 here"), ({"seed": 7}, "seed=0 there, 7 here"),
+                           ({"lr": 1e-4, "lr_final": 1e-4}, "lr=0.01 there, 0.0001 here")):
+        with pytest.raises(ValueError, match=f"written by another recipe .*{re.escape(named)}"):
+            fit(_lenet300_nj(), train, test, replace(config, **changes), checkpoint=tmp_path / "run.pt",
+                progress=False)
+    # Where and how fast it runs may change.
+    assert len(fit(_lenet300_nj(), train, test, replace(config, keep_freed_memory=False),
+                   checkpoint=tmp_path / "run.pt", progress=False)) == 2
+    # A checkpoint written without its config (before configs were saved) is resumed unchecked, at
+    # this config's rates: the optimiser's saved base rates (0.01) must not survive the resume.
+    model = _lenet300_nj()
+    optimizer = torch.optim.Adam(train_module._param_groups(model, config))
+    train_module.save_checkpoint(tmp_path / "old.pt", model, optimizer, 1, [{"epoch": 1}])
+    rates = []
+    set_lr = train_module._set_lr
+    monkeypatch.setattr(train_module, "_set_lr", lambda optimizer, config, epoch: rates.append(
+        set_lr(optimizer, config, epoch)) or rates.append([g["lr"] for g in optimizer.param_groups]) or rates[-2])
+    fit(model, train, test, replace(config, lr=1e-4, lr_final=1e-4, variance_lr_scale=3.0),
+        checkpoint=tmp_path / "old.pt", progress=False)
+    assert rates == [1e-4, [pytest.approx(1e-4), pytest.approx(3e-4)]]
 
 
 def test_variances_are_clipped_after_every_step(small_mnist):
@@ -227,6 +266,7 @@ def test_autocast_trains_under_autocast_and_evaluates_in_full_precision(small_mn
     ("lr", 0.0), ("lr", -1e-3), ("lr_final", 0.0), ("variance_lr_scale", -1.0),
     ("kl_warmup_epochs", -1), ("variance_dtype", "bf16"), ("variance_dtype", "int8"),
     ("autocast", "float16"), ("autocast", True), ("keep_freed_memory", 1), ("keep_freed_memory", "yes"),
+    ("seed", -1), ("seed", 2**32),
 ])
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -249,6 +289,12 @@ def test_fit_names_arguments_of_the_wrong_type():
         fit(model, (split.x, split.y), split, TrainConfig(epochs=1), progress=False)
     with pytest.raises(TypeError, match=r"test must be a bclib.data.TensorSplit .*got list"):
         fit(model, split, [split], TrainConfig(epochs=1), progress=False)
+    with pytest.raises(ValueError, match="train must hold at least one example"):
+        fit(model, split.subset(0), split, TrainConfig(epochs=1), progress=False)
+    with pytest.raises(ValueError, match="test must hold at least one example"):
+        fit(model, split, split.subset(0), TrainConfig(epochs=1), progress=False)
+    with pytest.raises(ValueError, match="x and y must hold the same number of examples, got 4 and 3"):
+        TensorSplit(split.x, split.y[:3])
     with pytest.raises(TypeError, match=r"config must be a bclib.train.TrainConfig, got dict"):
         fit(model, split, split, {"epochs": 1}, progress=False)
 

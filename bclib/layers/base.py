@@ -134,6 +134,8 @@ class BayesianLayer(nn.Module):
     def load_pretrained(self, weight: Tensor, bias: Tensor | None = None) -> None:
         """Restart from a pretrained deterministic layer: the same as passing ``init_weight`` and
         ``init_bias`` to the constructor (the posterior mean starts at ``weight`` and ``bias``)."""
+        if bias is not None and self.bias_mu is None:
+            raise ValueError("bias was given but the layer has bias=False")
         self._init_weight = check_init_tensor("weight", weight, self.weight_shape)
         self._init_bias = check_init_tensor("bias", bias, (self.weight_shape[0],)) if self.bias_mu is not None else None
         self.reset_parameters()

@@ -136,6 +136,8 @@ def load_mnist(root: str | os.PathLike | None = None, *, download: bool = True,
     Raises:
         FileNotFoundError: the files are missing and cannot be downloaded; the message names the
             folder and the four file names.
+        ValueError: the files are there but damaged (truncated, corrupt); the message names the
+            folder.
 
     Example:
         >>> train, test = load_mnist()  # doctest: +SKIP
@@ -155,7 +157,11 @@ def load_mnist(root: str | os.PathLike | None = None, *, download: bool = True,
     splits = []
     for train in (True, False):
         # download=True only verifies the md5 of the files present and unpacks them: no network call.
-        dataset = torchvision.datasets.MNIST(str(root), train=train, download=True)
+        try:
+            dataset = torchvision.datasets.MNIST(str(root), train=train, download=True)
+        except RuntimeError as error:  # a truncated or corrupt file: torchvision reports a failed download
+            raise ValueError(f"MNIST files in {raw} are damaged ({error}); replace them with intact copies of "
+                             f"{', '.join(MNIST_FILES)} (or delete them to download again)") from None
         split = TensorSplit(_scale(dataset.data.unsqueeze(1), input_range), dataset.targets.long())
         splits.append(split.to(device) if device is not None else split)
     return splits[0], splits[1]

@@ -132,6 +132,16 @@ def test_one_missing_file_is_detected(tmp_path, mnist_root):
         load_mnist(tmp_path, download=False)
 
 
+def test_a_truncated_file_is_named_as_damaged(tmp_path, mnist_root):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in MNIST_FILES:
+        data = (mnist_root / "MNIST" / "raw" / name).read_bytes()
+        (raw / name).write_bytes(data[:len(data) // 2] if name == "train-labels-idx1-ubyte.gz" else data)
+    with pytest.raises(ValueError, match=f"MNIST files in {re.escape(str(raw))} are damaged"):
+        load_mnist(tmp_path, download=False)
+
+
 def test_failed_download_leaves_no_file_behind(monkeypatch, tmp_path):
     """A download that writes part of a file and then fails (no network) must leave the root empty."""
     import torchvision

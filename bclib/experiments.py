@@ -24,12 +24,12 @@ import itertools
 import json
 import math
 import os
-import pickle
 import re
 import shlex
 import shutil
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -100,6 +100,8 @@ def paper_row(name: str) -> str:
         >>> paper_row("lenet5_hs_layers_3seeds_tol2_bits"), paper_row("lenet5_hs_scratch")
         ('lenet5_hs', 'lenet5_hs')
     """
+    if name not in EXPERIMENTS:
+        raise ValueError(f"name must be a registered run (bclib.experiments.EXPERIMENTS), got {name!r}")
     while EXPERIMENTS[name].refines is not None:
         name = EXPERIMENTS[name].refines
     return EXPERIMENTS[name].paper_row or name
@@ -290,10 +292,15 @@ def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epo
         "torch": torch.__version__,
     })
     recorders = _animation_recorders(config.epochs) if experiment.animate else ()
+    resumed = (out_dir / "checkpoint.pt").exists()
     history = fit(model, train, test, config, callbacks=[*recorders, *callbacks],
                   checkpoint=out_dir / "checkpoint.pt", progress=progress)
     write_json(out_dir / "metrics.json", history)
-    if recorders and recorders[0].epochs:  # empty when the run resumed after its last epoch
+    if recorders and resumed and recorders[0].epochs:
+        # The recorders saw only the epochs after the resume: GIFs of them would silently lack the rest.
+        warnings.warn(f"{out_dir} resumed from its checkpoint, so its animations, which need every epoch, were "
+                      "not written; delete checkpoint.pt and train again to record them", stacklevel=2)
+    elif recorders and recorders[0].epochs:
         _write_animations(recorders, test, out_dir, experiment.input_range)
     return compress_run(out_dir, model=model, test=test, selection=_selection_split(train),
                         thresholds=experiment.thresholds)
@@ -361,7 +368,8 @@ def compress_run(run_dir: str | os.PathLike, *, model=None, test: TensorSplit | 
     model = model.cpu()
     if test is None or (selection is None and thresholds is None):
         config = json.loads((run_dir / "config.json").read_text())
-        train, test = _load_data(data_root, config.get("input_range", DEFAULT_INPUT_RANGE), config.get("fast"))
+        train, loaded_test = _load_data(data_root, config.get("input_range", DEFAULT_INPUT_RANGE), config.get("fast"))
+        test = loaded_test if test is None else test
         selection = _selection_split(train) if selection is None else selection
     test = test.to("cpu")
     dense_error = evaluate(model, test)["error"]
@@ -468,7 +476,7 @@ def fine_tune_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, co
             print(f"offset {offset:+.2f}: {result.report.architecture}, selection error {100 * error:.2f} %",
                   flush=True)
         allowed = error + SELECTION_TOLERANCE if allowed is None else allowed
-        if error > allowed:
+        if not compression.within_tolerance(error, allowed):
             break
         kept = (tuned, history, thresholds, offset)
     if kept is None:
@@ -543,7 +551,7 @@ def lower_bits_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, c
             # Every candidate starts from the base network: a chain of retrainings would drift.
             candidate = base.with_bits(trial_bits)
             tuned, trial_history, errors = _retrain(candidate, fit_split, selection, test, config, progress)
-            accepted = errors["selection_error"] <= allowed
+            accepted = compression.within_tolerance(errors["selection_error"], allowed)
             candidates.append({
                 "layer": row.name, "bits": [trial_bits[name] for name in names],
                 "compression_precision": candidate.report.compression_precision,
@@ -707,12 +715,14 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
             # Groups the cut leaves (fewer than keep where log alphas tie at the cut).
             groups = int(candidate.surviving_groups(name).sum())
             candidates.append(row(candidate, trial_errors, step=step, layer=name, groups=groups, taken=False))
-            rank = (trial_errors["selection_error"], -candidate.report.compression_pruning, len(candidates) - 1)
+            # Rounded, so that equal counts of errors tie however their means round.
+            rank = (round(trial_errors["selection_error"], 9), -candidate.report.compression_pruning,
+                    len(candidates) - 1)
             tried.append((rank, trial, candidate, tuned, trial_history))
             if progress:
                 print(f"step {step}, layer {name}: {candidate.report.architecture}, selection error "
                       f"{100 * trial_errors['selection_error']:.2f} % (allowed {100 * allowed:.2f} %)", flush=True)
-        within = [entry for entry in tried if entry[0][0] <= allowed]
+        within = [entry for entry in tried if compression.within_tolerance(entry[0][0], allowed)]
         if not within:
             break
         (_, _, index), thresholds, cut_from, current, history = min(within, key=lambda e: _SEARCH_ORDERS[take](e[0]))
@@ -774,11 +784,21 @@ class _SearchCheckpoint:
         entry_keys = {"thresholds", "file", "history", "errors"}
         if not (isinstance(recorded, dict) and isinstance(recorded.get("settings"), dict)
                 and isinstance(recorded.get("candidates"), list)
-                and all(isinstance(entry, dict) and entry_keys <= set(entry)
-                        and re.fullmatch(r"\d+\.pt", str(entry["file"])) for entry in recorded["candidates"])):
-            raise ValueError(damaged % f"expected settings and candidates with {sorted(entry_keys)}, each file "
-                                       "named <n>.pt")
+                and all(self._valid_entry(entry, entry_keys) for entry in recorded["candidates"])):
+            raise ValueError(damaged % f"expected settings and candidates with {sorted(entry_keys)}: numeric "
+                                       "thresholds, a list history, errors with a numeric selection_error, each "
+                                       "file named <n>.pt")
         return recorded
+
+    @staticmethod
+    def _valid_entry(entry, keys) -> bool:
+        def number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        return (isinstance(entry, dict) and keys <= set(entry) and re.fullmatch(r"\d+\.pt", str(entry["file"]))
+                is not None and isinstance(entry["thresholds"], list) and all(map(number, entry["thresholds"]))
+                and isinstance(entry["history"], list) and isinstance(entry["errors"], dict)
+                and number(entry["errors"].get("selection_error")))
 
     @staticmethod
     def _key(thresholds) -> str:
@@ -793,7 +813,7 @@ class _SearchCheckpoint:
         path = self.folder / entry["file"]
         try:
             network = candidate.with_tensors(torch.load(path, weights_only=True))
-        except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as error:
+        except Exception as error:  # torch.load of a damaged file raises EOFError, KeyError, IndexError, ...
             raise ValueError(f"the search checkpoint {path} cannot be read back ({error}); delete the folder "
                              f"{self.folder} to start the search afresh") from error
         return network, entry["history"], entry["errors"]

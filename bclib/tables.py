@@ -99,6 +99,8 @@ def speed_table(result: Mapping) -> str:
             low, high = row["speedup_over_flop_reduction_range"]
             lines.append(f"{row['layout']:<13} {row['batch']:>5} {low:>6.2f} "
                          f"{row['speedup_over_flop_reduction']:>6.2f} {high:>6.2f}")
+    if result.get("layers") and not result.get("runs"):
+        raise ValueError("result has per-module timings but no runs: pass a result of bclib.bench.run_compression_bench")
     for layout, rows in result.get("layers", {}).items():
         batch = max(row["batch"] for row in result["runs"])
         lines += ["", f"per module, {layout}, batch {batch} (each timed alone)",

@@ -858,7 +858,7 @@ def plot_learning_curves(history: Sequence[Mapping], *, path=None) -> Figure:
     for ax, (title, keys) in zip(axes, panels):
         for key in keys:
             points = [(x, float(row[key])) for x, row in zip(epochs, history) if key in row]
-            ax.plot(*zip(*points), label=key)
+            ax.plot(*zip(*points), label=key, marker="o" if len(points) == 1 else None)  # one epoch: a dot
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
         if len(keys) > 1:

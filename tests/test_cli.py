@@ -206,6 +206,36 @@ def run_copy(trained_run, tmp_path) -> Path:
     return Path(shutil.copytree(trained_run, tmp_path / "run"))
 
 
+def test_a_resumed_run_writes_no_animations_of_its_last_epochs_only(mnist_root, tmp_path):
+    """lenet300_nj records animations; stopped inside its second (fast) epoch and run again, its
+    recorders see epoch 2 alone: it warns and writes no GIF rather than GIFs of one epoch."""
+    class Stop(Exception):
+        pass
+
+    def stop_in_epoch_2(epoch, model, metrics):
+        if epoch == 2:
+            raise Stop
+
+    out = tmp_path / "lenet300_nj"
+    with pytest.raises(Stop):
+        experiments.run_experiment("lenet300_nj", out, data_root=mnist_root, fast=True, callbacks=[stop_in_epoch_2],
+                                   progress=False)
+    with pytest.warns(UserWarning, match="resumed from its checkpoint, so its animations, which need every epoch, were"):
+        experiments.run_experiment("lenet300_nj", out, data_root=mnist_root, fast=True, progress=False)
+    assert not list(out.glob("*.gif")) and _read(out, "report.json")["architecture"]
+    with pytest.raises(ValueError, match="name must be a registered run"):
+        experiments.paper_row("lenet5_hs_nope")
+
+
+def test_compress_run_scores_the_test_split_it_is_given(run_copy, mnist_root, mnist):
+    """Without thresholds it loads the training data for the selection split, and keeps the 7-example
+    test split it was given (it used to score the loaded test set instead)."""
+    _, test = mnist
+    report = experiments.compress_run(run_copy, test=test.subset(7), data_root=mnist_root)
+    for key in ("dense_error", "file_error"):
+        assert report[key] * 7 == pytest.approx(round(report[key] * 7), abs=1e-9), key
+
+
 def test_compress_with_explicit_thresholds(run_copy, mnist_root, capsys):
     """Thresholds above every log alpha keep every weight: the exported network is the dense one."""
     assert main(["compress", str(run_copy), "--thresholds", "100", "100", "100", "--data", str(mnist_root)]) == 0
@@ -595,6 +625,41 @@ def test_prune_layers_ranks_cuts_by_the_mean_over_seeds(trained_run, mnist_root,
     assert _read(tmp_path / "out", "config.json")["seeds"] == 2
 
 
+def test_prune_layers_counts_a_cut_on_the_allowance_as_within_and_ties_by_counts(trained_run, mnist_root,
+                                                                                 tmp_path, monkeypatch):
+    """Errors as counts over 10,000 examples. One cut of a layer (a quarter of its groups) makes
+    ``counts[layer][seed]`` errors, the base 6 per seed, anything else 9000."""
+    base = _read(trained_run, "report.json")
+    groups = {row["name"]: row["groups_kept"] for row in base["layers"]}
+
+    def retraining(counts):
+        def retrain(compressed, fit_split, selection, test, config, progress):
+            cut = [row.name for row in compressed.report.layers if row.groups_kept < groups[row.name]]
+            once = len(cut) == 1 and compressed.report.layers[[r.name for r in compressed.report.layers].index(
+                cut[0])].groups_kept >= 0.7 * groups[cut[0]]
+            count = 6 if not cut else counts[cut[0]][config.seed] if once and cut[0] in counts else 9000
+            return compressed, [{"epoch": 1, "seconds": 0.0}], {"selection_error": count / 10_000,
+                                                               "test_error": count / 10_000, "seconds": 0.0}
+        return retrain
+
+    # fc1's cut makes 16 errors: exactly 0.1 points above the base's 6, which float arithmetic puts
+    # over (16 / 10,000 > 6 / 10,000 + 0.001); it is within the allowance.
+    assert 16 / 10_000 > 6 / 10_000 + 0.001
+    monkeypatch.setattr(experiments, "_retrain", retraining({"1": (16,)}))
+    experiments.prune_layers_run(trained_run, tmp_path / "boundary", data_root=mnist_root, progress=False)
+    first = {c["layer"]: c for c in _read(tmp_path / "boundary", "analysis.json")["candidates"] if c["step"] == 1}
+    assert first["1"]["taken"]
+    # Three seeds: fc2's cut makes 80, 80 and 83 errors, fc1's 81 each: the same 243, whose means
+    # float sums round apart; the tie goes to the cut that prunes more (fc2's, which also removes rows of fc1).
+    monkeypatch.setattr(experiments, "_retrain", retraining({"3": (80, 80, 83), "1": (81, 81, 81)}))
+    experiments.prune_layers_run(trained_run, tmp_path / "tie", seeds=3, tolerance=0.008, data_root=mnist_root,
+                                 progress=False)
+    first = {c["layer"]: c for c in _read(tmp_path / "tie", "analysis.json")["candidates"] if c["step"] == 1}
+    assert first["3"]["selection_error"] > first["1"]["selection_error"]  # as float sums round them
+    assert first["3"]["compression_pruning"] > first["1"]["compression_pruning"]
+    assert first["3"]["taken"] and not first["1"]["taken"]
+
+
 def test_prune_layers_can_take_the_cut_that_prunes_most(trained_run, mnist_root, tmp_path, monkeypatch):
     """take="most_pruning": the error grows with the share of each layer's groups cut, fc2's (which also
     removes fc1's rows) costing more than fc1's but staying within the allowed error. The rule of least
@@ -798,7 +863,13 @@ def test_prune_layers_names_a_damaged_checkpoint(trained_run, mnist_root, tmp_pa
         ("progress.json", json.dumps({**progress, "candidates": [{**progress["candidates"][0], "file": "../x.pt"}]}),
          r"progress.json is damaged \(expected settings and candidates"),
         ("1.pt", tensors[: len(tensors) // 2], r"1.pt cannot be read back"),
-    ]
+        ("1.pt", b"", r"1.pt cannot be read back"),
+        ("1.pt", b"abc", r"1.pt cannot be read back"),
+        ("1.pt", "some text", r"1.pt cannot be read back"),
+    ] + [("progress.json", json.dumps({**progress, "candidates": [{**progress["candidates"][0], **change}]}),
+          r"progress.json is damaged \(expected settings and candidates")
+         for change in ({"thresholds": None}, {"thresholds": ["abc"]}, {"errors": None}, {"errors": {}},
+                        {"history": "x"})]
     for name, damaged, message in damages:
         (checkpoint / "progress.json").write_text(text)
         (checkpoint / "1.pt").write_bytes(tensors)
@@ -809,6 +880,7 @@ def test_prune_layers_names_a_damaged_checkpoint(trained_run, mnist_root, tmp_pa
         with pytest.raises(ValueError, match=message + r".*delete the folder .*search_checkpoint to start the search"):
             experiments.prune_layers_run(trained_run, tmp_path / "out", data_root=mnist_root, progress=False)
         assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [experiments.SEARCH_CHECKPOINT]
+    (checkpoint / "progress.json").write_text(text)
     (checkpoint / "1.pt").unlink()
     with pytest.raises(ValueError, match=r"1.pt cannot be read back \(.*No such file"):
         experiments.prune_layers_run(trained_run, tmp_path / "out", data_root=mnist_root, progress=False)

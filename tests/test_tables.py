@@ -124,6 +124,8 @@ def test_speed_table_fits_and_names_macs():
     row = next(line for line in text.splitlines() if line.startswith("channels_last  "))
     assert row.split() == ["channels_last", "1000", "140.316", "36.707", "27,243", "3.82x", "0.60"]
     assert text.splitlines()[-1].split() == ["1", "MaxPool2d", "6.000", "3.000", "75%"]
+    with pytest.raises(ValueError, match="per-module timings but no runs"):
+        tables.speed_table({**result, "runs": []})
 
 
 def test_bench_trials_summary_judges_the_median_and_compares_the_allocators():

@@ -356,6 +356,9 @@ def test_learning_curves_panels_and_data():
     assert [ax.get_title() for ax in fig.axes] == ["loss", "error", "KL (nats)"]
     assert list(fig.axes[2].lines[0].get_ydata()) == [99.0, 98.0, 97.0, 96.0, 95.0]
     assert [line.get_label() for line in fig.axes[1].lines] == ["train_error", "test_error"]
+    # One epoch is drawn as a dot (a line through one point draws nothing).
+    single = viz.plot_learning_curves(history[:1])
+    assert all(line.get_marker() == "o" for ax in single.axes for line in ax.lines)
     # Without a KL (a deterministic model) the KL panel is left out.
     assert len(viz.plot_learning_curves([{"loss": 1.0, "test_error": 0.5}]).axes) == 2
 

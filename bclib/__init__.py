@@ -20,7 +20,8 @@ from .compression import CompressedModel, CompressionReport, compress
 from .fileformat import load_compressed
 from .models import to_bayesian
 
-# The 2017 release called the NJ layers "group variational dropout".
+# The first version of the 2017 release (its README snippet, quoted in the book) called the NJ layers
+# "group variational dropout"; later versions renamed them LinearGroupNJ / Conv2dGroupNJ.
 LinearGroupVD = LinearGroupNJ
 Conv2dGroupVD = Conv2dGroupNJ
 

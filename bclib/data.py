@@ -4,8 +4,9 @@ The data root is, in order: the ``root`` argument, the ``BCLIB_DATA`` environmen
 per-user cache folder (``$XDG_CACHE_HOME/bclib`` or ``~/.cache/bclib``). Files are downloaded when
 the network allows it, into a temporary folder that is moved into place only when complete.
 
-Inputs are scaled to ``[0, 1]`` by default (``input_range=(0, 1)``); ``input_range=(-1, 1)`` gives the
-2017 release's scaling. They differ in the variance term of the local reparameterisation,
+MNIST inputs are scaled to ``[0, 1]`` by default (``input_range=(0, 1)``); ``input_range=(-1, 1)`` gives
+the 2017 release's scaling (CIFAR-10's are scaled to ``[-1, 1]``: natural images have no blank
+background). They differ in the variance term of the local reparameterisation,
 ``sum_i x_i^2 sigma_i^2``: in ``[0, 1]`` a blank pixel (0) adds no noise, so a pixel feeds its weight
 noise only into the examples where it is inked; in ``[-1, 1]`` the background (-1) feeds the full
 noise of every kept pixel into every example, which makes rarely inked pixels costly to keep. The

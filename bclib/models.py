@@ -97,7 +97,8 @@ def vgg_cifar(prior="nj", *, num_classes: int = 10, width: float = 1.0, tau0: fl
     Args:
         prior: ``"nj"``, ``"hs"``, ``"svd"`` or ``None``.
         num_classes: outputs of the last layer.
-        width: multiplies every layer's width (``width=0.125`` gives a small copy for tests).
+        width: multiplies every hidden layer's width, not the output's (``width=0.125`` gives a small
+            copy for tests).
     """
     linear, conv = _layer_factories(prior, tau0, shared_scale)
     layers: list[nn.Module] = []

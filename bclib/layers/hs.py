@@ -20,8 +20,9 @@ Defaults chosen here (the paper leaves them open):
   a group the data do not use settles at the minimum of its KL terms, ``v_a = v_b = 2`` and
   ``E[log z~_g] = 0`` (no shrinkage), where ``log alpha = log(e - 1) ~ 0.54``.
 * Initialisation sits where the prior is comfortable: ``m_sa = log tau0^2`` (the Gamma factor at
-  its scale) and ``m_sb`` set so that ``E[s] = 1/sqrt(fan_in)``; ``m_a = m_b = 0``. Then ``w~`` starts
-  in ``U(-1, 1)``, the typical range under its ``N(0, 1)`` prior.
+  its scale) and ``m_sb`` set so that ``E[s] = 1/sqrt(fan_in)`` (a scale per layer; a scale shared
+  across the network starts at its ``init_scale``, 0.05 by default); ``m_a = m_b = 0``. Then, with a
+  scale per layer, ``w~`` starts in ``U(-1, 1)``, the typical range under its ``N(0, 1)`` prior.
 """
 from __future__ import annotations
 

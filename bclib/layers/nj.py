@@ -1,8 +1,10 @@
 """Group normal-Jeffreys layers (group variational dropout), Louizos et al. 2017, Sec. 3.1.
 
-Prior: ``p(z) ~ 1/|z|`` per group and ``p(w~ | z) = N(0, z^2)``.
-Posterior: ``q(z_g) = N(z_mu, z_var)`` and ``q(w~ | z) = N(z mu, z^2 sigma^2)``.
-The dropout rate of group ``g`` is ``alpha_g = z_var / z_mu^2``: groups with large alpha are pruned.
+Each weight is ``w = z w~`` with a scale ``z`` per group.
+Prior: ``p(z) ~ 1/|z|`` per group and ``p(w | z) = N(0, z^2)``, i.e. ``w~ ~ N(0, 1)``.
+Posterior: ``q(z_g) = N(z_mu, z_var)`` and ``q(w | z) = N(z mu, z^2 sigma^2)``, i.e. ``q(w~) = N(mu, sigma^2)``.
+``alpha_g = z_var / z_mu^2`` is the noise-to-signal ratio of group ``g``'s scale (Gaussian dropout with
+drop probability ``p = alpha / (1 + alpha)``): groups with large alpha are pruned.
 """
 from __future__ import annotations
 

@@ -91,6 +91,15 @@ def _interleaved_medians(modules: dict[str, nn.Module], x: torch.Tensor, repeats
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def _check_run_sizes(**sizes) -> None:
+    """Refuse non-positive or non-integer counts (repeats, steps, batch sizes), naming the argument."""
+    for name, value in sizes.items():
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        if (not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values)):
+            what = "a non-empty sequence of positive ints" if isinstance(value, (tuple, list)) else "a positive int"
+            raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
 def run_compression_bench(model: nn.Module | None = None, compressed: CompressedModel | None = None,
                           thresholds=None, *, batch_sizes=(1000, 1), layouts=LAYOUTS,
                           repeats: int = 9, min_seconds: float = 0.2, threads: int | None = None,
@@ -134,6 +143,11 @@ def run_compression_bench(model: nn.Module | None = None, compressed: Compressed
         the time goes: pooling and memory-bound layers are not counted by FLOPs); compiled models run
         fused across modules, so the ``"compiled"`` layout has no per-module rows.
     """
+    _check_run_sizes(batch_sizes=tuple(batch_sizes), repeats=repeats)
+    if not (isinstance(min_seconds, (int, float)) and math.isfinite(min_seconds) and min_seconds >= 0):
+        raise ValueError(f"min_seconds must be a finite number >= 0, got {min_seconds!r}")
+    if not layouts:
+        raise ValueError(f"layouts must name at least one of {LAYOUTS}, got {layouts!r}")
     if keep_freed:
         keep_freed_memory()
     if model is None:
@@ -366,6 +380,11 @@ def summarise_trials(results: list[dict]) -> dict:
     for result in results[1:]:
         if [(row["layout"], row["batch"]) for row in result["runs"]] != keys:
             raise ValueError(f"every result must time the same layouts and batches as the first: {keys}")
+    layouts = {layout: [row["layer"] for row in rows] for layout, rows in first.get("layers", {}).items()}
+    for result in results[1:]:
+        if {layout: [row["layer"] for row in rows] for layout, rows in result.get("layers", {}).items()} != layouts:
+            raise ValueError(f"every result must time the same modules in the same layouts as the first: "
+                             f"{sorted(layouts)}")
     summary = {key: value for key, value in first.items() if key not in ("runs", "layers")}
     summary["runs"] = []
     for index, row in enumerate(first["runs"]):
@@ -380,7 +399,7 @@ def summarise_trials(results: list[dict]) -> dict:
                   **{key: statistics.median(result["layers"][layout][index][key] for result in results)
                      for key in ("dense_ms", "pruned_ms")}}
                  for index, row in enumerate(rows)]
-        for layout, rows in first["layers"].items()}
+        for layout, rows in first.get("layers", {}).items()}
     summary["trials"] = [result["runs"] for result in results]
     return summary
 
@@ -413,6 +432,7 @@ def run_layers_bench(steps: int = 10, repeats: int = 7, batch_size: int = 128, p
         deterministic one of the same precision; matmul_floor: the same ratio for the multiply-adds of
         the step's matrix products, :func:`matmul_macs_per_example`).
     """
+    _check_run_sizes(steps=steps, repeats=repeats, batch_size=batch_size)
     with _cpu_threads(threads):
         result = _time_train_steps(steps, repeats, batch_size, priors, model_names, variants)
     for name, rows in result.items():
@@ -454,10 +474,13 @@ def matmul_macs_per_example(model: nn.Module, input_shape=(1, 28, 28)) -> int:
 
     hooks = [m.register_forward_hook(record) for m in model.modules()
              if isinstance(m, (nn.Linear, nn.Conv2d, BayesianLayer))]
+    was_training = model.training
+    dtype = next(model.parameters()).dtype
     try:
         with torch.no_grad():
-            model.eval()(torch.zeros(1, *input_shape))
+            model.eval()(torch.zeros(1, *input_shape, dtype=dtype))
     finally:
+        model.train(was_training)
         for hook in hooks:
             hook.remove()
     total = 0

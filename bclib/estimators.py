@@ -108,8 +108,8 @@ def minibatch_gradient_moments(layer: GroupScaleLayer, inputs: Tensor, targets: 
     if batch_size > inputs.shape[0]:
         raise ValueError(f"batch_size must be <= the number of examples ({inputs.shape[0]}), got {batch_size}")
     names, params = zip(*[(n, p) for n, p in layer.named_parameters() if p.requires_grad])
-    total = [torch.zeros(p.shape, dtype=torch.float64) for p in params]
-    total_sq = [torch.zeros(p.shape, dtype=torch.float64) for p in params]
+    total = [torch.zeros(p.shape, dtype=torch.float64, device=p.device) for p in params]
+    total_sq = [torch.zeros(p.shape, dtype=torch.float64, device=p.device) for p in params]
     layer.train()
     for _ in range(num_batches):
         index = torch.randperm(inputs.shape[0], generator=generator)[:batch_size]

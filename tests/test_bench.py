@@ -249,3 +249,31 @@ def test_subnormal_weights_are_zeroed_for_timing_and_the_given_export_is_left_al
     bench.run_compression_bench(model, compressed, batch_sizes=(2,), layouts=("contiguous",), repeats=1,
                                 min_seconds=0.0, verbose=False)
     assert compressed.model[0].weight[0, 0, 0, 0].item() == pytest.approx(1e-40, rel=1e-3)
+
+
+def test_bench_arguments_are_checked_before_anything_runs():
+    for kwargs, message in (({"repeats": 0}, "repeats must be a positive int"),
+                            ({"repeats": 2.5}, "repeats must be a positive int"),
+                            ({"batch_sizes": ()}, "batch_sizes must be a non-empty sequence of positive ints"),
+                            ({"batch_sizes": (0,)}, "batch_sizes must be a non-empty sequence of positive ints"),
+                            ({"min_seconds": math.nan}, "min_seconds must be a finite number >= 0"),
+                            ({"layouts": ()}, "layouts must name at least one")):
+        with pytest.raises(ValueError, match=message):
+            bench.run_compression_bench(verbose=False, **kwargs)
+    for kwargs in ({"steps": 0}, {"repeats": 0}, {"batch_size": 0}):
+        with pytest.raises(ValueError, match=f"{next(iter(kwargs))} must be a positive int"):
+            bench.run_layers_bench(verbose=False, **kwargs)
+
+
+def test_counting_products_leaves_the_model_as_it_was():
+    model = models.lenet_300_100("nj").double().train()
+    assert bench.matmul_macs_per_example(model) == 2 * (3 * 784 * 300 + 3 * 300 * 100 + 3 * 100 * 10)
+    assert model.training
+
+
+def test_trials_that_time_other_modules_are_refused():
+    row = {"layout": "contiguous", "batch": 1000, "speedup_over_flop_reduction": 0.5, "dense_ms": 2.0,
+           "pruned_ms": 1.0}
+    first = {"runs": [row], "layers": {"contiguous": [{"layer": "0 Linear", "dense_ms": 1.0, "pruned_ms": 0.5}]}}
+    with pytest.raises(ValueError, match="same modules in the same layouts"):
+        bench.summarise_trials([first, {"runs": [row], "layers": {}}])

@@ -374,9 +374,12 @@ def test_propose_thresholds_per_layer():
     model = small_conv_net()
     with torch.no_grad():
         model[0].z_logvar.copy_(torch.tensor([-8.0, 3.0, -7.5]))
-    proposed = propose_thresholds(model, fallback=0.0)
+    proposed = propose_thresholds(model)
     assert list(proposed) == ["0", "4", "6"]
-    assert -7.5 < proposed["0"] < 3.0
+    # By hand: layer '0' has log alphas -8, -7.5 and 3 in 64 bins of width 11 / 64 from -8 (bins 0, 2
+    # and 63); the longest run of empty bins between the modes is bins 3-62, whose centre is
+    # -8 + 33 * 11 / 64 (a run of one empty bin, bin 1, is shorter).
+    assert proposed["0"] == pytest.approx(-8 + 33 * 11 / 64)
 
 
 def test_threshold_sweep_rows():
@@ -414,6 +417,14 @@ def test_select_thresholds_prunes_exactly_the_groups_the_data_does_not_need():
     assert select_thresholds(model, x, y, tolerance=0.99) == [pytest.approx(-5.0)]
     with pytest.raises(ValueError, match="tolerance"):
         select_thresholds(model, x, y, tolerance=1.5)
+    # A fixed layer keeps its given threshold (Sparse VD's 3); the others are still searched.
+    two = nn.Sequential(layer, bclib.LinearGroupNJ(2, 2)).eval()
+    with torch.no_grad():
+        two[1].weight_mu.copy_(torch.eye(2))
+        two[1].bias_mu.zero_()
+        two[1].z_mu.fill_(1.0)
+        two[1].z_logvar.copy_(torch.tensor([-6.0, -5.0]))
+    assert select_thresholds(two, x, y, tolerance=0.0, fixed={1: 3.0}) == [pytest.approx(1.0), 3.0]
 
 
 def test_select_thresholds_follows_the_forward_order_not_the_registration_order():

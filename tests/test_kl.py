@@ -100,6 +100,17 @@ def test_nj_kl_exact_matches_the_series():
     assert got.shape == log_alpha.shape
     expected = np.array([exact_nj_kl_series(la) for la in log_alpha.ravel()]).reshape(log_alpha.shape)
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    # Large alpha, where an odd grid put a midpoint on the singularity and the KL went negative.
+    large = np.array([30.0, 50.0, 100.0])
+    for num_points in (400_000, 400_001):
+        got = bkl.nj_kl_exact(large, num_points=num_points)
+        assert (got >= 0).all()
+        np.testing.assert_allclose(got, [exact_nj_kl_series(la) for la in large], atol=1e-4, rtol=0)
+    for bad, message in (({"num_points": 0}, "num_points must be an int >= 2"),
+                         ({"half_width": -12.0}, "half_width must be a finite number > 0"),
+                         ({"half_width": 0.0}, "half_width must be a finite number > 0")):
+        with pytest.raises(ValueError, match=message):
+            bkl.nj_kl_exact(0.0, **bad)
 
 
 # ----------------------------------------------------------------------------- Gaussian and horseshoe terms
@@ -162,6 +173,28 @@ def test_lognormal_inverse_gamma_kl_against_monte_carlo(implementation, m, v, sh
     mean, stderr = mc_mean(log_q - log_p)
     closed = closed_forms(implementation, reference)[1](torch.tensor(m, dtype=torch.float64), torch.tensor(v, dtype=torch.float64), shape, scale)
     assert abs(closed.item() - mean) < MC_SIGMAS * stderr
+
+
+def test_fused_gaussian_kl_sum_gradient_is_the_closed_form():
+    """The hand-written backward of the fused KL sum against the derivatives of
+    1/2 (-log s2 + s2 + mu^2 - 1) done by hand (d/dmu = mu, d/dlog s2 = (s2 - 1) / 2), for a layer's
+    weights and bias (the sum the NJ and HS layers train on), and against finite differences."""
+    import bclib
+
+    generator = torch.Generator().manual_seed(0)
+    mu = torch.randn(5, 7, dtype=torch.float64, generator=generator).requires_grad_()
+    logvar = (4 * torch.rand(5, 7, dtype=torch.float64, generator=generator) - 12).requires_grad_()
+    (3.0 * bkl.gaussian_kl_std_normal_sum(mu, logvar)).backward()
+    torch.testing.assert_close(mu.grad, 3.0 * mu.detach())
+    torch.testing.assert_close(logvar.grad, 3.0 * (logvar.detach().exp() - 1) / 2)
+    assert torch.autograd.gradcheck(bkl.gaussian_kl_std_normal_sum, (mu.detach().requires_grad_(),
+                                                                     logvar.detach().requires_grad_()))
+    with pytest.raises(ValueError, match=r"mu and logvar must have the same shape, got \(5, 7\) and \(1, 7\)"):
+        bkl.gaussian_kl_std_normal_sum(mu, logvar[:1])  # no broadcasting: the sum would be wrong
+    layer = bclib.LinearGroupNJ(4, 3).double()
+    layer._weight_and_bias_kl().backward()
+    torch.testing.assert_close(layer.weight_mu.grad, layer.weight_mu.detach())
+    torch.testing.assert_close(layer.bias_logvar.grad, (layer.bias_logvar.detach().exp() - 1) / 2)
 
 
 def test_lognormal_kls_are_elementwise():

@@ -105,3 +105,30 @@ def test_seeded_layer_search_took_the_cut_its_rule_names(name):
     last = [row for row in candidates if row["taken"]][-1]
     assert last["architecture"] == report["architecture"]
     assert last["seeds"][0]["test_error"] == pytest.approx(report["file_error"], abs=1e-12)
+
+
+CONFIGURED = sorted(path.parent.name for path in RESULTS.glob("*/config.json"))
+
+
+@pytest.mark.parametrize("name", CONFIGURED)
+def test_committed_config_is_the_registered_recipe(name):
+    """``python -m bclib reproduce --only NAME`` reruns what is committed: each run's config.json
+    holds the recipe registered under its name (where and how fast it ran aside)."""
+    from bclib.experiments import EXPERIMENTS
+    from bclib.train import TrainConfig
+
+    experiment, config = EXPERIMENTS[name], _read(name, "config.json")
+    assert (config["model"], config["prior"]) == (experiment.model, experiment.prior)
+    assert config["input_range"] == list(experiment.input_range)
+    if experiment.refines is None:
+        assert config["init_from"] == experiment.init_from
+        ignored = {"device", "keep_freed_memory"}
+        # Settings added after a run was made are missing from its config: their defaults applied.
+        recorded = {k: v for k, v in TrainConfig.from_dict(config["train"]).to_dict().items() if k not in ignored}
+        assert recorded == {k: v for k, v in experiment.config.to_dict().items() if k not in ignored}
+    else:
+        key = next(k for k in ("fine_tunes", "lowers_bits_of", "prunes_layers_of") if getattr(experiment, k))
+        assert config[key] == getattr(experiment, key)
+        if experiment.prunes_layers_of:
+            assert config.get("seeds", 1) == experiment.search_seeds
+            assert config["selection_tolerance"] == experiment.search_tolerance

@@ -84,6 +84,31 @@ def test_fit_learns_a_small_slice_of_mnist(fitted):
     assert [row["lr"] for row in history] == pytest.approx([3e-3, 1e-3])
 
 
+def test_the_step_decays_geometrically_and_gradients_are_clipped(small_mnist, monkeypatch):
+    """Three epochs from 1e-2 to 1e-4: the middle epoch runs at 1e-3 (geometric; linear would give
+    5.05e-3), in every parameter group (log-variances at variance_lr_scale times it). With grad_clip
+    the global gradient norm the optimiser sees never exceeds it, without it it does."""
+    train, test = (split.subset(200) for split in small_mnist)
+    seen = {"lr": [], "norm": []}
+    original = torch.optim.Adam.step
+
+    def step(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        seen["norm"].append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        seen["lr"].append([group["lr"] for group in self.param_groups])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    config = TrainConfig(epochs=3, batch_size=100, lr=1e-2, lr_final=1e-4, variance_lr_scale=3.0, device="cpu")
+    history = fit(_lenet300_nj(), train, test, config, progress=False)
+    assert [row["lr"] for row in history] == pytest.approx([1e-2, 1e-3, 1e-4])
+    assert seen["lr"][2] == pytest.approx([1e-3, 3e-3])  # epoch 2's first step (two steps per epoch)
+    assert max(seen["norm"]) > 0.5
+    seen["norm"].clear()
+    fit(_lenet300_nj(), train, test, replace(config, grad_clip=0.5), progress=False)
+    assert max(seen["norm"]) <= 0.5 * (1 + 1e-3)  # float32 rounding of the rescaled gradients
+
+
 def test_reported_test_error_is_the_eval_mode_error(fitted, small_mnist):
     model, history = fitted
     _, test = small_mnist

@@ -139,6 +139,22 @@ def test_train_starts_from_the_init_from_folder_whatever_its_name(mnist_root, tm
     assert not (tmp_path / "refused").exists()
 
 
+def test_reproduce_runs_each_registered_run_after_those_it_needs(monkeypatch, tmp_path, capsys):
+    ran = []
+    monkeypatch.setattr(experiments, "run_experiment", lambda name, out_dir, **kwargs: ran.append((name, out_dir)))
+    main(["reproduce", "--only", "lenet5_dense", "lenet5_hs", "--out", str(tmp_path)])
+    assert ran == [("lenet5_dense", tmp_path / "lenet5_dense"), ("lenet5_hs", tmp_path / "lenet5_hs")]
+    assert "== lenet5_dense" in capsys.readouterr().out
+    ran.clear()
+    main(["reproduce", "--out", str(tmp_path)])
+    order = [name for name, _ in ran]
+    assert sorted(order) == sorted(experiments.EXPERIMENTS)
+    for name, experiment in experiments.EXPERIMENTS.items():
+        for needed in (experiment.init_from, experiment.refines):
+            if needed is not None:
+                assert order.index(needed) < order.index(name), (needed, name)
+
+
 def test_unknown_model_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
         main(["train", "--model", "resnet", "--prior", "nj", "--out", "unused"])

@@ -169,6 +169,13 @@ def test_sparse_vd_masks_settle_by_iteration():
     assert (r1.in_kept, r1.out_kept, r1.weights_kept, r1.weights_nonzero) == (1, 1, 1, 1)
     assert (r2.in_kept, r2.out_kept, r2.weights_kept, r2.weights_nonzero) == (1, 2, 2, 1)
     assert result.report.compression_pruning == pytest.approx(15 / 3)
+    # Precision by hand: each surviving weight has 2 Var = 2 * 0.25 e^-5 = 0.00337 < 2^-8 (not 2^-9):
+    # 8 bits in both layers; max |E[w]| = 0.5 gives ceil(log2(|log2 0.5| + 1) + 1) = 2 exponent bits;
+    # 15 weights of 32 bits over 1 + 2 + 8 bits for each weight of the dense blocks (1 + 2) or for each
+    # nonzero one (1 + 1): the Sparse VD "after precision" rate the release's table compares with.
+    assert [row.bits for row in result.report.layers] == [8, 8] and result.report.exponent_bits == 2
+    assert result.report.compression_precision == pytest.approx(32 * 15 / (3 * 11))
+    assert result.report.compression_sparse_precision == pytest.approx(32 * 15 / (2 * 11))
     assert result.report.compression_sparse == pytest.approx(15 / 2)
     x = torch.randn(8, 3)
     assert torch.allclose(result.model(x), apply_masks(model, result.masks).eval()(x), atol=1e-6)

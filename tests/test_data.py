@@ -200,6 +200,34 @@ def test_unshuffled_batches_are_in_order():
 
 
 # ----------------------------------------------------------------------------- CIFAR-10
+def test_load_cifar10_reads_both_splits_through_torchvision_and_names_a_missing_folder(monkeypatch, tmp_path):
+    """torchvision's CIFAR10 replaced by a stand-in (CIFAR-10 cannot be downloaded here): both splits
+    are converted, from the given root; a failure to download is a FileNotFoundError naming the folder."""
+    import torchvision
+
+    from bclib.data import load_cifar10
+
+    calls = []
+
+    def fake_cifar10(root, train=True, download=False, **kwargs):
+        calls.append((root, train, download))
+        images = np.full((3 if train else 2, 32, 32, 3), 255 if train else 0, dtype=np.uint8)
+        return SimpleNamespace(data=images, targets=[1, 2, 3][:len(images)])
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", fake_cifar10)
+    train, test = load_cifar10(tmp_path, download=False)
+    assert calls == [(str(tmp_path), True, False), (str(tmp_path), False, False)]
+    assert train.x.shape == (3, 3, 32, 32) and test.x.shape == (2, 3, 32, 32)
+    assert bool((train.x == 1).all()) and bool((test.x == -1).all()) and test.y.tolist() == [1, 2]
+
+    def failing_cifar10(root, train=True, download=False, **kwargs):
+        raise RuntimeError("Dataset not found or corrupted.")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", failing_cifar10)
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "cifar-10-batches-py"))):
+        load_cifar10(tmp_path, download=False)
+
+
 def test_cifar10_tensors_maps_pixels_by_hand():
     images = np.zeros((2, 32, 32, 3), dtype=np.uint8)
     images[0, 0, 0] = (0, 255, 51)  # pixel (row 0, col 0) of image 0: R, G, B

@@ -158,17 +158,26 @@ def pair():
     return nn.Sequential(fc1, nn.ReLU(), fc2).eval()
 
 
-def test_compression_at_offset_matches_compress(pair):
-    x, y = torch.randn(20, 4), torch.randint(0, 2, (20,))
-    text = tables.compression_at_offset(pair, [-3.0, -3.0], x, y, offset=3.5)
-    # Offset 3.5 moves the thresholds to 0.5: fc1 keeps its input 1 (log alpha 0), fc2 its input 2.
-    result = bclib.compress(pair, [0.5, 0.5])
-    error = bclib.compression.model_error(result.reduced_precision_model(), x, y)
-    assert text.splitlines()[0] == "thresholds [0.5, 0.5]"
-    assert text.splitlines()[1] == f"architecture {result.report.architecture}, error {100 * error:.2f} %"
-    assert result.report.architecture.startswith("4-3")
-
-
+def test_compression_at_offset_by_hand(pair):
+    """Offset 3.5 moves the thresholds -3 to 0.5: every log alpha (-9 or 0) is below, all is kept. Offset
+    2.5 moves them to -0.5: fc1 loses input 1 and fc2 input 2, which kills fc1's unit 2 (the AND rule):
+    3 x 2 + 2 x 2 = 10 of 18 weights, 1.8x. The error is that of a forward pass done here with the
+    surviving +-1 weights (exact on any grid) and the biases rounded to float16, as the file stores them."""
+    x = torch.randn(20, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 2, (20,), generator=torch.Generator().manual_seed(1))
+    lines = tables.compression_at_offset(pair, [-3.0, -3.0], x, y, offset=3.5).splitlines()
+    assert lines[0] == "thresholds [0.5, 0.5]" and lines[1].startswith("architecture 4-3, error ")
+    assert lines[2].startswith("compression 1.0x after pruning")
+    fc1, fc2 = pair[0], pair[2]
+    inputs, units = [0, 2, 3], [0, 1]
+    with torch.no_grad():
+        hidden = torch.relu(x[:, inputs] @ fc1.weight_mu[units][:, inputs].T + fc1.bias_mu[units].half().float())
+        logits = hidden @ fc2.weight_mu[:, units].T + fc2.bias_mu.half().float()
+    error = float((logits.argmax(1) != y).float().mean())
+    lines = tables.compression_at_offset(pair, [-3.0, -3.0], x, y, offset=2.5).splitlines()
+    assert lines[0] == "thresholds [-0.5, -0.5]"
+    assert lines[1] == f"architecture 3-2, error {100 * error:.2f} %"
+    assert lines[2].startswith("compression 1.8x after pruning")
 
 
 def _bits_report(bits, precision, size, ratio, error):

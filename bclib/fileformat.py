@@ -356,12 +356,12 @@ def encode_compressed(input_shape, specs: list[dict], tensors: list[dict[str, Te
             payload += [values[k].detach().cpu().numpy().astype("<f4").tobytes() for k in keys]
         header_specs.append(spec)
     header_fields = {"input_shape": [int(s) for s in input_shape], "layers": header_specs}
+    header_json = json.dumps(header_fields, separators=(",", ":"))
     try:
-        _check_header(json.loads(json.dumps(header_fields)))  # what the loader will see
+        _check_header(json.loads(header_json))  # what the loader will see
     except ValueError as error:
         raise ValueError(f"this network cannot be saved in a file load_compressed accepts: "
                          f"{str(error).removeprefix('corrupt compressed file: ')}") from None
-    header_json = json.dumps(header_fields, separators=(",", ":"))
     header = zlib.compress(header_json.encode("utf-8"), 9)
     body = b"".join(payload)
     flags = 0

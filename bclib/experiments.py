@@ -43,7 +43,7 @@ from .models import bayesian_from_pretrained, build_model
 from .train import TrainConfig, evaluate, fit, load_checkpoint
 
 __all__ = ["Experiment", "EXPERIMENTS", "RunResult", "run_experiment", "compress_run", "fine_tune_run", "lower_bits_run",
-           "prune_layers_run", "paper_row",
+           "prune_layers_run", "paper_row", "predates_zero_survivor_fix",
            "load_run_model", "load_or_run", "scratch_folder", "selection_examples", "write_json"]
 
 # Threshold offsets (added to each layer's chosen threshold) for the saved error/compression sweep.
@@ -574,11 +574,33 @@ def lower_bits_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, c
     write_json(out_dir / "analysis.json", {"reference_selection_error": reference, "allowed": allowed,
                                            "candidates": candidates})
     bit_search = {"from": base_dir.name, "bits_before": bits_before, "bits": [bits[name] for name in names],
-                  "epochs": config.epochs,
+                  "epochs": config.epochs, ZERO_SURVIVORS_TRAIN: True,
                   "seconds": sum(row["seconds"] for row in candidates)}
     extra = {key: base_report[key] for key in ("fine_tuning", "layer_search") if key in base_report}
     return _write_compressed(out_dir, current, base_report["thresholds"], base_report["dense_error"], test,
                              extra={**extra, "bit_search": bit_search})
+
+
+# The key a bits or layer search writes into its record (report.json) to say that its retraining let
+# the surviving weights that the base file stores as 0 train. Searches written before
+# bclib.compression.fine_tune did so lack it: see predates_zero_survivor_fix.
+ZERO_SURVIVORS_TRAIN = "zero_survivors_train"
+
+
+def predates_zero_survivor_fix(report: dict) -> bool:
+    """Whether a run's ``report.json`` comes from a bits or layer search made before
+    :func:`bclib.compression.fine_tune` trained the surviving weights a file stores as 0 (it held
+    them at 0). Such a run's retrained error is that of a handicapped retraining; the rates are not
+    affected. Runs without a search are never flagged.
+
+    Example:
+        >>> predates_zero_survivor_fix({"bit_search": {"bits": [3, 2]}})
+        True
+        >>> predates_zero_survivor_fix({"bit_search": {"bits": [3, 2], "zero_survivors_train": True}})
+        False
+    """
+    return any(key in report and not report[key].get(ZERO_SURVIVORS_TRAIN, False)
+               for key in ("bit_search", "layer_search"))
 
 
 # The priors whose log alphas are one per group (input unit or filter), which the layer search cuts.
@@ -733,7 +755,7 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     write_json(out_dir / "metrics.json", history)
     write_json(out_dir / "analysis.json", {"allowed": allowed, "candidates": candidates})
     layer_search = {"from": base_dir.name, "thresholds_before": base_report["thresholds"],
-                    "thresholds": list(thresholds.values()), "epochs": config.epochs,
+                    "thresholds": list(thresholds.values()), "epochs": config.epochs, ZERO_SURVIVORS_TRAIN: True,
                     "seconds": sum(row["seconds"] for row in candidates)}
     report = _write_compressed(out_dir, current, list(thresholds.values()), base_report["dense_error"], test,
                                extra={"layer_search": layer_search})

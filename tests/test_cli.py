@@ -448,6 +448,7 @@ def test_lower_bits_follows_its_rule(bits_run, fine_tuned_run, mnist):
     assert next(candidates, None) is None
     assert [row["bits"] for row in report["layers"]] == [bits[name] for name in names] == report["bit_search"]["bits"]
     assert report["bit_search"]["bits_before"] == [row["bits"] for row in base["layers"]]
+    assert report["bit_search"]["zero_survivors_train"] is True  # marks searches made after the fine_tune fix
 
 
 def test_lowered_bits_keep_the_architecture_and_set_the_precision_rate(bits_run, fine_tuned_run):
@@ -543,6 +544,7 @@ def test_prune_layers_follows_its_rule(layers_run, trained_run):
         thresholds, step = taken["thresholds"], step + 1
     assert next(candidates, None) is None
     assert report["thresholds"] == thresholds == report["layer_search"]["thresholds"]
+    assert report["layer_search"]["zero_survivors_train"] is True
 
 
 def test_layer_pruned_network_is_what_compress_gives_the_bayesian_network(layers_run, trained_run):

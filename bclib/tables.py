@@ -23,6 +23,8 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
+from .experiments import predates_zero_survivor_fix
+
 __all__ = [
     "speed_table", "release_comparison", "results_at_a_glance", "results_table", "seed_spread_table", "bench_trials_summary",
     "retraining_against_release", "compression_at_offset", "bit_search_table", "bit_search_steps",
@@ -206,7 +208,7 @@ def results_at_a_glance(reports: Mapping[str, Mapping], retrained: Mapping[str, 
                 f"{'-' if ratio is None else f'{ratio:.0f}x':>9}")
 
     lowered, layered = lowered or {}, layered or {}
-    lines = []
+    lines, marked = [], False
     for model, (_, model_label) in _MODEL_LABELS.items():
         names = [name for name in reports if _split_run_name(name)[0] == model]
         if not names:
@@ -229,12 +231,17 @@ def results_at_a_glance(reports: Mapping[str, Mapping], retrained: Mapping[str, 
                           ("  + fewer bits", lowered.get(f"{search}_bits"))]
             for label, r in steps:
                 if r is not None:
-                    rows.append((label, cells(r["file_error"], r[keys[0]], r[keys[1]], r["file"]["ratio"])))
+                    mark = " *" if predates_zero_survivor_fix(r) else ""
+                    rows.append((label, cells(r["file_error"], r[keys[0]], r[keys[1]], r["file"]["ratio"]) + mark))
+                    marked = marked or bool(mark)
             for k, (label, text) in enumerate(rows):
                 lines.append(f"{prior if k == 0 else '':<10} {label:<23} {text}")
     lines += ["", "paper: the paper's and release's table; -: a number not quoted in this book.",
               "error: of the compressed file on the test set; file: model.bcz against the",
               "float32 dense network."]
+    if marked:
+        lines += ["*: retrained before fine_tune trained the surviving weights its file stores as",
+                  "0 (it held them at 0); to be rerun."]
     if any(_split_run_name(name)[1] == "svd" for name in reports):
         lines.append("Sparse VD: sparse rates (nonzero weights counted), as the release counts them.")
     return "\n".join(lines)

@@ -327,3 +327,19 @@ def test_layer_search_summary_reads_the_kept_network():
         row["taken"] = False
     with pytest.raises(ValueError, match="'lenet5_hs_layers' must have a taken candidate"):
         tables.layer_search_summary("lenet5_hs_layers", {"layer_search": {"seconds": 90.0}}, analysis)
+
+
+def test_results_at_a_glance_marks_searches_retrained_before_the_zero_survivor_fix():
+    reports = {"lenet5_nj": _report(0.0141, 78.66, 320.4, ratio=526.0)}
+    layered = {"lenet5_nj_layers": {**_report(0.0098, 110.2, 380.5, ratio=600.2),
+                                    "layer_search": {"thresholds": [1.0], "zero_survivors_train": True}}}
+    # The bits row copies its base's layer search and adds its own bits search, which lacks the key.
+    lowered = {"lenet5_nj_layers_bits": {**_report(0.0099, 110.2, 450.0, ratio=810.6),
+                                         "layer_search": layered["lenet5_nj_layers"]["layer_search"],
+                                         "bit_search": {"bits": [3]}}}
+    lines = tables.results_at_a_glance(reports, {}, TARGETS, lowered, layered).splitlines()
+    assert [line.split()[-1] for line in lines[2:5]] == ["526x", "600x", "*"]
+    assert lines[-2].startswith("*: retrained before fine_tune")
+    lowered["lenet5_nj_layers_bits"]["bit_search"]["zero_survivors_train"] = True
+    lines = tables.results_at_a_glance(reports, {}, TARGETS, lowered, layered).splitlines()
+    assert lines[4].split()[-1] == "811x" and not any(line.startswith("*") for line in lines)

@@ -385,7 +385,8 @@ def retraining_against_release(reports: Mapping[str, Mapping], targets: Mapping[
     Returns:
         Per run "met" or "short" for the error and the two rates (Sparse VD by its sparse rates),
         then the smallest retrained LeNet-5 file within the goal's error and whether it reaches
-        the goal's ratio.
+        the goal's ratio. A run whose search predates the zero-survivor fix is marked ``*``
+        (:func:`bclib.experiments.predates_zero_survivor_fix`).
 
     Example:
         >>> report = {"file_error": 0.0093, "compression_pruning": 78.7,
@@ -401,7 +402,8 @@ def retraining_against_release(reports: Mapping[str, Mapping], targets: Mapping[
         if base not in targets or None in tuple(targets[base])[1:]:
             continue
         checks = _release_checks(r, base, targets[base], "file_error")
-        lines.append(f"{_run_label(base)} {steps}, against the release:")
+        mark = " *" if predates_zero_survivor_fix(r) else ""
+        lines.append(f"{_run_label(base)} {steps}, against the release{mark}:")
         lines += [f"  {ours} vs {theirs}: {'met' if met else 'short'}" for ours, theirs, met in checks]
     goal_ratio, goal_error = file_goal
     accurate = {name: r for name, r in reports.items()
@@ -415,6 +417,9 @@ def retraining_against_release(reports: Mapping[str, Mapping], targets: Mapping[
                   f"(goal {goal_ratio:.0f}x: {verdict})"]
     else:
         lines += ["", f"no retrained LeNet-5 file at <= {100 * goal_error:.1f} % error"]
+    if any(predates_zero_survivor_fix(r) for r in reports.values()):
+        lines += ["", "*: retrained before fine_tune trained the surviving weights its file stores",
+                  "as 0 (it held them at 0)"]
     return "\n".join(lines)
 
 

@@ -108,6 +108,11 @@ def test_retraining_against_release_and_the_file_goal():
     assert lowered[-2:] == ["lenet5_nj_ft_bits, 701x smaller than the float32 dense network", "(goal 700x: reached)"]
     assert lines[-3:] == ["smallest retrained LeNet-5 file at <= 1.0 % error:",
                           "lenet5_svd_ft, 538x smaller than the float32 dense network", "(goal 700x: not reached)"]
+    # A bits search without the zero-survivor record is marked, with a footnote.
+    stale = {**_report(0.0097, 78.66, 401.2, ratio=701.0), "bit_search": {"bits": [3, 2]}}
+    marked = tables.retraining_against_release({"lenet5_nj_ft_bits": stale}, TARGETS, (700.0, 0.010)).splitlines()
+    assert marked[0] == "LeNet-5 BC-GNJ + retraining, fewer bits, against the release *:"
+    assert marked[-2].startswith("*: retrained before fine_tune") and "*" not in "\n".join(lowered)
 
 
 def test_speed_table_fits_and_names_macs():

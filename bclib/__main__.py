@@ -92,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--only", nargs="+", choices=sorted(EXPERIMENTS), default=None)
     reproduce.add_argument("--data", default=None, help=DATA_HELP)
     reproduce.add_argument("--fast", action="store_true")
+    reproduce.add_argument("--skip-finished", action="store_true",
+                           help="skip the runs whose folder in --out already holds their report.json, to go on "
+                                "after an interruption (by default every named run is run again)")
 
     results = sub.add_parser("results", help="the results table at a glance, read from a results folder's reports "
                                              "(the paper's numbers beside ours)")
@@ -182,8 +185,13 @@ def _dispatch(args: argparse.Namespace) -> None:
         from .experiments import EXPERIMENTS, run_experiment
 
         for name in args.only or EXPERIMENTS:
+            out_dir = Path(args.out) / name
+            if args.skip_finished and (out_dir / "report.json").is_file():
+                # Redoing a finished run costs up to hours: a finished search keeps no checkpoint.
+                print(f"== {name}: finished in {out_dir}, skipped", flush=True)
+                continue
             print(f"== {name}", flush=True)
-            run_experiment(name, Path(args.out) / name, data_root=args.data, fast=args.fast or None)
+            run_experiment(name, out_dir, data_root=args.data, fast=args.fast or None)
     elif args.command == "results":
         from .tables import results_table
 

@@ -155,6 +155,21 @@ def test_reproduce_runs_each_registered_run_after_those_it_needs(monkeypatch, tm
                 assert order.index(needed) < order.index(name), (needed, name)
 
 
+def test_reproduce_skip_finished_skips_only_runs_with_a_report(monkeypatch, tmp_path, capsys):
+    ran = []
+    monkeypatch.setattr(experiments, "run_experiment", lambda name, out_dir, **kwargs: ran.append(name))
+    (tmp_path / "lenet5_dense").mkdir()
+    (tmp_path / "lenet5_dense" / "config.json").write_text("{}")  # started, not finished: run (it resumes)
+    (tmp_path / "lenet5_hs").mkdir()
+    (tmp_path / "lenet5_hs" / "report.json").write_text("{}")  # finished
+    main(["reproduce", "--only", "lenet5_dense", "lenet5_hs", "--out", str(tmp_path), "--skip-finished"])
+    assert ran == ["lenet5_dense"]
+    assert "== lenet5_hs: finished in" in capsys.readouterr().out
+    ran.clear()
+    main(["reproduce", "--only", "lenet5_dense", "lenet5_hs", "--out", str(tmp_path)])  # the default: run all
+    assert ran == ["lenet5_dense", "lenet5_hs"]
+
+
 def test_unknown_model_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
         main(["train", "--model", "resnet", "--prior", "nj", "--out", "unused"])

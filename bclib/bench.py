@@ -680,7 +680,7 @@ def run_training_time_report(results_root="book/results", verbose: bool = True) 
     This reads ``metrics.json`` / ``report.json`` of runs made by ``python -m bclib reproduce``; the
     seconds are those measured while the run trained (on whatever machine made it).
     """
-    from .experiments import EXPERIMENTS, paper_row
+    from .experiments import EXPERIMENTS, paper_row, predates_zero_survivor_fix
 
     root = Path(results_root)
     rows = {}
@@ -696,7 +696,8 @@ def run_training_time_report(results_root="book/results", verbose: bool = True) 
             "compression_pruning", "compression_precision")
         row = {"seconds": seconds, "error": error, "rates": "sparse" if sparse else "dense",
                "compression_pruning": report.get(keys[0]), "compression_precision": report.get(keys[1]),
-               "file_ratio": report.get("file", {}).get("ratio")}
+               "file_ratio": report.get("file", {}).get("ratio"),
+               "before_fix": predates_zero_survivor_fix(report)}
         target = PAPER_TARGETS.get(paper_row(name))
         if target is not None:
             met = [error <= target[0]]
@@ -705,16 +706,22 @@ def run_training_time_report(results_root="book/results", verbose: bool = True) 
             row["targets_met"] = all(met)
         rows[name] = row
     if verbose:
-        print(f"{'run':<28} {'wall min':>8} {'error %':>8} {'pruning':>8} {'precision':>10} {'rates':>6} "
+        width = max([28, *(len(name) + 2 for name in rows)])
+
+        def label(name):  # * marks a search retrained before the zero-survivor fix
+            return f"{name}{' *' if rows[name]['before_fix'] else ''}"
+        print(f"{'run':<{width}} {'wall min':>8} {'error %':>8} {'pruning':>8} {'precision':>10} {'rates':>6} "
               f"{'file':>7} {'targets':>8}")
         for name, row in rows.items():
             rates = [f"{row[k]:.1f}x" if row[k] else "-" for k in ("compression_pruning", "compression_precision",
                                                                   "file_ratio")]
             met = {True: "met", False: "missed"}.get(row.get("targets_met"), "-")
-            print(f"{name:<28} {row['seconds'] / 60:>8.1f} {100 * row['error']:>8.2f} {rates[0]:>8} {rates[1]:>10} "
+            print(f"{label(name):<{width}} {row['seconds'] / 60:>8.1f} {100 * row['error']:>8.2f} {rates[0]:>8} {rates[1]:>10} "
                   f"{row['rates']:>6} {rates[2]:>7} {met:>8}")
         print("rates: dense = the release's (pruned matrices stored dense); sparse = nonzero weights counted, "
               "as Molchanov et al. count Sparse VD")
+        if any(row["before_fix"] for row in rows.values()):
+            print("*: retrained before fine_tune trained the surviving weights its file stores as 0")
         ghs = {name: row for name, row in rows.items() if paper_row(name) == "lenet5_hs"}
         if ghs:
             met = [name for name, row in ghs.items() if row.get("targets_met")]
@@ -729,6 +736,6 @@ def run_training_time_report(results_root="book/results", verbose: bool = True) 
             name = max(accurate or files, key=lambda n: files[n]["file_ratio"])
             ratio, error = files[name]["file_ratio"], files[name]["error"]
             verdict = "reached" if ratio >= goal_ratio and error <= goal_error else "not reached"
-            print(f"smallest LeNet-5 file{' at the goal error' if accurate else ''}: {name}, {ratio:.0f}x smaller than the float32 dense network at "
+            print(f"smallest LeNet-5 file{' at the goal error' if accurate else ''}: {label(name)}, {ratio:.0f}x smaller than the float32 dense network at "
                   f"{100 * error:.2f} % error (goal {goal_ratio:.0f}x at <= {100 * goal_error:.1f} %: {verdict})")
     return rows

@@ -86,15 +86,17 @@ def _parser() -> argparse.ArgumentParser:
                                 help=f"share of a layer's surviving groups one cut removes (default {LAYER_CUT_FRACTION})")
         search.add_argument("--data", default=None, help=DATA_HELP)
 
-    reproduce = sub.add_parser("reproduce", help="run the registered experiments behind the book (all, or --only "
-                                                 "NAMES, each after the runs it starts from) into --out")
+    reproduce = sub.add_parser("reproduce", help="run the registered experiments behind the book into --out: all, "
+                                                 "each after the runs it starts from, or --only NAMES in the order "
+                                                 "given (the runs they start from must be in --out)")
     reproduce.add_argument("--out", default="book/results")
     reproduce.add_argument("--only", nargs="+", choices=sorted(EXPERIMENTS), default=None)
     reproduce.add_argument("--data", default=None, help=DATA_HELP)
     reproduce.add_argument("--fast", action="store_true")
     reproduce.add_argument("--skip-finished", action="store_true",
-                           help="skip the runs whose folder in --out already holds their report.json, to go on "
-                                "after an interruption (by default every named run is run again)")
+                           help="skip the runs finished in --out (a report.json, made with the same --fast), to "
+                                "go on after an interruption; by default each named run is run again (a training "
+                                "whose checkpoint is complete only compresses again)")
 
     results = sub.add_parser("results", help="the results table at a glance, read from a results folder's reports "
                                              "(the paper's numbers beside ours)")
@@ -133,6 +135,16 @@ def _experiment_name(model: str, prior: str, init_from: str | None) -> str:
         return f"{name}_pretrained"
     return name
 
+
+
+def _finished(run_dir: Path, fast: bool) -> bool:
+    """Whether ``run_dir`` holds a finished run made with the given ``--fast`` setting (a run writes its
+    ``report.json`` last and removes an old one before it rewrites anything)."""
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (run_dir / "report.json").is_file() and bool(config.get("fast")) == fast
 
 def main(argv: list[str] | None = None) -> int:
     from .experiments import bclib_command
@@ -182,11 +194,12 @@ def _dispatch(args: argparse.Namespace) -> None:
                    "cut_fraction": args.cut_fraction} if args.command == "prune-layers" else {}
         print(json.dumps(search(args.run, args.out, config=config, data_root=args.data, **options), indent=2))
     elif args.command == "reproduce":
+        from .data import fast_mode
         from .experiments import EXPERIMENTS, run_experiment
 
         for name in args.only or EXPERIMENTS:
             out_dir = Path(args.out) / name
-            if args.skip_finished and (out_dir / "report.json").is_file():
+            if args.skip_finished and _finished(out_dir, fast=args.fast or fast_mode()):
                 # Redoing a finished run costs up to hours: a finished search keeps no checkpoint.
                 print(f"== {name}: finished in {out_dir}, skipped", flush=True)
                 continue

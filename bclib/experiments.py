@@ -40,7 +40,7 @@ from ._io import write_atomically
 from .data import DEFAULT_INPUT_RANGE, TensorSplit, fast_mode, load_mnist
 from .layers import Conv2dSVD, LinearSVD, bayesian_layers
 from .models import bayesian_from_pretrained, build_model
-from .train import TrainConfig, evaluate, fit, load_checkpoint
+from .train import TrainConfig, check_checkpoint_recipe, evaluate, fit, load_checkpoint
 
 __all__ = ["Experiment", "EXPERIMENTS", "RunResult", "run_experiment", "compress_run", "fine_tune_run", "lower_bits_run",
            "prune_layers_run", "paper_row", "predates_zero_survivor_fix",
@@ -255,6 +255,12 @@ def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epo
         config = replace(config, **overrides)  # validated again by TrainConfig
     if init_dir is not None and experiment.init_from is None:
         raise ValueError(f"init_dir: the recipe of {name!r} does not start from a deterministic run, got {str(init_dir)!r}")
+    for base, needs in _bases(experiment):
+        base_dir = Path(init_dir) if init_dir is not None and base == experiment.init_from else \
+            Path(results_root or out_dir.parent) / base
+        if not (base_dir / needs).is_file():
+            raise ValueError(f"{name!r} starts from the run {base!r}: {str(base_dir)!r} has no {needs} (run it first, "
+                             f"e.g. python -m bclib reproduce --only {base} --out {str(base_dir.parent)!r})")
     if experiment.fine_tunes is not None:
         base_dir = Path(results_root or out_dir.parent) / experiment.fine_tunes
         return fine_tune_run(base_dir, out_dir, config=config, data_root=data_root, progress=progress)
@@ -276,6 +282,9 @@ def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epo
         source = Path(init_dir) if init_dir is not None else Path(results_root or out_dir.parent) / experiment.init_from
         pretrained = load_run_model(source)
         model = bayesian_from_pretrained(experiment.model, experiment.prior, pretrained)
+    if (out_dir / "checkpoint.pt").exists():
+        check_checkpoint_recipe(out_dir / "checkpoint.pt", config)  # before this run writes anything
+    _mark_unfinished(out_dir)
     write_json(out_dir / "config.json", {
         "name": name,
         "model": experiment.model,
@@ -382,14 +391,16 @@ def compress_run(run_dir: str | os.PathLike, *, model=None, test: TensorSplit | 
         thresholds = compression.select_thresholds(model, selection.x, selection.y,
                                                    tolerance=SELECTION_TOLERANCE, fixed=sparse_vd)
     result = compression.compress(model, list(thresholds))
-    report = _write_compressed(run_dir, result, thresholds, dense_error, test)
+    _mark_unfinished(run_dir)
     write_json(run_dir / "analysis.json", _analysis(model, thresholds, test))
-    return report
+    return _write_compressed(run_dir, result, thresholds, dense_error, test)
 
 
 def _write_compressed(run_dir: Path, result, thresholds, dense_error: float, test: TensorSplit,
                       extra: dict | None = None) -> dict:
-    """Save ``model.bcz`` and ``report.json`` (rates, the errors of each stage and of the file read back)."""
+    """Save ``model.bcz`` and ``report.json`` (rates, the errors of each stage and of the file read back),
+    the report last: a folder with a report holds a finished run."""
+    _mark_unfinished(run_dir)
     report = result.report.to_dict()
     report["thresholds"] = [float(t) for t in thresholds]
     report["dense_error"] = dense_error
@@ -900,6 +911,7 @@ def _write_search_config(out_dir: Path, base_config: dict, config: TrainConfig, 
     recipe, the split sizes, the selection tolerance and ``fields``."""
     fit_split, selection, test = splits
     out_dir.mkdir(parents=True, exist_ok=True)
+    _mark_unfinished(out_dir)  # the old report, if any, no longer describes the folder's files
     write_json(out_dir / "config.json", {
         "name": out_dir.name, "model": base_config["model"], "prior": base_config["prior"],
         "train": config.to_dict(), **fields, "selection_tolerance": tolerance,
@@ -1045,12 +1057,26 @@ def load_or_run(name: str, results_root: str | os.PathLike = "results", *, data_
     return _read_run(name, root / name, trained_here=True)
 
 
+def _bases(experiment: Experiment) -> list[tuple[str, str]]:
+    """``(run, file it needs)`` for each run that ``experiment`` starts from or refines."""
+    return [(base, needs) for base, needs in ((experiment.init_from, "checkpoint.pt"),
+                                              (experiment.fine_tunes, "checkpoint.pt"),
+                                              (experiment.lowers_bits_of, "model.bcz"),
+                                              (experiment.prunes_layers_of, "model.bcz")) if base is not None]
+
+
+def _mark_unfinished(run_dir: Path) -> None:
+    """Remove the report of a run folder about to be rewritten: ``report.json`` is written last, so
+    a folder that has one holds a finished run (``reproduce --skip-finished`` relies on it), and a
+    run stopped midway must not leave the old report beside its new files."""
+    (run_dir / "report.json").unlink(missing_ok=True)
+
+
 def _run_dependencies(name: str, root: Path, data_root, progress: bool) -> None:
-    """Train the runs that ``name`` starts from (or fine-tunes) and that ``root`` lacks, recursively."""
-    experiment = EXPERIMENTS[name]
-    for dependency, needs in ((experiment.init_from, "checkpoint.pt"), (experiment.fine_tunes, "checkpoint.pt"),
-                              (experiment.lowers_bits_of, "model.bcz"), (experiment.prunes_layers_of, "model.bcz")):
-        if dependency is not None and not (root / dependency / needs).exists():
+    """Train the runs that ``name`` starts from (or fine-tunes) and that ``root`` lacks finished
+    (a report and the file needed), recursively; an unfinished one resumes from its checkpoint."""
+    for dependency, needs in _bases(EXPERIMENTS[name]):
+        if not ((root / dependency / "report.json").is_file() and (root / dependency / needs).is_file()):
             _run_dependencies(dependency, root, data_root, progress)
             run_experiment(dependency, root / dependency, data_root=data_root, progress=progress)
 

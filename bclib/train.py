@@ -220,14 +220,8 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None,
             two recipes). Checkpoints written without a config are not checked.
     """
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if config is not None and "config_json" in state:
-        saved, wanted = json.loads(state["config_json"]), config.to_dict()
-        differing = [key for key in sorted(set(saved) | set(wanted))
-                     if key not in _RESUMABLE_ACROSS and saved.get(key) != wanted.get(key)]
-        if differing:
-            changes = ", ".join(f"{key}={saved.get(key)!r} there, {wanted.get(key)!r} here" for key in differing)
-            raise ValueError(f"checkpoint {path} was written by another recipe ({changes}): resume with its "
-                             "config, or train into another folder")
+    if config is not None:
+        _check_recipe(state, config, path)
     model.load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -235,6 +229,25 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None,
     if "rng_cuda" in state and torch.cuda.is_available() and len(state["rng_cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["rng_cuda"])
     return int(state["epoch"]), json.loads(state["history_json"])
+
+
+def check_checkpoint_recipe(path: str | os.PathLike, config: TrainConfig) -> None:
+    """Raise the :func:`load_checkpoint` error now when the checkpoint at ``path`` was written by
+    another recipe than ``config``, before anything of a run is written (loaded with
+    ``weights_only=True``). Checkpoints written without a config pass."""
+    _check_recipe(torch.load(path, map_location="cpu", weights_only=True), config, path)
+
+
+def _check_recipe(state: dict, config: TrainConfig, path) -> None:
+    if "config_json" not in state:
+        return
+    saved, wanted = json.loads(state["config_json"]), config.to_dict()
+    differing = [key for key in sorted(set(saved) | set(wanted))
+                 if key not in _RESUMABLE_ACROSS and saved.get(key) != wanted.get(key)]
+    if differing:
+        changes = ", ".join(f"{key}={saved.get(key)!r} there, {wanted.get(key)!r} here" for key in differing)
+        raise ValueError(f"checkpoint {path} was written by another recipe ({changes}): resume with its "
+                         "config, or train into another folder")
 
 
 def fit(model: nn.Module, train: TensorSplit, test: TensorSplit, config: TrainConfig, *,

@@ -155,19 +155,26 @@ def test_reproduce_runs_each_registered_run_after_those_it_needs(monkeypatch, tm
                 assert order.index(needed) < order.index(name), (needed, name)
 
 
-def test_reproduce_skip_finished_skips_only_runs_with_a_report(monkeypatch, tmp_path, capsys):
+def test_reproduce_skip_finished_skips_only_runs_finished_with_the_same_fast_setting(monkeypatch, tmp_path, capsys):
     ran = []
     monkeypatch.setattr(experiments, "run_experiment", lambda name, out_dir, **kwargs: ran.append(name))
-    (tmp_path / "lenet5_dense").mkdir()
-    (tmp_path / "lenet5_dense" / "config.json").write_text("{}")  # started, not finished: run (it resumes)
-    (tmp_path / "lenet5_hs").mkdir()
-    (tmp_path / "lenet5_hs" / "report.json").write_text("{}")  # finished
-    main(["reproduce", "--only", "lenet5_dense", "lenet5_hs", "--out", str(tmp_path), "--skip-finished"])
-    assert ran == ["lenet5_dense"]
+    monkeypatch.delenv("BCLIB_FAST", raising=False)
+    for name, files in (("lenet5_dense", {"config.json": {"fast": False}}),  # started, not finished: resumes
+                        ("lenet5_nj", {"config.json": {"fast": True}, "report.json": {}}),  # a --fast run
+                        ("lenet5_hs", {"config.json": {"fast": False}, "report.json": {}})):  # finished
+        (tmp_path / name).mkdir()
+        for file, content in files.items():
+            (tmp_path / name / file).write_text(json.dumps(content))
+    names = ["lenet5_dense", "lenet5_nj", "lenet5_hs"]
+    main(["reproduce", "--only", *names, "--out", str(tmp_path), "--skip-finished"])
+    assert ran == ["lenet5_dense", "lenet5_nj"]
     assert "== lenet5_hs: finished in" in capsys.readouterr().out
     ran.clear()
-    main(["reproduce", "--only", "lenet5_dense", "lenet5_hs", "--out", str(tmp_path)])  # the default: run all
+    main(["reproduce", "--only", *names, "--out", str(tmp_path), "--skip-finished", "--fast"])
     assert ran == ["lenet5_dense", "lenet5_hs"]
+    ran.clear()
+    main(["reproduce", "--only", *names, "--out", str(tmp_path)])  # the default: run them all
+    assert ran == names
 
 
 def test_unknown_model_is_a_usage_error(capsys):
@@ -237,25 +244,63 @@ def run_copy(trained_run, tmp_path) -> Path:
     return Path(shutil.copytree(trained_run, tmp_path / "run"))
 
 
+class _Stop(Exception):
+    """Stands for a run killed midway."""
+
+
+def _stop_in_epoch_2(epoch, model, metrics):
+    if epoch == 2:
+        raise _Stop
+
+
 def test_a_resumed_run_writes_no_animations_of_its_last_epochs_only(mnist_root, tmp_path):
     """lenet300_nj records animations; stopped inside its second (fast) epoch and run again, its
     recorders see epoch 2 alone: it warns and writes no GIF rather than GIFs of one epoch."""
-    class Stop(Exception):
-        pass
-
-    def stop_in_epoch_2(epoch, model, metrics):
-        if epoch == 2:
-            raise Stop
-
     out = tmp_path / "lenet300_nj"
-    with pytest.raises(Stop):
-        experiments.run_experiment("lenet300_nj", out, data_root=mnist_root, fast=True, callbacks=[stop_in_epoch_2],
+    with pytest.raises(_Stop):
+        experiments.run_experiment("lenet300_nj", out, data_root=mnist_root, fast=True, callbacks=[_stop_in_epoch_2],
                                    progress=False)
     with pytest.warns(UserWarning, match="resumed from its checkpoint, so its animations, which need every epoch, were"):
         experiments.run_experiment("lenet300_nj", out, data_root=mnist_root, fast=True, progress=False)
     assert not list(out.glob("*.gif")) and _read(out, "report.json")["architecture"]
     with pytest.raises(ValueError, match="name must be a registered run"):
         experiments.paper_row("lenet5_hs_nope")
+
+
+def test_a_run_stopped_midway_leaves_no_old_report_and_another_recipe_rewrites_nothing(mnist_root, tmp_path):
+    """report.json is what marks a finished run (reproduce --skip-finished): a run started in a folder
+    that held one removes it before writing, and a checkpoint of another recipe is refused before
+    anything is written."""
+    out = tmp_path / "lenet300_nj"
+    out.mkdir()
+    (out / "report.json").write_text(json.dumps({"architecture": "an older run's"}))
+    with pytest.raises(_Stop):
+        experiments.run_experiment("lenet300_nj", out, data_root=mnist_root, fast=True,
+                                   callbacks=[_stop_in_epoch_2], progress=False)
+    assert not (out / "report.json").exists() and (out / "checkpoint.pt").is_file()
+    config = (out / "config.json").read_text()
+    with pytest.raises(ValueError, match="written by another recipe .*epochs=2 there, 3 here"):
+        experiments.run_experiment("lenet300_nj", out, data_root=mnist_root, fast=True, epochs=3, progress=False)
+    assert (out / "config.json").read_text() == config
+
+
+def test_compress_run_stopped_before_its_report_leaves_none(run_copy, mnist_root, monkeypatch):
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiments, "_analysis", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        experiments.compress_run(run_copy, thresholds=[-3.0, -3.0, -3.0], data_root=mnist_root)
+    assert not (run_copy / "report.json").exists()
+
+
+def test_a_run_whose_base_is_missing_names_it(tmp_path):
+    with pytest.raises(ValueError, match=r"'lenet5_hs_ft' starts from the run 'lenet5_hs': .* has no checkpoint.pt "
+                                         r"\(run it first, e.g. python -m bclib reproduce --only lenet5_hs"):
+        experiments.run_experiment("lenet5_hs_ft", tmp_path / "lenet5_hs_ft")
+    with pytest.raises(ValueError, match=r"'lenet5_hs_layers' starts from the run 'lenet5_hs': .* has no model.bcz"):
+        experiments.run_experiment("lenet5_hs_layers", tmp_path / "lenet5_hs_layers")
+    assert not any(tmp_path.iterdir())
 
 
 def test_compress_run_scores_the_test_split_it_is_given(run_copy, mnist_root, mnist):
@@ -927,6 +972,8 @@ def test_prune_layers_names_a_damaged_checkpoint(trained_run, mnist_root, tmp_pa
 def test_registered_layer_searches_pass_their_seeds_rule_and_allowance(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(experiments, "prune_layers_run", lambda *args, **kwargs: calls.append((args, kwargs)) or {})
+    (tmp_path / "lenet5_hs").mkdir()
+    (tmp_path / "lenet5_hs" / "model.bcz").write_bytes(b"")  # the base must be there
     for name in ("lenet5_hs_layers", "lenet5_hs_layers_3seeds_most", "lenet5_hs_layers_3seeds_tol2"):
         experiments.run_experiment(name, tmp_path / name, fast=False)
     assert [(args[0].name, kwargs["seeds"], kwargs["take"], kwargs["tolerance"]) for args, kwargs in calls] == [
@@ -990,7 +1037,7 @@ def test_load_or_run_trains_the_chain_a_retrained_run_needs(monkeypatch, tmp_pat
 
     def record(name, out_dir, **kwargs):
         trained.append(name)
-        Path(out_dir).mkdir(parents=True)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "checkpoint.pt").write_bytes(b"")
         (Path(out_dir) / "report.json").write_text("{}")
         return {}
@@ -1003,6 +1050,14 @@ def test_load_or_run_trains_the_chain_a_retrained_run_needs(monkeypatch, tmp_pat
     (tmp_path / "scratch" / "lenet5_nj_ft").rename(tmp_path / "scratch" / "old")
     experiments.load_or_run("lenet5_nj_ft", tmp_path / "committed", scratch_root=tmp_path / "scratch")
     assert trained == ["lenet5_nj_ft"]
+    # A base with a checkpoint but no report was stopped midway: it runs again (and resumes).
+    trained.clear()
+    (tmp_path / "scratch" / "lenet5_nj_ft").rename(tmp_path / "scratch" / "older")
+    shutil.rmtree(tmp_path / "scratch" / "lenet5_nj")
+    (tmp_path / "scratch" / "lenet5_nj").mkdir()
+    (tmp_path / "scratch" / "lenet5_nj" / "checkpoint.pt").write_bytes(b"")
+    experiments.load_or_run("lenet5_nj_ft", tmp_path / "committed", scratch_root=tmp_path / "scratch")
+    assert trained == ["lenet5_nj", "lenet5_nj_ft"]
 
 
 def test_unknown_experiment_names_are_rejected(tmp_path):

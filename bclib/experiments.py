@@ -309,6 +309,8 @@ def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epo
         # The recorders saw only the epochs after the resume: GIFs of them would silently lack the rest.
         warnings.warn(f"{out_dir} resumed from its checkpoint, so its animations, which need every epoch, were "
                       "not written; delete checkpoint.pt and train again to record them", stacklevel=2)
+        for stale in out_dir.glob("*.gif"):  # an earlier run's: they would pass for this one's
+            stale.unlink()
     elif recorders and recorders[0].epochs:
         _write_animations(recorders, test, out_dir, experiment.input_range)
     return compress_run(out_dir, model=model, test=test, selection=_selection_split(train),

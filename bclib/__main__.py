@@ -89,7 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     reproduce = sub.add_parser("reproduce", help="run the registered experiments behind the book into --out: all, "
                                                  "each after the runs it starts from, or --only NAMES in the order "
                                                  "given (the runs they start from must be in --out)")
-    reproduce.add_argument("--out", default="book/results")
+    reproduce.add_argument("--out", default=None, help="results folder (default: book/results; a --fast "
+                                                        "reproduce must name its own)")
     reproduce.add_argument("--only", nargs="+", choices=sorted(EXPERIMENTS), default=None)
     reproduce.add_argument("--data", default=None, help=DATA_HELP)
     reproduce.add_argument("--fast", action="store_true")
@@ -146,6 +147,7 @@ def _finished(run_dir: Path, fast: bool) -> bool:
         return False
     return (run_dir / "report.json").is_file() and bool(config.get("fast")) == fast
 
+
 def main(argv: list[str] | None = None) -> int:
     from .experiments import bclib_command
 
@@ -197,9 +199,13 @@ def _dispatch(args: argparse.Namespace) -> None:
         from .data import fast_mode
         from .experiments import EXPERIMENTS, run_experiment
 
+        fast = args.fast or fast_mode()
+        if args.out is None and fast:
+            raise ValueError("--out: a --fast (or BCLIB_FAST=1) reproduce needs a folder of its own; the default, "
+                             "book/results, holds the committed full runs")
         for name in args.only or EXPERIMENTS:
-            out_dir = Path(args.out) / name
-            if args.skip_finished and _finished(out_dir, fast=args.fast or fast_mode()):
+            out_dir = Path(args.out or "book/results") / name
+            if args.skip_finished and _finished(out_dir, fast=fast):
                 # Redoing a finished run costs up to hours: a finished search keeps no checkpoint.
                 print(f"== {name}: finished in {out_dir}, skipped", flush=True)
                 continue

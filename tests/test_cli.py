@@ -175,6 +175,10 @@ def test_reproduce_skip_finished_skips_only_runs_finished_with_the_same_fast_set
     ran.clear()
     main(["reproduce", "--only", *names, "--out", str(tmp_path)])  # the default: run them all
     assert ran == names
+    # Smoke runs never land in the committed results by default.
+    with pytest.raises(SystemExit) as info:
+        main(["reproduce", "--only", "lenet5_dense", "--fast"])
+    assert info.value.code == 2 and "--out: a --fast (or BCLIB_FAST=1) reproduce needs a folder" in capsys.readouterr().err
 
 
 def test_unknown_model_is_a_usage_error(capsys):

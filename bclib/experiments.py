@@ -721,7 +721,8 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     checkpoint = _SearchCheckpoint(out_dir / SEARCH_CHECKPOINT, {
         "from": base_dir.name, "model_sha256": hashlib.sha256((base_dir / "model.bcz").read_bytes()).hexdigest(),
         "thresholds": base_report["thresholds"], "train": config.to_dict(), "seeds": seeds,
-        "tolerance": tolerance, "cut_fraction": cut_fraction, "take": take}, progress)
+        "tolerance": tolerance, "cut_fraction": cut_fraction, "take": take,
+        ZERO_SURVIVORS_TRAIN: True}, progress)  # retrainings made before the fix are not mixed in
 
     def retrained(candidate, thresholds: dict):
         """``_retrain_seeds`` of a candidate, read back from the checkpoint when it holds it."""

@@ -925,6 +925,17 @@ def test_prune_layers_sets_aside_a_checkpoint_of_other_settings(trained_run, mni
     progress = _read(aside, "progress.json")
     assert progress["settings"]["tolerance"] == 0.002 and len(progress["candidates"]) == 2
     assert sorted(p.name for p in aside.iterdir()) == ["0.pt", "1.pt", "progress.json"]
+    # Nor is one of a search made before fine_tune trained the survivors stored as 0.
+    stopping, calls[:] = True, []
+    with pytest.raises(_Stopped):
+        experiments.prune_layers_run(trained_run, tmp_path / "old", data_root=mnist_root, progress=False)
+    path = tmp_path / "old" / experiments.SEARCH_CHECKPOINT / "progress.json"
+    recorded = json.loads(path.read_text())
+    del recorded["settings"]["zero_survivors_train"]
+    path.write_text(json.dumps(recorded))
+    stopping, calls[:] = False, []
+    experiments.prune_layers_run(trained_run, tmp_path / "old", data_root=mnist_root)
+    assert len(calls) == fresh and "held a search with other settings: moved to" in capsys.readouterr().out
 
 
 def test_prune_layers_names_a_damaged_checkpoint(trained_run, mnist_root, tmp_path, monkeypatch):

@@ -283,7 +283,7 @@ def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epo
         pretrained = load_run_model(source)
         model = bayesian_from_pretrained(experiment.model, experiment.prior, pretrained)
     if (out_dir / "checkpoint.pt").exists():
-        check_checkpoint_recipe(out_dir / "checkpoint.pt", config)  # before this run writes anything
+        check_checkpoint_recipe(out_dir / "checkpoint.pt", config, model)  # before this run writes anything
     _mark_unfinished(out_dir)
     write_json(out_dir / "config.json", {
         "name": name,

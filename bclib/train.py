@@ -217,12 +217,20 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None,
     Raises:
         ValueError: when ``config`` is given and differs from the config the checkpoint was written
             with in anything but ``device`` and ``keep_freed_memory`` (resuming would silently mix
-            two recipes). Checkpoints written without a config are not checked.
+            two recipes; checkpoints written without a config are not checked), or when the
+            checkpoint holds the tensors of another network than ``model``.
     """
     state = torch.load(path, map_location="cpu", weights_only=True)
     if config is not None:
         _check_recipe(state, config, path)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:  # missing, unexpected or reshaped tensors: another network's checkpoint
+        lines = str(error).splitlines()
+        first = (lines[1] if len(lines) > 1 else lines[0]).strip()
+        first = first if len(first) <= 160 else first[:160] + " ..."
+        raise ValueError(f"checkpoint {path} holds another network than the one to resume ({first}): "
+                         "train into another folder") from None
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng_cpu"])
@@ -231,11 +239,21 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None,
     return int(state["epoch"]), json.loads(state["history_json"])
 
 
-def check_checkpoint_recipe(path: str | os.PathLike, config: TrainConfig) -> None:
-    """Raise the :func:`load_checkpoint` error now when the checkpoint at ``path`` was written by
-    another recipe than ``config``, before anything of a run is written (loaded with
-    ``weights_only=True``). Checkpoints written without a config pass."""
-    _check_recipe(torch.load(path, map_location="cpu", weights_only=True), config, path)
+def check_checkpoint_recipe(path: str | os.PathLike, config: TrainConfig, model: nn.Module | None = None) -> None:
+    """Raise the :func:`load_checkpoint` errors now, before anything of a run is written, when the
+    checkpoint at ``path`` was written by another recipe than ``config`` (checkpoints written
+    without a config pass) or, given ``model``, holds tensors of other names or shapes (loaded with
+    ``weights_only=True``; nothing is changed)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    _check_recipe(state, config, path)
+    if model is not None:
+        saved = {name: tuple(tensor.shape) for name, tensor in state["model"].items()}
+        wanted = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+        if saved != wanted:
+            differing = sorted(set(saved) ^ set(wanted)) or sorted(n for n in saved if saved[n] != wanted[n])
+            raise ValueError(f"checkpoint {path} holds another network than the one to resume (tensors "
+                             f"{', '.join(differing[:4])}{' ...' if len(differing) > 4 else ''} differ): "
+                             "train into another folder")
 
 
 def _check_recipe(state: dict, config: TrainConfig, path) -> None:

@@ -181,6 +181,15 @@ def test_a_checkpoint_of_another_recipe_is_refused_and_an_old_one_trains_at_this
         with pytest.raises(ValueError, match=f"written by another recipe .*{re.escape(named)}"):
             fit(_lenet300_nj(), train, test, replace(config, **changes), checkpoint=tmp_path / "run.pt",
                 progress=False)
+    # Another network (another prior here) is named as such, not a RuntimeError of load_state_dict,
+    # and run_experiment's check before it writes anything says the same, leaving the file as it was.
+    written = (tmp_path / "run.pt").read_bytes()
+    with pytest.raises(ValueError, match="run.pt holds another network than the one to resume"):
+        fit(lenet_300_100("hs"), train, test, config, checkpoint=tmp_path / "run.pt", progress=False)
+    with pytest.raises(ValueError, match=r"holds another network than the one to resume \(tensors 1.global_scale"):
+        train_module.check_checkpoint_recipe(tmp_path / "run.pt", config, lenet_300_100("hs"))
+    train_module.check_checkpoint_recipe(tmp_path / "run.pt", config, _lenet300_nj())  # the same network passes
+    assert (tmp_path / "run.pt").read_bytes() == written
     # Where and how fast it runs may change.
     assert len(fit(_lenet300_nj(), train, test, replace(config, keep_freed_memory=False),
                    checkpoint=tmp_path / "run.pt", progress=False)) == 2

@@ -137,7 +137,6 @@ def _experiment_name(model: str, prior: str, init_from: str | None) -> str:
     return name
 
 
-
 def _finished(run_dir: Path, fast: bool) -> bool:
     """Whether ``run_dir`` holds a finished run made with the given ``--fast`` setting (a run writes its
     ``report.json`` last and removes an old one before it rewrites anything)."""

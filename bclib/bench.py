@@ -708,8 +708,8 @@ def run_training_time_report(results_root="book/results", verbose: bool = True) 
     if verbose:
         width = max([28, *(len(name) + 2 for name in rows)])
 
-        def label(name):  # * marks a search retrained before the zero-survivor fix
-            return f"{name}{' *' if rows[name]['before_fix'] else ''}"
+        def label(name):
+            return name + (tables.ZERO_SURVIVOR_MARK if rows[name]["before_fix"] else "")
         print(f"{'run':<{width}} {'wall min':>8} {'error %':>8} {'pruning':>8} {'precision':>10} {'rates':>6} "
               f"{'file':>7} {'targets':>8}")
         for name, row in rows.items():
@@ -721,7 +721,7 @@ def run_training_time_report(results_root="book/results", verbose: bool = True) 
         print("rates: dense = the release's (pruned matrices stored dense); sparse = nonzero weights counted, "
               "as Molchanov et al. count Sparse VD")
         if any(row["before_fix"] for row in rows.values()):
-            print("*: retrained before fine_tune trained the surviving weights its file stores as 0")
+            print(" ".join(tables.ZERO_SURVIVOR_FOOTNOTE))
         ghs = {name: row for name, row in rows.items() if paper_row(name) == "lenet5_hs"}
         if ghs:
             met = [name for name, row in ghs.items() if row.get("targets_met")]

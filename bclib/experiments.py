@@ -255,23 +255,24 @@ def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epo
         config = replace(config, **overrides)  # validated again by TrainConfig
     if init_dir is not None and experiment.init_from is None:
         raise ValueError(f"init_dir: the recipe of {name!r} does not start from a deterministic run, got {str(init_dir)!r}")
+    root = Path(results_root or out_dir.parent)
+    base_dirs = {base: Path(init_dir) if init_dir is not None and base == experiment.init_from else root / base
+                 for base, _ in _bases(experiment)}
     for base, needs in _bases(experiment):
-        base_dir = Path(init_dir) if init_dir is not None and base == experiment.init_from else \
-            Path(results_root or out_dir.parent) / base
+        base_dir = base_dirs[base]
         if not (base_dir / needs).is_file():
             raise ValueError(f"{name!r} starts from the run {base!r}: {str(base_dir)!r} has no {needs} (run it first, "
                              f"e.g. python -m bclib reproduce --only {base} --out {str(base_dir.parent)!r})")
     if experiment.fine_tunes is not None:
-        base_dir = Path(results_root or out_dir.parent) / experiment.fine_tunes
-        return fine_tune_run(base_dir, out_dir, config=config, data_root=data_root, progress=progress)
+        return fine_tune_run(base_dirs[experiment.fine_tunes], out_dir, config=config, data_root=data_root,
+                             progress=progress)
     if experiment.lowers_bits_of is not None:
-        base_dir = Path(results_root or out_dir.parent) / experiment.lowers_bits_of
-        return lower_bits_run(base_dir, out_dir, config=config, data_root=data_root, progress=progress)
+        return lower_bits_run(base_dirs[experiment.lowers_bits_of], out_dir, config=config, data_root=data_root,
+                              progress=progress)
     if experiment.prunes_layers_of is not None:
-        base_dir = Path(results_root or out_dir.parent) / experiment.prunes_layers_of
-        return prune_layers_run(base_dir, out_dir, config=config, seeds=experiment.search_seeds,
-                                take=experiment.search_take, tolerance=experiment.search_tolerance,
-                                data_root=data_root, progress=progress)
+        return prune_layers_run(base_dirs[experiment.prunes_layers_of], out_dir, config=config,
+                                seeds=experiment.search_seeds, take=experiment.search_take,
+                                tolerance=experiment.search_tolerance, data_root=data_root, progress=progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     train, test = _load_data(data_root, experiment.input_range, fast)
 
@@ -279,8 +280,7 @@ def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epo
     if experiment.init_from is None:
         model = build_model(experiment.model, experiment.prior)
     else:
-        source = Path(init_dir) if init_dir is not None else Path(results_root or out_dir.parent) / experiment.init_from
-        pretrained = load_run_model(source)
+        pretrained = load_run_model(base_dirs[experiment.init_from])
         model = bayesian_from_pretrained(experiment.model, experiment.prior, pretrained)
     if (out_dir / "checkpoint.pt").exists():
         check_checkpoint_recipe(out_dir / "checkpoint.pt", config, model)  # before this run writes anything
@@ -401,8 +401,8 @@ def compress_run(run_dir: str | os.PathLike, *, model=None, test: TensorSplit | 
 def _write_compressed(run_dir: Path, result, thresholds, dense_error: float, test: TensorSplit,
                       extra: dict | None = None) -> dict:
     """Save ``model.bcz`` and ``report.json`` (rates, the errors of each stage and of the file read back),
-    the report last: a folder with a report holds a finished run."""
-    _mark_unfinished(run_dir)
+    the report last: a folder with a report holds a finished run (callers remove the old report with
+    :func:`_mark_unfinished` before their first write)."""
     report = result.report.to_dict()
     report["thresholds"] = [float(t) for t in thresholds]
     report["dense_error"] = dense_error

@@ -208,7 +208,7 @@ def results_at_a_glance(reports: Mapping[str, Mapping], retrained: Mapping[str, 
                 f"{'-' if ratio is None else f'{ratio:.0f}x':>9}")
 
     lowered, layered = lowered or {}, layered or {}
-    lines, marked = [], False
+    lines = []
     for model, (_, model_label) in _MODEL_LABELS.items():
         names = [name for name in reports if _split_run_name(name)[0] == model]
         if not names:
@@ -231,20 +231,31 @@ def results_at_a_glance(reports: Mapping[str, Mapping], retrained: Mapping[str, 
                           ("  + fewer bits", lowered.get(f"{search}_bits"))]
             for label, r in steps:
                 if r is not None:
-                    mark = " *" if predates_zero_survivor_fix(r) else ""
-                    rows.append((label, cells(r["file_error"], r[keys[0]], r[keys[1]], r["file"]["ratio"]) + mark))
-                    marked = marked or bool(mark)
+                    rows.append((label, cells(r["file_error"], r[keys[0]], r[keys[1]], r["file"]["ratio"])
+                                 + zero_survivor_mark(r)))
             for k, (label, text) in enumerate(rows):
                 lines.append(f"{prior if k == 0 else '':<10} {label:<23} {text}")
     lines += ["", "paper: the paper's and release's table; -: a number not quoted in this book.",
               "error: of the compressed file on the test set; file: model.bcz against the",
               "float32 dense network."]
-    if marked:
-        lines += ["*: retrained before fine_tune trained the surviving weights its file stores as",
-                  "0 (it held them at 0); to be rerun."]
+    if any(line.endswith(ZERO_SURVIVOR_MARK) for line in lines):
+        lines += ZERO_SURVIVOR_FOOTNOTE
     if any(_split_run_name(name)[1] == "svd" for name in reports):
         lines.append("Sparse VD: sparse rates (nonzero weights counted), as the release counts them.")
     return "\n".join(lines)
+
+
+# What marks a row or run retrained before fine_tune trained the survivors a file stores as 0, and
+# the footnote that says so, in every table that shows such runs.
+ZERO_SURVIVOR_MARK = " *"
+ZERO_SURVIVOR_FOOTNOTE = ("*: retrained before fine_tune trained the surviving weights its file stores as",
+                          "0 (it held them at 0)")
+
+
+def zero_survivor_mark(report: Mapping) -> str:
+    """``" *"`` for a report of a search made before the zero-survivor fix
+    (:func:`bclib.experiments.predates_zero_survivor_fix`), else ``""``."""
+    return ZERO_SURVIVOR_MARK if predates_zero_survivor_fix(report) else ""
 
 
 # The runs the results table at a glance shows, in the book's order, and the layer searches it
@@ -402,8 +413,7 @@ def retraining_against_release(reports: Mapping[str, Mapping], targets: Mapping[
         if base not in targets or None in tuple(targets[base])[1:]:
             continue
         checks = _release_checks(r, base, targets[base], "file_error")
-        mark = " *" if predates_zero_survivor_fix(r) else ""
-        lines.append(f"{_run_label(base)} {steps}, against the release{mark}:")
+        lines.append(f"{_run_label(base)} {steps}, against the release{zero_survivor_mark(r)}:")
         lines += [f"  {ours} vs {theirs}: {'met' if met else 'short'}" for ours, theirs, met in checks]
     goal_ratio, goal_error = file_goal
     accurate = {name: r for name, r in reports.items()
@@ -417,9 +427,8 @@ def retraining_against_release(reports: Mapping[str, Mapping], targets: Mapping[
                   f"(goal {goal_ratio:.0f}x: {verdict})"]
     else:
         lines += ["", f"no retrained LeNet-5 file at <= {100 * goal_error:.1f} % error"]
-    if any(predates_zero_survivor_fix(r) for r in reports.values()):
-        lines += ["", "*: retrained before fine_tune trained the surviving weights its file stores",
-                  "as 0 (it held them at 0)"]
+    if any(zero_survivor_mark(r) for r in reports.values()):
+        lines += ["", *ZERO_SURVIVOR_FOOTNOTE]
     return "\n".join(lines)
 
 

@@ -223,14 +223,8 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None,
     state = torch.load(path, map_location="cpu", weights_only=True)
     if config is not None:
         _check_recipe(state, config, path)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as error:  # missing, unexpected or reshaped tensors: another network's checkpoint
-        lines = str(error).splitlines()
-        first = (lines[1] if len(lines) > 1 else lines[0]).strip()
-        first = first if len(first) <= 160 else first[:160] + " ..."
-        raise ValueError(f"checkpoint {path} holds another network than the one to resume ({first}): "
-                         "train into another folder") from None
+    _check_network(state, model, path)
+    model.load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng_cpu"])
@@ -247,13 +241,19 @@ def check_checkpoint_recipe(path: str | os.PathLike, config: TrainConfig, model:
     state = torch.load(path, map_location="cpu", weights_only=True)
     _check_recipe(state, config, path)
     if model is not None:
-        saved = {name: tuple(tensor.shape) for name, tensor in state["model"].items()}
-        wanted = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-        if saved != wanted:
-            differing = sorted(set(saved) ^ set(wanted)) or sorted(n for n in saved if saved[n] != wanted[n])
-            raise ValueError(f"checkpoint {path} holds another network than the one to resume (tensors "
-                             f"{', '.join(differing[:4])}{' ...' if len(differing) > 4 else ''} differ): "
-                             "train into another folder")
+        _check_network(state, model, path)
+
+
+def _check_network(state: dict, model: nn.Module, path) -> None:
+    """Refuse a checkpoint whose tensors differ from ``model``'s in names or shapes (another network),
+    naming the first ones, rather than let ``load_state_dict`` raise its RuntimeError."""
+    saved = {name: tuple(tensor.shape) for name, tensor in state["model"].items()}
+    wanted = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    if saved != wanted:
+        differing = sorted(set(saved) ^ set(wanted)) or sorted(n for n in saved if saved[n] != wanted[n])
+        raise ValueError(f"checkpoint {path} holds another network than the one to resume (tensors "
+                         f"{', '.join(differing[:4])}{' ...' if len(differing) > 4 else ''} differ): "
+                         "train into another folder")
 
 
 def _check_recipe(state: dict, config: TrainConfig, path) -> None:

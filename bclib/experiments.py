@@ -188,8 +188,25 @@ def write_json(path: str | os.PathLike, data) -> None:
 
 
 def bclib_command(arguments) -> str:
-    """``python -m bclib`` followed by ``arguments``, each quoted for the shell: the command a result records."""
-    return "python -m bclib " + " ".join(shlex.quote(a) for a in arguments)
+    """``python -m bclib`` followed by ``arguments``, each quoted for the shell: the command a result records.
+
+    An absolute path (``/a/b``, ``--out=/a/b``) is written relative to the current folder, so that a
+    committed result names no folder of the machine it was made on and its command still runs from
+    where it ran (the repository root for ``book/results``).
+
+    Example:
+        >>> import os
+        >>> bclib_command(["train", "--out", os.path.join(os.getcwd(), "runs", "a b")])
+        "python -m bclib train --out 'runs/a b'"
+    """
+    return "python -m bclib " + " ".join(shlex.quote(_relative_path(a)) for a in arguments)
+
+
+def _relative_path(argument: str) -> str:
+    option, equals, value = argument.partition("=") if argument.startswith("--") else ("", "", argument)
+    if not os.path.isabs(value):
+        return argument
+    return option + equals + os.path.relpath(value)
 
 
 def _command_line() -> str | None:

@@ -84,7 +84,10 @@ def test_bench_writes_its_results_with_the_command(tmp_path, capsys):
     out = tmp_path / "bench.json"
     main(["bench", "training", "--results", str(tmp_path / "no-runs"), "--out", str(out)])
     saved = json.loads(out.read_text())
-    assert saved["command"] == f"python -m bclib bench training --results {tmp_path / 'no-runs'} --out {out}"
+    # absolute paths are recorded relative to the folder the command ran in
+    relative = {path: os.path.relpath(path) for path in (tmp_path / "no-runs", out)}
+    assert saved["command"] == (f"python -m bclib bench training --results {relative[tmp_path / 'no-runs']} "
+                                f"--out {relative[out]}")
     assert saved["results"] == {"training": {}} and saved["torch"] == torch.__version__
     assert saved["threads"] >= 1 and saved["cpu"]
 

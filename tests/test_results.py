@@ -132,3 +132,20 @@ def test_committed_config_is_the_registered_recipe(name):
         if experiment.prunes_layers_of:
             assert config.get("seeds", 1) == experiment.search_seeds
             assert config["selection_tolerance"] == experiment.search_tolerance
+
+
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, (list, dict)):
+        for item in value.values() if isinstance(value, dict) else value:
+            yield from _strings(item)
+
+
+@pytest.mark.parametrize("path", sorted(RESULTS.rglob("*.json")), ids=lambda path: str(path.relative_to(RESULTS)))
+def test_committed_results_name_no_folder_of_the_machine_they_ran_on(path):
+    """Paths in a result, the recorded command's arguments included, are relative (a reader's clone has
+    no /work or /home/someone)."""
+    absolute = [word for text in _strings(json.loads(path.read_text())) for word in text.split()
+                if word.rpartition("=")[2].strip("'\"").startswith("/")]
+    assert absolute == []

@@ -423,8 +423,7 @@ def retraining_against_release(reports: Mapping[str, Mapping], targets: Mapping[
         ratio = accurate[best]["file"]["ratio"]
         verdict = "reached" if ratio >= goal_ratio else "not reached"
         lines += ["", f"smallest retrained LeNet-5 file at <= {100 * goal_error:.1f} % error:",
-                  f"{best}, {ratio:.0f}x smaller than the float32 dense network",
-                  f"(goal {goal_ratio:.0f}x: {verdict})"]
+                  f"{best}:", f"{ratio:.0f}x smaller than the float32 dense network (goal {goal_ratio:.0f}x: {verdict})"]
     else:
         lines += ["", f"no retrained LeNet-5 file at <= {100 * goal_error:.1f} % error"]
     if any(zero_survivor_mark(r) for r in reports.values()):

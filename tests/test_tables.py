@@ -105,9 +105,9 @@ def test_retraining_against_release_and_the_file_goal():
     assert lowered[:4] == ["LeNet-5 BC-GNJ + retraining, fewer bits, against the release:",
                            "  error 0.97 % vs 1.0 %: met", "  compression 78.7x vs 108x: short",
                            "  after precision 401.2x vs 361x: met"]
-    assert lowered[-2:] == ["lenet5_nj_ft_bits, 701x smaller than the float32 dense network", "(goal 700x: reached)"]
+    assert lowered[-2:] == ["lenet5_nj_ft_bits:", "701x smaller than the float32 dense network (goal 700x: reached)"]
     assert lines[-3:] == ["smallest retrained LeNet-5 file at <= 1.0 % error:",
-                          "lenet5_svd_ft, 538x smaller than the float32 dense network", "(goal 700x: not reached)"]
+                          "lenet5_svd_ft:", "538x smaller than the float32 dense network (goal 700x: not reached)"]
     # A bits search without the zero-survivor record is marked, with a footnote.
     stale = {**_report(0.0097, 78.66, 401.2, ratio=701.0), "bit_search": {"bits": [3, 2]}}
     marked = tables.retraining_against_release({"lenet5_nj_ft_bits": stale}, TARGETS, (700.0, 0.010)).splitlines()

@@ -53,6 +53,12 @@ def _run_label(name: str) -> str:
     return f"{_MODEL_LABELS[model][0]} {_PRIOR_LABELS[prior]}"
 
 
+def _variant_of(name: str, runs) -> str | None:
+    """The run among ``runs`` whose recipe ``name`` varies (``"lenet5_hs"`` for ``"lenet5_hs_scratch"``),
+    else None."""
+    return next((run for run in runs if name.startswith(f"{run}_")), None)
+
+
 def _rate_keys(name: str) -> tuple[str, str]:
     """The rates to compare with the release: Sparse VD's count nonzero weights, as the release counts them."""
     return _SPARSE_RATES if _split_run_name(name)[1] == "svd" else _DENSE_RATES
@@ -178,6 +184,8 @@ def results_at_a_glance(reports: Mapping[str, Mapping], retrained: Mapping[str, 
 
     Args:
         reports: ``report.json`` of each base run by name (``"lenet300_nj"``, ``"lenet5_hs"``, ...).
+            A run whose name extends another's (``"lenet5_hs_scratch"``: another recipe for that row)
+            is shown under it with its steps, named by the extension ("scratch + retraining", ...).
         retrained: ``report.json`` of the retrained runs by name (``"lenet5_hs_ft"``, ...); a base
             run without one gets no retrained row.
         lowered: ``report.json`` of the bit-lowered runs by name (``"lenet5_hs_ft_bits"``,
@@ -208,38 +216,47 @@ def results_at_a_glance(reports: Mapping[str, Mapping], retrained: Mapping[str, 
                 f"{'-' if ratio is None else f'{ratio:.0f}x':>9}")
 
     lowered, layered = lowered or {}, layered or {}
+
+    def steps(name: str, who: str) -> list[tuple[str, Mapping | None]]:
+        found = [(who, reports[name]), (f"{who} + retraining", retrained.get(f"{name}_ft")),
+                 ("  + fewer bits" if f"{name}_ft" in retrained else "retraining + bits",
+                  lowered.get(f"{name}_ft_bits"))]
+        if f"{name}_layers" not in layered:  # bits lowered from a search not shown
+            found.append(("layer search + bits", lowered.get(f"{name}_layers_bits")))
+        for search in (search for search in layered if _refinement(search)[0] == name):
+            found += [(f"{who} + {_refinement(search)[2]}", layered[search]),
+                      ("  + fewer bits", lowered.get(f"{search}_bits"))]
+        return found
+
     lines = []
     for model, (_, model_label) in _MODEL_LABELS.items():
-        names = [name for name in reports if _split_run_name(name)[0] == model]
+        names = [name for name in reports if _split_run_name(name)[0] == model and _variant_of(name, reports) is None]
         if not names:
             continue
         if lines:
             lines.append("")
-        lines.append(f"{model_label:<34} {'error %':>9} {'pruning':>8} {'precision':>10} {'file':>9}")
+        lines.append(f"{model_label:<37} {'error %':>9} {'pruning':>8} {'precision':>10} {'file':>9}")
         for name in names:
             prior = _PRIOR_LABELS[_split_run_name(name)[1]]
             keys = _rate_keys(name)
             target = tuple(targets.get(name, (None, None, None)))
             rows = [("paper", cells(*target, None, rate_format="g"))]
-            steps = [("ours", reports[name]), ("ours + retraining", retrained.get(f"{name}_ft")),
-                     ("  + fewer bits" if f"{name}_ft" in retrained else "retraining + bits",
-                      lowered.get(f"{name}_ft_bits"))]
-            if f"{name}_layers" not in layered:  # bits lowered from a search not shown
-                steps.append(("layer search + bits", lowered.get(f"{name}_layers_bits")))
-            for search in (search for search in layered if _refinement(search)[0] == name):
-                steps += [(f"ours + {_refinement(search)[2]}", layered[search]),
-                          ("  + fewer bits", lowered.get(f"{search}_bits"))]
-            for label, r in steps:
+            found = steps(name, "ours")
+            for variant in (variant for variant in reports if _variant_of(variant, reports) == name):
+                found += steps(variant, variant.removeprefix(f"{name}_").replace("_", " "))
+            for label, r in found:
                 if r is not None:
                     rows.append((label, cells(r["file_error"], r[keys[0]], r[keys[1]], r["file"]["ratio"])
                                  + zero_survivor_mark(r)))
             for k, (label, text) in enumerate(rows):
-                lines.append(f"{prior if k == 0 else '':<10} {label:<23} {text}")
+                lines.append(f"{prior if k == 0 else '':<10} {label:<26} {text}")
     lines += ["", "paper: the paper's and release's table; -: a number not quoted in this book.",
               "error: of the compressed file on the test set; file: model.bcz against the",
               "float32 dense network."]
     if any(line.endswith(ZERO_SURVIVOR_MARK) for line in lines):
         lines += ZERO_SURVIVOR_FOOTNOTE
+    variants = {name.removeprefix(f"{_variant_of(name, reports)}_") for name in reports if _variant_of(name, reports)}
+    lines += [f"{variant}: {_VARIANT_NOTES[variant]}" for variant in sorted(variants) if variant in _VARIANT_NOTES]
     if any(_split_run_name(name)[1] == "svd" for name in reports):
         lines.append("Sparse VD: sparse rates (nonzero weights counted), as the release counts them.")
     return "\n".join(lines)
@@ -261,6 +278,9 @@ def zero_survivor_mark(report: Mapping) -> str:
 # The runs the results table at a glance shows, in the book's order, and the layer searches it
 # shows of each (one seed; three seeds with the 0.2-point allowance), each with its bits search.
 GLANCE_RUNS = ("lenet300_nj", "lenet300_hs", "lenet300_svd", "lenet5_svd", "lenet5_nj", "lenet5_hs")
+# Runs of another recipe for a row of GLANCE_RUNS, shown under it, and what each name's last word means.
+GLANCE_VARIANTS = ("lenet5_hs_scratch",)
+_VARIANT_NOTES = {"scratch": "trained from scratch, not from the pretrained network (chapter 4)."}
 GLANCE_SEARCHES = ("_layers", "_layers_3seeds_tol2")
 
 
@@ -268,9 +288,9 @@ def results_table(results_root: str | os.PathLike = "book/results") -> str:
     """:func:`results_at_a_glance` of the runs in a results folder: what ``python -m bclib results``
     prints and the README shows.
 
-    Reads ``<results_root>/<run>/report.json`` for each run of :data:`GLANCE_RUNS` and, where present,
-    its retraining (``_ft``), the layer searches of :data:`GLANCE_SEARCHES` and their bits searches
-    (``_bits``); a run without a report is left out. The paper's numbers are
+    Reads ``<results_root>/<run>/report.json`` for each run of :data:`GLANCE_RUNS` and
+    :data:`GLANCE_VARIANTS` and, where present, its retraining (``_ft``), the layer searches of
+    :data:`GLANCE_SEARCHES` and their bits searches (``_bits``); a run without a report is left out. The paper's numbers are
     :data:`bclib.bench.PAPER_TARGETS`.
 
     Raises:
@@ -287,6 +307,7 @@ def results_table(results_root: str | os.PathLike = "book/results") -> str:
     reports = read(GLANCE_RUNS)
     if not reports:
         raise ValueError(f"results_root: no report.json of any of {', '.join(GLANCE_RUNS)} in {str(root)!r}")
+    reports.update(read(GLANCE_VARIANTS))
     searches = [f"{name}{search}" for name in reports for search in GLANCE_SEARCHES]
     return results_at_a_glance(reports, read(f"{name}_ft" for name in reports), PAPER_TARGETS,
                                read(f"{name}_bits" for name in [f"{base}_ft" for base in reports] + searches),

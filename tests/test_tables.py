@@ -248,6 +248,25 @@ def test_results_at_a_glance_adds_the_layer_search_rows():
     assert lines[3].split() == ["layer", "search", "+", "bits", "0.99", "110.2x", "450.0x", "811x"]
 
 
+
+def test_results_at_a_glance_shows_another_recipe_under_its_row():
+    reports = {"lenet5_hs": _report(0.0106, 43.5, 161.4, ratio=276.0),
+               "lenet5_hs_scratch": _report(0.0094, 60.5, 210.6, ratio=375.0)}
+    layered = {"lenet5_hs_layers_3seeds_tol2": _report(0.0087, 98.3, 358.3, ratio=494.0),
+               "lenet5_hs_scratch_layers_3seeds_tol2": _report(0.0095, 120.0, 400.0, ratio=600.0)}
+    lowered = {"lenet5_hs_scratch_layers_3seeds_tol2_bits": _report(0.0099, 120.0, 500.0, ratio=900.0)}
+    retrained = {"lenet5_hs_scratch_ft": _report(0.0085, 60.5, 210.6, ratio=355.0)}
+    lines = tables.results_at_a_glance(reports, retrained, {"lenet5_hs": (0.010, 156.0, 419.0)}, lowered,
+                                       layered).splitlines()
+    # One BC-GHS block: the paper, the pretrained start's steps, then the scratch run's.
+    assert [line[:37].strip() for line in lines[1:8]] == [
+        "BC-GHS     paper", "ours", "ours + 3 seeds, 0.2 pts", "scratch", "scratch + retraining",
+        "scratch + 3 seeds, 0.2 pts", "+ fewer bits"]
+    assert lines[7].split()[-4:] == ["0.99", "120.0x", "500.0x", "900x"]
+    assert "scratch: trained from scratch, not from the pretrained network (chapter 4)." in lines
+    assert all(len(line) <= 80 for line in lines)
+
+
 def test_pipeline_table_names_each_step():
     reports = {"lenet5_hs": {**_report(0.0106, 43.51, 161.43, ratio=276.4), "architecture": "11-17-196-24"},
                "lenet5_hs_ft": {**_report(0.0085, 89.13, 323.57, ratio=449.6), "architecture": "9-13-110-14"},

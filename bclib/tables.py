@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -48,9 +49,11 @@ def _split_run_name(name: str) -> tuple[str, str]:
 
 
 def _run_label(name: str) -> str:
-    """``"LeNet-5 BC-GNJ"`` for ``"lenet5_nj"``."""
+    """``"LeNet-5 BC-GNJ"`` for ``"lenet5_nj"``; a variant recipe's name adds its words
+    (``"LeNet-5 BC-GHS, scratch"`` for ``"lenet5_hs_scratch"``)."""
     model, prior = _split_run_name(name)
-    return f"{_MODEL_LABELS[model][0]} {_PRIOR_LABELS[prior]}"
+    variant = name.removeprefix(f"{model}_{prior}").removeprefix("_").replace("_", " ")
+    return f"{_MODEL_LABELS[model][0]} {_PRIOR_LABELS[prior]}" + (f", {variant}" if variant else "")
 
 
 def _variant_of(name: str, runs) -> str | None:
@@ -434,7 +437,7 @@ def retraining_against_release(reports: Mapping[str, Mapping], targets: Mapping[
         if base not in targets or None in tuple(targets[base])[1:]:
             continue
         checks = _release_checks(r, base, targets[base], "file_error")
-        lines.append(f"{_run_label(base)} {steps}, against the release{zero_survivor_mark(r)}:")
+        lines += textwrap.wrap(f"{_run_label(base)} {steps}, against the release{zero_survivor_mark(r)}:", 80)
         lines += [f"  {ours} vs {theirs}: {'met' if met else 'short'}" for ours, theirs, met in checks]
     goal_ratio, goal_error = file_goal
     accurate = {name: r for name, r in reports.items()
@@ -474,7 +477,6 @@ def bench_trials_summary(measured: Mapping[str, Mapping], target: float) -> str:
         >>> print(bench_trials_summary({"a.json": measured}, 0.8).splitlines()[-1])
         compiled        1000     4.70x        0.75   0.75-0.75 missed
     """
-    import textwrap
 
     lines, compiled = [], {}
     for file_name, data in measured.items():

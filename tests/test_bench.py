@@ -229,6 +229,9 @@ def test_training_time_report_sums_epochs_with_pretraining_and_checks_targets(tm
     assert "smallest LeNet-5 file at the goal error: lenet5_hs_ft_bits *, 720x smaller than the float32 dense network at 0.99 % error" in out
     assert "*: retrained before fine_tune" in out
     assert "700x at <= 1.0 %: reached" in out
+    # Each run counted once: epochs 120 + 600 + 10 + 10 + 1000, searches 30 + 6 + 100 + 40 + 20 = 1936 s.
+    assert rows["lenet5_nj_layers_bits"]["own_seconds"] == 20.0 and rows["lenet5_hs"]["own_seconds"] == 600.0
+    assert "all 10 runs: 0.5 h of training and retraining, each run counted once" in out
 
 
 def test_epoch_bench_times_each_network_on_mnist(mnist_root, capsys):

@@ -57,6 +57,8 @@ def test_keep_freed_memory_stops_the_page_faults_of_a_bayesian_step(glibc):
     assert kept["kept"] is glibc
     if not glibc:
         return  # nothing is changed without glibc; the default count is then the allocator's own
-    # glibc's defaults: thousands of fresh pages a step (the module docstring's ~14,000 at 1 thread).
-    assert default["faults_per_step"] > 1000, default
+    # glibc's defaults: fresh pages every step. How many varies from run to run (the module
+    # docstring's ~14,000 at 1 thread; 803 in one CI run, where the kernel may have backed the fresh
+    # mappings with transparent huge pages, one fault per 2 MB), so the test asks for hundreds.
+    assert default["faults_per_step"] > 200, default
     assert kept["faults_per_step"] < default["faults_per_step"] / 10, (default, kept)

@@ -670,9 +670,12 @@ def _wall_seconds(name: str, root: Path) -> float:
     from .experiments import EXPERIMENTS
 
     experiment = EXPERIMENTS[name]
-    base = experiment.refines or experiment.init_from
-    counted = base is not None and (experiment.refines is not None or (root / base / "metrics.json").exists())
-    return _own_seconds(name, root) + (_wall_seconds(base, root) if counted else 0.0)
+    seconds = _own_seconds(name, root)
+    if experiment.refines is not None:
+        return seconds + _wall_seconds(experiment.refines, root)
+    if experiment.init_from and (root / experiment.init_from / "metrics.json").exists():
+        return seconds + _wall_seconds(experiment.init_from, root)
+    return seconds
 
 
 def run_training_time_report(results_root="book/results", verbose: bool = True) -> dict:

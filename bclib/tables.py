@@ -52,14 +52,22 @@ def _run_label(name: str) -> str:
     """``"LeNet-5 BC-GNJ"`` for ``"lenet5_nj"``; a variant recipe's name adds its words
     (``"LeNet-5 BC-GHS, scratch"`` for ``"lenet5_hs_scratch"``)."""
     model, prior = _split_run_name(name)
-    variant = name.removeprefix(f"{model}_{prior}").removeprefix("_").replace("_", " ")
+    variant = _variant_words(name)
     return f"{_MODEL_LABELS[model][0]} {_PRIOR_LABELS[prior]}" + (f", {variant}" if variant else "")
+
+
+def _variant_words(name: str) -> str:
+    """What a variant recipe's name adds to its paper run's (``"scratch"`` for ``"lenet5_hs_scratch"``;
+    ``""`` for a paper run)."""
+    model, prior = _split_run_name(name)
+    return name.removeprefix(f"{model}_{prior}").removeprefix("_").replace("_", " ")
 
 
 def _variant_of(name: str, runs) -> str | None:
     """The run among ``runs`` whose recipe ``name`` varies (``"lenet5_hs"`` for ``"lenet5_hs_scratch"``),
     else None."""
-    return next((run for run in runs if name.startswith(f"{run}_")), None)
+    base = "_".join(_split_run_name(name))
+    return base if name != base and base in runs else None
 
 
 def _rate_keys(name: str) -> tuple[str, str]:
@@ -246,7 +254,7 @@ def results_at_a_glance(reports: Mapping[str, Mapping], retrained: Mapping[str, 
             rows = [("paper", cells(*target, None, rate_format="g"))]
             found = steps(name, "ours")
             for variant in (variant for variant in reports if _variant_of(variant, reports) == name):
-                found += steps(variant, variant.removeprefix(f"{name}_").replace("_", " "))
+                found += steps(variant, _variant_words(variant))
             for label, r in found:
                 if r is not None:
                     rows.append((label, cells(r["file_error"], r[keys[0]], r[keys[1]], r["file"]["ratio"])
@@ -258,8 +266,8 @@ def results_at_a_glance(reports: Mapping[str, Mapping], retrained: Mapping[str, 
               "float32 dense network."]
     if any(line.endswith(ZERO_SURVIVOR_MARK) for line in lines):
         lines += ZERO_SURVIVOR_FOOTNOTE
-    variants = {name.removeprefix(f"{_variant_of(name, reports)}_") for name in reports if _variant_of(name, reports)}
-    lines += [f"{variant}: {_VARIANT_NOTES[variant]}" for variant in sorted(variants) if variant in _VARIANT_NOTES]
+    variants = sorted({_variant_words(name) for name in reports if _variant_of(name, reports)})
+    lines += [f"{variant}: {_VARIANT_NOTES[variant]}" for variant in variants if variant in _VARIANT_NOTES]
     if any(_split_run_name(name)[1] == "svd" for name in reports):
         lines.append("Sparse VD: sparse rates (nonzero weights counted), as the release counts them.")
     return "\n".join(lines)
@@ -477,7 +485,6 @@ def bench_trials_summary(measured: Mapping[str, Mapping], target: float) -> str:
         >>> print(bench_trials_summary({"a.json": measured}, 0.8).splitlines()[-1])
         compiled        1000     4.70x        0.75   0.75-0.75 missed
     """
-
     lines, compiled = [], {}
     for file_name, data in measured.items():
         result = data["results"]["compression"]

@@ -34,6 +34,7 @@ from . import models, tables
 from ._allocator import freed_memory_kept, keep_freed_memory
 from .compression import CompressedModel, compress, propose_thresholds
 from .layers import BayesianLayer, LinearGroupHS, LinearGroupNJ, bayesian_layers, kl_divergence, set_variance_dtype
+from .train import MEMORY_FORMATS, TrainConfig
 
 __all__ = ["run_compression_bench", "run_compression_bench_from_run", "run_compression_trials", "summarise_trials",
            "run_layers_bench", "paper_lenet5",
@@ -404,32 +405,39 @@ def summarise_trials(results: list[dict]) -> dict:
     return summary
 
 
-# Precision variants timed beside full float32: "bfloat16" runs the Bayesian layers' variance path in
-# bfloat16 (set_variance_dtype); "autocast" runs every network, the deterministic one included, under
-# torch.autocast in bfloat16 (mixed precision), and its ratios are to the deterministic network so run.
+# Variants timed beside full float32 in the contiguous layout: "bfloat16" runs the Bayesian layers'
+# variance path in bfloat16 (set_variance_dtype); "autocast" runs every network, the deterministic one
+# included, under torch.autocast in bfloat16 (mixed precision); "channels_last" trains every network
+# with convolutions in the channels-last layout (TrainConfig.memory_format), the deterministic one
+# included. The ratios of "autocast" and "channels_last" rows are to the deterministic network so run.
 PRECISION_VARIANTS = ("bfloat16", "autocast")
+VARIANTS = (*PRECISION_VARIANTS, "channels_last")
+# The variants that change the deterministic network too: their rows have a baseline of their own.
+_BASELINE_VARIANTS = ("autocast", "channels_last")
 
 
 def run_layers_bench(steps: int = 10, repeats: int = 7, batch_size: int = 128, priors=("nj", "hs", "svd"),
                      model_names=("lenet300", "lenet5"), threads: int | None = None,
-                     variants=PRECISION_VARIANTS, verbose: bool = True) -> dict:
+                     variants=VARIANTS, verbose: bool = True) -> dict:
     """Training-step time of each prior relative to the deterministic network, per model.
 
     One step is forward, loss (mean cross-entropy, plus KL / 60000 for the Bayesian models), backward,
     an Adam step and the variance clipping, on random MNIST-shaped data. Models are timed in turns
     (``steps`` steps each, ``repeats`` turns) and the median per-step time is reported.
 
-    Each prior is timed in full float32 and in each of ``variants`` (:data:`PRECISION_VARIANTS`):
+    Each prior is timed in full float32 and in each of ``variants`` (:data:`VARIANTS`):
     ``"bfloat16"``, the variance path in bfloat16 (:func:`bclib.set_variance_dtype`; rows like
-    ``"nj+bfloat16"``, against the float32 deterministic network), and ``"autocast"``, mixed precision
-    (rows like ``"nj+autocast"``, against the deterministic network under autocast, ``"none+autocast"``).
+    ``"nj+bfloat16"``, against the float32 deterministic network); ``"autocast"``, mixed precision
+    (rows like ``"nj+autocast"``, against the deterministic network under autocast, ``"none+autocast"``);
+    and ``"channels_last"``, the channels-last layout (``TrainConfig(memory_format="channels_last")``;
+    rows like ``"nj+channels_last"``, against ``"none+channels_last"``; networks with convolutions only).
     ``threads`` sets the CPU threads for the run (default: PyTorch's setting). Every network runs
     with freed memory kept for reuse (:func:`bclib.train.keep_freed_memory`), as
     :func:`bclib.train.fit` trains.
 
     Returns:
         ``{model: {row: {"step_ms", "ratio", "matmul_floor"}}}`` (ratio: step time over the
-        deterministic one of the same precision; matmul_floor: the same ratio for the multiply-adds of
+        deterministic one of the same precision and layout; matmul_floor: the same ratio for the multiply-adds of
         the step's matrix products, :func:`matmul_macs_per_example`).
     """
     _check_run_sizes(steps=steps, repeats=repeats, batch_size=batch_size)
@@ -443,12 +451,13 @@ def run_layers_bench(steps: int = 10, repeats: int = 7, batch_size: int = 128, p
     if verbose:
         print(f"training step, batch {batch_size}, {threads or torch.get_num_threads()} CPU threads "
               f"(median of {repeats} turns of {steps} steps)")
-        print(f"{'model':<9} {'network':<14} {'step ms':>8} {'vs deterministic':>17} {'matmul floor':>13}")
+        print(f"{'model':<9} {'network':<18} {'step ms':>8} {'vs deterministic':>17} {'matmul floor':>13}")
         for name, rows in result.items():
             for key, row in rows.items():
-                print(f"{name:<9} {key:<14} {row['step_ms']:>8.2f} {row['ratio']:>16.2f}x "
+                print(f"{name:<9} {key:<18} {row['step_ms']:>8.2f} {row['ratio']:>16.2f}x "
                       f"{row['matmul_floor']:>12.2f}x")
-        print("+bfloat16: variance path in bfloat16; +autocast: torch.autocast(bfloat16), against none+autocast")
+        print("+bfloat16: variance path in bfloat16; +autocast: torch.autocast(bfloat16), against none+autocast; "
+              "+channels_last: NHWC layout, against none+channels_last")
         print("matmul floor: multiply-adds of the step's matrix products over the deterministic network's "
               "(bench.matmul_macs_per_example)")
     return result
@@ -491,29 +500,41 @@ def matmul_macs_per_example(model: nn.Module, input_shape=(1, 28, 28)) -> int:
     return total
 
 
-def _networks(name: str, priors, variants) -> dict[str, tuple[nn.Module, bool]]:
-    """The compared networks by row name, each with whether it runs under autocast: ``"none"``
-    (deterministic), each prior, and ``"<row>+<variant>"`` for each of ``variants``."""
+def _networks(name: str, priors, variants) -> dict[str, tuple[nn.Module, TrainConfig]]:
+    """The compared networks by row name, each with the settings of :class:`TrainConfig` it trains
+    with (``autocast``, ``memory_format``): ``"none"`` (deterministic), each prior, and
+    ``"<row>+<variant>"`` for each of ``variants`` (:data:`VARIANTS`). ``"channels_last"`` rows are
+    left out for networks without convolutions, which it does not change."""
     for variant in variants:
-        if variant not in PRECISION_VARIANTS:
-            raise ValueError(f"variants must be drawn from {PRECISION_VARIANTS}, got {variant!r}")
-    networks = {"none": (models.build_model(name, None), False)}
-    if "autocast" in variants:
-        networks["none+autocast"] = (models.build_model(name, None), True)
+        if variant not in VARIANTS:
+            raise ValueError(f"variants must be drawn from {VARIANTS}, got {variant!r}")
+    # The layout applies to 4-d tensors: convolution weights and images.
+    has_conv = any(parameter.dim() == 4 for parameter in models.build_model(name, None).parameters())
+    variants = [variant for variant in variants if variant != "channels_last" or has_conv]
+
+    def network(prior, variant=None) -> tuple[nn.Module, TrainConfig]:
+        model = models.build_model(name, prior)
+        if variant == "bfloat16":
+            set_variance_dtype(model, torch.bfloat16)
+        config = TrainConfig(epochs=1, device="cpu", autocast="bfloat16" if variant == "autocast" else None,
+                             memory_format="channels_last" if variant == "channels_last" else None)
+        return model, config
+
+    networks = {"none": network(None)}
+    for variant in variants:
+        if variant in _BASELINE_VARIANTS:
+            networks[f"none+{variant}"] = network(None, variant)
     for prior in priors:
-        networks[prior] = (models.build_model(name, prior), False)
+        networks[prior] = network(prior)
         for variant in variants:
-            if variant == "autocast":
-                networks[f"{prior}+autocast"] = (models.build_model(name, prior), True)
-            else:
-                model = set_variance_dtype(models.build_model(name, prior), getattr(torch, variant))
-                networks[f"{prior}+{variant}"] = (model, False)
+            networks[f"{prior}+{variant}"] = network(prior, variant)
     return networks
 
 
 def _baseline(row: str) -> str:
-    """The deterministic row a row's ratio is taken against (the same precision)."""
-    return "none+autocast" if row.endswith("+autocast") else "none"
+    """The deterministic row a row's ratio is taken against (the same precision and layout)."""
+    variant = row.partition("+")[2]
+    return f"none+{variant}" if variant in _BASELINE_VARIANTS else "none"
 
 
 def _time_train_steps(steps, repeats, batch_size, priors, model_names, variants) -> dict:
@@ -523,8 +544,8 @@ def _time_train_steps(steps, repeats, batch_size, priors, model_names, variants)
     y = torch.randint(0, 10, (batch_size,))
     result = {}
     for name in model_names:
-        steppers = {key: _train_step(model, x, y, autocast)
-                    for key, (model, autocast) in _networks(name, priors, variants).items()}
+        steppers = {key: _train_step(model, x, y, config)
+                    for key, (model, config) in _networks(name, priors, variants).items()}
         times: dict[str, list[float]] = {key: [] for key in steppers}
         for stepper in steppers.values():
             stepper()  # warm-up
@@ -540,8 +561,15 @@ def _time_train_steps(steps, repeats, batch_size, priors, model_names, variants)
     return result
 
 
-def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: bool = False):
-    """One training step of ``model`` as :func:`bclib.train.fit` does it."""
+def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig | None = None):
+    """One training step of ``model`` as :func:`bclib.train.fit` does it, with ``config``'s
+    ``autocast`` and ``memory_format`` (default: neither)."""
+    config = config or TrainConfig()
+    autocast = config.autocast is not None
+    memory_format = MEMORY_FORMATS[config.memory_format]
+    if memory_format is not None:
+        model.to(memory_format=memory_format)
+        x = x.contiguous(memory_format=memory_format)
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     layers = [layer for _, layer in bayesian_layers(model)]
@@ -566,11 +594,12 @@ EPOCH_SECONDS_TARGETS = {"lenet300": 3.0, "lenet5": 25.0}
 
 
 def run_epoch_bench(data_root=None, *, model_names=("lenet300", "lenet5"), prior: str = "nj",
-                    variants=PRECISION_VARIANTS, train_examples: int | None = None,
+                    variants=VARIANTS, train_examples: int | None = None,
                     threads: int | None = None, verbose: bool = True) -> dict:
     """Seconds of one training epoch on real MNIST with :func:`bclib.train.fit`, per model: the
     deterministic network and the ``prior`` network in float32 and in each of ``variants`` (as
-    :func:`run_layers_bench`; ``"autocast"`` trains with ``TrainConfig(autocast="bfloat16")``).
+    :func:`run_layers_bench`; ``"autocast"`` trains with ``TrainConfig(autocast="bfloat16")``,
+    ``"channels_last"`` with ``TrainConfig(memory_format="channels_last")``).
 
     One epoch each, one after the other in one process (an epoch is long enough that the
     order matters little). ``train_examples`` shortens the epoch (the tests use it); the
@@ -579,10 +608,10 @@ def run_epoch_bench(data_root=None, *, model_names=("lenet300", "lenet5"), prior
 
     Returns:
         ``{model: {row: {"seconds", "ratio"}}, "targets": {model: seconds}}`` (ratio: to the
-        deterministic network of the same precision).
+        deterministic network of the same precision and layout).
     """
     from .data import load_mnist
-    from .train import TrainConfig, fit
+    from .train import fit
 
     train, test = load_mnist(data_root)
     full = len(train)
@@ -592,8 +621,7 @@ def run_epoch_bench(data_root=None, *, model_names=("lenet300", "lenet5"), prior
     with _cpu_threads(threads):
         for name in model_names:
             rows = {}
-            for key, (model, autocast) in _networks(name, (prior,), variants).items():
-                config = TrainConfig(epochs=1, device="cpu", autocast="bfloat16" if autocast else None)
+            for key, (model, config) in _networks(name, (prior,), variants).items():
                 seconds = fit(model, train, test, config, progress=False)[0]["seconds"]
                 rows[key] = {"seconds": seconds * full / len(train)}
             for key, row in rows.items():
@@ -601,10 +629,10 @@ def run_epoch_bench(data_root=None, *, model_names=("lenet300", "lenet5"), prior
             result[name] = rows
     if verbose:
         print(f"one training epoch on MNIST, {threads or torch.get_num_threads()} CPU threads")
-        print(f"{'model':<9} {'network':<14} {'seconds':>8} {'vs deterministic':>17} {'target':>7}")
+        print(f"{'model':<9} {'network':<18} {'seconds':>8} {'vs deterministic':>17} {'target':>7}")
         for name in model_names:
             for key, row in result[name].items():
-                print(f"{name:<9} {key:<14} {row['seconds']:>8.1f} {row['ratio']:>16.2f}x "
+                print(f"{name:<9} {key:<18} {row['seconds']:>8.1f} {row['ratio']:>16.2f}x "
                       f"{result['targets'][name]:>6.0f}s")
     return result
 

@@ -243,7 +243,8 @@ def load_run_model(run_dir: str | os.PathLike) -> torch.nn.Module:
 
 
 def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epochs: int | None = None,
-                   variance_dtype: str | None = None, autocast: str | None = None, fast: bool | None = None,
+                   variance_dtype: str | None = None, autocast: str | None = None,
+                   memory_format: str | None = None, fast: bool | None = None,
                    results_root: str | os.PathLike | None = None, init_dir: str | os.PathLike | None = None,
                    callbacks=(), progress: bool = True) -> dict:
     """Train, compress and save the run ``name`` of :data:`EXPERIMENTS` into ``out_dir``.
@@ -255,6 +256,7 @@ def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epo
         epochs: override the recipe's epoch count.
         variance_dtype: override the recipe's :attr:`TrainConfig.variance_dtype` (e.g. ``"bfloat16"``).
         autocast: override the recipe's :attr:`TrainConfig.autocast` (``"bfloat16"``: mixed precision).
+        memory_format: override the recipe's :attr:`TrainConfig.memory_format` (``"channels_last"``).
         fast: shrink data (5000/1000 examples) and epochs (2) for smoke tests; default ``BCLIB_FAST``.
         results_root: where the run named in ``init_from`` (or refined) lives (default: the parent of
             ``out_dir``).
@@ -273,7 +275,8 @@ def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epo
     out_dir = Path(out_dir)
     config = _fast_config(experiment.config) if fast else experiment.config
     overrides = {key: value for key, value in (("epochs", epochs), ("variance_dtype", variance_dtype),
-                                               ("autocast", autocast)) if value is not None}
+                                               ("autocast", autocast), ("memory_format", memory_format))
+                 if value is not None}
     if overrides:
         config = replace(config, **overrides)  # validated again by TrainConfig
     if init_dir is not None and experiment.init_from is None:

@@ -38,6 +38,8 @@ Callback = Callable[[int, nn.Module, dict], None]
 
 # Names accepted for TrainConfig.variance_dtype (None: the weights' own precision).
 VARIANCE_DTYPES = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Names accepted for TrainConfig.memory_format (None: the model's layout as it is).
+MEMORY_FORMATS = {None: None, "channels_last": torch.channels_last}
 # Names accepted for TrainConfig.autocast. Not float16: its narrow exponent needs a gradient
 # scaler (torch.amp.GradScaler), which this loop does not run.
 AUTOCAST_DTYPES = {None: None, "bfloat16": torch.bfloat16}
@@ -68,6 +70,13 @@ class TrainConfig:
             while parameters, the sampled pre-activations, the loss, the KL and the optimiser stay
             float32. Faster where bfloat16 units exist (recent GPUs; CPUs with AMX). Evaluation
             stays in full precision. ``None``: full precision.
+        memory_format: ``"channels_last"`` converts the model's convolution weights (its 4-d
+            tensors) and each batch of images to the channels-last (NHWC) layout before training, so
+            that convolutions, pooling and the Bayesian layers' sampling all run in it; on CPUs
+            (oneDNN) that is faster: on this project's 2-core CPU a LeNet-5-Caffe epoch trains
+            about 1.5x faster without a prior and about 1.25x with the group NJ prior. It stays set on
+            the model after :func:`fit`, like the device. Networks without convolutions are
+            unaffected. ``None`` leaves the layout as it is.
         keep_freed_memory: on CPU, first call :func:`bclib.train.keep_freed_memory` (glibc's
             ``malloc`` keeps freed blocks for reuse, process-wide): without it a Bayesian step
             faults fresh pages in for its temporaries every time (LeNet-5-Caffe NJ: ~14,000 a
@@ -86,6 +95,7 @@ class TrainConfig:
     device: str | None = None
     variance_dtype: str | None = None
     autocast: str | None = None
+    memory_format: str | None = None
     keep_freed_memory: bool = True
 
     def __post_init__(self) -> None:
@@ -115,6 +125,9 @@ class TrainConfig:
                              f"got {self.variance_dtype!r}")
         if not isinstance(self.keep_freed_memory, bool):
             raise ValueError(f"keep_freed_memory must be True or False, got {self.keep_freed_memory!r}")
+        if self.memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"memory_format must be one of {sorted(MEMORY_FORMATS, key=str)}, "
+                             f"got {self.memory_format!r}")
         if self.autocast not in AUTOCAST_DTYPES:
             raise ValueError(f"autocast must be one of {sorted(AUTOCAST_DTYPES, key=str)}, got {self.autocast!r}")
 
@@ -187,7 +200,7 @@ def _set_lr(optimizer: torch.optim.Optimizer, config: TrainConfig, epoch: int) -
 
 # Settings that may differ between a checkpoint and the run resuming it: they change where and how
 # fast it runs, not what it computes.
-_RESUMABLE_ACROSS = ("device", "keep_freed_memory")
+_RESUMABLE_ACROSS = ("device", "keep_freed_memory", "memory_format")
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, epoch: int, history: list,
@@ -216,8 +229,8 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None,
 
     Raises:
         ValueError: when ``config`` is given and differs from the config the checkpoint was written
-            with in anything but ``device`` and ``keep_freed_memory`` (resuming would silently mix
-            two recipes; checkpoints written without a config are not checked), or when the
+            with in anything but ``device``, ``memory_format`` and ``keep_freed_memory`` (resuming
+            would silently mix two recipes; checkpoints written without a config are not checked), or when the
             checkpoint holds the tensors of another network than ``model``.
     """
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -302,6 +315,9 @@ def fit(model: nn.Module, train: TensorSplit, test: TensorSplit, config: TrainCo
         keep_freed_memory()
     torch.manual_seed(config.seed)
     model.to(device)
+    memory_format = MEMORY_FORMATS[config.memory_format]
+    if memory_format is not None:
+        model.to(memory_format=memory_format)
     if config.variance_dtype is not None:
         set_variance_dtype(model, VARIANCE_DTYPES[config.variance_dtype])
     train, test = train.to(device), test.to(device)
@@ -329,6 +345,8 @@ def fit(model: nn.Module, train: TensorSplit, test: TensorSplit, config: TrainCo
                    mininterval=1.0)
         for step, (x, y) in enumerate(bar):
             beta = min(1.0, (epoch + step / steps) / config.kl_warmup_epochs) if config.kl_warmup_epochs else 1.0
+            if memory_format is not None and x.dim() == 4:
+                x = x.contiguous(memory_format=memory_format)
             with _autocast(device, config.autocast):
                 logits = model(x)
             ce = F.cross_entropy(logits.float(), y)

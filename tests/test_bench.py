@@ -146,6 +146,13 @@ def test_layers_bench_ratios_are_relative_to_the_deterministic_network():
         assert math.isclose(row["ratio"], row["step_ms"] / baseline["step_ms"])
     assert rows["nj+bfloat16"]["matmul_floor"] == rows["nj+autocast"]["matmul_floor"] == 1_597_200 / 563_400
     assert rows["nj"]["matmul_floor"] == 1_597_200 / 563_400 and rows["none+autocast"]["matmul_floor"] == 1.0
+    # LeNet-5-Caffe has convolutions, so the channels-last layout gets rows of its own, its baseline too.
+    rows = bench.run_layers_bench(steps=1, repeats=1, batch_size=4, priors=("nj",), model_names=("lenet5",),
+                                  threads=1, variants=("channels_last",), verbose=False)["lenet5"]
+    assert list(rows) == ["none", "none+channels_last", "nj", "nj+channels_last"]
+    assert math.isclose(rows["nj+channels_last"]["ratio"],
+                        rows["nj+channels_last"]["step_ms"] / rows["none+channels_last"]["step_ms"])
+    assert math.isclose(rows["nj"]["ratio"], rows["nj"]["step_ms"] / rows["none"]["step_ms"])
     with pytest.raises(ValueError, match="variants must be drawn from"):
         bench.run_layers_bench(steps=1, repeats=1, batch_size=8, model_names=("lenet300",), variants=("fp8",))
 

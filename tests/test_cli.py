@@ -57,7 +57,8 @@ def test_help_lists_the_commands():
 
 
 @pytest.mark.parametrize("command, options", [
-    ("train", ["--model", "--prior", "--out", "--fast", "--init-from", "--epochs", "--variance-dtype"]),
+    ("train", ["--model", "--prior", "--out", "--fast", "--init-from", "--epochs", "--variance-dtype", "--autocast",
+               "--memory-format"]),
     ("bench", ["--out", "--threads", "--run", "--results", "--trials", "--keep-freed-memory"]),
     ("compress", ["--thresholds", "--data"]),
     ("fine-tune", ["--out", "--epochs", "--seeds", "--data"]),
@@ -140,6 +141,13 @@ def test_train_starts_from_the_init_from_folder_whatever_its_name(mnist_root, tm
             main(["train", "--model", "lenet300", *arguments, "--out", str(tmp_path / "refused"), *data])
         assert info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "refused").exists()
+
+
+def test_train_records_the_layout_it_trained_in(mnist_root, tmp_path):
+    out = tmp_path / "lenet5"
+    assert main(["train", "--model", "lenet5", "--prior", "none", "--out", str(out), "--data", str(mnist_root),
+                 "--fast", "--epochs", "1", "--memory-format", "channels_last"]) == 0
+    assert _read(out, "config.json")["train"]["memory_format"] == "channels_last"
 
 
 def test_reproduce_runs_each_registered_run_after_those_it_needs(monkeypatch, tmp_path, capsys):

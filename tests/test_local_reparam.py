@@ -19,7 +19,8 @@ def _reference_linear(h, mu, logvar, bias_mu, bias_logvar, noise_dtype=torch.flo
     return mean + torch.sqrt(var + VARIANCE_EPS) * torch.randn(mean.shape, dtype=noise_dtype).double()
 
 
-def _reference_conv(x, z, mu, logvar, bias_mu, bias_logvar, stride, padding, dilation, noise_dtype=torch.float64):
+def _reference_conv(x, z, mu, logvar, bias_mu, bias_logvar, stride, padding, dilation, noise_dtype=torch.float64,
+                    draw=None):
     mean = F.conv2d(x, mu, None, stride, padding, dilation)
     var = F.conv2d(x * x, logvar.exp(), None, stride, padding, dilation)
     if z is not None:
@@ -28,7 +29,8 @@ def _reference_conv(x, z, mu, logvar, bias_mu, bias_logvar, stride, padding, dil
         mean = mean + bias_mu.view(1, -1, 1, 1)
     if bias_logvar is not None:
         var = var + bias_logvar.exp().view(1, -1, 1, 1)
-    return mean + torch.sqrt(var + VARIANCE_EPS) * torch.randn(mean.shape, dtype=noise_dtype).double()
+    noise = torch.randn(mean.shape, dtype=noise_dtype) if draw is None else draw(mean.shape)
+    return mean + torch.sqrt(var + VARIANCE_EPS) * noise.double()
 
 
 def _compare(fused, reference, inputs, seed=3):
@@ -75,6 +77,37 @@ def test_conv_equals_autograd_formula(bias, with_scale, geometry):
     def reference(x, z, mu, logvar, bias_mu, bias_logvar):
         return _reference_conv(x, z, mu, logvar, bias_mu, bias_logvar, stride, padding, dilation)
 
+    _compare(fused, reference, (x, z, mu, logvar, bias_mu, bias_logvar))
+
+
+@pytest.mark.parametrize("in_channels", [1, 3])
+@pytest.mark.parametrize("with_scale", [True, False])
+def test_conv_in_channels_last_keeps_the_layout_and_draws_the_noise_in_memory_order(in_channels, with_scale):
+    """Channels-last inputs and weights give a channels-last output, and the k-th number drawn
+    goes to the k-th element in memory (NHWC order), so that the generator fills contiguous memory;
+    values and gradients are the formula's with that noise. With one input channel a weight is both
+    contiguous and channels-last (LeNet-5's first convolution)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, in_channels, 9, 8, generator=g)
+    mu = torch.randn(4, in_channels, 3, 3, generator=g)
+    logvar = torch.empty(4, in_channels, 3, 3).uniform_(-6, 1, generator=g)
+    z = torch.rand(3, 4, generator=g) + 0.5 if with_scale else None
+    bias_mu, bias_logvar = torch.randn(4, generator=g), torch.empty(4).uniform_(-6, 1, generator=g)
+    # as Module.to(memory_format=...) converts (.contiguous() would leave a one-channel tensor as it is)
+    x, mu, logvar = (t.to(memory_format=torch.channels_last) for t in (x, mu, logvar))
+    geometry = ((1, 1), (1, 0), (1, 1))
+
+    def fused(x, z, mu, logvar, bias_mu, bias_logvar):
+        return sample_conv2d(x, z, mu, logvar, bias_mu, bias_logvar, *geometry)
+
+    def reference(x, z, mu, logvar, bias_mu, bias_logvar):
+        def nhwc_noise(shape):
+            n, c, h, w = shape
+            return torch.randn(n, h, w, c, dtype=torch.float64).permute(0, 3, 1, 2)
+        return _reference_conv(x, z, mu, logvar, bias_mu, bias_logvar, *geometry, draw=nhwc_noise)
+
+    out = fused(x, z, mu, logvar, bias_mu, bias_logvar)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
     _compare(fused, reference, (x, z, mu, logvar, bias_mu, bias_logvar))
 
 

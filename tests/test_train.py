@@ -191,7 +191,7 @@ def test_a_checkpoint_of_another_recipe_is_refused_and_an_old_one_trains_at_this
     train_module.check_checkpoint_recipe(tmp_path / "run.pt", config, _lenet300_nj())  # the same network passes
     assert (tmp_path / "run.pt").read_bytes() == written
     # Where and how fast it runs may change.
-    assert len(fit(_lenet300_nj(), train, test, replace(config, keep_freed_memory=False),
+    assert len(fit(_lenet300_nj(), train, test, replace(config, keep_freed_memory=False, memory_format="channels_last"),
                    checkpoint=tmp_path / "run.pt", progress=False)) == 2
     # A checkpoint written without its config (before configs were saved) is resumed unchecked, at
     # this config's rates: the optimiser's saved base rates (0.01) must not survive the resume.
@@ -279,6 +279,46 @@ def test_variance_dtype_reaches_every_bayesian_layer(small_mnist):
     assert all(layer.variance_dtype is torch.bfloat16 for _, layer in bclib.bayesian_layers(model))
 
 
+def test_channels_last_trains_every_convolution_in_that_layout(small_mnist):
+    from bclib.models import lenet5_caffe
+
+    train, test = small_mnist
+    torch.manual_seed(0)
+    model = lenet5_caffe("nj")
+    layouts = []  # (training, input channels-last, output channels-last) at each convolution call
+    for layer in (model[0], model[3]):
+        layer.register_forward_hook(lambda module, inputs, output: layouts.append(
+            (module.training, inputs[0].is_contiguous(memory_format=torch.channels_last),
+             output.is_contiguous(memory_format=torch.channels_last))))
+    history = fit(model, train.subset(200), test.subset(100),
+                  TrainConfig(epochs=1, batch_size=100, device="cpu", memory_format="channels_last"),
+                  progress=False)
+    assert all(math.isfinite(value) for value in history[0].values())
+    assert layouts and all(inside and out for _, inside, out in layouts)
+    assert {training for training, _, _ in layouts} == {True, False}
+    weights = [p for p in model.parameters() if p.dim() == 4]
+    assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    # The layout changes how the posterior-mean network computes, not what: same predictions.
+    plain = lenet5_caffe("nj")
+    plain.load_state_dict(model.state_dict())
+    assert all(p.is_contiguous() for p in plain.parameters())
+    torch.testing.assert_close(model.eval()(test.x[:50]), plain.eval()(test.x[:50]), rtol=1e-4, atol=1e-5)
+
+
+def test_channels_last_converts_batches_of_several_channels():
+    torch.manual_seed(0)
+    model = vgg_cifar("nj", width=0.125)
+    first = []
+    model[0].register_forward_hook(lambda module, inputs, output: first.append(
+        inputs[0].is_contiguous(memory_format=torch.channels_last)
+        and not inputs[0].is_contiguous()))  # three channels: one layout or the other, not both
+    data = TensorSplit(torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,)))
+    history = fit(model, data, data, TrainConfig(epochs=1, batch_size=8, device="cpu",
+                                                 memory_format="channels_last"), progress=False)
+    assert all(math.isfinite(value) for value in history[0].values())
+    assert first[:2] == [True, True]
+
+
 def test_autocast_trains_under_autocast_and_evaluates_in_full_precision(small_mnist):
     train, test = small_mnist
     model = _lenet300_nj()
@@ -299,7 +339,8 @@ def test_autocast_trains_under_autocast_and_evaluates_in_full_precision(small_mn
     ("batch_size", 0), ("batch_size", 2.0),
     ("lr", 0.0), ("lr", -1e-3), ("lr_final", 0.0), ("variance_lr_scale", -1.0),
     ("kl_warmup_epochs", -1), ("variance_dtype", "bf16"), ("variance_dtype", "int8"),
-    ("autocast", "float16"), ("autocast", True), ("keep_freed_memory", 1), ("keep_freed_memory", "yes"),
+    ("autocast", "float16"), ("autocast", True), ("memory_format", "nhwc"), ("memory_format", True),
+    ("keep_freed_memory", 1), ("keep_freed_memory", "yes"),
     ("seed", -1), ("seed", 2**32),
 ])
 def test_config_errors_name_the_field(field, value):

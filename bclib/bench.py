@@ -410,8 +410,7 @@ def summarise_trials(results: list[dict]) -> dict:
 # included, under torch.autocast in bfloat16 (mixed precision); "channels_last" trains every network
 # with convolutions in the channels-last layout (TrainConfig.memory_format), the deterministic one
 # included. The ratios of "autocast" and "channels_last" rows are to the deterministic network so run.
-PRECISION_VARIANTS = ("bfloat16", "autocast")
-VARIANTS = (*PRECISION_VARIANTS, "channels_last")
+VARIANTS = ("bfloat16", "autocast", "channels_last")
 # The variants that change the deterministic network too: their rows have a baseline of their own.
 _BASELINE_VARIANTS = ("autocast", "channels_last")
 
@@ -437,8 +436,8 @@ def run_layers_bench(steps: int = 10, repeats: int = 7, batch_size: int = 128, p
 
     Returns:
         ``{model: {row: {"step_ms", "ratio", "matmul_floor"}}}`` (ratio: step time over the
-        deterministic one of the same precision and layout; matmul_floor: the same ratio for the multiply-adds of
-        the step's matrix products, :func:`matmul_macs_per_example`).
+        deterministic one of the same precision and layout; matmul_floor: the same ratio for the
+        multiply-adds of the step's matrix products, :func:`matmul_macs_per_example`).
     """
     _check_run_sizes(steps=steps, repeats=repeats, batch_size=batch_size)
     with _cpu_threads(threads):

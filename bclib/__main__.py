@@ -42,8 +42,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="mixed precision: run every layer's products in this precision under torch.autocast "
                             "(faster on GPUs and CPUs with bfloat16 units; default: full precision)")
     train.add_argument("--memory-format", choices=sorted(name for name in MEMORY_FORMATS if name), default=None,
-                       help="train in this layout: channels_last is faster for convolutions on CPUs (LeNet-5-Caffe "
-                            "about 1.25x with a group prior here; default: the contiguous layout)")
+                       help="train in this layout: channels_last is faster for convolutions on CPUs (bench epochs "
+                            "measures it; default: the contiguous layout)")
     train.add_argument("--data", default=None, help=DATA_HELP)
     train.add_argument("--fast", action="store_true", help="small data and 2 epochs (a smoke test)")
 

@@ -73,10 +73,10 @@ class TrainConfig:
         memory_format: ``"channels_last"`` converts the model's convolution weights (its 4-d
             tensors) and each batch of images to the channels-last (NHWC) layout before training, so
             that convolutions, pooling and the Bayesian layers' sampling all run in it; on CPUs
-            (oneDNN) that is faster: on this project's 2-core CPU a LeNet-5-Caffe epoch trains
-            about 1.5x faster without a prior and about 1.25x with the group NJ prior. It stays set on
-            the model after :func:`fit`, like the device. Networks without convolutions are
-            unaffected. ``None`` leaves the layout as it is.
+            (oneDNN) that is faster (``python -m bclib bench epochs`` measures it beside the default
+            layout; chapter 3 of the book shows the committed numbers). It stays set on the model
+            after :func:`fit`, like the device. Networks without convolutions are unaffected.
+            ``None`` leaves the layout as it is.
         keep_freed_memory: on CPU, first call :func:`bclib.train.keep_freed_memory` (glibc's
             ``malloc`` keeps freed blocks for reuse, process-wide): without it a Bayesian step
             faults fresh pages in for its temporaries every time (LeNet-5-Caffe NJ: ~14,000 a

@@ -281,6 +281,19 @@ def _check_recipe(state: dict, config: TrainConfig, path) -> None:
                          "config, or train into another folder")
 
 
+def _lay_out_state_like_parameters(optimizer: torch.optim.Optimizer) -> None:
+    """Copy each state tensor of ``optimizer`` that has its parameter's shape but other strides into
+    the parameter's layout. The fused Adam kernel walks a parameter, its gradient and its moments
+    in memory order: moments loaded from a checkpoint written in another layout (channels-last or
+    not) would silently be paired with the wrong weights."""
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            state = optimizer.state.get(parameter, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == parameter.shape and value.stride() != parameter.stride():
+                    state[key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
+
+
 def fit(model: nn.Module, train: TensorSplit, test: TensorSplit, config: TrainConfig, *,
         callbacks: Iterable[Callback] = (), checkpoint: str | os.PathLike | None = None,
         progress: bool = True) -> list[dict]:
@@ -329,6 +342,7 @@ def fit(model: nn.Module, train: TensorSplit, test: TensorSplit, config: TrainCo
     start_epoch = 0
     if checkpoint is not None and Path(checkpoint).exists():
         start_epoch, history = load_checkpoint(checkpoint, model, optimizer, config)
+        _lay_out_state_like_parameters(optimizer)
         # The optimiser's state brought back the rates it was built with; this config's rule them.
         for group, fresh in zip(optimizer.param_groups, _param_groups(model, config)):
             group["base_lr"] = fresh["base_lr"]

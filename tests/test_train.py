@@ -305,6 +305,59 @@ def test_channels_last_trains_every_convolution_in_that_layout(small_mnist):
     torch.testing.assert_close(model.eval()(test.x[:50]), plain.eval()(test.x[:50]), rtol=1e-4, atol=1e-5)
 
 
+def test_a_resume_in_another_layout_lays_the_optimiser_state_out_like_the_weights(small_mnist, tmp_path):
+    """Fused Adam pairs a weight with its moments in memory order: moments loaded in the layout of
+    the checkpoint beside channels-last weights would update the wrong weights, with no error."""
+    from bclib.models import lenet5_caffe
+
+    class Stop(Exception):
+        pass
+
+    def stop_at(epoch_to_stop):  # before that epoch's checkpoint is written, as an interruption would
+        def callback(epoch, model, metrics):
+            if epoch == epoch_to_stop:
+                raise Stop
+        return callback
+
+    train, test = (split.subset(200) for split in small_mnist)
+    config = TrainConfig(epochs=3, batch_size=100, device="cpu")
+    torch.manual_seed(0)
+    with pytest.raises(Stop):
+        fit(lenet5_caffe("nj"), train, test, config, checkpoint=tmp_path / "run.pt", callbacks=[stop_at(2)],
+            progress=False)
+    # The layout of PyTorch's fused Adam is what makes this matter: shown here on one tensor.
+    weight = torch.nn.Parameter(torch.randn(4, 3, 5, 5))
+    twin = torch.nn.Parameter(weight.detach().clone())
+    optimizers = [torch.optim.Adam([p], lr=0.1, fused=True) for p in (weight, twin)]
+    for step in range(2):
+        for p, optimizer in zip((weight, twin), optimizers):
+            p.grad = torch.full_like(p, 1.0) + torch.arange(p.numel()).view(p.shape) * (step + 1)
+            optimizer.step()
+            if step == 0 and p is twin:
+                state = optimizer.state[p]
+                state["exp_avg"] = state["exp_avg"].contiguous(memory_format=torch.channels_last)
+    assert not torch.allclose(weight, twin)
+    for memory_format, stop in (("channels_last", [stop_at(3)]), (None, [])):
+        try:
+            fit(lenet5_caffe("nj"), train, test, replace(config, memory_format=memory_format),
+                checkpoint=tmp_path / "run.pt", callbacks=stop, progress=False)
+        except Stop:
+            pass
+        state = torch.load(tmp_path / "run.pt", weights_only=True)
+        weights = state["model"]
+        layers = {name: tensor for name, tensor in weights.items() if tensor.dim() == 4}
+        # The optimiser numbers its parameters group by group (bclib.train._param_groups: log-variances last).
+        names = [name for name, _ in lenet5_caffe("nj").named_parameters()]
+        in_groups = [n for n in names if not n.endswith("logvar")] + [n for n in names if n.endswith("logvar")]
+        moments = {in_groups[index]: value for index, value in state["optimizer"]["state"].items()}
+        for name, tensor in layers.items():
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert moments[name][key].stride() == tensor.stride(), (memory_format, name, key)
+        wanted = torch.channels_last if memory_format else torch.contiguous_format
+        assert all(tensor.is_contiguous(memory_format=wanted) for name, tensor in layers.items()
+                   if tensor.shape[1] > 1)
+
+
 def test_channels_last_converts_batches_of_several_channels():
     torch.manual_seed(0)
     model = vgg_cifar("nj", width=0.125)

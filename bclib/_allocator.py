@@ -3,9 +3,11 @@
 PyTorch's CPU tensors come from the C library's ``malloc``. With glibc's defaults a block above a
 (dynamic) size threshold is mapped fresh with ``mmap`` and unmapped when freed, and free memory at
 the top of the heap is returned to the OS. A Bayesian training step allocates and frees tens of
-megabytes of temporaries (sampled pre-activations, noise, their gradients), so every step touches
-new pages: on LeNet-5-Caffe with the group NJ prior, about 14,000 page faults a step, each one
-zero-filling 4 KiB in the kernel. Raising the two thresholds keeps those blocks for reuse, which
+megabytes of temporaries (sampled pre-activations, noise, their gradients), so a step can touch
+thousands of new pages, each fault zero-filling 4 KiB in the kernel. How many depends on how far
+glibc's dynamic threshold has risen in that process (it rises when a large mapped block is freed):
+for LeNet-5-Caffe with the group NJ prior this project has counted from about 46,000 faults a step
+(the threshold at its initial 128 KiB) to almost none. Raising the two thresholds keeps those blocks for reuse, which
 is what a caching allocator (PyTorch's own on CUDA; jemalloc or tcmalloc, which PyTorch's CPU
 tuning guide suggests preloading) does. ``python -m bclib bench layers`` and ``bench epochs`` run
 with it, as :func:`bclib.train.fit` does.

@@ -79,8 +79,8 @@ class TrainConfig:
             ``None`` leaves the layout as it is.
         keep_freed_memory: on CPU, first call :func:`bclib.train.keep_freed_memory` (glibc's
             ``malloc`` keeps freed blocks for reuse, process-wide): without it a Bayesian step
-            faults fresh pages in for its temporaries every time (LeNet-5-Caffe NJ: ~14,000 a
-            step, about a fifth of its time here). ``False`` leaves the allocator alone (it does
+            can fault fresh pages in for its temporaries every time (LeNet-5-Caffe NJ: thousands a
+            step in most processes here, up to a fifth of its time). ``False`` leaves the allocator alone (it does
             not undo an earlier call in the same process).
     """
 

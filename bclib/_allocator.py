@@ -7,8 +7,8 @@ megabytes of temporaries (sampled pre-activations, noise, their gradients), so a
 thousands of new pages, each fault zero-filling 4 KiB in the kernel. How many depends on how far
 glibc's dynamic threshold has risen in that process (it rises when a large mapped block is freed):
 for LeNet-5-Caffe with the group NJ prior this project has counted from about 46,000 faults a step
-(the threshold at its initial 128 KiB) to almost none. Raising the two thresholds keeps those blocks for reuse, which
-is what a caching allocator (PyTorch's own on CUDA; jemalloc or tcmalloc, which PyTorch's CPU
+(the threshold at its initial 128 KiB) to almost none. Raising the two thresholds keeps those
+blocks for reuse, which is what a caching allocator (PyTorch's own on CUDA; jemalloc or tcmalloc, which PyTorch's CPU
 tuning guide suggests preloading) does. ``python -m bclib bench layers`` and ``bench epochs`` run
 with it, as :func:`bclib.train.fit` does.
 """

@@ -34,7 +34,7 @@ from . import models, tables
 from ._allocator import freed_memory_kept, keep_freed_memory
 from .compression import CompressedModel, compress, propose_thresholds
 from .layers import BayesianLayer, LinearGroupHS, LinearGroupNJ, bayesian_layers, kl_divergence, set_variance_dtype
-from .train import MEMORY_FORMATS, TrainConfig
+from .train import TrainConfig, _batch_in_memory_format, _to_memory_format
 
 __all__ = ["run_compression_bench", "run_compression_bench_from_run", "run_compression_trials", "summarise_trials",
            "run_layers_bench", "paper_lenet5",
@@ -507,10 +507,6 @@ def _networks(name: str, priors, variants) -> dict[str, tuple[nn.Module, TrainCo
     for variant in variants:
         if variant not in VARIANTS:
             raise ValueError(f"variants must be drawn from {VARIANTS}, got {variant!r}")
-    # The layout applies to 4-d tensors: convolution weights and images.
-    has_conv = any(parameter.dim() == 4 for parameter in models.build_model(name, None).parameters())
-    variants = [variant for variant in variants if variant != "channels_last" or has_conv]
-
     def network(prior, variant=None) -> tuple[nn.Module, TrainConfig]:
         model = models.build_model(name, prior)
         if variant == "bfloat16":
@@ -520,6 +516,9 @@ def _networks(name: str, priors, variants) -> dict[str, tuple[nn.Module, TrainCo
         return model, config
 
     networks = {"none": network(None)}
+    # The layout applies to 4-d tensors: convolution weights and images.
+    if not any(parameter.dim() == 4 for parameter in networks["none"][0].parameters()):
+        variants = [variant for variant in variants if variant != "channels_last"]
     for variant in variants:
         if variant in _BASELINE_VARIANTS:
             networks[f"none+{variant}"] = network(None, variant)
@@ -565,10 +564,8 @@ def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: Trai
     ``autocast`` and ``memory_format`` (default: neither)."""
     config = config or TrainConfig()
     autocast = config.autocast is not None
-    memory_format = MEMORY_FORMATS[config.memory_format]
-    if memory_format is not None:
-        model.to(memory_format=memory_format)
-        x = x.contiguous(memory_format=memory_format)
+    _to_memory_format(model, config.memory_format)
+    x = _batch_in_memory_format(x, config.memory_format)
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     layers = [layer for _, layer in bayesian_layers(model)]

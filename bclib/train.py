@@ -80,8 +80,8 @@ class TrainConfig:
         keep_freed_memory: on CPU, first call :func:`bclib.train.keep_freed_memory` (glibc's
             ``malloc`` keeps freed blocks for reuse, process-wide): without it a Bayesian step
             can fault fresh pages in for its temporaries every time (LeNet-5-Caffe NJ: thousands a
-            step in most processes here, up to a fifth of its time). ``False`` leaves the allocator alone (it does
-            not undo an earlier call in the same process).
+            step in most processes here, up to a fifth of its time). ``False`` leaves the allocator
+            alone (it does not undo an earlier call in the same process).
     """
 
     epochs: int = 50
@@ -225,7 +225,8 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None,
                     config: TrainConfig | None = None) -> tuple[int, list]:
     """Restore a checkpoint written by :func:`save_checkpoint`; returns ``(epochs_done, history)``.
 
-    Loaded with ``weights_only=True``: a checkpoint never runs code.
+    Loaded with ``weights_only=True``: a checkpoint never runs code. The optimiser's moments are laid
+    out like ``model``'s parameters, whatever layout the checkpoint was written in.
 
     Raises:
         ValueError: when ``config`` is given and differs from the config the checkpoint was written
@@ -240,6 +241,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None,
     model.load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
+        _lay_out_state_like_parameters(optimizer)
     torch.set_rng_state(state["rng_cpu"])
     if "rng_cuda" in state and torch.cuda.is_available() and len(state["rng_cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["rng_cuda"])
@@ -279,6 +281,21 @@ def _check_recipe(state: dict, config: TrainConfig, path) -> None:
         changes = ", ".join(f"{key}={saved.get(key)!r} there, {wanted.get(key)!r} here" for key in differing)
         raise ValueError(f"checkpoint {path} was written by another recipe ({changes}): resume with its "
                          "config, or train into another folder")
+
+
+def _to_memory_format(model: nn.Module, memory_format: str | None) -> nn.Module:
+    """Convert ``model``'s 4-d tensors (convolution weights) to the layout named ``memory_format``
+    (a key of :data:`MEMORY_FORMATS`; ``None`` leaves it as it is), in place, as :func:`fit` does."""
+    if MEMORY_FORMATS[memory_format] is not None:
+        model.to(memory_format=MEMORY_FORMATS[memory_format])
+    return model
+
+
+def _batch_in_memory_format(x: torch.Tensor, memory_format: str | None) -> torch.Tensor:
+    """A batch of images (4-d) in the layout named ``memory_format``; other tensors as they are."""
+    if MEMORY_FORMATS[memory_format] is None or x.dim() != 4:
+        return x
+    return x.contiguous(memory_format=MEMORY_FORMATS[memory_format])
 
 
 def _lay_out_state_like_parameters(optimizer: torch.optim.Optimizer) -> None:
@@ -328,9 +345,7 @@ def fit(model: nn.Module, train: TensorSplit, test: TensorSplit, config: TrainCo
         keep_freed_memory()
     torch.manual_seed(config.seed)
     model.to(device)
-    memory_format = MEMORY_FORMATS[config.memory_format]
-    if memory_format is not None:
-        model.to(memory_format=memory_format)
+    _to_memory_format(model, config.memory_format)
     if config.variance_dtype is not None:
         set_variance_dtype(model, VARIANCE_DTYPES[config.variance_dtype])
     train, test = train.to(device), test.to(device)
@@ -342,7 +357,6 @@ def fit(model: nn.Module, train: TensorSplit, test: TensorSplit, config: TrainCo
     start_epoch = 0
     if checkpoint is not None and Path(checkpoint).exists():
         start_epoch, history = load_checkpoint(checkpoint, model, optimizer, config)
-        _lay_out_state_like_parameters(optimizer)
         # The optimiser's state brought back the rates it was built with; this config's rule them.
         for group, fresh in zip(optimizer.param_groups, _param_groups(model, config)):
             group["base_lr"] = fresh["base_lr"]
@@ -359,8 +373,7 @@ def fit(model: nn.Module, train: TensorSplit, test: TensorSplit, config: TrainCo
                    mininterval=1.0)
         for step, (x, y) in enumerate(bar):
             beta = min(1.0, (epoch + step / steps) / config.kl_warmup_epochs) if config.kl_warmup_epochs else 1.0
-            if memory_format is not None and x.dim() == 4:
-                x = x.contiguous(memory_format=memory_format)
+            x = _batch_in_memory_format(x, config.memory_format)
             with _autocast(device, config.autocast):
                 logits = model(x)
             ce = F.cross_entropy(logits.float(), y)

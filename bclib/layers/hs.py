@@ -31,7 +31,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..kl import lognormal_gamma_kl, lognormal_inverse_gamma_kl
+from ..kl import lognormal_gamma_kl_sum, lognormal_inverse_gamma_kl_sum
 from .base import GroupScaleLayer, _Conv2dGeometry, _LinearGeometry, check_positive_float
 
 __all__ = ["HorseshoeGlobalScale", "LinearGroupHS", "Conv2dGroupHS"]
@@ -86,8 +86,8 @@ class HorseshoeGlobalScale(nn.Module):
     def kl_divergence(self) -> Tensor:
         """KL(LN || Gamma(1/2, tau0^2)) + KL(LN || InvGamma(1/2, 1)), nats."""
         return (
-            lognormal_gamma_kl(self.sa_mu, self.sa_logvar.exp(), 0.5, self.tau0**2)
-            + lognormal_inverse_gamma_kl(self.sb_mu, self.sb_logvar.exp(), 0.5, 1.0)
+            lognormal_gamma_kl_sum(self.sa_mu, self.sa_logvar, 0.5, self.tau0**2)
+            + lognormal_inverse_gamma_kl_sum(self.sb_mu, self.sb_logvar, 0.5, 1.0)
         )
 
     def extra_repr(self) -> str:
@@ -162,8 +162,8 @@ class _GroupHS(GroupScaleLayer):
         and of the global scale when it belongs to this layer alone."""
         kl = (
             self._weight_and_bias_kl()
-            + lognormal_gamma_kl(self.za_mu, self.za_logvar.exp(), 0.5, 1.0).sum()
-            + lognormal_inverse_gamma_kl(self.zb_mu, self.zb_logvar.exp(), 0.5, 1.0).sum()
+            + lognormal_gamma_kl_sum(self.za_mu, self.za_logvar, 0.5, 1.0)
+            + lognormal_inverse_gamma_kl_sum(self.zb_mu, self.zb_logvar, 0.5, 1.0)
         )
         if self.shared_scale is None:
             kl = kl + self.global_scale.kl_divergence()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..kl import nj_kl_approx
+from ..kl import nj_kl_approx_sum
 from .base import _EPS, GroupScaleLayer, _Conv2dGeometry, _LinearGeometry
 
 __all__ = ["LinearGroupNJ", "Conv2dGroupNJ"]
@@ -46,7 +46,7 @@ class _GroupNJ(GroupScaleLayer):
     def kl_divergence(self) -> Tensor:
         r"""KL(q || p) in nats: the approximation of Molchanov et al. for each ``z_g`` plus
         :math:`\tfrac12\sum(-\log\sigma^2 + \sigma^2 + \mu^2 - 1)` for the weights and biases."""
-        return nj_kl_approx(self.log_alpha()).sum() + self._weight_and_bias_kl()
+        return nj_kl_approx_sum(self.z_mu, self.z_logvar, _EPS) + self._weight_and_bias_kl()
 
 
 class LinearGroupNJ(_LinearGeometry, _GroupNJ):

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..kl import nj_kl_approx
+from ..kl import nj_kl_approx_sum
 from .base import _EPS, BayesianLayer, _Conv2dGeometry, _LinearGeometry
 
 __all__ = ["LinearSVD", "Conv2dSVD"]
@@ -54,7 +54,7 @@ class _SparseVD(BayesianLayer):
 
     def kl_divergence(self) -> Tensor:
         """Molchanov et al.'s approximation, summed over weights (biases carry no KL)."""
-        return nj_kl_approx(self.log_alpha()).sum()
+        return nj_kl_approx_sum(self.weight_mu, self.weight_logvar, _EPS, LOG_ALPHA_RANGE)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)

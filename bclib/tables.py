@@ -290,7 +290,7 @@ def zero_survivor_mark(report: Mapping) -> str:
 # shows of each (one seed; three seeds with the 0.2-point allowance), each with its bits search.
 GLANCE_RUNS = ("lenet300_nj", "lenet300_hs", "lenet300_svd", "lenet5_svd", "lenet5_nj", "lenet5_hs")
 # Runs of another recipe for a row of GLANCE_RUNS, shown under it, and what each name's last word means.
-GLANCE_VARIANTS = ("lenet5_hs_scratch",)
+GLANCE_VARIANTS = ("lenet5_hs_scratch", "lenet5_nj_scratch")
 _VARIANT_NOTES = {"scratch": "trained from scratch, not from the pretrained network (chapter 4)."}
 GLANCE_SEARCHES = ("_layers", "_layers_3seeds_tol2")
 

@@ -188,7 +188,9 @@ EXPERIMENTS["lenet5_hs_layers_3seeds_tol2_bits"] = replace(EXPERIMENTS["lenet5_h
 # a higher rate (60.5x at 0.94 %, against 43.5x at 1.06 % from the pretrained start): does its lead last?
 EXPERIMENTS["lenet5_hs_scratch_layers_3seeds_tol2"] = replace(EXPERIMENTS["lenet5_hs_layers_3seeds_tol2"],
                                                               prunes_layers_of="lenet5_hs_scratch")
-# And from the BC-GNJ run trained from scratch, with the same allowance.
+# And from the BC-GNJ run trained from scratch: the one-seed search (a third of the retrainings) and
+# the seeded one with the same allowance.
+EXPERIMENTS["lenet5_nj_scratch_layers"] = replace(EXPERIMENTS["lenet5_nj_layers"], prunes_layers_of="lenet5_nj_scratch")
 EXPERIMENTS["lenet5_nj_scratch_layers_3seeds_tol2"] = replace(EXPERIMENTS["lenet5_nj_layers_3seeds"],
                                                               search_tolerance=0.002,
                                                               prunes_layers_of="lenet5_nj_scratch")

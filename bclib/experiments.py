@@ -1120,3 +1120,6 @@ def _run_dependencies(name: str, root: Path, data_root, progress: bool) -> None:
             _run_dependencies(dependency, root, data_root, progress)
             run_experiment(dependency, root / dependency, data_root=data_root, progress=progress)
 
+# Its bits lowered as the BC-GHS scratch search's are.
+EXPERIMENTS["lenet5_nj_scratch_layers_3seeds_tol2_bits"] = replace(
+    EXPERIMENTS["lenet5_nj_layers_bits"], lowers_bits_of="lenet5_nj_scratch_layers_3seeds_tol2")

@@ -186,9 +186,9 @@ class _GaussianKLSum(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         mu, var = ctx.saved_tensors
-        half = 0.5 * grad
-        # (sigma^2 - 1) g / 2 in one pass over the weights
-        return mu * grad, torch.addcmul(-half, var, half)
+        # (sigma^2 - 1) g / 2. Not addcmul(-g/2, var, g/2): with two 0-dim operands PyTorch's CPU
+        # kernel leaves its vectorised loop, 4x slower over a layer's weights than these two passes.
+        return mu * grad, torch.sub(var, 1.0).mul_(0.5 * grad)
 
 
 def gaussian_kl_std_normal_sum(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

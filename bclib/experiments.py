@@ -136,6 +136,11 @@ EXPERIMENTS: dict[str, Experiment] = {
     # about a fifth faster on CPU (its noise is drawn in another order: its numbers are another seed's).
     "lenet5_nj_scratch": Experiment("lenet5", "nj", replace(_bayes(200), memory_format="channels_last"),
                                     paper_row="lenet5_nj"),
+    # The same run with another seed (initial weights, batch order, noise): how much of the scratch
+    # run's lead over the pretrained start is one seed's luck?
+    "lenet5_nj_scratch_seed1": Experiment("lenet5", "nj",
+                                          replace(_bayes(200), memory_format="channels_last", seed=1),
+                                          paper_row="lenet5_nj"),
 }
 # Beyond the paper: each Bayesian run's compressed network, pruned further and retrained on its
 # fixed-point grids. 10 epochs, with the rate decaying tenfold: the test error of the committed
@@ -189,11 +194,15 @@ EXPERIMENTS["lenet5_hs_layers_3seeds_tol2_bits"] = replace(EXPERIMENTS["lenet5_h
 EXPERIMENTS["lenet5_hs_scratch_layers_3seeds_tol2"] = replace(EXPERIMENTS["lenet5_hs_layers_3seeds_tol2"],
                                                               prunes_layers_of="lenet5_hs_scratch")
 # And from the BC-GNJ run trained from scratch: the one-seed search (a third of the retrainings) and
-# the seeded one with the same allowance.
+# the seeded one with the same allowance, each from the run and from its second seed.
 EXPERIMENTS["lenet5_nj_scratch_layers"] = replace(EXPERIMENTS["lenet5_nj_layers"], prunes_layers_of="lenet5_nj_scratch")
+EXPERIMENTS["lenet5_nj_scratch_seed1_layers"] = replace(EXPERIMENTS["lenet5_nj_layers"],
+                                                        prunes_layers_of="lenet5_nj_scratch_seed1")
 EXPERIMENTS["lenet5_nj_scratch_layers_3seeds_tol2"] = replace(EXPERIMENTS["lenet5_nj_layers_3seeds"],
                                                               search_tolerance=0.002,
                                                               prunes_layers_of="lenet5_nj_scratch")
+EXPERIMENTS["lenet5_nj_scratch_seed1_layers_3seeds_tol2"] = replace(
+    EXPERIMENTS["lenet5_nj_scratch_layers_3seeds_tol2"], prunes_layers_of="lenet5_nj_scratch_seed1")
 EXPERIMENTS["lenet5_hs_scratch_layers_3seeds_tol2_bits"] = replace(
     EXPERIMENTS["lenet5_hs_layers_3seeds_tol2_bits"], lowers_bits_of="lenet5_hs_scratch_layers_3seeds_tol2")
 

@@ -1132,3 +1132,8 @@ def _run_dependencies(name: str, root: Path, data_root, progress: bool) -> None:
 # Its bits lowered as the BC-GHS scratch search's are.
 EXPERIMENTS["lenet5_nj_scratch_layers_3seeds_tol2_bits"] = replace(
     EXPERIMENTS["lenet5_nj_layers_bits"], lowers_bits_of="lenet5_nj_scratch_layers_3seeds_tol2")
+# And the second seed's two searches.
+EXPERIMENTS["lenet5_nj_scratch_seed1_layers_bits"] = replace(
+    EXPERIMENTS["lenet5_nj_layers_bits"], lowers_bits_of="lenet5_nj_scratch_seed1_layers")
+EXPERIMENTS["lenet5_nj_scratch_seed1_layers_3seeds_tol2_bits"] = replace(
+    EXPERIMENTS["lenet5_nj_layers_bits"], lowers_bits_of="lenet5_nj_scratch_seed1_layers_3seeds_tol2")

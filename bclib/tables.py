@@ -254,7 +254,8 @@ def results_at_a_glance(reports: Mapping[str, Mapping], retrained: Mapping[str, 
             rows = [("paper", cells(*target, None, rate_format="g"))]
             found = steps(name, "ours")
             for variant in (variant for variant in reports if _variant_of(variant, reports) == name):
-                found += steps(variant, _variant_words(variant))
+                words = _variant_words(variant)
+                found += steps(variant, _VARIANT_ROW_LABELS.get(words, words))
             for label, r in found:
                 if r is not None:
                     rows.append((label, cells(r["file_error"], r[keys[0]], r[keys[1]], r["file"]["ratio"])
@@ -267,7 +268,8 @@ def results_at_a_glance(reports: Mapping[str, Mapping], retrained: Mapping[str, 
     if any(line.endswith(ZERO_SURVIVOR_MARK) for line in lines):
         lines += ZERO_SURVIVOR_FOOTNOTE
     variants = sorted({_variant_words(name) for name in reports if _variant_of(name, reports)})
-    lines += [f"{variant}: {_VARIANT_NOTES[variant]}" for variant in variants if variant in _VARIANT_NOTES]
+    lines += [f"{_VARIANT_ROW_LABELS.get(variant, variant)}: {_VARIANT_NOTES[variant]}"
+              for variant in variants if variant in _VARIANT_NOTES]
     if any(_split_run_name(name)[1] == "svd" for name in reports):
         lines.append("Sparse VD: sparse rates (nonzero weights counted), as the release counts them.")
     return "\n".join(lines)
@@ -290,8 +292,11 @@ def zero_survivor_mark(report: Mapping) -> str:
 # shows of each (one seed; three seeds with the 0.2-point allowance), each with its bits search.
 GLANCE_RUNS = ("lenet300_nj", "lenet300_hs", "lenet300_svd", "lenet5_svd", "lenet5_nj", "lenet5_hs")
 # Runs of another recipe for a row of GLANCE_RUNS, shown under it, and what each name's last word means.
-GLANCE_VARIANTS = ("lenet5_hs_scratch", "lenet5_nj_scratch")
-_VARIANT_NOTES = {"scratch": "trained from scratch, not from the pretrained network (chapter 4)."}
+GLANCE_VARIANTS = ("lenet5_hs_scratch", "lenet5_nj_scratch", "lenet5_nj_scratch_seed1")
+_VARIANT_NOTES = {"scratch": "trained from scratch, not from the pretrained network (chapter 4).",
+                  "scratch seed1": "the same recipe as scratch, with seed 1 (chapter 4)."}
+# Row labels of variants whose words would not fit the label column beside a search's name.
+_VARIANT_ROW_LABELS = {"scratch seed1": "seed 1"}
 GLANCE_SEARCHES = ("_layers", "_layers_3seeds_tol2")
 
 

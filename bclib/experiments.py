@@ -136,12 +136,11 @@ EXPERIMENTS: dict[str, Experiment] = {
     # about a fifth faster on CPU (its noise is drawn in another order: its numbers are another seed's).
     "lenet5_nj_scratch": Experiment("lenet5", "nj", replace(_bayes(200), memory_format="channels_last"),
                                     paper_row="lenet5_nj"),
-    # The same run with another seed (initial weights, batch order, noise): how much of the scratch
-    # run's lead over the pretrained start is one seed's luck?
-    "lenet5_nj_scratch_seed1": Experiment("lenet5", "nj",
-                                          replace(_bayes(200), memory_format="channels_last", seed=1),
-                                          paper_row="lenet5_nj"),
 }
+# The same run with another seed (initial weights, batch order, noise): how much of the scratch run's
+# lead over the pretrained start is one seed's luck?
+EXPERIMENTS["lenet5_nj_scratch_seed1"] = replace(EXPERIMENTS["lenet5_nj_scratch"],
+                                                 config=replace(EXPERIMENTS["lenet5_nj_scratch"].config, seed=1))
 # Beyond the paper: each Bayesian run's compressed network, pruned further and retrained on its
 # fixed-point grids. 10 epochs, with the rate decaying tenfold: the test error of the committed
 # LeNet-5 retraining levels off in the last few (their metrics.json); under a minute per LeNet-5
@@ -193,18 +192,23 @@ EXPERIMENTS["lenet5_hs_layers_3seeds_tol2_bits"] = replace(EXPERIMENTS["lenet5_h
 # a higher rate (60.5x at 0.94 %, against 43.5x at 1.06 % from the pretrained start): does its lead last?
 EXPERIMENTS["lenet5_hs_scratch_layers_3seeds_tol2"] = replace(EXPERIMENTS["lenet5_hs_layers_3seeds_tol2"],
                                                               prunes_layers_of="lenet5_hs_scratch")
+EXPERIMENTS["lenet5_hs_scratch_layers_3seeds_tol2_bits"] = replace(
+    EXPERIMENTS["lenet5_hs_layers_3seeds_tol2_bits"], lowers_bits_of="lenet5_hs_scratch_layers_3seeds_tol2")
 # And from the BC-GNJ run trained from scratch: the one-seed search (a third of the retrainings) and
-# the seeded one with the same allowance, each from the run and from its second seed.
+# the seeded one with the same allowance, its bits lowered as the BC-GHS scratch search's are.
 EXPERIMENTS["lenet5_nj_scratch_layers"] = replace(EXPERIMENTS["lenet5_nj_layers"], prunes_layers_of="lenet5_nj_scratch")
-EXPERIMENTS["lenet5_nj_scratch_seed1_layers"] = replace(EXPERIMENTS["lenet5_nj_layers"],
-                                                        prunes_layers_of="lenet5_nj_scratch_seed1")
 EXPERIMENTS["lenet5_nj_scratch_layers_3seeds_tol2"] = replace(EXPERIMENTS["lenet5_nj_layers_3seeds"],
                                                               search_tolerance=0.002,
                                                               prunes_layers_of="lenet5_nj_scratch")
-EXPERIMENTS["lenet5_nj_scratch_seed1_layers_3seeds_tol2"] = replace(
-    EXPERIMENTS["lenet5_nj_scratch_layers_3seeds_tol2"], prunes_layers_of="lenet5_nj_scratch_seed1")
-EXPERIMENTS["lenet5_hs_scratch_layers_3seeds_tol2_bits"] = replace(
-    EXPERIMENTS["lenet5_hs_layers_3seeds_tol2_bits"], lowers_bits_of="lenet5_hs_scratch_layers_3seeds_tol2")
+EXPERIMENTS["lenet5_nj_scratch_layers_3seeds_tol2_bits"] = replace(
+    EXPERIMENTS["lenet5_nj_layers_bits"], lowers_bits_of="lenet5_nj_scratch_layers_3seeds_tol2")
+# The same two searches from its second seed, each with its bits lowered.
+SEED1_SEARCHES = {f"lenet5_nj_scratch_seed1{search}": f"lenet5_nj_scratch{search}"  # and its seed-0 twin
+                  for search in ("_layers", "_layers_3seeds_tol2")}
+EXPERIMENTS.update({name: replace(EXPERIMENTS[twin], prunes_layers_of="lenet5_nj_scratch_seed1")
+                    for name, twin in SEED1_SEARCHES.items()})
+EXPERIMENTS.update({f"{name}_bits": replace(EXPERIMENTS["lenet5_nj_layers_bits"], lowers_bits_of=name)
+                    for name in SEED1_SEARCHES})
 
 
 def write_json(path: str | os.PathLike, data) -> None:
@@ -1128,12 +1132,3 @@ def _run_dependencies(name: str, root: Path, data_root, progress: bool) -> None:
         if not ((root / dependency / "report.json").is_file() and (root / dependency / needs).is_file()):
             _run_dependencies(dependency, root, data_root, progress)
             run_experiment(dependency, root / dependency, data_root=data_root, progress=progress)
-
-# Its bits lowered as the BC-GHS scratch search's are.
-EXPERIMENTS["lenet5_nj_scratch_layers_3seeds_tol2_bits"] = replace(
-    EXPERIMENTS["lenet5_nj_layers_bits"], lowers_bits_of="lenet5_nj_scratch_layers_3seeds_tol2")
-# And the second seed's two searches.
-EXPERIMENTS["lenet5_nj_scratch_seed1_layers_bits"] = replace(
-    EXPERIMENTS["lenet5_nj_layers_bits"], lowers_bits_of="lenet5_nj_scratch_seed1_layers")
-EXPERIMENTS["lenet5_nj_scratch_seed1_layers_3seeds_tol2_bits"] = replace(
-    EXPERIMENTS["lenet5_nj_layers_bits"], lowers_bits_of="lenet5_nj_scratch_seed1_layers_3seeds_tol2")

@@ -254,8 +254,7 @@ def results_at_a_glance(reports: Mapping[str, Mapping], retrained: Mapping[str, 
             rows = [("paper", cells(*target, None, rate_format="g"))]
             found = steps(name, "ours")
             for variant in (variant for variant in reports if _variant_of(variant, reports) == name):
-                words = _variant_words(variant)
-                found += steps(variant, _VARIANT_ROW_LABELS.get(words, words))
+                found += steps(variant, _variant_row_label(_variant_words(variant)))
             for label, r in found:
                 if r is not None:
                     rows.append((label, cells(r["file_error"], r[keys[0]], r[keys[1]], r["file"]["ratio"])
@@ -268,8 +267,8 @@ def results_at_a_glance(reports: Mapping[str, Mapping], retrained: Mapping[str, 
     if any(line.endswith(ZERO_SURVIVOR_MARK) for line in lines):
         lines += ZERO_SURVIVOR_FOOTNOTE
     variants = sorted({_variant_words(name) for name in reports if _variant_of(name, reports)})
-    lines += [f"{_VARIANT_ROW_LABELS.get(variant, variant)}: {_VARIANT_NOTES[variant]}"
-              for variant in variants if variant in _VARIANT_NOTES]
+    lines += [f"{_variant_row_label(variant)}: {_VARIANT_NOTES[variant]}" for variant in variants
+              if variant in _VARIANT_NOTES]
     if any(_split_run_name(name)[1] == "svd" for name in reports):
         lines.append("Sparse VD: sparse rates (nonzero weights counted), as the release counts them.")
     return "\n".join(lines)
@@ -291,13 +290,18 @@ def zero_survivor_mark(report: Mapping) -> str:
 # The runs the results table at a glance shows, in the book's order, and the layer searches it
 # shows of each (one seed; three seeds with the 0.2-point allowance), each with its bits search.
 GLANCE_RUNS = ("lenet300_nj", "lenet300_hs", "lenet300_svd", "lenet5_svd", "lenet5_nj", "lenet5_hs")
-# Runs of another recipe for a row of GLANCE_RUNS, shown under it, and what each name's last word means.
+# Runs of another recipe for a row of GLANCE_RUNS, shown under it, and what the words each name adds mean.
 GLANCE_VARIANTS = ("lenet5_hs_scratch", "lenet5_nj_scratch", "lenet5_nj_scratch_seed1")
 _VARIANT_NOTES = {"scratch": "trained from scratch, not from the pretrained network (chapter 4).",
                   "scratch seed1": "the same recipe as scratch, with seed 1 (chapter 4)."}
 # Row labels of variants whose words would not fit the label column beside a search's name.
 _VARIANT_ROW_LABELS = {"scratch seed1": "seed 1"}
 GLANCE_SEARCHES = ("_layers", "_layers_3seeds_tol2")
+
+
+def _variant_row_label(words: str) -> str:
+    """How the table at a glance names a variant (``"seed 1"`` for ``"scratch seed1"``)."""
+    return _VARIANT_ROW_LABELS.get(words, words)
 
 
 def results_table(results_root: str | os.PathLike = "book/results") -> str:

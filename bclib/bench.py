@@ -649,14 +649,27 @@ def write_bench_results(path, results: dict, command: str, threads: int | None =
     })
 
 
+CPU_INFO = Path("/proc/cpuinfo")
+
+
 def _cpu_name() -> str:
+    """The processor's model name, with its family and model numbers when Linux gives them: a
+    virtual machine's name can be as bare as "AMD EPYC", which two processor generations share
+    (timings differ between them by a fifth and more)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        fields = {}
+        for line in CPU_INFO.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if not key.strip():
+                break  # the first processor's block ends
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        fields = {}
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    numbers = [f"{label} {fields[key]}" for key, label in (("cpu family", "family"), ("model", "model"))
+               if key in fields]
+    return f"{fields['model name']} ({', '.join(numbers)})" if numbers else fields["model name"]
 
 
 # Targets of the results table (error, compression after pruning, after precision) from the release's

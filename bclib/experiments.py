@@ -137,10 +137,12 @@ EXPERIMENTS: dict[str, Experiment] = {
     "lenet5_nj_scratch": Experiment("lenet5", "nj", replace(_bayes(200), memory_format="channels_last"),
                                     paper_row="lenet5_nj"),
 }
-# The same run with another seed (initial weights, batch order, noise): how much of the scratch run's
-# lead over the pretrained start is one seed's luck?
-EXPERIMENTS["lenet5_nj_scratch_seed1"] = replace(EXPERIMENTS["lenet5_nj_scratch"],
-                                                 config=replace(EXPERIMENTS["lenet5_nj_scratch"].config, seed=1))
+# The same run with other seeds (initial weights, batch order, noise): how much of the scratch run's
+# lead over the pretrained start, or of one seed's over another, is luck?
+SCRATCH_SEEDS = (1, 2)
+EXPERIMENTS.update({f"lenet5_nj_scratch_seed{seed}": replace(
+    EXPERIMENTS["lenet5_nj_scratch"], config=replace(EXPERIMENTS["lenet5_nj_scratch"].config, seed=seed))
+    for seed in SCRATCH_SEEDS})
 # Beyond the paper: each Bayesian run's compressed network, pruned further and retrained on its
 # fixed-point grids. 10 epochs, with the rate decaying tenfold: the test error of the committed
 # LeNet-5 retraining levels off in the last few (their metrics.json); under a minute per LeNet-5
@@ -202,13 +204,14 @@ EXPERIMENTS["lenet5_nj_scratch_layers_3seeds_tol2"] = replace(EXPERIMENTS["lenet
                                                               prunes_layers_of="lenet5_nj_scratch")
 EXPERIMENTS["lenet5_nj_scratch_layers_3seeds_tol2_bits"] = replace(
     EXPERIMENTS["lenet5_nj_layers_bits"], lowers_bits_of="lenet5_nj_scratch_layers_3seeds_tol2")
-# The same two searches from its second seed, each with its bits lowered.
-SEED1_SEARCHES = {f"lenet5_nj_scratch_seed1{search}": f"lenet5_nj_scratch{search}"  # and its seed-0 twin
-                  for search in ("_layers", "_layers_3seeds_tol2")}
-EXPERIMENTS.update({name: replace(EXPERIMENTS[twin], prunes_layers_of="lenet5_nj_scratch_seed1")
-                    for name, twin in SEED1_SEARCHES.items()})
-EXPERIMENTS.update({f"{name}_bits": replace(EXPERIMENTS["lenet5_nj_layers_bits"], lowers_bits_of=name)
-                    for name in SEED1_SEARCHES})
+# The same two searches from its other seeds, each with its bits lowered.
+for seed in SCRATCH_SEEDS:
+    for search in ("_layers", "_layers_3seeds_tol2"):
+        name = f"lenet5_nj_scratch_seed{seed}{search}"
+        EXPERIMENTS[name] = replace(EXPERIMENTS[f"lenet5_nj_scratch{search}"],
+                                    prunes_layers_of=f"lenet5_nj_scratch_seed{seed}")
+        EXPERIMENTS[f"{name}_bits"] = replace(EXPERIMENTS["lenet5_nj_layers_bits"], lowers_bits_of=name)
+del seed, search, name
 
 
 def write_json(path: str | os.PathLike, data) -> None:

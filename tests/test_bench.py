@@ -292,3 +292,18 @@ def test_trials_that_time_other_modules_are_refused():
     first = {"runs": [row], "layers": {"contiguous": [{"layer": "0 Linear", "dense_ms": 1.0, "pruned_ms": 0.5}]}}
     with pytest.raises(ValueError, match="same modules in the same layouts"):
         bench.summarise_trials([first, {"runs": [row], "layers": {}}])
+
+
+def test_cpu_name_gives_the_first_processors_family_and_model(tmp_path, monkeypatch):
+    # Two processors of a made-up machine; only the first one's block counts.
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+                       "model name\t: AMD EPYC\n\nprocessor\t: 1\ncpu family\t: 26\nmodel\t\t: 2\n"
+                       "model name\t: Other\n")
+    monkeypatch.setattr(bench, "CPU_INFO", cpuinfo)
+    assert bench._cpu_name() == "AMD EPYC (family 25, model 17)"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU\n")
+    assert bench._cpu_name() == "Some CPU"
+    monkeypatch.setattr(bench, "CPU_INFO", tmp_path / "missing")
+    monkeypatch.setattr(bench.platform, "processor", lambda: "aarch64-ish")
+    assert bench._cpu_name() == "aarch64-ish"

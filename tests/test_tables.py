@@ -267,17 +267,20 @@ def test_results_at_a_glance_shows_another_recipe_under_its_row():
     assert all(len(line) <= 80 for line in lines)
 
 
-def test_results_at_a_glance_labels_a_second_seed_in_the_label_column():
+def test_results_at_a_glance_labels_other_seeds_in_the_label_column():
     reports = {"lenet5_nj": _report(0.0141, 78.7, 320.4, ratio=526.0),
                "lenet5_nj_scratch": _report(0.0125, 62.3, 280.4, ratio=452.0),
-               "lenet5_nj_scratch_seed1": _report(0.0101, 79.9, 346.1, ratio=529.0)}
+               "lenet5_nj_scratch_seed1": _report(0.0101, 79.9, 346.1, ratio=529.0),
+               "lenet5_nj_scratch_seed2": _report(0.0093, 70.0, 300.0, ratio=480.0)}
     layered = {"lenet5_nj_scratch_seed1_layers_3seeds_tol2": _report(0.0101, 123.4, 495.6, ratio=694.0)}
     lines = tables.results_at_a_glance(reports, {}, {"lenet5_nj": (0.010, 108.0, 361.0)}, {}, layered).splitlines()
-    assert [line[:37].strip() for line in lines[1:6]] == [
-        "BC-GNJ     paper", "ours", "scratch", "seed 1", "seed 1 + 3 seeds, 0.2 pts"]
+    assert [line[:37].strip() for line in lines[1:7]] == [
+        "BC-GNJ     paper", "ours", "scratch", "seed 1", "seed 1 + 3 seeds, 0.2 pts", "seed 2"]
     assert lines[5].split()[-4:] == ["1.01", "123.4x", "495.6x", "694x"]
-    assert lines[-2:] == ["scratch: trained from scratch, not from the pretrained network (chapter 4).",
-                          "seed 1: the same recipe as scratch, with seed 1 (chapter 4)."]
+    assert lines[6].split()[-4:] == ["0.93", "70.0x", "300.0x", "480x"]
+    assert lines[-3:] == ["scratch: trained from scratch, not from the pretrained network (chapter 4).",
+                          "seed 1: the same recipe as scratch, with seed 1 (chapter 4).",
+                          "seed 2: the same recipe as scratch, with seed 2 (chapter 4)."]
     assert all(len(line) <= 80 for line in lines)
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from .experiments import predates_zero_survivor_fix
+from .experiments import SCRATCH_SEEDS, predates_zero_survivor_fix
 
 __all__ = [
     "speed_table", "release_comparison", "results_at_a_glance", "results_table", "seed_spread_table", "bench_trials_summary",
@@ -291,12 +291,13 @@ def zero_survivor_mark(report: Mapping) -> str:
 # shows of each (one seed; three seeds with the 0.2-point allowance), each with its bits search.
 GLANCE_RUNS = ("lenet300_nj", "lenet300_hs", "lenet300_svd", "lenet5_svd", "lenet5_nj", "lenet5_hs")
 # Runs of another recipe for a row of GLANCE_RUNS, shown under it, and what the words each name adds mean.
-GLANCE_VARIANTS = ("lenet5_hs_scratch", "lenet5_nj_scratch", "lenet5_nj_scratch_seed1", "lenet5_nj_scratch_seed2")
+GLANCE_VARIANTS = ("lenet5_hs_scratch", "lenet5_nj_scratch",
+                   *(f"lenet5_nj_scratch_seed{seed}" for seed in SCRATCH_SEEDS))
 _VARIANT_NOTES = {"scratch": "trained from scratch, not from the pretrained network (chapter 4).",
                   **{f"scratch seed{seed}": f"the same recipe as scratch, with seed {seed} (chapter 4)."
-                     for seed in (1, 2)}}
+                     for seed in SCRATCH_SEEDS}}
 # Row labels of variants whose words would not fit the label column beside a search's name.
-_VARIANT_ROW_LABELS = {f"scratch seed{seed}": f"seed {seed}" for seed in (1, 2)}
+_VARIANT_ROW_LABELS = {f"scratch seed{seed}": f"seed {seed}" for seed in SCRATCH_SEEDS}
 GLANCE_SEARCHES = ("_layers", "_layers_3seeds_tol2")
 
 

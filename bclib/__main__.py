@@ -85,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
             search.add_argument("--tolerance", type=float, default=SELECTION_TOLERANCE,
                                 help="how far a cut's selection error may rise above the base network's, as a "
                                      f"fraction (default {SELECTION_TOLERANCE}: 0.1 points)")
+            search.add_argument("--allowed-error", type=float, default=None,
+                                help="instead, the highest selection error a cut may reach, as a fraction (e.g. "
+                                     "0.009); only for a run trained without its selection split")
             search.add_argument("--cut-fraction", type=float, default=LAYER_CUT_FRACTION,
                                 help=f"share of a layer's surviving groups one cut removes (default {LAYER_CUT_FRACTION})")
         search.add_argument("--data", default=None, help=DATA_HELP)
@@ -196,7 +199,7 @@ def _dispatch(args: argparse.Namespace) -> None:
         search = lower_bits_run if args.command == "lower-bits" else prune_layers_run
         config = FINE_TUNE_CONFIG if args.epochs is None else dataclasses.replace(FINE_TUNE_CONFIG, epochs=args.epochs)
         options = {"seeds": args.seeds, "take": args.take, "tolerance": args.tolerance,
-                   "cut_fraction": args.cut_fraction} if args.command == "prune-layers" else {}
+                   "allowed_error": args.allowed_error, "cut_fraction": args.cut_fraction} if args.command == "prune-layers" else {}
         print(json.dumps(search(args.run, args.out, config=config, data_root=args.data, **options), indent=2))
     elif args.command == "reproduce":
         from .data import fast_mode

@@ -62,7 +62,8 @@ def test_help_lists_the_commands():
     ("bench", ["--out", "--threads", "--run", "--results", "--trials", "--keep-freed-memory"]),
     ("compress", ["--thresholds", "--data"]),
     ("fine-tune", ["--out", "--epochs", "--seeds", "--data"]),
-    ("prune-layers", ["--out", "--epochs", "--seeds", "--take", "--tolerance", "--cut-fraction", "--data"]),
+    ("prune-layers", ["--out", "--epochs", "--seeds", "--take", "--tolerance", "--allowed-error", "--cut-fraction",
+                      "--data"]),
     ("reproduce", ["--out", "--only"]),
 ])
 def test_subcommand_help_lists_its_options(capsys, command, options):
@@ -298,6 +299,35 @@ def test_a_run_stopped_midway_leaves_no_old_report_and_another_recipe_rewrites_n
     with pytest.raises(ValueError, match="written by another recipe .*epochs=2 there, 3 here"):
         experiments.run_experiment("lenet300_nj", out, data_root=mnist_root, fast=True, epochs=3, progress=False)
     assert (out / "config.json").read_text() == config
+
+
+def test_a_run_that_holds_out_its_selection_split_never_trains_on_it(mnist_root, mnist, tmp_path, monkeypatch):
+    """holds_out_selection: the network trains on the first 5000 - 5000 // 6 = 4167 of the fast run's
+    5000 examples, and its thresholds are chosen on the other 833, none of which it saw."""
+    from dataclasses import replace
+
+    name = "lenet300_nj_heldout"
+    monkeypatch.setitem(experiments.EXPERIMENTS, name, replace(experiments.EXPERIMENTS["lenet300_nj"],
+                                                              holds_out_selection=True, animate=False))
+    seen, fit, select = {}, experiments.fit, experiments.compression.select_thresholds
+
+    def recording_fit(model, train, *args, **kwargs):
+        seen["train"] = train
+        return fit(model, train, *args, **kwargs)
+
+    def recording_select(model, x, y, **kwargs):
+        seen["selection"] = x
+        return select(model, x, y, **kwargs)
+
+    monkeypatch.setattr(experiments, "fit", recording_fit)
+    monkeypatch.setattr(experiments.compression, "select_thresholds", recording_select)
+    experiments.run_experiment(name, tmp_path / name, data_root=mnist_root, fast=True, progress=False)
+    config = _read(tmp_path / name, "config.json")
+    assert (config["train_examples"], config["selection_examples"], config["holds_out_selection"]) == (4167, 833, True)
+    rows = lambda x: {bytes(row.cpu().numpy()) for row in x.flatten(1)}  # noqa: E731
+    trained, selection, every = rows(seen["train"].x), rows(seen["selection"]), rows(mnist[0].x[:5000])
+    assert len(seen["train"]) == 4167 and len(seen["selection"]) == 833
+    assert trained.isdisjoint(selection) and trained | selection == every
 
 
 def test_compress_run_stopped_before_its_report_leaves_none(run_copy, mnist_root, monkeypatch):
@@ -840,14 +870,50 @@ def test_prune_layers_tolerance_and_cut_fraction(trained_run, mnist_root, tmp_pa
     assert small_cuts > 0 and deep["architecture"] == "1-1-1"
 
 
+def test_prune_layers_can_spend_a_fixed_allowance(trained_run, mnist_root, tmp_path, monkeypatch):
+    """allowed_error=0.0125: cuts may reach 1.25 % selection error whatever the base network's (1 %
+    here), so the search goes further than with the base's 1 % + 0.1 points, and stops at a step
+    with every cut above 1.25 %. Refused for a base run that trained on its selection split, and for
+    values outside (0, 1), before anything is written."""
+    base = _read(trained_run, "report.json")
+    monkeypatch.setattr(experiments, "_retrain", _retraining_by_cost(base, "groups_kept",
+                                                                     {"1": 0.0018, "3": 0.0018, "5": 0.02}))
+    with pytest.raises(ValueError, match="allowed_error needs a base run that held out its selection split"):
+        experiments.prune_layers_run(trained_run, tmp_path / "bad", allowed_error=0.0125, data_root=mnist_root,
+                                     progress=False)
+    held_out = Path(shutil.copytree(trained_run, tmp_path / "lenet300_nj"))
+    config = _read(held_out, "config.json")
+    (held_out / "config.json").write_text(json.dumps({**config, "holds_out_selection": True}))
+    for bad in (0, 1.5, True, "0.01"):
+        with pytest.raises(ValueError, match=f"allowed_error must be a number in \\(0, 1\\), got {bad!r}"):
+            experiments.prune_layers_run(held_out, tmp_path / "bad", allowed_error=bad, data_root=mnist_root,
+                                         progress=False)
+    assert not (tmp_path / "bad").exists()
+    experiments.prune_layers_run(held_out, tmp_path / "fixed", allowed_error=0.0125, data_root=mnist_root,
+                                 progress=False)
+    experiments.prune_layers_run(held_out, tmp_path / "relative", data_root=mnist_root, progress=False)
+    fixed, relative = _read(tmp_path / "fixed", "analysis.json"), _read(tmp_path / "relative", "analysis.json")
+    assert fixed["candidates"][0]["selection_error"] == pytest.approx(0.01, abs=1e-12)
+    assert (fixed["allowed"], relative["allowed"]) == (0.0125, pytest.approx(0.011, abs=1e-12))
+    last = max(c["step"] for c in fixed["candidates"])
+    for c in fixed["candidates"][1:]:
+        assert c["taken"] <= (c["selection_error"] <= 0.0125)
+        assert not (c["step"] == last and c["selection_error"] <= 0.0125)
+    taken = {name: sum(c["taken"] for c in run["candidates"][1:]) for name, run in (("fixed", fixed),
+                                                                                   ("relative", relative))}
+    assert taken["fixed"] > taken["relative"] >= 1
+    assert _read(tmp_path / "fixed", "config.json")["allowed_error"] == 0.0125
+    assert "allowed_error" not in _read(tmp_path / "relative", "config.json")
+
+
 def test_prune_layers_command_passes_its_options(monkeypatch, capsys, tmp_path):
     calls = []
     monkeypatch.setattr(experiments, "prune_layers_run", lambda *args, **kwargs: calls.append((args, kwargs)) or {})
     main(["prune-layers", "RUN", "--out", str(tmp_path / "out"), "--seeds", "3", "--take", "most_pruning",
-          "--tolerance", "0.002", "--cut-fraction", "0.5"])
+          "--tolerance", "0.002", "--cut-fraction", "0.5", "--allowed-error", "0.009"])
     main(["prune-layers", "RUN", "--out", str(tmp_path / "out")])
-    assert [(kwargs["seeds"], kwargs["take"], kwargs["tolerance"], kwargs["cut_fraction"]) for _, kwargs in calls] == [
-        (3, "most_pruning", 0.002, 0.5), (1, "least_error", 0.001, 0.25)]
+    assert [(kwargs["seeds"], kwargs["take"], kwargs["tolerance"], kwargs["cut_fraction"], kwargs["allowed_error"])
+            for _, kwargs in calls] == [(3, "most_pruning", 0.002, 0.5, 0.009), (1, "least_error", 0.001, 0.25, None)]
     with pytest.raises(SystemExit):
         main(["prune-layers", "RUN", "--out", str(tmp_path / "out"), "--take", "largest"])
     assert "invalid choice: 'largest'" in capsys.readouterr().err
@@ -1001,11 +1067,15 @@ def test_registered_layer_searches_pass_their_seeds_rule_and_allowance(monkeypat
     monkeypatch.setattr(experiments, "prune_layers_run", lambda *args, **kwargs: calls.append((args, kwargs)) or {})
     (tmp_path / "lenet5_hs").mkdir()
     (tmp_path / "lenet5_hs" / "model.bcz").write_bytes(b"")  # the base must be there
-    for name in ("lenet5_hs_layers", "lenet5_hs_layers_3seeds_most", "lenet5_hs_layers_3seeds_tol2"):
+    (tmp_path / "lenet5_nj_heldout").mkdir()
+    (tmp_path / "lenet5_nj_heldout" / "model.bcz").write_bytes(b"")
+    for name in ("lenet5_hs_layers", "lenet5_hs_layers_3seeds_most", "lenet5_hs_layers_3seeds_tol2",
+                 "lenet5_nj_heldout_layers_3seeds_max09"):
         experiments.run_experiment(name, tmp_path / name, fast=False)
-    assert [(args[0].name, kwargs["seeds"], kwargs["take"], kwargs["tolerance"]) for args, kwargs in calls] == [
-        ("lenet5_hs", 1, "least_error", 0.001), ("lenet5_hs", 3, "most_pruning", 0.001),
-        ("lenet5_hs", 3, "least_error", 0.002)]
+    assert [(args[0].name, kwargs["seeds"], kwargs["take"], kwargs["tolerance"], kwargs["allowed_error"])
+            for args, kwargs in calls] == [
+        ("lenet5_hs", 1, "least_error", 0.001, None), ("lenet5_hs", 3, "most_pruning", 0.001, None),
+        ("lenet5_hs", 3, "least_error", 0.002, None), ("lenet5_nj_heldout", 3, "least_error", 0.001, 0.009)]
 
 
 def test_prune_layers_rejects_a_run_without_group_log_alphas(tmp_path, trained_run, mnist_root):

@@ -132,6 +132,8 @@ def test_committed_config_is_the_registered_recipe(name):
         if experiment.prunes_layers_of:
             assert config.get("seeds", 1) == experiment.search_seeds
             assert config["selection_tolerance"] == experiment.search_tolerance
+            assert config.get("allowed_error") == experiment.search_allowed_error
+    assert config.get("holds_out_selection", False) == experiment.holds_out_selection
 
 
 def _strings(value):

@@ -284,6 +284,21 @@ def test_results_at_a_glance_labels_other_seeds_in_the_label_column():
     assert all(len(line) <= 80 for line in lines)
 
 
+
+def test_results_at_a_glance_shows_the_held_out_run_and_its_fixed_allowance_search():
+    reports = {"lenet5_nj": _report(0.0141, 78.7, 320.4, ratio=526.0),
+               "lenet5_nj_heldout": _report(0.0110, 65.0, 280.0, ratio=450.0)}
+    layered = {"lenet5_nj_heldout_layers_3seeds_max09": _report(0.0096, 112.0, 430.0, ratio=610.0)}
+    lowered = {"lenet5_nj_heldout_layers_3seeds_max09_bits": _report(0.0099, 112.0, 580.0, ratio=880.0)}
+    lines = tables.results_at_a_glance(reports, {}, {"lenet5_nj": (0.010, 108.0, 361.0)}, lowered,
+                                       layered).splitlines()
+    assert [line[:37].strip() for line in lines[1:6]] == [
+        "BC-GNJ     paper", "ours", "held out", "held out + 3 seeds, 0.9 %", "+ fewer bits"]
+    assert lines[4].split()[-4:] == ["0.96", "112.0x", "430.0x", "610x"]
+    assert lines[5].split()[-4:] == ["0.99", "112.0x", "580.0x", "880x"]
+    assert lines[-1].startswith("held out: scratch without the selection split")
+    assert all(len(line) <= 80 for line in lines)
+
 def test_pipeline_table_names_each_step():
     reports = {"lenet5_hs": {**_report(0.0106, 43.51, 161.43, ratio=276.4), "architecture": "11-17-196-24"},
                "lenet5_hs_ft": {**_report(0.0085, 89.13, 323.57, ratio=449.6), "architecture": "9-13-110-14"},
@@ -384,3 +399,21 @@ def test_results_at_a_glance_marks_searches_retrained_before_the_zero_survivor_f
     lowered["lenet5_nj_layers_bits"]["bit_search"]["zero_survivors_train"] = True
     lines = tables.results_at_a_glance(reports, {}, TARGETS, lowered, layered).splitlines()
     assert lines[4].split()[-1] == "811x" and not any(line.startswith("*") for line in lines)
+
+
+def test_selection_optimism_table_counts_every_retraining():
+    """Two searches by hand: one seeded (two candidates, two seeds each), one with one seed."""
+    seeded = {"candidates": [
+        {"seeds": [{"selection_error": 0.0070, "test_error": 0.0090},      # +0.20 points
+                   {"selection_error": 0.0072, "test_error": 0.0080}]},    # +0.08
+        {"seeds": [{"selection_error": 0.0090, "test_error": 0.0082},      # -0.08
+                   {"selection_error": 0.0081, "test_error": 0.0085}]}]}   # +0.04
+    single = {"candidates": [{"selection_error": 0.0100, "test_error": 0.0095}]}
+    lines = tables.selection_optimism_table({"lenet5_nj_heldout_layers_3seeds_max09": seeded,
+                                             "lenet5_nj_layers": single}).splitlines()
+    # (0.20 + 0.08 - 0.08 + 0.04) / 4 = +0.06 points: 3 of 4 above; then -0.05 points, 0 of 1.
+    assert lines[1].split() == ["lenet5_nj_heldout_layers_3seeds_max09", "4", "+0.06", "pts", "3", "of", "4"]
+    assert lines[2].split() == ["lenet5_nj_layers", "1", "-0.05", "pts", "0", "of", "1"]
+    assert all(len(line) <= 80 for line in lines)
+    with pytest.raises(ValueError, match=r"analyses\['lenet5_nj_layers'\] must hold retrained candidates"):
+        tables.selection_optimism_table({"lenet5_nj_layers": {"candidates": []}})

@@ -227,6 +227,13 @@ EXPERIMENTS["lenet5_nj_heldout_layers_3seeds_max09"] = replace(
     EXPERIMENTS["lenet5_nj_layers_3seeds"], prunes_layers_of="lenet5_nj_heldout", search_allowed_error=0.009)
 EXPERIMENTS["lenet5_nj_heldout_layers_3seeds_max09_bits"] = replace(
     EXPERIMENTS["lenet5_nj_layers_bits"], lowers_bits_of="lenet5_nj_heldout_layers_3seeds_max09")
+# Added after that search stopped at its base network (whose mean selection error, 0.96 %, was
+# already over 0.9 %: the split is harder than the test set for this network): the seeded search of
+# the other scratch runs (0.2 points above the base network's error), now on a split it never saw.
+EXPERIMENTS["lenet5_nj_heldout_layers_3seeds_tol2"] = replace(
+    EXPERIMENTS["lenet5_nj_scratch_layers_3seeds_tol2"], prunes_layers_of="lenet5_nj_heldout")
+EXPERIMENTS["lenet5_nj_heldout_layers_3seeds_tol2_bits"] = replace(
+    EXPERIMENTS["lenet5_nj_layers_bits"], lowers_bits_of="lenet5_nj_heldout_layers_3seeds_tol2")
 
 
 def write_json(path: str | os.PathLike, data) -> None:

@@ -219,7 +219,7 @@ def results_at_a_glance(reports: Mapping[str, Mapping], retrained: Mapping[str, 
         ...           "compression_precision": 320.4, "file": {"ratio": 526.0}}
         >>> table = results_at_a_glance({"lenet5_nj": report}, {}, {"lenet5_nj": (0.01, 108.0, 361.0)})
         >>> print(table.splitlines()[1])
-        BC-GNJ     paper                      1.00     108x       361x         -
+        BC-GNJ     paper                       1.00     108x       361x         -
     """
     def cells(error, pruning, precision, ratio, rate_format=".1f"):
         return (f"{'-' if error is None else f'{100 * error:.2f}':>9} "
@@ -247,7 +247,7 @@ def results_at_a_glance(reports: Mapping[str, Mapping], retrained: Mapping[str, 
             continue
         if lines:
             lines.append("")
-        lines.append(f"{model_label:<37} {'error %':>9} {'pruning':>8} {'precision':>10} {'file':>9}")
+        lines.append(f"{model_label:<38} {'error %':>9} {'pruning':>8} {'precision':>10} {'file':>9}")
         for name in names:
             prior = _PRIOR_LABELS[_split_run_name(name)[1]]
             keys = _rate_keys(name)
@@ -261,7 +261,7 @@ def results_at_a_glance(reports: Mapping[str, Mapping], retrained: Mapping[str, 
                     rows.append((label, cells(r["file_error"], r[keys[0]], r[keys[1]], r["file"]["ratio"])
                                  + zero_survivor_mark(r)))
             for k, (label, text) in enumerate(rows):
-                lines.append(f"{prior if k == 0 else '':<10} {label:<26} {text}")
+                lines.append(f"{prior if k == 0 else '':<10} {label:<27} {text}")
     lines += ["", "paper: the paper's and release's table; -: a number not quoted in this book.",
               "error: of the compressed file on the test set; file: model.bcz against the",
               "float32 dense network."]

@@ -259,7 +259,7 @@ def test_results_at_a_glance_shows_another_recipe_under_its_row():
     lines = tables.results_at_a_glance(reports, retrained, {"lenet5_hs": (0.010, 156.0, 419.0)}, lowered,
                                        layered).splitlines()
     # One BC-GHS block: the paper, the pretrained start's steps, then the scratch run's.
-    assert [line[:37].strip() for line in lines[1:8]] == [
+    assert [line[:38].strip() for line in lines[1:8]] == [
         "BC-GHS     paper", "ours", "ours + 3 seeds, 0.2 pts", "scratch", "scratch + retraining",
         "scratch + 3 seeds, 0.2 pts", "+ fewer bits"]
     assert lines[7].split()[-4:] == ["0.99", "120.0x", "500.0x", "900x"]
@@ -274,7 +274,7 @@ def test_results_at_a_glance_labels_other_seeds_in_the_label_column():
                "lenet5_nj_scratch_seed2": _report(0.0093, 70.0, 300.0, ratio=480.0)}
     layered = {"lenet5_nj_scratch_seed1_layers_3seeds_tol2": _report(0.0101, 123.4, 495.6, ratio=694.0)}
     lines = tables.results_at_a_glance(reports, {}, {"lenet5_nj": (0.010, 108.0, 361.0)}, {}, layered).splitlines()
-    assert [line[:37].strip() for line in lines[1:7]] == [
+    assert [line[:38].strip() for line in lines[1:7]] == [
         "BC-GNJ     paper", "ours", "scratch", "seed 1", "seed 1 + 3 seeds, 0.2 pts", "seed 2"]
     assert lines[5].split()[-4:] == ["1.01", "123.4x", "495.6x", "694x"]
     assert lines[6].split()[-4:] == ["0.93", "70.0x", "300.0x", "480x"]
@@ -288,14 +288,19 @@ def test_results_at_a_glance_labels_other_seeds_in_the_label_column():
 def test_results_at_a_glance_shows_the_held_out_run_and_its_fixed_allowance_search():
     reports = {"lenet5_nj": _report(0.0141, 78.7, 320.4, ratio=526.0),
                "lenet5_nj_heldout": _report(0.0110, 65.0, 280.0, ratio=450.0)}
-    layered = {"lenet5_nj_heldout_layers_3seeds_max09": _report(0.0096, 112.0, 430.0, ratio=610.0)}
+    layered = {"lenet5_nj_heldout_layers_3seeds_tol2": _report(0.0101, 125.0, 450.0, ratio=650.0),
+               "lenet5_nj_heldout_layers_3seeds_max09": _report(0.0096, 112.0, 430.0, ratio=610.0)}
     lowered = {"lenet5_nj_heldout_layers_3seeds_max09_bits": _report(0.0099, 112.0, 580.0, ratio=880.0)}
     lines = tables.results_at_a_glance(reports, {}, {"lenet5_nj": (0.010, 108.0, 361.0)}, lowered,
                                        layered).splitlines()
-    assert [line[:37].strip() for line in lines[1:6]] == [
-        "BC-GNJ     paper", "ours", "held out", "held out + 3 seeds, 0.9 %", "+ fewer bits"]
-    assert lines[4].split()[-4:] == ["0.96", "112.0x", "430.0x", "610x"]
-    assert lines[5].split()[-4:] == ["0.99", "112.0x", "580.0x", "880x"]
+    assert [line[:38].strip() for line in lines[1:7]] == [
+        "BC-GNJ     paper", "ours", "held out", "held out + 3 seeds, 0.2 pts", "held out + 3 seeds, 0.9 %",
+        "+ fewer bits"]
+    assert lines[4].split()[-4:] == ["1.01", "125.0x", "450.0x", "650x"]
+    assert lines[5].split()[-4:] == ["0.96", "112.0x", "430.0x", "610x"]
+    assert lines[6].split()[-4:] == ["0.99", "112.0x", "580.0x", "880x"]
+    # The longest label leaves a space before the numbers, which line up under the header's.
+    assert lines[4][38] == " " and lines[0].index("error %") + 7 == lines[4].index("1.01") + 4
     assert lines[-1].startswith("held out: scratch without the selection split")
     assert all(len(line) <= 80 for line in lines)
 

@@ -82,7 +82,8 @@ def test_layer_searched_run_is_its_base_file_cut_at_the_recorded_thresholds(name
 @pytest.mark.parametrize("name", [run for run in LAYER_SEARCHED if _read(run, "config.json").get("seeds", 1) > 1])
 def test_seeded_layer_search_took_the_cut_its_rule_names(name):
     """Each candidate's selection error is the mean of its seeds' (recomputed here); every step took,
-    among the candidates within the allowed error (the base's mean + the tolerance), the one of
+    among the candidates within the allowed error (the base's mean + the tolerance, or the fixed
+    allowance of a held-out run's search), the one of
     lowest mean (rule "least_error", the default) or of highest compression after pruning
     ("most_pruning"), and the last step none; the run's file is the taken network's first seed."""
     config, report = _read(name, "config.json"), _read(name, "report.json")
@@ -92,7 +93,9 @@ def test_seeded_layer_search_took_the_cut_its_rule_names(name):
         errors = [entry["selection_error"] for entry in row["seeds"]]
         assert [entry["seed"] for entry in row["seeds"]] == list(range(config["seeds"]))
         assert row["selection_error"] == pytest.approx(sum(errors) / len(errors), abs=1e-12)
-    assert analysis["allowed"] == pytest.approx(candidates[0]["selection_error"] + config["selection_tolerance"])
+    # A search with a fixed allowance (allowed_error) records it; otherwise the base's mean + the tolerance.
+    allowed = config.get("allowed_error") or candidates[0]["selection_error"] + config["selection_tolerance"]
+    assert analysis["allowed"] == pytest.approx(allowed)
     steps = sorted({row["step"] for row in candidates if row["step"] > 0})
     for step in steps:
         within = [row for row in candidates if row["step"] == step and row["selection_error"] <= analysis["allowed"]]

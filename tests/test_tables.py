@@ -284,7 +284,6 @@ def test_results_at_a_glance_labels_other_seeds_in_the_label_column():
     assert all(len(line) <= 80 for line in lines)
 
 
-
 def test_results_at_a_glance_shows_the_held_out_run_and_its_fixed_allowance_search():
     reports = {"lenet5_nj": _report(0.0141, 78.7, 320.4, ratio=526.0),
                "lenet5_nj_heldout": _report(0.0110, 65.0, 280.0, ratio=450.0)}

@@ -199,7 +199,8 @@ def _dispatch(args: argparse.Namespace) -> None:
         search = lower_bits_run if args.command == "lower-bits" else prune_layers_run
         config = FINE_TUNE_CONFIG if args.epochs is None else dataclasses.replace(FINE_TUNE_CONFIG, epochs=args.epochs)
         options = {"seeds": args.seeds, "take": args.take, "tolerance": args.tolerance,
-                   "allowed_error": args.allowed_error, "cut_fraction": args.cut_fraction} if args.command == "prune-layers" else {}
+                   "allowed_error": args.allowed_error,
+                   "cut_fraction": args.cut_fraction} if args.command == "prune-layers" else {}
         print(json.dumps(search(args.run, args.out, config=config, data_root=args.data, **options), indent=2))
     elif args.command == "reproduce":
         from .data import fast_mode

@@ -755,34 +755,47 @@ def selection_optimism_table(analyses: Mapping[str, Mapping]) -> str:
     """How far each layer search's selection error fell short of its test error, over every retraining.
 
     A network that trained on the selection split scores better there than on unseen data; one that
-    held it out (:attr:`bclib.experiments.Experiment.holds_out_selection`) should not.
+    held it out (:attr:`bclib.experiments.Experiment.holds_out_selection`) should not. A search that
+    takes, at each step, the cut of least selection error also tends to take cuts whose selection
+    error came out low by chance: their gap is compared with that of every retraining.
 
     Args:
         analyses: ``analysis.json`` of layer-searched runs by name (:func:`bclib.experiments.prune_layers_run`):
             its ``"candidates"``, each with ``"selection_error"`` and ``"test_error"``, or with one
-            pair per retraining seed under ``"seeds"``.
+            pair per retraining seed under ``"seeds"``; ``"taken"`` and ``"layer"`` (None for the
+            base network) mark the cuts the search took.
 
     Returns:
-        A row per search: the retrainings counted, the mean of test minus selection error in
-        points, and how many had a test error above the selection error (at most 80 characters a
-        line for names of up to 48).
+        A row per search: the mean of test minus selection error in points over every retraining,
+        the same over the retrainings of the cuts taken (``-`` when none was), and how many
+        retrainings had a test error above the selection error (at most 80 characters a line for
+        names of up to 42).
 
     Example:
-        >>> seeds = [{"selection_error": 0.0070, "test_error": 0.0085},
-        ...          {"selection_error": 0.0080, "test_error": 0.0079}]
+        >>> base = {"layer": None, "taken": True, "seeds": [
+        ...     {"selection_error": 0.0070, "test_error": 0.0085},
+        ...     {"selection_error": 0.0080, "test_error": 0.0079}]}
+        >>> cut = {"layer": "3", "taken": True, "seeds": [
+        ...     {"selection_error": 0.0074, "test_error": 0.0090},
+        ...     {"selection_error": 0.0078, "test_error": 0.0092}]}
         >>> print(selection_optimism_table({"lenet5_nj_scratch_layers_3seeds_tol2":
-        ...                                 {"candidates": [{"seeds": seeds}]}}))
-        search                                count  test - sel.  test above
-        lenet5_nj_scratch_layers_3seeds_tol2      2    +0.07 pts      1 of 2
+        ...                                 {"candidates": [base, cut]}}))
+        search                                test - sel.  cuts taken  test above
+        lenet5_nj_scratch_layers_3seeds_tol2    +0.11 pts   +0.15 pts      3 of 4
     """
+    def gaps(rows) -> list[float]:
+        return [seed["test_error"] - seed["selection_error"] for row in rows for seed in row.get("seeds", [row])]
+
+    def points(values: list[float]) -> str:
+        return f"{100 * sum(values) / len(values):>+7.2f} pts" if values else f"{'-':>11}"
+
     width = max([len("search"), *map(len, analyses)])
-    lines = [f"{'search':<{width}}  {'count':>5}  {'test - sel.':>11}  {'test above':>10}"]
+    lines = [f"{'search':<{width}}  {'test - sel.':>11}  {'cuts taken':>10}  {'test above':>10}"]
     for name, analysis in analyses.items():
-        pairs = [(seed["selection_error"], seed["test_error"]) for row in analysis["candidates"]
-                 for seed in row.get("seeds", [row])]
-        if not pairs:
+        every = gaps(analysis["candidates"])
+        if not every:
             raise ValueError(f"analyses[{name!r}] must hold retrained candidates, got none")
-        gap = sum(test - selection for selection, test in pairs) / len(pairs)
-        above = sum(test > selection for selection, test in pairs)
-        lines.append(f"{name:<{width}}  {len(pairs):>5}  {100 * gap:>+7.2f} pts  {f'{above} of {len(pairs)}':>10}")
+        taken = gaps(row for row in analysis["candidates"] if row.get("taken") and row.get("layer") is not None)
+        above = sum(gap > 0 for gap in every)
+        lines.append(f"{name:<{width}}  {points(every)}  {points(taken):>10}  {f'{above} of {len(every)}':>10}")
     return "\n".join(lines)

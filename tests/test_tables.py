@@ -406,18 +406,28 @@ def test_results_at_a_glance_marks_searches_retrained_before_the_zero_survivor_f
 
 
 def test_selection_optimism_table_counts_every_retraining():
-    """Two searches by hand: one seeded (two candidates, two seeds each), one with one seed."""
+    """Two searches by hand: one seeded (the base and a cut taken, two seeds each, and a cut passed
+    over), one with one seed and no cut taken."""
     seeded = {"candidates": [
-        {"seeds": [{"selection_error": 0.0070, "test_error": 0.0090},      # +0.20 points
+        {"layer": None, "taken": True,
+         "seeds": [{"selection_error": 0.0070, "test_error": 0.0090},      # +0.20 points
                    {"selection_error": 0.0072, "test_error": 0.0080}]},    # +0.08
-        {"seeds": [{"selection_error": 0.0090, "test_error": 0.0082},      # -0.08
-                   {"selection_error": 0.0081, "test_error": 0.0085}]}]}   # +0.04
-    single = {"candidates": [{"selection_error": 0.0100, "test_error": 0.0095}]}
+        {"layer": "3", "taken": False,
+         "seeds": [{"selection_error": 0.0090, "test_error": 0.0082},      # -0.08
+                   {"selection_error": 0.0081, "test_error": 0.0085}]},    # +0.04
+        {"layer": "7", "taken": True,
+         "seeds": [{"selection_error": 0.0080, "test_error": 0.0090},      # +0.10
+                   {"selection_error": 0.0085, "test_error": 0.0099}]}]}   # +0.14
+    single = {"candidates": [{"layer": None, "taken": True, "selection_error": 0.0100, "test_error": 0.0095},
+                             {"layer": "1", "taken": False, "selection_error": 0.0110, "test_error": 0.0113}]}
     lines = tables.selection_optimism_table({"lenet5_nj_heldout_layers_3seeds_max09": seeded,
                                              "lenet5_nj_layers": single}).splitlines()
-    # (0.20 + 0.08 - 0.08 + 0.04) / 4 = +0.06 points: 3 of 4 above; then -0.05 points, 0 of 1.
-    assert lines[1].split() == ["lenet5_nj_heldout_layers_3seeds_max09", "4", "+0.06", "pts", "3", "of", "4"]
-    assert lines[2].split() == ["lenet5_nj_layers", "1", "-0.05", "pts", "0", "of", "1"]
+    # Every retraining: (0.20 + 0.08 - 0.08 + 0.04 + 0.10 + 0.14) / 6 = +0.08 points, 5 of 6 above;
+    # the cut taken: (0.10 + 0.14) / 2 = +0.12 (the base is not a cut).
+    assert lines[1].split() == ["lenet5_nj_heldout_layers_3seeds_max09", "+0.08", "pts", "+0.12", "pts",
+                                "5", "of", "6"]
+    # (-0.05 + 0.03) / 2 = -0.01 points; no cut taken.
+    assert lines[2].split() == ["lenet5_nj_layers", "-0.01", "pts", "-", "1", "of", "2"]
     assert all(len(line) <= 80 for line in lines)
     with pytest.raises(ValueError, match=r"analyses\['lenet5_nj_layers'\] must hold retrained candidates"):
         tables.selection_optimism_table({"lenet5_nj_layers": {"candidates": []}})

@@ -779,8 +779,8 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         raise ValueError(f"seeds must be a positive int, got {seeds!r}")
     if take not in SEARCH_RULES:
         raise ValueError(f"take must be one of {SEARCH_RULES}, got {take!r}")
-    bounds = [("tolerance", tolerance), ("cut_fraction", cut_fraction)]
-    for label, value in bounds + ([("allowed_error", allowed_error)] if allowed_error is not None else []):
+    fixed_allowance = {} if allowed_error is None else {"allowed_error": allowed_error}  # recorded only when set
+    for label, value in {"tolerance": tolerance, "cut_fraction": cut_fraction, **fixed_allowance}.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
             raise ValueError(f"{label} must be a number in (0, 1), got {value!r}")
     base_dir, out_dir, base_config, base_report = _base_run(base_dir, out_dir, needs="model.bcz")
@@ -811,8 +811,7 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     checkpoint = _SearchCheckpoint(out_dir / SEARCH_CHECKPOINT, {
         "from": base_dir.name, "model_sha256": hashlib.sha256((base_dir / "model.bcz").read_bytes()).hexdigest(),
         "thresholds": base_report["thresholds"], "train": config.to_dict(), "seeds": seeds,
-        "tolerance": tolerance, "cut_fraction": cut_fraction, "take": take,
-        **({"allowed_error": allowed_error} if allowed_error is not None else {}),
+        "tolerance": tolerance, "cut_fraction": cut_fraction, "take": take, **fixed_allowance,
         ZERO_SURVIVORS_TRAIN: True}, progress)  # retrainings made before the fix are not mixed in
 
     def retrained(candidate, thresholds: dict):
@@ -856,8 +855,7 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         candidates[index]["taken"] = True
     _write_search_config(out_dir, base_config, config, (fit_split, selection, test),
                          {"prunes_layers_of": base_dir.name, "cut_fraction": cut_fraction, "seeds": seeds,
-                          "take": take, **({"allowed_error": allowed_error} if allowed_error is not None else {})},
-                         tolerance=tolerance)
+                          "take": take, **fixed_allowance}, tolerance=tolerance)
     write_json(out_dir / "metrics.json", history)
     write_json(out_dir / "analysis.json", {"allowed": allowed, "candidates": candidates})
     layer_search = {"from": base_dir.name, "thresholds_before": base_report["thresholds"],

@@ -249,6 +249,16 @@ def test_results_at_a_glance_adds_the_layer_search_rows():
 
 
 
+def _glance(reports, targets, layered=None, lowered=None, retrained=None) -> list[str]:
+    """The lines of :func:`tables.results_at_a_glance` (no retrained, bits or layer-search rows unless given)."""
+    return tables.results_at_a_glance(reports, retrained or {}, targets, lowered or {}, layered or {}).splitlines()
+
+
+def _labels(lines: list[str]) -> list[str]:
+    """The prior and row-label columns of table-at-a-glance lines (10 + 1 + 27 characters)."""
+    return [line[:38].strip() for line in lines]
+
+
 def test_results_at_a_glance_shows_another_recipe_under_its_row():
     reports = {"lenet5_hs": _report(0.0106, 43.5, 161.4, ratio=276.0),
                "lenet5_hs_scratch": _report(0.0094, 60.5, 210.6, ratio=375.0)}
@@ -256,10 +266,9 @@ def test_results_at_a_glance_shows_another_recipe_under_its_row():
                "lenet5_hs_scratch_layers_3seeds_tol2": _report(0.0095, 120.0, 400.0, ratio=600.0)}
     lowered = {"lenet5_hs_scratch_layers_3seeds_tol2_bits": _report(0.0099, 120.0, 500.0, ratio=900.0)}
     retrained = {"lenet5_hs_scratch_ft": _report(0.0085, 60.5, 210.6, ratio=355.0)}
-    lines = tables.results_at_a_glance(reports, retrained, {"lenet5_hs": (0.010, 156.0, 419.0)}, lowered,
-                                       layered).splitlines()
+    lines = _glance(reports, {"lenet5_hs": (0.010, 156.0, 419.0)}, layered, lowered, retrained)
     # One BC-GHS block: the paper, the pretrained start's steps, then the scratch run's.
-    assert [line[:38].strip() for line in lines[1:8]] == [
+    assert _labels(lines[1:8]) == [
         "BC-GHS     paper", "ours", "ours + 3 seeds, 0.2 pts", "scratch", "scratch + retraining",
         "scratch + 3 seeds, 0.2 pts", "+ fewer bits"]
     assert lines[7].split()[-4:] == ["0.99", "120.0x", "500.0x", "900x"]
@@ -273,8 +282,8 @@ def test_results_at_a_glance_labels_other_seeds_in_the_label_column():
                "lenet5_nj_scratch_seed1": _report(0.0101, 79.9, 346.1, ratio=529.0),
                "lenet5_nj_scratch_seed2": _report(0.0093, 70.0, 300.0, ratio=480.0)}
     layered = {"lenet5_nj_scratch_seed1_layers_3seeds_tol2": _report(0.0101, 123.4, 495.6, ratio=694.0)}
-    lines = tables.results_at_a_glance(reports, {}, {"lenet5_nj": (0.010, 108.0, 361.0)}, {}, layered).splitlines()
-    assert [line[:38].strip() for line in lines[1:7]] == [
+    lines = _glance(reports, {"lenet5_nj": (0.010, 108.0, 361.0)}, layered)
+    assert _labels(lines[1:7]) == [
         "BC-GNJ     paper", "ours", "scratch", "seed 1", "seed 1 + 3 seeds, 0.2 pts", "seed 2"]
     assert lines[5].split()[-4:] == ["1.01", "123.4x", "495.6x", "694x"]
     assert lines[6].split()[-4:] == ["0.93", "70.0x", "300.0x", "480x"]
@@ -290,9 +299,8 @@ def test_results_at_a_glance_shows_the_held_out_run_and_its_fixed_allowance_sear
     layered = {"lenet5_nj_heldout_layers_3seeds_tol2": _report(0.0101, 125.0, 450.0, ratio=650.0),
                "lenet5_nj_heldout_layers_3seeds_max09": _report(0.0096, 112.0, 430.0, ratio=610.0)}
     lowered = {"lenet5_nj_heldout_layers_3seeds_max09_bits": _report(0.0099, 112.0, 580.0, ratio=880.0)}
-    lines = tables.results_at_a_glance(reports, {}, {"lenet5_nj": (0.010, 108.0, 361.0)}, lowered,
-                                       layered).splitlines()
-    assert [line[:38].strip() for line in lines[1:7]] == [
+    lines = _glance(reports, {"lenet5_nj": (0.010, 108.0, 361.0)}, layered, lowered)
+    assert _labels(lines[1:7]) == [
         "BC-GNJ     paper", "ours", "held out", "held out + 3 seeds, 0.2 pts", "held out + 3 seeds, 0.9 %",
         "+ fewer bits"]
     assert lines[4].split()[-4:] == ["1.01", "125.0x", "450.0x", "650x"]

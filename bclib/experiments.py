@@ -234,6 +234,15 @@ EXPERIMENTS["lenet5_nj_heldout_layers_3seeds_tol2"] = replace(
     EXPERIMENTS["lenet5_nj_scratch_layers_3seeds_tol2"], prunes_layers_of="lenet5_nj_heldout")
 EXPERIMENTS["lenet5_nj_heldout_layers_3seeds_tol2_bits"] = replace(
     EXPERIMENTS["lenet5_nj_layers_bits"], lowers_bits_of="lenet5_nj_heldout_layers_3seeds_tol2")
+# BC-GHS from scratch with a second seed (in channels-last, as the BC-GNJ seeds are: its noise is drawn
+# in another order), then the first seed's seeded search and its bits: is the first seed's 102.2x luck?
+EXPERIMENTS["lenet5_hs_scratch_seed1"] = replace(EXPERIMENTS["lenet5_hs_scratch"], config=replace(
+    EXPERIMENTS["lenet5_hs_scratch"].config, seed=1, memory_format="channels_last"))
+EXPERIMENTS["lenet5_hs_scratch_seed1_layers_3seeds_tol2"] = replace(
+    EXPERIMENTS["lenet5_hs_scratch_layers_3seeds_tol2"], prunes_layers_of="lenet5_hs_scratch_seed1")
+EXPERIMENTS["lenet5_hs_scratch_seed1_layers_3seeds_tol2_bits"] = replace(
+    EXPERIMENTS["lenet5_hs_scratch_layers_3seeds_tol2_bits"],
+    lowers_bits_of="lenet5_hs_scratch_seed1_layers_3seeds_tol2")
 
 
 def write_json(path: str | os.PathLike, data) -> None:

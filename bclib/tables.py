@@ -51,9 +51,10 @@ def _split_run_name(name: str) -> tuple[str, str]:
 
 def _run_label(name: str) -> str:
     """``"LeNet-5 BC-GNJ"`` for ``"lenet5_nj"``; a variant recipe's name adds its words
-    (``"LeNet-5 BC-GHS, scratch"`` for ``"lenet5_hs_scratch"``)."""
+    (``"LeNet-5 BC-GHS, scratch"`` for ``"lenet5_hs_scratch"``, ``"LeNet-5 BC-GNJ, seed 1"`` for
+    ``"lenet5_nj_scratch_seed1"``)."""
     model, prior = _split_run_name(name)
-    variant = _variant_words(name)
+    variant = _variant_row_label(_variant_words(name))
     return f"{_MODEL_LABELS[model][0]} {_PRIOR_LABELS[prior]}" + (f", {variant}" if variant else "")
 
 
@@ -293,7 +294,7 @@ def zero_survivor_mark(report: Mapping) -> str:
 # held-out split), each with its bits search.
 GLANCE_RUNS = ("lenet300_nj", "lenet300_hs", "lenet300_svd", "lenet5_svd", "lenet5_nj", "lenet5_hs")
 # Runs of another recipe for a row of GLANCE_RUNS, shown under it, and what the words each name adds mean.
-GLANCE_VARIANTS = ("lenet5_hs_scratch", "lenet5_nj_scratch",
+GLANCE_VARIANTS = ("lenet5_hs_scratch", "lenet5_hs_scratch_seed1", "lenet5_nj_scratch",
                    *(f"lenet5_nj_scratch_seed{seed}" for seed in SCRATCH_SEEDS), "lenet5_nj_heldout")
 _VARIANT_NOTES = {"scratch": "trained from scratch, not from the pretrained network (chapter 4).",
                   **{f"scratch seed{seed}": f"the same recipe as scratch, with seed {seed} (chapter 4)."

@@ -337,6 +337,15 @@ def test_pipeline_table_names_each_step():
     assert len({len(line) for line in lines if line.startswith("  ")} | {len(lines[0])}) == 1
 
 
+def test_pipeline_table_names_variant_runs_as_the_results_table_does():
+    """A seed's or held-out run's group is named by its row label ("seed 1", "held out"), not its
+    raw name words ("scratch seed1", "heldout")."""
+    reports = {name: {**_report(0.0100, 60.0, 250.0, ratio=430.0), "architecture": "9-18-107-24"}
+               for name in ("lenet5_hs_scratch", "lenet5_hs_scratch_seed1", "lenet5_nj_heldout")}
+    groups = [line for line in tables.pipeline_table(reports).splitlines()[1:] if not line.startswith(" ")]
+    assert groups == ["LeNet-5 BC-GHS, scratch", "LeNet-5 BC-GHS, seed 1", "LeNet-5 BC-GNJ, held out"]
+
+
 def test_every_registered_refinement_is_labelled_with_its_paper_run():
     """Each run that refines another is named by a suffix the tables know: following ``refines`` back
     to the paper run gives the base name the tables find (a new suffix left out of the tables would

@@ -81,7 +81,8 @@ def _parser() -> argparse.ArgumentParser:
                                 help="retrainings per candidate, ranked by their mean selection error (default 1)")
             search.add_argument("--take", choices=SEARCH_RULES, default=SEARCH_RULES[0],
                                 help="which cut within the allowed error a step takes: the one of least selection "
-                                     "error (default) or the one that prunes most")
+                                     "error (default), the one that prunes most, or the one of least selection "
+                                     "error added per weight removed")
             search.add_argument("--tolerance", type=float, default=SELECTION_TOLERANCE,
                                 help="how far a cut's selection error may rise above the base network's, as a "
                                      f"fraction (default {SELECTION_TOLERANCE}: 0.1 points)")

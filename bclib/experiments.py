@@ -234,6 +234,15 @@ EXPERIMENTS["lenet5_nj_heldout_layers_3seeds_tol2"] = replace(
     EXPERIMENTS["lenet5_nj_scratch_layers_3seeds_tol2"], prunes_layers_of="lenet5_nj_heldout")
 EXPERIMENTS["lenet5_nj_heldout_layers_3seeds_tol2_bits"] = replace(
     EXPERIMENTS["lenet5_nj_layers_bits"], lowers_bits_of="lenet5_nj_heldout_layers_3seeds_tol2")
+# The seeded search of the three BC-GNJ seeds from scratch again, each step taking the cut of least
+# selection error added per weight removed (take="least_error_per_weight") instead of least error:
+# fixed before running, after seed 1's first step showed its second convolution's cut cheapest per
+# weight while the least-error rule took the last layer's.
+for seed in (0, *SCRATCH_SEEDS):
+    name = "lenet5_nj_scratch" + (f"_seed{seed}" if seed else "")
+    EXPERIMENTS[f"{name}_layers_3seeds_tol2_perweight"] = replace(
+        EXPERIMENTS[f"{name}_layers_3seeds_tol2"], search_take="least_error_per_weight")
+del seed, name
 # BC-GHS from scratch with a second seed (in channels-last, as the BC-GNJ seeds are: its noise is drawn
 # in another order), then the first seed's seeded search and its bits: is the first seed's 102.2x luck?
 EXPERIMENTS["lenet5_hs_scratch_seed1"] = replace(EXPERIMENTS["lenet5_hs_scratch"], config=replace(
@@ -709,10 +718,28 @@ def predates_zero_survivor_fix(report: dict) -> bool:
 GROUP_PRIORS = ("nj", "hs")
 # The layer search cuts this fraction of a layer's surviving groups per step (at least one).
 LAYER_CUT_FRACTION = 0.25
+
+
+def _error_per_weight(entry: tuple, current: tuple) -> tuple:
+    """A cut's selection error added over the weights it removes, then least error, then most pruning.
+
+    ``entry`` is the cut's (selection error, -compression after pruning, index), ``current`` the
+    network it cuts from as (selection error, compression after pruning). Weights kept are the
+    network's weights over the compression, so the weights removed are proportional to
+    ``1 / current compression - 1 / cut's compression``; the network's weight count cancels in the order.
+    """
+    error, negative_compression, index = entry
+    current_error, current_compression = current
+    removed = 1 / current_compression + 1 / negative_compression  # > 0: every cut removes a group
+    return (error - current_error) / removed, error, negative_compression, index
+
+
 # What a step of prune_layers_run takes among the cuts within the allowed error: the rule's order of
-# a cut's (selection error, -compression after pruning, index); the smallest is taken.
-_SEARCH_ORDERS = {"least_error": lambda entry: entry,
-                  "most_pruning": lambda entry: (entry[1], entry[0], entry[2])}
+# a cut's (selection error, -compression after pruning, index), given the network it cuts from as
+# (selection error, compression after pruning); the smallest is taken.
+_SEARCH_ORDERS = {"least_error": lambda entry, current: entry,
+                  "most_pruning": lambda entry, current: (entry[1], entry[0], entry[2]),
+                  "least_error_per_weight": _error_per_weight}
 SEARCH_RULES = tuple(_SEARCH_ORDERS)
 
 
@@ -768,9 +795,13 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
             sets the allowed error. The file and the reported test error are those of
             ``config.seed``'s retraining; each seed's errors are kept in ``analysis.json``.
         take: which cut within the allowed error a step takes: ``"least_error"`` (lowest selection
-            error; ties go to the larger compression) or ``"most_pruning"`` (highest compression
-            after pruning; ties go to the lower error). The second spends the allowed error on the
-            cuts that remove the most weights; with one seed it also takes lucky retrainings.
+            error; ties go to the larger compression), ``"most_pruning"`` (highest compression
+            after pruning; ties go to the lower error) or ``"least_error_per_weight"`` (the least
+            selection error added, over the network the step cuts from, per weight removed; ties go
+            to the lower error). The second spends the allowed error on the cuts that remove the
+            most weights; with one seed it also takes lucky retrainings. The third prices a cut
+            by what it buys: a cut of a layer with many weights per group may cost more error
+            than another layer's and still cost less per weight.
         tolerance: how far (a fraction: 0.001 is 0.1 points) a cut's selection error may rise above
             the base network's (default :data:`SELECTION_TOLERANCE`).
         allowed_error: instead, the highest (mean) selection error a cut may reach, a fraction in
@@ -837,6 +868,7 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     candidates = [row(base, errors, step=0, layer=None, groups=None, taken=True)]
     # The file's network with its masks (a file has none): what the first step cuts from.
     cut_from = compression.prune_further(base, architecture, log_alpha, thresholds)
+    errors_now = errors["selection_error"]  # of the network the next step cuts from
     for step in itertools.count(1):  # every step cuts at least one group, so the search ends
         tried = []
         for name in names:
@@ -860,8 +892,11 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         within = [entry for entry in tried if compression.within_tolerance(entry[0][0], allowed)]
         if not within:
             break
-        (_, _, index), thresholds, cut_from, current, history = min(within, key=lambda e: _SEARCH_ORDERS[take](e[0]))
+        reference = (round(errors_now, 9), cut_from.report.compression_pruning)
+        (_, _, index), thresholds, cut_from, current, history = min(
+            within, key=lambda e: _SEARCH_ORDERS[take](e[0], reference))
         candidates[index]["taken"] = True
+        errors_now = candidates[index]["selection_error"]
     _write_search_config(out_dir, base_config, config, (fit_split, selection, test),
                          {"prunes_layers_of": base_dir.name, "cut_fraction": cut_fraction, "seeds": seeds,
                           "take": take, **fixed_allowance}, tolerance=tolerance)

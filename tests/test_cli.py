@@ -797,7 +797,8 @@ def test_prune_layers_can_take_the_cut_that_prunes_most(trained_run, mnist_root,
     # error per share of the layer's groups cut
     monkeypatch.setattr(experiments, "_retrain", _retraining_by_cost(_read(trained_run, "report.json"), "groups_kept",
                                                                      {"1": 0.0008, "3": 0.0028, "5": 0.02}))
-    with pytest.raises(ValueError, match=r"take must be one of \('least_error', 'most_pruning'\), got 'largest'"):
+    with pytest.raises(ValueError, match=r"take must be one of \('least_error', 'most_pruning', "
+                       r"'least_error_per_weight'\), got 'largest'"):
         experiments.prune_layers_run(trained_run, tmp_path / "bad", take="largest", data_root=mnist_root,
                                      progress=False)
     assert not (tmp_path / "bad").exists()
@@ -817,6 +818,39 @@ def test_prune_layers_can_take_the_cut_that_prunes_most(trained_run, mnist_root,
         assert taken == ([max(within, key=lambda c: c["compression_pruning"])] if step < steps[-1] else [])
     assert report["architecture"] == [c for c in candidates if c["taken"]][-1]["architecture"]
     assert _read(tmp_path / "out", "config.json")["take"] == "most_pruning"
+
+
+def test_prune_layers_can_take_the_cut_of_least_error_per_weight(trained_run, mnist_root, tmp_path, monkeypatch):
+    """take="least_error_per_weight": each step takes, among the cuts within the allowed error, the one
+    whose selection error rises least per weight removed from the network it cuts from (weights read
+    here from each row's compression and the base report's weight count). The costs make fc2's cut
+    (which also removes fc1's rows) dearer than fc1's but cheaper per weight, so the rule differs from
+    the least-error rule at the first step."""
+    base = _read(trained_run, "report.json")
+    monkeypatch.setattr(experiments, "_retrain", _retraining_by_cost(base, "groups_kept",
+                                                                     {"1": 0.0008, "3": 0.00086, "5": 0.02}))
+    experiments.prune_layers_run(trained_run, tmp_path / "out", take="least_error_per_weight",
+                                 data_root=mnist_root, progress=False)
+    analysis = _read(tmp_path / "out", "analysis.json")
+    candidates, allowed = analysis["candidates"], analysis["allowed"]
+    weights = sum(row["weights_total"] for row in base["layers"])
+    first = {c["layer"]: c for c in candidates if c["step"] == 1}
+    assert first["1"]["selection_error"] < first["3"]["selection_error"] <= allowed
+    assert first["3"]["taken"] and not first["1"]["taken"]
+    current = candidates[0]
+    steps = sorted({c["step"] for c in candidates if c["step"] > 0})
+    assert len(steps) >= 2
+    for step in steps:
+        within = [c for c in candidates if c["step"] == step and c["selection_error"] <= allowed]
+        taken = [c for c in candidates if c["step"] == step and c["taken"]]
+
+        def per_weight(c):
+            removed = weights / current["compression_pruning"] - weights / c["compression_pruning"]
+            assert removed >= 1
+            return (c["selection_error"] - current["selection_error"]) / removed
+        assert taken == ([min(within, key=per_weight)] if step < steps[-1] else [])
+        current = taken[0] if taken else current
+    assert _read(tmp_path / "out", "config.json")["take"] == "least_error_per_weight"
 
 
 def test_prune_layers_tolerance_and_cut_fraction(trained_run, mnist_root, tmp_path, monkeypatch):

@@ -84,8 +84,9 @@ def test_seeded_layer_search_took_the_cut_its_rule_names(name):
     """Each candidate's selection error is the mean of its seeds' (recomputed here); every step took,
     among the candidates within the allowed error (the base's mean + the tolerance, or the fixed
     allowance of a held-out run's search), the one of
-    lowest mean (rule "least_error", the default) or of highest compression after pruning
-    ("most_pruning"), and the last step none; the run's file is the taken network's first seed."""
+    lowest mean (rule "least_error", the default), of highest compression after pruning
+    ("most_pruning") or of least mean error added per weight removed ("least_error_per_weight"), and
+    the last step none; the run's file is the taken network's first seed."""
     config, report = _read(name, "config.json"), _read(name, "report.json")
     analysis = _read(name, "analysis.json")
     candidates = analysis["candidates"]
@@ -102,6 +103,10 @@ def test_seeded_layer_search_took_the_cut_its_rule_names(name):
         taken = [row for row in candidates if row["step"] == step and row["taken"]]
         if config.get("take", "least_error") == "least_error":
             best = min(within, key=lambda row: (row["selection_error"], -row["compression_pruning"]), default=None)
+        elif config["take"] == "least_error_per_weight":  # error added over 1/compression removed
+            current = [row for row in candidates if row["taken"] and row["step"] < step][-1]
+            best = min(within, key=lambda row: (row["selection_error"] - current["selection_error"])
+                       / (1 / current["compression_pruning"] - 1 / row["compression_pruning"]), default=None)
         else:
             best = max(within, key=lambda row: (row["compression_pruning"], -row["selection_error"]), default=None)
         assert taken == ([best] if step < steps[-1] else [])

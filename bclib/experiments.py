@@ -242,6 +242,9 @@ for seed in (0, *SCRATCH_SEEDS):
     name = "lenet5_nj_scratch" + (f"_seed{seed}" if seed else "")
     EXPERIMENTS[f"{name}_layers_3seeds_tol2_perweight"] = replace(
         EXPERIMENTS[f"{name}_layers_3seeds_tol2"], search_take="least_error_per_weight")
+    # Their bits, lowered as the least-error searches' are (registered after seed 1's search ran).
+    EXPERIMENTS[f"{name}_layers_3seeds_tol2_perweight_bits"] = replace(
+        EXPERIMENTS["lenet5_nj_layers_bits"], lowers_bits_of=f"{name}_layers_3seeds_tol2_perweight")
 del seed, name
 # BC-GHS from scratch with a second seed (in channels-last, as the BC-GNJ seeds are: its noise is drawn
 # in another order), then the first seed's seeded search and its bits: is the first seed's 102.2x luck?

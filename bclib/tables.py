@@ -410,7 +410,9 @@ def seed_spread_table(analyses: Mapping[str, Mapping], targets: Mapping[str, Seq
 
 # The steps that refine a paper run, by the suffix of the run's name (no suffix ends with another): the
 # steps after the paper run, and their short name in pipeline_table.
-_REFINEMENTS = (("_layers_3seeds_tol2_perweight", "+ 3-seed search, 0.2 points, per weight", "per weight, 0.2"),
+_REFINEMENTS = (("_layers_3seeds_tol2_perweight_bits", "+ 3-seed search, 0.2 points, per weight, fewer bits",
+                 "  + fewer bits"),
+                ("_layers_3seeds_tol2_perweight", "+ 3-seed search, 0.2 points, per weight", "per weight, 0.2"),
                 ("_layers_bits", "+ layer search, fewer bits", "  + fewer bits"),
                 ("_layers_3seeds_tol2_bits", "+ 3-seed search, 0.2 points, fewer bits", "  + fewer bits"),
                 ("_layers_3seeds_max09_bits", "+ 3-seed search, at most 0.9 %, fewer bits", "  + fewer bits"),

@@ -6,7 +6,7 @@ with one call and the numbers always come from the runs.
   the paper's table;
 * :func:`retraining_against_release`, :func:`seed_spread_table`: the retraining searches;
 * :func:`bit_search_table`, :func:`bit_search_steps`: the bits searches;
-* :func:`pipeline_table`, :func:`layer_search_steps`, :func:`layer_search_summary`,
+* :func:`pipeline_table`, :func:`cut_costs_per_weight`, :func:`layer_search_steps`, :func:`layer_search_summary`,
   :func:`selection_optimism_table`: the layer searches beside the other steps, and how far their
   selection split flattered them;
 * :func:`speed_table`, :func:`bench_trials_summary`: the inference benchmark;
@@ -30,7 +30,7 @@ from .experiments import SCRATCH_SEEDS, predates_zero_survivor_fix
 __all__ = [
     "speed_table", "release_comparison", "results_at_a_glance", "results_table", "seed_spread_table", "bench_trials_summary",
     "retraining_against_release", "compression_at_offset", "bit_search_table", "bit_search_steps",
-    "pipeline_table", "layer_search_steps", "layer_search_summary", "selection_optimism_table",
+    "pipeline_table", "cut_costs_per_weight", "layer_search_steps", "layer_search_summary", "selection_optimism_table",
 ]
 
 
@@ -682,7 +682,53 @@ def pipeline_table(reports: Mapping[str, Mapping]) -> str:
     return "\n".join(lines)
 
 
-def layer_search_steps(analysis: Mapping, layers: Sequence[str], labels: Mapping[str, str] | None = None) -> str:
+def cut_costs_per_weight(analysis: Mapping, weights: int) -> dict[int, float]:
+    """What each cut of a layer search cost in selection error per weight it removed.
+
+    A cut at step ``s`` works on the network the search took at step ``s - 1`` (the base network at
+    step 1). With ``W`` the dense network's weights and ``c`` a network's compression after pruning,
+    it keeps ``W / c`` weights, so a cut removes ``W / c_before - W / c_cut`` and costs
+
+    .. math:: 1000 \\cdot \\frac{100\\,(e_{cut} - e_{before})}{W / c_{before} - W / c_{cut}}
+
+    points of selection error per 1,000 weights removed: the quantity the rule
+    ``take="least_error_per_weight"`` of :func:`bclib.experiments.prune_layers_run` ranks by.
+
+    Args:
+        analysis: ``analysis.json`` of a layer-searched run: ``"candidates"``, each with ``"step"``,
+            ``"layer"`` (None for the base network), ``"selection_error"``, ``"compression_pruning"``
+            and ``"taken"``.
+        weights: the dense network's weight count (the sum of the report's ``weights_total``).
+
+    Returns:
+        The cost by the candidate's index in ``"candidates"``, for every cut (not the base network).
+
+    Example:
+        >>> analysis = {"candidates": [
+        ...     {"step": 0, "layer": None, "selection_error": 0.0070, "compression_pruning": 50.0,
+        ...      "taken": True},
+        ...     {"step": 1, "layer": "3", "selection_error": 0.0078, "compression_pruning": 100.0,
+        ...      "taken": False}]}
+        >>> cut_costs_per_weight(analysis, 400_000)  # 0.08 points over 4,000 weights removed
+        {1: 0.02}
+    """
+    if weights <= 0:
+        raise ValueError(f"weights must be a positive weight count, got {weights!r}")
+    taken = {row["step"]: row for row in analysis["candidates"] if row["taken"]}
+    costs = {}
+    for index, row in enumerate(analysis["candidates"]):
+        if row["layer"] is None:
+            continue
+        before = taken.get(row["step"] - 1)
+        if before is None:
+            raise ValueError(f"analysis has a cut at step {row['step']} but no network taken at step {row['step'] - 1}")
+        removed = weights / before["compression_pruning"] - weights / row["compression_pruning"]
+        costs[index] = round(1000 * 100 * (row["selection_error"] - before["selection_error"]) / removed, 12)
+    return costs
+
+
+def layer_search_steps(analysis: Mapping, layers: Sequence[str], labels: Mapping[str, str] | None = None,
+                       weights: int | None = None) -> str:
     """The candidates of one layer search (:func:`bclib.experiments.prune_layers_run`) step by step.
 
     Args:
@@ -690,6 +736,8 @@ def layer_search_steps(analysis: Mapping, layers: Sequence[str], labels: Mapping
             the first of them the base network retrained (step 0, ``"layer"`` None).
         layers: the report's layer names in order.
         labels: readable names by layer name (``{"0": "conv1", ...}``); default the names.
+        weights: the dense network's weight count; when given, a last column gives each cut's
+            selection error added per 1,000 weights removed (:func:`cut_costs_per_weight`).
 
     Returns:
         Per candidate: the step, the layer cut, how many of its groups the cut keeps, the
@@ -708,9 +756,13 @@ def layer_search_steps(analysis: Mapping, layers: Sequence[str], labels: Mapping
            1  conv2      12   9-12-70-16            0.96   over
     """
     labels = labels or {}
+    costs = {} if weights is None else cut_costs_per_weight(analysis, weights)
     lines = [f"{'step':>4}  {'layer':<6} {'groups':>6}   {'architecture':<14} {'selection %':>11}   "
              f"(allowed {100 * analysis['allowed']:.2f} %)"]
-    for row in analysis["candidates"]:
+    width = len(lines[0])  # the cost column starts after the header's last word
+    if weights is not None:
+        lines[0] += " pts/1k w."
+    for index, row in enumerate(analysis["candidates"]):
         if row["layer"] is None:
             layer, groups, verdict = "base", "-", "reference"
         elif row["layer"] in layers:
@@ -718,8 +770,11 @@ def layer_search_steps(analysis: Mapping, layers: Sequence[str], labels: Mapping
             verdict = "taken" if row["taken"] else "within" if row["selection_error"] <= analysis["allowed"] else "over"
         else:
             raise ValueError(f"layers {list(layers)} do not include the candidate's layer {row['layer']!r}")
-        lines.append(f"{row['step']:>4}  {layer:<6} {groups:>6}   {row['architecture']:<14} "
-                     f"{100 * row['selection_error']:>11.2f}   {verdict}")
+        line = (f"{row['step']:>4}  {layer:<6} {groups:>6}   {row['architecture']:<14} "
+                f"{100 * row['selection_error']:>11.2f}   {verdict}")
+        if index in costs:
+            line = f"{line:<{width}} {costs[index]:>+9.3f}"
+        lines.append(line)
     return "\n".join(lines)
 
 

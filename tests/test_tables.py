@@ -384,6 +384,35 @@ def test_layer_search_steps_lists_each_candidate():
         tables.layer_search_steps(analysis, ["0", "3"])
 
 
+def test_cut_costs_per_weight_by_hand():
+    """600,000 weights: the base network (50x) keeps 12,000, the cut taken at step 1 (100x) 6,000,
+    the other (60x) 10,000, and step 2's cut (200x, cutting the taken one) 3,000."""
+    analysis = {"allowed": 0.0095, "candidates": [
+        {"step": 0, "layer": None, "architecture": "9-16-93-16", "selection_error": 0.0070,
+         "compression_pruning": 50.0, "taken": True},
+        {"step": 1, "layer": "7", "groups": 46, "architecture": "9-16-46-16", "selection_error": 0.0078,
+         "compression_pruning": 100.0, "taken": True},
+        {"step": 1, "layer": "9", "groups": 12, "architecture": "9-16-93-12", "selection_error": 0.0075,
+         "compression_pruning": 60.0, "taken": False},
+        {"step": 2, "layer": "7", "groups": 23, "architecture": "9-16-23-16", "selection_error": 0.0090,
+         "compression_pruning": 200.0, "taken": False}]}
+    # 0.08 points over 6,000 weights, 0.05 over 2,000, 0.12 over 3,000
+    expected = {1: 0.08 / 6, 2: 0.05 / 2, 3: 0.12 / 3}
+    costs = tables.cut_costs_per_weight(analysis, 600_000)
+    assert costs.keys() == expected.keys()
+    assert all(costs[k] == pytest.approx(v, rel=1e-9) for k, v in expected.items())
+    lines = tables.layer_search_steps(analysis, ["0", "3", "7", "9"], weights=600_000).splitlines()
+    assert lines[0].endswith(" pts/1k w.") and "(allowed 0.95 %)" in lines[0]
+    assert [line.split()[-1] for line in lines[1:]] == ["reference", "+0.013", "+0.025", "+0.040"]
+    # each cost's last digit sits under the header's last character
+    assert {len(line) for line in lines[2:]} == {len(lines[0])}
+    with pytest.raises(ValueError, match="weights must be a positive weight count, got 0"):
+        tables.cut_costs_per_weight(analysis, 0)
+    analysis["candidates"][1]["taken"] = False
+    with pytest.raises(ValueError, match="cut at step 2 but no network taken at step 1"):
+        tables.cut_costs_per_weight(analysis, 600_000)
+
+
 def test_retraining_against_release_names_the_layer_search_steps():
     text = tables.retraining_against_release(
         {"lenet5_nj_layers_bits": {**_report(0.0099, 110.0, 450.0, ratio=800.0)}}, TARGETS, (700.0, 0.01))

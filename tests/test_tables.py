@@ -413,6 +413,32 @@ def test_cut_costs_per_weight_by_hand():
         tables.cut_costs_per_weight(analysis, 600_000)
 
 
+def test_repeated_retrainings_table_by_hand():
+    """Two searches share the base network and one cut; each also retrained a network of its own."""
+    def row(thresholds, architecture, selections, tests):
+        return {"thresholds": thresholds, "architecture": architecture,
+                "seeds": [{"selection_error": s, "test_error": t} for s, t in zip(selections, tests)]}
+    first = {"candidates": [row([-3.0, -2.0], "8-19-100-24", (0.0060, 0.0070), (0.0080, 0.0090)),
+                            row([-3.0, -1.0], "8-19-100-18", (0.0080, 0.0080), (0.0100, 0.0110)),
+                            row([-2.0, -2.0], "6-19-100-24", (0.0090, 0.0090), (0.0120, 0.0120))]}
+    second = {"candidates": [row([-3.0, -2.0], "8-19-100-24", (0.0062, 0.0070), (0.0080, 0.0094)),
+                             row([-4.0, -2.0], "8-14-79-24", (0.0050, 0.0050), (0.0050, 0.0050)),
+                             row([-3.0, -1.0], "8-19-100-18", (0.0075, 0.0081), (0.0100, 0.0110))]}
+    lines = tables.repeated_retrainings_table(first, second).splitlines()
+    # means: (0.60 + 0.70) / 2 = 0.65 against (0.62 + 0.70) / 2 = 0.66, and so on
+    assert [line.split() for line in lines[2:4]] == [["8-19-100-24", "0.65", "0.66", "0.85", "0.87"],
+                                                     ["8-19-100-18", "0.80", "0.78", "1.05", "1.05"]]
+    # selection differences 0.02, 0.00, 0.05, 0.01 points; test 0.00, 0.04, 0.00, 0.00
+    assert " ".join(lines[4:]) == ("2 networks in both, 2 retrainings each: selection errors differ by 0.05 "
+                                   "points at most (0.02 on average), test errors by 0.04 (0.01)")
+    assert all(len(line) <= 80 for line in lines)
+    with pytest.raises(ValueError, match="must share a retrained network"):
+        tables.repeated_retrainings_table(first, {"candidates": second["candidates"][1:2]})
+    second["candidates"][0]["seeds"].pop()
+    with pytest.raises(ValueError, match="8-19-100-24 was retrained with 2 seeds in first and 1 in second"):
+        tables.repeated_retrainings_table(first, second)
+
+
 def test_retraining_against_release_names_the_layer_search_steps():
     text = tables.retraining_against_release(
         {"lenet5_nj_layers_bits": {**_report(0.0099, 110.0, 450.0, ratio=800.0)}}, TARGETS, (700.0, 0.01))

@@ -291,8 +291,8 @@ def zero_survivor_mark(report: Mapping) -> str:
 
 
 # The runs the results table at a glance shows, in the book's order, and the layer searches it
-# shows of each (one seed; three seeds with the 0.2-point allowance; three seeds up to 0.9 % on a
-# held-out split), each with its bits search.
+# shows of each (one seed; three seeds with the 0.2-point allowance, taking the cut of least error or
+# of least error per weight; three seeds up to 0.9 % on a held-out split), each with its bits search.
 GLANCE_RUNS = ("lenet300_nj", "lenet300_hs", "lenet300_svd", "lenet5_svd", "lenet5_nj", "lenet5_hs")
 # Runs of another recipe for a row of GLANCE_RUNS, shown under it, and what the words each name adds mean.
 GLANCE_VARIANTS = ("lenet5_hs_scratch", "lenet5_hs_scratch_seed1", "lenet5_nj_scratch",
@@ -304,7 +304,7 @@ _VARIANT_NOTES = {"scratch": "trained from scratch, not from the pretrained netw
 # Row labels of variants whose words would not fit the label column beside a search's name.
 _VARIANT_ROW_LABELS = {**{f"scratch seed{seed}": f"seed {seed}" for seed in SCRATCH_SEEDS},
                        "heldout": "held out"}
-GLANCE_SEARCHES = ("_layers", "_layers_3seeds_tol2", "_layers_3seeds_max09")
+GLANCE_SEARCHES = ("_layers", "_layers_3seeds_tol2", "_layers_3seeds_tol2_perweight", "_layers_3seeds_max09")
 
 
 def _variant_row_label(words: str) -> str:
@@ -861,7 +861,7 @@ def selection_optimism_table(analyses: Mapping[str, Mapping]) -> str:
     return "\n".join(lines)
 
 
-def repeated_retrainings_table(first: Mapping, second: Mapping) -> str:
+def repeated_retrainings_table(first: Mapping, second: Mapping, *, networks: bool | None = True) -> str:
     """The networks two layer searches of one base run both retrained, side by side.
 
     Two searches from one base file (with another rule, say) meet the same candidates: the same
@@ -874,6 +874,8 @@ def repeated_retrainings_table(first: Mapping, second: Mapping) -> str:
         first, second: ``analysis.json`` of the two searches (:func:`bclib.experiments.prune_layers_run`):
             ``"candidates"`` with ``"thresholds"``, ``"architecture"``, and per retraining seed
             ``"selection_error"`` and ``"test_error"`` under ``"seeds"`` (or once, for one seed).
+        networks: True: a row per network; False: the summary alone; None: the rows only when
+            some retraining differs (for identical ones the summary says all there is).
 
     Returns:
         Per network both retrained (in ``first``'s order): its architecture and mean selection and
@@ -922,6 +924,8 @@ def repeated_retrainings_table(first: Mapping, second: Mapping) -> str:
 
     (selection_most, selection_mean), (test_most, test_mean) = map(spread, differences.values())
     count = len(differences["selection_error"]) // len(pairs)
+    if not networks and (networks is not None or selection_most == test_most == 0):
+        lines = []
     lines += textwrap.wrap(
         f"{len(pairs)} network{'s' * (len(pairs) > 1)} in both, {count} retraining{'s' * (count > 1)} each: "
         f"selection errors differ by {selection_most:.2f} points at most ({selection_mean:.2f} on average), "

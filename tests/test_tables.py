@@ -432,6 +432,11 @@ def test_repeated_retrainings_table_by_hand():
     assert " ".join(lines[4:]) == ("2 networks in both, 2 retrainings each: selection errors differ by 0.05 "
                                    "points at most (0.02 on average), test errors by 0.04 (0.01)")
     assert all(len(line) <= 80 for line in lines)
+    assert tables.repeated_retrainings_table(first, second, networks=False).splitlines() == lines[4:]
+    assert tables.repeated_retrainings_table(first, second, networks=None).splitlines() == lines
+    identical = tables.repeated_retrainings_table(first, first, networks=None).splitlines()
+    assert " ".join(identical) == ("3 networks in both, 2 retrainings each: selection errors differ by 0.00 "
+                                   "points at most (0.00 on average), test errors by 0.00 (0.00)")
     with pytest.raises(ValueError, match="must share a retrained network"):
         tables.repeated_retrainings_table(first, {"candidates": second["candidates"][1:2]})
     second["candidates"][0]["seeds"].pop()

@@ -256,6 +256,14 @@ EXPERIMENTS["lenet5_hs_scratch_seed1_layers_3seeds_tol2_bits"] = replace(
     EXPERIMENTS["lenet5_hs_scratch_layers_3seeds_tol2_bits"],
     lowers_bits_of="lenet5_hs_scratch_seed1_layers_3seeds_tol2")
 
+# The per-weight rule on two more seeded searches, chosen before running because their committed steps
+# (tables.per_weight_agreement_table) show the rule taking another cut at step 4: a convolution's
+# (conv1 for BC-GHS seed 1, conv2 for BC-GNJ held out) where least error took fc1's.
+for name in ("lenet5_hs_scratch_seed1", "lenet5_nj_heldout"):
+    EXPERIMENTS[f"{name}_layers_3seeds_tol2_perweight"] = replace(
+        EXPERIMENTS[f"{name}_layers_3seeds_tol2"], search_take="least_error_per_weight")
+del name
+
 
 def write_json(path: str | os.PathLike, data) -> None:
     """Write JSON atomically (temp file, then rename): a crash never leaves half a file."""

@@ -7,8 +7,9 @@ with one call and the numbers always come from the runs.
 * :func:`retraining_against_release`, :func:`seed_spread_table`: the retraining searches;
 * :func:`bit_search_table`, :func:`bit_search_steps`: the bits searches;
 * :func:`pipeline_table`, :func:`cut_costs_per_weight`, :func:`layer_search_steps`, :func:`layer_search_summary`,
-  :func:`selection_optimism_table`, :func:`repeated_retrainings_table`: the layer searches beside the
-  other steps, how far their selection split flattered them, and how far chance moves a retraining;
+  :func:`selection_optimism_table`, :func:`repeated_retrainings_table`, :func:`per_weight_agreement_table`:
+  the layer searches beside the other steps, how far their selection split flattered them, how far
+  chance moves a retraining, and where ranking cuts per weight would change a search;
 * :func:`speed_table`, :func:`bench_trials_summary`: the inference benchmark;
 * :func:`compression_at_offset`: what the interactive threshold explorer prints.
 
@@ -25,13 +26,14 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
+from .compression import within_tolerance
 from .experiments import SCRATCH_SEEDS, predates_zero_survivor_fix
 
 __all__ = [
     "speed_table", "release_comparison", "results_at_a_glance", "results_table", "seed_spread_table", "bench_trials_summary",
     "retraining_against_release", "compression_at_offset", "bit_search_table", "bit_search_steps",
     "pipeline_table", "cut_costs_per_weight", "layer_search_steps", "layer_search_summary", "selection_optimism_table",
-    "repeated_retrainings_table",
+    "repeated_retrainings_table", "per_weight_agreement_table",
 ]
 
 
@@ -930,4 +932,63 @@ def repeated_retrainings_table(first: Mapping, second: Mapping, *, networks: boo
         f"{len(pairs)} network{'s' * (len(pairs) > 1)} in both, {count} retraining{'s' * (count > 1)} each: "
         f"selection errors differ by {selection_most:.2f} points at most ({selection_mean:.2f} on average), "
         f"test errors by {test_most:.2f} ({test_mean:.2f})", 80)
+    return "\n".join(lines)
+
+
+def per_weight_agreement_table(analyses: Mapping[str, Mapping], weights: int,
+                               labels: Mapping[str, str] | None = None) -> str:
+    """Where least-error layer searches would have gone another way, ranking cuts per weight removed.
+
+    At each step a search of :func:`bclib.experiments.prune_layers_run` with ``take="least_error"``
+    took, among the cuts within the allowance, the one of least mean selection error;
+    ``take="least_error_per_weight"`` takes the one of least :func:`cut_costs_per_weight`. As long
+    as the two agree, a per-weight search from the same base retrains the same candidates and takes
+    the same steps; from the first step where they differ, the least-error search's later steps say
+    nothing about it, so only that step is reported.
+
+    Args:
+        analyses: ``analysis.json`` of least-error searches by name (any label).
+        weights: the dense network's weight count (the sum of a report's ``weights_total``).
+        labels: readable names by layer name (``{"0": "conv1", ...}``); default the names.
+
+    Returns:
+        A row per search: how many of its steps the two rules agree on, and at the first step where
+        they do not, the cut each takes.
+
+    Example:
+        >>> row = lambda step, layer, error, compression, taken: {
+        ...     "step": step, "layer": layer, "selection_error": error,
+        ...     "compression_pruning": compression, "taken": taken}
+        >>> analysis = {"allowed": 0.0090, "candidates": [
+        ...     row(0, None, 0.0070, 50.0, True),
+        ...     row(1, "3", 0.0078, 100.0, False),  # 0.08 points over 4,000 weights
+        ...     row(1, "9", 0.0075, 52.0, True)]}   # 0.05 points over 307
+        >>> print(per_weight_agreement_table({"search": analysis}, 400_000, {"3": "conv2"}))
+        search                    steps agreed  first disagreement
+        search                          0 of 1  step 1: per weight conv2, least error 9
+    """
+    labels = labels or {}
+    width = max([len("search"), *map(len, analyses)])
+    lines = [f"{'search':<{width}}  {'steps agreed':>12}  first disagreement"]
+    for name, analysis in analyses.items():
+        costs = cut_costs_per_weight(analysis, weights)
+        candidates = analysis["candidates"]
+        steps = sorted({row["step"] for row in candidates if row["layer"] is not None})
+        agreed, disagreement = 0, "-"
+        for step in steps:
+            within = [index for index, row in enumerate(candidates) if row["step"] == step
+                      and row["layer"] is not None and within_tolerance(row["selection_error"], analysis["allowed"])]
+            taken = [index for index in within if candidates[index]["taken"]]
+            if not within or not taken:
+                break  # the search stopped here: every cut over the allowance
+            cheapest = min(within, key=lambda index: (costs[index], round(candidates[index]["selection_error"], 9),
+                                                      -candidates[index]["compression_pruning"], index))
+            if cheapest != taken[0]:
+                per_weight, least_error = (labels.get(candidates[index]["layer"], candidates[index]["layer"])
+                                           for index in (cheapest, taken[0]))
+                disagreement = f"step {step}: per weight {per_weight}, least error {least_error}"
+                break
+            agreed += 1
+        searched = sum(any(row["taken"] for row in candidates if row["step"] == step) for step in steps)
+        lines.append(f"{name:<{width}}  {f'{agreed} of {searched}':>12}  {disagreement}")
     return "\n".join(lines)

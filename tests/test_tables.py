@@ -444,6 +444,28 @@ def test_repeated_retrainings_table_by_hand():
         tables.repeated_retrainings_table(first, second)
 
 
+def test_per_weight_agreement_table_by_hand():
+    """400,000 weights; the base network (50x) keeps 8,000. Per 1,000 weights removed, search "split":
+    conv2's cut (100x, keeps 4,000) costs 0.16 / 4 = 0.04 points, fc2's (52x, keeps 7,692.3) 0.05 /
+    0.3077 = 0.1625, conv1's (1,000x, keeps 400) 0.22 / 7.6 = 0.029 but over the allowance. Search
+    "same": the only cut within the allowance at each of two steps is the one taken, then none."""
+    def row(step, layer, error, compression, taken):
+        return {"step": step, "layer": layer, "selection_error": error, "compression_pruning": compression,
+                "taken": taken}
+    split = {"allowed": 0.0090, "candidates": [
+        row(0, None, 0.0070, 50.0, True), row(1, "3", 0.0086, 100.0, False), row(1, "9", 0.0075, 52.0, True),
+        row(1, "0", 0.0092, 1000.0, False)]}
+    same = {"allowed": 0.0090, "candidates": [
+        row(0, None, 0.0070, 50.0, True), row(1, "9", 0.0072, 52.0, True), row(1, "3", 0.0095, 100.0, False),
+        row(2, "9", 0.0085, 55.0, True), row(3, "9", 0.0100, 60.0, False)]}
+    labels = {"0": "conv1", "3": "conv2", "9": "fc2"}
+    lines = tables.per_weight_agreement_table({"split": split, "same": same}, 400_000, labels).splitlines()
+    assert lines[0].split() == ["search", "steps", "agreed", "first", "disagreement"]
+    assert lines[1].split() == ["split", "0", "of", "1", "step", "1:", "per", "weight", "conv2,", "least",
+                                "error", "fc2"]
+    assert lines[2].split() == ["same", "2", "of", "2", "-"]
+
+
 def test_retraining_against_release_names_the_layer_search_steps():
     text = tables.retraining_against_release(
         {"lenet5_nj_layers_bits": {**_report(0.0099, 110.0, 450.0, ratio=800.0)}}, TARGETS, (700.0, 0.01))

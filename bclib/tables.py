@@ -942,18 +942,20 @@ def per_weight_agreement_table(analyses: Mapping[str, Mapping], weights: int,
     At each step a search of :func:`bclib.experiments.prune_layers_run` with ``take="least_error"``
     took, among the cuts within the allowance, the one of least mean selection error;
     ``take="least_error_per_weight"`` takes the one of least :func:`cut_costs_per_weight`. As long
-    as the two agree, a per-weight search from the same base retrains the same candidates and takes
-    the same steps; from the first step where they differ, the least-error search's later steps say
-    nothing about it, so only that step is reported.
+    as the two agree, a per-weight search from the same base, retrained the same way (same seeds,
+    processor and thread count), meets the same candidates and takes the same steps; from the first
+    step where they differ, the least-error search's later steps say nothing about it, so only that
+    step is reported.
 
     Args:
-        analyses: ``analysis.json`` of least-error searches by name (any label).
+        analyses: ``analysis.json`` of least-error searches by name (any label; names of up to 39
+            characters keep the lines within 80).
         weights: the dense network's weight count (the sum of a report's ``weights_total``).
         labels: readable names by layer name (``{"0": "conv1", ...}``); default the names.
 
     Returns:
-        A row per search: how many of its steps the two rules agree on, and at the first step where
-        they do not, the cut each takes.
+        A row per search: on how many of the steps that took a cut the two rules agree, and at the
+        first step where they do not, the cut each rule takes there (``-``: they agree throughout).
 
     Example:
         >>> row = lambda step, layer, error, compression, taken: {
@@ -964,31 +966,31 @@ def per_weight_agreement_table(analyses: Mapping[str, Mapping], weights: int,
         ...     row(1, "3", 0.0078, 100.0, False),  # 0.08 points over 4,000 weights
         ...     row(1, "9", 0.0075, 52.0, True)]}   # 0.05 points over 307
         >>> print(per_weight_agreement_table({"search": analysis}, 400_000, {"3": "conv2"}))
-        search                    steps agreed  first disagreement
-        search                          0 of 1  step 1: per weight conv2, least error 9
+        search    agreed  then at step  per weight  least error
+        search    0 of 1             1       conv2            9
     """
     labels = labels or {}
     width = max([len("search"), *map(len, analyses)])
-    lines = [f"{'search':<{width}}  {'steps agreed':>12}  first disagreement"]
+    lines = [f"{'search':<{width}}  {'agreed':>6}  {'then at step':>12}  {'per weight':>10}  {'least error':>11}"]
     for name, analysis in analyses.items():
         costs = cut_costs_per_weight(analysis, weights)
         candidates = analysis["candidates"]
         steps = sorted({row["step"] for row in candidates if row["layer"] is not None})
-        agreed, disagreement = 0, "-"
+        agreed, disagreement = 0, ("-", "-", "-")
         for step in steps:
             within = [index for index, row in enumerate(candidates) if row["step"] == step
                       and row["layer"] is not None and within_tolerance(row["selection_error"], analysis["allowed"])]
             taken = [index for index in within if candidates[index]["taken"]]
-            if not within or not taken:
+            if not taken:
                 break  # the search stopped here: every cut over the allowance
             cheapest = min(within, key=lambda index: (costs[index], round(candidates[index]["selection_error"], 9),
                                                       -candidates[index]["compression_pruning"], index))
             if cheapest != taken[0]:
-                per_weight, least_error = (labels.get(candidates[index]["layer"], candidates[index]["layer"])
-                                           for index in (cheapest, taken[0]))
-                disagreement = f"step {step}: per weight {per_weight}, least error {least_error}"
+                disagreement = (step, *(labels.get(candidates[index]["layer"], candidates[index]["layer"])
+                                        for index in (cheapest, taken[0])))
                 break
             agreed += 1
-        searched = sum(any(row["taken"] for row in candidates if row["step"] == step) for step in steps)
-        lines.append(f"{name:<{width}}  {f'{agreed} of {searched}':>12}  {disagreement}")
+        cuts = sum(any(row["taken"] for row in candidates if row["step"] == step) for step in steps)
+        step, per_weight, least_error = disagreement
+        lines.append(f"{name:<{width}}  {f'{agreed} of {cuts}':>6}  {step:>12}  {per_weight:>10}  {least_error:>11}")
     return "\n".join(lines)

@@ -754,6 +754,20 @@ _SEARCH_ORDERS = {"least_error": lambda entry, current: entry,
 SEARCH_RULES = tuple(_SEARCH_ORDERS)
 
 
+def search_order(take: str, cut: tuple, current: tuple) -> tuple:
+    """The key by which rule ``take`` of :func:`prune_layers_run` orders a cut within the allowance
+    (the smallest is taken): ``cut`` is its (selection error rounded to 9 digits, -compression after
+    pruning, index), ``current`` the network it cuts from as (selection error, compression after pruning).
+
+    Example:
+        >>> cheap, dear = (0.0078, -100.0, 1), (0.0075, -52.0, 2)  # from (0.0070, 50.0)
+        >>> [min([cheap, dear], key=lambda cut: search_order(take, cut, (0.0070, 50.0)))[2]
+        ...  for take in ("least_error", "least_error_per_weight")]
+        [2, 1]
+    """
+    return _SEARCH_ORDERS[take](cut, current)
+
+
 # Where prune_layers_run keeps its progress inside the run folder while it searches, and where a
 # checkpoint of other settings is moved.
 SEARCH_CHECKPOINT = "search_checkpoint"
@@ -905,7 +919,7 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
             break
         reference = (round(errors_now, 9), cut_from.report.compression_pruning)
         (_, _, index), thresholds, cut_from, current, history = min(
-            within, key=lambda e: _SEARCH_ORDERS[take](e[0], reference))
+            within, key=lambda e: search_order(take, e[0], reference))
         candidates[index]["taken"] = True
         errors_now = candidates[index]["selection_error"]
     _write_search_config(out_dir, base_config, config, (fit_split, selection, test),

@@ -27,7 +27,7 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from .compression import within_tolerance
-from .experiments import SCRATCH_SEEDS, predates_zero_survivor_fix
+from .experiments import SCRATCH_SEEDS, predates_zero_survivor_fix, search_order
 
 __all__ = [
     "speed_table", "release_comparison", "results_at_a_glance", "results_table", "seed_spread_table", "bench_trials_summary",
@@ -941,7 +941,8 @@ def per_weight_agreement_table(analyses: Mapping[str, Mapping], weights: int,
 
     At each step a search of :func:`bclib.experiments.prune_layers_run` with ``take="least_error"``
     took, among the cuts within the allowance, the one of least mean selection error;
-    ``take="least_error_per_weight"`` takes the one of least :func:`cut_costs_per_weight`. As long
+    ``take="least_error_per_weight"`` takes the one of least :func:`cut_costs_per_weight` (both
+    ranked by :func:`bclib.experiments.search_order`, as the search ranks them). As long
     as the two agree, a per-weight search from the same base, retrained the same way (same seeds,
     processor and thread count), meets the same candidates and takes the same steps; from the first
     step where they differ, the least-error search's later steps say nothing about it, so only that
@@ -973,24 +974,22 @@ def per_weight_agreement_table(analyses: Mapping[str, Mapping], weights: int,
     width = max([len("search"), *map(len, analyses)])
     lines = [f"{'search':<{width}}  {'agreed':>6}  {'then at step':>12}  {'per weight':>10}  {'least error':>11}"]
     for name, analysis in analyses.items():
-        costs = cut_costs_per_weight(analysis, weights)
         candidates = analysis["candidates"]
-        steps = sorted({row["step"] for row in candidates if row["layer"] is not None})
+        taken = {row["step"]: index for index, row in enumerate(candidates) if row["taken"]}
         agreed, disagreement = 0, ("-", "-", "-")
-        for step in steps:
-            within = [index for index, row in enumerate(candidates) if row["step"] == step
-                      and row["layer"] is not None and within_tolerance(row["selection_error"], analysis["allowed"])]
-            taken = [index for index in within if candidates[index]["taken"]]
-            if not taken:
-                break  # the search stopped here: every cut over the allowance
-            cheapest = min(within, key=lambda index: (costs[index], round(candidates[index]["selection_error"], 9),
-                                                      -candidates[index]["compression_pruning"], index))
-            if cheapest != taken[0]:
+        for step in sorted(taken)[1:]:  # the steps that took a cut; step 0 is the base network
+            before = candidates[taken[step - 1]]
+            current = (round(before["selection_error"], 9), before["compression_pruning"])
+            within = [(round(row["selection_error"], 9), -row["compression_pruning"], index)
+                      for index, row in enumerate(candidates) if row["step"] == step
+                      and within_tolerance(row["selection_error"], analysis["allowed"])]
+            *_, cheapest = min(within, key=lambda cut: search_order("least_error_per_weight", cut, current))
+            if cheapest != taken[step]:
                 disagreement = (step, *(labels.get(candidates[index]["layer"], candidates[index]["layer"])
-                                        for index in (cheapest, taken[0])))
+                                        for index in (cheapest, taken[step])))
                 break
             agreed += 1
-        cuts = sum(any(row["taken"] for row in candidates if row["step"] == step) for step in steps)
+        cuts = len(taken) - 1
         step, per_weight, least_error = disagreement
         lines.append(f"{name:<{width}}  {f'{agreed} of {cuts}':>6}  {step:>12}  {per_weight:>10}  {least_error:>11}")
     return "\n".join(lines)

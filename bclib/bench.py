@@ -317,8 +317,9 @@ def run_compression_bench_from_run(run_dir=None, **kwargs) -> dict:
         config = json.loads((run_dir / "config.json").read_text())
         compressed = CompressedModel.from_file(run_dir / "model.bcz", json.loads((run_dir / "report.json").read_text()))
         print(f"run {run_dir}: its model.bcz, against the unpruned architecture")
-        return run_compression_bench(models.build_model(config["model"], config["prior"]), compressed=compressed,
-                                     **kwargs)
+        from .experiments import build_run_model
+
+        return run_compression_bench(build_run_model(config), compressed=compressed, **kwargs)
     from .experiments import load_run_model
 
     model = load_run_model(run_dir).cpu()

@@ -91,6 +91,14 @@ class Experiment:
     # Name of the run whose row of the paper's table this one attempts by another recipe (None: its
     # own row); the run is judged on that row's targets.
     paper_row: str | None = None
+    # BC-GHS only: one horseshoe global scale shared by every layer instead of one per layer
+    # (``shared_scale`` of :func:`bclib.models.lenet5_caffe`; the paper does not say which it used).
+    shared_scale: bool = False
+
+    @property
+    def model_options(self) -> dict:
+        """Keyword arguments of the model's builder beyond the prior (recorded in ``config.json``)."""
+        return {"shared_scale": True} if self.shared_scale else {}
 
     @property
     def refines(self) -> str | None:
@@ -263,6 +271,16 @@ for name in ("lenet5_hs_scratch_seed1", "lenet5_nj_heldout"):
     EXPERIMENTS[f"{name}_layers_3seeds_tol2_perweight"] = replace(
         EXPERIMENTS[f"{name}_layers_3seeds_tol2"], search_take="least_error_per_weight")
 del name
+# BC-GHS from scratch with one global scale for the whole network instead of one per layer (the paper
+# leaves the choice open; every BC-GHS run above has one per layer), seed 0 in channels-last as seed 1;
+# then its seeded search and bits as the other scratch runs': does a shared scale prune further?
+EXPERIMENTS["lenet5_hs_scratch_shared"] = replace(EXPERIMENTS["lenet5_hs_scratch_seed1"], shared_scale=True,
+                                                  config=replace(EXPERIMENTS["lenet5_hs_scratch_seed1"].config, seed=0))
+EXPERIMENTS["lenet5_hs_scratch_shared_layers_3seeds_tol2"] = replace(
+    EXPERIMENTS["lenet5_hs_scratch_layers_3seeds_tol2"], prunes_layers_of="lenet5_hs_scratch_shared")
+EXPERIMENTS["lenet5_hs_scratch_shared_layers_3seeds_tol2_bits"] = replace(
+    EXPERIMENTS["lenet5_hs_scratch_layers_3seeds_tol2_bits"],
+    lowers_bits_of="lenet5_hs_scratch_shared_layers_3seeds_tol2")
 
 
 def write_json(path: str | os.PathLike, data) -> None:
@@ -311,11 +329,16 @@ def _fast_config(config: TrainConfig) -> TrainConfig:
     return TrainConfig.from_dict(values)
 
 
+def build_run_model(config: dict) -> torch.nn.Module:
+    """The untrained model a run's ``config.json`` describes: its model, prior and ``model_options``."""
+    return build_model(config["model"], config["prior"], **config.get("model_options", {}))
+
+
 def load_run_model(run_dir: str | os.PathLike) -> torch.nn.Module:
     """Rebuild the trained model of a run folder from its ``config.json`` and ``checkpoint.pt``."""
     run_dir = Path(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
-    model = build_model(config["model"], config["prior"])
+    model = build_run_model(config)
     load_checkpoint(run_dir / "checkpoint.pt", model)
     return model.eval()
 
@@ -386,10 +409,10 @@ def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epo
 
     torch.manual_seed(config.seed)
     if experiment.init_from is None:
-        model = build_model(experiment.model, experiment.prior)
+        model = build_model(experiment.model, experiment.prior, **experiment.model_options)
     else:
         pretrained = load_run_model(base_dirs[experiment.init_from])
-        model = bayesian_from_pretrained(experiment.model, experiment.prior, pretrained)
+        model = bayesian_from_pretrained(experiment.model, experiment.prior, pretrained, **experiment.model_options)
     if (out_dir / "checkpoint.pt").exists():
         check_checkpoint_recipe(out_dir / "checkpoint.pt", config, model)  # before this run writes anything
     _mark_unfinished(out_dir)
@@ -397,6 +420,7 @@ def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epo
         "name": name,
         "model": experiment.model,
         "prior": experiment.prior,
+        **({"model_options": experiment.model_options} if experiment.model_options else {}),
         "train": config.to_dict(),
         "init_from": experiment.init_from,
         **({"init_dir": str(init_dir)} if init_dir is not None else {}),
@@ -863,7 +887,7 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                          f"of layers {names} (a group-prior run; Sparse VD's per-weight ones are not recorded)")
     log_alpha = {name: _recorded_log_alpha(layers[name]["log_alpha"], threshold)
                  for name, threshold in zip(names, base_report["thresholds"])}
-    architecture = build_model(base_config["model"], base_config["prior"])
+    architecture = build_run_model(base_config)
     base = compression.CompressedModel.from_file(base_dir / "model.bcz", base_report)
     fit_split, selection, test = _search_splits(base_config, data_root)
 

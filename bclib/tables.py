@@ -297,15 +297,16 @@ def zero_survivor_mark(report: Mapping) -> str:
 # of least error per weight; three seeds up to 0.9 % on a held-out split), each with its bits search.
 GLANCE_RUNS = ("lenet300_nj", "lenet300_hs", "lenet300_svd", "lenet5_svd", "lenet5_nj", "lenet5_hs")
 # Runs of another recipe for a row of GLANCE_RUNS, shown under it, and what the words each name adds mean.
-GLANCE_VARIANTS = ("lenet5_hs_scratch", "lenet5_hs_scratch_seed1", "lenet5_nj_scratch",
+GLANCE_VARIANTS = ("lenet5_hs_scratch", "lenet5_hs_scratch_seed1", "lenet5_hs_scratch_shared", "lenet5_nj_scratch",
                    *(f"lenet5_nj_scratch_seed{seed}" for seed in SCRATCH_SEEDS), "lenet5_nj_heldout")
 _VARIANT_NOTES = {"scratch": "trained from scratch, not from the pretrained network (chapter 4).",
                   **{f"scratch seed{seed}": f"the same recipe as scratch, with seed {seed} (chapter 4)."
                      for seed in SCRATCH_SEEDS},
+                  "scratch shared": "scratch with one global scale for all layers, not one per layer.",
                   "heldout": "scratch without the selection split; 0.9 %: a cut's error limit there."}
 # Row labels of variants whose words would not fit the label column beside a search's name.
 _VARIANT_ROW_LABELS = {**{f"scratch seed{seed}": f"seed {seed}" for seed in SCRATCH_SEEDS},
-                       "heldout": "held out"}
+                       "scratch shared": "shared scale", "heldout": "held out"}
 GLANCE_SEARCHES = ("_layers", "_layers_3seeds_tol2", "_layers_3seeds_tol2_perweight", "_layers_3seeds_max09")
 
 
@@ -644,6 +645,34 @@ def bit_search_steps(analysis: Mapping, layers: Sequence[str], labels: Mapping[s
         lines.append(f"{labels.get(row['layer'], row['layer']):<8} {tried:>5}   "
                      f"{'-'.join(map(str, row['bits'])):<12} {100 * row['selection_error']:>11.2f}   "
                      f"{'kept' if row['kept'] else 'over'}")
+    return "\n".join(lines)
+
+
+def training_end_table(runs: Mapping[str, object], tail: int = 50) -> str:
+    """How Bayesian trainings ended, side by side: the test error of the unpruned posterior mean at the
+    end, its mean over the last ``tail`` epochs (one epoch's error moves by a few hundredths of a
+    point), and the final KL.
+
+    Args:
+        runs: per row label, a run read back (:class:`bclib.experiments.RunResult`): its ``report``
+            (``"dense_error"``) and ``metrics`` (per-epoch ``"test_error"`` and ``"kl"``).
+        tail: how many final epochs the mean covers.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> run = SimpleNamespace(report={"dense_error": 0.0093}, metrics=[
+        ...     {"test_error": 0.0100, "kl": 6100.0}, {"test_error": 0.0090, "kl": 6021.8}])
+        >>> print(training_end_table({"BC-GHS from scratch": run}, tail=2))
+        test error before pruning    at the end   mean of last 2   final KL
+        BC-GHS from scratch              0.93 %           0.95 %      6,022
+    """
+    if not isinstance(tail, int) or tail < 1:
+        raise ValueError(f"tail must be a positive integer (epochs), got {tail!r}")
+    lines = [f"{'test error before pruning':<28} {'at the end':>10} {f'mean of last {tail}':>16} {'final KL':>10}"]
+    for label, run in runs.items():
+        last = [row["test_error"] for row in run.metrics[-tail:]]
+        lines.append(f"{label:<28} {100 * run.report['dense_error']:>8.2f} % {100 * sum(last) / len(last):>14.2f} % "
+                     f"{run.metrics[-1]['kl']:>10,.0f}")
     return "\n".join(lines)
 
 

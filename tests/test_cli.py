@@ -330,6 +330,22 @@ def test_a_run_that_holds_out_its_selection_split_never_trains_on_it(mnist_root,
     assert trained.isdisjoint(selection) and trained | selection == every
 
 
+def test_a_run_with_one_global_scale_records_it_and_is_rebuilt_with_it(mnist_root, tmp_path, monkeypatch):
+    """shared_scale: config.json records the model option, and load_run_model rebuilds one scale
+    shared by every layer (a per-layer model would load the same checkpoint keys without a word)."""
+    name = "lenet300_hs_shared"
+    monkeypatch.setitem(experiments.EXPERIMENTS, name, replace(experiments.EXPERIMENTS["lenet300_hs"],
+                                                              init_from=None, shared_scale=True))
+    experiments.run_experiment(name, tmp_path / name, data_root=mnist_root, fast=True, epochs=1, progress=False)
+    assert _read(tmp_path / name, "config.json")["model_options"] == {"shared_scale": True}
+    model = experiments.load_run_model(tmp_path / name)
+    layers = [layer for layer in model if isinstance(layer, bclib.LinearGroupHS)]
+    assert len(layers) == 3 and all(layer.shared_scale is layers[0].global_scale for layer in layers)
+    saved = torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["model"]
+    for key in ("1", "3", "5"):  # every layer's copy of the scale is the one trained value
+        torch.testing.assert_close(saved[f"{key}.global_scale.sb_mu"], layers[0].global_scale.sb_mu)
+
+
 def test_compress_run_stopped_before_its_report_leaves_none(run_copy, mnist_root, monkeypatch):
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt

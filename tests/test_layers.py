@@ -521,8 +521,10 @@ def test_repr_names_the_configuration(spec):
         assert f"kernel_size={tuple(spec.weight_shape[2:])}" in text
         stride = spec.conv["stride"]
         assert f"stride={stride if isinstance(stride, tuple) else (stride, stride)}" in text
-    if spec.prior == "hs":
-        assert "tau0=" in text
+    if spec.prior == "hs":  # in the layer's own line, not only in its global scale's
+        assert text.splitlines()[1].strip().endswith(", tau0=1e-05")
+        shared = spec.make(global_scale=bclib.HorseshoeGlobalScale(1e-3)).extra_repr()
+        assert shared.endswith(", tau0=0.001, shared global scale")
     assert spec.name in str(nn.Sequential(spec.make()))
 
 

@@ -130,6 +130,7 @@ def test_committed_config_is_the_registered_recipe(name):
     assert config["input_range"] == list(experiment.input_range)
     if experiment.refines is None:
         assert config["init_from"] == experiment.init_from
+        assert config.get("model_options", {}) == experiment.model_options
         ignored = {"device", "keep_freed_memory"}
         # Settings added after a run was made are missing from its config: their defaults applied.
         recorded = {k: v for k, v in TrainConfig.from_dict(config["train"]).to_dict().items() if k not in ignored}

@@ -530,3 +530,16 @@ def test_selection_optimism_table_counts_every_retraining():
     assert all(len(line) <= 80 for line in lines)
     with pytest.raises(ValueError, match=r"analyses\['lenet5_nj_layers'\] must hold retrained candidates"):
         tables.selection_optimism_table({"lenet5_nj_layers": {"candidates": []}})
+
+
+def test_training_end_table_averages_the_last_epochs_by_hand():
+    from types import SimpleNamespace
+
+    history = [{"test_error": error, "kl": kl} for error, kl in ((0.05, 9e5), (0.012, 7000.0), (0.010, 6500.4),
+                                                               (0.011, 6400.6))]
+    run = SimpleNamespace(report={"dense_error": 0.0107}, metrics=history)
+    # last 3 epochs: (1.2 + 1.0 + 1.1) / 3 = 1.10 %; final KL 6,400.6 -> 6,401
+    assert tables.training_end_table({"a run": run}, tail=3).splitlines()[1].split() == \
+        ["a", "run", "1.07", "%", "1.10", "%", "6,401"]
+    with pytest.raises(ValueError, match=r"tail must be a positive integer \(epochs\), got 0"):
+        tables.training_end_table({"a run": run}, tail=0)

@@ -140,6 +140,10 @@ class BayesianLayer(nn.Module):
         self._init_bias = check_init_tensor("bias", bias, (self.weight_shape[0],)) if self.bias_mu is not None else None
         self.reset_parameters()
 
+    def _prior_repr(self) -> str:
+        """What ``extra_repr`` adds for the prior's own settings (the horseshoe's ``tau0``)."""
+        return ""
+
     @torch.no_grad()
     def clip_variances(self) -> None:
         """Clamp ``log sigma^2`` of the weights to ``log(clip_var)`` (no-op when ``clip_var`` is None).
@@ -303,7 +307,7 @@ class _LinearGeometry:
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias_mu is not None}" + _clip_repr(self)
+            f"bias={self.bias_mu is not None}" + _clip_repr(self) + self._prior_repr()
         )
 
 
@@ -384,7 +388,7 @@ class _Conv2dGeometry:
             s += f", padding={self.padding}"
         if self.dilation != (1, 1):
             s += f", dilation={self.dilation}"
-        return s + f", bias={self.bias_mu is not None}" + _clip_repr(self)
+        return s + f", bias={self.bias_mu is not None}" + _clip_repr(self) + self._prior_repr()
 
 
 @torch.no_grad()

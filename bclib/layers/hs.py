@@ -169,9 +169,9 @@ class _GroupHS(GroupScaleLayer):
             kl = kl + self.global_scale.kl_divergence()
         return kl
 
-    def extra_repr(self) -> str:
+    def _prior_repr(self) -> str:
         shared = ", shared global scale" if self.shared_scale is not None else ""
-        return super().extra_repr() + f", tau0={self.tau0}{shared}"
+        return f", tau0={self.tau0}{shared}"
 
 
 class LinearGroupHS(_LinearGeometry, _GroupHS):

@@ -810,17 +810,19 @@ def layer_search_steps(analysis: Mapping, layers: Sequence[str], labels: Mapping
     return "\n".join(lines)
 
 
-def layer_search_summary(name: str, report: Mapping, analysis: Mapping) -> str:
+def layer_search_summary(name: str, report: Mapping, analysis: Mapping, bits: Mapping | None = None) -> str:
     """What one layer search cost, the command that repeats it, and the test error of what it kept.
 
     Args:
         name: the run's name in :data:`bclib.experiments.EXPERIMENTS`.
         report: its ``report.json`` (``layer_search["seconds"]``: all candidates' retraining).
         analysis: its ``analysis.json``; the last taken candidate is the kept network.
+        bits: the ``report.json`` of the run that lowered its bits (``bit_search``), if any.
 
     Returns:
         Three lines: minutes of retraining, the ``reproduce`` command, and the kept architecture
-        with its test error (one per seed for a seeded search).
+        with its test error (one per seed for a seeded search); with ``bits``, a fourth: the bits per
+        layer before and after lowering.
 
     Example:
         >>> analysis = {"candidates": [{"taken": True, "architecture": "9-16-93-12", "test_error": 0.0106,
@@ -830,6 +832,10 @@ def layer_search_summary(name: str, report: Mapping, analysis: Mapping) -> str:
         lenet5_nj_layers_3seeds: 31.8 min of retraining
           python -m bclib reproduce --only lenet5_nj_layers_3seeds
           kept 9-16-93-12: test error by seed 1.06 / 1.04 %
+        >>> lowered = {"bit_search": {"bits_before": [6, 5, 5, 9], "bits": [3, 2, 3, 2]}}
+        >>> print(layer_search_summary("lenet5_nj_layers_3seeds", {"layer_search": {"seconds": 1908.0}},
+        ...                            analysis, bits=lowered).splitlines()[-1])
+          bits per layer 6-5-5-9, lowered to 3-2-3-2
     """
     taken = [row for row in analysis["candidates"] if row["taken"]]
     if not taken:
@@ -837,9 +843,14 @@ def layer_search_summary(name: str, report: Mapping, analysis: Mapping) -> str:
     kept = taken[-1]
     errors = [seed["test_error"] for seed in kept.get("seeds", [])] or [kept["test_error"]]
     label = "test error by seed" if len(errors) > 1 else "test error"
-    return "\n".join([f"{name}: {report['layer_search']['seconds'] / 60:.1f} min of retraining",
-                      f"  python -m bclib reproduce --only {name}",
-                      f"  kept {kept['architecture']}: {label} {' / '.join(f'{100 * e:.2f}' for e in errors)} %"])
+    lines = [f"{name}: {report['layer_search']['seconds'] / 60:.1f} min of retraining",
+             f"  python -m bclib reproduce --only {name}",
+             f"  kept {kept['architecture']}: {label} {' / '.join(f'{100 * e:.2f}' for e in errors)} %"]
+    if bits is not None:
+        lowered = bits["bit_search"]
+        lines.append(f"  bits per layer {'-'.join(map(str, lowered['bits_before']))}, "
+                     f"lowered to {'-'.join(map(str, lowered['bits']))}")
+    return "\n".join(lines)
 
 
 def selection_optimism_table(analyses: Mapping[str, Mapping]) -> str:

@@ -54,6 +54,9 @@ def test_readme_conversion_snippet_runs():
         bclib.Conv2dGroupHS, bclib.LinearGroupHS, bclib.LinearGroupHS]
     x = torch.rand(8, 1, 28, 28)
     assert torch.allclose(model(x), trained(x), atol=1e-5) and type(trained[0]) is nn.Conv2d
+    shared = namespace["shared"].eval()  # one global scale for the network, the same starting predictions
+    scales = {id(layer.global_scale) for _, layer in bclib.bayesian_layers(shared)}
+    assert len(scales) == 1 and torch.allclose(shared(x), trained(x), atol=1e-5)
 
 
 def test_readme_module_class_snippet_runs():

@@ -306,7 +306,7 @@ _VARIANT_NOTES = {"scratch": "trained from scratch, not from the pretrained netw
                   "heldout": "scratch without the selection split; 0.9 %: a cut's error limit there."}
 # Row labels of variants whose words would not fit the label column beside a search's name.
 _VARIANT_ROW_LABELS = {**{f"scratch seed{seed}": f"seed {seed}" for seed in SCRATCH_SEEDS},
-                       "scratch shared": "shared scale", "heldout": "held out"}
+                       "scratch shared": "shared", "heldout": "held out"}
 GLANCE_SEARCHES = ("_layers", "_layers_3seeds_tol2", "_layers_3seeds_tol2_perweight", "_layers_3seeds_max09")
 
 

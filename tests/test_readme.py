@@ -83,3 +83,14 @@ def test_readme_results_table_is_what_the_command_prints_from_the_committed_runs
     expected = results_table(README.parent / "book" / "results")
     assert block.group(1) == expected, (
         "README's results table differs from `python -m bclib results`; paste its output into the README")
+
+
+def test_readme_results_table_rows_line_up():
+    """Every row of the committed table keeps its numbers in their columns: a row label longer than
+    its 27 characters would push them right (prior 10 + 1 + label 27 + 1 + numbers 39 = 78)."""
+    from bclib.tables import ZERO_SURVIVOR_MARK, results_table
+
+    rows = [line.removesuffix(ZERO_SURVIVOR_MARK) for line in
+            results_table(README.parent / "book" / "results").splitlines() if line.endswith("x")]
+    assert rows and all(len(line) <= 80 for line in results_table(README.parent / "book" / "results").splitlines())
+    assert [line for line in rows if len(line) != 78] == []

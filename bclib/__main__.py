@@ -98,9 +98,13 @@ def _parser() -> argparse.ArgumentParser:
                                                  "given (the runs they start from must be in --out)")
     reproduce.add_argument("--out", default=None, help="results folder (default: book/results; a --fast "
                                                         "reproduce must name its own)")
-    reproduce.add_argument("--only", nargs="+", choices=sorted(EXPERIMENTS), default=None)
+    reproduce.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                           help="run only these registered runs (--list names them all)")
+    reproduce.add_argument("--list", action="store_true",
+                           help="print each registered run's name and what it does, in the order a full reproduce "
+                                "runs them, and exit")
     reproduce.add_argument("--data", default=None, help=DATA_HELP)
-    reproduce.add_argument("--fast", action="store_true")
+    reproduce.add_argument("--fast", action="store_true", help="small data and 2 epochs per run (a smoke test)")
     reproduce.add_argument("--skip-finished", action="store_true",
                            help="skip the runs finished in --out (a report.json, made with the same --fast), to "
                                 "go on after an interruption; by default each named run is run again (a training "
@@ -207,6 +211,17 @@ def _dispatch(args: argparse.Namespace) -> None:
         from .data import fast_mode
         from .experiments import EXPERIMENTS, run_experiment
 
+        if args.list:
+            from .experiments import describe_experiment
+
+            for name in EXPERIMENTS:
+                print(f"{name}\n    {describe_experiment(name)}")
+            return
+        unknown = [name for name in args.only or () if name not in EXPERIMENTS]
+        if unknown:
+            # Checked before any run starts: a typo in the last name must not cost the hours before it.
+            raise ValueError(f"--only: no registered run named {', '.join(map(repr, unknown))}; "
+                             "python -m bclib reproduce --list names them")
         fast = args.fast or fast_mode()
         if args.out is None and fast:
             raise ValueError("--out: a --fast (or BCLIB_FAST=1) reproduce needs a folder of its own; the default, "

@@ -291,6 +291,50 @@ EXPERIMENTS["lenet5_hs_scratch_shared_seed1_layers_3seeds_tol2_bits"] = replace(
     lowers_bits_of="lenet5_hs_scratch_shared_seed1_layers_3seeds_tol2")
 
 
+
+_SEARCH_RULE_WORDS = {"least_error": "least error", "most_pruning": "most pruning",
+                      "least_error_per_weight": "least error per weight"}
+
+
+def describe_experiment(name: str) -> str:
+    """What registered run ``name`` does, in one line: the network it trains and how, or the run it
+    refines and by which search (``python -m bclib reproduce --list`` prints it for every run).
+
+    Example:
+        >>> describe_experiment("lenet5_hs_scratch_shared_seed1")
+        'train lenet5 hs from scratch, 200 epochs, seed 1, channels_last, one global scale'
+        >>> describe_experiment("lenet5_nj_heldout_layers_3seeds_max09")
+        'search per layer from lenet5_nj_heldout: 3 seeds, least error, up to 0.9 %'
+        >>> describe_experiment("lenet5_hs_layers_3seeds_tol2_bits")
+        'lower the bits of lenet5_hs_layers_3seeds_tol2, 10 epochs per grid'
+    """
+    if name not in EXPERIMENTS:
+        raise ValueError(f"name must be a registered run (bclib.experiments.EXPERIMENTS), got {name!r}")
+    experiment, config = EXPERIMENTS[name], EXPERIMENTS[name].config
+    if experiment.prunes_layers_of is not None:
+        seeds = experiment.search_seeds
+        allowed = (f"up to {100 * experiment.search_allowed_error:g} %" if experiment.search_allowed_error is not None
+                   else f"+{100 * experiment.search_tolerance:g} points")
+        return (f"search per layer from {experiment.prunes_layers_of}: {seeds} seed{'s' if seeds > 1 else ''}, "
+                f"{_SEARCH_RULE_WORDS[experiment.search_take]}, {allowed}")
+    if experiment.lowers_bits_of is not None:
+        return f"lower the bits of {experiment.lowers_bits_of}, {config.epochs} epochs per grid"
+    if experiment.fine_tunes is not None:
+        return f"prune {experiment.fine_tunes} further, {config.epochs} epochs per candidate"
+    start = f"from {experiment.init_from}" if experiment.init_from else "from scratch"
+    parts = [f"train {experiment.model} {experiment.prior or 'deterministic'} {start}", f"{config.epochs} epochs"]
+    if config.seed:
+        parts.append(f"seed {config.seed}")
+    if config.memory_format:
+        parts.append(config.memory_format)
+    if experiment.input_range != DEFAULT_INPUT_RANGE:
+        parts.append("inputs in [{:g}, {:g}]".format(*experiment.input_range))
+    if experiment.holds_out_selection:
+        parts.append("selection split held out")
+    if experiment.shared_scale:
+        parts.append("one global scale")
+    return ", ".join(parts)
+
 def write_json(path: str | os.PathLike, data) -> None:
     """Write JSON atomically (temp file, then rename): a crash never leaves half a file."""
     text = json.dumps(data, indent=2) + "\n"

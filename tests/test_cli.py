@@ -193,6 +193,32 @@ def test_reproduce_skip_finished_skips_only_runs_finished_with_the_same_fast_set
     assert info.value.code == 2 and "--out: a --fast (or BCLIB_FAST=1) reproduce needs a folder" in capsys.readouterr().err
 
 
+def test_reproduce_list_names_every_run_in_order_with_what_it_does(capsys):
+    assert main(["reproduce", "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0::2] == list(experiments.EXPERIMENTS)
+    described = dict(zip(lines[0::2], lines[1::2]))
+    # Written out by hand from the registry's comments, not from describe_experiment.
+    assert described["lenet5_hs_scratch_shared_seed1"] == (
+        "    train lenet5 hs from scratch, 200 epochs, seed 1, channels_last, one global scale")
+    assert described["lenet5_nj"] == "    train lenet5 nj from lenet5_dense, 200 epochs"
+    assert described["lenet300_nj_release_scaling"] == "    train lenet300 nj from scratch, 100 epochs, inputs in [-1, 1]"
+    assert described["lenet5_hs_layers_3seeds_most"] == (
+        "    search per layer from lenet5_hs: 3 seeds, most pruning, +0.1 points")
+    assert described["lenet5_nj_heldout_layers_3seeds_tol2_perweight"] == (
+        "    search per layer from lenet5_nj_heldout: 3 seeds, least error per weight, +0.2 points")
+    assert described["lenet5_svd_ft"] == "    prune lenet5_svd further, 10 epochs per candidate"
+
+
+def test_reproduce_only_with_an_unknown_name_runs_nothing_and_says_where_the_names_are(monkeypatch, capsys):
+    ran = []
+    monkeypatch.setattr(experiments, "run_experiment", lambda name, out_dir, **kwargs: ran.append(name))
+    with pytest.raises(SystemExit) as info:
+        main(["reproduce", "--only", "lenet5_dense", "lenet5_hs_sharde", "--out", "unused"])
+    assert info.value.code == 2 and ran == []
+    assert "--only: no registered run named 'lenet5_hs_sharde'; python -m bclib reproduce --list" in capsys.readouterr().err
+
+
 def test_unknown_model_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
         main(["train", "--model", "resnet", "--prior", "nj", "--out", "unused"])

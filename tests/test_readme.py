@@ -94,3 +94,20 @@ def test_readme_results_table_rows_line_up():
             results_table(README.parent / "book" / "results").splitlines() if line.endswith("x")]
     assert rows and all(len(line) <= 80 for line in results_table(README.parent / "book" / "results").splitlines())
     assert [line for line in rows if len(line) != 78] == []
+
+
+def test_readme_command_lines_parse_with_the_command_line_parser():
+    # The README's commands drift when an option is renamed; parsing them (not running them) catches it.
+    import shlex
+
+    from bclib.__main__ import _parser
+    from bclib.experiments import EXPERIMENTS
+
+    lines = [line.split("  #")[0] for line in README.read_text().splitlines() if line.startswith("python -m bclib ")]
+    assert len(lines) >= 10
+    for line in lines:
+        words = shlex.split(line)[3:]
+        if words == ["--help"]:
+            continue
+        args = _parser().parse_args(words)
+        assert set(getattr(args, "only", None) or ()) <= set(EXPERIMENTS), line

@@ -289,6 +289,11 @@ EXPERIMENTS["lenet5_hs_scratch_shared_seed1_layers_3seeds_tol2"] = replace(
 EXPERIMENTS["lenet5_hs_scratch_shared_seed1_layers_3seeds_tol2_bits"] = replace(
     EXPERIMENTS["lenet5_hs_scratch_layers_3seeds_tol2_bits"],
     lowers_bits_of="lenet5_hs_scratch_shared_seed1_layers_3seeds_tol2")
+# The per-weight rule on the shared-scale search, chosen before running because its committed steps
+# (tables.per_weight_agreement_table) show the rule taking the first convolution's cut to 6 filters at
+# step 5, where least error took the last layer's: does a shared scale let conv1 go towards the paper's 5?
+EXPERIMENTS["lenet5_hs_scratch_shared_layers_3seeds_tol2_perweight"] = replace(
+    EXPERIMENTS["lenet5_hs_scratch_shared_layers_3seeds_tol2"], search_take="least_error_per_weight")
 
 
 

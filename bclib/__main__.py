@@ -95,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
 
     reproduce = sub.add_parser("reproduce", help="run the registered experiments behind the book into --out: all, "
                                                  "each after the runs it starts from, or --only NAMES in the order "
-                                                 "given (the runs they start from must be in --out)")
+                                                 "given (--list names them; the runs they start from must be in --out)")
     reproduce.add_argument("--out", default=None, help="results folder (default: book/results; a --fast "
                                                         "reproduce must name its own)")
     reproduce.add_argument("--only", nargs="+", default=None, metavar="NAME",

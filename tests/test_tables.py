@@ -255,8 +255,8 @@ def _glance(reports, targets, layered=None, lowered=None, retrained=None) -> lis
 
 
 def _labels(lines: list[str]) -> list[str]:
-    """The prior and row-label columns of table-at-a-glance lines (10 + 1 + 27 characters)."""
-    return [line[:38].strip() for line in lines]
+    """The prior and row-label columns of table-at-a-glance lines (10 + 1 + 32 characters)."""
+    return [line[:43].strip() for line in lines]
 
 
 def test_results_at_a_glance_shows_another_recipe_under_its_row():
@@ -307,7 +307,7 @@ def test_results_at_a_glance_shows_the_held_out_run_and_its_fixed_allowance_sear
     assert lines[5].split()[-4:] == ["0.96", "112.0x", "430.0x", "610x"]
     assert lines[6].split()[-4:] == ["0.99", "112.0x", "580.0x", "880x"]
     # The longest label leaves a space before the numbers, which line up under the header's.
-    assert lines[4][38] == " " and lines[0].index("error %") + 7 == lines[4].index("1.01") + 4
+    assert lines[4][43] == " " and lines[0].index("error %") + 7 == lines[4].index("1.01") + 4
     assert lines[-1].startswith("held out: scratch without the selection split")
     assert all(len(line) <= 80 for line in lines)
 

@@ -659,7 +659,8 @@ def training_end_table(runs: Mapping[str, object], tail: int = 50) -> str:
 
     Args:
         runs: per row label, a run read back (:class:`bclib.experiments.RunResult`): its ``report``
-            (``"dense_error"``) and ``metrics`` (per-epoch ``"test_error"`` and ``"kl"``).
+            (``"dense_error"``) and ``metrics`` (per-epoch ``"test_error"`` and ``"kl"``). The label
+            column widens to the longest label.
         tail: how many final epochs the mean covers.
 
     Example:
@@ -672,10 +673,11 @@ def training_end_table(runs: Mapping[str, object], tail: int = 50) -> str:
     """
     if not isinstance(tail, int) or tail < 1:
         raise ValueError(f"tail must be a positive integer (epochs), got {tail!r}")
-    lines = [f"{'test error before pruning':<28} {'at the end':>10} {f'mean of last {tail}':>16} {'final KL':>10}"]
+    width = max([28, *map(len, runs)])
+    lines = [f"{'test error before pruning':<{width}} {'at the end':>10} {f'mean of last {tail}':>16} {'final KL':>10}"]
     for label, run in runs.items():
         last = [row["test_error"] for row in run.metrics[-tail:]]
-        lines.append(f"{label:<28} {100 * run.report['dense_error']:>8.2f} % {100 * sum(last) / len(last):>14.2f} % "
+        lines.append(f"{label:<{width}} {100 * run.report['dense_error']:>8.2f} % {100 * sum(last) / len(last):>14.2f} % "
                      f"{run.metrics[-1]['kl']:>10,.0f}")
     return "\n".join(lines)
 

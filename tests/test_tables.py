@@ -543,3 +543,8 @@ def test_training_end_table_averages_the_last_epochs_by_hand():
         ["a", "run", "1.07", "%", "1.10", "%", "6,401"]
     with pytest.raises(ValueError, match=r"tail must be a positive integer \(epochs\), got 0"):
         tables.training_end_table({"a run": run}, tail=0)
+    # A label longer than the column widens it for every row: the numbers stay under their headers.
+    lines = tables.training_end_table({"a run": run, "BC-GHS from scratch, shared, seed 1": run}, tail=3).splitlines()
+    for header, number in (("at the end", "1.07 %"), ("final KL", "6,401")):
+        ends = {line.index(number) + len(number) for line in lines[1:]}
+        assert ends == {lines[0].index(header) + len(header)}, (header, lines)

@@ -209,11 +209,9 @@ def _dispatch(args: argparse.Namespace) -> None:
         print(json.dumps(search(args.run, args.out, config=config, data_root=args.data, **options), indent=2))
     elif args.command == "reproduce":
         from .data import fast_mode
-        from .experiments import EXPERIMENTS, run_experiment
+        from .experiments import EXPERIMENTS, describe_experiment, run_experiment
 
         if args.list:
-            from .experiments import describe_experiment
-
             for name in EXPERIMENTS:
                 print(f"{name}\n    {describe_experiment(name)}")
             return

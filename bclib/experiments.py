@@ -107,6 +107,13 @@ class Experiment:
         return self.fine_tunes or self.lowers_bits_of or self.prunes_layers_of
 
 
+def _registered(name: str) -> Experiment:
+    """The registered run ``name``; a ValueError naming the registry for any other name."""
+    if name not in EXPERIMENTS:
+        raise ValueError(f"name must be a registered run (bclib.experiments.EXPERIMENTS), got {name!r}")
+    return EXPERIMENTS[name]
+
+
 def paper_row(name: str) -> str:
     """The run of the paper's table that run ``name`` attempts: for a refining run that of the run it
     refines, for a variant recipe (``Experiment.paper_row``) the run it stands in for, else ``name``.
@@ -115,8 +122,7 @@ def paper_row(name: str) -> str:
         >>> paper_row("lenet5_hs_layers_3seeds_tol2_bits"), paper_row("lenet5_hs_scratch")
         ('lenet5_hs', 'lenet5_hs')
     """
-    if name not in EXPERIMENTS:
-        raise ValueError(f"name must be a registered run (bclib.experiments.EXPERIMENTS), got {name!r}")
+    _registered(name)
     while EXPERIMENTS[name].refines is not None:
         name = EXPERIMENTS[name].refines
     return EXPERIMENTS[name].paper_row or name
@@ -296,11 +302,6 @@ EXPERIMENTS["lenet5_hs_scratch_shared_layers_3seeds_tol2_perweight"] = replace(
     EXPERIMENTS["lenet5_hs_scratch_shared_layers_3seeds_tol2"], search_take="least_error_per_weight")
 
 
-
-_SEARCH_RULE_WORDS = {"least_error": "least error", "most_pruning": "most pruning",
-                      "least_error_per_weight": "least error per weight"}
-
-
 def describe_experiment(name: str) -> str:
     """What registered run ``name`` does, in one line: the network it trains and how, or the run it
     refines and by which search (``python -m bclib reproduce --list`` prints it for every run).
@@ -313,15 +314,14 @@ def describe_experiment(name: str) -> str:
         >>> describe_experiment("lenet5_hs_layers_3seeds_tol2_bits")
         'lower the bits of lenet5_hs_layers_3seeds_tol2, 10 epochs per grid'
     """
-    if name not in EXPERIMENTS:
-        raise ValueError(f"name must be a registered run (bclib.experiments.EXPERIMENTS), got {name!r}")
-    experiment, config = EXPERIMENTS[name], EXPERIMENTS[name].config
+    experiment = _registered(name)
+    config = experiment.config
     if experiment.prunes_layers_of is not None:
         seeds = experiment.search_seeds
         allowed = (f"up to {100 * experiment.search_allowed_error:g} %" if experiment.search_allowed_error is not None
                    else f"+{100 * experiment.search_tolerance:g} points")
         return (f"search per layer from {experiment.prunes_layers_of}: {seeds} seed{'s' if seeds > 1 else ''}, "
-                f"{_SEARCH_RULE_WORDS[experiment.search_take]}, {allowed}")
+                f"{experiment.search_take.replace('_', ' ')}, {allowed}")
     if experiment.lowers_bits_of is not None:
         return f"lower the bits of {experiment.lowers_bits_of}, {config.epochs} epochs per grid"
     if experiment.fine_tunes is not None:
@@ -339,6 +339,7 @@ def describe_experiment(name: str) -> str:
     if experiment.shared_scale:
         parts.append("one global scale")
     return ", ".join(parts)
+
 
 def write_json(path: str | os.PathLike, data) -> None:
     """Write JSON atomically (temp file, then rename): a crash never leaves half a file."""

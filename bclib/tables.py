@@ -232,6 +232,9 @@ def results_at_a_glance(reports: Mapping[str, Mapping], retrained: Mapping[str, 
                 f"{'-' if ratio is None else f'{ratio:.0f}x':>6}")
 
     lowered, layered = lowered or {}, layered or {}
+    # 32 characters fit a variant's label and a search's ("shared seed 1 + 3 seeds, 0.2 pts") in a
+    # 78-character row.
+    label_width = 32
 
     def steps(name: str, who: str) -> list[tuple[str, Mapping | None]]:
         found = [(who, reports[name]), (f"{who} + retraining", retrained.get(f"{name}_ft")),
@@ -251,7 +254,7 @@ def results_at_a_glance(reports: Mapping[str, Mapping], retrained: Mapping[str, 
             continue
         if lines:
             lines.append("")
-        lines.append(f"{model_label:<43} {'error %':>7} {'pruning':>8} {'precision':>10} {'file':>6}")
+        lines.append(f"{model_label:<{11 + label_width}} {'error %':>7} {'pruning':>8} {'precision':>10} {'file':>6}")
         for name in names:
             prior = _PRIOR_LABELS[_split_run_name(name)[1]]
             keys = _rate_keys(name)
@@ -265,9 +268,7 @@ def results_at_a_glance(reports: Mapping[str, Mapping], retrained: Mapping[str, 
                     rows.append((label, cells(r["file_error"], r[keys[0]], r[keys[1]], r["file"]["ratio"])
                                  + zero_survivor_mark(r)))
             for k, (label, text) in enumerate(rows):
-                # 32 characters fit a variant's label and a search's ("shared seed 1 + 3 seeds, 0.2 pts")
-                # in a 78-character row.
-                lines.append(f"{prior if k == 0 else '':<10} {label:<32} {text}")
+                lines.append(f"{prior if k == 0 else '':<10} {label:<{label_width}} {text}")
     lines += ["", "paper: the paper's and release's table; -: a number not quoted in this book.",
               "error: of the compressed file on the test set; file: model.bcz against the",
               "float32 dense network."]

@@ -1,4 +1,4 @@
-"""Command line: ``python -m bclib {train,compress,fine-tune,lower-bits,prune-layers,reproduce,results,bench} ...``."""
+"""Command line: ``python -m bclib {train,compress,fine-tune,lower-bits,prune-layers,prune-to-groups,reproduce,results,bench} ...``."""
 from __future__ import annotations
 
 import argparse
@@ -71,11 +71,20 @@ def _parser() -> argparse.ArgumentParser:
                                    "fine-tune output)"),
             ("prune-layers", "search one threshold per layer of a group-prior run, retraining each candidate",
              "compressed group-prior run folder with config.json, report.json, analysis.json (its log alphas) "
+             "and model.bcz"),
+            ("prune-to-groups", "cut a group-prior run to at most --groups groups per layer (those of lowest log "
+                                "alpha) and retrain it",
+             "compressed group-prior run folder with config.json, report.json, analysis.json (its log alphas) "
              "and model.bcz")):
         search = sub.add_parser(command, help=f"{what} (not in the paper), into --out")
         search.add_argument("run", help=run_help)
         search.add_argument("--out", required=True, help="folder for the new run")
         search.add_argument("--epochs", type=int, default=None, help="retraining epochs per candidate (default 10)")
+        if command == "prune-to-groups":
+            search.add_argument("--groups", type=int, nargs="+", required=True, metavar="N",
+                                help="the most groups each layer keeps, in order (filters of a convolution, inputs "
+                                     "of a linear layer), e.g. 8 13 88 13, the paper's BC-GNJ LeNet-5")
+            search.add_argument("--seeds", type=int, default=3, help="retrainings, each with its own seed (default 3)")
         if command == "prune-layers":
             search.add_argument("--seeds", type=int, default=1,
                                 help="retrainings per candidate, ranked by their mean selection error (default 1)")
@@ -198,14 +207,18 @@ def _dispatch(args: argparse.Namespace) -> None:
         config = FINE_TUNE_CONFIG if args.epochs is None else dataclasses.replace(FINE_TUNE_CONFIG, epochs=args.epochs)
         seeds = FINE_TUNE_SEEDS if args.seeds is None else args.seeds
         print(json.dumps(fine_tune_run(args.run, args.out, config=config, seeds=seeds, data_root=args.data), indent=2))
-    elif args.command in ("lower-bits", "prune-layers"):
-        from .experiments import FINE_TUNE_CONFIG, lower_bits_run, prune_layers_run
+    elif args.command in ("lower-bits", "prune-layers", "prune-to-groups"):
+        from .experiments import FINE_TUNE_CONFIG, lower_bits_run, prune_layers_run, prune_to_groups_run
 
-        search = lower_bits_run if args.command == "lower-bits" else prune_layers_run
+        search = {"lower-bits": lower_bits_run, "prune-layers": prune_layers_run,
+                  "prune-to-groups": prune_to_groups_run}[args.command]
         config = FINE_TUNE_CONFIG if args.epochs is None else dataclasses.replace(FINE_TUNE_CONFIG, epochs=args.epochs)
-        options = {"seeds": args.seeds, "take": args.take, "tolerance": args.tolerance,
-                   "allowed_error": args.allowed_error,
-                   "cut_fraction": args.cut_fraction} if args.command == "prune-layers" else {}
+        options = {}  # lower-bits has no options of its own
+        if args.command == "prune-layers":
+            options = {"seeds": args.seeds, "take": args.take, "tolerance": args.tolerance,
+                       "allowed_error": args.allowed_error, "cut_fraction": args.cut_fraction}
+        elif args.command == "prune-to-groups":
+            options = {"groups": args.groups, "seeds": args.seeds}
         print(json.dumps(search(args.run, args.out, config=config, data_root=args.data, **options), indent=2))
     elif args.command == "reproduce":
         from .data import fast_mode

@@ -33,6 +33,7 @@ from torch import nn
 from . import models, tables
 from ._allocator import freed_memory_kept, keep_freed_memory
 from .compression import CompressedModel, compress, propose_thresholds
+from .experiments import PAPER_ARCHITECTURES
 from .layers import BayesianLayer, LinearGroupHS, LinearGroupNJ, bayesian_layers, kl_divergence, set_variance_dtype
 from .train import TrainConfig, _batch_in_memory_format, _to_memory_format
 
@@ -42,7 +43,7 @@ __all__ = ["run_compression_bench", "run_compression_bench_from_run", "run_compr
            "run_training_time_report", "run_epoch_bench", "write_bench_results"]
 
 # The BC-GNJ architecture of the paper for LeNet-5-Caffe: filters of conv1, conv2, inputs of fc1, fc2.
-PAPER_LENET5_ARCHITECTURE = (8, 13, 88, 13)
+PAPER_LENET5_ARCHITECTURE = PAPER_ARCHITECTURES["nj"]
 # The project's inference target: speed-up of the pruned export at batch 1000 over its FLOP reduction.
 SPEEDUP_OVER_FLOP_TARGET = 0.8
 
@@ -697,8 +698,8 @@ def _own_seconds(name: str, root: Path) -> float:
     experiment = EXPERIMENTS[name]
     if experiment.refines is not None:
         report = json.loads((root / name / "report.json").read_text())
-        return report["fine_tuning" if experiment.fine_tunes else
-                      "bit_search" if experiment.lowers_bits_of else "layer_search"]["seconds"]
+        return report["fine_tuning" if experiment.fine_tunes else "bit_search" if experiment.lowers_bits_of else
+                      "group_cut" if experiment.prunes_to_groups_of else "layer_search"]["seconds"]
     return sum(m["seconds"] for m in json.loads((root / name / "metrics.json").read_text()))
 
 

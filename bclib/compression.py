@@ -59,7 +59,7 @@ __all__ = [
     "weight_bits", "exponent_bits", "quantize", "model_error",
     "propose_threshold", "propose_thresholds", "select_thresholds", "resolve_thresholds", "threshold_sweep",
     "weight_masks", "apply_masks", "load_compressed",
-    "fine_tune", "FixedPointGrid", "prune_further",
+    "fine_tune", "FixedPointGrid", "prune_further", "prune_to_groups",
 ]
 
 MAX_MANTISSA_BITS = 23
@@ -640,6 +640,65 @@ def prune_further(compressed: "CompressedModel", architecture: nn.Module, log_al
     bits = [compressed._bits[index] for index in weighted_at]
     return CompressedModel._build(leaves, weighted_at, layers, alive, columns, shapes, compressed.input_shape,
                                   bits=bits, module_values=module_values)
+
+
+def prune_to_groups(compressed: "CompressedModel", architecture: nn.Module, log_alpha, groups) -> "CompressedModel":
+    r"""Prune a compressed network further until each layer keeps at most ``groups[l]`` groups, by log alpha.
+
+    :func:`prune_further` takes thresholds; this takes the groups to keep, such as an architecture
+    a paper reports (``(5, 10, 76, 16)`` for LeNet-5's "5-10-76-16"). Layers are taken in order. In
+    layer :math:`l`, the log alphas of the groups that survive so far (the earlier layers' cuts
+    included, by the AND rule) are sorted, :math:`\lambda_{(1)} \le \dots \le \lambda_{(n)}`, and
+    when :math:`n > k = ` ``groups[l]`` the threshold goes midway between the last kept and the
+    first cut,
+
+    .. math::
+        t_l = \tfrac{1}{2}\left(\lambda_{(k)} + \lambda_{(k+1)}\right),
+
+    so the :math:`k` groups of lowest log alpha stay (a group is kept when its log alpha is below
+    the threshold). A layer keeps fewer where log alphas tie at the cut, or where a later layer's cut
+    leaves one of its units with no weight (:func:`compress` removes such units); a layer that keeps
+    :math:`k` or fewer already keeps its threshold.
+
+    Args:
+        compressed: a :class:`CompressedModel`, as for :func:`prune_further` (one read from a file too).
+        architecture: the Bayesian network ``compressed`` was made from, or one built the same way.
+        log_alpha: the log alphas ``compressed`` was pruned by, as for :func:`prune_further`.
+        groups: the most groups each Bayesian layer keeps, in order: input units of a linear layer,
+            filters of a convolution (a sequence of positive ints, one per layer).
+
+    Returns:
+        A new :class:`CompressedModel` (``compressed`` is left unchanged); its
+        ``report.layers[l].threshold`` are the thresholds used.
+
+    Raises:
+        ValueError: ``groups`` is not one positive int per Bayesian layer; else as :func:`prune_further`.
+
+    Example:
+        >>> import bclib
+        >>> net = torch.nn.Sequential(bclib.LinearGroupNJ(4, 3), torch.nn.ReLU(), bclib.LinearGroupNJ(3, 2)).eval()
+        >>> log_alpha = [layer.log_alpha().detach() for layer in (net[0], net[2])]
+        >>> prune_to_groups(compress(net, thresholds=[0.0, 0.0]), net, log_alpha, [4, 1]).report.architecture
+        '4-1'
+    """
+    if not isinstance(compressed, CompressedModel):
+        raise TypeError(f"compressed must be a CompressedModel (from bclib.compress or CompressedModel.from_file), "
+                        f"got {type(compressed).__name__}")
+    names = [row.name for row in compressed.report.layers]
+    if (isinstance(groups, (str, bytes)) or not hasattr(groups, "__len__") or len(groups) != len(names)
+            or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in groups)):
+        raise ValueError(f"groups must hold one positive int per Bayesian layer ({len(names)}: {names}), "
+                         f"got {groups!r}")
+    log_alphas = dict(zip(names, _per_layer_tensors(log_alpha, names, "log_alpha")))
+    thresholds = {row.name: row.threshold for row in compressed.report.layers}
+    # At its own thresholds: a network read from a file gets its masks, which the counts need.
+    current = prune_further(compressed, architecture, log_alpha, list(thresholds.values()))
+    for name, keep in zip(names, groups):
+        surviving = torch.sort(log_alphas[name].flatten()[current.surviving_groups(name)]).values
+        if len(surviving) > keep:
+            thresholds[name] = float(surviving[keep - 1] + surviving[keep]) / 2
+            current = prune_further(compressed, architecture, log_alpha, list(thresholds.values()))
+    return current
 
 
 def _per_layer_tensors(values, names: list[str], argument: str) -> list[Tensor]:

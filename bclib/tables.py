@@ -10,6 +10,7 @@ with one call and the numbers always come from the runs.
   :func:`selection_optimism_table`, :func:`repeated_retrainings_table`, :func:`per_weight_agreement_table`:
   the layer searches beside the other steps, how far their selection split flattered them, how far
   chance moves a retraining, and where ranking cuts per weight would change a search;
+* :func:`group_cut_table`: networks cut to a given architecture (the paper's) and retrained;
 * :func:`speed_table`, :func:`bench_trials_summary`: the inference benchmark;
 * :func:`compression_at_offset`: what the interactive threshold explorer prints.
 
@@ -33,7 +34,7 @@ __all__ = [
     "speed_table", "release_comparison", "results_at_a_glance", "results_table", "seed_spread_table", "bench_trials_summary",
     "retraining_against_release", "compression_at_offset", "bit_search_table", "bit_search_steps",
     "pipeline_table", "cut_costs_per_weight", "layer_search_steps", "layer_search_summary", "selection_optimism_table",
-    "repeated_retrainings_table", "per_weight_agreement_table",
+    "repeated_retrainings_table", "per_weight_agreement_table", "group_cut_table",
 ]
 
 
@@ -277,6 +278,8 @@ def results_at_a_glance(reports: Mapping[str, Mapping], retrained: Mapping[str, 
     variants = sorted({_variant_words(name) for name in reports if _variant_of(name, reports)})
     lines += [f"{_variant_row_label(variant)}: {_VARIANT_NOTES[variant]}" for variant in variants
               if variant in _VARIANT_NOTES]
+    shown = {_refinement(name)[2] for name in layered}
+    lines += [note for short, note in _SEARCH_NOTES.items() if short in shown]
     if any(_split_run_name(name)[1] == "svd" for name in reports):
         lines.append("Sparse VD: sparse rates (nonzero weights counted), as the release counts them.")
     return "\n".join(lines)
@@ -312,7 +315,10 @@ _VARIANT_NOTES = {"scratch": "trained from scratch, not from the pretrained netw
 # Row labels of variants whose words would not fit the label column beside a search's name.
 _VARIANT_ROW_LABELS = {**{f"scratch seed{seed}": f"seed {seed}" for seed in SCRATCH_SEEDS},
                        "scratch shared": "shared", "scratch shared seed1": "shared seed 1", "heldout": "held out"}
-GLANCE_SEARCHES = ("_layers", "_layers_3seeds_tol2", "_layers_3seeds_tol2_perweight", "_layers_3seeds_max09")
+GLANCE_SEARCHES = ("_layers", "_layers_3seeds_tol2", "_layers_3seeds_tol2_perweight", "_layers_3seeds_max09",
+                   "_paper_arch")
+# Footnotes of the rows some searches add, by the search's short name (see _REFINEMENTS).
+_SEARCH_NOTES = {"paper's arch.": "paper's arch.: cut to at most the paper's architecture, retrained (chapter 4)."}
 
 
 def _variant_row_label(words: str) -> str:
@@ -431,6 +437,8 @@ _REFINEMENTS = (("_layers_3seeds_tol2_perweight_bits", "+ 3-seed search, 0.2 poi
                 ("_layers_3seeds_max09", "+ 3-seed search, at most 0.9 %", "3 seeds, 0.9 %"),
                 ("_layers_3seeds", "+ layer search, 3 seeds", "search, 3 seeds"),
                 ("_layers", "+ layer search", "layer search"),
+                ("_paper_arch_bits", "+ cut to the paper's architecture, fewer bits", "  + fewer bits"),
+                ("_paper_arch", "+ cut to the paper's architecture", "paper's arch."),
                 ("_ft", "+ retraining", "uniform offset"))
 
 
@@ -1039,4 +1047,67 @@ def per_weight_agreement_table(analyses: Mapping[str, Mapping], weights: int,
         cuts = len(taken) - 1
         step, per_weight, least_error = disagreement
         lines.append(f"{name:<{width}}  {f'{agreed} of {cuts}':>6}  {step:>12}  {per_weight:>10}  {least_error:>11}")
+    return "\n".join(lines)
+
+
+def group_cut_table(runs: Mapping[str, tuple[Mapping, Mapping]],
+                    targets: Mapping[str, tuple[Sequence[int], float, float]]) -> str:
+    """Networks cut to at most a given architecture and retrained (:func:`bclib.experiments.prune_to_groups_run`).
+
+    Args:
+        runs: by row label (up to 24 characters), the run's ``(report.json, analysis.json)``: the report's
+            ``architecture`` and ``compression_pruning``, the analysis's ``"seeds"``, each with
+            ``"selection_error"`` and ``"test_error"``; the runs of one prior in a row.
+        targets: by prior label (the first word of a row label, ``"BC-GNJ"``), the LeNet-5-Caffe
+            architecture asked for, the error it is reported at (a fraction) and the compression
+            after pruning reported with it, shown as a row before that prior's runs.
+
+    Returns:
+        A row per run: the architecture kept, the compression after pruning and each retraining
+        seed's selection and test error in %; then, per prior, how many retrainings' test errors
+        are at most the reported error, and the compression after pruning that the architecture
+        asked for counts to by this book's rate (weights of the dense network over those kept,
+        biases aside). Lines of at most 80 characters.
+
+    Example:
+        >>> report = {"architecture": "6-13-88-13", "compression_pruning": 127.6}
+        >>> analysis = {"seeds": [{"selection_error": 0.0090, "test_error": 0.0095},
+        ...                       {"selection_error": 0.0092, "test_error": 0.0103}]}
+        >>> print(group_cut_table({"BC-GNJ seed 1": (report, analysis)},
+        ...                       {"BC-GNJ": ((8, 13, 88, 13), 0.01, 108.0)}))
+        network                   architecture  pruning  selection %     test %
+        BC-GNJ paper                8-13-88-13     108x            -        1.0
+        BC-GNJ seed 1               6-13-88-13   127.6x    0.90 0.92  0.95 1.03
+        <BLANKLINE>
+        BC-GNJ: test error <= 1.0 % in 1 of 2 retrainings; 8-13-88-13 counts to 105.7x
+    """
+    def counted_rate(groups: Sequence[int]) -> float:
+        conv1, conv2, fc1, fc2 = groups  # 5x5 kernels; fc1's inputs and fc2's are units
+        dense = 20 * 25 + 50 * 20 * 25 + 800 * 500 + 500 * 10
+        return dense / (conv1 * 25 + conv2 * conv1 * 25 + fc1 * fc2 + fc2 * 10)
+
+    rows, counts = [], {}
+    for label, (report, analysis) in runs.items():
+        prior = label.split()[0]
+        groups, error, pruning = targets[prior]
+        if prior not in counts:
+            rows.append((f"{prior} paper", "-".join(map(str, groups)), f"{pruning:g}x", "-", f"{100 * error:.1f}"))
+            counts[prior] = [0, 0]
+        seeds = analysis["seeds"]
+        counts[prior][0] += sum(seed["test_error"] <= error for seed in seeds)
+        counts[prior][1] += len(seeds)
+        rows.append((label, report["architecture"], f"{report['compression_pruning']:.1f}x",
+                     " ".join(f"{100 * seed['selection_error']:.2f}" for seed in seeds),
+                     " ".join(f"{100 * seed['test_error']:.2f}" for seed in seeds)))
+    selection_width = max(11, *(len(row[3]) for row in rows))
+    test_width = max(6, *(len(row[4]) for row in rows))
+    lines = [f"{'network':<24}  {'architecture':>12}  {'pruning':>7}  {'selection %':>{selection_width}}  "
+             f"{'test %':>{test_width}}"]
+    lines += [f"{label:<24}  {architecture:>12}  {rate:>7}  {selection:>{selection_width}}  {test:>{test_width}}"
+              for label, architecture, rate, selection, test in rows]
+    lines.append("")
+    for prior, (low, total) in counts.items():
+        groups, error, _ = targets[prior]
+        lines.append(f"{prior}: test error <= {100 * error:.1f} % in {low} of {total} retrainings; "
+                     f"{'-'.join(map(str, groups))} counts to {counted_rate(groups):.1f}x")
     return "\n".join(lines)

@@ -52,7 +52,8 @@ def _read(run_dir: Path, name: str):
 def test_help_lists_the_commands():
     result = _python_m_bclib(["--help"])
     assert result.returncode == 0, result.stderr
-    for command in ("train", "compress", "fine-tune", "lower-bits", "prune-layers", "reproduce", "results", "bench"):
+    for command in ("train", "compress", "fine-tune", "lower-bits", "prune-layers", "prune-to-groups", "reproduce",
+                    "results", "bench"):
         assert command in result.stdout
 
 
@@ -64,6 +65,7 @@ def test_help_lists_the_commands():
     ("fine-tune", ["--out", "--epochs", "--seeds", "--data"]),
     ("prune-layers", ["--out", "--epochs", "--seeds", "--take", "--tolerance", "--allowed-error", "--cut-fraction",
                       "--data"]),
+    ("prune-to-groups", ["--out", "--epochs", "--groups", "--seeds", "--data"]),
     ("reproduce", ["--out", "--only"]),
 ])
 def test_subcommand_help_lists_its_options(capsys, command, options):
@@ -993,6 +995,70 @@ def test_prune_layers_command_passes_its_options(monkeypatch, capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["prune-layers", "RUN", "--out", str(tmp_path / "out"), "--take", "largest"])
     assert "invalid choice: 'largest'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- prune-to-groups
+def _fewer_groups(report: dict) -> list[int]:
+    """Groups to ask of the fast LeNet-300-100 run: 5 fewer inputs, half its fc2 inputs, all of fc3's."""
+    counts = [int(count) for count in report["architecture"].split("-")]
+    return [counts[0] - 5, max(1, counts[1] // 2), counts[2]]
+
+
+@pytest.fixture(scope="module")
+def groups_run(trained_run, mnist_root, tmp_path_factory) -> Path:
+    """``python -m bclib prune-to-groups RUN --groups ... --seeds 2 --out DIR --epochs 1`` on the fast run."""
+    groups = _fewer_groups(_read(trained_run, "report.json"))
+    return _search("prune-to-groups", trained_run, tmp_path_factory.mktemp("prune-to-groups") / "lenet300_nj_groups",
+                   mnist_root, "--groups", *map(str, groups), "--seeds", "2")
+
+
+def test_prune_to_groups_writes_every_file_but_a_checkpoint(groups_run, trained_run):
+    config = _check_search_folder(groups_run, "prune-to-groups", ("prunes_to_groups_of", "lenet300_nj"))
+    assert (config["groups"], config["seeds"]) == (_fewer_groups(_read(trained_run, "report.json")), 2)
+    assert "selection_tolerance" not in config  # nothing is selected
+    assert [row["epoch"] for row in _read(groups_run, "metrics.json")] == [1]
+
+
+def test_prune_to_groups_keeps_the_groups_of_lowest_log_alpha(groups_run, trained_run):
+    """Checked on the Bayesian run itself, independently of the file: fc1 keeps the inputs of lowest
+    log alpha among those the base kept, its threshold midway between the last kept and the first
+    cut; compress at the run's thresholds gives its architecture; fc3 keeps its threshold."""
+    base, report = _read(trained_run, "report.json"), _read(groups_run, "report.json")
+    model = experiments.load_run_model(trained_run)
+    asked = _fewer_groups(base)
+    kept = [int(count) for count in report["architecture"].split("-")]
+    assert all(k <= a for k, a in zip(kept, asked)) and kept[0] == asked[0]
+    fc1 = next(layer for _, layer in bclib.bayesian_layers(model))
+    log_alpha = fc1.log_alpha().detach()
+    surviving = torch.sort(log_alpha[log_alpha < base["thresholds"][0]]).values
+    assert report["thresholds"][0] == pytest.approx(float(surviving[asked[0] - 1] + surviving[asked[0]]) / 2)
+    assert report["thresholds"][2] == base["thresholds"][2]
+    assert bclib.compress(model, report["thresholds"]).report.architecture == report["architecture"]
+    assert report["group_cut"]["thresholds_before"] == base["thresholds"]
+
+
+def test_prune_to_groups_records_each_seed_and_the_file_scores_the_report(groups_run, mnist):
+    _, test = mnist
+    analysis, report = _read(groups_run, "analysis.json"), _read(groups_run, "report.json")
+    assert [seed["seed"] for seed in analysis["seeds"]] == [0, 1]
+    mean = sum(seed["selection_error"] for seed in analysis["seeds"]) / 2
+    assert report["group_cut"]["selection_error"] == pytest.approx(mean, abs=1e-12)
+    assert analysis["architecture"] == report["architecture"] and analysis["thresholds"] == report["thresholds"]
+    test = test.subset(1000)
+    model = bclib.load_compressed(groups_run / "model.bcz")
+    with torch.no_grad():
+        error = (model(test.x).argmax(1) != test.y).sum().item() / 1000
+    assert error == pytest.approx(report["file_error"], abs=1e-12)
+    assert analysis["seeds"][0]["test_error"] == pytest.approx(error, abs=1e-12)
+
+
+def test_prune_to_groups_rejects_bad_groups_and_seeds_before_writing(trained_run, mnist_root, tmp_path):
+    with pytest.raises(ValueError, match=r"groups must hold one positive int per Bayesian layer \(3: "):
+        experiments.prune_to_groups_run(trained_run, tmp_path / "out", groups=[10, 10], data_root=mnist_root)
+    with pytest.raises(ValueError, match="seeds must be a positive int, got 0"):
+        experiments.prune_to_groups_run(trained_run, tmp_path / "out", groups=[10, 10, 10], seeds=0,
+                                        data_root=mnist_root)
+    assert not (tmp_path / "out").exists()
 
 
 class _Stopped(Exception):

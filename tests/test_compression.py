@@ -765,6 +765,38 @@ def test_prune_further_by_hand_on_the_small_conv_net(tmp_path):
     assert base.report.architecture == "1-2-3"  # left unchanged
 
 
+def test_prune_to_groups_by_hand_on_the_small_conv_net(tmp_path):
+    """The log alphas of the test above, at thresholds 0 the net is 1-2-3. To keep at most 1, 1, 2 groups:
+    the conv keeps its one channel (threshold 0 stays); fc1 keeps the lower of positions 0 (-30) and
+    1 (-29), its threshold midway, -29.5; fc2 keeps the two lowest of its surviving inputs 0 (-30),
+    2 (-25), 3 (-30): 0 and 3, threshold -27.5. Asking for more groups than survive changes nothing."""
+    from bclib.compression import CompressedModel, prune_to_groups
+
+    model = small_conv_net()
+    log_alpha = [torch.tensor([-30.0, 2, -30]), torch.tensor([-30.0, -29, 2, 2, -30, -30, -30, -30, 2, 2, 2, 2]),
+                 torch.tensor([-30.0, 2, -25, -30])]
+    base = compress(model, 0.0)
+    base.save(tmp_path / "base.bcz")
+    for start in (base, CompressedModel.from_file(tmp_path / "base.bcz", base.report.to_dict())):
+        cut = prune_to_groups(start, model, log_alpha, [1, 1, 2])
+        assert cut.report.architecture == "1-1-2"
+        assert [row.threshold for row in cut.report.layers] == [0.0, -29.5, -27.5]
+        assert torch.equal(cut.surviving_groups("6"), torch.tensor([True, False, False, True]))
+        same = prune_to_groups(start, model, log_alpha, [3, 12, 4])
+        assert same.report.architecture == "1-2-3" and [row.threshold for row in same.report.layers] == [0.0] * 3
+    assert base.report.architecture == "1-2-3"  # left unchanged
+
+
+@pytest.mark.parametrize("groups", [[1, 1], [1, 0, 2], [1, 1.0, 2], [1, True, 2], "112", 3])
+def test_prune_to_groups_names_the_argument_and_what_it_expects(groups):
+    from bclib.compression import prune_to_groups
+
+    model = small_conv_net()
+    log_alpha = [torch.zeros(3), torch.zeros(12), torch.zeros(4)]
+    with pytest.raises(ValueError, match=r"groups must hold one positive int per Bayesian layer \(3: "):
+        prune_to_groups(compress(model, 1.0), model, log_alpha, groups)
+
+
 @pytest.mark.parametrize("build", [models.lenet_300_100, models.lenet5_caffe])
 @pytest.mark.parametrize("prior", ["nj", "hs", "svd"])
 def test_prune_further_gives_what_compress_gives_at_the_lower_thresholds(build, prior, tmp_path):

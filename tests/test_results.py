@@ -53,19 +53,20 @@ def test_bit_lowered_run_keeps_the_architecture_and_lowers_bits(name):
 
 
 LAYER_SEARCHED = [run for run in RUNS if "prunes_layers_of" in _read(run, "config.json")]
+GROUP_CUT = [run for run in RUNS if "prunes_to_groups_of" in _read(run, "config.json")]
 
 
-@pytest.mark.parametrize("name", LAYER_SEARCHED)
+@pytest.mark.parametrize("name", LAYER_SEARCHED + GROUP_CUT)
 def test_layer_searched_run_is_its_base_file_cut_at_the_recorded_thresholds(name):
-    """A layer-searched run's architecture, weights kept and rates are those of its base run's file cut
-    at the thresholds it records (by the base run's recorded log alphas), with the base's bits; no
-    threshold is above the base's."""
+    """A layer-searched (or group-cut) run's architecture, weights kept and rates are those of its base
+    run's file cut at the thresholds it records (by the base run's recorded log alphas), with the base's
+    bits; no threshold is above the base's."""
     from bclib.compression import CompressedModel, prune_further
     from bclib.experiments import _recorded_log_alpha
     from bclib.models import build_model
 
     report, config = _read(name, "report.json"), _read(name, "config.json")
-    base_name = config["prunes_layers_of"]
+    base_name = config.get("prunes_layers_of") or config["prunes_to_groups_of"]
     base, layers = _read(base_name, "report.json"), _read(base_name, "analysis.json")["layers"]
     log_alpha = [_recorded_log_alpha(layers[row["name"]]["log_alpha"], threshold)
                  for row, threshold in zip(base["layers"], base["thresholds"])]
@@ -115,6 +116,21 @@ def test_seeded_layer_search_took_the_cut_its_rule_names(name):
     assert last["seeds"][0]["test_error"] == pytest.approx(report["file_error"], abs=1e-12)
 
 
+@pytest.mark.parametrize("name", GROUP_CUT)
+def test_group_cut_run_keeps_at_most_the_groups_asked_and_records_each_seed(name):
+    """Each layer keeps at most the groups asked for, exactly as many where it cut (threshold lowered)
+    unless log alphas tie; the recorded selection error is the mean of the seeds'; the file is seed 0's."""
+    config, report, analysis = (_read(name, file) for file in ("config.json", "report.json", "analysis.json"))
+    kept = [int(count) for count in report["architecture"].split("-")]
+    before = report["group_cut"]["thresholds_before"]
+    for count, asked, threshold, old in zip(kept, config["groups"], report["thresholds"], before, strict=True):
+        assert count <= asked and (threshold == old or count == asked)
+    errors = [seed["selection_error"] for seed in analysis["seeds"]]
+    assert [seed["seed"] for seed in analysis["seeds"]] == list(range(config["seeds"]))
+    assert report["group_cut"]["selection_error"] == pytest.approx(sum(errors) / len(errors), abs=1e-12)
+    assert analysis["seeds"][0]["test_error"] == pytest.approx(report["file_error"], abs=1e-12)
+
+
 CONFIGURED = sorted(path.parent.name for path in RESULTS.glob("*/config.json"))
 
 
@@ -136,8 +152,11 @@ def test_committed_config_is_the_registered_recipe(name):
         recorded = {k: v for k, v in TrainConfig.from_dict(config["train"]).to_dict().items() if k not in ignored}
         assert recorded == {k: v for k, v in experiment.config.to_dict().items() if k not in ignored}
     else:
-        key = next(k for k in ("fine_tunes", "lowers_bits_of", "prunes_layers_of") if getattr(experiment, k))
+        key = next(k for k in ("fine_tunes", "lowers_bits_of", "prunes_layers_of", "prunes_to_groups_of")
+                   if getattr(experiment, k))
         assert config[key] == getattr(experiment, key)
+        if experiment.prunes_to_groups_of:
+            assert (config["groups"], config["seeds"]) == (list(experiment.kept_groups), experiment.search_seeds)
         if experiment.prunes_layers_of:
             assert config.get("seeds", 1) == experiment.search_seeds
             assert config["selection_tolerance"] == experiment.search_tolerance

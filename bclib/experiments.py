@@ -320,6 +320,10 @@ PAPER_ARCHITECTURE_RUNS = ("lenet5_nj", "lenet5_nj_scratch", *(f"lenet5_nj_scrat
 EXPERIMENTS.update({f"{name}_paper_arch": Experiment(
     "lenet5", EXPERIMENTS[name].prior, FINE_TUNE_CONFIG, prunes_to_groups_of=name, search_seeds=3,
     kept_groups=PAPER_ARCHITECTURES[EXPERIMENTS[name].prior]) for name in PAPER_ARCHITECTURE_RUNS})
+# Their bits, lowered as every search's are (registered after the cuts ran, for all ten).
+EXPERIMENTS.update({f"{name}_paper_arch_bits": Experiment("lenet5", EXPERIMENTS[name].prior, FINE_TUNE_CONFIG,
+                                                          lowers_bits_of=f"{name}_paper_arch")
+                    for name in PAPER_ARCHITECTURE_RUNS})
 
 
 def describe_experiment(name: str) -> str:

@@ -730,18 +730,29 @@ def test_a_float64_model_compresses_like_its_float32_copy():
 
 
 # ----------------------------------------------------------------------------- pruning a compressed network further
+# Log alphas of small_conv_net's layers for the tests of pruning further: at thresholds 0 the net is 1-2-3.
+SMALL_CONV_LOG_ALPHA = [torch.tensor([-30.0, 2, -30]),
+                        torch.tensor([-30.0, -29, 2, 2, -30, -30, -30, -30, 2, 2, 2, 2]),
+                        torch.tensor([-30.0, 2, -25, -30])]
+
+
+def _base_and_its_file(base, tmp_path):
+    """``base`` and the same network read back from its file (which has no masks)."""
+    from bclib.compression import CompressedModel
+
+    base.save(tmp_path / "base.bcz")
+    return base, CompressedModel.from_file(tmp_path / "base.bcz", base.report.to_dict())
+
+
 def test_prune_further_by_hand_on_the_small_conv_net(tmp_path):
     """At thresholds 0 the net is 1-2-3 (above). With fc1's threshold at -29.5 only position 0 of
     channel 0 has a log alpha below it (position 1 has -29); with fc2's at -27 its input 2 (-25)
     goes: fc1 outputs 0 and 3 are left. Bits stay 8, 6, 1."""
-    from bclib.compression import CompressedModel, prune_further
+    from bclib.compression import prune_further
 
-    model = small_conv_net()
-    log_alpha = [torch.tensor([-30.0, 2, -30]), torch.tensor([-30.0, -29, 2, 2, -30, -30, -30, -30, 2, 2, 2, 2]),
-                 torch.tensor([-30.0, 2, -25, -30])]
+    model, log_alpha = small_conv_net(), SMALL_CONV_LOG_ALPHA
     base = compress(model, 0.0)
-    base.save(tmp_path / "base.bcz")
-    for start in (base, CompressedModel.from_file(tmp_path / "base.bcz", base.report.to_dict())):
+    for start in _base_and_its_file(base, tmp_path):
         deeper = prune_further(start, model, log_alpha, [0.0, -29.5, -27.0])
         report = deeper.report
         assert report.architecture == "1-1-2"
@@ -770,14 +781,11 @@ def test_prune_to_groups_by_hand_on_the_small_conv_net(tmp_path):
     the conv keeps its one channel (threshold 0 stays); fc1 keeps the lower of positions 0 (-30) and
     1 (-29), its threshold midway, -29.5; fc2 keeps the two lowest of its surviving inputs 0 (-30),
     2 (-25), 3 (-30): 0 and 3, threshold -27.5. Asking for more groups than survive changes nothing."""
-    from bclib.compression import CompressedModel, prune_to_groups
+    from bclib.compression import prune_to_groups
 
-    model = small_conv_net()
-    log_alpha = [torch.tensor([-30.0, 2, -30]), torch.tensor([-30.0, -29, 2, 2, -30, -30, -30, -30, 2, 2, 2, 2]),
-                 torch.tensor([-30.0, 2, -25, -30])]
+    model, log_alpha = small_conv_net(), SMALL_CONV_LOG_ALPHA
     base = compress(model, 0.0)
-    base.save(tmp_path / "base.bcz")
-    for start in (base, CompressedModel.from_file(tmp_path / "base.bcz", base.report.to_dict())):
+    for start in _base_and_its_file(base, tmp_path):
         cut = prune_to_groups(start, model, log_alpha, [1, 1, 2])
         assert cut.report.architecture == "1-1-2"
         assert [row.threshold for row in cut.report.layers] == [0.0, -29.5, -27.5]

@@ -108,7 +108,7 @@ class Experiment:
     @property
     def refines(self) -> str | None:
         """The run whose compressed network this one works on further (fine-tuning, pruning layer by
-        layer or lowering bits)."""
+        layer, cutting to given groups or lowering bits)."""
         return self.fine_tunes or self.lowers_bits_of or self.prunes_layers_of or self.prunes_to_groups_of
 
 

@@ -293,6 +293,20 @@ def test_results_at_a_glance_labels_other_seeds_in_the_label_column():
     assert all(len(line) <= 80 for line in lines)
 
 
+def test_results_at_a_glance_shows_the_cut_to_the_papers_architecture_with_its_note():
+    reports = {"lenet5_nj": _report(0.0141, 78.7, 320.4, ratio=526.0)}
+    layered = {"lenet5_nj_paper_arch": _report(0.0104, 111.4, 444.6, ratio=665.0)}
+    lowered = {"lenet5_nj_paper_arch_bits": _report(0.0110, 111.4, 560.3, ratio=882.0)}
+    lines = _glance(reports, {"lenet5_nj": (0.010, 108.0, 361.0)}, layered, lowered)
+    assert _labels(lines[1:5]) == ["BC-GNJ     paper", "ours", "ours + paper's arch.", "+ fewer bits"]
+    assert lines[3].split()[-4:] == ["1.04", "111.4x", "444.6x", "665x"]
+    assert lines[4].split()[-4:] == ["1.10", "111.4x", "560.3x", "882x"]
+    assert "paper's arch.: cut to at most the paper's architecture, retrained (chapter 4)." in lines
+    assert "paper's arch.: cut to at most the paper's architecture, retrained (chapter 4)." not in _glance(
+        reports, {"lenet5_nj": (0.010, 108.0, 361.0)})  # only beside such rows
+    assert all(len(line) <= 80 for line in lines)
+
+
 def test_results_at_a_glance_shows_the_held_out_run_and_its_fixed_allowance_search():
     reports = {"lenet5_nj": _report(0.0141, 78.7, 320.4, ratio=526.0),
                "lenet5_nj_heldout": _report(0.0110, 65.0, 280.0, ratio=450.0)}

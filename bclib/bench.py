@@ -51,21 +51,23 @@ SPEEDUP_OVER_FLOP_TARGET = 0.8
 LAYOUTS = ("contiguous", "channels_last", "compiled")
 
 
-def paper_lenet5(seed: int = 0) -> nn.Sequential:
-    """An untrained LeNet-5-Caffe NJ model whose log alphas prune it to the paper's 8-13-88-13 at threshold 0.
+def paper_lenet5(seed: int = 0, architecture=PAPER_LENET5_ARCHITECTURE) -> nn.Sequential:
+    """An untrained LeNet-5-Caffe NJ model whose log alphas prune it to ``architecture`` at threshold 0
+    (filters of conv1 and conv2, inputs of fc1 and fc2; by default the paper's BC-GNJ 8-13-88-13).
 
-    Random posterior means; only the architecture matters for timing. The 88 fc1 inputs are spread
-    over the 13 surviving conv2 channels.
+    Random posterior means; only the architecture matters for timing and for the rates. The fc1
+    inputs are spread over the surviving conv2 channels.
     """
+    conv1, conv2, fc1, fc2 = architecture
     generator = torch.Generator().manual_seed(seed)
     model = models.lenet5_caffe("nj")
     layers = [layer for _, layer in bayesian_layers(model)]
-    conv2_kept = torch.randperm(50, generator=generator)[:PAPER_LENET5_ARCHITECTURE[1]]
-    # fc1 inputs: the 16 positions of each surviving conv2 channel, 88 of them drawn at random.
+    conv2_kept = torch.randperm(50, generator=generator)[:conv2]
+    # fc1 inputs: the 16 positions of each surviving conv2 channel, fc1 of them drawn at random.
     candidates = (conv2_kept[:, None] * 16 + torch.arange(16)).flatten()
-    fc1_kept = candidates[torch.randperm(candidates.numel(), generator=generator)[:PAPER_LENET5_ARCHITECTURE[2]]]
-    kept = [torch.randperm(20, generator=generator)[:PAPER_LENET5_ARCHITECTURE[0]], conv2_kept, fc1_kept,
-            torch.randperm(500, generator=generator)[:PAPER_LENET5_ARCHITECTURE[3]]]
+    fc1_kept = candidates[torch.randperm(candidates.numel(), generator=generator)[:fc1]]
+    kept = [torch.randperm(20, generator=generator)[:conv1], conv2_kept, fc1_kept,
+            torch.randperm(500, generator=generator)[:fc2]]
     with torch.no_grad():
         for layer, keep in zip(layers, kept):
             layer.z_logvar.fill_(2.0)

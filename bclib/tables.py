@@ -1081,10 +1081,11 @@ def group_cut_table(runs: Mapping[str, tuple[Mapping, Mapping]],
         <BLANKLINE>
         BC-GNJ: test error <= 1.0 % in 1 of 2 retrainings; 8-13-88-13 counts to 105.7x
     """
+    from .bench import paper_lenet5  # bench imports this module
+    from .compression import compress
+
     def counted_rate(groups: Sequence[int]) -> float:
-        conv1, conv2, fc1, fc2 = groups  # 5x5 kernels; fc1's inputs and fc2's are units
-        dense = 20 * 25 + 50 * 20 * 25 + 800 * 500 + 500 * 10
-        return dense / (conv1 * 25 + conv2 * conv1 * 25 + fc1 * fc2 + fc2 * 10)
+        return compress(paper_lenet5(architecture=groups), 0.0).report.compression_pruning
 
     rows, counts = [], {}
     for label, (report, analysis) in runs.items():

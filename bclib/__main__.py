@@ -13,7 +13,7 @@ DATA_HELP = "MNIST root (default: $BCLIB_DATA or the user cache)"
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .bench import LAYOUTS
+    from .bench import LAYOUTS, VARIANTS
     from .experiments import EXPERIMENTS, LAYER_CUT_FRACTION, SEARCH_RULES, SELECTION_TOLERANCE
     from .train import AUTOCAST_DTYPES, MEMORY_FORMATS, VARIANCE_DTYPES
 
@@ -132,6 +132,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--results", default="book/results", help="results folder for 'training'")
     bench.add_argument("--run", default="book/results/lenet5_nj", help="trained run folder for the compression benchmark")
     bench.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's setting)")
+    bench.add_argument("--variants", nargs="*", choices=VARIANTS, default=list(VARIANTS),
+                       help="what 'layers' and 'epochs' time beside float32 (default: all; none named: float32 "
+                            "only; the bfloat16 ones are slow on CPUs without bfloat16 units)")
     bench.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS),
                        help="how the compression benchmark runs both exports (default: all; 'compiled' uses "
                             "torch.compile and needs a C++ compiler)")
@@ -259,9 +262,9 @@ def _dispatch(args: argparse.Namespace) -> None:
             results["compression"] = (bench.run_compression_trials(args.trials, args.run, **options) if args.trials != 1
                                       else bench.run_compression_bench_from_run(args.run, **options))
         if args.which in ("layers", "all"):
-            results["layers"] = bench.run_layers_bench(threads=args.threads)
+            results["layers"] = bench.run_layers_bench(threads=args.threads, variants=tuple(args.variants))
         if args.which in ("epochs", "all"):
-            results["epochs"] = bench.run_epoch_bench(args.data, threads=args.threads)
+            results["epochs"] = bench.run_epoch_bench(args.data, threads=args.threads, variants=tuple(args.variants))
         if args.which in ("training", "all"):
             results["training"] = bench.run_training_time_report(args.results)
         if args.out is not None:

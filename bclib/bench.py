@@ -34,7 +34,7 @@ from . import models, tables
 from ._allocator import freed_memory_kept, keep_freed_memory
 from .compression import CompressedModel, compress, propose_thresholds
 from .experiments import PAPER_ARCHITECTURES
-from .layers import BayesianLayer, LinearGroupHS, LinearGroupNJ, bayesian_layers, kl_divergence, set_variance_dtype
+from .layers import BayesianLayer, conv_gradient, LinearGroupHS, LinearGroupNJ, bayesian_layers, kl_divergence, set_variance_dtype
 from .train import TrainConfig, _batch_in_memory_format, _to_memory_format
 
 __all__ = ["run_compression_bench", "run_compression_bench_from_run", "run_compression_trials", "summarise_trials",
@@ -414,9 +414,17 @@ def summarise_trials(results: list[dict]) -> dict:
 # included, under torch.autocast in bfloat16 (mixed precision); "channels_last" trains every network
 # with convolutions in the channels-last layout (TrainConfig.memory_format), the deterministic one
 # included. The ratios of "autocast" and "channels_last" rows are to the deterministic network so run.
-VARIANTS = ("bfloat16", "autocast", "channels_last")
+# Two more, for networks with convolutions, weigh the windowed weight gradients (layers.conv_gradient)
+# that the Bayesian convolutions take where oneDNN's are slow: "onednn" runs the Bayesian network with
+# oneDNN's everywhere, as before them; "windowed" gives the deterministic network's convolutions the
+# windowed ones too (a row of the deterministic network only). Both rows' ratios are to "none".
+VARIANTS = ("bfloat16", "autocast", "channels_last", "onednn", "windowed")
 # The variants that change the deterministic network too: their rows have a baseline of their own.
 _BASELINE_VARIANTS = ("autocast", "channels_last")
+# The deterministic network gets rows for these variants (the others change only Bayesian layers),
+# and these need convolutions.
+_DETERMINISTIC_VARIANTS = (*_BASELINE_VARIANTS, "windowed")
+_CONVOLUTION_VARIANTS = ("channels_last", "onednn", "windowed")
 
 
 def run_layers_bench(steps: int = 10, repeats: int = 7, batch_size: int = 128, priors=("nj", "hs", "svd"),
@@ -434,6 +442,10 @@ def run_layers_bench(steps: int = 10, repeats: int = 7, batch_size: int = 128, p
     (rows like ``"nj+autocast"``, against the deterministic network under autocast, ``"none+autocast"``);
     and ``"channels_last"``, the channels-last layout (``TrainConfig(memory_format="channels_last")``;
     rows like ``"nj+channels_last"``, against ``"none+channels_last"``; networks with convolutions only).
+    Two more weigh the windowed weight gradients of :mod:`bclib.layers.conv_gradient` (networks with
+    convolutions only, both against ``"none"``): ``"onednn"``, the Bayesian network with oneDNN's
+    weight gradients everywhere (rows like ``"nj+onednn"``), and ``"windowed"``, the deterministic
+    network with the windowed ones (``"none+windowed"``).
     ``threads`` sets the CPU threads for the run (default: PyTorch's setting). Every network runs
     with freed memory kept for reuse (:func:`bclib.train.keep_freed_memory`), as
     :func:`bclib.train.fit` trains.
@@ -460,7 +472,8 @@ def run_layers_bench(steps: int = 10, repeats: int = 7, batch_size: int = 128, p
                 print(f"{name:<9} {key:<18} {row['step_ms']:>8.2f} {row['ratio']:>16.2f}x "
                       f"{row['matmul_floor']:>12.2f}x")
         print("+bfloat16: variance path in bfloat16; +autocast: torch.autocast(bfloat16), against none+autocast; "
-              "+channels_last: NHWC layout, against none+channels_last")
+              "+channels_last: NHWC layout, against none+channels_last; +onednn: oneDNN's convolution weight "
+              "gradients only; none+windowed: the deterministic network with the windowed ones")
         print("matmul floor: multiply-adds of the step's matrix products over the deterministic network's "
               "(bench.matmul_macs_per_example)")
     return result
@@ -506,8 +519,9 @@ def matmul_macs_per_example(model: nn.Module, input_shape=(1, 28, 28)) -> int:
 def _networks(name: str, priors, variants) -> dict[str, tuple[nn.Module, TrainConfig]]:
     """The compared networks by row name, each with the settings of :class:`TrainConfig` it trains
     with (``autocast``, ``memory_format``): ``"none"`` (deterministic), each prior, and
-    ``"<row>+<variant>"`` for each of ``variants`` (:data:`VARIANTS`). ``"channels_last"`` rows are
-    left out for networks without convolutions, which it does not change."""
+    ``"<row>+<variant>"`` for each of ``variants`` (:data:`VARIANTS`) that applies to it. The rows of
+    ``"channels_last"``, ``"onednn"`` and ``"windowed"`` are left out for networks without
+    convolutions, which they do not change."""
     for variant in variants:
         if variant not in VARIANTS:
             raise ValueError(f"variants must be drawn from {VARIANTS}, got {variant!r}")
@@ -515,6 +529,10 @@ def _networks(name: str, priors, variants) -> dict[str, tuple[nn.Module, TrainCo
         model = models.build_model(name, prior)
         if variant == "bfloat16":
             set_variance_dtype(model, torch.bfloat16)
+        if variant == "windowed":
+            for module in model.modules():
+                if type(module) is nn.Conv2d:
+                    module.__class__ = _WindowedGradientConv2d  # the same module, its gradients routed
         config = TrainConfig(epochs=1, device="cpu", autocast="bfloat16" if variant == "autocast" else None,
                              memory_format="channels_last" if variant == "channels_last" else None)
         return model, config
@@ -522,15 +540,33 @@ def _networks(name: str, priors, variants) -> dict[str, tuple[nn.Module, TrainCo
     networks = {"none": network(None)}
     # The layout applies to 4-d tensors: convolution weights and images.
     if not any(parameter.dim() == 4 for parameter in networks["none"][0].parameters()):
-        variants = [variant for variant in variants if variant != "channels_last"]
+        variants = [variant for variant in variants if variant not in _CONVOLUTION_VARIANTS]
     for variant in variants:
-        if variant in _BASELINE_VARIANTS:
+        if variant in _DETERMINISTIC_VARIANTS:
             networks[f"none+{variant}"] = network(None, variant)
     for prior in priors:
         networks[prior] = network(prior)
         for variant in variants:
-            networks[f"{prior}+{variant}"] = network(prior, variant)
+            if variant != "windowed":
+                networks[f"{prior}+{variant}"] = network(prior, variant)
     return networks
+
+
+class _WindowedGradientConv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose gradients come from :func:`bclib.layers.conv_gradient.conv2d` (the
+    ``"windowed"`` rows): zero padding given as ints and one group, as LeNet-5-Caffe's."""
+
+    def _conv_forward(self, input, weight, bias):
+        if self.groups != 1 or self.padding_mode != "zeros" or isinstance(self.padding, str):
+            raise ValueError("the windowed rows need convolutions of one group with zero padding given as ints")
+        return conv_gradient.conv2d(input, weight, bias, self.stride, self.padding, self.dilation)
+
+
+def _weight_gradient_route(row: str):
+    """Where a row's convolution weight gradients come from while it is timed: all from oneDNN for
+    the ``"onednn"`` rows, as the layers choose otherwise."""
+    return (conv_gradient.windowed_weight_gradients(False) if row.endswith("+onednn")
+            else contextlib.nullcontext())
 
 
 def _baseline(row: str) -> str:
@@ -549,14 +585,16 @@ def _time_train_steps(steps, repeats, batch_size, priors, model_names, variants)
         steppers = {key: _train_step(model, x, y, config)
                     for key, (model, config) in _networks(name, priors, variants).items()}
         times: dict[str, list[float]] = {key: [] for key in steppers}
-        for stepper in steppers.values():
-            stepper()  # warm-up
+        for key, stepper in steppers.items():
+            with _weight_gradient_route(key):
+                stepper()  # warm-up
         for _ in range(repeats):
             for key, stepper in steppers.items():
-                start = time.perf_counter()
-                for _ in range(steps):
-                    stepper()
-                times[key].append((time.perf_counter() - start) / steps)
+                with _weight_gradient_route(key):
+                    start = time.perf_counter()
+                    for _ in range(steps):
+                        stepper()
+                    times[key].append((time.perf_counter() - start) / steps)
         medians = {key: statistics.median(values) for key, values in times.items()}
         result[name] = {key: {"step_ms": 1e3 * value, "ratio": value / medians[_baseline(key)]}
                         for key, value in medians.items()}
@@ -622,7 +660,8 @@ def run_epoch_bench(data_root=None, *, model_names=("lenet300", "lenet5"), prior
         for name in model_names:
             rows = {}
             for key, (model, config) in _networks(name, (prior,), variants).items():
-                seconds = fit(model, train, test, config, progress=False)[0]["seconds"]
+                with _weight_gradient_route(key):
+                    seconds = fit(model, train, test, config, progress=False)[0]["seconds"]
                 rows[key] = {"seconds": seconds * full / len(train)}
             for key, row in rows.items():
                 row["ratio"] = row["seconds"] / rows[_baseline(key)]["seconds"]

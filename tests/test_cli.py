@@ -60,7 +60,7 @@ def test_help_lists_the_commands():
 @pytest.mark.parametrize("command, options", [
     ("train", ["--model", "--prior", "--out", "--fast", "--init-from", "--epochs", "--variance-dtype", "--autocast",
                "--memory-format"]),
-    ("bench", ["--out", "--threads", "--run", "--results", "--trials", "--keep-freed-memory"]),
+    ("bench", ["--out", "--threads", "--variants", "--run", "--results", "--trials", "--keep-freed-memory"]),
     ("compress", ["--thresholds", "--data"]),
     ("fine-tune", ["--out", "--epochs", "--seeds", "--data"]),
     ("prune-layers", ["--out", "--epochs", "--seeds", "--take", "--tolerance", "--allowed-error", "--cut-fraction",

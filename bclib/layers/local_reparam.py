@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .conv_gradient import conv2d_backward
+
 __all__ = ["sample_linear", "sample_conv2d"]
 
 # Added to the pre-activation variance so the square root and its gradient stay finite at v = 0.
@@ -204,12 +206,11 @@ class _Conv2dSample(torch.autograd.Function):
                 grad_scale = _spatial_dot(grad, mean_conv)
                 grad_scale.addcmul_(scale, _spatial_dot(grad_var, var_conv), value=2.0)
             grad_mean_conv, grad_var_conv = grad * z, grad_var.mul_(z * z)
-        weight_args = (*ctx.conv_args, False, (0, 0), 1)
-        grad_x_mean, grad_mu, _ = torch.ops.aten.convolution_backward(
-            grad_mean_conv.to(x.dtype), x, weight_mu, None, *weight_args, (need_x, need_mu, False))
-        grad_x_var, grad_logvar, _ = torch.ops.aten.convolution_backward(
-            grad_var_conv.to(ctx.variance_dtype), x_squared, weight_var_low, None, *weight_args,
-            (need_x, need_logvar, False))
+        # Each product's weight gradient may take the windowed route (conv_gradient), for few terms per output.
+        grad_x_mean, grad_mu = conv2d_backward(grad_mean_conv.to(x.dtype), x, weight_mu, ctx.conv_args, need_x,
+                                               need_mu)
+        grad_x_var, grad_logvar = conv2d_backward(grad_var_conv.to(ctx.variance_dtype), x_squared, weight_var_low,
+                                                  ctx.conv_args, need_x, need_logvar)
         if need_mu:
             grad_mu = grad_mu.to(dtype)
         if need_logvar:

@@ -1,0 +1,131 @@
+r"""Weight gradients of convolutions with few terms per output, from the input's windows.
+
+A 2-d convolution's weight gradient sums, over examples and output positions, the output gradient
+times the input window under the kernel:
+
+.. math::
+    \frac{\partial L}{\partial W} = \sum_n g_n X_n^\top ,
+
+with :math:`g_n` example ``n``'s output gradient, shape ``(out_channels, H_out W_out)``, and
+:math:`X_n` its input windows, shape ``(in_channels kh kw, H_out W_out)`` (what ``F.unfold``
+returns). When each output sums few terms (LeNet-5's first convolution: one channel, 5 x 5), the
+products are small and oneDNN, PyTorch's CPU convolution library, computes this gradient slowly in
+the default NCHW layout: on the AMD EPYC processors of this project about three times slower than
+reading the windows through strides and doing one batched matrix product, and slower than the
+convolution's own forward pass. :func:`conv2d_backward` takes that route for such convolutions
+and leaves every other gradient to oneDNN (with more terms, or in the channels-last layout, its
+own is as fast or faster). The values are the same sums in another order.
+
+The Bayesian convolutions (:mod:`.local_reparam`) use it for both of their products, the mean's
+and the variance's. ``python -m bclib bench layers`` times them with oneDNN's gradients too
+(:func:`windowed_weight_gradients`), and a deterministic network given the same gradients
+(:func:`conv2d`), so the speed-up is not credited to the Bayesian layers alone.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["WINDOWED_WEIGHT_GRADIENT_TERMS", "conv2d", "conv2d_backward", "conv2d_input_windows",
+           "conv2d_weight_gradient", "windowed_weight_gradients"]
+
+# Convolutions summing fewer terms per output than this (in_channels * kh * kw: LeNet-5's first, 25;
+# a first convolution on RGB images with 3 x 3 kernels, 27) take the windowed route.
+WINDOWED_WEIGHT_GRADIENT_TERMS = 64
+_windowed = True
+
+
+@contextlib.contextmanager
+def windowed_weight_gradients(enabled: bool):
+    """Turn the windowed route on or off inside the ``with`` block (process-wide; on by default).
+
+    For measuring what it gains: off, every weight gradient comes from oneDNN, as before it."""
+    global _windowed
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    previous, _windowed = _windowed, enabled
+    try:
+        yield
+    finally:
+        _windowed = previous
+
+
+def conv2d_input_windows(x: Tensor, kernel_size, stride, padding, dilation) -> Tensor:
+    """The windows a 2-d convolution multiplies with its kernel, as ``F.unfold`` returns them.
+
+    Read through strides (one copy), for any memory layout of ``x``.
+
+    Shape:
+        - x: ``(N, in_channels, H, W)``; ``kernel_size``, ``stride``, ``padding``, ``dilation``: pairs.
+        - Output: ``(N, in_channels * kh * kw, H_out * W_out)``, in the order of the weight's
+          flattened ``(in_channels, kh, kw)``.
+    """
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    if ph or pw:
+        x = F.pad(x, (pw, pw, ph, ph))
+    n, channels, height, width = x.shape
+    out_h, out_w = (height - dh * (kh - 1) - 1) // sh + 1, (width - dw * (kw - 1) - 1) // sw + 1
+    sn, sc, sy, sx = x.stride()
+    windows = x.as_strided((n, channels, kh, kw, out_h, out_w), (sn, sc, sy * dh, sx * dw, sy * sh, sx * sw))
+    return windows.reshape(n, channels * kh * kw, out_h * out_w)
+
+
+def conv2d_weight_gradient(grad: Tensor, x: Tensor, weight_shape, stride, padding, dilation) -> Tensor:
+    r"""``dL/dW`` of ``conv2d(x, W, None, stride, padding, dilation)`` given ``grad = dL/d out``:
+    :math:`\sum_n g_n X_n^\top` (module docstring), one batched matrix product.
+
+    Shape:
+        - grad: ``(N, out_channels, H_out, W_out)``; x: ``(N, in_channels, H, W)``.
+        - Output: ``weight_shape``, ``(out_channels, in_channels, kh, kw)``.
+    """
+    windows = conv2d_input_windows(x, weight_shape[2:], stride, padding, dilation)
+    return torch.bmm(grad.flatten(2), windows.transpose(1, 2)).sum(0).view(weight_shape)
+
+
+def _windowed_route_pays(grad: Tensor, weight: Tensor) -> bool:
+    return (_windowed and grad.device.type == "cpu" and grad.is_contiguous()
+            and weight[0].numel() < WINDOWED_WEIGHT_GRADIENT_TERMS)
+
+
+def conv2d_backward(grad: Tensor, x: Tensor, weight: Tensor, conv_args, need_x: bool, need_weight: bool):
+    """``(dL/dx, dL/dW)`` of ``conv2d(x, weight, None, *conv_args)``, ``None`` where not needed.
+
+    The weight gradient takes the windowed route (:func:`conv2d_weight_gradient`) for a convolution
+    on a CPU with fewer than :data:`WINDOWED_WEIGHT_GRADIENT_TERMS` terms per output and ``grad``
+    in the NCHW layout, unless :func:`windowed_weight_gradients` turned it off; everything else
+    comes from oneDNN. ``conv_args``: ``(stride, padding, dilation)``, each a pair.
+    """
+    windowed = need_weight and _windowed_route_pays(grad, weight)
+    grad_x = grad_weight = None
+    if need_x or (need_weight and not windowed):
+        grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+            grad, x, weight, None, *conv_args, False, (0, 0), 1, (need_x, need_weight and not windowed, False))
+    if windowed:
+        grad_weight = conv2d_weight_gradient(grad, x, weight.shape, *conv_args)
+    return grad_x, grad_weight
+
+
+class _Conv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation):
+        ctx.conv_args = (stride, padding, dilation)
+        ctx.save_for_backward(x, weight)
+        return F.conv2d(x, weight, bias, stride, padding, dilation)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_x, grad_weight = conv2d_backward(grad, x, weight, ctx.conv_args, need_x, need_weight)
+        return grad_x, grad_weight, grad.sum((0, 2, 3)) if need_bias else None, None, None, None
+
+
+def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation) -> Tensor:
+    """``F.conv2d`` (one group) whose gradients come from :func:`conv2d_backward`: a deterministic
+    convolution with the Bayesian layers' weight gradients, for comparing like with like.
+    ``stride``, ``padding``, ``dilation``: pairs of ints."""
+    return _Conv2d.apply(x, weight, bias, tuple(stride), tuple(padding), tuple(dilation))

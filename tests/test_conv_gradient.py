@@ -36,6 +36,12 @@ def test_windows_and_weight_gradient_equal_pytorchs(geometry, channels_last):
     expected = torch.nn.grad.conv2d_weight(x, weight.shape, grad, stride, padding, dilation)
     got = conv_gradient.conv2d_weight_gradient(grad, x, weight.shape, stride, padding, dilation)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    # In slices of examples: windows of 2 examples at most, then of 1 (a limit below one example's).
+    one_example = F.unfold(x[:1], kernel, dilation, padding, stride).numel()
+    for limit in (2 * one_example, 1):
+        got = conv_gradient.conv2d_weight_gradient(grad, x, weight.shape, stride, padding, dilation,
+                                                   max_window_elements=limit)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_the_windowed_convolution_has_the_gradients_of_f_conv2d():

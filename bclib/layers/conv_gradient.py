@@ -24,6 +24,7 @@ and the variance's. ``python -m bclib bench layers`` times them with oneDNN's gr
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,9 @@ __all__ = ["WINDOWED_WEIGHT_GRADIENT_TERMS", "conv2d", "conv2d_backward", "conv2
 #: Convolutions summing fewer terms per output than this (``in_channels * kh * kw``: LeNet-5's first,
 #: 25; a first convolution on RGB images with 3 x 3 kernels, 27) take the windowed route.
 WINDOWED_WEIGHT_GRADIENT_TERMS = 64
+#: The most numbers the windows of one batched product may hold (64 MiB in float32); a larger batch
+#: is taken in slices of examples, so that large images do not cost gigabytes.
+MAX_WINDOW_ELEMENTS = 1 << 24
 _windowed = True
 
 
@@ -73,16 +77,24 @@ def conv2d_input_windows(x: Tensor, kernel_size, stride, padding, dilation) -> T
     return windows.reshape(n, channels * kh * kw, out_h * out_w)
 
 
-def conv2d_weight_gradient(grad: Tensor, x: Tensor, weight_shape, stride, padding, dilation) -> Tensor:
+def conv2d_weight_gradient(grad: Tensor, x: Tensor, weight_shape, stride, padding, dilation,
+                           max_window_elements: int = MAX_WINDOW_ELEMENTS) -> Tensor:
     r"""``dL/dW`` of ``conv2d(x, W, None, stride, padding, dilation)`` given ``grad = dL/d out``:
-    :math:`\sum_n g_n X_n^\top` (module docstring), one batched matrix product.
+    :math:`\sum_n g_n X_n^\top` (module docstring), one batched matrix product per slice of
+    examples whose windows hold at most ``max_window_elements`` numbers (at least one example).
 
     Shape:
         - grad: ``(N, out_channels, H_out, W_out)``; x: ``(N, in_channels, H, W)``.
         - Output: ``weight_shape``, ``(out_channels, in_channels, kh, kw)``.
     """
-    windows = conv2d_input_windows(x, weight_shape[2:], stride, padding, dilation)
-    return torch.bmm(grad.flatten(2), windows.transpose(1, 2)).sum(0).view(weight_shape)
+    per_example = math.prod(weight_shape[1:]) * grad[0, 0].numel()
+    step = max(1, max_window_elements // per_example)
+    total = None
+    for start in range(0, x.shape[0], step):
+        windows = conv2d_input_windows(x[start:start + step], weight_shape[2:], stride, padding, dilation)
+        part = torch.bmm(grad[start:start + step].flatten(2), windows.transpose(1, 2)).sum(0)
+        total = part if total is None else total.add_(part)
+    return total.view(weight_shape)
 
 
 def _windowed_route_pays(grad: Tensor, weight: Tensor) -> bool:

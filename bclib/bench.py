@@ -34,7 +34,8 @@ from . import models, tables
 from ._allocator import freed_memory_kept, keep_freed_memory
 from .compression import CompressedModel, compress, propose_thresholds
 from .experiments import PAPER_ARCHITECTURES
-from .layers import BayesianLayer, conv_gradient, LinearGroupHS, LinearGroupNJ, bayesian_layers, kl_divergence, set_variance_dtype
+from .layers import (BayesianLayer, LinearGroupHS, LinearGroupNJ, bayesian_layers, conv_gradient, kl_divergence,
+                     set_variance_dtype)
 from .train import TrainConfig, _batch_in_memory_format, _to_memory_format
 
 __all__ = ["run_compression_bench", "run_compression_bench_from_run", "run_compression_trials", "summarise_trials",

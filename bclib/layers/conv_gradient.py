@@ -10,11 +10,13 @@ with :math:`g_n` example ``n``'s output gradient, shape ``(out_channels, H_out W
 :math:`X_n` its input windows, shape ``(in_channels kh kw, H_out W_out)`` (what ``F.unfold``
 returns). When each output sums few terms (LeNet-5's first convolution: one channel, 5 x 5), the
 products are small and oneDNN, PyTorch's CPU convolution library, computes this gradient slowly in
-the default NCHW layout: on the AMD EPYC processors of this project about three times slower than
-reading the windows through strides and doing one batched matrix product, and slower than the
-convolution's own forward pass. :func:`conv2d_backward` takes that route for such convolutions
-and leaves every other gradient to oneDNN (with more terms, or in the channels-last layout, its
-own is as fast or faster). The values are the same sums in another order.
+the default NCHW layout, more slowly than reading the windows through strides and doing one
+batched matrix product (on the AMD EPYC of family 25 where it was measured, taking that route
+for this one gradient takes a sixth off a deterministic LeNet-5-Caffe training step:
+``python -m bclib bench layers``, row ``none+windowed``). :func:`conv2d_backward` takes that route
+for such convolutions and leaves every other gradient to oneDNN (with more terms, or in the
+channels-last layout, oneDNN's was as fast or faster there). The values are the same sums in
+another order.
 
 The Bayesian convolutions (:mod:`.local_reparam`) use it for both of their products, the mean's
 and the variance's. ``python -m bclib bench layers`` times them with oneDNN's gradients too

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["WINDOWED_WEIGHT_GRADIENT_TERMS", "conv2d", "conv2d_backward", "conv2d_input_windows",
-           "conv2d_weight_gradient", "windowed_weight_gradients"]
+__all__ = ["WINDOWED_WEIGHT_GRADIENT_TERMS", "MAX_WINDOW_ELEMENTS", "conv2d", "conv2d_backward",
+           "conv2d_input_windows", "conv2d_weight_gradient", "windowed_weight_gradients"]
 
 #: Convolutions summing fewer terms per output than this (``in_channels * kh * kw``: LeNet-5's first,
 #: 25; a first convolution on RGB images with 3 x 3 kernels, 27) take the windowed route.

@@ -119,3 +119,20 @@ def glibc() -> bool:
         return os.confstr("CS_GNU_LIBC_VERSION") is not None
     except (ValueError, OSError, AttributeError):
         return False
+
+
+@pytest.fixture
+def windowed_calls(monkeypatch) -> list:
+    """The weight shapes of the calls of the windowed convolution weight gradient, in order (the
+    function still runs)."""
+    from bclib.layers import conv_gradient
+
+    calls = []
+    original = conv_gradient.conv2d_weight_gradient
+
+    def counted(*args, **kwargs):
+        calls.append(args[2])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(conv_gradient, "conv2d_weight_gradient", counted)
+    return calls

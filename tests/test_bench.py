@@ -7,7 +7,6 @@ import torch
 from bclib import bench, models, tables
 from bclib._allocator import freed_memory_kept
 from bclib.compression import compress
-from bclib.layers import conv_gradient
 
 
 def test_paper_lenet5_has_the_papers_architecture():
@@ -158,10 +157,7 @@ def test_layers_bench_ratios_are_relative_to_the_deterministic_network():
         bench.run_layers_bench(steps=1, repeats=1, batch_size=8, model_names=("lenet300",), variants=("fp8",))
 
 
-def test_layers_bench_weighs_the_windowed_weight_gradients(monkeypatch):
-    calls = []
-    original = conv_gradient.conv2d_weight_gradient
-    monkeypatch.setattr(conv_gradient, "conv2d_weight_gradient", lambda *args: calls.append(args[2]) or original(*args))
+def test_layers_bench_weighs_the_windowed_weight_gradients(windowed_calls):
     rows = bench.run_layers_bench(steps=1, repeats=1, batch_size=4, priors=("nj",), model_names=("lenet5",),
                                   threads=1, variants=("onednn", "windowed"), verbose=False)["lenet5"]
     assert list(rows) == ["none", "none+windowed", "nj", "nj+onednn"]
@@ -170,7 +166,7 @@ def test_layers_bench_weighs_the_windowed_weight_gradients(monkeypatch):
     # A warm-up step and a timed one each: only the first convolution (25 terms per output) goes the
     # windowed way, once a step in none+windowed, twice (mean and variance) in nj, never in none and
     # nj+onednn.
-    assert calls == [(20, 1, 5, 5)] * 6
+    assert windowed_calls == [(20, 1, 5, 5)] * 6
     # LeNet-300-100 has no convolution: no such rows.
     rows = bench.run_layers_bench(steps=1, repeats=1, batch_size=4, priors=("nj",), model_names=("lenet300",),
                                   threads=1, variants=("onednn", "windowed"), verbose=False)["lenet300"]

@@ -59,20 +59,6 @@ def test_the_windowed_convolution_has_the_gradients_of_f_conv2d():
         torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-12, atol=1e-12)
 
 
-@pytest.fixture
-def windowed_calls(monkeypatch):
-    """Counts the calls of the windowed weight gradient (the function, still run)."""
-    calls = []
-    original = conv_gradient.conv2d_weight_gradient
-
-    def counted(*args):
-        calls.append(args[2])
-        return original(*args)
-
-    monkeypatch.setattr(conv_gradient, "conv2d_weight_gradient", counted)
-    return calls
-
-
 def _bayesian_conv_gradients(in_channels, channels_last=False):
     """The parameters' gradients of one sampled Bayesian convolution with a group scale."""
     torch.manual_seed(0)

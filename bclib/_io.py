@@ -16,6 +16,8 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> P
     result gets the usual permissions (``0666`` less the umask), not ``mkstemp``'s private ``0600``.
     """
     path = Path(path)
+    if path.is_dir():  # else the rename fails naming the temporary file, which would puzzle
+        raise IsADirectoryError(f"path {str(path)!r} is a folder; give the path of a file to write (one inside it, say)")
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     os.close(handle)

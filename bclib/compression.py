@@ -113,10 +113,16 @@ def exponent_bits(max_abs_weight: float) -> int:
 def quantize(weight: Tensor, bits: int) -> Tensor:
     """Integer grid indices ``q = round(w / 2^-bits)`` (int64); the reduced weight is ``q 2^-bits``.
 
+    Args:
+        weight: the weights to round (any shape; read, not changed).
+        bits: mantissa bits, an int in ``0 ... MAX_MANTISSA_BITS`` (the grid step is ``2^-bits``).
+
     Raises:
-        ValueError: for a NaN or infinite weight, or one whose index would not fit in 62 bits (the
-            widest the file stores; int64 would wrap around silently).
+        ValueError: ``bits`` outside that range; a NaN or infinite weight, or one whose index would
+            not fit in 62 bits (the widest the file stores; int64 would wrap around silently).
     """
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not 0 <= bits <= MAX_MANTISSA_BITS:
+        raise ValueError(f"bits must be an int in 0..{MAX_MANTISSA_BITS}, got {bits!r}")
     scaled = torch.round(weight.detach().to(torch.float64) * math.ldexp(1.0, bits))
     if scaled.numel() and not bool(scaled.abs().max() < 2.0**62):  # False for NaN too
         raise ValueError(f"weights must be finite with |w| 2^bits < 2^62 to round on the grid of {bits} bits, got "
@@ -437,7 +443,11 @@ def weight_masks(model: nn.Module, thresholds, input_shape=None) -> dict[str, Te
     """Boolean keep-mask, shaped like the weight, of every Bayesian layer: what :func:`compress`
     keeps, without building the export (cheap enough to call every epoch, e.g. for the animations).
 
-    Arguments as :func:`compress`. Returns ``{module name: mask}`` in layer order.
+    Args:
+        model, thresholds, input_shape: as for :func:`compress`.
+
+    Returns:
+        ``{module name: mask}`` in layer order.
     """
     layers, alive, columns = _Structure.of(model, input_shape).pruned(thresholds)
     return {layer.name: _weight_mask(layer, columns[k], alive[k + 1]) for k, layer in enumerate(layers)}
@@ -501,7 +511,9 @@ def compress(model: nn.Module, thresholds, input_shape=None) -> "CompressedModel
 
     Returns:
         A :class:`CompressedModel`: ``.model`` (plain, eval mode, on the CPU), ``.report``,
-        ``.reduced_precision_model()``, ``.save(path)``, ``.masks``.
+        ``.reduced_precision_model()``, ``.save(path)``, ``.masks``. The plain model runs a ReLU
+        followed by max-pooling as pooling then ReLU (the same values, a quarter of the work), so
+        its module indices there differ from the source network's.
 
     In eval mode ``.model`` computes what the *masked* Bayesian model computes
     (:func:`apply_masks`: pruned weights and biases of pruned units zeroed), up to float
@@ -765,7 +777,19 @@ def apply_masks(model: nn.Module, masks: dict[str, tuple[Tensor, Tensor]]) -> nn
     """A deep copy of ``model`` with ``layer.mask_(weight_mask, bias_mask)`` applied to each named Bayesian layer.
 
     This is the *masked Bayesian model* whose eval-mode predictions the exported model reproduces.
+
+    Args:
+        model: the Bayesian network (left unchanged).
+        masks: ``{layer name: (weight_mask, bias_mask)}``, as :attr:`CompressedModel.masks` holds them.
+
+    Raises:
+        ValueError: a name in ``masks`` that is not a Bayesian layer of ``model``.
     """
+    layers = dict(bayesian_layers(model))
+    unknown = sorted(set(masks) - set(layers))
+    if unknown:
+        raise ValueError(f"masks names layers that are not Bayesian layers of model: {unknown}; "
+                         f"its Bayesian layers are {sorted(layers)}")
     masked = copy.deepcopy(model)
     modules = dict(masked.named_modules())
     for name, (weight_mask, bias_mask) in masks.items():
@@ -1320,12 +1344,20 @@ def threshold_sweep(model: nn.Module, thresholds_grid, x: Tensor, y: Tensor, inp
         thresholds_grid: an iterable whose entries are anything :func:`compress` accepts as
             ``thresholds`` (one number for all layers, a list, or a dict).
         x, y: evaluation inputs and labels.
+        input_shape: as for :func:`compress`.
 
     Returns:
         A list with one dict per entry, holding ``thresholds`` (as given), ``error`` (exported
         float32 model), ``error_reduced_precision``, ``compression_pruning``, ``compression_precision``,
         ``compression_sparse``, ``weights_kept``, ``architecture``, ``flop_reduction``.
+
+    Raises:
+        TypeError: ``thresholds_grid`` is a single number or string, not a collection of entries.
     """
+    if isinstance(thresholds_grid, (numbers.Number, str)) or (isinstance(thresholds_grid, Tensor)
+                                                              and thresholds_grid.dim() == 0):
+        raise TypeError(f"thresholds_grid must be a collection of thresholds entries, e.g. [-4.0, -3.0, -2.0] "
+                        f"(one entry per compression), got {thresholds_grid!r}")
     structure = _Structure.of(model, input_shape)
     rows = []
     for thresholds in thresholds_grid:
@@ -1381,14 +1413,22 @@ def select_thresholds(model: nn.Module, x: Tensor, y: Tensor, *, tolerance: floa
 
     Returns:
         One threshold per Bayesian layer, in forward order.
+
+    Raises:
+        ValueError: ``tolerance`` not a number in [0, 1), ``max_candidates`` not an int >= 2, or a key
+            of ``fixed`` that is not the index of a Bayesian layer (0 ... layers - 1).
     """
-    if not 0 <= tolerance < 1:
-        raise ValueError(f"tolerance must be in [0, 1), got {tolerance!r}")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) or not 0 <= tolerance < 1:
+        raise ValueError(f"tolerance must be a number in [0, 1), got {tolerance!r}")
     if isinstance(max_candidates, bool) or not isinstance(max_candidates, int) or max_candidates < 2:
         raise ValueError(f"max_candidates must be an int >= 2, got {max_candidates!r}")
     structure = _Structure.of(model, input_shape)  # the Bayesian layers in the order forward runs them
     signals = [structure.leaves[i][1].log_alpha().detach().flatten().float().cpu() for i in structure.weighted_at]
     fixed = dict(fixed or {})
+    unknown = [key for key in fixed if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key < len(signals)]
+    if unknown:
+        raise ValueError(f"fixed must map Bayesian layer indices 0 ... {len(signals) - 1} (forward order) to "
+                         f"thresholds, got keys {unknown}")
     keep_all = [float(s.max()) + 1.0 for s in signals]
     thresholds = [fixed.get(i, keep_all[i]) for i in range(len(signals))]
 

@@ -50,6 +50,10 @@ class TensorSplit:
     y: Tensor
 
     def __post_init__(self) -> None:
+        if not isinstance(self.x, Tensor) or not isinstance(self.y, Tensor):
+            raise TypeError(f"x and y must be torch.Tensors, got {type(self.x).__name__} and {type(self.y).__name__}")
+        if self.y.dim() != 1:
+            raise ValueError(f"y must be a 1-d tensor of labels, shape (N,), got shape {tuple(self.y.shape)}")
         if len(self.x) != len(self.y):
             raise ValueError(f"x and y must hold the same number of examples, got {len(self.x)} and {len(self.y)}")
 
@@ -180,7 +184,17 @@ def cifar10_tensors(dataset, input_range=(-1.0, 1.0)) -> TensorSplit:
 
 def load_cifar10(root: str | os.PathLike | None = None, *, download: bool = True,
                  device: torch.device | str | None = None) -> tuple[TensorSplit, TensorSplit]:
-    """CIFAR-10 train and test splits through ``torchvision.datasets.CIFAR10`` (needs a download)."""
+    """CIFAR-10 train (50000) and test (10000) splits through ``torchvision.datasets.CIFAR10``, as
+    tensors of shape (N, 3, 32, 32) (see :func:`cifar10_tensors` for the scaling).
+
+    Args:
+        root: data root holding ``cifar-10-batches-py/`` (see :func:`data_root`).
+        download: try to download missing files.
+        device: where to keep the tensors (e.g. ``"cuda"`` to batch on the GPU).
+
+    Raises:
+        FileNotFoundError: the files are missing and cannot be downloaded; the message names the folder.
+    """
     import torchvision
 
     root = data_root(root)
@@ -196,7 +210,25 @@ def load_cifar10(root: str | os.PathLike | None = None, *, download: bool = True
 
 def batches(split: TensorSplit, batch_size: int, *, shuffle: bool = False,
             generator: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield ``(x, y)`` minibatches by indexing the in-memory tensors (the last batch may be smaller)."""
+    """Yield ``(x, y)`` minibatches by indexing the in-memory tensors (the last batch may be smaller).
+
+    Args:
+        split: the examples.
+        batch_size: examples per batch, a positive int.
+        shuffle: draw the order with ``torch.randperm`` (with ``generator``) instead of keeping it.
+        generator: the random generator of the shuffle (``None``: PyTorch's default one).
+
+    Raises:
+        ValueError: ``batch_size`` not a positive int.
+    """
+    # Checked here, not in the generator, so that a bad size fails at the call, before any work.
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    return _batches(split, batch_size, shuffle, generator)
+
+
+def _batches(split: TensorSplit, batch_size: int, shuffle: bool,
+             generator: torch.Generator | None) -> Iterator[tuple[Tensor, Tensor]]:
     n = len(split)
     if shuffle:
         order = torch.randperm(n, generator=generator).to(split.x.device)

@@ -6,6 +6,7 @@ Every model is an ``nn.Sequential`` (so :func:`bclib.compress` can walk it layer
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from typing import Callable, Iterable
 
@@ -13,7 +14,8 @@ import torch
 from torch import nn
 
 from .layers import Conv2dGroupHS, Conv2dGroupNJ, Conv2dSVD, HorseshoeGlobalScale, LinearGroupHS, LinearGroupNJ, LinearSVD
-from .layers.base import check_padding
+from .layers.base import check_padding, check_positive_int
+from .layers.hs import DEFAULT_TAU0
 
 __all__ = ["PRIORS", "lenet_300_100", "lenet5_caffe", "vgg_cifar", "build_model", "bayesian_from_pretrained",
            "to_bayesian", "MODELS"]
@@ -30,6 +32,10 @@ _LAYERS = {
 def _layer_factories(prior, tau0=None, shared_scale=False) -> tuple[Callable, Callable]:
     """``(linear, conv)`` constructors for ``prior``; ``clip_var`` is dropped for deterministic layers."""
     if prior is None:
+        if tau0 is not None or shared_scale:
+            raise ValueError(f"tau0 and shared_scale set the horseshoe's global scale (prior 'hs'); a deterministic "
+                             f"network (prior None) has none, got tau0={tau0!r}, shared_scale={shared_scale!r}")
+
         def linear(i, o, clip_var=None, **kw):
             return nn.Linear(i, o, **kw)
 
@@ -40,9 +46,16 @@ def _layer_factories(prior, tau0=None, shared_scale=False) -> tuple[Callable, Ca
     if prior not in _LAYERS:
         raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
     linear_cls, conv_cls = _LAYERS[prior]
+    if not isinstance(shared_scale, bool):
+        raise TypeError(f"shared_scale must be True or False, got {shared_scale!r}")
     if prior != "hs":
+        if tau0 is not None or shared_scale:
+            raise ValueError(f"tau0 and shared_scale set the horseshoe's global scale (prior 'hs'); "
+                             f"prior {prior!r} has none, got tau0={tau0!r}, shared_scale={shared_scale!r}")
         return linear_cls, conv_cls
-    extra = {"global_scale": HorseshoeGlobalScale(tau0 or 1e-5)} if shared_scale else ({"tau0": tau0} if tau0 else {})
+    # tau0 is checked by the layers (a positive float); None means their default.
+    extra = ({"global_scale": HorseshoeGlobalScale(DEFAULT_TAU0 if tau0 is None else tau0)} if shared_scale
+             else {} if tau0 is None else {"tau0": tau0})
 
     def linear(i, o, **kw):
         return linear_cls(i, o, **extra, **kw)
@@ -58,8 +71,12 @@ def lenet_300_100(prior="nj", *, tau0: float | None = None, shared_scale: bool =
 
     Args:
         prior: ``"nj"``, ``"hs"``, ``"svd"`` or ``None``.
-        tau0: horseshoe global scale (``"hs"`` only; default 1e-5).
+        tau0: horseshoe global scale (``"hs"`` only; ``None``: 1e-5).
         shared_scale: ``"hs"`` only: one global scale for the whole network instead of one per layer.
+
+    Raises:
+        ValueError: an unknown ``prior``, a ``tau0`` that is not positive, or ``tau0`` /
+            ``shared_scale`` given for a prior other than ``"hs"``.
     """
     linear, _ = _layer_factories(prior, tau0, shared_scale)
     model = nn.Sequential(
@@ -73,7 +90,14 @@ def lenet_300_100(prior="nj", *, tau0: float | None = None, shared_scale: bool =
 
 
 def lenet5_caffe(prior="nj", *, tau0: float | None = None, shared_scale: bool = False) -> nn.Sequential:
-    """LeNet-5-Caffe for MNIST: conv 20@5x5 - maxpool 2 - conv 50@5x5 - maxpool 2 - fc 800->500 - fc 500->10."""
+    """LeNet-5-Caffe for MNIST: conv 20@5x5 - maxpool 2 - conv 50@5x5 - maxpool 2 - fc 800->500 - fc 500->10.
+
+    Args:
+        prior, tau0, shared_scale: as in :func:`lenet_300_100`.
+
+    Raises:
+        ValueError: as :func:`lenet_300_100`.
+    """
     linear, conv = _layer_factories(prior, tau0, shared_scale)
     model = nn.Sequential(
         conv(1, 20, 5), nn.ReLU(), nn.MaxPool2d(2),
@@ -98,8 +122,17 @@ def vgg_cifar(prior="nj", *, num_classes: int = 10, width: float = 1.0, tau0: fl
         prior: ``"nj"``, ``"hs"``, ``"svd"`` or ``None``.
         num_classes: outputs of the last layer.
         width: multiplies every hidden layer's width, not the output's (``width=0.125`` gives a small
-            copy for tests).
+            copy for tests); a positive number, each layer keeping at least one unit.
+        tau0, shared_scale: horseshoe only, as in :func:`lenet_300_100`.
+
+    Raises:
+        TypeError: ``num_classes`` not an int, ``shared_scale`` not a bool.
+        ValueError: an unknown ``prior``, ``num_classes`` not positive, ``width`` not a positive
+            number, or ``tau0`` / ``shared_scale`` given for a prior other than ``"hs"``.
     """
+    check_positive_int("num_classes", num_classes)
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not math.isfinite(width) or width <= 0:
+        raise ValueError(f"width must be a positive number, got {width!r}")
     linear, conv = _layer_factories(prior, tau0, shared_scale)
     layers: list[nn.Module] = []
     channels = 3
@@ -181,8 +214,9 @@ def to_bayesian(module: nn.Module, prior: str, *, exclude: Iterable[str] = (), c
         The converted copy, on the device and in the dtype and training mode of ``module``.
 
     Raises:
-        TypeError: ``module`` is not an ``nn.Module``.
+        TypeError: ``module`` is not an ``nn.Module``; ``exclude`` is a string (give a list of names).
         ValueError: an unknown ``prior``, a name in ``exclude`` that is not a module of ``module``,
+            ``tau0`` / ``shared_scale`` given for a prior other than ``"hs"``,
             or a convolution the Bayesian layers cannot express (``groups`` other than 1, a
             ``padding_mode`` other than ``"zeros"``, ``padding="same"`` that is not symmetric).
 
@@ -195,6 +229,9 @@ def to_bayesian(module: nn.Module, prior: str, *, exclude: Iterable[str] = (), c
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
     if prior not in _LAYERS:
         raise ValueError(f"prior must be one of {tuple(_LAYERS)}, got {prior!r}")
+    if isinstance(exclude, str):
+        # set("fc1") would be the letters: a common slip, refused rather than misread.
+        raise TypeError(f"exclude must be a collection of layer names, e.g. [{exclude!r}], got the string {exclude!r}")
     exclude = set(exclude)
     names = {name for name, _ in module.named_modules(remove_duplicate=False)}
     if not exclude <= names:

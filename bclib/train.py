@@ -120,6 +120,12 @@ class TrainConfig:
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__} {self.seed!r}")
         if not 0 <= self.seed < 2**32:  # each epoch's shuffle seed, seed * 100_003 + epoch, must fit int64
             raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"device must be None or a torch device name such as 'cpu', 'cuda' or "
+                                 f"'cuda:1', got {self.device!r}") from None
         if self.variance_dtype not in VARIANCE_DTYPES:
             raise ValueError(f"variance_dtype must be one of {sorted(VARIANCE_DTYPES, key=str)}, "
                              f"got {self.variance_dtype!r}")
@@ -158,17 +164,34 @@ def elbo_loss(logits: torch.Tensor, target: torch.Tensor, kl: torch.Tensor, data
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split: TensorSplit, batch_size: int = 1000) -> dict:
-    """Error (fraction) and mean cross-entropy of ``model`` in eval mode (posterior means)."""
+    """Error (fraction) and mean cross-entropy of ``model`` in eval mode (posterior means).
+
+    Args:
+        model: a classifier returning logits ``(N, classes)``; its training mode is restored after.
+        split: the examples (moved batch by batch to the model's device).
+        batch_size: examples per forward pass, a positive int.
+
+    Returns:
+        ``{"error": fraction misclassified, "ce": mean cross-entropy in nats}``.
+    """
+    if not isinstance(split, TensorSplit):
+        raise TypeError(f"split must be a bclib.data.TensorSplit, got {type(split).__name__}")
+    if len(split) == 0:
+        raise ValueError("split must hold at least one example, got an empty split")
+    split_batches = batches(split, batch_size)  # checks batch_size before the model is touched
     was_training = model.training
     model.eval()
     wrong, total_ce = 0, 0.0
-    device = next(model.parameters()).device
-    for x, y in batches(split, batch_size):
-        logits = model(x.to(device))
-        y = y.to(device)
-        total_ce += F.cross_entropy(logits, y, reduction="sum").item()
-        wrong += (logits.argmax(1) != y).sum().item()
-    model.train(was_training)
+    # A model without parameters runs wherever its input is.
+    device = next(model.parameters(), split.x).device
+    try:
+        for x, y in split_batches:
+            logits = model(x.to(device))
+            y = y.to(device)
+            total_ce += F.cross_entropy(logits, y, reduction="sum").item()
+            wrong += (logits.argmax(1) != y).sum().item()
+    finally:
+        model.train(was_training)
     return {"error": wrong / len(split), "ce": total_ce / len(split)}
 
 
@@ -206,7 +229,15 @@ _RESUMABLE_ACROSS = ("device", "keep_freed_memory", "memory_format")
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, epoch: int, history: list,
                     config: TrainConfig | None = None) -> None:
     """Atomically write model, optimiser, epoch, history, RNG states and the config (loadable with
-    ``weights_only=True``)."""
+    ``weights_only=True``).
+
+    Args:
+        path: the file to write (replaced whole, never half-written).
+        model, optimizer: their ``state_dict()`` s are saved.
+        epoch: epochs done.
+        history: the per-epoch metrics so far (JSON-serialisable dicts).
+        config: the recipe, checked by :func:`load_checkpoint` when it is given one.
+    """
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -227,6 +258,12 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None,
 
     Loaded with ``weights_only=True``: a checkpoint never runs code. The optimiser's moments are laid
     out like ``model``'s parameters, whatever layout the checkpoint was written in.
+
+    Args:
+        path: a file written by :func:`save_checkpoint`.
+        model: the network to load into (the same architecture).
+        optimizer: loaded too when given (built over ``model``'s parameters).
+        config: the recipe of the run resuming; checked against the checkpoint's.
 
     Raises:
         ValueError: when ``config`` is given and differs from the config the checkpoint was written
@@ -320,7 +357,8 @@ def fit(model: nn.Module, train: TensorSplit, test: TensorSplit, config: TrainCo
 
     Args:
         model: any ``nn.Module``; its Bayesian layers contribute their KL.
-        train, test: in-memory splits (moved to the model's device).
+        train, test: in-memory splits (moved, with the model, to ``config.device``: CUDA when
+            available unless it says otherwise).
         config: a :class:`TrainConfig`.
         callbacks: each called as ``callback(epoch, model, metrics)`` after each epoch's evaluation,
             with the model in eval mode (the animations record here).
@@ -331,6 +369,12 @@ def fit(model: nn.Module, train: TensorSplit, test: TensorSplit, config: TrainCo
     Returns:
         A list with one dict per epoch, holding ``epoch, loss, ce, kl, beta, lr, train_error,
         test_error, test_ce, seconds``.
+
+    Raises:
+        TypeError: ``train`` or ``test`` not a :class:`bclib.data.TensorSplit`, ``config`` not a
+            :class:`TrainConfig`.
+        ValueError: an empty split; a ``checkpoint`` written for another network or recipe.
+        FloatingPointError: a non-finite loss, error or KL at the end of an epoch.
     """
     for name, value in (("train", train), ("test", test)):
         if not isinstance(value, TensorSplit):

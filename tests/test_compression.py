@@ -301,6 +301,21 @@ def test_bad_thresholds():
         compress(model, True)
 
 
+def test_bad_arguments_of_the_helpers_name_themselves(tmp_path):
+    for bits in (-1, 24, 2.0):
+        with pytest.raises(ValueError, match=f"bits must be an int in 0..23, got {bits!r}"):
+            quantize(torch.tensor([0.3]), bits)
+    model = small_conv_net()
+    with pytest.raises(ValueError, match=r"masks names layers that are not Bayesian layers of model: \['9'\]"):
+        apply_masks(model, {"9": (torch.ones(1), None)})
+    with pytest.raises(TypeError, match="thresholds_grid must be a collection of thresholds entries"):
+        threshold_sweep(model, -3.0, torch.zeros(2, 1, 12, 12), torch.zeros(2, dtype=torch.long))
+    linear = nn.Sequential(bclib.LinearGroupNJ(3, 2)).eval()
+    with pytest.raises(IsADirectoryError, match="is a folder; give the path of a file"):
+        compress(linear, 0.0).save(tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing written beside it either
+
+
 def test_bad_models():
     with pytest.raises(TypeError, match="nn.Sequential"):
         compress(bclib.LinearGroupNJ(3, 2), 0.0)
@@ -432,6 +447,11 @@ def test_select_thresholds_prunes_exactly_the_groups_the_data_does_not_need():
         two[1].z_mu.fill_(1.0)
         two[1].z_logvar.copy_(torch.tensor([-6.0, -5.0]))
     assert select_thresholds(two, x, y, tolerance=0.0, fixed={1: 3.0}) == [pytest.approx(1.0), 3.0]
+    # A key that is no layer's index would be ignored: refused, as is a tolerance that is no number.
+    with pytest.raises(ValueError, match=r"fixed must map Bayesian layer indices 0 \.\.\. 1 .*got keys \[7\]"):
+        select_thresholds(two, x, y, fixed={7: 3.0})
+    with pytest.raises(ValueError, match="tolerance must be a number in \\[0, 1\\), got '0.1'"):
+        select_thresholds(two, x, y, tolerance="0.1")
 
 
 def test_select_thresholds_follows_the_forward_order_not_the_registration_order():

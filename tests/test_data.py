@@ -199,6 +199,20 @@ def test_unshuffled_batches_are_in_order():
     assert ys == [list(range(0, 10)), list(range(10, 20)), list(range(20, 25))]
 
 
+@pytest.mark.parametrize("size", [0, -2, 2.5, True])
+def test_a_bad_batch_size_fails_at_the_call(size):
+    # At the call, not at the first batch: -2 used to yield no batch at all, silently.
+    with pytest.raises(ValueError, match=f"batch_size must be a positive int, got {size!r}"):
+        batches(_numbered_split(5), size)
+
+
+def test_a_split_is_made_of_tensors_with_one_label_per_example():
+    with pytest.raises(TypeError, match="x and y must be torch.Tensors, got list and list"):
+        TensorSplit([1, 2], [1, 2])
+    with pytest.raises(ValueError, match=r"y must be a 1-d tensor of labels, shape \(N,\), got shape \(2, 1\)"):
+        TensorSplit(torch.zeros(2, 3), torch.zeros(2, 1, dtype=torch.long))
+
+
 # ----------------------------------------------------------------------------- CIFAR-10
 def test_load_cifar10_reads_both_splits_through_torchvision_and_names_a_missing_folder(monkeypatch, tmp_path):
     """torchvision's CIFAR10 replaced by a stand-in (CIFAR-10 cannot be downloaded here): both splits

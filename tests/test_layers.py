@@ -661,6 +661,33 @@ def test_input_of_another_dtype_is_rejected_in_both_modes(spec, train):
     assert layer(inputs(spec).double()).dtype == torch.float64
 
 
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_input_that_is_not_a_tensor_is_named(spec):
+    layer = spec.make()
+    with pytest.raises(TypeError, match=rf"{type(layer).__name__}: expected the input as a torch.Tensor, got ndarray"):
+        layer(inputs(spec).numpy())
+
+
+def test_bayesian_layers_and_the_kl_need_a_module():
+    layers = [bclib.LinearGroupNJ(2, 2)]
+    with pytest.raises(TypeError, match="module must be an nn.Module .*got list"):
+        list(bclib.bayesian_layers(layers))
+    with pytest.raises(TypeError, match="module must be an nn.Module .*got list"):
+        bclib.kl_divergence(layers)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_second_derivatives_work_in_eval_mode_and_are_refused_in_training(spec):
+    """As documented: the sampling functions write first derivatives only."""
+    layer = spec.make()
+    x = inputs(spec).requires_grad_()
+    (grad,) = torch.autograd.grad(layer.eval()(x).pow(2).sum(), x, create_graph=True)
+    grad.sum().backward()  # eval mode: plain F.linear / F.conv2d, twice differentiable
+    (grad,) = torch.autograd.grad(layer.train()(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
+
+
 @pytest.mark.parametrize("make", [bclib.Conv2dGroupNJ, bclib.Conv2dGroupHS, bclib.Conv2dSVD])
 def test_conv_padding_strings_and_one_example_as_nn_conv2d(make):
     """padding='same' / 'valid' and an unbatched (C, H, W) input behave as in nn.Conv2d (eval: the posterior mean)."""

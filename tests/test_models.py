@@ -251,6 +251,11 @@ def test_to_bayesian_rejects_what_it_cannot_convert():
         bclib.to_bayesian(nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect")), "hs")
     with pytest.raises(ValueError, match="layer '0': padding='same' with kernel \\(2, 2\\)"):
         bclib.to_bayesian(nn.Sequential(nn.Conv2d(1, 2, 2, padding="same")), "nj")
+    # A string would be read as its letters ("10" as layers "1" and "0"): refused.
+    with pytest.raises(TypeError, match=r"exclude must be a collection of layer names, e\.g\. \['10'\]"):
+        bclib.to_bayesian(nn.Sequential(*[nn.Linear(2, 2) for _ in range(11)]), "nj", exclude="10")
+    with pytest.raises(ValueError, match="tau0 and shared_scale set the horseshoe's global scale.*prior 'nj'"):
+        bclib.to_bayesian(nn.Linear(2, 2), "nj", tau0=1e-3)
     # Excluded, an inexpressible convolution is simply kept.
     kept = bclib.to_bayesian(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten()), "nj", exclude=["0"])
     assert type(kept[0]) is nn.Conv2d
@@ -264,3 +269,39 @@ def test_to_bayesian_warns_about_convolutions_it_leaves_deterministic():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         bclib.to_bayesian(net, "nj", exclude=["0"])  # excluded on purpose: no warning
+
+
+@pytest.mark.parametrize("builder", [lenet_300_100, lenet5_caffe, vgg_cifar])
+def test_horseshoe_settings_are_refused_where_they_would_be_ignored(builder):
+    # Given for a prior without a global scale, or a tau0 of zero, they must not pass silently.
+    for prior in ("nj", "svd", None):
+        with pytest.raises(ValueError, match="tau0 and shared_scale set the horseshoe's global scale"):
+            builder(prior, tau0=1e-3)
+        with pytest.raises(ValueError, match="tau0 and shared_scale set the horseshoe's global scale"):
+            builder(prior, shared_scale=True)
+    for shared in (False, True):
+        with pytest.raises(ValueError, match="tau0 must be a positive finite number, got 0"):
+            builder("hs", tau0=0, shared_scale=shared)
+    with pytest.raises(TypeError, match="shared_scale must be True or False, got 1"):
+        builder("hs", shared_scale=1)
+
+
+def test_horseshoe_tau0_reaches_every_layer_whether_shared_or_not():
+    per_layer = [layer.tau0 for _, layer in bclib.bayesian_layers(lenet5_caffe("hs", tau0=1e-3))]
+    shared = {id(layer.global_scale) for _, layer in bclib.bayesian_layers(lenet5_caffe("hs", tau0=1e-3,
+                                                                                         shared_scale=True))}
+    assert per_layer == [1e-3] * 4
+    assert len(shared) == 1
+    assert lenet5_caffe("hs", tau0=1e-3, shared_scale=True)[0].global_scale.tau0 == 1e-3
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"width": 0}, ValueError, "width must be a positive number, got 0"),
+    ({"width": -1.0}, ValueError, "width must be a positive number, got -1.0"),
+    ({"width": "a"}, ValueError, "width must be a positive number, got 'a'"),
+    ({"num_classes": 0}, ValueError, "num_classes must be a positive int, got 0"),
+    ({"num_classes": 2.0}, TypeError, "num_classes must be a positive int, got float"),
+])
+def test_vgg_arguments_are_checked(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        vgg_cifar("nj", **kwargs)

@@ -410,6 +410,31 @@ def test_config_type_errors_name_the_field(field, value):
         TrainConfig(**{field: value})
 
 
+def test_config_rejects_a_device_torch_does_not_know():
+    with pytest.raises(ValueError, match="device must be None or a torch device name .*got 'gpu'"):
+        TrainConfig(device="gpu")
+    assert TrainConfig(device="cuda:1").device == "cuda:1"  # checked by name, not by presence
+
+
+def test_evaluate_checks_first_and_leaves_the_mode_as_it_found_it():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2)).train()
+    split = TensorSplit(torch.zeros(3, 1, 2, 2), torch.tensor([0, 1, 1]))
+    with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
+        evaluate(model, split, batch_size=0)
+    assert model.training
+    # Zero weights, bias favouring class 1: two of three right, cross-entropy -log(e / (1 + e)).
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.tensor([0.0, 1.0]))
+    result = evaluate(model, split)
+    assert result["error"] == pytest.approx(1 / 3)
+    assert result["ce"] == pytest.approx((2 * math.log(1 + math.e) - 2 + math.log(1 + math.e)) / 3)
+    assert model.training
+    # A model without parameters runs where its input is.
+    identity = evaluate(nn.Flatten(), TensorSplit(torch.tensor([[0.0, 1.0], [2.0, 0.0]]), torch.tensor([1, 0])))
+    assert identity["error"] == 0.0
+
+
 def test_fit_names_arguments_of_the_wrong_type():
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
     split = TensorSplit(torch.zeros(4, 1, 2, 2), torch.zeros(4, dtype=torch.long))

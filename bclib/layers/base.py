@@ -94,10 +94,14 @@ class BayesianLayer(nn.Module):
     * :meth:`kl_divergence` -- KL(q || p) of all its variational parameters, a scalar in nats;
     * :meth:`log_alpha` -- the pruning signal: per group (NJ, HS) or per weight (Sparse VD);
     * :meth:`posterior_weight` -- ``(mean, variance)`` of the effective weight, shaped like the weight;
-    * :meth:`clip_variances` -- clamps the weight variances to ``clip_var`` (called after each step).
+    * :meth:`clip_variances` -- clamps the weight variances to ``clip_var``. The forward pass does
+      not: :func:`bclib.train.fit` calls it after each optimiser step, and a training loop of your
+      own must too (``for _, layer in bclib.bayesian_layers(model): layer.clip_variances()``).
 
     ``train()`` mode samples pre-activations (local reparameterisation); ``eval()`` mode is the
-    deterministic forward pass with the posterior-mean weights.
+    deterministic forward pass with the posterior-mean weights. Training mode can be differentiated
+    once (its gradients are written out, :mod:`bclib.layers.local_reparam`): a second derivative
+    through it (gradient penalties, Hessian-vector products) raises; in eval mode it works.
 
     Args, Shape: those of the concrete layer (:class:`bclib.LinearGroupNJ`, :class:`bclib.Conv2dGroupHS`, ...).
 
@@ -188,6 +192,8 @@ def bayesian_layers(module: nn.Module) -> Iterator[tuple[str, BayesianLayer]]:
         >>> [name for name, _ in bayesian_layers(model)]
         ['0']
     """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module (a network or a layer), got {type(module).__name__}")
     for name, child in module.named_modules():
         if isinstance(child, BayesianLayer):
             yield name, child
@@ -292,6 +298,7 @@ class _LinearGeometry:
         return False  # any leading dimensions are batch dimensions
 
     def _check_input(self, x: Tensor) -> None:
+        _check_input_is_tensor(self, x)
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"{type(self).__name__}: expected input with {self.in_features} features in the last "
@@ -309,6 +316,12 @@ class _LinearGeometry:
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias_mu is not None}" + _clip_repr(self) + self._prior_repr()
         )
+
+
+def _check_input_is_tensor(layer: nn.Module, x) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{type(layer).__name__}: expected the input as a torch.Tensor, got {type(x).__name__} "
+                        f"(torch.as_tensor converts a NumPy array)")
 
 
 def _check_input_dtype(layer: nn.Module, x: Tensor) -> None:
@@ -359,6 +372,7 @@ class _Conv2dGeometry:
                              self.stride, self.padding, self.dilation, self.variance_dtype)
 
     def _check_input(self, x: Tensor) -> None:
+        _check_input_is_tensor(self, x)
         if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
             raise ValueError(
                 f"{type(self).__name__}: expected input of shape (N, {self.in_channels}, H, W) or "

@@ -180,9 +180,11 @@ class LinearGroupHS(_LinearGeometry, _GroupHS):
     Args:
         in_features, out_features, bias: as ``nn.Linear``.
         init_weight, init_bias: optional tensors to start from (``E[w]`` equals them at start).
-        clip_var: optional upper bound on the variances of ``w~``.
+        clip_var: optional upper bound on the variances of ``w~`` (applied by
+            :meth:`clip_variances`, which a training loop calls after each optimiser step, as
+            :func:`bclib.train.fit` does).
         tau0: scale of the global half-Cauchy prior (default ``1e-5``); with a shared
-            ``global_scale`` it is taken from there.
+            ``global_scale`` it is taken from there (another value raises ``ValueError``).
         global_scale: ``None`` for a scale of this layer alone, or a :class:`HorseshoeGlobalScale`
             shared with other layers.
 
@@ -213,7 +215,7 @@ class Conv2dGroupHS(_Conv2dGeometry, _GroupHS):
         init_weight, init_bias, clip_var, tau0, global_scale: as :class:`LinearGroupHS`.
 
     Shape:
-        - Input: ``(N, in_channels, H, W)``; output as ``nn.Conv2d``.
+        - Input: ``(N, in_channels, H, W)`` or unbatched ``(in_channels, H, W)``; output as ``nn.Conv2d``.
 
     Example:
         >>> Conv2dGroupHS(1, 20, 5)(torch.randn(2, 1, 28, 28)).shape

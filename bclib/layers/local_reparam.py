@@ -14,7 +14,9 @@ Written as PyTorch operations this is a dozen element-wise passes forward and as
 each allocating a tensor the size of the layer's output (for LeNet-5's first convolution, 1.5 M
 numbers a batch). These functions do the same computation in one autograd node each, with the
 gradients written out and the temporaries reused in place, which about halves the passes over memory.
-Values and gradients equal the plain PyTorch expression (the tests compare them).
+Values and gradients equal the plain PyTorch expression (the tests compare them). Written-out
+gradients are first derivatives only (``once_differentiable``): differentiating a training-mode
+layer twice (``create_graph=True`` then backward) raises a ``RuntimeError``.
 
 Precision. Under ``torch.autocast`` the products of both paths, forward and backward, run in the
 autocast dtype, as in ``nn.Linear`` and ``nn.Conv2d``, except products of fewer than
@@ -228,12 +230,16 @@ def sample_linear(h: Tensor, weight_mu: Tensor, weight_logvar: Tensor, bias_mu: 
     ``sigma^2 = exp(weight_logvar)`` and ``sigma_b^2 = exp(bias_logvar)`` (no bias variance when
     ``bias_logvar`` is ``None``: a deterministic bias).
 
+    Args:
+        h: the input (after any group scales).
+        weight_mu, weight_logvar: means and log-variances of the weights.
+        bias_mu, bias_logvar: of the bias (``None``: no bias, or no bias variance).
+        variance_dtype: see the module docstring (``None``: full precision).
+
     Shape:
         - h: ``(*, in_features)``; weight_mu, weight_logvar: ``(out_features, in_features)``;
           bias_mu, bias_logvar: ``(out_features,)``.
         - Output: ``(*, out_features)``.
-
-    ``variance_dtype``: see the module docstring (``None``: full precision).
     """
     if h.dim() == 2:
         return _LinearSample.apply(h, weight_mu, weight_logvar, bias_mu, bias_logvar, variance_dtype)
@@ -253,12 +259,18 @@ def sample_conv2d(x: Tensor, scale: Tensor | None, weight_mu: Tensor, weight_log
     ``v = conv(x^2, sigma^2) z^2 + sigma_b^2``, where ``z`` (``scale``, shape ``(N, out_channels)``)
     is one group scale per example and output channel, or 1 when ``scale`` is ``None``.
 
+    Args:
+        x: the input.
+        scale: the group scales ``z`` or ``None``.
+        weight_mu, weight_logvar: means and log-variances of the filters.
+        bias_mu, bias_logvar: of the bias (``None``: no bias, or no bias variance).
+        stride, padding, dilation: pairs of ints, as ``F.conv2d`` takes them.
+        variance_dtype: see the module docstring (``None``: full precision).
+
     Shape:
         - x: ``(N, in_channels, H, W)``; weights ``(out_channels, in_channels, kh, kw)``;
           bias_mu, bias_logvar: ``(out_channels,)``.
         - Output: ``(N, out_channels, H_out, W_out)`` as ``F.conv2d``.
-
-    ``variance_dtype``: see the module docstring (``None``: full precision).
     """
     return _Conv2dSample.apply(x, scale, weight_mu, weight_logvar, bias_mu, bias_logvar, stride, padding, dilation,
                                variance_dtype)

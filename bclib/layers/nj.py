@@ -61,7 +61,9 @@ class LinearGroupNJ(_LinearGeometry, _GroupNJ):
         bias: if ``False`` the layer has no bias.
         init_weight: optional ``(out_features, in_features)`` tensor to start from (a pretrained network).
         init_bias: optional ``(out_features,)`` tensor to start the bias from.
-        clip_var: optional upper bound on the weight variances ``sigma^2`` (see :meth:`clip_variances`).
+        clip_var: optional upper bound on the weight variances ``sigma^2`` (applied by
+            :meth:`clip_variances`, which a training loop calls after each optimiser step, as
+            :func:`bclib.train.fit` does).
 
     Shape:
         - Input: ``(*, in_features)``.
@@ -99,10 +101,11 @@ class Conv2dGroupNJ(_Conv2dGeometry, _GroupNJ):
         in_channels, out_channels, kernel_size, stride, padding, dilation, bias: as ``nn.Conv2d``.
         init_weight: optional ``(out_channels, in_channels, kh, kw)`` tensor to start from.
         init_bias: optional ``(out_channels,)`` tensor.
-        clip_var: optional upper bound on the weight variances.
+        clip_var: optional upper bound on the weight variances, as in :class:`LinearGroupNJ`.
 
     Shape:
-        - Input: ``(N, in_channels, H, W)``; output ``(N, out_channels, H_out, W_out)`` as ``nn.Conv2d``.
+        - Input: ``(N, in_channels, H, W)`` or ``(in_channels, H, W)``; output ``(N, out_channels, H_out, W_out)``
+          or ``(out_channels, H_out, W_out)``, as ``nn.Conv2d``.
 
     Example:
         >>> conv = Conv2dGroupNJ(1, 20, 5)

@@ -72,7 +72,9 @@ class LinearSVD(_LinearGeometry, _SparseVD):
     Args:
         in_features, out_features, bias: as ``nn.Linear``.
         init_weight, init_bias: optional tensors to start from.
-        clip_var: optional upper bound on ``sigma^2``.
+        clip_var: optional upper bound on ``sigma^2`` (applied by
+            :meth:`clip_variances`, which a training loop calls after each optimiser step, as
+            :func:`bclib.train.fit` does).
 
     Shape:
         - Input ``(*, in_features)``; output ``(*, out_features)``.
@@ -98,7 +100,8 @@ class Conv2dSVD(_Conv2dGeometry, _SparseVD):
         init_weight, init_bias, clip_var: as :class:`LinearSVD`.
 
     Shape:
-        - Input: ``(N, in_channels, H, W)``; output ``(N, out_channels, H_out, W_out)`` as ``nn.Conv2d``.
+        - Input: ``(N, in_channels, H, W)`` or ``(in_channels, H, W)``; output ``(N, out_channels, H_out, W_out)``
+          or ``(out_channels, H_out, W_out)``, as ``nn.Conv2d``.
 
     Example:
         >>> Conv2dSVD(1, 20, 5)(torch.randn(2, 1, 28, 28)).shape

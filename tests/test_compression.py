@@ -112,6 +112,7 @@ def test_hand_built_conv_net_report():
     assert report.compression_sparse == pytest.approx(83 / 21)
     # MACs per example: conv 27 weights x 4x4 outputs, fc 48 and 8; after: 9 x 16, 2 x 3, 3 x 2.
     assert (report.flops_before, report.flops_after) == (27 * 16 + 48 + 8, 9 * 16 + 6 + 6)
+    assert report.flop_reduction == pytest.approx(488 / 156)
     assert report.dense_float32_bytes == 4 * (27 + 3 + 48 + 4 + 8 + 2)
     text = str(report)
     assert "1-2-3" in text and "9/27" in text and "biases excluded" in text
@@ -280,6 +281,26 @@ def test_lenet_exports_match_masked_model(build, prior):
     plain = [m for m in result.model if isinstance(m, (nn.Linear, nn.Conv2d))]
     for t, exact, rounded in zip(bits, plain, (m for m in reduced if isinstance(m, (nn.Linear, nn.Conv2d)))):
         assert (exact.weight - rounded.weight).abs().max() <= 2.0 ** -t / 2 + 1e-7
+
+
+@pytest.mark.parametrize("prior", ["nj", "hs"])
+def test_lenet300_pruning_counted_by_hand(prior):
+    """Input groups only: a layer keeps the inputs whose group it keeps, and its outputs are the next
+    layer's kept inputs (the last layer's ten classes stay). Counted from the groups the test drops."""
+    torch.manual_seed(2)
+    model = models.lenet_300_100(prior)
+    kept = []
+    with torch.no_grad():
+        for _, layer in bclib.bayesian_layers(model):
+            drop = torch.rand(layer.num_groups) < 0.5
+            # log alpha: NJ 2 (z_mu = 1); HS log(exp((e^3 + 2e^-9) / 4) - 1) = 5.0; the rest about -9
+            (layer.z_logvar if prior == "nj" else layer.za_logvar)[drop] = PRUNE if prior == "nj" else 3.0
+            kept.append(int((~drop).sum()))
+    report = compress(model, 0.0).report
+    assert report.architecture == "-".join(map(str, kept))
+    weights = kept[0] * kept[1] + kept[1] * kept[2] + kept[2] * 10
+    assert sum(row.weights_kept for row in report.layers) == weights
+    assert report.compression_pruning == pytest.approx((784 * 300 + 300 * 100 + 100 * 10) / weights)
 
 
 # ----------------------------------------------------------------------------- bad input

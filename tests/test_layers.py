@@ -788,3 +788,47 @@ def test_hs_group_without_data_settles_where_the_prior_puts_it():
     torch.testing.assert_close(layer.za_mu, -(1 + math.log(2)) * expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(layer.zb_mu, (1 + math.log(2)) * expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(layer.log_alpha(), math.log(math.e - 1) * expected, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- initial posterior
+@pytest.mark.parametrize("make", [lambda: bclib.LinearGroupNJ(2000, 3), lambda: bclib.Conv2dGroupNJ(80, 300, 5),
+                                  lambda: bclib.LinearGroupHS(2000, 3), lambda: bclib.Conv2dGroupHS(80, 300, 5),
+                                  lambda: bclib.LinearSVD(2000, 3)], ids=["nj", "nj-conv", "hs", "hs-conv", "svd"])
+def test_the_initial_posterior_is_the_documented_one(make):
+    """The release's start, in numbers set by hand: group log alphas at -9 (z ~ 1, nearly noiseless),
+    weight log-variances at -9 (Sparse VD: -10), and E[w] ~ U(-b, b) with b = 1/sqrt(fan_in), as
+    nn.Linear and nn.Conv2d draw it (variance b^2 / 3)."""
+    torch.manual_seed(0)
+    layer = make()
+    fan_in = layer.weight_mu[0].numel()
+    bound = 1 / math.sqrt(fan_in)
+    mean, _ = layer.posterior_weight()
+    assert mean.abs().max() <= bound * (1 + 1e-6)
+    assert mean.var().item() == pytest.approx(bound**2 / 3, rel=0.05)
+    assert mean.mean().item() == pytest.approx(0.0, abs=0.05 * bound)
+    if isinstance(layer, bclib.LinearSVD):
+        assert torch.all(layer.weight_logvar == -10.0)
+        # log alpha = -10 - log(theta^2), clipped to [-8, 8] (where theta^2 dwarfs the code's 1e-8 guard)
+        theta = layer.weight_mu.detach()
+        expected = torch.clamp(-10.0 - torch.log(theta**2), -8.0, 8.0)
+        clear = theta.abs() > 1e-2
+        assert torch.allclose(layer.log_alpha()[clear], expected[clear], atol=1e-3)
+        return
+    assert layer.weight_logvar.mean().item() == pytest.approx(-9.0, abs=2e-3)
+    assert layer.weight_logvar.std().item() == pytest.approx(0.01, rel=0.1)
+    log_alpha = layer.log_alpha().detach()
+    if isinstance(layer, (bclib.LinearGroupHS, bclib.Conv2dGroupHS)):
+        # log(e^{(v_a + v_b)/4} - 1) with v_a = v_b = 2 e^-9: log(e^{e^-9} - 1), a hair above -9.
+        assert torch.allclose(log_alpha, torch.full_like(log_alpha, math.log(math.expm1(math.exp(-9.0)))))
+        # Per-layer global scale: E[s] = exp(m + v/2) of log s ~ N(m, v), m, v from s_a, s_b by hand.
+        scale = layer.global_scale
+        m = 0.5 * (scale.sa_mu + scale.sb_mu)
+        v = 0.25 * (scale.sa_logvar.exp() + scale.sb_logvar.exp())
+        assert torch.exp(m + v / 2).item() == pytest.approx(bound, rel=1e-3)
+        assert scale.tau0 == 1e-5
+    else:
+        assert layer.z_mu.mean().item() == pytest.approx(1.0, abs=2e-3)
+        assert layer.z_mu.std().item() == pytest.approx(0.01, rel=0.15)
+        # log z_var - log z_mu^2 with both N(., 0.01^2): about N(-9, 0.01^2 + 4 * 0.01^2)
+        assert log_alpha.mean().item() == pytest.approx(-9.0, abs=5e-3)
+        assert log_alpha.std().item() == pytest.approx(math.sqrt(5) * 0.01, rel=0.15)

@@ -5,6 +5,7 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bclib.layers.local_reparam import MIN_AUTOCAST_TERMS, VARIANCE_EPS, sample_conv2d, sample_linear
 
@@ -111,13 +112,34 @@ def test_conv_in_channels_last_keeps_the_layout_and_draws_the_noise_in_memory_or
     _compare(fused, reference, (x, z, mu, logvar, bias_mu, bias_logvar))
 
 
-def test_only_requested_gradients_are_computed():
-    x = torch.randn(2, 1, 6, 6)  # an input that needs no gradient, as the first layer's
-    mu = torch.randn(3, 1, 3, 3, requires_grad=True)
-    logvar = torch.full((3, 1, 3, 3), -4.0, requires_grad=True)
-    out = sample_conv2d(x, None, mu, logvar, None, None, (1, 1), (0, 0), (1, 1))
-    out.sum().backward()
-    assert x.grad is None and mu.grad is not None and logvar.grad is not None
+class _ConvolutionBackwardMasks(TorchDispatchMode):
+    """Records the output mask (input, weight, bias gradients) of every aten convolution_backward
+    that runs: what the convolution library was asked to compute, seen from outside bclib."""
+
+    def __init__(self):
+        super().__init__()
+        self.masks = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution_backward.default:
+            self.masks.append(tuple(args[-1]))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("in_channels", [1, 8])  # 9 and 72 terms per output: both weight-gradient routes
+def test_only_requested_gradients_are_computed(in_channels):
+    mu = torch.randn(3, in_channels, 3, 3, requires_grad=True)
+    logvar = torch.full((3, in_channels, 3, 3), -4.0, requires_grad=True)
+    for x_needs_grad in (False, True):  # False: an input that needs no gradient, as the first layer's
+        x = torch.randn(2, in_channels, 6, 6, requires_grad=x_needs_grad)
+        out = sample_conv2d(x, None, mu, logvar, None, None, (1, 1), (0, 0), (1, 1))
+        with _ConvolutionBackwardMasks() as recorded:
+            (out * torch.rand_like(out)).sum().backward()  # a dense output gradient, as a loss gives
+        # Two products (mean, variance); an input gradient is asked for exactly when x needs one.
+        # With 9 terms per output the weight gradients take the windowed route: no call then.
+        assert [mask[0] for mask in recorded.masks] == [x_needs_grad] * len(recorded.masks)
+        assert len(recorded.masks) == (2 if x_needs_grad or in_channels == 8 else 0)
+        assert (x.grad is not None) == x_needs_grad and mu.grad is not None and logvar.grad is not None
 
 
 # ----------------------------------------------------------------------------- mixed precision

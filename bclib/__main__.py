@@ -130,7 +130,9 @@ def _parser() -> argparse.ArgumentParser:
                             "committed runs and the targets they met")
     bench.add_argument("--data", default=None, help="MNIST root for 'epochs' (default: $BCLIB_DATA or the user cache)")
     bench.add_argument("--results", default="book/results", help="results folder for 'training'")
-    bench.add_argument("--run", default="book/results/lenet5_nj", help="trained run folder for the compression benchmark")
+    bench.add_argument("--run", default=None,
+                       help="trained run folder for the compression benchmark (default: book/results/lenet5_nj, "
+                            "or, where that is missing, an untrained LeNet-5 cut to the paper's 8-13-88-13)")
     bench.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's setting)")
     bench.add_argument("--variants", nargs="*", choices=VARIANTS, default=list(VARIANTS),
                        help="what 'layers' and 'epochs' time beside float32 (default: all; none named: float32 "
@@ -178,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     args.command_line = bclib_command(sys.argv[1:] if argv is None else argv)
     try:
         _dispatch(args)
-    except (ValueError, FileNotFoundError) as error:
-        # Bad input (a wrong count of thresholds, missing data): a message and exit status 2, no traceback.
+    except (ValueError, OSError) as error:
+        # Bad input (a wrong count of thresholds, missing data, a file where a folder belongs): a message
+        # and exit status 2, no traceback.
         parser.exit(2, f"{parser.prog} {args.command}: error: {error}\n")
     return 0
 
@@ -258,6 +261,10 @@ def _dispatch(args: argparse.Namespace) -> None:
         results = {}
         # Compression first: the layers and epochs benchmarks keep freed memory for the rest of the process.
         if args.which in ("compression", "all"):
+            if args.run is not None and not (Path(args.run) / "config.json").is_file():
+                # Only the default may fall back to an untrained network: a mistyped folder must not.
+                raise ValueError(f"--run: {args.run!r} is not a run folder (no config.json)")
+            args.run = args.run or "book/results/lenet5_nj"
             options = {"threads": args.threads, "layouts": tuple(args.layouts), "keep_freed": args.keep_freed_memory}
             results["compression"] = (bench.run_compression_trials(args.trials, args.run, **options) if args.trials != 1
                                       else bench.run_compression_bench_from_run(args.run, **options))

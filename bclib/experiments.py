@@ -442,12 +442,57 @@ def build_run_model(config: dict) -> torch.nn.Module:
 
 
 def load_run_model(run_dir: str | os.PathLike) -> torch.nn.Module:
-    """Rebuild the trained model of a run folder from its ``config.json`` and ``checkpoint.pt``."""
+    """Rebuild the trained model of a run folder from its ``config.json`` and ``checkpoint.pt``.
+
+    Raises:
+        FileNotFoundError: the folder has no ``config.json`` or no ``checkpoint.pt`` (the committed
+            runs keep no checkpoints: train the run again to get one).
+        ValueError: a ``config.json`` or ``checkpoint.pt`` that cannot be read back.
+    """
     run_dir = Path(run_dir)
-    config = json.loads((run_dir / "config.json").read_text())
+    config = read_run_config(run_dir)
+    if not (run_dir / "checkpoint.pt").is_file():
+        raise FileNotFoundError(f"run {str(run_dir)!r} has no checkpoint.pt, which this needs (the committed runs "
+                                f"keep none: train the run again, e.g. python -m bclib reproduce --only "
+                                f"{config.get('name', run_dir.name)} --out NEW_FOLDER)")
     model = build_run_model(config)
     load_checkpoint(run_dir / "checkpoint.pt", model)
     return model.eval()
+
+
+def read_run_config(run_dir: str | os.PathLike) -> dict:
+    """The ``config.json`` of a run folder; a FileNotFoundError or ValueError naming the folder if it
+    is missing or unreadable."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(Path(run_dir))!r} is not a run folder: it has no config.json")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{str(path)!r} cannot be read as JSON ({error})") from None
+
+
+def check_out_dir(out_dir: str | os.PathLike, run: dict) -> Path:
+    """Refuse an output folder that would mix two runs or cannot be made, before any work is done.
+
+    ``out_dir`` may be missing, an empty folder, a folder with a search's checkpoint only, or the
+    folder of the same run (resumed or redone): its ``config.json`` must agree with ``run`` (the keys
+    that identify the run, e.g. its name and whether it is a ``--fast`` one). Anything else, such as
+    another run's folder, whose files would stay beside the new ones, is a ValueError.
+    """
+    out_dir = Path(out_dir)
+    existing = next(path for path in (out_dir, *out_dir.parents) if path.exists())
+    if not existing.is_dir():
+        raise ValueError(f"out_dir {str(out_dir)!r} cannot be a folder: {str(existing)!r} is a file")
+    if not (out_dir / "config.json").exists():
+        return out_dir
+    recorded = read_run_config(out_dir)
+    differs = [f"{key} {recorded.get(key)!r} there, {value!r} here" for key, value in run.items()
+               if (bool(recorded.get(key)) if isinstance(value, bool) else recorded.get(key)) != value]
+    if differs:
+        raise ValueError(f"out_dir {str(out_dir)!r} holds another run ({'; '.join(differs)}); choose a new "
+                         f"folder, or delete that one to replace it")
+    return out_dir
 
 
 def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epochs: int | None = None,
@@ -512,7 +557,7 @@ def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epo
         return prune_to_groups_run(base_dirs[experiment.prunes_to_groups_of], out_dir, groups=experiment.kept_groups,
                                    config=config, seeds=experiment.search_seeds, data_root=data_root,
                                    progress=progress)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_out_dir(out_dir, {"name": name, "fast": fast})
     train, test = _load_data(data_root, experiment.input_range, fast)
     selection = _selection_split(train)
     if experiment.holds_out_selection:
@@ -526,6 +571,7 @@ def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epo
         model = bayesian_from_pretrained(experiment.model, experiment.prior, pretrained, **experiment.model_options)
     if (out_dir / "checkpoint.pt").exists():
         check_checkpoint_recipe(out_dir / "checkpoint.pt", config, model)  # before this run writes anything
+    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails before leaves no empty folder
     _mark_unfinished(out_dir)
     write_json(out_dir / "config.json", {
         "name": name,
@@ -711,7 +757,7 @@ def fine_tune_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, co
     """
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"seeds must be a positive int (1: no spread), got {seeds!r}")
-    base_dir, out_dir, base_config, base_report = _base_run(base_dir, out_dir)
+    base_dir, out_dir, base_config, base_report = _base_run(base_dir, out_dir, "fine_tunes")
     model = load_run_model(base_dir).cpu()
     fit_split, selection, test = _search_splits(base_config, data_root)
     candidates, kept, allowed = [], None, None
@@ -790,7 +836,7 @@ def lower_bits_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, c
     Returns:
         The report (also written to ``report.json``).
     """
-    base_dir, out_dir, base_config, base_report = _base_run(base_dir, out_dir, needs="model.bcz")
+    base_dir, out_dir, base_config, base_report = _base_run(base_dir, out_dir, "lowers_bits_of", needs="model.bcz")
     base = compression.CompressedModel.from_file(base_dir / "model.bcz", base_report)
     fit_split, selection, test = _search_splits(base_config, data_root)
     reference = compression.model_error(base.reduced_precision_model(), selection.x, selection.y)
@@ -983,7 +1029,8 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     for label, value in {"tolerance": tolerance, "cut_fraction": cut_fraction, **fixed_allowance}.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
             raise ValueError(f"{label} must be a number in (0, 1), got {value!r}")
-    base_dir, out_dir, base_config, base_report, log_alpha, architecture, base = _group_prior_run(base_dir, out_dir)
+    base_dir, out_dir, base_config, base_report, log_alpha, architecture, base = _group_prior_run(
+        base_dir, out_dir, "prunes_layers_of")
     if allowed_error is not None and not base_config.get("holds_out_selection"):
         raise ValueError(f"allowed_error needs a base run that held out its selection split (holds_out_selection "
                          f"in its config.json); {str(base_dir)!r} trained on it, so errors there are optimistic")
@@ -1059,11 +1106,11 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     return report
 
 
-def _group_prior_run(base_dir, out_dir):
+def _group_prior_run(base_dir, out_dir, kind: str):
     """``(base_dir, out_dir, config, report, log_alpha, architecture, network)`` of the group-prior run a
     search cuts from, checked (:func:`_base_run`): its log alphas by layer name from ``analysis.json``,
     the untrained network its config builds, and its ``model.bcz`` read back."""
-    base_dir, out_dir, base_config, base_report = _base_run(base_dir, out_dir, needs="model.bcz")
+    base_dir, out_dir, base_config, base_report = _base_run(base_dir, out_dir, kind, needs="model.bcz")
     if base_config.get("prior") not in GROUP_PRIORS:
         raise ValueError(f"base_dir {str(base_dir)!r} must be a run of a group prior {GROUP_PRIORS}, got prior "
                          f"{base_config.get('prior')!r} (Sparse VD prunes weights, not groups)")
@@ -1110,7 +1157,8 @@ def prune_to_groups_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike,
     """
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"seeds must be a positive int, got {seeds!r}")
-    base_dir, out_dir, base_config, base_report, log_alpha, architecture, base = _group_prior_run(base_dir, out_dir)
+    base_dir, out_dir, base_config, base_report, log_alpha, architecture, base = _group_prior_run(
+        base_dir, out_dir, "prunes_to_groups_of")
     cut = compression.prune_to_groups(base, architecture, log_alpha, groups)
     splits = _search_splits(base_config, data_root)
     tuned, history, errors = _retrain_seeds(cut, *splits, config, seeds, progress)
@@ -1235,14 +1283,19 @@ def _recorded_log_alpha(values: list[float], threshold: float) -> torch.Tensor:
     return log_alpha.float()
 
 
-def _base_run(base_dir, out_dir, needs: str | None = None) -> tuple[Path, Path, dict, dict]:
+def _base_run(base_dir, out_dir, kind: str, needs: str | None = None) -> tuple[Path, Path, dict, dict]:
     """``(base_dir, out_dir, config, report)`` of the compressed run a search starts from, checked:
-    ``out_dir`` is another folder, the report has thresholds (a Bayesian run) and ``needs`` exists."""
+    ``out_dir`` is another folder, free or this same search's (``kind``: the config key that names the
+    base run, e.g. ``"prunes_layers_of"``), the report has thresholds (a Bayesian run) and ``needs`` exists."""
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     if out_dir.resolve() == base_dir.resolve():
         raise ValueError(f"out_dir must be a new folder, not the base run {str(base_dir)!r} (it would be overwritten)")
-    base_config = json.loads((base_dir / "config.json").read_text())
+    base_config = read_run_config(base_dir)
+    if not (base_dir / "report.json").is_file():
+        raise FileNotFoundError(f"base run {str(base_dir)!r} has no report.json: it did not finish")
     base_report = json.loads((base_dir / "report.json").read_text())
+    check_out_dir(out_dir, {"model": base_config.get("model"), "prior": base_config.get("prior"),
+                            kind: base_dir.name, "fast": bool(base_config.get("fast"))})
     if "thresholds" not in base_report or (needs is not None and not (base_dir / needs).exists()):
         raise ValueError(f"base_dir {str(base_dir)!r} must be a compressed Bayesian run with report.json "
                          f"(thresholds included; a deterministic run has none){f' and {needs}' if needs else ''}")

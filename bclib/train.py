@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -266,12 +267,16 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None,
         config: the recipe of the run resuming; checked against the checkpoint's.
 
     Raises:
-        ValueError: when ``config`` is given and differs from the config the checkpoint was written
+        ValueError: a file that cannot be read back as a checkpoint; when ``config`` is given and differs from the config the checkpoint was written
             with in anything but ``device``, ``memory_format`` and ``keep_freed_memory`` (resuming
             would silently mix two recipes; checkpoints written without a config are not checked), or when the
             checkpoint holds the tensors of another network than ``model``.
     """
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as error:  # what a damaged file raises
+        raise ValueError(f"checkpoint {str(path)!r} cannot be read back as a bclib checkpoint ({error}); "
+                         f"delete it to train afresh") from None
     if config is not None:
         _check_recipe(state, config, path)
     _check_network(state, model, path)

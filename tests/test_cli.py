@@ -84,6 +84,13 @@ def test_bench_rejects_a_trial_count_below_one(capsys):
     assert "trials must be a positive int, got 0" in capsys.readouterr().err
 
 
+def test_bench_compression_refuses_a_run_folder_that_is_not_one(tmp_path, capsys):
+    # Only the default folder may fall back to an untrained network; a typo must not time something else.
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "compression", "--run", str(tmp_path / "lenet5_nk")])
+    assert info.value.code == 2 and "--run: " in capsys.readouterr().err
+
+
 def test_bench_writes_its_results_with_the_command(tmp_path, capsys):
     out = tmp_path / "bench.json"
     main(["bench", "training", "--results", str(tmp_path / "no-runs"), "--out", str(out)])
@@ -1336,3 +1343,47 @@ def test_scratch_folder_deletes_the_folders_of_killed_processes(tmp_path, monkey
     assert not orphan.exists()
     assert mine.is_dir() and mine.name.startswith(f"bclib-test-{os.getpid()}-")
     assert unrelated.is_dir()  # names without a process id are left alone
+
+
+def test_out_must_be_free_or_the_same_run_and_is_checked_before_any_work(run_copy, tmp_path, capsys, monkeypatch):
+    """An --out that holds another run would end up with two runs' files; one that is a file would
+    fail only when the first file is written, after the training or search."""
+    work = []
+    monkeypatch.setattr(experiments, "_load_data", lambda *a, **k: work.append("data") or 1 / 0)
+    (tmp_path / "afile").write_text("not a folder")
+    refused = [
+        (["train", "--model", "lenet300", "--prior", "none", "--fast", "--out", str(run_copy)],
+         "holds another run (name 'lenet300_nj' there, 'lenet300_dense' here)"),
+        (["train", "--model", "lenet300", "--prior", "nj", "--out", str(run_copy)], "(fast True there, False here)"),
+        (["train", "--model", "lenet300", "--prior", "nj", "--out", str(tmp_path / "afile" / "sub")],
+         "cannot be a folder: '" + str(tmp_path / "afile") + "' is a file"),
+        (["lower-bits", str(run_copy), "--out", str(tmp_path / "afile")], "is a file"),
+        (["lower-bits", str(tmp_path / "nowhere"), "--out", str(tmp_path / "new")], "is not a run folder: it has no config.json"),
+    ]
+    for arguments, message in refused:
+        with pytest.raises(SystemExit) as info:
+            main(arguments)
+        assert info.value.code == 2 and message in capsys.readouterr().err
+    assert work == [] and not (tmp_path / "new").exists()
+    # A search's folder holding another search of the same base is refused too, naming what differs.
+    other = tmp_path / "other_search"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model": "lenet300", "prior": "nj", "fine_tunes": "lenet300_nj",
+                                                   "fast": True}))
+    with pytest.raises(ValueError, match="lowers_bits_of None there, 'run' here"):
+        experiments.check_out_dir(other, {"model": "lenet300", "prior": "nj", "lowers_bits_of": "run", "fast": True})
+    # The same run's folder (to resume or redo it), an empty one and a new one pass.
+    for free in (run_copy, tmp_path / "empty", tmp_path / "new" / "deeper"):
+        assert experiments.check_out_dir(free, {"name": "lenet300_nj", "fast": True}) == free
+
+
+def test_a_run_folder_without_a_checkpoint_or_with_a_damaged_one_is_named(run_copy, capsys):
+    checkpoint = run_copy / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])  # cut short, as by a full disk
+    with pytest.raises(SystemExit) as info:
+        main(["compress", str(run_copy)])
+    assert info.value.code == 2 and "cannot be read back as a bclib checkpoint" in capsys.readouterr().err
+    checkpoint.unlink()  # as in the committed runs
+    with pytest.raises(SystemExit):
+        main(["compress", str(run_copy)])
+    assert "has no checkpoint.pt, which this needs (the committed runs keep none" in capsys.readouterr().err

@@ -12,6 +12,17 @@ __all__ = ["main"]
 DATA_HELP = "MNIST root (default: $BCLIB_DATA or the user cache)"
 
 
+def _positive_int(text: str) -> int:
+    """argparse type of the counts (epochs, seeds, threads, trials): argparse names the flag in the error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     from .bench import LAYOUTS, VARIANTS
     from .experiments import EXPERIMENTS, LAYER_CUT_FRACTION, SEARCH_RULES, SELECTION_TOLERANCE
@@ -34,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="a deterministic run folder (train --prior none) whose weights become the posterior "
                             f"means; required by the recipes that start from one ({pretrained}); for lenet300 nj "
                             "it selects the 10-epoch recipe from a pretrained network")
-    train.add_argument("--epochs", type=int, default=None, help="override the recipe's epoch count")
+    train.add_argument("--epochs", type=_positive_int, default=None, help="override the recipe's epoch count")
     train.add_argument("--variance-dtype", choices=sorted(name for name in VARIANCE_DTYPES if name), default=None,
                        help="run the Bayesian layers' variance path in this precision (faster on CPUs with "
                             "bfloat16 units and on GPUs; default: full precision)")
@@ -58,8 +69,8 @@ def _parser() -> argparse.ArgumentParser:
                                                  "fixed-point grids (not in the paper), writing into --out")
     fine_tune.add_argument("run", help="trained Bayesian run folder with config.json, report.json and checkpoint.pt")
     fine_tune.add_argument("--out", required=True, help="folder for the fine-tuned run")
-    fine_tune.add_argument("--epochs", type=int, default=None, help="retraining epochs per candidate (default 10)")
-    fine_tune.add_argument("--seeds", type=int, default=None,
+    fine_tune.add_argument("--epochs", type=_positive_int, default=None, help="retraining epochs per candidate (default 10)")
+    fine_tune.add_argument("--seeds", type=_positive_int, default=None,
                            help="retraining seeds for the error spread of the kept and first rejected candidates "
                                 "(default 3; 1: none)")
     fine_tune.add_argument("--data", default=None, help=DATA_HELP)
@@ -79,14 +90,14 @@ def _parser() -> argparse.ArgumentParser:
         search = sub.add_parser(command, help=f"{what} (not in the paper), into --out")
         search.add_argument("run", help=run_help)
         search.add_argument("--out", required=True, help="folder for the new run")
-        search.add_argument("--epochs", type=int, default=None, help="retraining epochs per candidate (default 10)")
+        search.add_argument("--epochs", type=_positive_int, default=None, help="retraining epochs per candidate (default 10)")
         if command == "prune-to-groups":
             search.add_argument("--groups", type=int, nargs="+", required=True, metavar="N",
                                 help="the most groups each layer keeps, in order (filters of a convolution, inputs "
                                      "of a linear layer), e.g. 8 13 88 13, the paper's BC-GNJ LeNet-5")
-            search.add_argument("--seeds", type=int, default=3, help="retrainings, each with its own seed (default 3)")
+            search.add_argument("--seeds", type=_positive_int, default=3, help="retrainings, each with its own seed (default 3)")
         if command == "prune-layers":
-            search.add_argument("--seeds", type=int, default=1,
+            search.add_argument("--seeds", type=_positive_int, default=1,
                                 help="retrainings per candidate, ranked by their mean selection error (default 1)")
             search.add_argument("--take", choices=SEARCH_RULES, default=SEARCH_RULES[0],
                                 help="which cut within the allowed error a step takes: the one of least selection "
@@ -133,7 +144,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--run", default=None,
                        help="trained run folder for the compression benchmark (default: book/results/lenet5_nj, "
                             "or, where that is missing, an untrained LeNet-5 cut to the paper's 8-13-88-13)")
-    bench.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's setting)")
+    bench.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: PyTorch's setting)")
     bench.add_argument("--variants", nargs="*", choices=VARIANTS, default=list(VARIANTS),
                        help="what 'layers' and 'epochs' time beside float32 (default: all; none named: float32 "
                             "only; the bfloat16 ones are slow on CPUs without bfloat16 units)")
@@ -143,7 +154,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--keep-freed-memory", action="store_true",
                        help="compression: keep freed memory for reuse as training does (bclib.train.keep_freed_memory); "
                             "default: leave malloc's settings alone")
-    bench.add_argument("--trials", type=int, default=1,
+    bench.add_argument("--trials", type=_positive_int, default=1,
                        help="run the compression benchmark in this many fresh processes and report medians and "
                             "ranges (default: 1, this process)")
     bench.add_argument("--out", default=None,

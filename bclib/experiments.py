@@ -542,6 +542,12 @@ def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epo
         if not (base_dir / needs).is_file():
             raise ValueError(f"{name!r} starts from the run {base!r}: {str(base_dir)!r} has no {needs} (run it first, "
                              f"e.g. python -m bclib reproduce --only {base} --out {str(base_dir.parent)!r})")
+    if init_dir is not None:
+        start = read_run_config(init_dir)
+        if start.get("model") != experiment.model or start.get("prior") is not None:
+            raise ValueError(f"init_dir {str(init_dir)!r} is a {start.get('model')} {start.get('prior') or 'deterministic'} "
+                             f"run; {name!r} starts from a deterministic {experiment.model} run (python -m bclib "
+                             f"train --model {experiment.model} --prior none --out DIR)")
     if experiment.fine_tunes is not None:
         return fine_tune_run(base_dirs[experiment.fine_tunes], out_dir, config=config, data_root=data_root,
                              progress=progress)

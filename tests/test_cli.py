@@ -77,11 +77,18 @@ def test_subcommand_help_lists_its_options(capsys, command, options):
         assert option in text
 
 
-def test_bench_rejects_a_trial_count_below_one(capsys):
+@pytest.mark.parametrize("arguments, flag", [
+    (["bench", "compression", "--trials", "0"], "--trials"), (["bench", "layers", "--threads", "-1"], "--threads"),
+    (["train", "--model", "lenet300", "--prior", "nj", "--out", "unused", "--epochs", "0"], "--epochs"),
+    (["fine-tune", "run", "--out", "unused", "--seeds", "0"], "--seeds"),
+    (["prune-layers", "run", "--out", "unused", "--epochs", "-3"], "--epochs"),
+    (["prune-to-groups", "run", "--out", "unused", "--groups", "1", "--seeds", "two"], "--seeds"),
+])
+def test_counts_below_one_are_refused_naming_the_flag(capsys, arguments, flag):
     with pytest.raises(SystemExit) as info:
-        main(["bench", "compression", "--trials", "0"])
+        main(arguments)
     assert info.value.code == 2
-    assert "trials must be a positive int, got 0" in capsys.readouterr().err
+    assert f"argument {flag}: must be a positive int, got" in capsys.readouterr().err
 
 
 def test_bench_compression_refuses_a_run_folder_that_is_not_one(tmp_path, capsys):
@@ -146,7 +153,9 @@ def test_train_starts_from_the_init_from_folder_whatever_its_name(mnist_root, tm
     capsys.readouterr()
     # A recipe that starts from a deterministic run needs the flag; one that trains from scratch refuses it.
     for arguments, message in ((["--prior", "hs"], "--init-from is required"),
-                               (["--prior", "none", "--init-from", str(dense)], "--init-from: the lenet300 none")):
+                               (["--prior", "none", "--init-from", str(dense)], "--init-from: the lenet300 none"),
+                               (["--prior", "hs", "--init-from", str(out)],
+                                "is a lenet300 hs run; 'lenet300_hs' starts from a deterministic lenet300 run")):
         with pytest.raises(SystemExit) as info:
             main(["train", "--model", "lenet300", *arguments, "--out", str(tmp_path / "refused"), *data])
         assert info.value.code == 2 and message in capsys.readouterr().err

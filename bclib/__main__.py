@@ -35,9 +35,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train one model with one prior, compress it, write results into --out")
-    train.add_argument("--model", choices=["lenet300", "lenet5"], required=True)
+    train.add_argument("--model", choices=["lenet300", "lenet5"], required=True,
+                       help="LeNet-300-100 or LeNet-5-Caffe, on MNIST")
     train.add_argument("--prior", choices=["nj", "hs", "svd", "none"], required=True,
-                       help="'none' trains the deterministic network")
+                       help="group normal-Jeffreys, group horseshoe, Sparse VD (per weight), or 'none': the "
+                            "deterministic network; python -m bclib reproduce --list shows each recipe")
     train.add_argument("--out", required=True, help="run folder (resumed when it holds a checkpoint)")
     pretrained = ", ".join(f"{e.model} {e.prior}" for name, e in EXPERIMENTS.items()
                            if e.init_from and name == f"{e.model}_{e.prior}")
@@ -45,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="a deterministic run folder (train --prior none) whose weights become the posterior "
                             f"means; required by the recipes that start from one ({pretrained}); for lenet300 nj "
                             "it selects the 10-epoch recipe from a pretrained network")
-    train.add_argument("--epochs", type=_positive_int, default=None, help="override the recipe's epoch count")
+    train.add_argument("--epochs", type=_positive_int, default=None,
+                       help="override the recipe's epoch count (e.g. 200 for lenet5 hs)")
     train.add_argument("--variance-dtype", choices=sorted(name for name in VARIANCE_DTYPES if name), default=None,
                        help="run the Bayesian layers' variance path in this precision (faster on CPUs with "
                             "bfloat16 units and on GPUs; default: full precision)")
@@ -56,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="train in this layout: channels_last is faster for convolutions on CPUs (bench epochs "
                             "measures it; default: the contiguous layout)")
     train.add_argument("--data", default=None, help=DATA_HELP)
-    train.add_argument("--fast", action="store_true", help="small data and 2 epochs (a smoke test)")
+    train.add_argument("--fast", action="store_true",
+                       help="5,000 training examples and 2 epochs, a smoke test (also set by BCLIB_FAST=1)")
 
     compress = sub.add_parser("compress", help="(re)compress a trained run folder")
     compress.add_argument("run", help="run folder with config.json and checkpoint.pt")
@@ -90,7 +94,9 @@ def _parser() -> argparse.ArgumentParser:
         search = sub.add_parser(command, help=f"{what} (not in the paper), into --out")
         search.add_argument("run", help=run_help)
         search.add_argument("--out", required=True, help="folder for the new run")
-        search.add_argument("--epochs", type=_positive_int, default=None, help="retraining epochs per candidate (default 10)")
+        search.add_argument("--epochs", type=_positive_int, default=None,
+                            help=f"retraining epochs per {'seed' if command == 'prune-to-groups' else 'candidate'} "
+                                 "(default 10)")
         if command == "prune-to-groups":
             search.add_argument("--groups", type=int, nargs="+", required=True, metavar="N",
                                 help="the most groups each layer keeps, in order (filters of a convolution, inputs "
@@ -239,7 +245,7 @@ def _dispatch(args: argparse.Namespace) -> None:
         print(json.dumps(search(args.run, args.out, config=config, data_root=args.data, **options), indent=2))
     elif args.command == "reproduce":
         from .data import fast_mode
-        from .experiments import EXPERIMENTS, describe_experiment, run_experiment
+        from .experiments import EXPERIMENTS, _bases, describe_experiment, run_experiment
 
         if args.list:
             for name in EXPERIMENTS:
@@ -254,8 +260,18 @@ def _dispatch(args: argparse.Namespace) -> None:
         if args.out is None and fast:
             raise ValueError("--out: a --fast (or BCLIB_FAST=1) reproduce needs a folder of its own; the default, "
                              "book/results, holds the committed full runs")
+        root = Path(args.out or "book/results")
+        earlier: set[str] = set()
+        for name in args.only or ():
+            # Checked before any run starts, like the names: a missing base must not end hours of runs.
+            missing = [f"{base} ({needs})" for base, needs in _bases(EXPERIMENTS[name])
+                       if base not in earlier and not (root / base / needs).is_file()]
+            if missing:
+                raise ValueError(f"--only: {name} starts from {', '.join(missing)}, which is neither in "
+                                 f"{str(root)!r} nor named before it")
+            earlier.add(name)
         for name in args.only or EXPERIMENTS:
-            out_dir = Path(args.out or "book/results") / name
+            out_dir = root / name
             if args.skip_finished and _finished(out_dir, fast=fast):
                 # Redoing a finished run costs up to hours: a finished search keeps no checkpoint.
                 print(f"== {name}: finished in {out_dir}, skipped", flush=True)

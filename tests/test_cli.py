@@ -176,6 +176,16 @@ def test_reproduce_runs_each_registered_run_after_those_it_needs(monkeypatch, tm
     assert ran == [("lenet5_dense", tmp_path / "lenet5_dense"), ("lenet5_hs", tmp_path / "lenet5_hs")]
     assert "== lenet5_dense" in capsys.readouterr().out
     ran.clear()
+    # A run whose base is neither in --out nor named before it is refused before anything runs.
+    with pytest.raises(SystemExit) as info:
+        main(["reproduce", "--only", "lenet5_dense", "lenet5_hs_ft", "--out", str(tmp_path)])
+    assert info.value.code == 2 and ran == []
+    assert "lenet5_hs_ft starts from lenet5_hs (checkpoint.pt), which is neither in" in capsys.readouterr().err
+    (tmp_path / "lenet5_hs").mkdir()
+    (tmp_path / "lenet5_hs" / "checkpoint.pt").write_bytes(b"")  # present: enough for the check
+    main(["reproduce", "--only", "lenet5_hs_ft", "--out", str(tmp_path)])
+    assert ran == [("lenet5_hs_ft", tmp_path / "lenet5_hs_ft")]
+    ran.clear()
     main(["reproduce", "--out", str(tmp_path)])
     order = [name for name, _ in ran]
     assert sorted(order) == sorted(experiments.EXPERIMENTS)

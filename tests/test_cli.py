@@ -1367,6 +1367,7 @@ def test_scratch_folder_deletes_the_folders_of_killed_processes(tmp_path, monkey
 def test_out_must_be_free_or_the_same_run_and_is_checked_before_any_work(run_copy, tmp_path, capsys, monkeypatch):
     """An --out that holds another run would end up with two runs' files; one that is a file would
     fail only when the first file is written, after the training or search."""
+    monkeypatch.delenv("BCLIB_FAST", raising=False)  # the test command sets it for the notebooks
     work = []
     monkeypatch.setattr(experiments, "_load_data", lambda *a, **k: work.append("data") or 1 / 0)
     (tmp_path / "afile").write_text("not a folder")

@@ -248,6 +248,8 @@ def _dispatch(args: argparse.Namespace) -> None:
         from .experiments import EXPERIMENTS, _bases, describe_experiment, run_experiment
 
         if args.list:
+            if args.only:
+                raise ValueError("--list names every registered run; leave --only out")
             for name in EXPERIMENTS:
                 print(f"{name}\n    {describe_experiment(name)}")
             return

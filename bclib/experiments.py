@@ -678,6 +678,8 @@ def compress_run(run_dir: str | os.PathLike, *, model=None, test: TensorSplit | 
         train, loaded_test = _load_data(data_root, config.get("input_range", DEFAULT_INPUT_RANGE), config.get("fast"))
         test = loaded_test if test is None else test
         selection = _selection_split(train) if selection is None else selection
+    if thresholds is not None and not any(True for _ in bayesian_layers(model)):
+        raise ValueError(f"thresholds: run {str(run_dir)!r} is deterministic (no log alphas to cut); leave them out")
     test = test.to("cpu")
     dense_error = evaluate(model, test)["error"]
     if not any(True for _ in bayesian_layers(model)):

@@ -222,6 +222,9 @@ def test_reproduce_skip_finished_skips_only_runs_finished_with_the_same_fast_set
 
 
 def test_reproduce_list_names_every_run_in_order_with_what_it_does(capsys):
+    with pytest.raises(SystemExit) as info:  # --only would be silently ignored
+        main(["reproduce", "--list", "--only", "lenet5_hs"])
+    assert info.value.code == 2 and "--list names every registered run; leave --only out" in capsys.readouterr().err
     assert main(["reproduce", "--list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0::2] == list(experiments.EXPERIMENTS)
@@ -431,6 +434,15 @@ def test_compress_run_scores_the_test_split_it_is_given(run_copy, mnist_root, mn
         for key, model in (("dense_error", dense), ("file_error", loaded)):
             wrong = int((model(seven.x).argmax(1) != seven.y).sum())
             assert report[key] == pytest.approx(wrong / 7, abs=1e-12), key
+
+
+def test_thresholds_for_a_deterministic_run_are_refused_before_anything_is_written(run_copy, monkeypatch):
+    deterministic = bclib.models.lenet_300_100(None)
+    monkeypatch.setattr(experiments, "load_run_model", lambda folder: deterministic)
+    report = (run_copy / "report.json").read_text()
+    with pytest.raises(ValueError, match="thresholds: run .* is deterministic"):
+        experiments.compress_run(run_copy, thresholds=[-3.0, -3.0, -3.0])
+    assert (run_copy / "report.json").read_text() == report
 
 
 def test_compress_with_explicit_thresholds(run_copy, mnist_root, capsys):

@@ -673,16 +673,17 @@ def compress_run(run_dir: str | os.PathLike, *, model=None, test: TensorSplit | 
     run_dir = Path(run_dir)
     model = load_run_model(run_dir) if model is None else model.eval()
     model = model.cpu()
+    bayesian = any(True for _ in bayesian_layers(model))
+    if thresholds is not None and not bayesian:
+        raise ValueError(f"thresholds: run {str(run_dir)!r} is deterministic (no log alphas to cut); leave them out")
     if test is None or (selection is None and thresholds is None):
-        config = json.loads((run_dir / "config.json").read_text())
+        config = read_run_config(run_dir)
         train, loaded_test = _load_data(data_root, config.get("input_range", DEFAULT_INPUT_RANGE), config.get("fast"))
         test = loaded_test if test is None else test
         selection = _selection_split(train) if selection is None else selection
-    if thresholds is not None and not any(True for _ in bayesian_layers(model)):
-        raise ValueError(f"thresholds: run {str(run_dir)!r} is deterministic (no log alphas to cut); leave them out")
     test = test.to("cpu")
     dense_error = evaluate(model, test)["error"]
-    if not any(True for _ in bayesian_layers(model)):
+    if not bayesian:
         report = {"dense_error": dense_error}
         write_json(run_dir / "report.json", report)
         return report

@@ -31,11 +31,14 @@ _LAYERS = {
 
 def _layer_factories(prior, tau0=None, shared_scale=False) -> tuple[Callable, Callable]:
     """``(linear, conv)`` constructors for ``prior``; ``clip_var`` is dropped for deterministic layers."""
+    if prior is not None and prior not in _LAYERS:
+        raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
+    if not isinstance(shared_scale, bool):
+        raise TypeError(f"shared_scale must be True or False, got {shared_scale!r}")
+    if prior != "hs" and (tau0 is not None or shared_scale):
+        raise ValueError(f"tau0 and shared_scale set the horseshoe's global scale (prior 'hs'); prior {prior!r} "
+                         f"has none, got tau0={tau0!r}, shared_scale={shared_scale!r}")
     if prior is None:
-        if tau0 is not None or shared_scale:
-            raise ValueError(f"tau0 and shared_scale set the horseshoe's global scale (prior 'hs'); a deterministic "
-                             f"network (prior None) has none, got tau0={tau0!r}, shared_scale={shared_scale!r}")
-
         def linear(i, o, clip_var=None, **kw):
             return nn.Linear(i, o, **kw)
 
@@ -43,15 +46,8 @@ def _layer_factories(prior, tau0=None, shared_scale=False) -> tuple[Callable, Ca
             return nn.Conv2d(i, o, k, **kw)
 
         return linear, conv
-    if prior not in _LAYERS:
-        raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
     linear_cls, conv_cls = _LAYERS[prior]
-    if not isinstance(shared_scale, bool):
-        raise TypeError(f"shared_scale must be True or False, got {shared_scale!r}")
     if prior != "hs":
-        if tau0 is not None or shared_scale:
-            raise ValueError(f"tau0 and shared_scale set the horseshoe's global scale (prior 'hs'); "
-                             f"prior {prior!r} has none, got tau0={tau0!r}, shared_scale={shared_scale!r}")
         return linear_cls, conv_cls
     # tau0 is checked by the layers (a positive float); None means their default.
     extra = ({"global_scale": HorseshoeGlobalScale(DEFAULT_TAU0 if tau0 is None else tau0)} if shared_scale

@@ -36,6 +36,7 @@ from .compression import CompressedModel, compress, propose_thresholds
 from .experiments import PAPER_ARCHITECTURES
 from .layers import (BayesianLayer, LinearGroupHS, LinearGroupNJ, bayesian_layers, conv_gradient, kl_divergence,
                      set_variance_dtype)
+from .layers.base import check_positive_int
 from .train import TrainConfig, _batch_in_memory_format, _to_memory_format
 
 __all__ = ["run_compression_bench", "run_compression_bench_from_run", "run_compression_trials", "summarise_trials",
@@ -243,8 +244,7 @@ def _cpu_threads(threads: int | None):
     """Run with ``threads`` intra-op CPU threads (``None``: leave PyTorch's setting), then restore it."""
     previous = torch.get_num_threads()
     if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+        check_positive_int("threads", threads)
         torch.set_num_threads(threads)
     try:
         yield
@@ -350,8 +350,7 @@ def run_compression_trials(trials: int, run_dir=None, *, verbose: bool = True, *
         run_dir, kwargs: as :func:`run_compression_bench_from_run`.
         verbose: print each trial's ratios and the summary table.
     """
-    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
-        raise ValueError(f"trials must be a positive int, got {trials!r}")
+    check_positive_int("trials", trials)
     spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: it inherits nothing but the arguments
     results = []
     for trial in range(trials):

@@ -52,6 +52,7 @@ from .fileformat import (build_module, dequantize, encode_compressed, load_compr
                          write_compressed)
 from .layer_sequence import check_sequence, evaluating, layer_sequence
 from .layers import BayesianLayer, bayesian_layers
+from .layers.base import check_positive_int
 from .train import TrainConfig, fit
 
 __all__ = [
@@ -1251,8 +1252,7 @@ def model_error(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) 
     if y.dim() != 1 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
         raise ValueError(f"x and y must hold the same number (> 0) of examples, y of shape (N,); "
                          f"got x {tuple(x.shape)}, y {tuple(y.shape)}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_positive_int("batch_size", batch_size)
     try:
         device = next(model.parameters()).device
     except StopIteration:

@@ -29,6 +29,8 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
+from .layers.base import check_positive_int
+
 __all__ = [
     "TensorSplit", "MNIST_FILES", "data_root", "load_mnist", "load_cifar10", "cifar10_tensors",
     "batches", "fast_mode",
@@ -219,11 +221,11 @@ def batches(split: TensorSplit, batch_size: int, *, shuffle: bool = False,
         generator: the random generator of the shuffle (``None``: PyTorch's default one).
 
     Raises:
-        ValueError: ``batch_size`` not a positive int.
+        TypeError: ``batch_size`` not an int.
+        ValueError: ``batch_size`` below 1.
     """
     # Checked here, not in the generator, so that a bad size fails at the call, before any work.
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_positive_int("batch_size", batch_size)
     return _batches(split, batch_size, shuffle, generator)
 
 

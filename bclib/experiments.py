@@ -39,6 +39,7 @@ from . import compression, viz
 from ._io import write_atomically
 from .data import DEFAULT_INPUT_RANGE, TensorSplit, fast_mode, load_mnist
 from .layers import Conv2dSVD, LinearSVD, bayesian_layers
+from .layers.base import check_positive_int
 from .models import bayesian_from_pretrained, build_model
 from .train import TrainConfig, check_checkpoint_recipe, evaluate, fit, load_checkpoint
 
@@ -764,8 +765,7 @@ def fine_tune_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, co
     Returns:
         The report (also written to ``report.json``).
     """
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise ValueError(f"seeds must be a positive int (1: no spread), got {seeds!r}")
+    check_positive_int("seeds", seeds)  # 1: no spread
     base_dir, out_dir, base_config, base_report = _base_run(base_dir, out_dir, "fine_tunes")
     model = load_run_model(base_dir).cpu()
     fit_split, selection, test = _search_splits(base_config, data_root)
@@ -1030,8 +1030,7 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     Returns:
         The report (also written to ``report.json``).
     """
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise ValueError(f"seeds must be a positive int, got {seeds!r}")
+    check_positive_int("seeds", seeds)
     if take not in SEARCH_RULES:
         raise ValueError(f"take must be one of {SEARCH_RULES}, got {take!r}")
     fixed_allowance = {} if allowed_error is None else {"allowed_error": allowed_error}  # recorded only when set
@@ -1164,8 +1163,7 @@ def prune_to_groups_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike,
     Returns:
         The report (also written to ``report.json``).
     """
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise ValueError(f"seeds must be a positive int, got {seeds!r}")
+    check_positive_int("seeds", seeds)
     base_dir, out_dir, base_config, base_report, log_alpha, architecture, base = _group_prior_run(
         base_dir, out_dir, "prunes_to_groups_of")
     cut = compression.prune_to_groups(base, architecture, log_alpha, groups)

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from .compression import within_tolerance
 from .experiments import SCRATCH_SEEDS, predates_zero_survivor_fix, search_order
+from .layers.base import check_positive_int
 
 __all__ = [
     "speed_table", "release_comparison", "results_at_a_glance", "results_table", "seed_spread_table", "bench_trials_summary",
@@ -680,8 +681,7 @@ def training_end_table(runs: Mapping[str, object], tail: int = 50) -> str:
         test error before pruning    at the end   mean of last 2   final KL
         BC-GHS from scratch              0.93 %           0.95 %      6,022
     """
-    if not isinstance(tail, int) or tail < 1:
-        raise ValueError(f"tail must be a positive integer (epochs), got {tail!r}")
+    check_positive_int("tail", tail)
     width = max([28, *map(len, runs)])
     lines = [f"{'test error before pruning':<{width}} {'at the end':>10} {f'mean of last {tail}':>16} {'final KL':>10}"]
     for label, run in runs.items():

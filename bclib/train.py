@@ -30,6 +30,7 @@ from ._allocator import keep_freed_memory
 from ._io import write_atomically
 from .data import TensorSplit, batches
 from .layers import bayesian_layers, kl_divergence, set_variance_dtype
+from .layers.base import check_positive_int
 
 __all__ = ["TrainConfig", "fit", "evaluate", "elbo_loss", "default_device", "save_checkpoint", "load_checkpoint",
            "keep_freed_memory"]
@@ -101,9 +102,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(name, getattr(self, name))
         for name in ("lr", "lr_final", "variance_lr_scale", "grad_clip", "kl_warmup_epochs"):
             value = getattr(self, name)
             if name == "grad_clip" and value is None:
@@ -131,7 +130,7 @@ class TrainConfig:
             raise ValueError(f"variance_dtype must be one of {sorted(VARIANCE_DTYPES, key=str)}, "
                              f"got {self.variance_dtype!r}")
         if not isinstance(self.keep_freed_memory, bool):
-            raise ValueError(f"keep_freed_memory must be True or False, got {self.keep_freed_memory!r}")
+            raise TypeError(f"keep_freed_memory must be True or False, got {self.keep_freed_memory!r}")
         if self.memory_format not in MEMORY_FORMATS:
             raise ValueError(f"memory_format must be one of {sorted(MEMORY_FORMATS, key=str)}, "
                              f"got {self.memory_format!r}")

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from ._io import write_atomically
 from .compression import resolve_thresholds, weight_masks
 from .layers import BayesianLayer, bayesian_layers
+from .layers.base import check_positive_int
 
 __all__ = [
     "DEFAULT_THRESHOLD", "DEFAULT_FRAME_DURATION_MS", "WEIGHT_AXES_RECT",
@@ -92,12 +93,6 @@ def _check_duration(duration) -> int:
             f"GIF frames for 100 ms), got {duration!r}"
         )
     return int(round(duration))
-
-
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _check_threshold_values(thresholds) -> None:
@@ -242,7 +237,7 @@ class WeightEvolutionRecorder:
         _check_threshold_values(thresholds)
         self.layers = None if layers is None else list(layers)
         self.thresholds = thresholds
-        self.every = _check_positive_int("every", every)
+        self.every = check_positive_int("every", every)
         self.epochs: list[int] = []
         self.layer_names: list[str] = []
         self.layer_positions: list[int] = []
@@ -418,7 +413,7 @@ class PixelImportanceRecorder:
             raise ValueError(f"image_shape must be a tuple of positive ints, got {image_shape!r}")
         self.layer = 0 if layer is None else layer
         self.image_shape = image_shape
-        self.every = _check_positive_int("every", every)
+        self.every = check_positive_int("every", every)
         self.epochs: list[int] = []
         self.log_alphas: list[Tensor] = []
 
@@ -462,7 +457,7 @@ def choose_digits(images, num_digits: int = 5, seed: int = 0) -> tuple[np.ndarra
     Returns:
         ``(indices, chosen)``: the drawn indices and the images, as float arrays shaped ``(num_digits, -1)``.
     """
-    _check_positive_int("num_digits", num_digits)
+    check_positive_int("num_digits", num_digits)
     array = images.detach().cpu().numpy() if isinstance(images, Tensor) else np.asarray(images)
     if array.ndim < 2 or array.shape[0] < num_digits:
         raise ValueError(f"images must be a batch (N, ...) with N >= num_digits={num_digits}, got shape {array.shape}")
@@ -568,7 +563,7 @@ def plot_log_alpha_histograms(model: nn.Module, thresholds=None, *, bins: int = 
     layers = _all_bayesian_layers(model)
     names = [n for n, _ in layers]
     limits = None if thresholds is None else _resolve_thresholds(thresholds, names)
-    _check_positive_int("bins", bins)
+    check_positive_int("bins", bins)
     fig = Figure(figsize=(3.6 * len(layers), 3.0), layout="constrained")
     axes = fig.subplots(1, len(layers), squeeze=False)[0]
     for k, (ax, (name, layer)) in enumerate(zip(axes, layers)):
@@ -620,7 +615,7 @@ def plot_saved_log_alpha_histograms(layers: Mapping[str, Mapping], *, ncols: int
                              f"got {counts.size} counts and {edges.size} edges")
         threshold = _check_number(f"layers[{name!r}]['threshold']", entry["threshold"])
         entries.append((name, counts, edges, threshold, entry.get("log_alpha")))
-    ncols = len(entries) if ncols is None else min(_check_positive_int("ncols", ncols), len(entries))
+    ncols = len(entries) if ncols is None else min(check_positive_int("ncols", ncols), len(entries))
     nrows = math.ceil(len(entries) / ncols)
     fig = Figure(figsize=(3.6 * ncols, 3.0 * nrows), layout="constrained")
     grid = fig.subplots(nrows, ncols, squeeze=False)

@@ -584,8 +584,8 @@ def test_fine_tune_rejects_a_deterministic_run_and_its_own_folder(tmp_path, mnis
         experiments.fine_tune_run(dense, tmp_path / "out", data_root=mnist_root)
     with pytest.raises(ValueError, match="out_dir must be a new folder"):
         experiments.fine_tune_run(dense, dense, data_root=mnist_root)
-    for seeds in (0, 1.5, True):
-        with pytest.raises(ValueError, match=r"seeds must be a positive int \(1: no spread\), got"):
+    for seeds, error in ((0, ValueError), (1.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match=r"seeds must be a positive int, got"):
             experiments.fine_tune_run(dense, tmp_path / "out", seeds=seeds, data_root=mnist_root)
     assert not (tmp_path / "out").exists()
 

@@ -109,10 +109,11 @@ def _parser() -> argparse.ArgumentParser:
                                 help="which cut within the allowed error a step takes: the one of least selection "
                                      "error (default), the one that prunes most, or the one of least selection "
                                      "error added per weight removed")
-            search.add_argument("--tolerance", type=float, default=SELECTION_TOLERANCE,
+            allowance = search.add_mutually_exclusive_group()
+            allowance.add_argument("--tolerance", type=float, default=SELECTION_TOLERANCE,
                                 help="how far a cut's selection error may rise above the base network's, as a "
                                      f"fraction (default {SELECTION_TOLERANCE}: 0.1 points)")
-            search.add_argument("--allowed-error", type=float, default=None,
+            allowance.add_argument("--allowed-error", type=float, default=None,
                                 help="instead, the highest selection error a cut may reach, as a fraction (e.g. "
                                      "0.009); only for a run trained without its selection split")
             search.add_argument("--cut-fraction", type=float, default=LAYER_CUT_FRACTION,

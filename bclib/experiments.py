@@ -1021,7 +1021,8 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
             the base network's (default :data:`SELECTION_TOLERANCE`).
         allowed_error: instead, the highest (mean) selection error a cut may reach, a fraction in
             (0, 1) (``None``: the base network's plus ``tolerance``). The base run must have held
-            out the selection split (its ``config.json`` says ``holds_out_selection``).
+            out the selection split (its ``config.json`` says ``holds_out_selection``). When it is
+            set, ``tolerance`` plays no part and is not recorded.
         cut_fraction: the share of a layer's surviving groups one cut removes, in (0, 1) (default
             :data:`LAYER_CUT_FRACTION`), rounded to the nearest count (ties to even, Python's
             ``round``); at least one group, and one group is always left.
@@ -1033,8 +1034,9 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     check_positive_int("seeds", seeds)
     if take not in SEARCH_RULES:
         raise ValueError(f"take must be one of {SEARCH_RULES}, got {take!r}")
-    fixed_allowance = {} if allowed_error is None else {"allowed_error": allowed_error}  # recorded only when set
-    for label, value in {"tolerance": tolerance, "cut_fraction": cut_fraction, **fixed_allowance}.items():
+    # What sets the allowed error, recorded: the tolerance above the base network's, or the fixed allowance.
+    allowance = {"tolerance": tolerance} if allowed_error is None else {"allowed_error": allowed_error}
+    for label, value in {"cut_fraction": cut_fraction, **allowance}.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
             raise ValueError(f"{label} must be a number in (0, 1), got {value!r}")
     base_dir, out_dir, base_config, base_report, log_alpha, architecture, base = _group_prior_run(
@@ -1054,7 +1056,7 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     checkpoint = _SearchCheckpoint(out_dir / SEARCH_CHECKPOINT, {
         "from": base_dir.name, "model_sha256": hashlib.sha256((base_dir / "model.bcz").read_bytes()).hexdigest(),
         "thresholds": base_report["thresholds"], "train": config.to_dict(), "seeds": seeds,
-        "tolerance": tolerance, "cut_fraction": cut_fraction, "take": take, **fixed_allowance,
+        "cut_fraction": cut_fraction, "take": take, **allowance,
         ZERO_SURVIVORS_TRAIN: True}, progress)  # retrainings made before the fix are not mixed in
 
     def retrained(candidate, thresholds: dict):
@@ -1102,7 +1104,8 @@ def prune_layers_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         errors_now = candidates[index]["selection_error"]
     _write_search_config(out_dir, base_config, config, (fit_split, selection, test),
                          {"prunes_layers_of": base_dir.name, "cut_fraction": cut_fraction, "seeds": seeds,
-                          "take": take, **fixed_allowance}, tolerance=tolerance)
+                          "take": take, **({} if allowed_error is None else allowance)},
+                         tolerance=tolerance if allowed_error is None else None)
     write_json(out_dir / "metrics.json", history)
     write_json(out_dir / "analysis.json", {"allowed": allowed, "candidates": candidates})
     layer_search = {"from": base_dir.name, "thresholds_before": base_report["thresholds"],

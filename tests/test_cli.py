@@ -1018,21 +1018,28 @@ def test_prune_layers_can_spend_a_fixed_allowance(trained_run, mnist_root, tmp_p
     taken = {name: sum(c["taken"] for c in run["candidates"][1:]) for name, run in (("fixed", fixed),
                                                                                    ("relative", relative))}
     assert taken["fixed"] > taken["relative"] >= 1
-    assert _read(tmp_path / "fixed", "config.json")["allowed_error"] == 0.0125
-    assert "allowed_error" not in _read(tmp_path / "relative", "config.json")
+    fixed_config, relative_config = _read(tmp_path / "fixed", "config.json"), _read(tmp_path / "relative", "config.json")
+    assert (fixed_config["allowed_error"], relative_config["selection_tolerance"]) == (0.0125, 0.001)
+    # Each records only what set its allowed error.
+    assert "selection_tolerance" not in fixed_config and "allowed_error" not in relative_config
 
 
 def test_prune_layers_command_passes_its_options(monkeypatch, capsys, tmp_path):
     calls = []
     monkeypatch.setattr(experiments, "prune_layers_run", lambda *args, **kwargs: calls.append((args, kwargs)) or {})
     main(["prune-layers", "RUN", "--out", str(tmp_path / "out"), "--seeds", "3", "--take", "most_pruning",
-          "--tolerance", "0.002", "--cut-fraction", "0.5", "--allowed-error", "0.009"])
-    main(["prune-layers", "RUN", "--out", str(tmp_path / "out")])
+          "--cut-fraction", "0.5", "--allowed-error", "0.009"])
+    main(["prune-layers", "RUN", "--out", str(tmp_path / "out"), "--tolerance", "0.002"])
     assert [(kwargs["seeds"], kwargs["take"], kwargs["tolerance"], kwargs["cut_fraction"], kwargs["allowed_error"])
-            for _, kwargs in calls] == [(3, "most_pruning", 0.002, 0.5, 0.009), (1, "least_error", 0.001, 0.25, None)]
+            for _, kwargs in calls] == [(3, "most_pruning", 0.001, 0.5, 0.009), (1, "least_error", 0.002, 0.25, None)]
     with pytest.raises(SystemExit):
         main(["prune-layers", "RUN", "--out", str(tmp_path / "out"), "--take", "largest"])
     assert "invalid choice: 'largest'" in capsys.readouterr().err
+    # The tolerance plays no part beside a fixed allowance: asking for both is refused.
+    with pytest.raises(SystemExit):
+        main(["prune-layers", "RUN", "--out", str(tmp_path / "out"), "--tolerance", "0.002", "--allowed-error", "0.009"])
+    assert "argument --allowed-error: not allowed with argument --tolerance" in capsys.readouterr().err
+    assert len(calls) == 2
 
 
 # ----------------------------------------------------------------------------- prune-to-groups

@@ -159,8 +159,10 @@ def test_committed_config_is_the_registered_recipe(name):
             assert (config["groups"], config["seeds"]) == (list(experiment.kept_groups), experiment.search_seeds)
         if experiment.prunes_layers_of:
             assert config.get("seeds", 1) == experiment.search_seeds
-            assert config["selection_tolerance"] == experiment.search_tolerance
             assert config.get("allowed_error") == experiment.search_allowed_error
+            # The tolerance is recorded only where it set the allowed error.
+            assert config.get("selection_tolerance") == (
+                experiment.search_tolerance if experiment.search_allowed_error is None else None)
     assert config.get("holds_out_selection", False) == experiment.holds_out_selection
 
 

@@ -1158,7 +1158,8 @@ def prune_to_groups_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike,
         base_dir: a compressed group-prior run (``config.json``, ``report.json``, ``analysis.json``
             with per-group log alphas, ``model.bcz``).
         out_dir: the new run folder.
-        groups: the most groups each layer keeps, in order (see :func:`bclib.compression.prune_to_groups`).
+        groups: the most groups each layer keeps, in order (see :func:`bclib.compression.prune_to_groups`);
+            at least one layer must keep fewer than it does.
         config: the retraining recipe (default :data:`FINE_TUNE_CONFIG`).
         seeds: retrainings, each with its own seed.
         data_root: MNIST root.
@@ -1170,6 +1171,9 @@ def prune_to_groups_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike,
     base_dir, out_dir, base_config, base_report, log_alpha, architecture, base = _group_prior_run(
         base_dir, out_dir, "prunes_to_groups_of")
     cut = compression.prune_to_groups(base, architecture, log_alpha, groups)
+    if cut.report.architecture == base.report.architecture:  # a retraining of the file as it is: not a cut
+        raise ValueError(f"groups {list(groups)} cut nothing from {str(base_dir)!r}: its layers keep "
+                         f"{base.report.architecture} groups, none more than asked")
     splits = _search_splits(base_config, data_root)
     tuned, history, errors = _retrain_seeds(cut, *splits, config, seeds, progress)
     thresholds = [row.threshold for row in cut.report.layers]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -1103,6 +1104,12 @@ def test_prune_to_groups_rejects_bad_groups_and_seeds_before_writing(trained_run
     with pytest.raises(ValueError, match="seeds must be a positive int, got 0"):
         experiments.prune_to_groups_run(trained_run, tmp_path / "out", groups=[10, 10, 10], seeds=0,
                                         data_root=mnist_root)
+    # Groups no layer exceeds: nothing to cut, so no retraining of the file as it is under the name of a cut.
+    architecture = _read(trained_run, "report.json")["architecture"]
+    at_most = [int(count) for count in architecture.split("-")]
+    for groups in (at_most, [count + 1 for count in at_most]):
+        with pytest.raises(ValueError, match=re.escape(f"groups {groups} cut nothing from ") + f".*its layers keep {architecture} groups"):
+            experiments.prune_to_groups_run(trained_run, tmp_path / "out", groups=groups, data_root=mnist_root)
     assert not (tmp_path / "out").exists()
 
 

@@ -1,8 +1,8 @@
 """MNIST and CIFAR-10 as in-memory tensors, loaded through ``torchvision.datasets``.
 
 The data root is, in order: the ``root`` argument, the ``BCLIB_DATA`` environment variable, or a
-per-user cache folder (``$XDG_CACHE_HOME/bclib`` or ``~/.cache/bclib``). Files are downloaded when
-the network allows it, into a temporary folder that is moved into place only when complete.
+per-user cache folder (``$XDG_CACHE_HOME/bclib`` or ``~/.cache/bclib``). Missing files are downloaded
+when the network allows it, into a temporary folder, and moved into place only when all arrived.
 
 MNIST inputs are scaled to ``[0, 1]`` by default (``input_range=(0, 1)``); ``input_range=(-1, 1)`` gives
 the 2017 release's scaling (CIFAR-10's are scaled to ``[-1, 1]``: natural images have no blank
@@ -32,7 +32,7 @@ from torch import Tensor
 from .layers.base import check_positive_int
 
 __all__ = [
-    "TensorSplit", "MNIST_FILES", "data_root", "load_mnist", "load_cifar10", "cifar10_tensors",
+    "TensorSplit", "MNIST_FILES", "CIFAR10_FOLDER", "CIFAR10_FILES", "data_root", "load_mnist", "load_cifar10", "cifar10_tensors",
     "batches", "fast_mode",
 ]
 
@@ -42,6 +42,9 @@ MNIST_FILES = (
     "t10k-images-idx3-ubyte.gz",
     "t10k-labels-idx1-ubyte.gz",
 )
+# The folder torchvision unpacks CIFAR-10 into, and the files it reads there.
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_FILES = ("batches.meta", *(f"data_batch_{i}" for i in range(1, 6)), "test_batch")
 
 
 @dataclass
@@ -112,19 +115,24 @@ def _missing_mnist_message(raw: Path) -> str:
     )
 
 
-def _download_mnist_atomically(root: Path, raw: Path) -> None:
-    """Download into a temporary folder beside ``raw`` and move the files in only when all arrived."""
-    import torchvision
+def _missing_cifar10_message(folder: Path) -> str:
+    return (f"CIFAR-10 not found in {folder} and could not be downloaded. Put the unpacked python version "
+            f"there (cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html: "
+            f"{', '.join(CIFAR10_FILES)}), or set BCLIB_DATA / pass root= to the folder above it.")
 
+
+def _download_atomically(root: Path, dataset_class, paths: list[str], missing_message: str) -> None:
+    """Download with ``dataset_class(tmp, download=True)`` into a temporary folder in ``root``, then move
+    ``paths`` (relative to the root) into place only when all arrived; on failure nothing is left."""
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".bclib-download-", dir=root))
     try:
-        torchvision.datasets.MNIST(str(tmp), train=True, download=True)
-        raw.mkdir(parents=True, exist_ok=True)
-        for name in MNIST_FILES:
-            os.replace(tmp / "MNIST" / "raw" / name, raw / name)
-    except Exception as error:  # no network, checksum failure, ...
-        raise FileNotFoundError(_missing_mnist_message(raw)) from error
+        dataset_class(str(tmp), train=True, download=True)
+        for path in paths:
+            (root / path).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp / path, root / path)
+    except Exception as error:  # no network (URLError, RuntimeError), checksum failure, ...
+        raise FileNotFoundError(missing_message) from error
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -160,7 +168,8 @@ def load_mnist(root: str | os.PathLike | None = None, *, download: bool = True,
     if not present:
         if not download:
             raise FileNotFoundError(_missing_mnist_message(raw))
-        _download_mnist_atomically(root, raw)
+        _download_atomically(root, torchvision.datasets.MNIST, [f"MNIST/raw/{name}" for name in MNIST_FILES],
+                             _missing_mnist_message(raw))
     splits = []
     for train in (True, False):
         # download=True only verifies the md5 of the files present and unpacks them: no network call.
@@ -195,18 +204,24 @@ def load_cifar10(root: str | os.PathLike | None = None, *, download: bool = True
         device: where to keep the tensors (e.g. ``"cuda"`` to batch on the GPU).
 
     Raises:
-        FileNotFoundError: the files are missing and cannot be downloaded; the message names the folder.
+        FileNotFoundError: the files are missing and cannot be downloaded; the message names the
+            folder and the files.
+        ValueError: the files are there but damaged; the message names the folder.
     """
     import torchvision
 
     root = data_root(root)
-    try:
-        splits = [cifar10_tensors(torchvision.datasets.CIFAR10(str(root), train=t, download=download))
+    folder = root / CIFAR10_FOLDER
+    if not all((folder / name).exists() for name in CIFAR10_FILES):
+        if not download:
+            raise FileNotFoundError(_missing_cifar10_message(folder))
+        _download_atomically(root, torchvision.datasets.CIFAR10, [CIFAR10_FOLDER], _missing_cifar10_message(folder))
+    try:  # download=False: torchvision checks the files' md5 sums and reads them
+        splits = [cifar10_tensors(torchvision.datasets.CIFAR10(str(root), train=t, download=False))
                   for t in (True, False)]
     except RuntimeError as error:
-        raise FileNotFoundError(
-            f"CIFAR-10 not found in {root / 'cifar-10-batches-py'} and could not be downloaded"
-        ) from error
+        raise ValueError(f"CIFAR-10 files in {folder} are damaged ({error}); replace them with an intact copy "
+                         f"(or delete the folder to download again)") from None
     return tuple(s.to(device) if device is not None else s for s in splits)
 
 

@@ -214,32 +214,83 @@ def test_a_split_is_made_of_tensors_with_one_label_per_example():
 
 
 # ----------------------------------------------------------------------------- CIFAR-10
-def test_load_cifar10_reads_both_splits_through_torchvision_and_names_a_missing_folder(monkeypatch, tmp_path):
-    """torchvision's CIFAR10 replaced by a stand-in (CIFAR-10 cannot be downloaded here): both splits
-    are converted, from the given root; a failure to download is a FileNotFoundError naming the folder."""
+def _fake_cifar10(calls: list, download_fails: bool = False):
+    """A stand-in for torchvision's CIFAR10 (CIFAR-10 cannot be downloaded here). With ``download=True``
+    it unpacks the seven files into ``root`` (or, with ``download_fails``, half of them, then fails as
+    urllib does without a network); either way it reads the root as the real one would, failing when
+    a file is missing or damaged (here: empty)."""
+    import urllib.error
+
+    from bclib.data import CIFAR10_FILES
+
+    def cifar10(root, train=True, download=False, **kwargs):
+        calls.append((root, train, download))
+        folder = Path(root) / "cifar-10-batches-py"
+        if download:
+            folder.mkdir(parents=True, exist_ok=True)
+            for name in CIFAR10_FILES[:4] if download_fails else CIFAR10_FILES:
+                (folder / name).write_bytes(b"pickled batch")
+            if download_fails:
+                raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+        if not all((folder / name).exists() and (folder / name).stat().st_size for name in CIFAR10_FILES):
+            raise RuntimeError("Dataset not found or corrupted. You can use download=True to download it")
+        images = np.full((3 if train else 2, 32, 32, 3), 255 if train else 0, dtype=np.uint8)
+        return SimpleNamespace(data=images, targets=[1, 2, 3][:len(images)])
+    return cifar10
+
+
+def test_load_cifar10_downloads_atomically_and_reads_both_splits(monkeypatch, tmp_path):
+    """A download goes to a temporary folder and is moved in whole; both splits are then read (without
+    download) from the root and converted."""
+    import torchvision
+
+    from bclib.data import CIFAR10_FILES, load_cifar10
+
+    calls = []
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", _fake_cifar10(calls))
+    root = tmp_path / "root"
+    train, test = load_cifar10(root)
+    assert len(calls) == 3 and calls[0][2] is True and Path(calls[0][0]).parent == root  # a folder inside the root
+    assert calls[1:] == [(str(root), True, False), (str(root), False, False)]
+    assert sorted(p.name for p in root.rglob("*") if p.is_file()) == sorted(CIFAR10_FILES)
+    assert [p.name for p in root.iterdir()] == ["cifar-10-batches-py"]  # the temporary folder is gone
+    assert train.x.shape == (3, 3, 32, 32) and test.x.shape == (2, 3, 32, 32)
+    assert bool((train.x == 1).all()) and bool((test.x == -1).all()) and test.y.tolist() == [1, 2]
+    calls.clear()
+    load_cifar10(root)  # present: no download
+    assert [download for _, _, download in calls] == [False, False]
+
+
+def test_load_cifar10_without_network_names_the_folder_and_leaves_nothing(monkeypatch, tmp_path):
     import torchvision
 
     from bclib.data import load_cifar10
 
     calls = []
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", _fake_cifar10(calls, download_fails=True))
+    root = tmp_path / "root"
+    folder = re.escape(str(root / "cifar-10-batches-py"))
+    with pytest.raises(FileNotFoundError, match=f"CIFAR-10 not found in {folder} .*data_batch_1"):
+        load_cifar10(root)
+    assert calls and [p for p in root.rglob("*")] == []  # the half download was removed
+    calls.clear()
+    with pytest.raises(FileNotFoundError, match=f"CIFAR-10 not found in {folder}"):
+        load_cifar10(root, download=False)
+    assert calls == []
 
-    def fake_cifar10(root, train=True, download=False, **kwargs):
-        calls.append((root, train, download))
-        images = np.full((3 if train else 2, 32, 32, 3), 255 if train else 0, dtype=np.uint8)
-        return SimpleNamespace(data=images, targets=[1, 2, 3][:len(images)])
 
-    monkeypatch.setattr(torchvision.datasets, "CIFAR10", fake_cifar10)
-    train, test = load_cifar10(tmp_path, download=False)
-    assert calls == [(str(tmp_path), True, False), (str(tmp_path), False, False)]
-    assert train.x.shape == (3, 3, 32, 32) and test.x.shape == (2, 3, 32, 32)
-    assert bool((train.x == 1).all()) and bool((test.x == -1).all()) and test.y.tolist() == [1, 2]
+def test_load_cifar10_names_damaged_files(monkeypatch, tmp_path):
+    import torchvision
 
-    def failing_cifar10(root, train=True, download=False, **kwargs):
-        raise RuntimeError("Dataset not found or corrupted.")
+    from bclib.data import CIFAR10_FILES, load_cifar10
 
-    monkeypatch.setattr(torchvision.datasets, "CIFAR10", failing_cifar10)
-    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "cifar-10-batches-py"))):
-        load_cifar10(tmp_path, download=False)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in CIFAR10_FILES:
+        (folder / name).write_bytes(b"" if name == "test_batch" else b"pickled batch")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", _fake_cifar10([]))
+    with pytest.raises(ValueError, match=f"CIFAR-10 files in {re.escape(str(folder))} are damaged"):
+        load_cifar10(tmp_path)
 
 
 def test_cifar10_tensors_maps_pixels_by_hand():

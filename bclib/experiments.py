@@ -636,11 +636,8 @@ def _write_animations(recorders, test: TensorSplit, out_dir: Path, input_range) 
     last, keep = weights.weights[weights.layer_names[0]][-1], weights.masks[weights.layer_names[0]][-1]
     vmax = float(last[keep.bool()].abs().quantile(0.99)) if keep.any() else None
     viz.write_weight_gifs(weights, out_dir, vmax=vmax, figsize=(8.2, 3.5), dpi=100)
-    # Digits are drawn on [-1, 1] whatever the training range, so kept ink is black, background
-    # white and pruned pixels mid-grey (the release's picture).
-    low, high = (float(v) for v in input_range)
-    digits = (test.x.cpu() - low) * (2.0 / (high - low)) - 1.0
-    viz.write_pixel_importance_gif(pixels, digits, out_dir / "pixel_importance.gif", num_digits=5, seed=0)
+    viz.write_pixel_importance_gif(pixels, test.x.cpu(), out_dir / "pixel_importance.gif", num_digits=5, seed=0,
+                                   input_range=input_range)
 
 
 # Molchanov et al.: a weight of a Sparse VD layer is dropped when its log alpha exceeds 3.

@@ -3,7 +3,7 @@ per-pixel input importance, log-alpha histograms, the error/compression trade-of
 architecture before and after pruning, and learning curves (the result tables are in
 :mod:`bclib.tables`).
 
-Two training callbacks record what the animations need, one frame per epoch; two functions
+Two training callbacks record what the animations need, one frame per recorded epoch; two functions
 render the frames and write looping GIFs. Their use with :func:`bclib.train.fit`::
 
     from bclib import viz
@@ -11,7 +11,7 @@ render the frames and write looping GIFs. Their use with :func:`bclib.train.fit`
     pixels = viz.PixelImportanceRecorder(every=5)
     fit(model, train, test, config, callbacks=[weights, pixels])
     viz.write_weight_gifs(weights, "book/figures")                    # one GIF per layer
-    viz.write_pixel_importance_gif(pixels, test.x, "book/figures/pixel_importance.gif")
+    viz.write_pixel_importance_gif(pixels, test.x, "book/figures/pixel_importance.gif")  # inputs in [0, 1]
 
 The static figures are functions that return a :class:`matplotlib.figure.Figure` and save it
 when given a ``path``: :func:`plot_log_alpha_histograms` (or, from the histograms a run saved
@@ -28,7 +28,10 @@ combined the input and output masks with OR (here AND: a weight is drawn only wh
 unit and its output unit both survive); ``ax.grid("off")`` turned the grid *on* in matplotlib 3
 (here the axes are switched off); frame durations were written as 0 ms because imageio now
 reads ``duration`` in milliseconds (here ``duration`` is in milliseconds); the threshold of the
-plots was hard-coded (here it is an argument); and hidden PNG files were left behind.
+plots was hard-coded (here it is an argument); frames went through hidden PNG files in the
+working folder (left there when a run stopped early); and the GIFs went into a ``figures/``
+folder that had to exist, or the run crashed after training (here frames stay in memory and the
+folder is created).
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ from torch import Tensor, nn
 
 from ._io import write_atomically
 from .compression import resolve_thresholds, weight_masks
+from .data import DEFAULT_INPUT_RANGE, _check_input_range
 from .layers import BayesianLayer, bayesian_layers
 from .layers.base import check_positive_int
 
@@ -81,7 +85,8 @@ _MIN_DURATION_MS = 20
 
 # ----------------------------------------------------------------------------- argument checks
 def _check_number(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    # numbers.Real takes NumPy's scalars (np.float32(-3)) too, as compress does.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise TypeError(f"{name} must be a finite number, got {value!r}")
     return float(value)
 
@@ -95,29 +100,30 @@ def _check_duration(duration) -> int:
     return int(round(duration))
 
 
-def _check_threshold_values(thresholds) -> None:
-    """Type checks of ``thresholds`` that need no model: ``None``, a number, a sequence or a dict of numbers."""
+def _threshold_values(thresholds):
+    """``thresholds`` checked without a model and made plain: ``None``, a float, a list of floats (from a
+    sequence, a 1-d array or tensor) or a dict of floats by layer name."""
     if thresholds is None:
-        return
-    if isinstance(thresholds, (int, float)) and not isinstance(thresholds, bool):
-        _check_number("thresholds", thresholds)
-        return
+        return None
+    if isinstance(thresholds, (Tensor, np.ndarray)):
+        if thresholds.ndim > 1:
+            raise ValueError(f"thresholds must be a number or 1-d, got shape {tuple(thresholds.shape)}")
+        thresholds = thresholds.tolist()
+    if isinstance(thresholds, numbers.Real) and not isinstance(thresholds, bool):
+        return _check_number("thresholds", thresholds)
     if isinstance(thresholds, Mapping):
-        values = thresholds.values()
-    elif isinstance(thresholds, (str, bytes)) or not isinstance(thresholds, Sequence):
+        return {name: _check_number("thresholds", value) for name, value in thresholds.items()}
+    if isinstance(thresholds, (str, bytes)) or not isinstance(thresholds, Sequence):
         raise TypeError(f"thresholds must be a number, a sequence or a dict by layer name, got {thresholds!r}")
-    else:
-        values = thresholds
-    for value in values:
-        _check_number("thresholds", value)
+    return [_check_number("thresholds", value) for value in thresholds]
 
 
 def _resolve_thresholds(thresholds, names: list[str]) -> list[float]:
     """One threshold per Bayesian layer, from ``None`` (the default), a number, a sequence or a dict by name."""
-    _check_threshold_values(thresholds)
+    thresholds = _threshold_values(thresholds)
     if thresholds is None:
         return [DEFAULT_THRESHOLD] * len(names)
-    return resolve_thresholds(list(thresholds) if isinstance(thresholds, Sequence) else thresholds, names)
+    return resolve_thresholds(thresholds, names)
 
 
 def _all_bayesian_layers(model: nn.Module) -> list[tuple[str, BayesianLayer]]:
@@ -194,7 +200,7 @@ def _bare_axes(fig: Figure, rect):
 # ----------------------------------------------------------------------------- masks
 # ----------------------------------------------------------------------------- weight evolution
 class WeightEvolutionRecorder:
-    r"""Training callback that records, each epoch, the posterior mean weights of Bayesian layers
+    r"""Training callback that records, every ``every``-th epoch, the posterior mean weights of Bayesian layers
     and the AND mask of the thresholds in use.
 
     Call it as ``recorder(epoch, model, metrics)`` (the callback signature of :func:`bclib.train.fit`).
@@ -213,7 +219,8 @@ class WeightEvolutionRecorder:
             :data:`DEFAULT_THRESHOLD` (-3) everywhere. A wrong length is a ``ValueError``.
             The masks are those of :func:`bclib.compression.weight_masks` (the AND rule of
             :func:`bclib.compress`), so a conv model needs its ``input_shape`` attribute.
-        every: record only the epochs divisible by ``every`` (fewer frames, smaller GIFs).
+        every: record only the epochs divisible by ``every`` (fewer frames, smaller GIFs). Every
+            call checks the model, so a wrong layer or threshold count fails at the first epoch.
 
     Attributes:
         epochs: the recorded epochs, in order.
@@ -234,9 +241,8 @@ class WeightEvolutionRecorder:
         if layers is not None and (isinstance(layers, (str, int)) or not isinstance(layers, Sequence) or not layers):
             raise TypeError(f"layers must be None or a non-empty sequence of module names or positions, got {layers!r}")
         # Check the values now; their number is checked against the model at the first call.
-        _check_threshold_values(thresholds)
+        self.thresholds = _threshold_values(thresholds)
         self.layers = None if layers is None else list(layers)
-        self.thresholds = thresholds
         self.every = check_positive_int("every", every)
         self.epochs: list[int] = []
         self.layer_names: list[str] = []
@@ -246,8 +252,9 @@ class WeightEvolutionRecorder:
 
     @torch.no_grad()
     def __call__(self, epoch: int, model: nn.Module, metrics: Mapping | None = None) -> None:
-        if not _due(epoch, self.every):
-            return
+        due = _due(epoch, self.every)
+        # Checked at every call, so that a wrong layer or threshold count fails at the first epoch,
+        # not at the first recorded one.
         all_layers = _all_bayesian_layers(model)
         names = [n for n, _ in all_layers]
         thresholds = _resolve_thresholds(self.thresholds, names)
@@ -255,6 +262,8 @@ class WeightEvolutionRecorder:
         positions = [_select_layer(model, "model", key, "layers") for key in keys]
         if self.epochs and positions != self.layer_positions:
             raise ValueError(f"model: recorded layers {self.layer_names} before, now {[names[p] for p in positions]}")
+        if not due:
+            return
         # The AND masks of bclib.compress: what the compressed network would keep at this epoch.
         masks = list(weight_masks(model, thresholds).values())
         self.layer_positions = positions
@@ -371,6 +380,9 @@ def pixel_importance(log_alpha: Tensor, image_shape: Sequence[int] = (28, 28)) -
     Returns:
         A float array of shape ``image_shape`` with values in ``[0, 1]``.
 
+    Raises:
+        ValueError: a count of values other than ``prod(image_shape)``, or a NaN among them.
+
     Example:
         >>> pixel_importance(torch.log(torch.tensor([0.25, 1.0, 4.0, 1e-6])), (2, 2)).round(3)
         array([[0.75, 0.  ],
@@ -379,11 +391,13 @@ def pixel_importance(log_alpha: Tensor, image_shape: Sequence[int] = (28, 28)) -
     values = torch.as_tensor(log_alpha).detach().double().cpu().reshape(-1)
     if values.numel() != math.prod(image_shape):
         raise ValueError(f"log_alpha must have {math.prod(image_shape)} values for image_shape {tuple(image_shape)}, got {values.numel()}")
+    if bool(values.isnan().any()):  # a diverged training: no importance to show
+        raise ValueError(f"log_alpha holds {int(values.isnan().sum())} NaN values")
     return (1.0 - values.exp().clamp(max=1.0)).reshape(tuple(image_shape)).numpy()
 
 
 class PixelImportanceRecorder:
-    """Training callback that records, each epoch, the log alpha of the input groups of a linear Bayesian layer.
+    """Training callback that records, every ``every``-th epoch, the log alpha of the input groups of a linear Bayesian layer.
 
     Call it as ``recorder(epoch, model, metrics)``. :meth:`pixel_importance` turns a record into the
     per-pixel map ``1 - min(alpha, 1)`` (:func:`pixel_importance`); :func:`write_pixel_importance_gif` animates it.
@@ -393,7 +407,7 @@ class PixelImportanceRecorder:
             first Bayesian layer. It must have one log alpha per input unit (``LinearGroupNJ``,
             ``LinearGroupHS``), and ``prod(image_shape)`` inputs.
         image_shape: the shape of one input image.
-        every: record only the epochs divisible by ``every``.
+        every: record only the epochs divisible by ``every``. Every call checks the model.
 
     Attributes:
         epochs: the recorded epochs; log_alphas: one CPU tensor of shape ``(in_features,)`` per epoch.
@@ -411,6 +425,9 @@ class PixelImportanceRecorder:
         image_shape = tuple(image_shape)
         if not image_shape or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in image_shape):
             raise ValueError(f"image_shape must be a tuple of positive ints, got {image_shape!r}")
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, (str, int))):
+            raise TypeError(f"layer must be None, a module name (str) or a position among the Bayesian layers "
+                            f"(int), got {layer!r}")
         self.layer = 0 if layer is None else layer
         self.image_shape = image_shape
         self.every = check_positive_int("every", every)
@@ -419,8 +436,8 @@ class PixelImportanceRecorder:
 
     @torch.no_grad()
     def __call__(self, epoch: int, model: nn.Module, metrics: Mapping | None = None) -> None:
-        if not _due(epoch, self.every):
-            return
+        due = _due(epoch, self.every)
+        # Checked at every call, so that a wrong layer fails at the first epoch, not at the first recorded one.
         name, layer = _all_bayesian_layers(model)[_select_layer(model, "model", self.layer, "layer")]
         log_alpha = layer.log_alpha().detach()
         if not layer.groups_on_input or log_alpha.dim() != 1:
@@ -430,6 +447,8 @@ class PixelImportanceRecorder:
             )
         if log_alpha.numel() != math.prod(self.image_shape):
             raise ValueError(f"image_shape {self.image_shape} has {math.prod(self.image_shape)} pixels but layer {name!r} has {log_alpha.numel()} inputs")
+        if not due:
+            return
         self.log_alphas.append(log_alpha.float().cpu().clone())
         self.epochs.append(epoch)
 
@@ -470,31 +489,47 @@ def pixel_panel_rect(panel: int, num_panels: int) -> tuple[float, float, float, 
 
     Panel 0 is the pixel-importance map, panels 1.. the digits; each image fills its rectangle
     (nearest neighbour), which is square on a frame of :func:`render_pixel_importance_frames`'s default size.
+
+    Args:
+        panel: the panel's index, in ``[0, num_panels)``.
+        num_panels: panels in the frame (the map and the digits).
     """
+    check_positive_int("num_panels", num_panels)
+    if isinstance(panel, bool) or not isinstance(panel, int) or not 0 <= panel < num_panels:
+        raise ValueError(f"panel must be an int in [0, {num_panels}), got {panel!r}")
     return (panel + 0.05) / num_panels, 0.04, 0.9 / num_panels, 0.72
 
 
-def render_pixel_importance_frames(recorder: PixelImportanceRecorder, digits, *, panel_size: float = 1.6,
+def render_pixel_importance_frames(recorder: PixelImportanceRecorder, digits, *,
+                                   input_range=DEFAULT_INPUT_RANGE, panel_size: float = 1.6,
                                    dpi: int = _DPI) -> list[np.ndarray]:
     """Draw one RGB frame per recorded epoch: the pixel-importance map, then each digit times the map.
 
-    The map is drawn in ``Greys`` on ``[0, 1]`` (black: always kept, white: pruned). Each digit
-    ``x`` is drawn as ``x * (1 - min(alpha, 1))`` in ``Greys`` on ``[-m, m]`` with ``m = max|x|``, as the
-    2017 release did: with inputs in [-1, 1] the kept background stays white, kept ink black, and
-    pruned pixels fade to the middle grey. Panels are laid out by :func:`pixel_panel_rect`.
+    The map is drawn in ``Greys`` on ``[0, 1]`` (black: always kept, white: pruned). Each digit is
+    first mapped from ``input_range`` onto ``x`` in ``[-1, 1]`` (background -1, ink 1), then drawn as
+    ``x * (1 - min(alpha, 1))`` in ``Greys`` on ``[-1, 1]``: the kept background stays white, kept ink
+    black, and pruned pixels, background or ink, fade to the middle grey. (The 2017 release drew
+    ``(byte / 255 - 0.5) * (1 - min(alpha, 1))`` the same way, on symmetric limits, in a blue-red palette.)
+    Without the mapping, a pruned pixel of a ``[0, 1]`` image would look like the blank background.
+    Panels are laid out by :func:`pixel_panel_rect`.
 
     Args:
         recorder: a :class:`PixelImportanceRecorder` with at least one epoch.
         digits: ``(K, ...)`` images with ``prod(recorder.image_shape)`` values each (see :func:`choose_digits`).
+        input_range: ``(low, high)``: the background and full-ink values of ``digits``, as the model
+            saw them (default ``(0, 1)``, :func:`bclib.data.load_mnist`'s; the release used ``(-1, 1)``).
         panel_size: width of one panel in inches; the frame is ``(K + 1) * panel_size`` by ``1.25 * panel_size``.
         dpi: dots per inch.
+
+    Returns:
+        One ``(height, width, 3)`` uint8 array per recorded epoch.
     """
     _check_recorded(recorder, PixelImportanceRecorder)
+    low, high = _check_input_range(input_range)
     array = digits.detach().cpu().numpy() if isinstance(digits, Tensor) else np.asarray(digits, dtype=np.float64)
     if array.ndim < 1 or array.size != array.shape[0] * math.prod(recorder.image_shape):
         raise ValueError(f"digits must be (K, ...) images of {math.prod(recorder.image_shape)} pixels, got shape {array.shape}")
-    images = array.reshape(array.shape[0], *recorder.image_shape).astype(np.float64)
-    limit = float(np.abs(images).max()) or 1.0
+    images = (array.reshape(array.shape[0], *recorder.image_shape).astype(np.float64) - low) * (2.0 / (high - low)) - 1.0
     num_panels = 1 + images.shape[0]
     frames = []
     for index, epoch in enumerate(recorder.epochs):
@@ -504,7 +539,7 @@ def render_pixel_importance_frames(recorder: PixelImportanceRecorder, digits, *,
         ax.imshow(keep, cmap="Greys", vmin=0.0, vmax=1.0, interpolation="nearest", aspect="auto")
         for k, image in enumerate(images, start=1):
             ax = _bare_axes(fig, pixel_panel_rect(k, num_panels))
-            ax.imshow(image * keep, cmap="Greys", vmin=-limit, vmax=limit, interpolation="nearest", aspect="auto")
+            ax.imshow(image * keep, cmap="Greys", vmin=-1.0, vmax=1.0, interpolation="nearest", aspect="auto")
         fig.suptitle(f"epoch {epoch}: pixel importance 1 - min(alpha, 1), alone and times {images.shape[0]} digits",
                      y=0.9, fontsize=_GIF_TITLE_FONTSIZE)
         frames.append(_to_rgb(canvas))
@@ -512,21 +547,29 @@ def render_pixel_importance_frames(recorder: PixelImportanceRecorder, digits, *,
 
 
 def write_pixel_importance_gif(recorder: PixelImportanceRecorder, images, path, *, num_digits: int = 5,
-                               seed: int = 0, duration: float = DEFAULT_FRAME_DURATION_MS,
-                               panel_size: float = 1.6, dpi: int = _DPI) -> Path:
+                               seed: int = 0, input_range=DEFAULT_INPUT_RANGE,
+                               duration: float = DEFAULT_FRAME_DURATION_MS, panel_size: float = 1.6,
+                               dpi: int = _DPI) -> Path:
     """Write the pixel-importance animation (one frame per recorded epoch, looping) to ``path``.
 
     Args:
         recorder: a :class:`PixelImportanceRecorder` with at least one epoch.
-        images: test images to draw ``num_digits`` from with :func:`choose_digits` (seeded by ``seed``).
+        images: test images to draw the digits from, scaled as the model saw them.
         path: the GIF file (its folder is created when missing).
+        num_digits: how many digits to show beside the map.
+        seed: which digits (:func:`choose_digits` draws them with this seed).
+        input_range: the ``(low, high)`` of ``images`` (as :func:`render_pixel_importance_frames`).
         duration: display time of each frame in milliseconds (>= 20).
         panel_size, dpi: as :func:`render_pixel_importance_frames`.
+
+    Returns:
+        The path of the GIF.
     """
     _check_recorded(recorder, PixelImportanceRecorder)
     _check_duration(duration)
+    _check_input_range(input_range)
     _, digits = choose_digits(images, num_digits, seed)
-    frames = render_pixel_importance_frames(recorder, digits, panel_size=panel_size, dpi=dpi)
+    frames = render_pixel_importance_frames(recorder, digits, input_range=input_range, panel_size=panel_size, dpi=dpi)
     return _write_gif(frames, path, duration)
 
 

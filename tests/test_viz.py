@@ -81,6 +81,11 @@ def pair():
 
 # ----------------------------------------------------------------------------- recording and masks
 def test_recorder_stores_posterior_means_and_and_masks(pair):
+    # z_mu = 2 with z_var four times as large: the same log alphas (alpha = z_var / z_mu^2), and
+    # E[w] = z_mu * w~ = 2 w~, which tells the posterior mean from the unscaled weights.
+    with torch.no_grad():
+        pair[0].z_logvar.add_(math.log(4.0))
+        pair[0].z_mu.fill_(2.0)
     recorder = viz.WeightEvolutionRecorder(thresholds=[-3.0, -3.0])
     recorder(1, pair, {"loss": 0.0})
     assert recorder.epochs == [1] and recorder.layer_names == ["0", "2"]
@@ -88,7 +93,7 @@ def test_recorder_stores_posterior_means_and_and_masks(pair):
     fc2_mask = torch.tensor([[1, 1, 0], [1, 1, 0]], dtype=torch.bool)  # the classes are never pruned
     assert torch.equal(recorder.masks["0"][0], fc1_mask)
     assert torch.equal(recorder.masks["2"][0], fc2_mask)
-    assert torch.equal(recorder.weights["0"][0], pair[0].weight_mu.detach())
+    assert torch.equal(recorder.weights["0"][0], 2 * pair[0].weight_mu.detach())
     assert recorder.weights["0"][0].device.type == "cpu" and not recorder.weights["0"][0].requires_grad
 
 
@@ -231,7 +236,9 @@ def test_pixel_importance_gif(tmp_path):
     recorder = viz.PixelImportanceRecorder(image_shape=(4, 4))
     for epoch in range(3):
         recorder(epoch, nn.Sequential(layer), {})
-    digits = torch.ones(10, 1, 4, 4)  # all ink: kept pixels black, pruned ones mid grey
+    # Inputs in [0, 1] (load_mnist's): ink (1) in the top two rows, blank background (0) below.
+    digits = torch.zeros(10, 1, 4, 4)
+    digits[:, :, :2] = 1.0
     path = viz.write_pixel_importance_gif(recorder, digits, tmp_path / "pix.gif", num_digits=5, duration=100)
     frames, durations, loop = read_gif(path)
     assert len(frames) == 3 and durations == [100] * 3 and loop == 0
@@ -248,16 +255,28 @@ def test_pixel_importance_gif(tmp_path):
     assert np.all(panel_pixel(0, 1, 0) <= 5)  # map: kept -> black
     assert np.all(panel_pixel(0, 1, 3) >= 250)  # map: pruned -> white
     for panel in range(1, 6):
-        assert np.all(panel_pixel(panel, 2, 1) <= 5)  # ink times keep 1 -> black
-        grey = panel_pixel(panel, 2, 2)  # ink times keep 0 -> 0, the middle of Greys
-        assert np.all(np.abs(grey - grey[0]) <= 2) and 100 <= grey[0] <= 180
+        assert np.all(panel_pixel(panel, 1, 1) <= 5)  # kept ink -> black
+        assert np.all(panel_pixel(panel, 3, 1) >= 250)  # kept background -> white
+        # Pruned pixels, ink or background, -> 0 on [-1, 1], the middle of Greys: unlike either.
+        for row in (1, 3):
+            grey = panel_pixel(panel, row, 2)
+            assert np.all(np.abs(grey - grey[0]) <= 2) and 100 <= grey[0] <= 180
+    # The same digits on the release's [-1, 1], said so, draw the same frames.
+    again = viz.write_pixel_importance_gif(recorder, 2 * digits - 1, tmp_path / "again.gif", num_digits=5,
+                                           duration=100, input_range=(-1, 1))
+    assert all(np.array_equal(a, b) for a, b in zip(read_gif(again)[0], frames))
 
 
 def test_choose_digits_is_seeded_and_without_replacement():
     images = torch.arange(50.0).reshape(50, 1, 1, 1).expand(50, 1, 2, 2)
     indices, chosen = viz.choose_digits(images, 5, seed=3)
     again, _ = viz.choose_digits(images, 5, seed=3)
+    other, _ = viz.choose_digits(images, 5, seed=4)
     assert indices.tolist() == again.tolist() and len(set(indices.tolist())) == 5
+    # NumPy's seeded generator, called here: the seed is the one given, not a fixed one.
+    assert indices.tolist() == sorted(np.random.default_rng(3).choice(50, size=5, replace=False).tolist())
+    assert other.tolist() == sorted(np.random.default_rng(4).choice(50, size=5, replace=False).tolist())
+    assert other.tolist() != indices.tolist()
     assert chosen.shape == (5, 4) and chosen[:, 0].tolist() == indices.astype(float).tolist()
 
 
@@ -408,6 +427,32 @@ def test_thresholds_of_the_wrong_length_or_type(pair):
         viz.WeightEvolutionRecorder(thresholds=[-3.0, math.nan])
     with pytest.raises(ValueError, match="thresholds"):
         viz.plot_log_alpha_histograms(pair, [-3.0])
+    with pytest.raises(ValueError, match=r"thresholds must be a number or 1-d, got shape \(2, 1\)"):
+        viz.WeightEvolutionRecorder(thresholds=np.full((2, 1), -3.0))
+
+
+def test_thresholds_as_numpy_and_torch_values_mask_as_floats_do(pair):
+    # compress takes np.float32(-3) and arrays; so do the recorders, with the same masks.
+    expected = viz.WeightEvolutionRecorder(thresholds=[-3.0, -3.0])
+    expected(1, pair, {})
+    for thresholds in (np.float32(-3), np.array([-3.0, -3.0]), torch.tensor([-3.0, -3.0]), torch.tensor(-3.0),
+                       [np.float64(-3), -3]):
+        recorder = viz.WeightEvolutionRecorder(thresholds=thresholds)
+        recorder(1, pair, {})
+        assert all(torch.equal(recorder.masks[n][0], expected.masks[n][0]) for n in ("0", "2")), thresholds
+
+
+def test_recorders_check_the_model_at_the_first_epoch_not_the_first_recorded_one(pair):
+    # every=7: nothing is recorded at epoch 1, but a mistake there is already an error.
+    with pytest.raises(ValueError, match="thresholds must have one value per Bayesian layer"):
+        viz.WeightEvolutionRecorder(thresholds=[-3.0, -3.0, -3.0], every=7)(1, pair, {})
+    with pytest.raises(ValueError, match="no module 'fc1'"):
+        viz.PixelImportanceRecorder(layer="fc1", image_shape=(2, 2), every=7)(1, pair, {})
+    recorder = viz.PixelImportanceRecorder(image_shape=(2, 2), every=7)
+    recorder(1, pair, {})
+    assert recorder.epochs == []
+    with pytest.raises(TypeError, match="layer must be None, a module name"):
+        viz.PixelImportanceRecorder(layer=1.0)
 
 
 def test_layers_that_are_not_bayesian(pair):
@@ -438,6 +483,13 @@ def test_other_bad_input(pair, tmp_path):
     pixels(0, nn.Sequential(bclib.LinearGroupNJ(4, 2)), {})
     with pytest.raises(ValueError, match="num_digits=5"):
         viz.write_pixel_importance_gif(pixels, torch.zeros(3, 4), tmp_path / "p.gif")
+    with pytest.raises(ValueError, match="input_range must have low < high"):
+        viz.write_pixel_importance_gif(pixels, torch.zeros(5, 4), tmp_path / "p.gif", input_range=(1, 0))
+    with pytest.raises(ValueError, match=r"log_alpha holds 1 NaN values"):
+        viz.pixel_importance(torch.tensor([0.0, math.nan, -1.0, -2.0]), (2, 2))
+    for panel in (-1, 6, 1.0):
+        with pytest.raises(ValueError, match=r"panel must be an int in \[0, 6\)"):
+            viz.pixel_panel_rect(panel, 6)
     with pytest.raises(ValueError, match="after must not exceed before"):
         viz.plot_architecture([10, 5], [10, 6])
     with pytest.raises(ValueError, match=r"rows\[0\] must have a threshold"):

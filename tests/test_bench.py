@@ -16,9 +16,33 @@ def test_paper_lenet5_has_the_papers_architecture():
     assert report.flops_after == 8 * 25 * 576 + 13 * 8 * 25 * 64 + 88 * 13 + 13 * 10
 
 
-def test_compression_bench_reports_every_layout_and_batch(capsys):
+def _timed_modules(monkeypatch) -> list[dict]:
+    """Record the modules each call of bench._interleaved_medians times (what the ratios are ratios of)."""
+    timed, measure = [], bench._interleaved_medians
+
+    def recording(modules, *args):
+        if set(modules) == {"dense", "pruned"}:  # the networks (the per-module rows are timed alike)
+            timed.append(dict(modules))
+        return measure(modules, *args)
+    monkeypatch.setattr(bench, "_interleaved_medians", recording)
+    return timed
+
+
+def _weight_shapes(module) -> list[tuple]:
+    return [tuple(p.shape) for name, p in module.named_parameters() if name.endswith("weight")]
+
+
+def test_compression_bench_reports_every_layout_and_batch(capsys, monkeypatch):
+    timed = _timed_modules(monkeypatch)
     result = bench.run_compression_bench(batch_sizes=(4, 1), layouts=("contiguous", "channels_last"), repeats=1,
                                          min_seconds=0.0)
+    # What is timed: the dense LeNet-5-Caffe, counted by hand (conv 20x1x5x5, conv 50x20x5x5, fc 800->500,
+    # fc 500->10, with biases: 431,080 parameters), against the paper's 8-13-88-13 cut of it: fc1 reads
+    # the 13 x 4 x 4 = 208 values conv2's 13 filters leave (88 of them through nonzero weights) into 13 units.
+    assert len(timed) == 4
+    for modules in timed:
+        assert sum(p.numel() for p in modules["dense"].parameters()) == 431_080
+        assert _weight_shapes(modules["pruned"]) == [(8, 1, 5, 5), (13, 8, 5, 5), (13, 208), (10, 13)]
     assert [(row["layout"], row["batch"]) for row in result["runs"]] == [
         ("contiguous", 4), ("contiguous", 1), ("channels_last", 4), ("channels_last", 1)]
     for row in result["runs"]:
@@ -121,7 +145,11 @@ def test_summarise_trials_takes_medians_and_ranges_by_hand(capsys):
         bench.summarise_trials([trials[0], other])
 
 
-def test_compression_trials_run_in_fresh_processes(tmp_path, capsys):
+def test_compression_trials_run_in_fresh_processes(tmp_path, capsys, monkeypatch):
+    def in_this_process(*args, **kwargs):
+        raise AssertionError("a trial ran in the test's own process")
+    # A spawned interpreter imports bclib afresh and never sees this patch: only a trial run here would.
+    monkeypatch.setattr(bench, "run_compression_bench_from_run", in_this_process)
     summary = bench.run_compression_trials(2, tmp_path / "missing", batch_sizes=(2,), layouts=("contiguous",),
                                            repeats=1, min_seconds=0.0)
     assert len(summary["trials"]) == 2 and summary["architecture"] == "8-13-88-13"
@@ -266,7 +294,28 @@ def test_epoch_bench_times_each_network_on_mnist(mnist_root, capsys):
     assert "one training epoch on MNIST" in capsys.readouterr().out
 
 
-def test_subnormal_weights_are_zeroed_for_timing_and_the_given_export_is_left_alone():
+def test_epoch_bench_scales_to_a_full_epoch_and_divides_by_its_own_baseline(mnist_root, monkeypatch):
+    """fit replaced by a stand-in that reports 1, 2, 3, 5 and 7 seconds for the five networks in turn:
+    each is scaled from 600 examples to MNIST's 60,000 (x 100), and each ratio is to the deterministic
+    network of the same precision (nj+autocast against none+autocast, the others against none)."""
+    import bclib.train
+
+    seconds = iter([1.0, 2.0, 3.0, 5.0, 7.0])
+    examples = []
+
+    def fake_fit(model, train, test, config, **kwargs):
+        examples.append(len(train))
+        return [{"seconds": next(seconds)}]
+    monkeypatch.setattr(bclib.train, "fit", fake_fit)
+    rows = bench.run_epoch_bench(mnist_root, model_names=("lenet300",), train_examples=600, verbose=False)["lenet300"]
+    assert examples == [600] * 5
+    assert {key: row["seconds"] for key, row in rows.items()} == pytest.approx(
+        {"none": 100.0, "none+autocast": 200.0, "nj": 300.0, "nj+bfloat16": 500.0, "nj+autocast": 700.0})
+    assert {key: row["ratio"] for key, row in rows.items()} == pytest.approx(
+        {"none": 1.0, "none+autocast": 1.0, "nj": 3.0, "nj+bfloat16": 5.0, "nj+autocast": 3.5})
+
+
+def test_subnormal_weights_are_zeroed_for_timing_and_the_given_export_is_left_alone(monkeypatch):
     layer = torch.nn.Linear(4, 1, bias=False)
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([[1e-40, 1.0, -1e-39, 1e-37]]))
@@ -277,9 +326,14 @@ def test_subnormal_weights_are_zeroed_for_timing_and_the_given_export_is_left_al
     compressed = compress(model, 0.0)
     with torch.no_grad():
         compressed.model[0].weight[0, 0, 0, 0] = 1e-40
+    timed = _timed_modules(monkeypatch)
     bench.run_compression_bench(model, compressed, batch_sizes=(2,), layouts=("contiguous",), repeats=1,
                                 min_seconds=0.0, verbose=False)
     assert compressed.model[0].weight[0, 0, 0, 0].item() == pytest.approx(1e-40, rel=1e-3)
+    # The timed copies hold no subnormal number, in either network.
+    tiny = torch.finfo(torch.float32).tiny
+    for module in timed[0].values():
+        assert not any(bool(((p != 0) & (p.abs() < tiny)).any()) for p in module.parameters())
 
 
 def test_bench_arguments_are_checked_before_anything_runs():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -20,6 +21,17 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive int, got {value}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    """argparse type of the thresholds: a finite number (JSON, where the report records them, has no inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return value
 
 
@@ -64,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
 
     compress = sub.add_parser("compress", help="(re)compress a trained run folder")
     compress.add_argument("run", help="run folder with config.json and checkpoint.pt")
-    compress.add_argument("--thresholds", type=float, nargs="+", default=None,
+    compress.add_argument("--thresholds", type=_finite_float, nargs="+", default=None,
                           help="one log-alpha threshold per Bayesian layer (default: the group priors' chosen on the last "
                                "10,000 training examples by bclib.compression.select_thresholds; Sparse VD's 3)")
     compress.add_argument("--data", default=None, help=DATA_HELP)
@@ -222,8 +234,11 @@ def _dispatch(args: argparse.Namespace) -> None:
                                 init_dir=args.init_from)
         print(json.dumps(report, indent=2))
     elif args.command == "compress":
-        from .experiments import compress_run
+        from .experiments import compress_run, read_run_config
 
+        config = read_run_config(args.run)
+        if "prior" in config and config["prior"] is None:
+            raise ValueError(f"run {args.run!r} is deterministic (prior none): it has nothing to compress")
         print(json.dumps(compress_run(args.run, thresholds=args.thresholds, data_root=args.data), indent=2))
     elif args.command == "fine-tune":
         from .experiments import FINE_TUNE_CONFIG, FINE_TUNE_SEEDS, fine_tune_run

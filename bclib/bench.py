@@ -318,20 +318,21 @@ def run_compression_bench_from_run(run_dir=None, **kwargs) -> dict:
         if {"config.json", "report.json", "model.bcz"} - present:
             print(f"no trained run at {run_dir}:\ntiming an untrained LeNet-5 pruned to the paper's 8-13-88-13")
             return run_compression_bench(**kwargs)
-        config = json.loads((run_dir / "config.json").read_text())
-        compressed = CompressedModel.from_file(run_dir / "model.bcz", json.loads((run_dir / "report.json").read_text()))
+        from .experiments import build_run_model, read_run_config, read_run_json
+
+        config = read_run_config(run_dir)
+        compressed = CompressedModel.from_file(run_dir / "model.bcz", read_run_json(run_dir, "report.json"))
         print(f"run {run_dir}: its model.bcz, against the unpruned architecture")
-        from .experiments import build_run_model
 
         return run_compression_bench(build_run_model(config), compressed=compressed, **kwargs)
-    from .experiments import load_run_model
+    from .experiments import load_run_model, read_run_json
 
     model = load_run_model(run_dir).cpu()
     if not any(True for _ in bayesian_layers(model)):
         raise ValueError(f"run {run_dir} holds a deterministic model: nothing to compress")
     report_path = run_dir / "report.json"
     if "thresholds" not in kwargs and report_path.is_file():
-        kwargs["thresholds"] = json.loads(report_path.read_text()).get("thresholds")
+        kwargs["thresholds"] = read_run_json(run_dir, "report.json").get("thresholds")
     print(f"run {run_dir}")
     return run_compression_bench(model, **kwargs)
 

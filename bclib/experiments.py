@@ -442,6 +442,10 @@ def build_run_model(config: dict) -> torch.nn.Module:
     return build_model(config["model"], config["prior"], **config.get("model_options", {}))
 
 
+# The config key of a search's run that names the run it starts from, one per kind of search.
+SEARCH_KINDS = ("fine_tunes", "lowers_bits_of", "prunes_layers_of", "prunes_to_groups_of")
+
+
 def load_run_model(run_dir: str | os.PathLike) -> torch.nn.Module:
     """Rebuild the trained model of a run folder from its ``config.json`` and ``checkpoint.pt``.
 
@@ -453,9 +457,14 @@ def load_run_model(run_dir: str | os.PathLike) -> torch.nn.Module:
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
     if not (run_dir / "checkpoint.pt").is_file():
-        raise FileNotFoundError(f"run {str(run_dir)!r} has no checkpoint.pt, which this needs (the committed runs "
-                                f"keep none: train the run again, e.g. python -m bclib reproduce --only "
-                                f"{config.get('name', run_dir.name)} --out NEW_FOLDER)")
+        name = config.get("name", run_dir.name)
+        if any(key in config for key in SEARCH_KINDS):
+            hint = "it is a search's run: its network is saved compressed (model.bcz), without the Bayesian one"
+        elif name in EXPERIMENTS:
+            hint = f"the committed runs keep none: train it again, e.g. python -m bclib reproduce --only {name} --out NEW_FOLDER"
+        else:
+            hint = "train it again" + (f", e.g. {config['command']}" if config.get("command") else "")
+        raise FileNotFoundError(f"run {str(run_dir)!r} has no checkpoint.pt, which this needs ({hint})")
     model = build_run_model(config)
     load_checkpoint(run_dir / "checkpoint.pt", model)
     return model.eval()
@@ -464,13 +473,21 @@ def load_run_model(run_dir: str | os.PathLike) -> torch.nn.Module:
 def read_run_config(run_dir: str | os.PathLike) -> dict:
     """The ``config.json`` of a run folder; a FileNotFoundError or ValueError naming the folder if it
     is missing or unreadable."""
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
+    if not (Path(run_dir) / "config.json").is_file():
         raise FileNotFoundError(f"{str(Path(run_dir))!r} is not a run folder: it has no config.json")
+    return read_run_json(run_dir, "config.json")
+
+
+def read_run_json(run_dir: str | os.PathLike, name: str) -> dict:
+    """The JSON object in file ``name`` of a run folder; a ValueError naming the file if it is not one."""
+    path = Path(run_dir) / name
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except ValueError as error:
         raise ValueError(f"{str(path)!r} cannot be read as JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object, got a {type(data).__name__}")
+    return data
 
 
 def check_out_dir(out_dir: str | os.PathLike, run: dict) -> Path:
@@ -479,13 +496,22 @@ def check_out_dir(out_dir: str | os.PathLike, run: dict) -> Path:
     ``out_dir`` may be missing, an empty folder, a folder with a search's checkpoint only, or the
     folder of the same run (resumed or redone): its ``config.json`` must agree with ``run`` (the keys
     that identify the run, e.g. its name and whether it is a ``--fast`` one). Anything else, such as
-    another run's folder, whose files would stay beside the new ones, is a ValueError.
+    another run's folder, whose files would stay beside the new ones, or a folder of other files
+    (the current one, for ``out_dir=""``), is a ValueError.
     """
     out_dir = Path(out_dir)
     existing = next(path for path in (out_dir, *out_dir.parents) if path.exists())
     if not existing.is_dir():
         raise ValueError(f"out_dir {str(out_dir)!r} cannot be a folder: {str(existing)!r} is a file")
     if not (out_dir / "config.json").exists():
+        # A search writes its config.json last: before that its folder holds only its checkpoint.
+        foreign = sorted(path.name for path in out_dir.iterdir()
+                         if path.name not in (SEARCH_CHECKPOINT, SEARCH_CHECKPOINT_SET_ASIDE)) \
+            if out_dir.is_dir() else []
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise ValueError(f"out_dir {str(out_dir.resolve())!r} holds files of no run ({shown}); choose a new "
+                             f"or empty folder")
         return out_dir
     recorded = read_run_config(out_dir)
     differs = [f"{key} {recorded.get(key)!r} there, {value!r} here" for key, value in run.items()
@@ -1122,7 +1148,7 @@ def _group_prior_run(base_dir, out_dir, kind: str):
     if base_config.get("prior") not in GROUP_PRIORS:
         raise ValueError(f"base_dir {str(base_dir)!r} must be a run of a group prior {GROUP_PRIORS}, got prior "
                          f"{base_config.get('prior')!r} (Sparse VD prunes weights, not groups)")
-    layers = json.loads((base_dir / "analysis.json").read_text()).get("layers", {}) \
+    layers = read_run_json(base_dir, "analysis.json").get("layers", {}) \
         if (base_dir / "analysis.json").exists() else {}
     names = [row["name"] for row in base_report["layers"]]
     if any("log_alpha" not in layers.get(name, {}) for name in names):
@@ -1304,7 +1330,7 @@ def _base_run(base_dir, out_dir, kind: str, needs: str | None = None) -> tuple[P
     base_config = read_run_config(base_dir)
     if not (base_dir / "report.json").is_file():
         raise FileNotFoundError(f"base run {str(base_dir)!r} has no report.json: it did not finish")
-    base_report = json.loads((base_dir / "report.json").read_text())
+    base_report = read_run_json(base_dir, "report.json")
     check_out_dir(out_dir, {"model": base_config.get("model"), "prior": base_config.get("prior"),
                             kind: base_dir.name, "fast": bool(base_config.get("fast"))})
     if "thresholds" not in base_report or (needs is not None and not (base_dir / needs).exists()):
@@ -1413,7 +1439,7 @@ class RunResult:
 
 
 def _read_run(name: str, run_dir: Path, trained_here: bool) -> RunResult:
-    read = lambda f: json.loads((run_dir / f).read_text()) if (run_dir / f).exists() else None  # noqa: E731
+    read = lambda f: read_run_json(run_dir, f) if (run_dir / f).exists() else None  # noqa: E731
     return RunResult(name, run_dir, read("config.json"), read("metrics.json"), read("report.json"),
                      read("analysis.json"), trained_here)
 

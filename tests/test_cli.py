@@ -446,6 +446,34 @@ def test_thresholds_for_a_deterministic_run_are_refused_before_anything_is_writt
     assert (run_copy / "report.json").read_text() == report
 
 
+def test_compress_command_refuses_a_deterministic_run_and_thresholds_json_cannot_hold(run_copy, capsys):
+    """A deterministic run has nothing to compress (compress used to re-score it and exit 0); an infinite
+    threshold would make report.json invalid JSON (Python writes a bare Infinity)."""
+    report = (run_copy / "report.json").read_text()
+    config = _read(run_copy, "config.json")
+    (run_copy / "config.json").write_text(json.dumps({**config, "prior": None}))
+    with pytest.raises(SystemExit) as info:
+        main(["compress", str(run_copy)])
+    assert info.value.code == 2
+    assert "is deterministic (prior none): it has nothing to compress" in capsys.readouterr().err
+    (run_copy / "config.json").write_text(json.dumps(config))
+    for value in ("inf", "nan", "three"):
+        with pytest.raises(SystemExit):
+            main(["compress", str(run_copy), "--thresholds", "-3", value, "-3"])
+        assert "argument --thresholds: must be a" in capsys.readouterr().err
+    assert (run_copy / "report.json").read_text() == report
+
+
+def test_a_damaged_report_or_analysis_of_a_base_run_is_named(run_copy, tmp_path, capsys):
+    for name, text in (("report.json", "garbage"), ("report.json", "[1, 2]"), ("analysis.json", "{")):
+        damaged = Path(shutil.copytree(run_copy, tmp_path / f"damaged_{name}_{len(text)}"))
+        (damaged / name).write_text(text)
+        with pytest.raises(SystemExit) as info:
+            main(["prune-layers", str(damaged), "--out", str(tmp_path / "out")])
+        assert info.value.code == 2 and f"{str(damaged / name)!r} " in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_compress_with_explicit_thresholds(run_copy, mnist_root, capsys):
     """Thresholds above every log alpha keep every weight: the exported network is the dense one."""
     assert main(["compress", str(run_copy), "--thresholds", "100", "100", "100", "--data", str(mnist_root)]) == 0
@@ -1397,7 +1425,15 @@ def test_out_must_be_free_or_the_same_run_and_is_checked_before_any_work(run_cop
     work = []
     monkeypatch.setattr(experiments, "_load_data", lambda *a, **k: work.append("data") or 1 / 0)
     (tmp_path / "afile").write_text("not a folder")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "notes.txt").write_text("a folder of one's own files")
+    (tmp_path / "listed").mkdir()
+    (tmp_path / "listed" / "config.json").write_text("[1, 2]")
     refused = [
+        (["train", "--model", "lenet300", "--prior", "nj", "--out", str(tmp_path / "notes")],
+         f"out_dir {str(tmp_path / 'notes')!r} holds files of no run (notes.txt); choose a new or empty folder"),
+        (["train", "--model", "lenet300", "--prior", "nj", "--out", str(tmp_path / "listed")],
+         "config.json' must hold a JSON object (a run's settings), got a list"),
         (["train", "--model", "lenet300", "--prior", "none", "--fast", "--out", str(run_copy)],
          "holds another run (name 'lenet300_nj' there, 'lenet300_dense' here)"),
         (["train", "--model", "lenet300", "--prior", "nj", "--out", str(run_copy)], "(fast True there, False here)"),
@@ -1418,8 +1454,11 @@ def test_out_must_be_free_or_the_same_run_and_is_checked_before_any_work(run_cop
                                                    "fast": True}))
     with pytest.raises(ValueError, match="lowers_bits_of None there, 'run' here"):
         experiments.check_out_dir(other, {"model": "lenet300", "prior": "nj", "lowers_bits_of": "run", "fast": True})
-    # The same run's folder (to resume or redo it), an empty one and a new one pass.
-    for free in (run_copy, tmp_path / "empty", tmp_path / "new" / "deeper"):
+    # The same run's folder (to resume or redo it), an empty one, one with a search's checkpoint only
+    # (a search writes its config.json last) and a new one pass.
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "searching" / experiments.SEARCH_CHECKPOINT).mkdir(parents=True)
+    for free in (run_copy, tmp_path / "empty", tmp_path / "searching", tmp_path / "new" / "deeper"):
         assert experiments.check_out_dir(free, {"name": "lenet300_nj", "fast": True}) == free
 
 
@@ -1433,3 +1472,11 @@ def test_a_run_folder_without_a_checkpoint_or_with_a_damaged_one_is_named(run_co
     with pytest.raises(SystemExit):
         main(["compress", str(run_copy)])
     assert "has no checkpoint.pt, which this needs (the committed runs keep none" in capsys.readouterr().err
+    # A run of no registered name is told to train again by its own command; a search's run has none by design.
+    config = _read(run_copy, "config.json")
+    for changes, hint in (({"name": "my_run", "command": "python -m bclib train --out X"},
+                           "(train it again, e.g. python -m bclib train --out X)"),
+                          ({"fine_tunes": "lenet300_nj"}, "(it is a search's run: its network is saved compressed")):
+        (run_copy / "config.json").write_text(json.dumps({**config, **changes}))
+        with pytest.raises(FileNotFoundError, match=re.escape(hint)):
+            experiments.load_run_model(run_copy)

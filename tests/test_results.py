@@ -138,7 +138,7 @@ CONFIGURED = sorted(path.parent.name for path in RESULTS.glob("*/config.json"))
 def test_committed_config_is_the_registered_recipe(name):
     """``python -m bclib reproduce --only NAME`` reruns what is committed: each run's config.json
     holds the recipe registered under its name (where and how fast it ran aside)."""
-    from bclib.experiments import EXPERIMENTS
+    from bclib.experiments import EXPERIMENTS, SEARCH_KINDS
     from bclib.train import TrainConfig
 
     experiment, config = EXPERIMENTS[name], _read(name, "config.json")
@@ -152,8 +152,7 @@ def test_committed_config_is_the_registered_recipe(name):
         recorded = {k: v for k, v in TrainConfig.from_dict(config["train"]).to_dict().items() if k not in ignored}
         assert recorded == {k: v for k, v in experiment.config.to_dict().items() if k not in ignored}
     else:
-        key = next(k for k in ("fine_tunes", "lowers_bits_of", "prunes_layers_of", "prunes_to_groups_of")
-                   if getattr(experiment, k))
+        key = next(k for k in SEARCH_KINDS if getattr(experiment, k))
         assert config[key] == getattr(experiment, key)
         if experiment.prunes_to_groups_of:
             assert (config["groups"], config["seeds"]) == (list(experiment.kept_groups), experiment.search_seeds)

@@ -1,5 +1,6 @@
 """Tests of :mod:`bclib.models`: the paper's architectures (parameter counts worked out by hand),
-every prior builds and runs, bad names are rejected, and a Bayesian copy started from a pretrained
+every prior builds and runs, the eval forward is the architecture written out here with
+torch.nn.functional, bad names are rejected, and a Bayesian copy started from a pretrained
 deterministic network computes the same function in eval mode.
 """
 from __future__ import annotations
@@ -8,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import bclib
@@ -74,6 +76,92 @@ def test_vgg_small_copy_builds_and_runs_for_every_prior(prior):
     for mode in (True, False):
         out = model.train(mode)(x)
         assert out.shape == (4, 10) and torch.isfinite(out).all()
+
+
+# The architectures as the paper states them (method.md, section 4), written out here layer by layer.
+def _lenet_300_100_by_hand(x, layers):
+    """784-300-100-10 with ReLU."""
+    (w1, b1), (w2, b2), (w3, b3) = layers
+    assert [tuple(w.shape) for w in (w1, w2, w3)] == [(300, 784), (100, 300), (10, 100)]
+    h = F.relu(F.linear(x.flatten(1), w1, b1))
+    h = F.relu(F.linear(h, w2, b2))
+    return F.linear(h, w3, b3)
+
+
+def _lenet5_caffe_by_hand(x, layers):
+    """conv 20@5x5 - maxpool 2 - conv 50@5x5 - maxpool 2 - fc 800->500 - fc 500->10, ReLU after each
+    hidden layer."""
+    (c1, d1), (c2, d2), (w1, b1), (w2, b2) = layers
+    assert [tuple(w.shape) for w in (c1, c2, w1, w2)] == [(20, 1, 5, 5), (50, 20, 5, 5), (500, 800), (10, 500)]
+    h = F.max_pool2d(F.relu(F.conv2d(x, c1, d1)), 2)  # 28 -> 24 -> 12
+    h = F.max_pool2d(F.relu(F.conv2d(h, c2, d2)), 2)  # 12 -> 8 -> 4: 50 * 4 * 4 = 800 features
+    h = F.relu(F.linear(h.flatten(1), w1, b1))
+    return F.linear(h, w2, b2)
+
+
+# VGG-16's 13 convolutions at width 1/8 (64 -> 8 channels ... 512 -> 64), "M" a 2x2 max pooling.
+SMALL_VGG = (8, 8, "M", 16, 16, "M", 32, 32, 32, "M", 64, 64, 64, "M", 64, 64, 64, "M")
+
+
+def _batch_norm_by_hand(h, norm):
+    """Eval-mode BatchNorm: (h - running mean) / sqrt(running var + 1e-5) * gamma + beta, per channel."""
+    mean, var, gamma, beta = (t.view(1, -1, *[1] * (h.dim() - 2)) for t in norm)
+    return (h - mean) / torch.sqrt(var + 1e-5) * gamma + beta
+
+
+def _small_vgg_by_hand(x, layers, norms):
+    """Each conv 3x3 (padding 1) followed by BatchNorm and ReLU; then fc 64 - BatchNorm - ReLU - fc 10."""
+    layers, norms = iter(layers), iter(norms)
+    h, channels = x, 3
+    for item in SMALL_VGG:
+        if item == "M":
+            h = F.max_pool2d(h, 2)
+            continue
+        weight, bias = next(layers)
+        assert tuple(weight.shape) == (item, channels, 3, 3)
+        h = F.relu(_batch_norm_by_hand(F.conv2d(h, weight, bias, padding=1), next(norms)))
+        channels = item
+    h = h.flatten(1)  # 32 / 2**5 = 1 pixel left: 64 features
+    (w1, b1), (w2, b2) = layers
+    assert [tuple(w.shape) for w in (w1, w2)] == [(64, 64), (10, 64)]
+    h = F.relu(_batch_norm_by_hand(F.linear(h, w1, b1), next(norms)))
+    return F.linear(h, w2, b2)
+
+
+def _mean_weight_and_bias(layer):
+    """A deterministic layer's weight and bias; for group normal-Jeffreys the posterior mean
+    E[w] = z_mu * mu, with z one per input unit of a linear layer and per output channel of a conv."""
+    if isinstance(layer, (nn.Linear, nn.Conv2d)):
+        return layer.weight, layer.bias
+    if isinstance(layer, bclib.LinearGroupNJ):
+        return layer.weight_mu * layer.z_mu[None, :], layer.bias_mu
+    return layer.weight_mu * layer.z_mu[:, None, None, None], layer.bias_mu
+
+
+@pytest.mark.parametrize("prior", [None, "nj"])
+@pytest.mark.parametrize("name", ["lenet300", "lenet5", "vgg"])
+def test_eval_forward_is_the_architecture_written_out_by_hand(name, prior):
+    torch.manual_seed(0)
+    model = build_model(name, prior, **({"width": 0.125} if name == "vgg" else {}))
+    _randomise_batchnorm(model)
+    weighted_types = (nn.Linear, nn.Conv2d, bclib.LinearGroupNJ, bclib.Conv2dGroupNJ)
+    weighted = [m for m in model.modules() if isinstance(m, weighted_types)]
+    with torch.no_grad():
+        for layer in weighted:
+            if prior == "nj":  # scales far from their start at 1, so that E[w] depends on them
+                layer.z_mu.uniform_(0.5, 1.5)
+        layers = [_mean_weight_and_bias(layer) for layer in weighted]
+        x = torch.randn(4, *model.input_shape)
+        if name == "lenet300":
+            expected = _lenet_300_100_by_hand(x, layers)
+        elif name == "lenet5":
+            expected = _lenet5_caffe_by_hand(x, layers)
+        else:
+            norms = [(m.running_mean, m.running_var, m.weight, m.bias) for m in model.modules()
+                     if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+            expected = _small_vgg_by_hand(x, layers, norms)
+        got = model.eval()(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
 
 
 def test_vgg_width_scales_the_channels():

@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import bclib
@@ -82,6 +83,31 @@ def test_fit_learns_a_small_slice_of_mnist(fitted):
     assert not model.training  # fit leaves the model in eval mode
     # The learning rate decays geometrically from lr (epoch 1) to lr_final (last epoch).
     assert [row["lr"] for row in history] == pytest.approx([3e-3, 1e-3])
+
+
+def test_fit_reports_the_error_and_cross_entropy_of_the_network_it_trains(small_mnist):
+    """Adam's steps of ~1e-12 are below the float32 spacing of all but the tiniest weights (~4e-9 at
+    0.03), so the epoch's training metrics are those of the starting network, counted here in one
+    pass: the share of examples whose argmax is not the label, and the mean cross-entropy per
+    example. 500 examples in batches of 128 leave a last batch of 116, so a mean of the batch
+    means is off by ~2e-5 (relative), well outside rel=1e-6."""
+    train, test = small_mnist
+    train, test = train.subset(500), test.subset(300)
+    torch.manual_seed(0)
+    model = lenet_300_100(None)  # deterministic: training and evaluation forwards are the same
+    with torch.no_grad():
+        train_logits, test_logits = model(train.x), model(test.x)
+    train_wrong = int((train_logits.argmax(1) != train.y).sum())
+    test_wrong = int((test_logits.argmax(1) != test.y).sum())
+    assert 300 < train_wrong < 500  # near chance (0.9): an accuracy reported as the error could not pass
+    history = fit(model, train, test, TrainConfig(epochs=1, batch_size=128, lr=1e-12, lr_final=1e-12, device="cpu"),
+                  progress=False)
+    row = history[0]
+    assert row["train_error"] == pytest.approx(train_wrong / 500, abs=1e-12)
+    assert row["test_error"] == pytest.approx(test_wrong / 300, abs=1e-12)
+    assert row["ce"] == pytest.approx(F.cross_entropy(train_logits, train.y).item(), rel=1e-6)
+    assert row["test_ce"] == pytest.approx(F.cross_entropy(test_logits, test.y).item(), rel=1e-6)
+    assert row["kl"] == 0.0 and row["loss"] == pytest.approx(row["ce"], rel=1e-6)  # no Bayesian layer
 
 
 def test_the_step_decays_geometrically_and_gradients_are_clipped(small_mnist, monkeypatch):

@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -151,7 +152,8 @@ def _parser() -> argparse.ArgumentParser:
 
     results = sub.add_parser("results", help="the results table at a glance, read from a results folder's reports "
                                              "(the paper's numbers beside ours)")
-    results.add_argument("--results", default="book/results", help="results folder (default: book/results)")
+    results.add_argument("--results", default="book/results",
+                         help="results folder (default: book/results, relative to the current folder)")
 
     bench = sub.add_parser("bench", help="benchmarks: layers (train-step time ratios), epochs (MNIST epoch times), compression "
                                            "(inference speed-up), training (wall time of the committed runs)")
@@ -159,7 +161,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="epochs: one training epoch on MNIST per network; training: wall time of the "
                             "committed runs and the targets they met")
     bench.add_argument("--data", default=None, help="MNIST root for 'epochs' (default: $BCLIB_DATA or the user cache)")
-    bench.add_argument("--results", default="book/results", help="results folder for 'training'")
+    bench.add_argument("--results", default="book/results",
+                       help="results folder for 'training' (default: book/results, relative to the current folder)")
     bench.add_argument("--run", default=None,
                        help="trained run folder for the compression benchmark (default: book/results/lenet5_nj, "
                             "or, where that is missing, an untrained LeNet-5 cut to the paper's 8-13-88-13)")
@@ -202,6 +205,21 @@ def _finished(run_dir: Path, fast: bool) -> bool:
     return (run_dir / "report.json").is_file() and bool(config.get("fast")) == fast
 
 
+# The library's errors begin with the Python argument at fault; on the command line, the flag is named.
+_FLAGS = {"out_dir": "--out", "init_dir": "--init-from", "results_root": "--results", "cut_fraction": "--cut-fraction",
+          "tolerance": "--tolerance", "allowed_error": "--allowed-error", "groups": "--groups", "seeds": "--seeds",
+          "thresholds": "--thresholds", "epochs": "--epochs"}
+
+
+def _with_flag(message: str, command: str) -> str:
+    """``message`` with its leading argument name replaced by the flag (or the positional ``run``) it came from."""
+    flags = {**_FLAGS, **({"base_dir": "run"} if command not in ("reproduce", "results", "bench") else {})}
+    name = re.match(r"[a-z_]+", message)
+    if name is None or name.group() not in flags or message[name.end():name.end() + 1] not in (" ", ":"):
+        return message
+    return flags[name.group()] + message[name.end():]
+
+
 def main(argv: list[str] | None = None) -> int:
     from .experiments import bclib_command
 
@@ -213,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as error:
         # Bad input (a wrong count of thresholds, missing data, a file where a folder belongs): a message
         # and exit status 2, no traceback.
-        parser.exit(2, f"{parser.prog} {args.command}: error: {error}\n")
+        parser.exit(2, f"{parser.prog} {args.command}: error: {_with_flag(str(error), args.command)}\n")
     return 0
 
 

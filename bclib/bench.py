@@ -796,6 +796,9 @@ def run_training_time_report(results_root="book/results", verbose: bool = True) 
                     zip(("compression_pruning", "compression_precision"), target[1:]) if t is not None]
             row["targets_met"] = all(met)
         rows[name] = row
+    if not rows:  # a wrong folder would otherwise report "all 0 runs: 0.0 h"
+        raise ValueError(f"results_root: no finished registered run (metrics.json and report.json) in "
+                         f"{str(root.resolve())!r}")
     if verbose:
         width = max([28, *(len(name) + 2 for name in rows)])
 

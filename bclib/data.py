@@ -111,7 +111,7 @@ def _missing_mnist_message(raw: Path) -> str:
     names = ", ".join(MNIST_FILES)
     return (
         f"MNIST files not found in {raw} and could not be downloaded. Put the four original files "
-        f"there ({names}), or set BCLIB_DATA / pass root= to a folder holding MNIST/raw/."
+        f"there ({names}), or set BCLIB_DATA / pass root= (--data on the command line) to a folder holding MNIST/raw/."
     )
 
 

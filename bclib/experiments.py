@@ -478,15 +478,17 @@ def read_run_config(run_dir: str | os.PathLike) -> dict:
     return read_run_json(run_dir, "config.json")
 
 
-def read_run_json(run_dir: str | os.PathLike, name: str) -> dict:
-    """The JSON object in file ``name`` of a run folder; a ValueError naming the file if it is not one."""
+def read_run_json(run_dir: str | os.PathLike, name: str, kind: type = dict):
+    """The JSON object (or, with ``kind=list``, array: ``metrics.json``) in file ``name`` of a run
+    folder; a ValueError naming the file if it holds something else."""
     path = Path(run_dir) / name
     try:
         data = json.loads(path.read_text())
     except ValueError as error:
         raise ValueError(f"{str(path)!r} cannot be read as JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{str(path)!r} must hold a JSON object, got a {type(data).__name__}")
+    if not isinstance(data, kind):
+        raise ValueError(f"{str(path)!r} must hold a JSON {'object' if kind is dict else 'array'}, "
+                         f"got a {type(data).__name__}")
     return data
 
 
@@ -1439,7 +1441,8 @@ class RunResult:
 
 
 def _read_run(name: str, run_dir: Path, trained_here: bool) -> RunResult:
-    read = lambda f: read_run_json(run_dir, f) if (run_dir / f).exists() else None  # noqa: E731
+    read = lambda f: read_run_json(run_dir, f, list if f == "metrics.json" else dict) \
+        if (run_dir / f).exists() else None  # noqa: E731
     return RunResult(name, run_dir, read("config.json"), read("metrics.json"), read("report.json"),
                      read("analysis.json"), trained_here)
 

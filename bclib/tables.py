@@ -349,7 +349,7 @@ def results_table(results_root: str | os.PathLike = "book/results") -> str:
 
     reports = read(GLANCE_RUNS)
     if not reports:
-        raise ValueError(f"results_root: no report.json of any of {', '.join(GLANCE_RUNS)} in {str(root)!r}")
+        raise ValueError(f"results_root: no report.json of any of {', '.join(GLANCE_RUNS)} in {str(root.resolve())!r}")
     reports.update(read(GLANCE_VARIANTS))
     searches = [f"{name}{search}" for name in reports for search in GLANCE_SEARCHES]
     return results_at_a_glance(reports, read(f"{name}_ft" for name in reports), PAPER_TARGETS,

@@ -19,7 +19,7 @@ import torch
 
 import bclib
 from bclib import compression, experiments
-from bclib.__main__ import main
+from bclib.__main__ import _with_flag, main
 from bclib.data import TensorSplit
 from bclib.train import TrainConfig
 
@@ -99,16 +99,33 @@ def test_bench_compression_refuses_a_run_folder_that_is_not_one(tmp_path, capsys
     assert info.value.code == 2 and "--run: " in capsys.readouterr().err
 
 
+def test_library_errors_name_the_flag_on_the_command_line():
+    assert _with_flag("out_dir '/x' holds another run", "train") == "--out '/x' holds another run"
+    assert _with_flag("thresholds: run '/x' is deterministic", "compress") == "--thresholds: run '/x' is deterministic"
+    assert _with_flag("base_dir '/x' must be a run", "prune-layers") == "run '/x' must be a run"
+    # reproduce names no run folder: its bases are found in --out, so the library's name stays.
+    assert _with_flag("base_dir '/x' must be a run", "reproduce") == "base_dir '/x' must be a run"
+    for untouched in ("tolerance_scale must be", "groups[0] must be", "MNIST files not found", "'/x' is a file"):
+        assert _with_flag(untouched, "prune-layers") == untouched
+
+
 def test_bench_writes_its_results_with_the_command(tmp_path, capsys):
-    out = tmp_path / "bench.json"
-    main(["bench", "training", "--results", str(tmp_path / "no-runs"), "--out", str(out)])
+    out, runs = tmp_path / "bench.json", tmp_path / "runs"
+    (runs / "lenet300_dense").mkdir(parents=True)
+    (runs / "lenet300_dense" / "metrics.json").write_text(json.dumps([{"seconds": 5.0}, {"seconds": 7.0}]))
+    (runs / "lenet300_dense" / "report.json").write_text(json.dumps({"dense_error": 0.02}))
+    main(["bench", "training", "--results", str(runs), "--out", str(out)])
     saved = json.loads(out.read_text())
     # absolute paths are recorded relative to the folder the command ran in
-    relative = {path: os.path.relpath(path) for path in (tmp_path / "no-runs", out)}
-    assert saved["command"] == (f"python -m bclib bench training --results {relative[tmp_path / 'no-runs']} "
-                                f"--out {relative[out]}")
-    assert saved["results"] == {"training": {}} and saved["torch"] == torch.__version__
-    assert saved["threads"] >= 1 and saved["cpu"]
+    relative = {path: os.path.relpath(path) for path in (runs, out)}
+    assert saved["command"] == f"python -m bclib bench training --results {relative[runs]} --out {relative[out]}"
+    assert list(saved["results"]["training"]) == ["lenet300_dense"]
+    assert saved["results"]["training"]["lenet300_dense"]["seconds"] == 12.0
+    assert saved["torch"] == torch.__version__ and saved["threads"] >= 1 and saved["cpu"]
+    # A folder without a finished run is an error (it used to report "all 0 runs: 0.0 h"), naming the flag.
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "training", "--results", str(tmp_path / "no-runs")])
+    assert info.value.code == 2 and "--results: no finished registered run" in capsys.readouterr().err
 
 
 def test_results_prints_the_table_of_a_results_folder(tmp_path, capsys):
@@ -133,7 +150,7 @@ def test_results_prints_the_table_of_a_results_folder(tmp_path, capsys):
     assert rows[6] == []
     with pytest.raises(SystemExit) as info:
         main(["results", "--results", str(tmp_path / "missing")])
-    assert info.value.code == 2 and "results_root: no report.json" in capsys.readouterr().err
+    assert info.value.code == 2 and "--results: no report.json" in capsys.readouterr().err
 
 
 def test_train_starts_from_the_init_from_folder_whatever_its_name(mnist_root, tmp_path, monkeypatch, capsys):
@@ -348,6 +365,7 @@ def test_a_run_stopped_midway_leaves_no_old_report_and_another_recipe_rewrites_n
     anything is written."""
     out = tmp_path / "lenet300_nj"
     out.mkdir()
+    (out / "config.json").write_text(json.dumps({"name": "lenet300_nj", "fast": True}))
     (out / "report.json").write_text(json.dumps({"architecture": "an older run's"}))
     with pytest.raises(_Stop):
         experiments.run_experiment("lenet300_nj", out, data_root=mnist_root, fast=True,
@@ -493,7 +511,7 @@ def test_compress_with_a_wrong_number_of_thresholds_fails_clearly(run_copy, mnis
         main(["compress", str(run_copy), "--thresholds", "-3", "-3", "--data", str(mnist_root)])
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert "error: thresholds must have one value per Bayesian layer (3" in err and "got 2" in err
+    assert "error: --thresholds must have one value per Bayesian layer (3" in err and "got 2" in err
     assert "Traceback" not in err
     for name, content in before.items():  # nothing rewritten
         assert (run_copy / name).read_bytes() == content, name
@@ -1431,9 +1449,9 @@ def test_out_must_be_free_or_the_same_run_and_is_checked_before_any_work(run_cop
     (tmp_path / "listed" / "config.json").write_text("[1, 2]")
     refused = [
         (["train", "--model", "lenet300", "--prior", "nj", "--out", str(tmp_path / "notes")],
-         f"out_dir {str(tmp_path / 'notes')!r} holds files of no run (notes.txt); choose a new or empty folder"),
+         f"--out {str(tmp_path / 'notes')!r} holds files of no run (notes.txt); choose a new or empty folder"),
         (["train", "--model", "lenet300", "--prior", "nj", "--out", str(tmp_path / "listed")],
-         "config.json' must hold a JSON object (a run's settings), got a list"),
+         "config.json' must hold a JSON object, got a list"),
         (["train", "--model", "lenet300", "--prior", "none", "--fast", "--out", str(run_copy)],
          "holds another run (name 'lenet300_nj' there, 'lenet300_dense' here)"),
         (["train", "--model", "lenet300", "--prior", "nj", "--out", str(run_copy)], "(fast True there, False here)"),

@@ -622,10 +622,30 @@ def test_extreme_log_variances_stay_finite(spec, log_variance, zero_input):
     (lambda: bclib.LinearSVD(4, 3, init_bias=torch.zeros(4)), ValueError, r"init_bias must have shape \(3,\), got \(4,\)"),
     (lambda: bclib.Conv2dGroupNJ(1, 3, 3, init_bias=torch.zeros(3, 1)), ValueError, r"init_bias must have shape \(3,\), got \(3, 1\)"),
     (lambda: bclib.LinearGroupNJ(4, 3, init_weight=[[0.0] * 4] * 3), TypeError, r"init_weight must be a torch\.Tensor of shape \(3, 4\), got list"),
+    # nn.Conv2d's positional groups lands on bias here: refused, not read as bias=True.
+    (lambda: bclib.Conv2dGroupNJ(2, 4, 3, 1, 0, 1, 2), TypeError, r"bias must be True or False, got 2 .*pass groups= by keyword"),
+    (lambda: bclib.Conv2dGroupHS(2, 4, 3, groups=2), ValueError, r"groups must be 1 \(bclib's convolutions are not grouped\), got 2"),
+    (lambda: bclib.Conv2dSVD(2, 4, 3, padding_mode="reflect"), ValueError, r"padding_mode must be 'zeros'"),
+    (lambda: bclib.LinearSVD(2, 4, dtype=torch.int64), TypeError, r"dtype must be a floating torch\.dtype"),
 ], ids=lambda value: "" if not isinstance(value, str) else value[:40])
 def test_bad_arguments(make, error, message):
     with pytest.raises(error, match=message):
         make()
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_device_and_dtype_as_nn_linear_takes_them(spec):
+    """dtype=torch.float64 makes every parameter float64 (the shared scale of a horseshoe layer too),
+    an init_weight of float32 still sets the posterior mean, and the layer runs on float64 inputs;
+    a convolution takes nn.Conv2d's groups and padding_mode at their defaults."""
+    weight = torch.linspace(-0.5, 0.5, math.prod(spec.weight_shape)).reshape(spec.weight_shape)
+    extra = {"groups": 1, "padding_mode": "zeros"} if spec.conv is not None else {}
+    layer = spec.make(init_weight=weight, device="cpu", dtype=torch.float64, **extra)
+    assert {(p.dtype, p.device.type) for p in layer.parameters()} == {(torch.float64, "cpu")}
+    mean, _ = layer.posterior_weight()
+    torch.testing.assert_close(mean, weight.double(), rtol=1e-12, atol=1e-12)
+    x = torch.randn(2, *spec.example_shape, dtype=torch.float64)
+    assert layer.eval()(x).dtype == layer.train()(x).dtype == torch.float64
 
 
 @pytest.mark.parametrize("layer, x, message", [

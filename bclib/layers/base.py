@@ -161,6 +161,9 @@ class BayesianLayer(nn.Module):
     def _init_weight_parameters(self, bias: bool, init_weight, init_bias, clip_var, *, bayesian_bias: bool) -> None:
         """Check the constructor's arguments and create ``weight_mu``, ``weight_logvar`` and the bias
         (``bias_mu``, plus ``bias_logvar`` when the bias is Bayesian)."""
+        if not isinstance(bias, bool):  # nn.Conv2d's 7th positional argument is groups, ours bias
+            raise TypeError(f"bias must be True or False, got {bias!r} (a convolution's 7th positional argument "
+                            f"is bias here, groups in nn.Conv2d: pass groups= by keyword)")
         self.clip_var = check_positive_float("clip_var", clip_var)
         self._init_weight = check_init_tensor("init_weight", init_weight, self.weight_shape)
         self._init_bias = check_init_tensor("init_bias", init_bias, (self.weight_shape[0],))
@@ -171,6 +174,15 @@ class BayesianLayer(nn.Module):
         bias_names = ("bias_mu", "bias_logvar") if bayesian_bias else ("bias_mu",)
         for name in bias_names:
             self.register_parameter(name, nn.Parameter(torch.empty(self.weight_shape[0])) if bias else None)
+
+    def _place(self, device, dtype) -> None:
+        """The constructor's ``device`` and ``dtype`` (as ``nn.Linear``'s): move the new parameters there."""
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype such as torch.float64, got {dtype!r}")
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
+        if dtype is not None:  # initialised again in that dtype: E[w] = init_weight to its precision
+            self.reset_parameters()
 
     @torch.no_grad()
     def mask_(self, weight_mask: Tensor, bias_mask: Tensor | None = None) -> None:
@@ -339,7 +351,13 @@ class _Conv2dGeometry:
 
     groups_on_input = False
 
-    def _init_geometry(self, in_channels, out_channels, kernel_size, stride, padding, dilation) -> None:
+    def _init_geometry(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups=1,
+                       padding_mode="zeros") -> None:
+        # Accepted for code written against nn.Conv2d's keywords; other values the layers cannot express.
+        if isinstance(groups, bool) or groups != 1:
+            raise ValueError(f"groups must be 1 (bclib's convolutions are not grouped), got {groups!r}")
+        if padding_mode != "zeros":
+            raise ValueError(f"padding_mode must be 'zeros' (bclib's convolutions pad with zeros), got {padding_mode!r}")
         self.in_channels = check_positive_int("in_channels", in_channels)
         self.out_channels = check_positive_int("out_channels", out_channels)
         self.kernel_size = check_pair("kernel_size", kernel_size, 1)

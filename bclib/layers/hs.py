@@ -187,6 +187,7 @@ class LinearGroupHS(_LinearGeometry, _GroupHS):
             ``global_scale`` it is taken from there (another value raises ``ValueError``).
         global_scale: ``None`` for a scale of this layer alone, or a :class:`HorseshoeGlobalScale`
             shared with other layers.
+        device, dtype: as ``nn.Linear``'s: where the parameters live and their floating dtype.
 
     Shape:
         - Input: ``(*, in_features)``; output ``(*, out_features)``.
@@ -200,11 +201,12 @@ class LinearGroupHS(_LinearGeometry, _GroupHS):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  init_weight: Tensor | None = None, init_bias: Tensor | None = None,
                  clip_var: float | None = None, tau0: float | None = None,
-                 global_scale: HorseshoeGlobalScale | None = None) -> None:
+                 global_scale: HorseshoeGlobalScale | None = None, device=None, dtype=None) -> None:
         super().__init__()
         self._init_geometry(in_features, out_features)
         self._init_parameters(bias, init_weight, init_bias, clip_var)
         self._init_group_parameters(tau0, global_scale)
+        self._place(device, dtype)
 
 
 class Conv2dGroupHS(_Conv2dGeometry, _GroupHS):
@@ -213,6 +215,9 @@ class Conv2dGroupHS(_Conv2dGeometry, _GroupHS):
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, bias: as ``nn.Conv2d``.
         init_weight, init_bias, clip_var, tau0, global_scale: as :class:`LinearGroupHS`.
+        groups, padding_mode: ``nn.Conv2d``'s keywords, accepted at their defaults only (1, ``"zeros"``);
+            ``bias`` is the 7th positional argument, where ``nn.Conv2d`` has ``groups``.
+        device, dtype: as ``nn.Conv2d``'s.
 
     Shape:
         - Input: ``(N, in_channels, H, W)`` or unbatched ``(in_channels, H, W)``; output as ``nn.Conv2d``.
@@ -225,8 +230,10 @@ class Conv2dGroupHS(_Conv2dGeometry, _GroupHS):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, bias: bool = True, *, init_weight: Tensor | None = None,
                  init_bias: Tensor | None = None, clip_var: float | None = None, tau0: float | None = None,
-                 global_scale: HorseshoeGlobalScale | None = None) -> None:
+                 global_scale: HorseshoeGlobalScale | None = None, groups: int = 1, padding_mode: str = "zeros",
+                 device=None, dtype=None) -> None:
         super().__init__()
-        self._init_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation)
+        self._init_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode)
         self._init_parameters(bias, init_weight, init_bias, clip_var)
         self._init_group_parameters(tau0, global_scale)
+        self._place(device, dtype)

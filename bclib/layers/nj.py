@@ -64,6 +64,7 @@ class LinearGroupNJ(_LinearGeometry, _GroupNJ):
         clip_var: optional upper bound on the weight variances ``sigma^2`` (applied by
             :meth:`clip_variances`, which a training loop calls after each optimiser step, as
             :func:`bclib.train.fit` does).
+        device, dtype: as ``nn.Linear``'s: where the parameters live and their floating dtype.
 
     Shape:
         - Input: ``(*, in_features)``.
@@ -84,11 +85,12 @@ class LinearGroupNJ(_LinearGeometry, _GroupNJ):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  init_weight: Tensor | None = None, init_bias: Tensor | None = None,
-                 clip_var: float | None = None) -> None:
+                 clip_var: float | None = None, device=None, dtype=None) -> None:
         super().__init__()
         self._init_geometry(in_features, out_features)
         self._init_parameters(bias, init_weight, init_bias, clip_var)
         self._init_group_parameters()
+        self._place(device, dtype)
 
 
 class Conv2dGroupNJ(_Conv2dGeometry, _GroupNJ):
@@ -102,6 +104,9 @@ class Conv2dGroupNJ(_Conv2dGeometry, _GroupNJ):
         init_weight: optional ``(out_channels, in_channels, kh, kw)`` tensor to start from.
         init_bias: optional ``(out_channels,)`` tensor.
         clip_var: optional upper bound on the weight variances, as in :class:`LinearGroupNJ`.
+        groups, padding_mode: ``nn.Conv2d``'s keywords, accepted at their defaults only (1, ``"zeros"``);
+            ``bias`` is the 7th positional argument, where ``nn.Conv2d`` has ``groups``.
+        device, dtype: as ``nn.Conv2d``'s.
 
     Shape:
         - Input: ``(N, in_channels, H, W)`` or ``(in_channels, H, W)``; output ``(N, out_channels, H_out, W_out)``
@@ -115,8 +120,10 @@ class Conv2dGroupNJ(_Conv2dGeometry, _GroupNJ):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, bias: bool = True, *, init_weight: Tensor | None = None,
-                 init_bias: Tensor | None = None, clip_var: float | None = None) -> None:
+                 init_bias: Tensor | None = None, clip_var: float | None = None, groups: int = 1,
+                 padding_mode: str = "zeros", device=None, dtype=None) -> None:
         super().__init__()
-        self._init_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation)
+        self._init_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode)
         self._init_parameters(bias, init_weight, init_bias, clip_var)
         self._init_group_parameters()
+        self._place(device, dtype)

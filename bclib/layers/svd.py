@@ -75,6 +75,7 @@ class LinearSVD(_LinearGeometry, _SparseVD):
         clip_var: optional upper bound on ``sigma^2`` (applied by
             :meth:`clip_variances`, which a training loop calls after each optimiser step, as
             :func:`bclib.train.fit` does).
+        device, dtype: as ``nn.Linear``'s: where the parameters live and their floating dtype.
 
     Shape:
         - Input ``(*, in_features)``; output ``(*, out_features)``.
@@ -86,10 +87,11 @@ class LinearSVD(_LinearGeometry, _SparseVD):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  init_weight: Tensor | None = None, init_bias: Tensor | None = None,
-                 clip_var: float | None = None) -> None:
+                 clip_var: float | None = None, device=None, dtype=None) -> None:
         super().__init__()
         self._init_geometry(in_features, out_features)
         self._init_parameters(bias, init_weight, init_bias, clip_var)
+        self._place(device, dtype)
 
 
 class Conv2dSVD(_Conv2dGeometry, _SparseVD):
@@ -98,6 +100,9 @@ class Conv2dSVD(_Conv2dGeometry, _SparseVD):
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, bias: as ``nn.Conv2d``.
         init_weight, init_bias, clip_var: as :class:`LinearSVD`.
+        groups, padding_mode: ``nn.Conv2d``'s keywords, accepted at their defaults only (1, ``"zeros"``);
+            ``bias`` is the 7th positional argument, where ``nn.Conv2d`` has ``groups``.
+        device, dtype: as ``nn.Conv2d``'s.
 
     Shape:
         - Input: ``(N, in_channels, H, W)`` or ``(in_channels, H, W)``; output ``(N, out_channels, H_out, W_out)``
@@ -110,7 +115,9 @@ class Conv2dSVD(_Conv2dGeometry, _SparseVD):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, bias: bool = True, *, init_weight: Tensor | None = None,
-                 init_bias: Tensor | None = None, clip_var: float | None = None) -> None:
+                 init_bias: Tensor | None = None, clip_var: float | None = None, groups: int = 1,
+                 padding_mode: str = "zeros", device=None, dtype=None) -> None:
         super().__init__()
-        self._init_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation)
+        self._init_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode)
         self._init_parameters(bias, init_weight, init_bias, clip_var)
+        self._place(device, dtype)

@@ -193,8 +193,9 @@ def to_bayesian(module: nn.Module, prior: str, *, exclude: Iterable[str] = (), c
     exact classes ``nn.Linear`` and ``nn.Conv2d`` are converted: subclasses (e.g. the output
     projection inside ``nn.MultiheadAttention``, whose weight is read directly) stay as they are,
     and other convolutions (``nn.Conv1d``, ``nn.ConvTranspose2d``, ...) stay with a warning. A layer
-    used at several places (tied weights) becomes one Bayesian layer used at all of them.
-    Training needs the KL term (:func:`bclib.kl_divergence`); :func:`bclib.compress` needs a
+    used at several places (tied weights) becomes one Bayesian layer used at all of them. The new
+    layers' parameters are trainable even where the old ones were frozen (``requires_grad=False``):
+    to keep a layer fixed, leave it deterministic with ``exclude``. Training needs the KL term (:func:`bclib.kl_divergence`); :func:`bclib.compress` needs a
     network whose ``forward`` is a chain of layers (an ``nn.Sequential``, nested ones included, or a
     module class of your own, read with :func:`bclib.layer_sequence.layer_sequence`).
 

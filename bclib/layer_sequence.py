@@ -333,24 +333,30 @@ def check_sequence(model: nn.Module, leaves: list[tuple[str, nn.Module]],
         The (input, output) shape of one example at every leaf, in order.
 
     Raises:
-        ValueError: when the inputs do not pass a leaf (a wrong ``input_shape``; the message names it).
-        TypeError: when the leaves compute another shape or other values than the model.
+        ValueError: when the inputs do not pass the model (a wrong ``input_shape``; the message names it).
+        TypeError: when the leaves fail where the model runs, or compute another shape or other values.
     """
     device, dtype = parameter_device_and_dtype(model)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(3, *input_shape, generator=generator).to(device=device, dtype=dtype)
     shapes = []
+    name = type(model).__name__
     with torch.no_grad(), evaluating(model):
+        # The forward first: where it runs and a leaf does not, the chain was misread, not the input.
+        try:
+            expected = model(x.clone())
+        except (RuntimeError, ValueError, TypeError) as error:
+            raise ValueError(f"an input of input_shape {input_shape} does not pass {name}.forward: {error}") from None
         y = x.clone()
-        for name, module in leaves:
+        for leaf, module in leaves:
             try:
                 out = module(y)
             except (RuntimeError, ValueError, TypeError) as error:
-                raise ValueError(f"an input of input_shape {input_shape} does not pass layer {name!r}: {error}") from None
+                raise TypeError(f"the layers compress read from {name}.forward fail at layer {leaf!r}, where the "
+                                f"forward runs ({error}): a view or reshape before it that is not a flatten to "
+                                "(batch, features)?") from None
             shapes.append((tuple(y.shape[1:]), tuple(out.shape[1:])))
             y = out
-        expected = model(x.clone())
-    name = type(model).__name__
     if not isinstance(expected, Tensor):
         raise TypeError(f"{name}.forward returns a {type(expected).__name__}, not a tensor")
     if y.shape != expected.shape:

@@ -224,6 +224,12 @@ def test_a_reshape_that_is_not_a_flatten_is_caught():
     halves = _Forward(lambda m, x: m.fc2(m.fc1(x)).view(-1, 1))
     with pytest.raises(TypeError, match=r"give outputs of shape \(3, 2\), the forward \(6, 1\): a view"):
         compress(halves, 0.0)
+    # (N, 4, 4) -> (4N, 4) runs in the forward, but read as a flatten gives fc1 16 features: the chain
+    # is blamed, not input_shape, which the forward itself accepts.
+    with pytest.raises(TypeError, match=r"fail at layer 'fc1', where the forward runs .*not a flatten"):
+        compress(flatten, 0.0, input_shape=(4, 4))
+    with pytest.raises(ValueError, match=r"an input of input_shape \(5,\) does not pass _Forward.forward"):
+        compress(flatten, 0.0, input_shape=(5,))
 
 
 def test_other_bad_networks():

@@ -1,4 +1,4 @@
-"""Command line: ``python -m bclib {train,compress,fine-tune,lower-bits,prune-layers,prune-to-groups,reproduce,results,bench} ...``."""
+"""Command line: ``python -m bclib {train,compress,fine-tune,lower-bits,prune-layers,prune-to-groups,reproduce,results,recount,bench} ...``."""
 from __future__ import annotations
 
 import argparse
@@ -153,6 +153,13 @@ def _parser() -> argparse.ArgumentParser:
     results = sub.add_parser("results", help="the results table at a glance, read from a results folder's reports "
                                              "(the paper's numbers beside ours)")
     results.add_argument("--results", default="book/results",
+                         help="results folder (default: book/results, relative to the current folder)")
+
+    recount = sub.add_parser("recount", help="set the exponent bits and after-precision rates of finished runs "
+                                             "from the weights their model.bcz stores (reports made before bclib "
+                                             "took them from retrained weights)")
+    recount.add_argument("runs", nargs="*", help="run folders (default: every folder in --results)")
+    recount.add_argument("--results", default="book/results",
                          help="results folder (default: book/results, relative to the current folder)")
 
     bench = sub.add_parser("bench", help="benchmarks: layers (train-step time ratios), epochs (MNIST epoch times), compression "
@@ -318,6 +325,16 @@ def _dispatch(args: argparse.Namespace) -> None:
         from .tables import results_table
 
         print(results_table(args.results))
+    elif args.command == "recount":
+        from .experiments import recount_precision_rates
+
+        runs = [Path(run) for run in args.runs] or sorted(
+            path for path in Path(args.results).iterdir() if (path / "config.json").is_file())
+        for run in runs:
+            changes = recount_precision_rates(run, command=args.command_line)
+            if changes:
+                print(f"{run}: " + ", ".join(f"{key} {value[0]:g} -> {value[1]:g}" if isinstance(value, tuple)
+                                             else f"{value} {key}" for key, value in changes.items()))
     elif args.command == "bench":
         from . import bench
 

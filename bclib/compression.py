@@ -176,7 +176,9 @@ class CompressionReport:
 
     Attributes:
         layers: one :class:`LayerReport` per Bayesian layer (units, weights, bits, threshold, FLOPs).
-        exponent_bits: ``e``, shared by the network (the release's rule).
+        exponent_bits: ``e``, shared by the network (the release's rule, :func:`exponent_bits`, of the
+            largest surviving weight: the posterior mean :func:`compress` rounds, or the grid value of
+            a network retrained, given other bits or read from a file).
         compression_pruning, compression_precision: the release's two rates (above).
         compression_sparse, compression_sparse_precision: the same over nonzero weights.
         flops_before, flops_after: multiply-accumulates per example, dense and pruned.
@@ -892,14 +894,15 @@ class CompressedModel:
         specs = [{k: v for k, v in spec.items() if k not in ("width", "masked")} for spec in specs]  # set on writing
         report = copy.deepcopy(report)
         report.file = None
-        return cls(specs, tensors, bits, report, {}, input_shape)
+        return cls(specs, tensors, bits, report, {}, input_shape)._exponent_from_grid()
 
     def with_bits(self, bits) -> "CompressedModel":
         """The same network on other fixed-point grids: ``bits`` per Bayesian layer, in order (a list)
         or by the report's layer names (a dict, missing layers keep theirs).
 
         The weights are not changed here; :meth:`reduced_precision_model`, the file and
-        :func:`fine_tune` round them to the new grids ``q 2^-t``. The report's rates follow the bits.
+        :func:`fine_tune` round them to the new grids ``q 2^-t``. The report's rates follow the bits,
+        and its exponent bits the largest weight on the new grids.
 
         Example:
             >>> import bclib
@@ -929,7 +932,7 @@ class CompressedModel:
         by_index = dict(zip(self._bits, bits))
         specs = [dict(spec, bits=by_index[i]) if i in by_index else spec for i, spec in enumerate(self._specs)]
         return CompressedModel(specs, self._tensors, by_index, self.report.with_bits(bits), self.masks,
-                               self.input_shape)
+                               self.input_shape)._exponent_from_grid()
 
     @property
     def tensors(self) -> list[dict[str, Tensor]]:
@@ -942,7 +945,8 @@ class CompressedModel:
     def with_tensors(self, tensors) -> "CompressedModel":
         """The same network (architecture, bits, report with ``file`` None, masks) holding ``tensors``
         instead, as :attr:`tensors` gives them: one dict per exported layer with the same names, shapes
-        and dtypes.
+        and dtypes. The report's exponent bits, and with them the after-precision rates, follow the
+        largest of the new weights on their grids.
 
         Raises:
             ValueError: another number of layers, other tensor names, another shape or dtype.
@@ -964,7 +968,7 @@ class CompressedModel:
         report = copy.deepcopy(self.report)
         report.file = None
         return CompressedModel(self._specs, [dict(values) for values in tensors], dict(self._bits), report,
-                               self.masks, self.input_shape)
+                               self.masks, self.input_shape)._exponent_from_grid()
 
     def surviving_groups(self, name: str) -> Tensor:
         """Boolean per group of Bayesian layer ``name`` (its input units for a linear layer, its
@@ -1014,6 +1018,16 @@ class CompressedModel:
         """Size in bytes of the file :meth:`save` would write, without writing it."""
         return len(encode_compressed(self.input_shape, self._specs, self._file_tensors(),
                                      entropy_coding=entropy_coding))
+
+    def _exponent_from_grid(self) -> "CompressedModel":
+        """This network, its report's exponent bits and rates set from the largest weight it stores on its
+        grids (for a network retrained, given other bits or read from a file: :func:`compress` takes them
+        from the posterior means it rounds, which the grid values of such a network need not stay near)."""
+        largest = max((float(dequantize(q, self._bits[index]).abs().max()) for index, q in self._grid_integers.items()
+                       if q.numel()), default=0.0)
+        exponent = exponent_bits(largest)
+        self.report = replace(self.report, exponent_bits=exponent, **_rates(self.report.layers, exponent))
+        return self
 
     @functools.cached_property
     def _grid_integers(self) -> dict[int, Tensor]:
@@ -1094,8 +1108,10 @@ def fine_tune(compressed: "CompressedModel", train: TensorSplit, test: TensorSpl
     The paper stops after pruning and rounding. Deep Compression (Han et al. 2016) retrains what is
     left; here the exported network is trained on the cross-entropy with every weight held on its
     layer's grid (:class:`FixedPointGrid`) and every bias on float16, so the architecture, the bits
-    and therefore every compression rate stay exactly those of ``compressed``: only the values of the
-    surviving weights (the grid integers) and biases change, and with them the error. Pruned weights
+    and the rate after pruning stay exactly those of ``compressed``: only the values of the
+    surviving weights (the grid integers) and biases change, and with them the error, and the
+    exponent bits where the largest weight crosses a boundary of their rule (:func:`exponent_bits`),
+    and with those the after-precision rates. Pruned weights
     (zero in the export) stay zero; a surviving weight stored as 0 on its grid (a network read with
     :meth:`CompressedModel.from_file`) trains like the others, except under per-weight pruning
     (Sparse VD), where a file cannot tell it from a pruned one. BatchNorm layers train as usual.
@@ -1107,7 +1123,7 @@ def fine_tune(compressed: "CompressedModel", train: TensorSplit, test: TensorSpl
         progress: show the per-epoch bar.
 
     Returns:
-        ``(fine_tuned, history)``: a new :class:`CompressedModel` (same report rates, new weights:
+        ``(fine_tuned, history)``: a new :class:`CompressedModel` (same architecture and bits, new weights:
         its ``reduced_precision_model()`` and file hold the trained grid values, its ``model`` the
         latent float weights they round) and the per-epoch metrics of :func:`bclib.train.fit`, where
         errors are those of the reduced-precision network.
@@ -1138,8 +1154,10 @@ def fine_tune(compressed: "CompressedModel", train: TensorSplit, test: TensorSpl
         tensors.append(values)
     report = copy.deepcopy(compressed.report)
     report.file = None
+    # Retraining can carry the largest weight across a boundary of the exponent rule (e = 2 holds
+    # |w| up to 2): the exponent bits and the after-precision rates follow the trained grid values.
     return CompressedModel(compressed._specs, tensors, dict(compressed._bits), report, compressed.masks,
-                           compressed.input_shape), history
+                           compressed.input_shape)._exponent_from_grid(), history
 
 
 def _exported_units(alive: list[Tensor]) -> list[Tensor | None]:

@@ -745,6 +745,59 @@ def _write_compressed(run_dir: Path, result, thresholds, dense_error: float, tes
     return report
 
 
+_PRECISION_KEYS = ("compression_precision", "compression_sparse_precision")
+
+
+def recount_precision_rates(run_dir: str | os.PathLike, *, command: str | None = None) -> dict:
+    """Set a finished run's exponent bits and after-precision rates from the weights its ``model.bcz``
+    stores, as bclib now counts them (a report written before retraining moved its exponent bits
+    with the retrained weights can understate or overstate them; the file itself is unchanged).
+
+    ``report.json`` gets the recounted ``exponent_bits``, ``compression_precision``,
+    ``compression_sparse_precision`` and ``file.fraction_of_theoretical``, and a ``rates_recounted``
+    record of the values it had and of ``command``; for a bits search (``lowers_bits_of``), each
+    candidate of ``analysis.json`` gets the rates of its base network at its bits, as
+    :func:`lower_bits_run` now records them. Files that need no change are not rewritten.
+
+    Returns:
+        ``{"exponent_bits": (was, now), "compression_precision": (was, now), "candidates": n}`` for a
+        changed run (``n``: candidates recounted), ``{}`` when nothing changed or the run has no
+        ``model.bcz`` (a deterministic run).
+    """
+    run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
+    if not (run_dir / "model.bcz").is_file():
+        return {}
+    report = read_run_json(run_dir, "report.json")
+    recounted = compression.CompressedModel.from_file(run_dir / "model.bcz", report).report
+    changes = {}
+    if recounted.exponent_bits != report["exponent_bits"]:
+        changes = {"exponent_bits": (report["exponent_bits"], recounted.exponent_bits),
+                   "compression_precision": (report["compression_precision"], recounted.compression_precision)}
+        report["rates_recounted"] = {"exponent_bits": report["exponent_bits"],
+                                     **{key: report[key] for key in _PRECISION_KEYS}, "command": command}
+        report["exponent_bits"] = recounted.exponent_bits
+        report.update({key: getattr(recounted, key) for key in _PRECISION_KEYS})
+        if "file" in report:
+            report["file"]["fraction_of_theoretical"] = report["file"]["ratio"] / recounted.compression_precision
+    candidates = 0
+    if config.get("lowers_bits_of") and (run_dir / "analysis.json").is_file():
+        base_dir = run_dir.parent / config["lowers_bits_of"]
+        base = compression.CompressedModel.from_file(base_dir / "model.bcz", read_run_json(base_dir, "report.json"))
+        analysis = read_run_json(run_dir, "analysis.json")
+        for row in analysis["candidates"]:
+            rates = base.with_bits(row["bits"]).report
+            if any(row[key] != getattr(rates, key) for key in _PRECISION_KEYS):
+                row.update({key: getattr(rates, key) for key in _PRECISION_KEYS})
+                candidates += 1
+        if candidates:
+            write_json(run_dir / "analysis.json", analysis)
+            changes["candidates"] = candidates
+    if "exponent_bits" in changes:
+        write_json(run_dir / "report.json", report)  # last, as a run writes it
+    return changes
+
+
 # Fine-tuning tries the run's thresholds lowered by these offsets, in turn, while the retrained
 # network's error on the selection split stays within SELECTION_TOLERANCE of the first one's (the
 # search stops there, or when nothing is left to prune; -10 is only a bound on the steps).

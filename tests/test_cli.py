@@ -5,6 +5,7 @@ files are read back and checked against independent computations.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -54,7 +55,7 @@ def test_help_lists_the_commands():
     result = _python_m_bclib(["--help"])
     assert result.returncode == 0, result.stderr
     for command in ("train", "compress", "fine-tune", "lower-bits", "prune-layers", "prune-to-groups", "reproduce",
-                    "results", "bench"):
+                    "results", "recount", "bench"):
         assert command in result.stdout
 
 
@@ -68,6 +69,7 @@ def test_help_lists_the_commands():
                       "--data"]),
     ("prune-to-groups", ["--out", "--epochs", "--groups", "--seeds", "--data"]),
     ("reproduce", ["--out", "--only"]),
+    ("recount", ["--results"]),
 ])
 def test_subcommand_help_lists_its_options(capsys, command, options):
     with pytest.raises(SystemExit) as info:
@@ -490,6 +492,33 @@ def test_a_damaged_report_or_analysis_of_a_base_run_is_named(run_copy, tmp_path,
             main(["prune-layers", str(damaged), "--out", str(tmp_path / "out")])
         assert info.value.code == 2 and f"{str(damaged / name)!r} " in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_recount_sets_the_exponent_bits_from_the_stored_weights(run_copy, capsys):
+    """A report whose exponent bits disagree with the weights model.bcz stores (as retraining left some
+    before the fix) is recounted: e from the largest stored weight, the after-precision rate from e,
+    both worked out here from the loaded file; the old values are kept in rates_recounted."""
+    report = _read(run_copy, "report.json")
+    stale = {**report, "exponent_bits": report["exponent_bits"] + 3, "compression_precision": 1.0,
+             "compression_sparse_precision": 1.0}
+    (run_copy / "report.json").write_text(json.dumps(stale))
+    main(["recount", str(run_copy)])
+    assert f"{run_copy}: exponent_bits {report['exponent_bits'] + 3} -> " in capsys.readouterr().out
+    recounted = _read(run_copy, "report.json")
+    loaded = bclib.load_compressed(run_copy / "model.bcz")
+    largest = max(float(m.weight.detach().abs().max()) for m in loaded if isinstance(m, torch.nn.Linear))
+    exponent = math.ceil(math.log2(abs(math.log2(largest)) + 1) + 1)
+    rows = recounted["layers"]
+    assert recounted["exponent_bits"] == exponent
+    assert recounted["compression_precision"] == pytest.approx(
+        32 * sum(r["weights_total"] for r in rows) / sum(r["weights_kept"] * (1 + exponent + r["bits"]) for r in rows))
+    assert recounted["file"]["fraction_of_theoretical"] == pytest.approx(
+        recounted["file"]["ratio"] / recounted["compression_precision"])
+    assert recounted["rates_recounted"]["exponent_bits"] == report["exponent_bits"] + 3
+    assert recounted["rates_recounted"]["command"].startswith("python -m bclib recount")
+    # Counted right, nothing changes and nothing is written.
+    main(["recount", str(run_copy)])
+    assert capsys.readouterr().out == "" and _read(run_copy, "report.json") == recounted
 
 
 def test_compress_with_explicit_thresholds(run_copy, mnist_root, capsys):

@@ -663,7 +663,36 @@ def test_fine_tune_trains_survivors_that_a_file_stores_as_zero(tmp_path):
     latent = tuned.model[0].weight.detach()  # the weights the grid rounds
     assert not torch.equal(latent[:, :3][stored_zero], torch.zeros(int(stored_zero.sum())))
     assert torch.equal(latent[:, 3], torch.zeros(3))
-    assert tuned.report.to_dict() == read.report.to_dict()
+    # Architecture, bits and the rate after pruning stay; the exponent bits follow the largest trained
+    # grid value (e = ceil(log2(|log2 max|w|| + 1) + 1), the release's rule), and the rate after
+    # precision follows them: 32 |W| / sum_l |W_l kept| (1 + e + t_l), counted here.
+    largest = max(float(m.weight.detach().abs().max()) for m in tuned.reduced_precision_model()
+                  if isinstance(m, nn.Linear))
+    exponent = math.ceil(math.log2(abs(math.log2(largest)) + 1) + 1)
+    rows = read.report.layers
+    assert tuned.report.exponent_bits == exponent
+    assert tuned.report.compression_precision == pytest.approx(
+        32 * sum(r.weights_total for r in rows) / sum(r.weights_kept * (1 + exponent + r.bits) for r in rows))
+    changing = {"exponent_bits", "compression_precision", "compression_sparse_precision"}
+    assert ({k: v for k, v in tuned.report.to_dict().items() if k not in changing}
+            == {k: v for k, v in read.report.to_dict().items() if k not in changing})
+
+
+def test_exponent_bits_follow_the_largest_weight_a_network_holds():
+    """compress takes e from the posterior means; a network given new weights (with_tensors, as after a
+    retraining) takes it from its grid values: doubled weights, 2 bits each, by hand."""
+    compressed = compress(_hand_built_linear_net(), [0.0, 0.0]).with_bits([2, 2])
+    doubled = [{**values, "weight": 4 * values["weight"]} if "weight" in values else values
+               for values in compressed.tensors]
+    bigger = compressed.with_tensors(doubled)
+    largest = max(float((4 * m.weight).abs().max()) for m in compressed.reduced_precision_model()
+                  if isinstance(m, nn.Linear))  # 4 q 2^-2: the grid values scale exactly
+    exponent = math.ceil(math.log2(abs(math.log2(largest)) + 1) + 1)
+    assert exponent != compressed.report.exponent_bits  # the case the test is about
+    assert bigger.report.exponent_bits == exponent
+    rows = bigger.report.layers
+    assert bigger.report.compression_precision == pytest.approx(
+        32 * sum(r.weights_total for r in rows) / sum(r.weights_kept * (1 + exponent + r.bits) for r in rows))
 
 
 def test_fine_tune_keeps_the_structure_of_a_conv_net():

@@ -48,8 +48,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .data import TensorSplit
-from .fileformat import (build_module, dequantize, encode_compressed, load_compressed, module_spec, read_compressed,
-                         write_compressed)
+from .fileformat import (build_module, check_runs, dequantize, encode_compressed, load_compressed, module_spec,
+                         read_compressed, write_compressed)
 from .layer_sequence import check_sequence, evaluating, layer_sequence
 from .layers import BayesianLayer, bayesian_layers
 from .layers.base import check_positive_int
@@ -894,7 +894,14 @@ class CompressedModel:
         specs = [{k: v for k, v in spec.items() if k not in ("width", "masked")} for spec in specs]  # set on writing
         report = copy.deepcopy(report)
         report.file = None
-        return cls(specs, tensors, bits, report, {}, input_shape)._exponent_from_grid()
+        compressed = None
+
+        def exported() -> nn.Module:
+            nonlocal compressed
+            compressed = cls(specs, tensors, bits, report, {}, input_shape)
+            return compressed.model
+        check_runs(exported, input_shape, path)  # as load_compressed does: a header can describe a network that fails
+        return compressed._exponent_from_grid()
 
     def with_bits(self, bits) -> "CompressedModel":
         """The same network on other fixed-point grids: ``bits`` per Bayesian layer, in order (a list)

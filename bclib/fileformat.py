@@ -52,6 +52,7 @@ from ._io import write_atomically
 
 __all__ = [
     "FORMAT_VERSION", "FLAG_ENTROPY_CODED", "MAGIC", "load_compressed", "read_compressed", "write_compressed",
+    "check_runs",
     "encode_compressed",
     "module_spec", "build_module", "infer_shapes", "dequantize", "signed_width", "pack_signed", "unpack_signed",
 ]
@@ -72,6 +73,9 @@ MAX_ACTIVATION_ELEMENTS = 1 << 26
 # Multiply-accumulates of one example (VGG-16 at 224 x 224: 1.5e10): the loader runs one, so a header
 # cannot make it compute for hours.
 MAX_MULTIPLY_ACCUMULATES = 1 << 34
+# Element operations of one example besides those (each layer's outputs, a pooling window's inputs):
+# VGG-16 at 224 x 224 needs about 1e8; pooling and activations run far slower per element than a GEMM.
+MAX_ELEMENT_OPERATIONS = 1 << 30
 MAX_BITS = 23
 MAX_WIDTH = 62
 _PACK_CHUNK = 1 << 20  # values per packing chunk (a multiple of 8, so chunks end on byte boundaries)
@@ -243,9 +247,9 @@ def _parameter_free(spec: dict) -> nn.Module:
     if kind in simple:
         return simple[kind]()
     if kind == "leaky_relu":
-        return nn.LeakyReLU(spec["slope"])
+        return nn.LeakyReLU(float(spec["slope"]))  # an int slope too large for C++ must not reach it
     if kind == "dropout":
-        return nn.Dropout(spec["p"])
+        return nn.Dropout(float(spec["p"]))
     if kind in ("softmax", "log_softmax"):
         return (nn.Softmax if kind == "softmax" else nn.LogSoftmax)(spec["dim"])
     if kind == "maxpool2d":
@@ -267,7 +271,13 @@ def _is_pair(v, low=0) -> bool:
 
 
 def _is_real(v, low=-math.inf, high=math.inf) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and low <= v <= high
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        v = float(v)  # a JSON integer of 400 digits has no float: OverflowError
+    except OverflowError:
+        return False
+    return math.isfinite(v) and low <= v <= high
 
 
 def _is_bool(v) -> bool:
@@ -300,11 +310,12 @@ def _check_spec(index: int, spec) -> None:
         raise ValueError(f"corrupt compressed file: layer {index} has no known type ({spec!r:.80})")
     fields = _SCHEMA[spec["type"]]
     if set(spec) != set(fields) | {"type"}:
-        raise ValueError(f"corrupt compressed file: layer {index} ({spec['type']}) has keys {sorted(spec)}, "
+        raise ValueError(f"corrupt compressed file: layer {index} ({spec['type']}) has keys {sorted(spec)!r:.200}, "
                          f"expected {sorted(set(fields) | {'type'})}")
     for key, valid in fields.items():
         if not valid(spec[key]):
-            raise ValueError(f"corrupt compressed file: layer {index} ({spec['type']}) has invalid {key}={spec[key]!r}")
+            raise ValueError(f"corrupt compressed file: layer {index} ({spec['type']}) has invalid "
+                             f"{key}={spec[key]!r:.80}")
 
 
 def _weight_geometry(spec: dict) -> tuple[int, int]:
@@ -469,7 +480,7 @@ def _parse_header(header_bytes: bytes) -> tuple[tuple[int, ...], list[dict]]:
     try:
         inflater = zlib.decompressobj()
         text = inflater.decompress(header_bytes, MAX_HEADER_BYTES)
-        if inflater.unconsumed_tail or not inflater.eof:
+        if inflater.unconsumed_tail or not inflater.eof or inflater.unused_data:
             raise ValueError("header is not a complete zlib stream or is too large")
         header = json.loads(text.decode("utf-8"))
     except (zlib.error, UnicodeDecodeError, ValueError, RecursionError) as error:
@@ -484,7 +495,7 @@ def _check_header(header) -> tuple[tuple[int, ...], list[dict]]:
     shape, specs = header["input_shape"], header["layers"]
     if (not isinstance(shape, list) or not 1 <= len(shape) <= 3 or not all(_is_int(s, 1) for s in shape)
             or math.prod(shape) > MAX_INPUT_ELEMENTS):
-        raise ValueError(f"corrupt compressed file: invalid input_shape {shape!r}")
+        raise ValueError(f"corrupt compressed file: invalid input_shape {shape!r:.80}")
     if not isinstance(specs, list) or not specs:
         raise ValueError("corrupt compressed file: 'layers' must be a non-empty list")
     total = 0
@@ -492,6 +503,8 @@ def _check_header(header) -> tuple[tuple[int, ...], list[dict]]:
         _check_spec(index, spec)
         if spec["type"] in ("linear", "conv2d"):
             total += math.prod(_weight_shape(spec))
+        elif spec["type"] in ("batchnorm1d", "batchnorm2d"):  # its statistics count as weights do
+            total += spec["num"] * (4 if spec["affine"] else 2)
     if total > MAX_TOTAL_WEIGHTS:
         raise ValueError(f"corrupt compressed file: {total} weights exceed the limit {MAX_TOTAL_WEIGHTS}")
     infer_shapes(tuple(shape), specs)
@@ -514,10 +527,11 @@ def infer_shapes(input_shape: tuple[int, ...], specs: list[dict]) -> list[tuple[
 
     Raises:
         ValueError: when a layer does not fit the shape it receives, or an activation would exceed
-            ``MAX_ACTIVATION_ELEMENTS`` or the network ``MAX_MULTIPLY_ACCUMULATES`` per example (so a
+            ``MAX_ACTIVATION_ELEMENTS``, or the network ``MAX_MULTIPLY_ACCUMULATES`` or
+            ``MAX_ELEMENT_OPERATIONS`` (outputs and pooling windows) per example (so a
             hostile header cannot make the loader allocate gigabytes or compute for hours).
     """
-    shape, shapes, work = tuple(input_shape), [], 0
+    shape, shapes, work, elements = tuple(input_shape), [], 0, 0
     for index, spec in enumerate(specs):
         kind = spec["type"]
         if kind == "linear":
@@ -538,6 +552,7 @@ def infer_shapes(input_shape: tuple[int, ...], specs: list[dict]) -> list[tuple[
                 _window_output(s, k, st, p, d, spec["ceil_mode"])
                 for s, k, st, p, d in zip(shape[1:], spec["kernel"], spec["stride"], spec["padding"], dilation)
             ) if ok else shape
+            elements += math.prod(shape) * spec["kernel"][0] * spec["kernel"][1]  # every window's inputs
         elif kind == "adaptive_avgpool2d":
             ok = len(shape) == 3
             shape = (shape[0], *spec["output"]) if ok else shape
@@ -546,6 +561,8 @@ def infer_shapes(input_shape: tuple[int, ...], specs: list[dict]) -> list[tuple[
             shape = (math.prod(shape),)
         elif kind in ("batchnorm1d", "batchnorm2d"):
             ok = len(shape) == (3 if kind == "batchnorm2d" else 1) and shape[0] == spec["num"]
+        elif kind in ("softmax", "log_softmax"):
+            ok = -(len(shape) + 1) <= spec["dim"] <= len(shape)  # a dim of the batched output
         else:
             ok = True
         if not ok or min(shape) < 1 or math.prod(shape) > MAX_ACTIVATION_ELEMENTS:
@@ -554,6 +571,10 @@ def infer_shapes(input_shape: tuple[int, ...], specs: list[dict]) -> list[tuple[
         if work > MAX_MULTIPLY_ACCUMULATES:
             raise ValueError(f"corrupt compressed file: layers 0..{index} take over {MAX_MULTIPLY_ACCUMULATES} "
                              "multiply-accumulates per example (the limit)")
+        elements += math.prod(shape)
+        if elements > MAX_ELEMENT_OPERATIONS:
+            raise ValueError(f"corrupt compressed file: layers 0..{index} take over {MAX_ELEMENT_OPERATIONS} "
+                             "element operations per example (the limit)")
         shapes.append(shape)
     return shapes
 
@@ -636,11 +657,18 @@ def load_compressed(path) -> nn.Sequential:
         torch.Size([1, 10])
     """
     input_shape, specs, tensors = read_compressed(path)
+    model = check_runs(lambda: build_module(specs, tensors), input_shape, path)
+    model.input_shape = input_shape
+    return model
+
+
+def check_runs(build, input_shape: tuple[int, ...], path) -> nn.Module:
+    """``build()``, run once on a zero example: a ValueError naming ``path`` if either fails (a
+    header :func:`read_compressed` accepts can still describe a network that does not run)."""
     try:
-        model = build_module(specs, tensors)
+        model = build()
         with torch.no_grad():
             model(torch.zeros(1, *input_shape))
-    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+    except (RuntimeError, ValueError, TypeError, IndexError, OverflowError) as error:
         raise ValueError(f"{path}: inconsistent architecture in compressed file ({error})") from None
-    model.input_shape = input_shape
     return model

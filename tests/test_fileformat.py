@@ -299,12 +299,50 @@ def test_make_file_helper_writes_a_valid_file(tmp_path):
                                                   "width": 0, "masked": False, "kernel": [256, 256],
                                                   "stride": [1, 1], "padding": [0, 0], "dilation": [1, 1]}]},
      "multiply-accumulates per example"),
-    # A dim the schema allows but the network's 1-d output does not have.
-    ({"input_shape": [2], "layers": [LINEAR, {"type": "softmax", "dim": 5}]}, "inconsistent architecture"),
+    # A dim the schema allows but the network's batched 1-d output (2 dims) does not have.
+    ({"input_shape": [2], "layers": [LINEAR, {"type": "softmax", "dim": 5}]}, "does not fit"),
+    ({"input_shape": [2], "layers": [LINEAR, {"type": "softmax", "dim": -3}]}, "does not fit"),
+    # A JSON integer of 400 digits has no float (it raised OverflowError).
+    ({"input_shape": [2], "layers": [LINEAR, {"type": "leaky_relu", "slope": 10**400}]}, "invalid slope"),
+    # Work no multiply-accumulate counts: 257 x 257 windows of 256 x 256 pixels (4.3e9 reads; seconds).
+    ({"input_shape": [1, 512, 512], "layers": [{"type": "maxpool2d", "kernel": [256, 256], "stride": [1, 1],
+                                                "padding": [0, 0], "dilation": [1, 1], "ceil_mode": False}]},
+     "element operations per example"),
+    # 300 activations of 4.2e6 elements each.
+    ({"input_shape": [1, 2048, 2048], "layers": [{"type": "tanh"}] * 300}, "element operations per example"),
+    # BatchNorm statistics count with the weights: three layers of 2^24 channels, 4 tensors each.
+    ({"input_shape": [1 << 24], "layers": [{"type": "batchnorm1d", "num": 1 << 24, "eps": 1e-5, "affine": True}] * 3},
+     "exceed the limit"),
 ])
 def test_invalid_headers(tmp_path, header, match):
     with pytest.raises(ValueError, match=match):
         load_compressed(make_file(tmp_path / "bad.bcz", header, GOOD_PAYLOAD))
+
+
+def test_error_messages_stay_short_for_huge_values(tmp_path):
+    header = {"input_shape": [2], "layers": [{**LINEAR, "bits": list(range(100000))}]}
+    with pytest.raises(ValueError, match="invalid bits") as info:
+        load_compressed(make_file(tmp_path / "long.bcz", header, GOOD_PAYLOAD))
+    assert len(str(info.value)) < 300
+    with pytest.raises(ValueError, match="invalid input_shape") as info:
+        load_compressed(make_file(tmp_path / "shape.bcz", {"input_shape": list(range(100000)), "layers": [LINEAR]}))
+    assert len(str(info.value)) < 300
+
+
+def test_from_file_rejects_what_load_compressed_rejects(tmp_path):
+    """A slope the schema accepts but PyTorch cannot hold in float32 fails the network's run: from_file
+    refuses the file as load_compressed does (it returned a network that failed later)."""
+    from bclib.compression import CompressedModel
+
+    report = compress(nn.Sequential(bclib.LinearGroupNJ(2, 1)).eval(), 100.0).with_bits([1]).report.to_dict()
+    header = {"input_shape": [2], "layers": [LINEAR, {"type": "leaky_relu", "slope": 1e308}]}
+    path = make_file(tmp_path / "slope.bcz", header, GOOD_PAYLOAD)
+    with pytest.raises(ValueError, match="inconsistent architecture"):
+        load_compressed(path)
+    with pytest.raises(ValueError, match="inconsistent architecture"):
+        CompressedModel.from_file(path, report)
+    good = make_file(tmp_path / "good.bcz", {"input_shape": [2], "layers": [LINEAR]}, GOOD_PAYLOAD)
+    assert torch.equal(CompressedModel.from_file(good, report).model[0].weight, torch.tensor([[0.5, -0.5]]))
 
 
 def test_invalid_containers(tmp_path):
@@ -319,6 +357,9 @@ def test_invalid_containers(tmp_path):
         load_compressed(make_file(tmp_path / "z.bcz", None, GOOD_PAYLOAD, raw_header=b"not zlib"))
     with pytest.raises(ValueError, match="unreadable header"):
         load_compressed(make_file(tmp_path / "j.bcz", None, GOOD_PAYLOAD, raw_header=zlib.compress(b"{nope")))
+    trailing = zlib.compress(json.dumps(header).encode()) + b"any trailing junk"  # after the zlib stream
+    with pytest.raises(ValueError, match="unreadable header"):
+        load_compressed(make_file(tmp_path / "t.bcz", None, GOOD_PAYLOAD, raw_header=trailing))
     with pytest.raises(ValueError, match="unreadable header .*RecursionError"):
         load_compressed(make_file(tmp_path / "r.bcz", None, GOOD_PAYLOAD, raw_header=zlib.compress(b"[" * 200000)))
     bomb = zlib.compress(b" " * (2 << 20))  # inflates past the 1 MiB header limit

@@ -150,7 +150,7 @@ MODELS = {"lenet300": lenet_300_100, "lenet5": lenet5_caffe, "vgg": vgg_cifar}
 
 
 def build_model(name: str, prior, **kwargs) -> nn.Sequential:
-    """Build a model by its name in :data:`MODELS` (``lenet300``, ``lenet5``, ``vgg``; the command line
+    """Build a model by its name in ``bclib.models.MODELS`` (``lenet300``, ``lenet5``, ``vgg``; the command line
     offers the first two)."""
     if name not in MODELS:
         raise ValueError(f"model must be one of {sorted(MODELS)}, got {name!r}")

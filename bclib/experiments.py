@@ -718,6 +718,10 @@ def compress_run(run_dir: str | os.PathLike, *, model=None, test: TensorSplit | 
         thresholds = compression.select_thresholds(model, selection.x, selection.y,
                                                    tolerance=SELECTION_TOLERANCE, fixed=sparse_vd)
     result = compression.compress(model, list(thresholds))
+    if any(row.groups_kept == 0 for row in result.report.layers):  # its output no longer depends on its input
+        warnings.warn(f"the thresholds {[float(t) for t in thresholds]} prune every group of a layer of {run_dir} "
+                      f"(architecture {result.report.architecture}): the compressed network predicts one class",
+                      stacklevel=2)
     _mark_unfinished(run_dir)
     write_json(run_dir / "analysis.json", _analysis(model, thresholds, test))
     return _write_compressed(run_dir, result, thresholds, dense_error, test)

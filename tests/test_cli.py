@@ -521,6 +521,13 @@ def test_recount_sets_the_exponent_bits_from_the_stored_weights(run_copy, capsys
     assert capsys.readouterr().out == "" and _read(run_copy, "report.json") == recounted
 
 
+def test_thresholds_that_prune_a_whole_layer_are_warned_about(run_copy, mnist_root):
+    with pytest.warns(UserWarning, match=r"prune every group of a layer .*architecture 0-0-0\): the compressed "
+                                         r"network predicts one class"):
+        report = experiments.compress_run(run_copy, thresholds=[100.0, -100.0, 100.0], data_root=mnist_root)
+    assert report["architecture"] == "0-0-0"  # with fc2 cut away, the AND rule strands every unit before it
+
+
 def test_compress_with_explicit_thresholds(run_copy, mnist_root, capsys):
     """Thresholds above every log alpha keep every weight: the exported network is the dense one."""
     assert main(["compress", str(run_copy), "--thresholds", "100", "100", "100", "--data", str(mnist_root)]) == 0

@@ -220,7 +220,11 @@ _FLAGS = {"out_dir": "--out", "init_dir": "--init-from", "results_root": "--resu
 
 def _with_flag(message: str, command: str) -> str:
     """``message`` with its leading argument name replaced by the flag (or the positional ``run``) it came from."""
-    flags = {**_FLAGS, **({"base_dir": "run"} if command not in ("reproduce", "results", "bench") else {})}
+    flags = dict(_FLAGS)
+    if command == "reproduce":  # its run folders lie inside --out: the library's name is the accurate one
+        del flags["out_dir"]
+    if command not in ("reproduce", "results", "bench", "recount"):
+        flags["base_dir"] = "run"
     name = re.match(r"[a-z_]+", message)
     if name is None or name.group() not in flags or message[name.end():name.end() + 1] not in (" ", ":"):
         return message
@@ -329,12 +333,17 @@ def _dispatch(args: argparse.Namespace) -> None:
         from .experiments import recount_precision_rates
 
         runs = [Path(run) for run in args.runs] or sorted(
-            path for path in Path(args.results).iterdir() if (path / "config.json").is_file())
+            path for path in Path(args.results).iterdir() if (path / "report.json").is_file())
+        if not runs:
+            raise ValueError(f"results_root: no finished run (report.json) in {str(Path(args.results).resolve())!r}")
+        changed = 0
         for run in runs:
             changes = recount_precision_rates(run, command=args.command_line)
+            changed += bool(changes)
             if changes:
                 print(f"{run}: " + ", ".join(f"{key} {value[0]:g} -> {value[1]:g}" if isinstance(value, tuple)
                                              else f"{value} {key}" for key, value in changes.items()))
+        print(f"{len(runs)} runs checked, {changed} changed")
     elif args.command == "bench":
         from . import bench
 

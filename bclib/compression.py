@@ -11,7 +11,8 @@
   width; read back by :func:`bclib.load_compressed`).
 
 :func:`fine_tune` (not in the paper) retrains the surviving weights of a compressed network on
-their grids, which leaves every rate as it is and lowers the error.
+their grids, which keeps the architecture and bits and lowers the error (the exponent bits follow
+the largest retrained weight).
 
 Which weights survive
 ---------------------
@@ -177,8 +178,8 @@ class CompressionReport:
     Attributes:
         layers: one :class:`LayerReport` per Bayesian layer (units, weights, bits, threshold, FLOPs).
         exponent_bits: ``e``, shared by the network (the release's rule, :func:`exponent_bits`, of the
-            largest surviving weight: the posterior mean :func:`compress` rounds, or the grid value of
-            a network retrained, given other bits or read from a file).
+            largest surviving weight as stored, on its layer's grid: the rounded posterior mean for
+            :func:`compress`, the retrained grid value after :func:`fine_tune`).
         compression_pruning, compression_precision: the release's two rates (above).
         compression_sparse, compression_sparse_precision: the same over nonzero weights.
         flops_before, flops_after: multiply-accumulates per example, dense and pruned.
@@ -841,11 +842,12 @@ class CompressedModel:
                 layer = layers[number]
                 mask = _weight_mask(layer, columns[number], alive[number + 1])
                 masks[name] = (mask.float(), alive[number + 1].float())
-                if mask.any():
-                    max_abs = max(max_abs, float(layer.mean[mask].abs().max()))
                 spec, values = _export_weighted(layer, mask, alive[number + 1], exported[number], exported[number + 1],
                                                 columns[number])
                 bits_at[index] = spec["bits"] = weight_bits(layer.var[mask]) if bits is None else bits[number]
+                if mask.any():  # e from the weights as stored, on the layer's grid (as every other path takes it)
+                    max_abs = max(max_abs, float(dequantize(quantize(layer.mean[mask], spec["bits"]), spec["bits"])
+                                                 .abs().max()))
                 rows.append(_layer_report(layer, mask, columns[number], alive[number + 1], spec["bits"]))
                 number += 1
             else:
@@ -1028,8 +1030,8 @@ class CompressedModel:
 
     def _exponent_from_grid(self) -> "CompressedModel":
         """This network, its report's exponent bits and rates set from the largest weight it stores on its
-        grids (for a network retrained, given other bits or read from a file: :func:`compress` takes them
-        from the posterior means it rounds, which the grid values of such a network need not stay near)."""
+        grids, the rule :func:`compress` applies to the posterior means it rounds (a retrained network's
+        grid values need not stay near those)."""
         largest = max((float(dequantize(q, self._bits[index]).abs().max()) for index, q in self._grid_integers.items()
                        if q.numel()), default=0.0)
         exponent = exponent_bits(largest)

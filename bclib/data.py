@@ -215,7 +215,8 @@ def load_cifar10(root: str | os.PathLike | None = None, *, download: bool = True
     if not all((folder / name).exists() for name in CIFAR10_FILES):
         if not download:
             raise FileNotFoundError(_missing_cifar10_message(folder))
-        _download_atomically(root, torchvision.datasets.CIFAR10, [CIFAR10_FOLDER], _missing_cifar10_message(folder))
+        _download_atomically(root, torchvision.datasets.CIFAR10, [f"{CIFAR10_FOLDER}/{name}" for name in CIFAR10_FILES],
+                             _missing_cifar10_message(folder))
     try:  # download=False: torchvision checks the files' md5 sums and reads them
         splits = [cifar10_tensors(torchvision.datasets.CIFAR10(str(root), train=t, download=False))
                   for t in (True, False)]

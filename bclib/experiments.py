@@ -763,14 +763,17 @@ def recount_precision_rates(run_dir: str | os.PathLike, *, command: str | None =
     candidate of ``analysis.json`` gets the rates of its base network at its bits, as
     :func:`lower_bits_run` now records them. Files that need no change are not rewritten.
 
+    The candidates of the other searches record each cut network before its retraining (the rates
+    of the network the search cut, which their rows describe), so they are left as they are.
+
     Returns:
         ``{"exponent_bits": (was, now), "compression_precision": (was, now), "candidates": n}`` for a
-        changed run (``n``: candidates recounted), ``{}`` when nothing changed or the run has no
-        ``model.bcz`` (a deterministic run).
+        changed run (``n``: candidates recounted), ``{}`` when nothing changed or the run is not a
+        finished compressed one (no ``model.bcz`` or no ``report.json``).
     """
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).resolve()  # its base is found beside it, however the path was typed
     config = read_run_config(run_dir)
-    if not (run_dir / "model.bcz").is_file():
+    if not (run_dir / "model.bcz").is_file() or not (run_dir / "report.json").is_file():
         return {}
     report = read_run_json(run_dir, "report.json")
     recounted = compression.CompressedModel.from_file(run_dir / "model.bcz", report).report
@@ -787,6 +790,9 @@ def recount_precision_rates(run_dir: str | os.PathLike, *, command: str | None =
     candidates = 0
     if config.get("lowers_bits_of") and (run_dir / "analysis.json").is_file():
         base_dir = run_dir.parent / config["lowers_bits_of"]
+        if not (base_dir / "report.json").is_file():
+            raise FileNotFoundError(f"{str(run_dir)!r} lowers the bits of {config['lowers_bits_of']!r}, which is "
+                                    f"not a finished run beside it: its candidates need that run's files")
         base = compression.CompressedModel.from_file(base_dir / "model.bcz", read_run_json(base_dir, "report.json"))
         analysis = read_run_json(run_dir, "analysis.json")
         for row in analysis["candidates"]:
@@ -820,13 +826,15 @@ def fine_tune_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, co
     the error of the retrained reduced-precision network is measured on the selection split (the
     last 10,000 training examples). Offsets are tried from 0 downwards and the last one whose error
     stays within 0.1 points of offset 0's is kept: the most pruning that retraining can repair. The
-    test set only reports. Rates come from the architecture and bits, as for the paper's pipeline.
+    test set only reports. Rates come from the architecture and bits, as for the paper's pipeline
+    (the exponent bits from the largest retrained weight). A candidate's row in ``analysis.json``
+    records the cut network before its retraining.
     The base run trained on the selection split too (all 60,000 examples), so errors there are
     those of examples the network has fitted: they rank candidates, they do not estimate test error.
 
     How much of a candidate's error is the luck of one retraining? With ``seeds`` > 1 the kept
     candidate and the first rejected one are retrained again with seeds ``config.seed + 1``, ...,
-    ``config.seed + seeds - 1`` (same thresholds, so the same architecture and rates), and the
+    ``config.seed + seeds - 1`` (same thresholds, so the same architecture and bits), and the
     selection and test errors of every seed are recorded beside them. The choice and the saved
     network stay those of ``config.seed``: the extra seeds only measure the spread.
 

@@ -107,6 +107,8 @@ def test_library_errors_name_the_flag_on_the_command_line():
     assert _with_flag("base_dir '/x' must be a run", "prune-layers") == "run '/x' must be a run"
     # reproduce names no run folder: its bases are found in --out, so the library's name stays.
     assert _with_flag("base_dir '/x' must be a run", "reproduce") == "base_dir '/x' must be a run"
+    # reproduce's run folders lie inside its --out: naming one --out would mislead.
+    assert _with_flag("out_dir '/x/run' holds another run", "reproduce") == "out_dir '/x/run' holds another run"
     for untouched in ("tolerance_scale must be", "groups[0] must be", "MNIST files not found", "'/x' is a file"):
         assert _with_flag(untouched, "prune-layers") == untouched
 
@@ -518,7 +520,11 @@ def test_recount_sets_the_exponent_bits_from_the_stored_weights(run_copy, capsys
     assert recounted["rates_recounted"]["command"].startswith("python -m bclib recount")
     # Counted right, nothing changes and nothing is written.
     main(["recount", str(run_copy)])
-    assert capsys.readouterr().out == "" and _read(run_copy, "report.json") == recounted
+    assert capsys.readouterr().out == "1 runs checked, 0 changed\n" and _read(run_copy, "report.json") == recounted
+    # A folder without a finished run is an error, not a silent success.
+    with pytest.raises(SystemExit) as info:
+        main(["recount", "--results", str(run_copy / "nowhere")])
+    assert info.value.code == 2
 
 
 def test_thresholds_that_prune_a_whole_layer_are_warned_about(run_copy, mnist_root):

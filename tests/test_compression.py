@@ -80,7 +80,8 @@ def small_conv_net():
         fc1.weight_logvar[[0, 2, 3], :2] = math.log(1.5 * 2**-6)
         fc1.weight_logvar[0, 1] = math.log(1.5 * 2**-13)
         fc2.weight_logvar.fill_(math.log(1.5 * 2**-3))
-        # Means: surviving weights within 0.2 but one at -0.3 (e = 3); a pruned one at 5 must not count.
+        # Means: surviving weights within 0.2 but one at -0.3, stored as -0.5 on fc2's 1-bit grid
+        # (e = ceil(log2(|log2 0.5| + 1) + 1) = 2); a pruned one at 5 must not count.
         for layer in (conv, fc1, fc2):
             layer.weight_mu.uniform_(-0.2, 0.2)
         fc2.weight_mu[1, 3] = -0.3
@@ -106,9 +107,9 @@ def test_hand_built_conv_net_report():
             for r in report.layers]
     assert rows == [(1, 1, 1, 3, 9, 27, 8), (2, 12, 3, 4, 6, 48, math.ceil((4 * 5 + 11) / 6)), (3, 4, 2, 2, 6, 8, 1)]
     assert report.architecture == "1-2-3"
-    assert report.exponent_bits == 3
+    assert report.exponent_bits == 2
     assert report.compression_pruning == pytest.approx(83 / 21)
-    assert report.compression_precision == pytest.approx(32 * 83 / (9 * (1 + 3 + 8) + 6 * (1 + 3 + 6) + 6 * (1 + 3 + 1)))
+    assert report.compression_precision == pytest.approx(32 * 83 / (9 * (1 + 2 + 8) + 6 * (1 + 2 + 6) + 6 * (1 + 2 + 1)))
     assert report.compression_sparse == pytest.approx(83 / 21)
     # MACs per example: conv 27 weights x 4x4 outputs, fc 48 and 8; after: 9 x 16, 2 x 3, 3 x 2.
     assert (report.flops_before, report.flops_after) == (27 * 16 + 48 + 8, 9 * 16 + 6 + 6)
@@ -679,14 +680,14 @@ def test_fine_tune_trains_survivors_that_a_file_stores_as_zero(tmp_path):
 
 
 def test_exponent_bits_follow_the_largest_weight_a_network_holds():
-    """compress takes e from the posterior means; a network given new weights (with_tensors, as after a
-    retraining) takes it from its grid values: doubled weights, 2 bits each, by hand."""
+    """A network given new weights (with_tensors, as after a retraining) takes e from their grid values:
+    weights four times as large, 2 bits each, e counted here from the grid values it stores."""
     compressed = compress(_hand_built_linear_net(), [0.0, 0.0]).with_bits([2, 2])
-    doubled = [{**values, "weight": 4 * values["weight"]} if "weight" in values else values
-               for values in compressed.tensors]
-    bigger = compressed.with_tensors(doubled)
-    largest = max(float((4 * m.weight).abs().max()) for m in compressed.reduced_precision_model()
-                  if isinstance(m, nn.Linear))  # 4 q 2^-2: the grid values scale exactly
+    quadrupled = [{**values, "weight": 4 * values["weight"]} if "weight" in values else values
+                  for values in compressed.tensors]
+    bigger = compressed.with_tensors(quadrupled)
+    largest = max(float(m.weight.detach().abs().max()) for m in bigger.reduced_precision_model()
+                  if isinstance(m, nn.Linear))
     exponent = math.ceil(math.log2(abs(math.log2(largest)) + 1) + 1)
     assert exponent != compressed.report.exponent_bits  # the case the test is about
     assert bigger.report.exponent_bits == exponent
@@ -828,8 +829,8 @@ def test_prune_further_by_hand_on_the_small_conv_net(tmp_path):
         assert report.architecture == "1-1-2"
         assert [(r.weights_kept, r.weights_nonzero, r.bits) for r in report.layers] == [(9, 9, 8), (2, 2, 6), (4, 4, 1)]
         assert report.compression_pruning == pytest.approx(83 / 15)
-        # e = 3 for the -0.3 of fc2; read back from the file it is -0.5 on fc2's 1-bit grid: e = 2.
-        e = 3 if start is base else 2
+        # e = 2 for the -0.3 of fc2, stored as -0.5 on its 1-bit grid, whether cut or read back from the file.
+        e = 2
         assert report.exponent_bits == e
         assert report.compression_precision == pytest.approx(32 * 83 / (9 * (9 + e) + 2 * (7 + e) + 4 * (2 + e)))
         conv, fc1, fc2 = (m for m in deeper.model if isinstance(m, (nn.Conv2d, nn.Linear)))

@@ -58,6 +58,20 @@ LAYER_SEARCHED = [run for run in RUNS if "prunes_layers_of" in _read(run, "confi
 GROUP_CUT = [run for run in RUNS if "prunes_to_groups_of" in _read(run, "config.json")]
 
 
+@pytest.mark.parametrize("name", RUNS)
+def test_exponent_bits_are_those_of_the_largest_weight_the_file_stores(name):
+    """e = ceil(log2(|log2 max|w|| + 1) + 1), the release's rule, of the largest weight the run's file
+    stores (retrained or not), and the after-precision rate 32 |W| / sum_l |W_l kept| (1 + e + t_l)."""
+    report = _read(name, "report.json")
+    stored = bclib.load_compressed(RESULTS / name / "model.bcz")
+    largest = max(float(m.weight.detach().abs().max()) for m in stored if isinstance(m, (nn.Linear, nn.Conv2d)))
+    exponent = math.ceil(math.log2(abs(math.log2(largest)) + 1) + 1)
+    assert report["exponent_bits"] == exponent
+    rows = report["layers"]
+    assert report["compression_precision"] == pytest.approx(
+        32 * sum(r["weights_total"] for r in rows) / sum(r["weights_kept"] * (1 + exponent + r["bits"]) for r in rows))
+
+
 @pytest.mark.parametrize("name", LAYER_SEARCHED + GROUP_CUT)
 def test_layer_searched_run_is_its_base_file_cut_at_the_recorded_thresholds(name):
     """A layer-searched (or group-cut) run's architecture, weights kept and rates are those of its base
@@ -78,13 +92,9 @@ def test_layer_searched_run_is_its_base_file_cut_at_the_recorded_thresholds(name
     assert [row.weights_kept for row in cut.report.layers] == [row["weights_kept"] for row in report["layers"]]
     assert [row["bits"] for row in report["layers"]] == [row["bits"] for row in base["layers"]]
     assert cut.report.compression_pruning == pytest.approx(report["compression_pruning"])
-    # The exponent bits follow the retrained weights, which can cross a boundary the cut's did not:
-    # they are those of the largest weight the run's file stores, and the rate after precision is
-    # the cut's rows at them.
-    stored = bclib.load_compressed(RESULTS / name / "model.bcz")
-    largest = max(float(m.weight.detach().abs().max()) for m in stored if isinstance(m, (nn.Linear, nn.Conv2d)))
-    exponent = math.ceil(math.log2(abs(math.log2(largest)) + 1) + 1)
-    assert report["exponent_bits"] == exponent
+    # The exponent bits follow the retrained weights, which can cross a boundary the cut's did not
+    # (checked against the file for every run below): the rate after precision is the cut's rows at them.
+    exponent = report["exponent_bits"]
     rows = cut.report.layers
     assert report["compression_precision"] == pytest.approx(
         32 * sum(r.weights_total for r in rows) / sum(r.weights_kept * (1 + exponent + r.bits) for r in rows))

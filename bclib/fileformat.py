@@ -616,7 +616,10 @@ def _decode_payload(specs: list[dict], payload: memoryview, entropy_coded: bool)
 def _decode_weighted(spec: dict, reader: _Reader, entropy_coded: bool) -> dict[str, Tensor]:
     n_in, per_unit = _weight_geometry(spec)
     if spec["masked"]:
-        in_mask = np.unpackbits(np.frombuffer(reader.take((n_in + 7) // 8), dtype=np.uint8), count=n_in).astype(bool)
+        bits = np.unpackbits(np.frombuffer(reader.take((n_in + 7) // 8), dtype=np.uint8))
+        if bits[n_in:].any():  # the writer pads with zeros: a set padding bit is damage
+            raise ValueError("corrupt compressed file: set padding bits after an input mask")
+        in_mask = bits[:n_in].astype(bool)
     else:
         in_mask = np.ones(n_in, dtype=bool)
     count = spec["out"] * int(in_mask.sum()) * per_unit

@@ -97,6 +97,12 @@ def test_hand_worked_file_layout(tmp_path):
     assert torch.equal(loaded[0].weight, torch.tensor([[0.25, -0.75, 0.5, 0], [0, 0.75, -0.5, 0], [0.25, 0, -0.25, 0]]))
     assert torch.equal(loaded[2].weight, torch.tensor([[1.0, -2.0, 0.0], [0.0, 1.0, -2.0]]))
     assert torch.equal(loaded[0].bias, torch.tensor([0.1, -0.2, 0.3]).half().float())
+    # A padding bit of the 4-column mask set (0b11100001; the CRC made right): damage, not a fifth column.
+    header_bytes = blob[PREAMBLE.size:PREAMBLE.size + header_len]
+    damaged = make_file(tmp_path / "padded.bcz", None, bytes([0b11100001]) + payload[1:], flags=0,
+                        raw_header=header_bytes)
+    with pytest.raises(ValueError, match="set padding bits after an input mask"):
+        load_compressed(damaged)
 
 
 def test_hand_worked_entropy_coded_payload(tmp_path):

@@ -332,8 +332,7 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.command == "recount":
         from .experiments import recount_precision_rates
 
-        runs = [Path(run) for run in args.runs] or sorted(
-            path for path in Path(args.results).iterdir() if (path / "report.json").is_file())
+        runs = [Path(run) for run in args.runs] or sorted(path.parent for path in Path(args.results).glob("*/report.json"))
         if not runs:
             raise ValueError(f"results_root: no finished run (report.json) in {str(Path(args.results).resolve())!r}")
         changed = 0

@@ -833,7 +833,6 @@ class CompressedModel:
         """Export ``layers`` with their alive units; ``bits`` (one per layer) replaces the posterior's
         rule, ``module_values`` (``{leaf index: tensors}``) the other layers' own tensors."""
         specs, tensors, bits_at, masks, rows = [], [], {}, {}, []
-        max_abs = 0.0
         exported = _exported_units(alive)
         unit_indices = _leaf_unit_indices(leaves, layers, exported, shapes)
         number = 0
@@ -845,9 +844,6 @@ class CompressedModel:
                 spec, values = _export_weighted(layer, mask, alive[number + 1], exported[number], exported[number + 1],
                                                 columns[number])
                 bits_at[index] = spec["bits"] = weight_bits(layer.var[mask]) if bits is None else bits[number]
-                if mask.any():  # e from the weights as stored, on the layer's grid (as every other path takes it)
-                    max_abs = max(max_abs, float(dequantize(quantize(layer.mean[mask], spec["bits"]), spec["bits"])
-                                                 .abs().max()))
                 rows.append(_layer_report(layer, mask, columns[number], alive[number + 1], spec["bits"]))
                 number += 1
             else:
@@ -860,8 +856,9 @@ class CompressedModel:
                     spec["num"] = len(keep)
             specs.append(spec)
             tensors.append(values)
-        report = _summarise(layers, rows, exponent_bits(max_abs))
-        return cls(specs, tensors, bits_at, report, masks, input_shape)
+        # The exponent bits (and the after-precision rates) come from the weights as stored, on their
+        # grids, as for every other network: _exponent_from_grid sets them once the grids exist.
+        return cls(specs, tensors, bits_at, _summarise(layers, rows), masks, input_shape)._exponent_from_grid()
 
     @classmethod
     def from_file(cls, path, report: "CompressionReport | dict") -> "CompressedModel":
@@ -1240,12 +1237,14 @@ def _layer_report(layer: _Weighted, mask, columns, outputs, bits) -> LayerReport
     )
 
 
-def _summarise(layers: list[_Weighted], rows: list[LayerReport], exponent: int) -> CompressionReport:
+def _summarise(layers: list[_Weighted], rows: list[LayerReport]) -> CompressionReport:
+    """The report of the exported layers, its exponent bits and the rates that use them not yet set
+    (:meth:`CompressedModel._exponent_from_grid` sets them from the stored weights)."""
     dense_bytes = 4 * sum(layer.mean.numel() + (0 if layer.bias is None else layer.bias.numel()) for layer in layers)
     return CompressionReport(
         layers=rows,
-        exponent_bits=exponent,
-        **_rates(rows, exponent),
+        exponent_bits=0,
+        **_rates(rows, 0),
         flops_before=sum(r.flops_before for r in rows),
         flops_after=sum(r.flops_after for r in rows),
         dense_float32_bytes=dense_bytes,

@@ -503,8 +503,10 @@ def compress(model: nn.Module, thresholds, input_shape=None) -> "CompressedModel
             an ``nn.Sequential`` (nested ones too) as built by :mod:`bclib.models`, or a module
             class of your own, whose forward is read with ``torch.fx``, functional calls such as
             ``F.relu`` and ``x.view(x.size(0), -1)`` included (:mod:`bclib.layer_sequence`).
-        thresholds: log-alpha threshold per Bayesian layer, in order (a list), or a dict by module
-            name (as in ``model.named_modules()``), or one number for every layer. A group is kept
+        thresholds: log-alpha threshold per Bayesian layer, in the order ``forward`` runs them (a
+            list; :func:`bclib.bayesian_layers` gives the order they were registered in, which can
+            differ), or a dict by module name (as in ``model.named_modules()``), or one number for
+            every layer. A group is kept
             when ``log_alpha < threshold``. Typical values: the release used -2.8 to -5 for the
             NJ layers (their groups start near -9); a horseshoe group the data does not use settles
             near log(e - 1) = 0.54; Sparse VD weights are dropped above 3 (Molchanov et al.).
@@ -526,6 +528,15 @@ def compress(model: nn.Module, thresholds, input_shape=None) -> "CompressedModel
     ``H*W`` positions survive, the exported linear layer keeps all ``H*W`` columns of that channel
     with zeros in the dead positions (plain PyTorch has no index-select layer); the report and the
     file count only the surviving positions. Likewise the first layer keeps all network inputs.
+
+    Pruning removes a unit whole, bias included, as the paper's architectures count it. A pruned
+    unit of the unmasked network would still send a constant on (its bias through a ReLU,
+    ``sigmoid(0) = 0.5``, a BatchNorm shift); that constant is dropped, not folded into the next
+    layer's bias (with zero padding a constant input is not constant at a convolution's borders;
+    chapter 8 of the book writes out the BatchNorm case). Judge a compression by the error of
+    ``.model`` or ``.reduced_precision_model()`` on held-out data: the report counts every
+    surviving weight as kept, even where its layer's grid rounds it to 0 (with few bits a layer
+    can be almost empty in the file).
 
     Raises:
         TypeError: for a model whose forward is not a chain of supported layers (a skip
@@ -567,8 +578,8 @@ def prune_further(compressed: "CompressedModel", architecture: nn.Module, log_al
         architecture: the Bayesian network ``compressed`` was made from, or one built the same way
             (only its structure is read: layer types and sizes, the layers between them).
         log_alpha: the log alphas ``compressed`` was pruned by, one tensor per Bayesian layer shaped
-            as its ``log_alpha()`` (per group, or per weight for Sparse VD): a list in order, or a
-            dict by module name.
+            as its ``log_alpha()`` (per group, or per weight for Sparse VD): a list in the order
+            ``forward`` runs the layers, or a dict by module name.
         thresholds: as for :func:`compress`; each at most the layer's threshold in
             ``compressed.report`` (a pruned group cannot come back).
 
@@ -1008,7 +1019,7 @@ class CompressedModel:
         """Write the reduced-precision model to ``path`` (atomically) and return its size summary.
 
         Args:
-            path: the file to write.
+            path: the file to write (missing parent folders are created).
             entropy_coding: compress the rounded weights losslessly (LZMA2) after packing them; with
                 ``False`` the file stores each layer's integers bit-packed at the layer's width, the
                 storage the after-precision rate counts. Either file loads to the same model.
@@ -1300,6 +1311,12 @@ def propose_threshold(log_alpha, bins: int = 64, fallback: float | None = None) 
     lowest count and return the centre of that run. A histogram whose valley holds more than half
     the smaller mode's count is not bimodal: then ``fallback`` is returned, or ``ValueError`` is raised.
 
+    With few values for the bins (tens of groups, as in a convolution's filters or an output
+    layer's inputs) empty bins inside one cluster can pass for that valley: a layer whose log
+    alphas form a single cluster then gets a threshold through its middle (about half its groups
+    pruned). Look at the histogram before trusting the proposal for such a layer, or give its
+    threshold yourself.
+
     Args:
         log_alpha: log alphas of one layer (tensor or array, any shape; non-finite values are ignored).
         bins: histogram bins (>= 4).
@@ -1357,9 +1374,18 @@ def _no_two_modes(fallback, why: str) -> float:
 
 
 def propose_thresholds(model: nn.Module, bins: int = 64, fallback: float | None = None) -> dict[str, float]:
-    """:func:`propose_threshold` for every Bayesian layer: ``{module name: threshold}``, ready for :func:`compress`."""
-    return {name: propose_threshold(layer.log_alpha(), bins=bins, fallback=fallback)
-            for name, layer in bayesian_layers(model)}
+    """:func:`propose_threshold` for every Bayesian layer: ``{module name: threshold}``, ready for :func:`compress`.
+
+    Raises:
+        ValueError: a layer without two separated modes (named in the message) and no ``fallback``.
+    """
+    thresholds = {}
+    for name, layer in bayesian_layers(model):
+        try:
+            thresholds[name] = propose_threshold(layer.log_alpha(), bins=bins, fallback=fallback)
+        except ValueError as error:
+            raise ValueError(f"layer {name!r}: {error}") from None
+    return thresholds
 
 
 def threshold_sweep(model: nn.Module, thresholds_grid, x: Tensor, y: Tensor, input_shape=None) -> list[dict]:

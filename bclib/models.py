@@ -12,6 +12,7 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .layers import Conv2dGroupHS, Conv2dGroupNJ, Conv2dSVD, HorseshoeGlobalScale, LinearGroupHS, LinearGroupNJ, LinearSVD
 from .layers.base import check_padding, check_positive_int
@@ -190,9 +191,9 @@ def to_bayesian(module: nn.Module, prior: str, *, exclude: Iterable[str] = (), c
     (as ``init_weight`` / ``init_bias`` give), so a trained network keeps its predictions in eval
     mode and training starts from there (chapter 7 of the book). Everything else, BatchNorm and
     custom modules included, is copied unchanged; ``module`` itself is left as it was. Only the
-    exact classes ``nn.Linear`` and ``nn.Conv2d`` are converted: subclasses (e.g. the output
-    projection inside ``nn.MultiheadAttention``, whose weight is read directly) stay as they are,
-    and other convolutions (``nn.Conv1d``, ``nn.ConvTranspose2d``, ...) stay with a warning. A layer
+    exact classes ``nn.Linear`` and ``nn.Conv2d`` are converted: subclasses (your own, ``nn.LazyLinear``)
+    and other convolutions (``nn.Conv1d``, ``nn.ConvTranspose2d``, ...) stay with a warning, the
+    output projection inside ``nn.MultiheadAttention`` (whose weight attention reads directly) without one. A layer
     used at several places (tied weights) becomes one Bayesian layer used at all of them. The new
     layers' parameters are trainable even where the old ones were frozen (``requires_grad=False``):
     to keep a layer fixed, leave it deterministic with ``exclude``. Training needs the KL term (:func:`bclib.kl_divergence`); :func:`bclib.compress` needs a
@@ -245,11 +246,13 @@ def to_bayesian(module: nn.Module, prior: str, *, exclude: Iterable[str] = (), c
         if type(child) in (nn.Linear, nn.Conv2d):
             places.setdefault(id(child), []).append(name)
             children[id(child)] = child
-        elif isinstance(child, (nn.modules.conv._ConvNd, nn.Bilinear)) and name not in exclude:
+        elif (isinstance(child, (nn.modules.conv._ConvNd, nn.Bilinear, nn.Linear)) and name not in exclude
+              and type(child) is not NonDynamicallyQuantizableLinear):  # attention reads that weight itself
             unsupported.append(f"{name} ({type(child).__name__})")
     if unsupported:
-        warnings.warn(f"to_bayesian leaves these layers deterministic (bclib has Bayesian Linear and Conv2d "
-                      f"only; pass them in exclude to silence this): {', '.join(unsupported)}", stacklevel=2)
+        warnings.warn(f"to_bayesian leaves these layers deterministic (it converts the classes nn.Linear and "
+                      f"nn.Conv2d themselves, not subclasses or other convolutions; pass them in exclude to "
+                      f"silence this): {', '.join(unsupported)}", stacklevel=2)
     replaced = {}
     for key, names in places.items():
         if exclude.intersection(names):

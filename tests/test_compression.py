@@ -424,6 +424,20 @@ def test_propose_thresholds_per_layer():
     # and 63); the longest run of empty bins between the modes is bins 3-62, whose centre is
     # -8 + 33 * 11 / 64 (a run of one empty bin, bin 1, is shorter).
     assert proposed["0"] == pytest.approx(-8 + 33 * 11 / 64)
+    with torch.no_grad():
+        model[4].z_logvar.fill_(-9.0)  # one value: no two modes
+    with pytest.raises(ValueError, match="layer '4': propose_threshold: needs at least two distinct"):
+        propose_thresholds(model)
+    assert propose_thresholds(model, fallback=-2.5)["4"] == -2.5
+
+
+def test_propose_threshold_splits_a_small_single_cluster_as_its_docstring_warns():
+    """20 draws of one normal in 64 bins: the empty bins inside the cluster pass for a valley, and the
+    proposal cuts the cluster (the limitation the docstring states); 2,000 draws are refused."""
+    sample = np.random.default_rng(3).normal(-9.0, 0.5, 20)
+    threshold = propose_threshold(sample)
+    assert sample.min() < threshold < sample.max()
+    assert 0 < (sample < threshold).sum() < 20
 
 
 def test_threshold_sweep_rows():

@@ -354,6 +354,18 @@ def test_to_bayesian_warns_about_convolutions_it_leaves_deterministic():
     with pytest.warns(UserWarning, match=r"leaves these layers deterministic .*: 0 \(Conv1d\)"):
         bayes = bclib.to_bayesian(net, "nj")
     assert type(bayes[0]) is nn.Conv1d and isinstance(bayes[2], bclib.LinearGroupNJ)
+
+    class MyLinear(nn.Linear):  # a subclass is not converted (its own forward may differ): said, not silent
+        pass
+
+    custom = nn.Sequential(nn.Flatten(), MyLinear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    with pytest.warns(UserWarning, match=r"deterministic .*: 1 \(MyLinear\)$"):
+        bayes = bclib.to_bayesian(custom, "nj")
+    assert type(bayes[1]) is MyLinear and isinstance(bayes[3], bclib.LinearGroupNJ)
+    attention = nn.MultiheadAttention(4, 2)  # its output projection is a Linear subclass attention reads itself
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bclib.to_bayesian(nn.Sequential(attention), "nj")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         bclib.to_bayesian(net, "nj", exclude=["0"])  # excluded on purpose: no warning

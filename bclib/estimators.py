@@ -48,8 +48,8 @@ def weight_sample_forward(layer: GroupScaleLayer, x: Tensor) -> Tensor:
     r"""Forward pass with ONE weight matrix drawn from the posterior for the whole minibatch.
 
     Draws :math:`z_g \sim q(z_g)` once per group and :math:`\tilde w \sim N(\mu, \sigma^2)` once
-    per weight, then uses :math:`W = z \tilde w` (Louizos et al. 2017, Eq. 9) and a bias
-    :math:`b \sim N(\mu_b, \sigma_b^2)` for every example. Each example's output has the same
+    per weight, then uses :math:`W = z \tilde w` (Louizos et al. 2017, Eq. 9) and one bias
+    :math:`b \sim N(\mu_b, \sigma_b^2)`, all shared by every example of the minibatch. Each example's output has the same
     distribution as in the layer's own training forward; only the sharing across the minibatch
     differs.
 

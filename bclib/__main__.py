@@ -115,6 +115,9 @@ def _parser() -> argparse.ArgumentParser:
                                 help="the most groups each layer keeps, in order (filters of a convolution, inputs "
                                      "of a linear layer), e.g. 8 13 88 13, the paper's BC-GNJ LeNet-5")
             search.add_argument("--seeds", type=_positive_int, default=3, help="retrainings, each with its own seed (default 3)")
+            search.add_argument("--reinitialize", action="store_true",
+                                help="retrain from freshly drawn weights, not the run's: the cut architecture "
+                                     "trained alone")
         if command == "prune-layers":
             search.add_argument("--seeds", type=_positive_int, default=1,
                                 help="retrainings per candidate, ranked by their mean selection error (default 1)")
@@ -286,7 +289,7 @@ def _dispatch(args: argparse.Namespace) -> None:
             options = {"seeds": args.seeds, "take": args.take, "tolerance": args.tolerance,
                        "allowed_error": args.allowed_error, "cut_fraction": args.cut_fraction}
         elif args.command == "prune-to-groups":
-            options = {"groups": args.groups, "seeds": args.seeds}
+            options = {"groups": args.groups, "seeds": args.seeds, "reinitialize": args.reinitialize}
         print(json.dumps(search(args.run, args.out, config=config, data_root=args.data, **options), indent=2))
     elif args.command == "reproduce":
         from .data import fast_mode

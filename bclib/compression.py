@@ -1119,7 +1119,7 @@ def _surviving_weights(weight: Tensor, in_mask: Tensor, row: LayerReport) -> Ten
 
 
 def fine_tune(compressed: "CompressedModel", train: TensorSplit, test: TensorSplit, config: TrainConfig, *,
-              progress: bool = False) -> tuple["CompressedModel", list[dict]]:
+              reinitialize: bool = False, progress: bool = False) -> tuple["CompressedModel", list[dict]]:
     """Retrain the surviving weights of a compressed network on its fixed-point grids (not in the paper).
 
     The paper stops after pruning and rounding. Deep Compression (Han et al. 2016) retrains what is
@@ -1137,6 +1137,10 @@ def fine_tune(compressed: "CompressedModel", train: TensorSplit, test: TensorSpl
         compressed: the result of :func:`compress` (left unchanged).
         train, test: :class:`bclib.data.TensorSplit` s; ``test`` only reports the error per epoch.
         config: a :class:`bclib.train.TrainConfig` (epochs, learning-rate schedule, seed, device).
+        reinitialize: first draw every surviving weight and bias afresh, as ``nn.Linear`` and
+            ``nn.Conv2d`` draw theirs (``reset_parameters``, seeded by ``config.seed``; BatchNorm
+            reset too): the pruned architecture, its masks and bits trained alone, without the
+            weights Bayesian training left it (a control for what those weights are worth).
         progress: show the per-epoch bar.
 
     Returns:
@@ -1148,11 +1152,19 @@ def fine_tune(compressed: "CompressedModel", train: TensorSplit, test: TensorSpl
     if not isinstance(compressed, CompressedModel):
         raise TypeError(f"compressed must be a CompressedModel (the result of bclib.compress), "
                         f"got {type(compressed).__name__}")
+    if not isinstance(reinitialize, bool):
+        raise TypeError(f"reinitialize must be a bool, got {type(reinitialize).__name__} {reinitialize!r}")
     network = build_module(compressed._specs, compressed._tensors)
-    for (index, bits), row in zip(sorted(compressed._bits.items()), compressed.report.layers):
+    survivors = {index: _surviving_weights(network[index].weight.detach(), compressed._tensors[index]["in_mask"], row)
+                 for index, row in zip(sorted(compressed._bits), compressed.report.layers)}
+    if reinitialize:
+        torch.manual_seed(config.seed)  # as fit seeds its noise and batches: one seed, one retraining
+        for module in network:
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    for index, bits in sorted(compressed._bits.items()):
         layer = network[index]
-        survivors = _surviving_weights(layer.weight.detach(), compressed._tensors[index]["in_mask"], row)
-        parametrize.register_parametrization(layer, "weight", FixedPointGrid(bits, survivors))
+        parametrize.register_parametrization(layer, "weight", FixedPointGrid(bits, survivors[index]))
         if layer.bias is not None:
             parametrize.register_parametrization(layer, "bias", _Float16Bias())
     history = fit(network, train, test, config, progress=progress)

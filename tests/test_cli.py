@@ -1186,6 +1186,23 @@ def test_prune_to_groups_records_each_seed_and_the_file_scores_the_report(groups
     assert analysis["seeds"][0]["test_error"] == pytest.approx(error, abs=1e-12)
 
 
+def test_prune_to_groups_reinitialized_retrains_the_same_cut_from_fresh_weights(groups_run, trained_run, mnist_root,
+                                                                              tmp_path):
+    """``--reinitialize``: the same architecture and bits as groups_run's cut, recorded as such, but a file
+    whose weights are not those its retraining from the run's weights gives with the same seed."""
+    groups = _fewer_groups(_read(trained_run, "report.json"))
+    run = _search("prune-to-groups", trained_run, tmp_path / "fresh", mnist_root, "--groups", *map(str, groups),
+                  "--seeds", "1", "--reinitialize")
+    config, report, cut = _read(run, "config.json"), _read(run, "report.json"), _read(groups_run, "report.json")
+    assert config["reinitialize"] is True and report["group_cut"]["reinitialize"] is True
+    assert "reinitialize" not in _read(groups_run, "config.json")  # recorded only when set
+    assert report["architecture"] == cut["architecture"]
+    assert [row["bits"] for row in report["layers"]] == [row["bits"] for row in cut["layers"]]
+    fresh, from_run = (bclib.load_compressed(folder / "model.bcz") for folder in (run, groups_run))
+    first = [module for module in fresh if isinstance(module, torch.nn.Linear)][0]
+    assert not torch.equal(first.weight, [module for module in from_run if isinstance(module, torch.nn.Linear)][0].weight)
+
+
 def test_prune_to_groups_rejects_bad_groups_and_seeds_before_writing(trained_run, mnist_root, tmp_path):
     with pytest.raises(ValueError, match=r"groups must hold one positive int per Bayesian layer \(3: "):
         experiments.prune_to_groups_run(trained_run, tmp_path / "out", groups=[10, 10], data_root=mnist_root)

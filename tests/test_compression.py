@@ -786,6 +786,47 @@ def test_fine_tune_rejects_what_is_not_a_compressed_model():
 
     with pytest.raises(TypeError, match="compressed must be a CompressedModel"):
         fine_tune(nn.Linear(2, 2), None, None, TrainConfig(epochs=1))
+    compressed = compress(_hand_built_linear_net(), [0.0, 0.0])
+    with pytest.raises(TypeError, match="reinitialize must be a bool, got str 'yes'"):
+        fine_tune(compressed, None, None, TrainConfig(epochs=1), reinitialize="yes")
+
+
+def test_fine_tune_reinitialized_starts_from_weights_drawn_as_nn_linear_draws_them():
+    """fc 400 -> 60 with every weight 1.0 and 100 inputs pruned, retrained from fresh weights at a
+    learning rate too small to move them: the stored weights are draws of nn.Linear's
+    U(-1/sqrt(400), 1/sqrt(400)) = U(-0.05, 0.05) (variance 0.05^2 / 3; half of them within 0.025, where a
+    normal of that variance would put 58 %), the pruned columns stay 0, the bias is drawn from the same
+    law; one seed gives one draw."""
+    from bclib.compression import fine_tune
+    from bclib.data import TensorSplit
+    from bclib.train import TrainConfig
+
+    layer = bclib.LinearGroupNJ(400, 60)
+    with torch.no_grad():
+        layer.weight_mu.fill_(1.0)
+        layer.z_mu.fill_(1.0)
+        layer.z_logvar.fill_(KEEP)
+        layer.z_logvar[:100] = PRUNE
+    compressed = compress(nn.Sequential(layer).eval(), [0.0]).with_bits([16])
+    generator = torch.Generator().manual_seed(0)
+    split = TensorSplit(torch.randn(10, 400, generator=generator), torch.randint(0, 60, (10,), generator=generator))
+
+    def fresh(seed):
+        config = TrainConfig(epochs=1, batch_size=10, lr=1e-12, lr_final=1e-12, seed=seed)
+        return fine_tune(compressed, split, split, config, reinitialize=True)[0].reduced_precision_model()[0]
+
+    fc = fresh(0)
+    weight, bias = fc.weight.detach(), fc.bias.detach()
+    assert torch.equal(weight[:, :100], torch.zeros(60, 100))
+    kept = weight[:, 100:].flatten().double()
+    half_step = 2.0**-17
+    assert kept.abs().max() <= 0.05 + half_step and bias.abs().max() <= 0.05 + 1e-4
+    assert abs(kept.mean()) < 4 * 0.05 / math.sqrt(3 * kept.numel())
+    assert kept.var().item() == pytest.approx(0.05**2 / 3, rel=0.04)  # standard error about 0.7 %
+    assert (kept.abs() < 0.025).double().mean().item() == pytest.approx(0.5, abs=0.015)
+    assert torch.equal(fresh(0).weight, fc.weight) and not torch.equal(fresh(1).weight, fc.weight)
+    tuned = fine_tune(compressed, split, split, TrainConfig(epochs=1, batch_size=10, lr=1e-12, lr_final=1e-12))[0]
+    assert torch.equal(tuned.reduced_precision_model()[0].weight[:, 100:], torch.ones(60, 300))  # the default keeps them
 
 
 def test_a_module_placed_twice_runs_twice_in_the_export():

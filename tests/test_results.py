@@ -177,6 +177,7 @@ def test_committed_config_is_the_registered_recipe(name):
         assert config[key] == getattr(experiment, key)
         if experiment.prunes_to_groups_of:
             assert (config["groups"], config["seeds"]) == (list(experiment.kept_groups), experiment.search_seeds)
+            assert config.get("reinitialize", False) == experiment.reinitialize
         if experiment.prunes_layers_of:
             assert config.get("seeds", 1) == experiment.search_seeds
             assert config.get("allowed_error") == experiment.search_allowed_error

@@ -439,6 +439,7 @@ _REFINEMENTS = (("_layers_3seeds_tol2_perweight_bits", "+ 3-seed search, 0.2 poi
                 ("_layers_3seeds", "+ layer search, 3 seeds", "search, 3 seeds"),
                 ("_layers", "+ layer search", "layer search"),
                 ("_paper_arch_bits", "+ cut to the paper's architecture, fewer bits", "  + fewer bits"),
+                ("_paper_arch_reinit", "+ cut to the paper's architecture, fresh weights", "fresh weights"),
                 ("_paper_arch", "+ cut to the paper's architecture", "paper's arch."),
                 ("_ft", "+ retraining", "uniform offset"))
 

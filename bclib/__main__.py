@@ -118,6 +118,9 @@ def _parser() -> argparse.ArgumentParser:
             search.add_argument("--reinitialize", action="store_true",
                                 help="retrain from freshly drawn weights, not the run's: the cut architecture "
                                      "trained alone")
+            search.add_argument("--bits", type=_positive_int, default=None,
+                                help="retrain on grids of this many bits in every layer (default: the cut's own, "
+                                     "from the posterior's variances; e.g. 16, as fine as float here)")
         if command == "prune-layers":
             search.add_argument("--seeds", type=_positive_int, default=1,
                                 help="retrainings per candidate, ranked by their mean selection error (default 1)")
@@ -289,7 +292,7 @@ def _dispatch(args: argparse.Namespace) -> None:
             options = {"seeds": args.seeds, "take": args.take, "tolerance": args.tolerance,
                        "allowed_error": args.allowed_error, "cut_fraction": args.cut_fraction}
         elif args.command == "prune-to-groups":
-            options = {"groups": args.groups, "seeds": args.seeds, "reinitialize": args.reinitialize}
+            options = {"groups": args.groups, "seeds": args.seeds, "reinitialize": args.reinitialize, "bits": args.bits}
         print(json.dumps(search(args.run, args.out, config=config, data_root=args.data, **options), indent=2))
     elif args.command == "reproduce":
         from .data import fast_mode

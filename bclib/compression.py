@@ -1118,6 +1118,18 @@ def _surviving_weights(weight: Tensor, in_mask: Tensor, row: LayerReport) -> Ten
     return (weight != 0).to(weight.dtype)
 
 
+@torch.no_grad()
+def _draw_fresh(layer: nn.Module, survivors: Tensor) -> None:
+    """Weights and bias drawn from ``U(-1/sqrt(n), 1/sqrt(n))``, ``n`` the surviving inputs of an output
+    (on average, under per-weight pruning): the law of ``nn.Linear`` / ``nn.Conv2d.reset_parameters``
+    for a layer of that fan-in (an exported layer's padded columns would otherwise shrink the draw)."""
+    fan_in = max(1.0, float(survivors.flatten(1).sum(1).mean()))
+    bound = 1 / math.sqrt(fan_in)
+    layer.weight.uniform_(-bound, bound)
+    if layer.bias is not None:
+        layer.bias.uniform_(-bound, bound)
+
+
 def fine_tune(compressed: "CompressedModel", train: TensorSplit, test: TensorSplit, config: TrainConfig, *,
               reinitialize: bool = False, progress: bool = False) -> tuple["CompressedModel", list[dict]]:
     """Retrain the surviving weights of a compressed network on its fixed-point grids (not in the paper).
@@ -1137,10 +1149,13 @@ def fine_tune(compressed: "CompressedModel", train: TensorSplit, test: TensorSpl
         compressed: the result of :func:`compress` (left unchanged).
         train, test: :class:`bclib.data.TensorSplit` s; ``test`` only reports the error per epoch.
         config: a :class:`bclib.train.TrainConfig` (epochs, learning-rate schedule, seed, device).
-        reinitialize: first draw every surviving weight and bias afresh, as ``nn.Linear`` and
-            ``nn.Conv2d`` draw theirs (``reset_parameters``, seeded by ``config.seed``; BatchNorm
-            reset too): the pruned architecture, its masks and bits trained alone, without the
-            weights Bayesian training left it (a control for what those weights are worth).
+        reinitialize: first draw every weight and bias afresh, seeded by ``config.seed``, as
+            ``nn.Linear`` and ``nn.Conv2d`` draw theirs for the pruned layer's own fan-in (the
+            inputs that survive into each output): ``U(-1/sqrt(n), 1/sqrt(n))``; BatchNorm
+            layers are reset. The pruned architecture and its masks trained alone, without the
+            weights Bayesian training left it (a control for what those weights are worth). The
+            grids stay ``compressed``'s, set by the posterior's variances, and can be too coarse
+            for weights this small to start on: give finer ones with :meth:`CompressedModel.with_bits`.
         progress: show the per-epoch bar.
 
     Returns:
@@ -1159,8 +1174,10 @@ def fine_tune(compressed: "CompressedModel", train: TensorSplit, test: TensorSpl
                  for index, row in zip(sorted(compressed._bits), compressed.report.layers)}
     if reinitialize:
         torch.manual_seed(config.seed)  # as fit seeds its noise and batches: one seed, one retraining
-        for module in network:
-            if hasattr(module, "reset_parameters"):
+        for index, module in enumerate(network):
+            if index in survivors:
+                _draw_fresh(module, survivors[index])
+            elif hasattr(module, "reset_parameters"):
                 module.reset_parameters()
     for index, bits in sorted(compressed._bits.items()):
         layer = network[index]
@@ -1339,8 +1356,7 @@ def propose_threshold(log_alpha, bins: int = 64, fallback: float | None = None) 
         >>> -4.5 < propose_threshold(la) < 1.5
         True
     """
-    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 4:
-        raise ValueError(f"bins must be an int >= 4, got {bins!r}")
+    _check_bins(bins)
     values = np.asarray(log_alpha.detach().cpu() if isinstance(log_alpha, Tensor) else log_alpha, dtype=np.float64).ravel()
     values = values[np.isfinite(values)]
     if values.size < 2 or values.min() == values.max():
@@ -1367,6 +1383,11 @@ def propose_threshold(log_alpha, bins: int = 64, fallback: float | None = None) 
     return float(0.5 * (edges[first] + edges[last + 1]))
 
 
+def _check_bins(bins) -> None:
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 4:
+        raise ValueError(f"bins must be an int >= 4, got {bins!r}")
+
+
 def _otsu_split(counts: np.ndarray, centres: np.ndarray) -> int:
     """Index k that splits bins into [0, k) and [k, bins) with the largest between-class variance."""
     weight_low = np.cumsum(counts)[:-1].astype(np.float64)
@@ -1391,6 +1412,7 @@ def propose_thresholds(model: nn.Module, bins: int = 64, fallback: float | None 
     Raises:
         ValueError: a layer without two separated modes (named in the message) and no ``fallback``.
     """
+    _check_bins(bins)
     thresholds = {}
     for name, layer in bayesian_layers(model):
         try:

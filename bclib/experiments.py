@@ -82,8 +82,10 @@ class Experiment:
     prunes_to_groups_of: str | None = None
     kept_groups: tuple[int, ...] | None = None
     # prunes_to_groups_of only: draw the cut network's weights afresh before retraining (the
-    # architecture trained alone, a control for what the Bayesian weights are worth).
+    # architecture trained alone, a control for what the Bayesian weights are worth), and retrain on
+    # grids of ``retrain_bits`` bits in every layer (None: the cut's own).
     reinitialize: bool = False
+    retrain_bits: int | None = None
     # Retraining seeds whose mean selection error ranks each candidate of prune_layers_run, which
     # cut within the allowed error each of its steps takes, and how far above the base network's
     # selection error that allowance reaches.
@@ -350,14 +352,19 @@ EXPERIMENTS.update({f"{name}_paper_arch_bits": Experiment("lenet5", EXPERIMENTS[
                     for name in PAPER_ARCHITECTURE_RUNS})
 
 # What are the weights Bayesian training leaves worth? The paper-architecture cuts of the two runs of
-# the paper's pipeline, each with its masks and bits, trained alone from fresh weights: five times the
-# retraining's epochs, three seeds, nothing chosen. Registered before they ran, after a one-seed trial
-# on the selection split only (uncommitted): a plain 5-10-160-16 LeNet trained 30 epochs from scratch
-# scored 1.73 % there, where lenet5_hs_paper_arch's retrainings score 1.14 to 1.22 %.
+# the paper's pipeline, with their masks, trained alone from fresh weights: five times the
+# retraining's epochs, three seeds, nothing chosen, on 16-bit grids (as fine as float for these
+# weights). Registered after a one-seed trial on the selection split only (uncommitted): a plain
+# 5-10-160-16 LeNet trained 30 epochs from scratch scored 1.73 % there, where lenet5_hs_paper_arch's
+# retrainings score 1.14 to 1.22 %. A first version, run and replaced, drew the weights for the
+# exported layers' padded widths and trained them on the cuts' own grids: BC-GNJ's fc1, at 2 bits,
+# started with every weight rounded to 0.
 REINITIALIZED_RUNS = ("lenet5_nj", "lenet5_hs")
 REINITIALIZED_CONFIG = replace(FINE_TUNE_CONFIG, epochs=50)
+REINITIALIZED_BITS = 16
 EXPERIMENTS.update({f"{name}_paper_arch_reinit": replace(EXPERIMENTS[f"{name}_paper_arch"], config=REINITIALIZED_CONFIG,
-                                                         reinitialize=True) for name in REINITIALIZED_RUNS})
+                                                         reinitialize=True, retrain_bits=REINITIALIZED_BITS)
+                    for name in REINITIALIZED_RUNS})
 
 
 def describe_experiment(name: str) -> str:
@@ -373,13 +380,16 @@ def describe_experiment(name: str) -> str:
         'lower the bits of lenet5_hs_layers_3seeds_tol2, 10 epochs per grid'
         >>> describe_experiment("lenet5_hs_paper_arch")
         'cut lenet5_hs to at most 5-10-76-16 groups and retrain: 3 seeds, 10 epochs'
+        >>> describe_experiment("lenet5_hs_paper_arch_reinit")
+        'cut lenet5_hs to at most 5-10-76-16 groups and retrain from fresh weights: 3 seeds, 50 epochs, 16 bits'
     """
     experiment = _registered(name)
     config = experiment.config
     if experiment.prunes_to_groups_of is not None:
         return (f"cut {experiment.prunes_to_groups_of} to at most {'-'.join(map(str, experiment.kept_groups))} groups "
                 f"and retrain{' from fresh weights' if experiment.reinitialize else ''}: "
-                f"{experiment.search_seeds} seeds, {config.epochs} epochs")
+                f"{experiment.search_seeds} seeds, {config.epochs} epochs"
+                + (f", {experiment.retrain_bits} bits" if experiment.retrain_bits else ""))
     if experiment.prunes_layers_of is not None:
         seeds = experiment.search_seeds
         allowed = (f"up to {100 * experiment.search_allowed_error:g} %" if experiment.search_allowed_error is not None
@@ -605,7 +615,7 @@ def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epo
     if experiment.prunes_to_groups_of is not None:
         return prune_to_groups_run(base_dirs[experiment.prunes_to_groups_of], out_dir, groups=experiment.kept_groups,
                                    config=config, seeds=experiment.search_seeds, reinitialize=experiment.reinitialize,
-                                   data_root=data_root, progress=progress)
+                                   bits=experiment.retrain_bits, data_root=data_root, progress=progress)
     check_out_dir(out_dir, {"name": name, "fast": fast})
     train, test = _load_data(data_root, experiment.input_range, fast)
     selection = _selection_split(train)
@@ -1243,7 +1253,7 @@ def _group_prior_run(base_dir, out_dir, kind: str):
 
 def prune_to_groups_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, groups,
                         config: TrainConfig = FINE_TUNE_CONFIG, seeds: int = 3, reinitialize: bool = False,
-                        data_root=None, progress: bool = True) -> dict:
+                        bits: int | None = None, data_root=None, progress: bool = True) -> dict:
     """Cut a group-prior run to at most ``groups`` groups per layer and retrain it (not in the paper).
 
     The searches choose where to cut; this cuts where it is told, such as to an architecture a paper
@@ -1253,7 +1263,8 @@ def prune_to_groups_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike,
     is, with seeds ``config.seed`` ... ``config.seed + seeds - 1``. Nothing is selected, so the
     selection split only reports, as the test set does. With ``reinitialize`` each retraining first
     draws the cut network's weights afresh (:func:`bclib.compression.fine_tune`): the same
-    architecture, masks and bits trained alone.
+    architecture and masks trained alone; ``bits`` sets every layer's grid (the cut's own grids come
+    from the posterior's variances, and can be too coarse for fresh weights to start on).
 
     Writes into ``out_dir``: ``config.json``, ``metrics.json`` (``config.seed``'s retraining),
     ``analysis.json`` (architecture, thresholds, each seed's selection and test error),
@@ -1270,22 +1281,29 @@ def prune_to_groups_run(base_dir: str | os.PathLike, out_dir: str | os.PathLike,
         seeds: retrainings, each with its own seed.
         reinitialize: retrain from fresh weights instead of the run's (recorded in ``config.json``
             and ``group_cut`` when set).
+        bits: the bits of every layer's grid while retraining and in the file (``None``: the
+            cut's; recorded when set).
         data_root: MNIST root.
 
     Returns:
         The report (also written to ``report.json``).
     """
     check_positive_int("seeds", seeds)
+    if bits is not None:
+        check_positive_int("bits", bits)
     base_dir, out_dir, base_config, base_report, log_alpha, architecture, base = _group_prior_run(
         base_dir, out_dir, "prunes_to_groups_of")
     cut = compression.prune_to_groups(base, architecture, log_alpha, groups)
+    if bits is not None:
+        cut = cut.with_bits([bits] * len(cut.report.layers))
     if cut.report.architecture == base.report.architecture:  # a retraining of the file as it is: not a cut
         raise ValueError(f"groups {list(groups)} cut nothing from {str(base_dir)!r}: its layers keep "
                          f"{base.report.architecture} groups, none more than asked")
     splits = _search_splits(base_config, data_root)
     tuned, history, errors = _retrain_seeds(cut, *splits, config, seeds, progress, reinitialize=reinitialize)
     thresholds = [row.threshold for row in cut.report.layers]
-    fresh = {"reinitialize": True} if reinitialize else {}  # absent from the runs made before the option
+    # Absent from the runs made before these options.
+    fresh = {**({"reinitialize": True} if reinitialize else {}), **({"bits": bits} if bits is not None else {})}
     _write_search_config(out_dir, base_config, config, splits,
                          {"prunes_to_groups_of": base_dir.name, "groups": list(groups), "seeds": seeds, **fresh},
                          tolerance=None)

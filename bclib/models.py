@@ -192,8 +192,9 @@ def to_bayesian(module: nn.Module, prior: str, *, exclude: Iterable[str] = (), c
     mode and training starts from there (chapter 7 of the book). Everything else, BatchNorm and
     custom modules included, is copied unchanged; ``module`` itself is left as it was. Only the
     exact classes ``nn.Linear`` and ``nn.Conv2d`` are converted: subclasses (your own, ``nn.LazyLinear``)
-    and other convolutions (``nn.Conv1d``, ``nn.ConvTranspose2d``, ...) stay with a warning, the
-    output projection inside ``nn.MultiheadAttention`` (whose weight attention reads directly) without one. A layer
+    and other convolutions (``nn.Conv1d``, ``nn.ConvTranspose2d``, ...) stay with a warning; the
+    output projection inside ``nn.MultiheadAttention`` also stays, silently, because attention reads
+    its weight directly. A layer
     used at several places (tied weights) becomes one Bayesian layer used at all of them. The new
     layers' parameters are trainable even where the old ones were frozen (``requires_grad=False``):
     to keep a layer fixed, leave it deterministic with ``exclude``. Training needs the KL term (:func:`bclib.kl_divergence`); :func:`bclib.compress` needs a

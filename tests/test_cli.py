@@ -855,7 +855,7 @@ def _retraining_by_cost(base: dict, count: str, cost: dict):
     ``"groups_kept"``) that the candidate cut."""
     kept = {row["name"]: row[count] for row in base["layers"]}
 
-    def retrain(compressed, fit_split, selection, test, config, progress):
+    def retrain(compressed, fit_split, selection, test, config, progress, reinitialize=False):
         error = 0.01 + sum(cost[row.name] * (1 - getattr(row, count) / kept[row.name])
                            for row in compressed.report.layers)
         return compressed, [{"epoch": 1, "seconds": 0.0}], {"selection_error": error, "test_error": error,
@@ -897,7 +897,7 @@ def test_prune_layers_ranks_cuts_by_the_mean_over_seeds(trained_run, mnist_root,
     groups = {row["name"]: row["groups_kept"] for row in base["layers"]}
     seen = []
 
-    def retrain(compressed, fit_split, selection, test, config, progress):
+    def retrain(compressed, fit_split, selection, test, config, progress, reinitialize=False):
         share = {row.name: 1 - row.weights_kept / kept[row.name] for row in compressed.report.layers}
         error = 0.01 + sum(cost[name] * cut for name, cut in share.items())
         if config.seed == 1 and compressed.report.layers[0].groups_kept < groups["1"]:
@@ -933,7 +933,7 @@ def test_prune_layers_counts_a_cut_on_the_allowance_as_within_and_ties_by_counts
     groups = {row["name"]: row["groups_kept"] for row in base["layers"]}
 
     def retraining(counts):
-        def retrain(compressed, fit_split, selection, test, config, progress):
+        def retrain(compressed, fit_split, selection, test, config, progress, reinitialize=False):
             cut = [row.name for row in compressed.report.layers if row.groups_kept < groups[row.name]]
             once = len(cut) == 1 and compressed.report.layers[[r.name for r in compressed.report.layers].index(
                 cut[0])].groups_kept >= 0.7 * groups[cut[0]]
@@ -1188,19 +1188,21 @@ def test_prune_to_groups_records_each_seed_and_the_file_scores_the_report(groups
 
 def test_prune_to_groups_reinitialized_retrains_the_same_cut_from_fresh_weights(groups_run, trained_run, mnist_root,
                                                                               tmp_path):
-    """``--reinitialize``: the same architecture and bits as groups_run's cut, recorded as such, but a file
-    whose weights are not those its retraining from the run's weights gives with the same seed."""
+    """``--reinitialize --bits 12``: groups_run's cut, recorded as such, on 12-bit grids, and each seed's
+    retraining scores otherwise than groups_run's from the run's weights with the same seed."""
     groups = _fewer_groups(_read(trained_run, "report.json"))
     run = _search("prune-to-groups", trained_run, tmp_path / "fresh", mnist_root, "--groups", *map(str, groups),
-                  "--seeds", "1", "--reinitialize")
+                  "--seeds", "2", "--reinitialize", "--bits", "12")
     config, report, cut = _read(run, "config.json"), _read(run, "report.json"), _read(groups_run, "report.json")
-    assert config["reinitialize"] is True and report["group_cut"]["reinitialize"] is True
-    assert "reinitialize" not in _read(groups_run, "config.json")  # recorded only when set
+    assert (config["reinitialize"], config["bits"]) == (True, 12)
+    assert (report["group_cut"]["reinitialize"], report["group_cut"]["bits"]) == (True, 12)
+    assert not {"reinitialize", "bits"} & set(_read(groups_run, "config.json"))  # recorded only when set
     assert report["architecture"] == cut["architecture"]
-    assert [row["bits"] for row in report["layers"]] == [row["bits"] for row in cut["layers"]]
-    fresh, from_run = (bclib.load_compressed(folder / "model.bcz") for folder in (run, groups_run))
-    first = [module for module in fresh if isinstance(module, torch.nn.Linear)][0]
-    assert not torch.equal(first.weight, [module for module in from_run if isinstance(module, torch.nn.Linear)][0].weight)
+    assert [row["bits"] for row in report["layers"]] == [12, 12, 12]
+    fresh, from_run = (_read(folder, "analysis.json")["seeds"] for folder in (run, groups_run))
+    for seed in (0, 1):
+        assert fresh[seed]["seed"] == from_run[seed]["seed"] == seed
+        assert fresh[seed]["selection_error"] != from_run[seed]["selection_error"]
 
 
 def test_prune_to_groups_rejects_bad_groups_and_seeds_before_writing(trained_run, mnist_root, tmp_path):

@@ -438,6 +438,8 @@ def test_propose_threshold_splits_a_small_single_cluster_as_its_docstring_warns(
     threshold = propose_threshold(sample)
     assert sample.min() < threshold < sample.max()
     assert 0 < (sample < threshold).sum() < 20
+    with pytest.raises(ValueError, match="no two separated modes"):
+        propose_threshold(np.random.default_rng(3).normal(-9.0, 0.5, 2000))
 
 
 def test_threshold_sweep_rows():
@@ -792,11 +794,11 @@ def test_fine_tune_rejects_what_is_not_a_compressed_model():
 
 
 def test_fine_tune_reinitialized_starts_from_weights_drawn_as_nn_linear_draws_them():
-    """fc 400 -> 60 with every weight 1.0 and 100 inputs pruned, retrained from fresh weights at a
-    learning rate too small to move them: the stored weights are draws of nn.Linear's
-    U(-1/sqrt(400), 1/sqrt(400)) = U(-0.05, 0.05) (variance 0.05^2 / 3; half of them within 0.025, where a
-    normal of that variance would put 58 %), the pruned columns stay 0, the bias is drawn from the same
-    law; one seed gives one draw."""
+    """fc 400 -> 60 with every weight and bias 1.0 and 100 inputs pruned, retrained from fresh weights
+    at a learning rate too small to move them: the stored weights are draws of the law nn.Linear
+    draws from for the 300 surviving inputs, U(-b, b) with b = 1/sqrt(300) (variance b^2 / 3; half of
+    them within b/2, where a normal of that variance would put 61 %), the pruned columns stay 0, the
+    bias is drawn from the same law; one seed gives one draw."""
     from bclib.compression import fine_tune
     from bclib.data import TensorSplit
     from bclib.train import TrainConfig
@@ -804,6 +806,7 @@ def test_fine_tune_reinitialized_starts_from_weights_drawn_as_nn_linear_draws_th
     layer = bclib.LinearGroupNJ(400, 60)
     with torch.no_grad():
         layer.weight_mu.fill_(1.0)
+        layer.bias_mu.fill_(1.0)
         layer.z_mu.fill_(1.0)
         layer.z_logvar.fill_(KEEP)
         layer.z_logvar[:100] = PRUNE
@@ -819,14 +822,35 @@ def test_fine_tune_reinitialized_starts_from_weights_drawn_as_nn_linear_draws_th
     weight, bias = fc.weight.detach(), fc.bias.detach()
     assert torch.equal(weight[:, :100], torch.zeros(60, 100))
     kept = weight[:, 100:].flatten().double()
-    half_step = 2.0**-17
-    assert kept.abs().max() <= 0.05 + half_step and bias.abs().max() <= 0.05 + 1e-4
-    assert abs(kept.mean()) < 4 * 0.05 / math.sqrt(3 * kept.numel())
-    assert kept.var().item() == pytest.approx(0.05**2 / 3, rel=0.04)  # standard error about 0.7 %
-    assert (kept.abs() < 0.025).double().mean().item() == pytest.approx(0.5, abs=0.015)
+    bound, half_step = 1 / math.sqrt(300), 2.0**-17
+    assert kept.abs().max() <= bound + half_step and bias.abs().max() <= bound + 1e-4  # float16 bias
+    assert abs(kept.mean()) < 4 * bound / math.sqrt(3 * kept.numel())
+    assert kept.var().item() == pytest.approx(bound**2 / 3, rel=0.04)  # standard error about 0.7 %
+    assert (kept.abs() < bound / 2).double().mean().item() == pytest.approx(0.5, abs=0.015)
+    assert bias.abs().max() > bound / 2  # 60 draws, not all within half the bound
     assert torch.equal(fresh(0).weight, fc.weight) and not torch.equal(fresh(1).weight, fc.weight)
     tuned = fine_tune(compressed, split, split, TrainConfig(epochs=1, batch_size=10, lr=1e-12, lr_final=1e-12))[0]
     assert torch.equal(tuned.reduced_precision_model()[0].weight[:, 100:], torch.ones(60, 300))  # the default keeps them
+
+
+def test_fine_tune_reinitialized_keeps_per_weight_pruning():
+    """Sparse VD prunes single weights: after a redraw the pruned ones (every other weight here) stay 0,
+    the kept ones are fresh draws for their fan-in (half of 40 inputs: bound 1/sqrt(20))."""
+    from bclib.compression import fine_tune
+    from bclib.data import TensorSplit
+    from bclib.train import TrainConfig
+
+    layer = bclib.LinearSVD(40, 30)
+    pruned = (torch.arange(40 * 30).reshape(30, 40) % 2).bool()
+    with torch.no_grad():
+        layer.weight_mu.fill_(1.0)
+        layer.weight_logvar.copy_(torch.where(pruned, 10.0, -40.0))  # log alpha = log sigma^2 - log mu^2
+    compressed = compress(nn.Sequential(layer).eval(), [0.0]).with_bits([16])
+    split = TensorSplit(torch.randn(10, 40), torch.randint(0, 30, (10,)))
+    config = TrainConfig(epochs=1, batch_size=10, lr=1e-12, lr_final=1e-12)
+    weight = fine_tune(compressed, split, split, config, reinitialize=True)[0].reduced_precision_model()[0].weight
+    assert torch.equal(weight[pruned], torch.zeros(600))
+    assert (weight[~pruned] != 0).all() and weight[~pruned].abs().max() <= 1 / math.sqrt(20) + 2.0**-17
 
 
 def test_a_module_placed_twice_runs_twice_in_the_export():

@@ -36,7 +36,7 @@ def test_readme_layer_snippet_runs(tmp_path, monkeypatch, capsys):
     assert namespace["deeper"].report.to_dict() == direct.report.to_dict()
     # The untrained layers' log alphas are all near -9: at their medians the same call does cut.
     log_alpha, prune_further = namespace["log_alpha"], namespace["prune_further"]
-    medians = [float(a.median()) for a in log_alpha]
+    medians = {name: float(a.median()) for name, a in log_alpha.items()}
     cut = prune_further(namespace["read"], namespace["model"], log_alpha, medians)
     direct = namespace["bclib"].compress(namespace["model"], medians)
     assert cut.report.architecture == direct.report.architecture != namespace["result"].report.architecture

@@ -165,19 +165,20 @@ def test_committed_config_is_the_registered_recipe(name):
     experiment, config = EXPERIMENTS[name], _read(name, "config.json")
     assert (config["model"], config["prior"]) == (experiment.model, experiment.prior)
     assert config["input_range"] == list(experiment.input_range)
+    ignored = {"device", "keep_freed_memory"}
+    # Settings added after a run was made are missing from its config: their defaults applied.
+    recorded = {k: v for k, v in TrainConfig.from_dict(config["train"]).to_dict().items() if k not in ignored}
+    assert recorded == {k: v for k, v in experiment.config.to_dict().items() if k not in ignored}
     if experiment.refines is None:
         assert config["init_from"] == experiment.init_from
         assert config.get("model_options", {}) == experiment.model_options
-        ignored = {"device", "keep_freed_memory"}
-        # Settings added after a run was made are missing from its config: their defaults applied.
-        recorded = {k: v for k, v in TrainConfig.from_dict(config["train"]).to_dict().items() if k not in ignored}
-        assert recorded == {k: v for k, v in experiment.config.to_dict().items() if k not in ignored}
     else:
         key = next(k for k in SEARCH_KINDS if getattr(experiment, k))
         assert config[key] == getattr(experiment, key)
         if experiment.prunes_to_groups_of:
             assert (config["groups"], config["seeds"]) == (list(experiment.kept_groups), experiment.search_seeds)
             assert config.get("reinitialize", False) == experiment.reinitialize
+            assert config.get("bits") == experiment.retrain_bits
         if experiment.prunes_layers_of:
             assert config.get("seeds", 1) == experiment.search_seeds
             assert config.get("allowed_error") == experiment.search_allowed_error

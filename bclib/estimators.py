@@ -49,9 +49,9 @@ def weight_sample_forward(layer: GroupScaleLayer, x: Tensor) -> Tensor:
 
     Draws :math:`z_g \sim q(z_g)` once per group and :math:`\tilde w \sim N(\mu, \sigma^2)` once
     per weight, then uses :math:`W = z \tilde w` (Louizos et al. 2017, Eq. 9) and one bias
-    :math:`b \sim N(\mu_b, \sigma_b^2)`, all shared by every example of the minibatch. Each example's output has the same
-    distribution as in the layer's own training forward; only the sharing across the minibatch
-    differs.
+    :math:`b \sim N(\mu_b, \sigma_b^2)`, all shared by every example of the minibatch. Each
+    example's output has the same distribution as in the layer's own training forward; only the
+    sharing across the minibatch differs.
 
     Args:
         layer: a group normal-Jeffreys or group horseshoe layer.

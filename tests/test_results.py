@@ -76,7 +76,7 @@ def test_exponent_bits_are_those_of_the_largest_weight_the_file_stores(name):
 def test_layer_searched_run_is_its_base_file_cut_at_the_recorded_thresholds(name):
     """A layer-searched (or group-cut) run's architecture, weights kept and rates are those of its base
     run's file cut at the thresholds it records (by the base run's recorded log alphas), with the base's
-    bits; no threshold is above the base's."""
+    bits (or the run's own, where it retrained on other grids); no threshold is above the base's."""
     from bclib.compression import CompressedModel, prune_further
     from bclib.experiments import _recorded_log_alpha
     from bclib.models import build_model
@@ -90,14 +90,16 @@ def test_layer_searched_run_is_its_base_file_cut_at_the_recorded_thresholds(name
     cut = prune_further(compressed, build_model(config["model"], config["prior"]), log_alpha, report["thresholds"])
     assert cut.report.architecture == report["architecture"]
     assert [row.weights_kept for row in cut.report.layers] == [row["weights_kept"] for row in report["layers"]]
-    assert [row["bits"] for row in report["layers"]] == [row["bits"] for row in base["layers"]]
+    # The base's bits, or those the run retrained on (prune-to-groups --bits) for every layer.
+    bits = [config["bits"]] * len(report["layers"]) if "bits" in config else [row["bits"] for row in base["layers"]]
+    assert [row["bits"] for row in report["layers"]] == bits
     assert cut.report.compression_pruning == pytest.approx(report["compression_pruning"])
     # The exponent bits follow the retrained weights, which can cross a boundary the cut's did not
     # (checked against the file for every run below): the rate after precision is the cut's rows at them.
     exponent = report["exponent_bits"]
     rows = cut.report.layers
     assert report["compression_precision"] == pytest.approx(
-        32 * sum(r.weights_total for r in rows) / sum(r.weights_kept * (1 + exponent + r.bits) for r in rows))
+        32 * sum(r.weights_total for r in rows) / sum(r.weights_kept * (1 + exponent + b) for r, b in zip(rows, bits)))
     assert all(new <= old for new, old in zip(report["thresholds"], base["thresholds"]))
 
 

@@ -734,13 +734,16 @@ FILE_RATIO_GOAL = (700.0, 0.010)
 
 
 def _own_seconds(name: str, root: Path) -> float:
-    """Seconds of a run's own epochs (a search: all its retrained candidates), not of the runs it starts from."""
-    from .experiments import EXPERIMENTS
+    """Seconds of a run's own epochs (a search: all its retrained candidates, every seed), not of the
+    runs it starts from."""
+    from .experiments import EXPERIMENTS, fine_tuning_seconds
 
     experiment = EXPERIMENTS[name]
     if experiment.refines is not None:
         report = json.loads((root / name / "report.json").read_text())
-        return report["fine_tuning" if experiment.fine_tunes else "bit_search" if experiment.lowers_bits_of else
+        if experiment.fine_tunes:
+            return fine_tuning_seconds(report, json.loads((root / name / "analysis.json").read_text()))
+        return report["bit_search" if experiment.lowers_bits_of else
                       "group_cut" if experiment.prunes_to_groups_of else "layer_search"]["seconds"]
     return sum(m["seconds"] for m in json.loads((root / name / "metrics.json").read_text()))
 
@@ -761,7 +764,8 @@ def _wall_seconds(name: str, root: Path) -> float:
 
 def run_training_time_report(results_root="book/results", verbose: bool = True) -> dict:
     """Wall time of each committed run (sum of its epochs' seconds, its pretraining run included; for
-    a fine-tuned, layer-searched or bit-lowered run, its base runs and every retrained candidate; its
+    a fine-tuned, layer-searched or bit-lowered run, its base runs and every retraining of every
+    candidate, all seeds included; its
     own share alone in ``row["own_seconds"]``, summed over all runs in the last lines) and whether it met
     the release's targets (a refined run, or another recipe for a row, is judged on that row's:
     :func:`bclib.experiments.paper_row`); the time to the BC-GHS row is compared

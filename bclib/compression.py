@@ -215,7 +215,9 @@ class CompressionReport:
         return _ratio(self.flops_before, self.flops_after)
 
     def with_bits(self, bits: list[int]) -> "CompressionReport":
-        """The same pruning with other bits per layer: each row's ``bits`` replaced, the rates recomputed."""
+        """The same pruning with other bits per layer: each row's ``bits`` replaced, the rates recomputed
+        with the report's exponent bits (a report holds no weights: :meth:`CompressedModel.with_bits`
+        also recounts the exponent bits from the weights on their new grids)."""
         rows = [replace(row, bits=b) for row, b in zip(self.layers, bits, strict=True)]
         return replace(self, layers=rows, **_rates(rows, self.exponent_bits), file=None)
 
@@ -320,6 +322,9 @@ def _check_threshold(name: str, value) -> float:
         raise TypeError(f"threshold for {name!r} must be a number, got {type(value).__name__}")
     if math.isnan(value):
         raise ValueError(f"threshold for {name!r} must not be NaN")
+    if value == -math.inf:  # a report writes infinite thresholds as null and reads them back as +inf
+        raise ValueError(f"threshold for {name!r} must not be -inf (+inf keeps every group; to prune every "
+                         "group give a finite threshold below all log alphas)")
     return float(value)
 
 
@@ -540,9 +545,10 @@ def compress(model: nn.Module, thresholds, input_shape=None) -> "CompressedModel
 
     Raises:
         TypeError: for a model whose forward is not a chain of supported layers (a skip
-            connection, an operation with no module form; the message names it), or thresholds of
-            the wrong type.
-        ValueError: for the wrong number of thresholds, an unknown layer name, a NaN threshold or
+            connection, an operation with no module form, a linear layer applied along the last
+            dimension of multi-dimensional examples before another Bayesian layer; the message names
+            it), or thresholds of the wrong type.
+        ValueError: for the wrong number of thresholds, an unknown layer name, a NaN or -inf threshold or
             a missing ``input_shape``.
 
     Example:
@@ -699,7 +705,8 @@ def prune_to_groups(compressed: "CompressedModel", architecture: nn.Module, log_
         ``report.layers[l].threshold`` are the thresholds used.
 
     Raises:
-        ValueError: ``groups`` is not one positive int per Bayesian layer; else as :func:`prune_further`.
+        ValueError: ``groups`` is not one positive int per Bayesian layer, or ``log_alpha`` holds one
+            value per weight (a Sparse VD layer has no groups to keep); else as :func:`prune_further`.
 
     Example:
         >>> import bclib
@@ -720,6 +727,12 @@ def prune_to_groups(compressed: "CompressedModel", architecture: nn.Module, log_
     thresholds = {row.name: row.threshold for row in compressed.report.layers}
     # At its own thresholds: a network read from a file gets its masks, which the counts need.
     current = prune_further(compressed, architecture, log_alpha, list(thresholds.values()))
+    for name in names:
+        count = len(current.surviving_groups(name))
+        if log_alphas[name].numel() != count:
+            raise ValueError(f"log_alpha for {name!r} must hold one value per group ({count}: input units of a "
+                             f"linear layer, filters of a convolution), got {log_alphas[name].numel()} (one per "
+                             "weight, as Sparse VD's? prune_to_groups cuts networks of group priors)")
     for name, keep in zip(names, groups):
         surviving = torch.sort(log_alphas[name].flatten()[current.surviving_groups(name)]).values
         if len(surviving) > keep:
@@ -768,6 +781,11 @@ def _positions(leaves, producer_at, consumer_at, shapes, producer: _Weighted) ->
     BatchNorm) and that a flatten, if any, turns each channel into one block of positions.
     """
     units = producer.mean.shape[0]
+    if not producer.is_conv and len(producer.out_shape) != 1:
+        # Its units are then the last dimension, not the first that a flatten's blocks follow.
+        raise TypeError(f"layer {producer.name!r} is a linear layer applied along the last dimension of "
+                        f"{producer.in_shape}-shaped inputs; compress maps the units of a linear layer that "
+                        "takes one vector per example (flatten before it)")
     positions = 1
     for index in range(producer_at + 1, consumer_at):
         (in_shape, out_shape), (name, module) = shapes[index], leaves[index]
@@ -897,6 +915,8 @@ class CompressedModel:
                 raise ValueError(f"report gives layer {row.name!r} {row.bits} bits, but {path} stores "
                                  f"{specs[index]['bits']}")
             stored = (int(tensors[index]["in_mask"].sum()), specs[index]["out"])
+            if row.out_kept == 0 and stored[1] == 1 and not tensors[index]["weight"].any():
+                stored = (stored[0], 0)  # the placeholder unit of zero weights an export keeps (_exported_units)
             if (row.in_kept, row.out_kept) != stored:
                 raise ValueError(f"report gives layer {row.name!r} {row.in_kept} inputs and {row.out_kept} outputs "
                                  f"kept, but {path} stores {stored[0]} and {stored[1]} (a report of another network)")
@@ -1309,7 +1329,8 @@ def model_error(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) 
 
     Args:
         model: any classifier returning logits of shape ``(N, classes)``.
-        x: inputs, shape ``(N, *input_shape)``.
+        x: inputs, shape ``(N, *input_shape)``; floating-point inputs are cast to the model's
+            parameter dtype (an export of a float64 network is float32).
         y: integer labels, shape ``(N,)``.
         batch_size: examples per forward pass.
     """
@@ -1319,14 +1340,13 @@ def model_error(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) 
         raise ValueError(f"x and y must hold the same number (> 0) of examples, y of shape (N,); "
                          f"got x {tuple(x.shape)}, y {tuple(y.shape)}")
     check_positive_int("batch_size", batch_size)
-    try:
-        device = next(model.parameters()).device
-    except StopIteration:
-        device = x.device
+    parameter = next(model.parameters(), None)
+    device = x.device if parameter is None else parameter.device
+    dtype = parameter.dtype if parameter is not None and x.is_floating_point() else x.dtype
     wrong = 0
     with torch.no_grad(), evaluating(model):
         for start in range(0, x.shape[0], batch_size):
-            logits = model(x[start:start + batch_size].to(device))
+            logits = model(x[start:start + batch_size].to(device, dtype))
             wrong += int((logits.argmax(1).cpu() != y[start:start + batch_size].cpu()).sum())
     return wrong / x.shape[0]
 

@@ -252,6 +252,18 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, epoch:
     write_atomically(path, lambda temporary: torch.save(state, temporary))
 
 
+def _read_checkpoint(path: str | os.PathLike) -> dict:
+    """The checkpoint's contents, loaded with ``weights_only=True``; a damaged file is a ``ValueError``."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    # What damaged files raise: a truncated zip archive can surface as OSError (errno 22) from torch.
+    except (RuntimeError, KeyError, EOFError, OSError, pickle.UnpicklingError) as error:
+        if isinstance(error, OSError) and type(error) is not OSError:  # a missing file, no permission, ...
+            raise
+        raise ValueError(f"checkpoint {str(path)!r} cannot be read back as a bclib checkpoint ({error}); "
+                         f"delete it to train afresh") from None
+
+
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None,
                     config: TrainConfig | None = None) -> tuple[int, list]:
     """Restore a checkpoint written by :func:`save_checkpoint`; returns ``(epochs_done, history)``.
@@ -271,11 +283,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None,
             would silently mix two recipes; checkpoints written without a config are not checked), or when the
             checkpoint holds the tensors of another network than ``model``.
     """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as error:  # what a damaged file raises
-        raise ValueError(f"checkpoint {str(path)!r} cannot be read back as a bclib checkpoint ({error}); "
-                         f"delete it to train afresh") from None
+    state = _read_checkpoint(path)
     if config is not None:
         _check_recipe(state, config, path)
     _check_network(state, model, path)
@@ -292,9 +300,9 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None,
 def check_checkpoint_recipe(path: str | os.PathLike, config: TrainConfig, model: nn.Module | None = None) -> None:
     """Raise the :func:`load_checkpoint` errors now, before anything of a run is written, when the
     checkpoint at ``path`` was written by another recipe than ``config`` (checkpoints written
-    without a config pass) or, given ``model``, holds tensors of other names or shapes (loaded with
-    ``weights_only=True``; nothing is changed)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    without a config pass) or, given ``model``, holds tensors of other names or shapes, or cannot be
+    read back at all (loaded with ``weights_only=True``; nothing is changed)."""
+    state = _read_checkpoint(path)
     _check_recipe(state, config, path)
     if model is not None:
         _check_network(state, model, path)
@@ -372,7 +380,8 @@ def fit(model: nn.Module, train: TensorSplit, test: TensorSplit, config: TrainCo
 
     Returns:
         A list with one dict per epoch, holding ``epoch, loss, ce, kl, beta, lr, train_error,
-        test_error, test_ce, seconds``.
+        test_error, test_ce, seconds``. The model is left in eval mode (in the mode it came in
+        when training raises).
 
     Raises:
         TypeError: ``train`` or ``test`` not a :class:`bclib.data.TensorSplit`, ``config`` not a
@@ -410,65 +419,70 @@ def fit(model: nn.Module, train: TensorSplit, test: TensorSplit, config: TrainCo
             group["base_lr"] = fresh["base_lr"]
     n = len(train)
     steps = math.ceil(n / config.batch_size)
-    for epoch in range(start_epoch, config.epochs):
-        lr = _set_lr(optimizer, config, epoch)
-        generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-        model.train()
-        started = time.perf_counter()
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, cross-entropy, errors
-        bar = tqdm(batches(train, config.batch_size, shuffle=True, generator=generator), total=steps,
-                   desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False,
-                   mininterval=1.0)
-        for step, (x, y) in enumerate(bar):
-            beta = min(1.0, (epoch + step / steps) / config.kl_warmup_epochs) if config.kl_warmup_epochs else 1.0
-            x = _batch_in_memory_format(x, config.memory_format)
-            with _autocast(device, config.autocast):
-                logits = model(x)
-            ce = F.cross_entropy(logits.float(), y)
-            kl = kl_divergence(model)
-            loss = ce + beta * kl / n
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            for layer in layers:
-                layer.clip_variances()
-            # Summed on the device: no host synchronisation per step on a GPU.
-            with torch.no_grad():
-                sums += torch.stack([loss * len(y), ce * len(y), (logits.argmax(1) != y).sum()]).double()
-            if progress and step % 50 == 0:
-                wrong = sums[2].item()
-                seen = min(n, (step + 1) * config.batch_size)
-                bar.set_postfix(loss=f"{loss.item():.3f}", err=f"{wrong / seen:.3f}", kl=f"{kl.item():.3g}")
-        bar.close()
-        kl_value = kl.item()
-        loss_sum, ce_sum, wrong = sums.tolist()
-        result = evaluate(model, test)
-        metrics = {
-            "epoch": epoch + 1,
-            "loss": loss_sum / n,
-            "ce": ce_sum / n,
-            "kl": kl_value,
-            "beta": beta,
-            "lr": lr,
-            "train_error": wrong / n,
-            "test_error": result["error"],
-            "test_ce": result["ce"],
-            "seconds": time.perf_counter() - started,
-        }
-        if not all(math.isfinite(v) for v in metrics.values()):
-            raise FloatingPointError(f"non-finite metrics at epoch {epoch + 1}: {metrics}")
-        history.append(metrics)
-        if progress:
-            tqdm.write(
-                f"epoch {epoch + 1:3d}  loss {metrics['loss']:.4f}  train err {metrics['train_error']:.4f}  "
-                f"test err {metrics['test_error']:.4f}  KL {kl_value:.4g}  ({metrics['seconds']:.1f} s)"
-            )
-        model.eval()
-        for callback in callbacks:
-            callback(epoch + 1, model, metrics)
-        if checkpoint is not None:
-            save_checkpoint(checkpoint, model, optimizer, epoch + 1, history, config)
+    was_training = model.training
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            lr = _set_lr(optimizer, config, epoch)
+            generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+            model.train()
+            started = time.perf_counter()
+            sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, cross-entropy, errors
+            bar = tqdm(batches(train, config.batch_size, shuffle=True, generator=generator), total=steps,
+                       desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False,
+                       mininterval=1.0)
+            for step, (x, y) in enumerate(bar):
+                beta = min(1.0, (epoch + step / steps) / config.kl_warmup_epochs) if config.kl_warmup_epochs else 1.0
+                x = _batch_in_memory_format(x, config.memory_format)
+                with _autocast(device, config.autocast):
+                    logits = model(x)
+                ce = F.cross_entropy(logits.float(), y)
+                kl = kl_divergence(model)
+                loss = ce + beta * kl / n
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
+                for layer in layers:
+                    layer.clip_variances()
+                # Summed on the device: no host synchronisation per step on a GPU.
+                with torch.no_grad():
+                    sums += torch.stack([loss * len(y), ce * len(y), (logits.argmax(1) != y).sum()]).double()
+                if progress and step % 50 == 0:
+                    wrong = sums[2].item()
+                    seen = min(n, (step + 1) * config.batch_size)
+                    bar.set_postfix(loss=f"{loss.item():.3f}", err=f"{wrong / seen:.3f}", kl=f"{kl.item():.3g}")
+            bar.close()
+            kl_value = kl.item()
+            loss_sum, ce_sum, wrong = sums.tolist()
+            result = evaluate(model, test)
+            metrics = {
+                "epoch": epoch + 1,
+                "loss": loss_sum / n,
+                "ce": ce_sum / n,
+                "kl": kl_value,
+                "beta": beta,
+                "lr": lr,
+                "train_error": wrong / n,
+                "test_error": result["error"],
+                "test_ce": result["ce"],
+                "seconds": time.perf_counter() - started,
+            }
+            if not all(math.isfinite(v) for v in metrics.values()):
+                raise FloatingPointError(f"non-finite metrics at epoch {epoch + 1}: {metrics}")
+            history.append(metrics)
+            if progress:
+                tqdm.write(
+                    f"epoch {epoch + 1:3d}  loss {metrics['loss']:.4f}  train err {metrics['train_error']:.4f}  "
+                    f"test err {metrics['test_error']:.4f}  KL {kl_value:.4g}  ({metrics['seconds']:.1f} s)"
+                )
+            model.eval()
+            for callback in callbacks:
+                callback(epoch + 1, model, metrics)
+            if checkpoint is not None:
+                save_checkpoint(checkpoint, model, optimizer, epoch + 1, history, config)
+    except BaseException:  # an error or an interrupt mid-epoch: the model keeps the mode it came in
+        model.train(was_training)
+        raise
     model.eval()
     return history

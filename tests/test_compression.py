@@ -315,6 +315,12 @@ def test_bad_thresholds():
         compress(model, {"0": 0.0, "4": 0.0})
     with pytest.raises(ValueError, match="NaN"):
         compress(model, [0.0, float("nan"), 0.0])
+    # A report writes infinite thresholds as null, read back as +inf (keep all): -inf would come back
+    # as its opposite.
+    with pytest.raises(ValueError, match="threshold for '4' must not be -inf"):
+        compress(model, [0.0, -math.inf, 0.0])
+    kept = compress(model, [0.0, math.inf, 0.0]).report
+    assert type(kept).from_dict(json.loads(json.dumps(kept.to_dict()))).layers[1].threshold == math.inf
     with pytest.raises(TypeError, match="must be a number"):
         compress(model, [0.0, "1", 0.0])
     with pytest.raises(TypeError, match="thresholds must be"):
@@ -660,6 +666,13 @@ def test_from_file_gives_back_the_saved_network(tmp_path):
     other = compress(_hand_built_linear_net(), [-100.0, 0.0]).with_bits([3, 5]).report
     with pytest.raises(ValueError, match=r"report gives layer '0' 0 inputs and 0 outputs kept, but .* stores 3 and 3"):
         CompressedModel.from_file(tmp_path / "net.bcz", other)
+    # That network itself: the export keeps one unit of zero weights where none survives; its file
+    # is read back with its own report.
+    emptied = compress(_hand_built_linear_net(), [-100.0, 0.0]).with_bits([3, 5])
+    emptied.save(tmp_path / "emptied.bcz")
+    read = CompressedModel.from_file(tmp_path / "emptied.bcz", emptied.report.to_dict())
+    assert read.report.architecture == emptied.report.architecture
+    assert torch.equal(read.reduced_precision_model()(x), bclib.load_compressed(tmp_path / "emptied.bcz")(x))
 
 
 def test_fine_tune_trains_survivors_that_a_file_stores_as_zero(tmp_path):
@@ -955,6 +968,15 @@ def test_prune_to_groups_names_the_argument_and_what_it_expects(groups):
         prune_to_groups(compress(model, 1.0), model, log_alpha, groups)
 
 
+def test_prune_to_groups_refuses_per_weight_log_alphas_naming_the_layer():
+    from bclib.compression import prune_to_groups
+
+    model = nn.Sequential(bclib.LinearSVD(6, 10), nn.ReLU(), bclib.LinearSVD(10, 4)).eval()
+    log_alpha = [layer.log_alpha().detach() for _, layer in bclib.bayesian_layers(model)]  # 60 and 40 values
+    with pytest.raises(ValueError, match=r"log_alpha for '0' must hold one value per group \(6: .* got 60"):
+        prune_to_groups(compress(model, 3.0), model, log_alpha, [3, 5])
+
+
 @pytest.mark.parametrize("build", [models.lenet_300_100, models.lenet5_caffe])
 @pytest.mark.parametrize("prior", ["nj", "hs", "svd"])
 def test_prune_further_gives_what_compress_gives_at_the_lower_thresholds(build, prior, tmp_path):
@@ -1065,3 +1087,27 @@ def test_surviving_groups_by_hand_on_the_small_conv_net(tmp_path):
     result.save(tmp_path / "net.bcz")
     with pytest.raises(ValueError, match="a network read from a file has no masks"):
         CompressedModel.from_file(tmp_path / "net.bcz", result.report.to_dict()).surviving_groups("0")
+
+
+def test_a_float64_network_is_swept_and_selected_on_float64_data():
+    # compress exports float32 whatever the network's dtype; the sweep scores those exports on the
+    # float64 inputs it was given (a dtype mismatch in the products before).
+    torch.manual_seed(0)
+    net = nn.Sequential(bclib.LinearGroupNJ(6, 10), nn.ReLU(), bclib.LinearGroupNJ(10, 3)).double().eval()
+    with torch.no_grad():
+        net[0].z_logvar[:3] = PRUNE
+    x, y = torch.randn(200, 6, dtype=torch.float64), torch.randint(0, 3, (200,))
+    grid = [-1.0, 100.0]
+    for row, thresholds in zip(threshold_sweep(net, grid, x, y), grid):
+        exported = compress(net, thresholds).model  # scored here on a float32 copy of the inputs
+        assert row["error"] == int((exported(x.float()).argmax(1) != y).sum()) / len(y)
+    assert len(bclib.compression.select_thresholds(net, x, y)) == 2
+
+
+def test_a_linear_layer_applied_per_position_before_a_flatten_is_refused():
+    # Its units are the last dimension of (4, 4): a flatten lays them out interleaved, not in the
+    # blocks per unit the masks assume. With 4 positions and 4 units the shapes agreed, and the export
+    # silently computed another function.
+    model = nn.Sequential(bclib.LinearGroupNJ(6, 4), nn.ReLU(), nn.Flatten(), bclib.LinearGroupNJ(16, 3)).eval()
+    with pytest.raises(TypeError, match=r"layer '0' is a linear layer applied along the last dimension of \(4, 6\)"):
+        compress(model, -1.0, input_shape=(4, 6))

@@ -516,3 +516,38 @@ def test_vgg_with_batchnorm_stays_finite_for_200_steps(prior):
         assert torch.isfinite(model.eval()(test.x)).all()
         assert torch.isfinite(model.train()(test.x)).all()
     assert history[-1]["loss"] < history[0]["loss"]  # it optimises, not just survives
+
+
+def test_a_damaged_checkpoint_is_a_value_error_that_names_it_and_a_missing_one_is_not(tmp_path):
+    from bclib.train import check_checkpoint_recipe, load_checkpoint, save_checkpoint
+
+    net = nn.Sequential(bclib.LinearGroupNJ(6, 4))
+    config = TrainConfig(device="cpu")
+    good = tmp_path / "good.pt"
+    save_checkpoint(good, net, torch.optim.Adam(net.parameters()), 1, [], config)
+    data = good.read_bytes()
+    # Cut in half or missing its last bytes (a full disk): torch raises a bare OSError (errno 22) there.
+    for damaged in (data[: len(data) // 2], data[:-10], b"", b"not a checkpoint" * 8):
+        path = tmp_path / "damaged.pt"
+        path.write_bytes(damaged)
+        for read in (lambda: load_checkpoint(path, net), lambda: check_checkpoint_recipe(path, config, net)):
+            with pytest.raises(ValueError, match="damaged.pt.*cannot be read back as a bclib checkpoint"):
+                read()
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "missing.pt", net)
+
+
+def test_fit_that_raises_leaves_the_model_in_the_mode_it_came_in(small_mnist):
+    train, test = small_mnist
+    x = train.x[:20].clone()
+    x[3] = float("nan")  # the epoch's metrics are not finite
+    for mode in (False, True):
+        net = lenet_300_100("nj").train(mode)
+        with pytest.raises(FloatingPointError):
+            fit(net, TensorSplit(x, train.y[:20]), test, TrainConfig(epochs=1, batch_size=10, device="cpu"),
+                progress=False)
+        assert net.training is mode
+    net = lenet_300_100("nj").train()  # the one above holds NaN weights now
+    history = fit(net, TensorSplit(train.x[:20], train.y[:20]), test, TrainConfig(epochs=1, device="cpu"),
+                  progress=False)
+    assert len(history) == 1 and net.training is False  # a run that ends leaves it in eval mode

@@ -54,7 +54,7 @@ from .fileformat import (build_module, check_runs, dequantize, encode_compressed
 from .layer_sequence import check_sequence, evaluating, layer_sequence
 from .layers import BayesianLayer, bayesian_layers
 from .layers.base import check_positive_int
-from .train import TrainConfig, fit
+from .train import TrainConfig, fit, input_dtype
 
 __all__ = [
     "compress", "CompressedModel", "CompressionReport", "LayerReport", "SavedFile",
@@ -1342,7 +1342,7 @@ def model_error(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) 
     check_positive_int("batch_size", batch_size)
     parameter = next(model.parameters(), None)
     device = x.device if parameter is None else parameter.device
-    dtype = parameter.dtype if parameter is not None and x.is_floating_point() else x.dtype
+    dtype = input_dtype(model, x)
     wrong = 0
     with torch.no_grad(), evaluating(model):
         for start in range(0, x.shape[0], batch_size):

@@ -65,8 +65,10 @@ class TensorSplit:
     def __len__(self) -> int:
         return len(self.y)
 
-    def to(self, device) -> "TensorSplit":
-        return TensorSplit(self.x.to(device), self.y.to(device))
+    def to(self, device, dtype: torch.dtype | None = None) -> "TensorSplit":
+        """On ``device``, with floating-point inputs cast to ``dtype`` when given (labels unchanged)."""
+        x_dtype = dtype if dtype is not None and self.x.is_floating_point() else self.x.dtype
+        return TensorSplit(self.x.to(device, x_dtype), self.y.to(device))
 
     def subset(self, n: int) -> "TensorSplit":
         """The first ``n`` examples (for fast mode and tests)."""

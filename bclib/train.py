@@ -163,12 +163,21 @@ def elbo_loss(logits: torch.Tensor, target: torch.Tensor, kl: torch.Tensor, data
 
 
 @torch.no_grad()
+def input_dtype(model: nn.Module, x: torch.Tensor) -> torch.dtype:
+    """The dtype ``model`` takes ``x`` in: that of its floating-point parameters for floating-point
+    ``x`` (so float64 data meets a float32 network, such as the export of a float64 one), else
+    ``x``'s own."""
+    parameter = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return parameter.dtype if parameter is not None and x.is_floating_point() else x.dtype
+
+
 def evaluate(model: nn.Module, split: TensorSplit, batch_size: int = 1000) -> dict:
     """Error (fraction) and mean cross-entropy of ``model`` in eval mode (posterior means).
 
     Args:
         model: a classifier returning logits ``(N, classes)``; its training mode is restored after.
-        split: the examples (moved batch by batch to the model's device).
+        split: the examples (moved batch by batch to the model's device; floating-point inputs
+            cast to its parameters' dtype).
         batch_size: examples per forward pass, a positive int.
 
     Returns:
@@ -186,7 +195,7 @@ def evaluate(model: nn.Module, split: TensorSplit, batch_size: int = 1000) -> di
     device = next(model.parameters(), split.x).device
     try:
         for x, y in split_batches:
-            logits = model(x.to(device))
+            logits = model(x.to(device, input_dtype(model, x)))
             y = y.to(device)
             total_ce += F.cross_entropy(logits, y, reduction="sum").item()
             wrong += (logits.argmax(1) != y).sum().item()
@@ -370,7 +379,7 @@ def fit(model: nn.Module, train: TensorSplit, test: TensorSplit, config: TrainCo
     Args:
         model: any ``nn.Module``; its Bayesian layers contribute their KL.
         train, test: in-memory splits (moved, with the model, to ``config.device``: CUDA when
-            available unless it says otherwise).
+            available unless it says otherwise; floating-point inputs cast to the model's dtype).
         config: a :class:`TrainConfig`.
         callbacks: each called as ``callback(epoch, model, metrics)`` after each epoch's evaluation,
             with the model in eval mode (the animations record here).
@@ -405,7 +414,8 @@ def fit(model: nn.Module, train: TensorSplit, test: TensorSplit, config: TrainCo
     _to_memory_format(model, config.memory_format)
     if config.variance_dtype is not None:
         set_variance_dtype(model, VARIANCE_DTYPES[config.variance_dtype])
-    train, test = train.to(device), test.to(device)
+    dtype = input_dtype(model, train.x)  # floating inputs in the network's dtype
+    train, test = train.to(device, dtype), test.to(device, dtype)
     # The fused kernel updates all parameters in one pass (CPU and CUDA), noticeably faster for
     # Bayesian layers, which carry twice the parameters of their deterministic counterparts.
     optimizer = torch.optim.Adam(_param_groups(model, config), lr=config.lr, fused=True)

@@ -1111,3 +1111,21 @@ def test_a_linear_layer_applied_per_position_before_a_flatten_is_refused():
     model = nn.Sequential(bclib.LinearGroupNJ(6, 4), nn.ReLU(), nn.Flatten(), bclib.LinearGroupNJ(16, 3)).eval()
     with pytest.raises(TypeError, match=r"layer '0' is a linear layer applied along the last dimension of \(4, 6\)"):
         compress(model, -1.0, input_shape=(4, 6))
+
+
+def test_fine_tune_on_float64_data_trains_as_on_its_float32_copy():
+    # The export of any network is float32; float64 splits are cast to it (a dtype mismatch before).
+    from bclib.compression import fine_tune
+    from bclib.data import TensorSplit
+    from bclib.train import TrainConfig
+
+    torch.manual_seed(0)
+    net = nn.Sequential(bclib.LinearGroupNJ(6, 10), nn.ReLU(), bclib.LinearGroupNJ(10, 3)).double().eval()
+    x, y = torch.randn(64, 6, dtype=torch.float64), torch.randint(0, 3, (64,))
+    config = TrainConfig(epochs=2, batch_size=16, device="cpu")
+    histories = []
+    for inputs in (x, x.float()):
+        split = TensorSplit(inputs, y)
+        _, history = fine_tune(compress(net, 0.0), split, split, config, progress=False)
+        histories.append([{k: v for k, v in row.items() if k != "seconds"} for row in history])
+    assert histories[0] == histories[1]

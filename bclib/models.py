@@ -194,8 +194,10 @@ def to_bayesian(module: nn.Module, prior: str, *, exclude: Iterable[str] = (), c
     exact classes ``nn.Linear`` and ``nn.Conv2d`` are converted: subclasses (your own, ``nn.LazyLinear``)
     and other convolutions (``nn.Conv1d``, ``nn.ConvTranspose2d``, ...) stay with a warning; the
     output projection inside ``nn.MultiheadAttention`` also stays, silently, because attention reads
-    its weight directly. A layer
-    used at several places (tied weights) becomes one Bayesian layer used at all of them. The new
+    its weight directly, and so do ``linear1`` / ``linear2`` of ``nn.TransformerEncoderLayer`` /
+    ``nn.TransformerDecoderLayer`` (with a warning: torch reads their weights in eval mode). A layer
+    used at several places (tied weights) becomes one Bayesian layer used at all of them; a weight
+    tied across two modules (a head sharing an embedding's) is refused. The new
     layers' parameters are trainable even where the old ones were frozen (``requires_grad=False``):
     to keep a layer fixed, leave it deterministic with ``exclude``. Training needs the KL term (:func:`bclib.kl_divergence`); :func:`bclib.compress` needs a
     network whose ``forward`` is a chain of layers (an ``nn.Sequential``, nested ones included, or a
@@ -205,7 +207,8 @@ def to_bayesian(module: nn.Module, prior: str, *, exclude: Iterable[str] = (), c
         module: the network to convert.
         prior: ``"nj"``, ``"hs"`` or ``"svd"``.
         exclude: names of layers to keep deterministic, as in ``module.named_modules()`` (a
-            convolution the Bayesian layers cannot express, say). :func:`bclib.compress` needs every
+            convolution the Bayesian layers cannot express, say); a container's name keeps every
+            layer inside it. :func:`bclib.compress` needs every
             weighted layer Bayesian, so it cannot export a network with excluded layers.
         clip_var: upper bound on the weight variances of every converted layer (``None``: none).
         tau0, shared_scale: horseshoe only, as in :func:`lenet_300_100`.
@@ -216,6 +219,7 @@ def to_bayesian(module: nn.Module, prior: str, *, exclude: Iterable[str] = (), c
     Raises:
         TypeError: ``module`` is not an ``nn.Module``; ``exclude`` is a string (give a list of names).
         ValueError: an unknown ``prior``, a name in ``exclude`` that is not a module of ``module``,
+            a layer whose weight or bias another module also holds (tied across modules),
             ``tau0`` / ``shared_scale`` given for a prior other than ``"hs"``,
             or a convolution the Bayesian layers cannot express (``groups`` other than 1, a
             ``padding_mode`` other than ``"zeros"``, ``padding="same"`` that is not symmetric).
@@ -237,26 +241,39 @@ def to_bayesian(module: nn.Module, prior: str, *, exclude: Iterable[str] = (), c
     if not exclude <= names:
         raise ValueError(f"exclude names layers that module does not have: {sorted(exclude - names)}; "
                          f"its modules are {sorted(names - {''})}")
+
+    def excluded(name: str) -> bool:  # the layer itself or a container holding it
+        return any(e == "" or name == e or name.startswith(e + ".") for e in exclude)
+
     linear, conv = _layer_factories(prior, tau0, shared_scale)
     converted = copy.deepcopy(module)
     # A layer used at several places (tied weights) becomes one Bayesian layer used at all of
     # them; it stays deterministic if any of its names is excluded.
     places: dict[int, list[str]] = {}
-    children, unsupported = {}, []
+    children, unsupported, transformer_layers = {}, [], []
     for name, child in converted.named_modules(remove_duplicate=False):
         if type(child) in (nn.Linear, nn.Conv2d):
+            if _read_by_transformer(converted, name):
+                if not excluded(name):
+                    transformer_layers.append(name)
+                continue
             places.setdefault(id(child), []).append(name)
             children[id(child)] = child
-        elif (isinstance(child, (nn.modules.conv._ConvNd, nn.Bilinear, nn.Linear)) and name not in exclude
+        elif (isinstance(child, (nn.modules.conv._ConvNd, nn.Bilinear, nn.Linear)) and not excluded(name)
               and type(child) is not NonDynamicallyQuantizableLinear):  # attention reads that weight itself
             unsupported.append(f"{name} ({type(child).__name__})")
     if unsupported:
         warnings.warn(f"to_bayesian leaves these layers deterministic (it converts the classes nn.Linear and "
                       f"nn.Conv2d themselves, not subclasses or other convolutions; pass them in exclude to "
                       f"silence this): {', '.join(unsupported)}", stacklevel=2)
+    if transformer_layers:
+        warnings.warn(f"to_bayesian leaves these layers deterministic (torch's transformer layers read their "
+                      f"weights directly in eval mode; pass them in exclude to silence this): "
+                      f"{', '.join(transformer_layers)}", stacklevel=2)
+    _check_no_ties_across_modules(converted, places, excluded)
     replaced = {}
     for key, names in places.items():
-        if exclude.intersection(names):
+        if any(excluded(name) for name in names):
             continue
         child, name = children[key], names[0]
         weight, bias = child.weight.detach(), None if child.bias is None else child.bias.detach()
@@ -276,6 +293,33 @@ def to_bayesian(module: nn.Module, prior: str, *, exclude: Iterable[str] = (), c
         parent, _, attribute = name.rpartition(".")
         setattr(converted.get_submodule(parent), attribute, layer)
     return converted
+
+
+def _read_by_transformer(network: nn.Module, name: str) -> bool:
+    """Is ``name`` the ``linear1`` / ``linear2`` of a torch transformer layer, whose eval-mode fast
+    path reads ``.weight`` (a Bayesian layer has none)?"""
+    parent, _, attribute = name.rpartition(".")
+    return attribute in ("linear1", "linear2") and isinstance(
+        network.get_submodule(parent), (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
+
+
+def _check_no_ties_across_modules(network: nn.Module, places: dict[int, list[str]], excluded) -> None:
+    """Refuse a layer to convert whose weight or bias another module also holds (a head tied to
+    an embedding, two layers given one Parameter): its Bayesian copy would silently untie them."""
+    holders: dict[int, list[str]] = {}
+    for name, child in network.named_modules():
+        for parameter in child.parameters(recurse=False):
+            holders.setdefault(id(parameter), []).append(name)
+    for names in places.values():
+        if any(excluded(name) for name in names):
+            continue
+        layer = network.get_submodule(names[0])
+        for kind in ("weight", "bias"):
+            parameter = getattr(layer, kind)
+            others = [] if parameter is None else [h for h in holders[id(parameter)] if h not in names]
+            if others:
+                raise ValueError(f"layer {names[0]!r} shares its {kind} with {others[0]!r}: a Bayesian layer "
+                                 f"would untie them; pass both in exclude to keep them deterministic and tied")
 
 
 def _explicit_padding(name: str, conv: nn.Conv2d) -> tuple[int, int]:

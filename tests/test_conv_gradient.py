@@ -73,6 +73,16 @@ def _bayesian_conv_gradients(in_channels, channels_last=False):
     return mu.grad, logvar.grad
 
 
+def test_an_empty_batch_gives_zero_weight_gradients_as_f_conv2d_does():
+    geometry = GEOMETRIES[2]
+    x, weight, grad = _conv_inputs(*geometry, batch=0)
+    stride, padding, dilation = geometry[3:6]
+    leaves = [weight.clone().requires_grad_(True) for _ in range(2)]
+    (F.conv2d(x, leaves[0], None, stride, padding, dilation) * grad).sum().backward()
+    (conv_gradient.conv2d(x, leaves[1], None, stride, padding, dilation) * grad).sum().backward()
+    assert torch.equal(leaves[1].grad, leaves[0].grad) and not leaves[1].grad.any()  # an IndexError before
+
+
 def test_the_bayesian_convolution_takes_the_windowed_route_only_for_few_terms_in_nchw(windowed_calls):
     # 1 x 5 x 5 = 25 terms per output: both products (mean and variance) go the windowed way ...
     windowed = _bayesian_conv_gradients(1)

@@ -239,6 +239,39 @@ def test_shared_global_scale_is_counted_once(reference):
     assert sum(p is shared.sa_mu for p in model.parameters()) == 1
 
 
+def test_sizes_may_be_numpy_integers_as_for_nn_linear_and_nn_conv2d():
+    import numpy as np
+
+    conv = bclib.Conv2dGroupNJ(np.int64(1), np.int64(2), np.int64(3), stride=(np.int32(1), 1))
+    linear = bclib.LinearGroupHS(np.int64(8), np.int32(3))
+    assert (conv.out_channels, conv.kernel_size, conv.stride) == (2, (3, 3), (1, 1))
+    assert type(conv.out_channels) is int and type(linear.in_features) is int
+    net = nn.Sequential(nn.Conv2d(1, np.int64(2), np.int64(3)), nn.Flatten(), nn.Linear(np.int64(8), 3))
+    converted = bclib.to_bayesian(net, "nj").eval()  # refused numpy sizes before
+    x = torch.randn(2, 1, 4, 4)
+    assert torch.allclose(converted(x), net(x), atol=1e-6)
+    with pytest.raises(TypeError, match="in_features must be a positive int, got float"):
+        bclib.LinearGroupNJ(4.0, 3)
+
+
+def test_a_layers_own_scale_handed_to_another_layer_is_counted_once(reference):
+    # Sharing by passing the first layer's own scale to the second: the first layer kept counting
+    # it in its KL while bclib.kl_divergence added it again through the second.
+    first = bclib.LinearGroupHS(4, 3)
+    second = bclib.LinearGroupHS(3, 2, global_scale=first.global_scale)
+    model = nn.Sequential(first, nn.ReLU(), second)
+    perturb_(model)
+    spec_hs = SPECS[2]
+    expected = (reference_kl(spec_hs, first, reference, include_global=False)
+                + reference_kl(spec_hs, second, reference, include_global=False)
+                + reference_global_scale_kl(first.global_scale, reference))
+    torch.testing.assert_close(bclib.kl_divergence(model).double(), expected, rtol=1e-5, atol=1e-4)
+    assert first.shared_scale is second.shared_scale is first.global_scale
+    before = [p.clone() for p in first.global_scale.parameters()]
+    first.reset_parameters()  # a layer does not reset a scale it shares
+    assert all(torch.equal(a, b) for a, b in zip(before, first.global_scale.parameters()))
+
+
 def test_kl_divergence_of_a_model_without_bayesian_layers_is_zero():
     model = nn.Sequential(nn.Linear(3, 2))
     assert bclib.kl_divergence(model).item() == 0.0

@@ -371,6 +371,39 @@ def test_to_bayesian_warns_about_convolutions_it_leaves_deterministic():
         bclib.to_bayesian(net, "nj", exclude=["0"])  # excluded on purpose: no warning
 
 
+def test_to_bayesian_excludes_every_layer_of_an_excluded_container():
+    net = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)))
+    bayes = bclib.to_bayesian(net, "nj", exclude=["1"])  # the name was accepted and did nothing
+    assert isinstance(bayes[0], bclib.LinearGroupNJ)
+    assert [type(m) for m in bayes[1]] == [nn.Linear, nn.ReLU, nn.Linear]
+
+
+def test_to_bayesian_refuses_a_weight_tied_across_modules():
+    # Two modules holding one Parameter (a head tied to an embedding): a Bayesian copy would untie
+    # them silently (the parameters went from 3 to 12 here).
+    first, second = nn.Linear(4, 4), nn.Linear(4, 4)
+    second.weight = first.weight
+    with pytest.raises(ValueError, match=r"layer '0' shares its weight with '2'.*pass both in exclude"):
+        bclib.to_bayesian(nn.Sequential(first, nn.Tanh(), second), "nj")
+    kept = bclib.to_bayesian(nn.Sequential(first, nn.Tanh(), second), "nj", exclude=["0", "2"])
+    assert kept[0].weight is kept[2].weight
+    embedding = nn.Embedding(10, 4)
+    head = nn.Linear(4, 10, bias=False)
+    head.weight = embedding.weight
+    with pytest.raises(ValueError, match=r"layer '1' shares its weight with '0'"):
+        bclib.to_bayesian(nn.Sequential(embedding, head), "nj")
+
+
+def test_to_bayesian_leaves_the_feed_forward_of_torch_transformer_layers_with_a_warning():
+    # Their eval-mode fast path reads linear1.weight / linear2.weight: converted, eval failed.
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    with pytest.warns(UserWarning, match=r"transformer layers read their weights directly .*: linear1, linear2"):
+        bayes = bclib.to_bayesian(layer, "nj").eval()
+    assert type(bayes.linear1) is nn.Linear and type(bayes.linear2) is nn.Linear
+    x = torch.randn(2, 3, 8)
+    assert torch.allclose(bayes(x), layer.eval()(x), atol=1e-6)
+
+
 @pytest.mark.parametrize("builder", [lenet_300_100, lenet5_caffe, vgg_cifar])
 def test_horseshoe_settings_are_refused_where_they_would_be_ignored(builder):
     # Given for a prior without a global scale, or a tau0 of zero, they must not pass silently.

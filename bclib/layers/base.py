@@ -9,6 +9,7 @@ group (Louizos et al. 2017, Sec. 3). Groups are the *input units* of a linear la
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Iterator
 
 import torch
@@ -25,23 +26,27 @@ _EPS = 1e-8
 
 
 # ----------------------------------------------------------------------------- argument checks
+def _is_int(value) -> bool:
+    """An int, or an integer type such as ``numpy.int64`` (as ``nn.Linear`` and ``nn.Conv2d`` take), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not _is_int(value):
         raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
     if value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value}")
-    return value
+    return int(value)
 
 
 def check_pair(name: str, value, minimum: int) -> tuple[int, int]:
     # A float or other scalar must give the TypeError below, not "object is not iterable".
-    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else (
-        tuple(value) if isinstance(value, (tuple, list)) else (value,))
-    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in pair):
+    pair = (value, value) if _is_int(value) else (tuple(value) if isinstance(value, (tuple, list)) else (value,))
+    if len(pair) != 2 or not all(_is_int(v) for v in pair):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if any(v < minimum for v in pair):
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return pair
+    return tuple(int(v) for v in pair)
 
 
 def check_padding(padding, kernel_size: tuple[int, int], stride: tuple[int, int],

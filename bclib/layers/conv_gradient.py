@@ -90,6 +90,8 @@ def conv2d_weight_gradient(grad: Tensor, x: Tensor, weight_shape, stride, paddin
         - grad: ``(N, out_channels, H_out, W_out)``; x: ``(N, in_channels, H, W)``.
         - Output: ``weight_shape``, ``(out_channels, in_channels, kh, kw)``.
     """
+    if x.shape[0] == 0:  # an empty batch: nothing to sum (as nn.Conv2d gives)
+        return grad.new_zeros(weight_shape)
     per_example = math.prod(weight_shape[1:]) * grad[0, 0].numel()
     step = max(1, max_window_elements // per_example)
     total = None

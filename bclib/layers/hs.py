@@ -55,6 +55,10 @@ class HorseshoeGlobalScale(nn.Module):
         tau0: scale of the half-Cauchy prior on ``s``.
         init_scale: the initial ``E[s]`` (approximately).
 
+    A scale passed to a layer as its ``global_scale`` is marked ``shared``: from then on no layer
+    counts it in its own ``kl_divergence()`` or resets it, and :func:`bclib.kl_divergence` counts it
+    once (this holds for a layer's own scale handed on to another layer too).
+
     Example:
         >>> shared = HorseshoeGlobalScale(tau0=1e-5)
         >>> net = torch.nn.Sequential(LinearGroupHS(4, 3, global_scale=shared), LinearGroupHS(3, 2, global_scale=shared))
@@ -64,6 +68,7 @@ class HorseshoeGlobalScale(nn.Module):
         super().__init__()
         self.tau0 = check_positive_float("tau0", tau0, allow_none=False)
         self.init_scale = check_positive_float("init_scale", init_scale, allow_none=False)
+        self.shared = False  # set by the layers it is passed to
         self.sa_mu = nn.Parameter(torch.empty(()))
         self.sa_logvar = nn.Parameter(torch.empty(()))
         self.sb_mu = nn.Parameter(torch.empty(()))
@@ -100,7 +105,6 @@ class _GroupHS(GroupScaleLayer):
         if global_scale is None:
             tau0 = DEFAULT_TAU0 if tau0 is None else tau0
             self.global_scale = HorseshoeGlobalScale(tau0, init_scale=1.0 / math.sqrt(self.fan_in))
-            self._scale_is_shared = False
         else:
             if not isinstance(global_scale, HorseshoeGlobalScale):
                 raise TypeError(f"global_scale must be None or a HorseshoeGlobalScale, got {type(global_scale).__name__}")
@@ -108,7 +112,9 @@ class _GroupHS(GroupScaleLayer):
             if tau0 is not None and tau0 != global_scale.tau0:
                 raise ValueError(f"tau0={tau0} differs from the shared global_scale's tau0={global_scale.tau0}; set it there")
             self.global_scale = global_scale
-            self._scale_is_shared = True
+            # Marked on the scale, not on this layer: a layer whose own scale is handed on must stop
+            # counting it too (it was counted twice).
+            global_scale.shared = True
         self.za_mu = nn.Parameter(torch.empty(self.num_groups))
         self.za_logvar = nn.Parameter(torch.empty(self.num_groups))
         self.zb_mu = nn.Parameter(torch.empty(self.num_groups))
@@ -118,7 +124,7 @@ class _GroupHS(GroupScaleLayer):
     @property
     def shared_scale(self) -> HorseshoeGlobalScale | None:
         """The global scale when it is shared with other layers, else ``None``."""
-        return self.global_scale if self._scale_is_shared else None
+        return self.global_scale if self.global_scale.shared else None
 
     @property
     def tau0(self) -> float:

@@ -239,6 +239,16 @@ def test_shared_global_scale_is_counted_once(reference):
     assert sum(p is shared.sa_mu for p in model.parameters()) == 1
 
 
+def test_mask_refuses_masks_of_another_shape_naming_them():
+    layer = bclib.LinearGroupNJ(4, 3)
+    with pytest.raises(ValueError, match=r"weight_mask must have the shape \(3, 4\), got \(4,\)"):
+        layer.mask_(torch.ones(4))  # broadcast silently over the rows before
+    with pytest.raises(ValueError, match=r"bias_mask must have the shape \(3,\), got \(1,\)"):
+        layer.mask_(torch.ones(3, 4), torch.zeros(1))
+    layer.mask_(torch.zeros(3, 4), torch.zeros(3))
+    assert not layer.weight_mu.any() and not layer.bias_mu.any()
+
+
 def test_sizes_may_be_numpy_integers_as_for_nn_linear_and_nn_conv2d():
     import numpy as np
 

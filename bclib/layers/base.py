@@ -191,7 +191,15 @@ class BayesianLayer(nn.Module):
 
     @torch.no_grad()
     def mask_(self, weight_mask: Tensor, bias_mask: Tensor | None = None) -> None:
-        """Zero pruned weights (and biases of pruned output units) in place, so the posterior mean is masked."""
+        """Zero pruned weights (and biases of pruned output units) in place, so the posterior mean is masked.
+
+        Args:
+            weight_mask: shaped like the weight; nonzero where a weight is kept.
+            bias_mask: one value per output unit (or ``None``: biases unchanged).
+        """
+        for name, mask, target in (("weight_mask", weight_mask, self.weight_mu), ("bias_mask", bias_mask, self.bias_mu)):
+            if mask is not None and target is not None and tuple(mask.shape) != tuple(target.shape):
+                raise ValueError(f"{name} must have the shape {tuple(target.shape)}, got {tuple(mask.shape)}")
         self.weight_mu.mul_(weight_mask.to(self.weight_mu))
         if self.bias_mu is not None and bias_mask is not None:
             self.bias_mu.mul_(bias_mask.to(self.bias_mu))

@@ -194,8 +194,8 @@ def to_bayesian(module: nn.Module, prior: str, *, exclude: Iterable[str] = (), c
     exact classes ``nn.Linear`` and ``nn.Conv2d`` are converted: subclasses (your own, ``nn.LazyLinear``)
     and other convolutions (``nn.Conv1d``, ``nn.ConvTranspose2d``, ...) stay with a warning; the
     output projection inside ``nn.MultiheadAttention`` also stays, silently, because attention reads
-    its weight directly, and so do ``linear1`` / ``linear2`` of ``nn.TransformerEncoderLayer`` /
-    ``nn.TransformerDecoderLayer`` (with a warning: torch reads their weights in eval mode). A layer
+    its weight directly, and so do ``linear1`` / ``linear2`` of ``nn.TransformerEncoderLayer`` (with a
+    warning: torch reads their weights in its eval-mode fast path). A layer
     used at several places (tied weights) becomes one Bayesian layer used at all of them; a weight
     tied across two modules (a head sharing an embedding's) is refused. The new
     layers' parameters are trainable even where the old ones were frozen (``requires_grad=False``):
@@ -296,11 +296,10 @@ def to_bayesian(module: nn.Module, prior: str, *, exclude: Iterable[str] = (), c
 
 
 def _read_by_transformer(network: nn.Module, name: str) -> bool:
-    """Is ``name`` the ``linear1`` / ``linear2`` of a torch transformer layer, whose eval-mode fast
-    path reads ``.weight`` (a Bayesian layer has none)?"""
+    """Is ``name`` the ``linear1`` / ``linear2`` of an ``nn.TransformerEncoderLayer``, whose eval-mode
+    fast path reads ``.weight`` (a Bayesian layer has none; the decoder layer has no such path)?"""
     parent, _, attribute = name.rpartition(".")
-    return attribute in ("linear1", "linear2") and isinstance(
-        network.get_submodule(parent), (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
+    return attribute in ("linear1", "linear2") and isinstance(network.get_submodule(parent), nn.TransformerEncoderLayer)
 
 
 def _check_no_ties_across_modules(network: nn.Module, places: dict[int, list[str]], excluded) -> None:
@@ -316,10 +315,13 @@ def _check_no_ties_across_modules(network: nn.Module, places: dict[int, list[str
         layer = network.get_submodule(names[0])
         for kind in ("weight", "bias"):
             parameter = getattr(layer, kind)
-            others = [] if parameter is None else [h for h in holders[id(parameter)] if h not in names]
+            # .get: a weight computed by a parametrisation (spectral_norm) is held by no module.
+            others = [] if parameter is None else [h for h in holders.get(id(parameter), []) if h not in names]
             if others:
-                raise ValueError(f"layer {names[0]!r} shares its {kind} with {others[0]!r}: a Bayesian layer "
-                                 f"would untie them; pass both in exclude to keep them deterministic and tied")
+                other = repr(others[0]) if others[0] else "the network itself"
+                raise ValueError(f"layer {names[0]!r} shares its {kind} with {other}: a Bayesian layer would "
+                                 f"untie them; pass {names[0]!r} and the layers sharing it in exclude to keep "
+                                 "them deterministic and tied")
 
 
 def _explicit_padding(name: str, conv: nn.Conv2d) -> tuple[int, int]:

@@ -162,7 +162,6 @@ def elbo_loss(logits: torch.Tensor, target: torch.Tensor, kl: torch.Tensor, data
     return F.cross_entropy(logits, target) + beta * kl / dataset_size
 
 
-@torch.no_grad()
 def input_dtype(model: nn.Module, x: torch.Tensor) -> torch.dtype:
     """The dtype ``model`` takes ``x`` in: that of its floating-point parameters for floating-point
     ``x`` (so float64 data meets a float32 network, such as the export of a float64 one), else
@@ -171,6 +170,7 @@ def input_dtype(model: nn.Module, x: torch.Tensor) -> torch.dtype:
     return parameter.dtype if parameter is not None and x.is_floating_point() else x.dtype
 
 
+@torch.no_grad()
 def evaluate(model: nn.Module, split: TensorSplit, batch_size: int = 1000) -> dict:
     """Error (fraction) and mean cross-entropy of ``model`` in eval mode (posterior means).
 

@@ -383,7 +383,7 @@ def test_to_bayesian_refuses_a_weight_tied_across_modules():
     # them silently (the parameters went from 3 to 12 here).
     first, second = nn.Linear(4, 4), nn.Linear(4, 4)
     second.weight = first.weight
-    with pytest.raises(ValueError, match=r"layer '0' shares its weight with '2'.*pass both in exclude"):
+    with pytest.raises(ValueError, match=r"layer '0' shares its weight with '2'.*pass '0' and the layers sharing"):
         bclib.to_bayesian(nn.Sequential(first, nn.Tanh(), second), "nj")
     kept = bclib.to_bayesian(nn.Sequential(first, nn.Tanh(), second), "nj", exclude=["0", "2"])
     assert kept[0].weight is kept[2].weight
@@ -402,6 +402,16 @@ def test_to_bayesian_leaves_the_feed_forward_of_torch_transformer_layers_with_a_
     assert type(bayes.linear1) is nn.Linear and type(bayes.linear2) is nn.Linear
     x = torch.randn(2, 3, 8)
     assert torch.allclose(bayes(x), layer.eval()(x), atol=1e-6)
+    decoder = nn.TransformerDecoderLayer(8, 2, 16, batch_first=True)  # no such fast path: converted
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bayes = bclib.to_bayesian(decoder, "nj").eval()
+    assert isinstance(bayes.linear1, bclib.LinearGroupNJ) and isinstance(bayes.linear2, bclib.LinearGroupNJ)
+    memory = torch.randn(2, 4, 8)
+    assert torch.allclose(bayes(x, memory), decoder.eval()(x, memory), atol=1e-5)
+    # A weight a parametrisation computes (spectral norm) belongs to no module: converted, not a KeyError.
+    normed = nn.utils.spectral_norm(nn.Linear(4, 3))
+    assert isinstance(bclib.to_bayesian(nn.Sequential(normed), "nj")[0], bclib.LinearGroupNJ)
 
 
 @pytest.mark.parametrize("builder", [lenet_300_100, lenet5_caffe, vgg_cifar])

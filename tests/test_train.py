@@ -551,3 +551,12 @@ def test_fit_that_raises_leaves_the_model_in_the_mode_it_came_in(small_mnist):
     history = fit(net, TensorSplit(train.x[:20], train.y[:20]), test, TrainConfig(epochs=1, device="cpu"),
                   progress=False)
     assert len(history) == 1 and net.training is False  # a run that ends leaves it in eval mode
+
+
+def test_evaluate_builds_no_autograd_graph(small_mnist):
+    _, test = small_mnist
+    net = lenet_300_100("nj")
+    seen = []
+    net.register_forward_hook(lambda module, inputs, output: seen.append(output.requires_grad))
+    result = evaluate(net, test.subset(50))
+    assert seen == [False] and 0.0 <= result["error"] <= 1.0

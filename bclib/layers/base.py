@@ -32,11 +32,17 @@ def _is_int(value) -> bool:
 
 
 def check_positive_int(name: str, value) -> int:
-    if not _is_int(value):
+    if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
     if value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value}")
-    return int(value)
+    return value
+
+
+def check_size(name: str, value) -> int:
+    """A layer size as a positive Python int; integer types such as ``numpy.int64`` are taken, as
+    ``nn.Linear`` and ``nn.Conv2d`` take them."""
+    return check_positive_int(name, int(value) if _is_int(value) else value)
 
 
 def check_pair(name: str, value, minimum: int) -> tuple[int, int]:
@@ -292,8 +298,8 @@ class _LinearGeometry:
     groups_on_input = True
 
     def _init_geometry(self, in_features: int, out_features: int) -> None:
-        self.in_features = check_positive_int("in_features", in_features)
-        self.out_features = check_positive_int("out_features", out_features)
+        self.in_features = check_size("in_features", in_features)
+        self.out_features = check_size("out_features", out_features)
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
@@ -371,8 +377,8 @@ class _Conv2dGeometry:
             raise ValueError(f"groups must be 1 (bclib's convolutions are not grouped), got {groups!r}")
         if padding_mode != "zeros":
             raise ValueError(f"padding_mode must be 'zeros' (bclib's convolutions pad with zeros), got {padding_mode!r}")
-        self.in_channels = check_positive_int("in_channels", in_channels)
-        self.out_channels = check_positive_int("out_channels", out_channels)
+        self.in_channels = check_size("in_channels", in_channels)
+        self.out_channels = check_size("out_channels", out_channels)
         self.kernel_size = check_pair("kernel_size", kernel_size, 1)
         self.stride = check_pair("stride", stride, 1)
         self.dilation = check_pair("dilation", dilation, 1)

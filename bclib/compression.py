@@ -727,14 +727,13 @@ def prune_to_groups(compressed: "CompressedModel", architecture: nn.Module, log_
     thresholds = {row.name: row.threshold for row in compressed.report.layers}
     # At its own thresholds: a network read from a file gets its masks, which the counts need.
     current = prune_further(compressed, architecture, log_alpha, list(thresholds.values()))
-    for name in names:
-        count = len(current.surviving_groups(name))
-        if log_alphas[name].numel() != count:
-            raise ValueError(f"log_alpha for {name!r} must hold one value per group ({count}: input units of a "
-                             f"linear layer, filters of a convolution), got {log_alphas[name].numel()} (one per "
-                             "weight, as Sparse VD's? prune_to_groups cuts networks of group priors)")
     for name, keep in zip(names, groups):
-        surviving = torch.sort(log_alphas[name].flatten()[current.surviving_groups(name)]).values
+        alive = current.surviving_groups(name)
+        if log_alphas[name].numel() != len(alive):
+            raise ValueError(f"log_alpha for {name!r} must hold one value per group ({len(alive)}: input units of "
+                             f"a linear layer, filters of a convolution), got {log_alphas[name].numel()} (one per "
+                             "weight, as Sparse VD's? prune_to_groups cuts networks of group priors)")
+        surviving = torch.sort(log_alphas[name].flatten()[alive]).values
         if len(surviving) > keep:
             thresholds[name] = float(surviving[keep - 1] + surviving[keep]) / 2
             current = prune_further(compressed, architecture, log_alpha, list(thresholds.values()))
@@ -915,9 +914,8 @@ class CompressedModel:
                 raise ValueError(f"report gives layer {row.name!r} {row.bits} bits, but {path} stores "
                                  f"{specs[index]['bits']}")
             stored = (int(tensors[index]["in_mask"].sum()), specs[index]["out"])
-            if row.out_kept == 0 and stored[1] == 1 and not tensors[index]["weight"].any():
-                stored = (stored[0], 0)  # the placeholder unit of zero weights an export keeps (_exported_units)
-            if (row.in_kept, row.out_kept) != stored:
+            # A layer with no unit left is exported with one unit of zero weights (_exported_units).
+            if (row.in_kept, row.out_kept or 1) != stored:
                 raise ValueError(f"report gives layer {row.name!r} {row.in_kept} inputs and {row.out_kept} outputs "
                                  f"kept, but {path} stores {stored[0]} and {stored[1]} (a report of another network)")
             bits[index] = row.bits

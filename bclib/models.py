@@ -270,7 +270,7 @@ def to_bayesian(module: nn.Module, prior: str, *, exclude: Iterable[str] = (), c
         warnings.warn(f"to_bayesian leaves these layers deterministic (torch's transformer layers read their "
                       f"weights directly in eval mode; pass them in exclude to silence this): "
                       f"{', '.join(transformer_layers)}", stacklevel=2)
-    _check_no_ties_across_modules(converted, places, excluded)
+    _check_no_ties_across_modules(converted, places, children, excluded)
     replaced = {}
     for key, names in places.items():
         if any(excluded(name) for name in names):
@@ -302,17 +302,18 @@ def _read_by_transformer(network: nn.Module, name: str) -> bool:
     return attribute in ("linear1", "linear2") and isinstance(network.get_submodule(parent), nn.TransformerEncoderLayer)
 
 
-def _check_no_ties_across_modules(network: nn.Module, places: dict[int, list[str]], excluded) -> None:
+def _check_no_ties_across_modules(network: nn.Module, places: dict[int, list[str]], children: dict[int, nn.Module],
+                                  excluded) -> None:
     """Refuse a layer to convert whose weight or bias another module also holds (a head tied to
     an embedding, two layers given one Parameter): its Bayesian copy would silently untie them."""
     holders: dict[int, list[str]] = {}
     for name, child in network.named_modules():
         for parameter in child.parameters(recurse=False):
             holders.setdefault(id(parameter), []).append(name)
-    for names in places.values():
+    for key, names in places.items():
         if any(excluded(name) for name in names):
             continue
-        layer = network.get_submodule(names[0])
+        layer = children[key]
         for kind in ("weight", "bias"):
             parameter = getattr(layer, kind)
             # .get: a weight computed by a parametrisation (spectral_norm) is held by no module.

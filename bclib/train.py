@@ -193,9 +193,10 @@ def evaluate(model: nn.Module, split: TensorSplit, batch_size: int = 1000) -> di
     wrong, total_ce = 0, 0.0
     # A model without parameters runs wherever its input is.
     device = next(model.parameters(), split.x).device
+    dtype = input_dtype(model, split.x)
     try:
         for x, y in split_batches:
-            logits = model(x.to(device, input_dtype(model, x)))
+            logits = model(x.to(device, dtype))
             y = y.to(device)
             total_ce += F.cross_entropy(logits, y, reduction="sum").item()
             wrong += (logits.argmax(1) != y).sum().item()

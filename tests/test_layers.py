@@ -315,6 +315,25 @@ def test_log_alpha_and_posterior_weight(spec):
     torch.testing.assert_close(layer.posterior_bias(), layer.bias_mu)
 
 
+@pytest.mark.parametrize("spec", HS_SPECS, ids=str)
+def test_horseshoe_posterior_variance_overflows_only_where_it_is_infinite(spec):
+    """log z ~ N(m, v) with v = 100 and m = -60: E[z^2] = exp(2m + 2v) = e^80 fits float32 (max ~e^88),
+    though exp(v) alone does not; the variance of a pruned weight (mu = 0) is then finite too."""
+    layer = spec.make()
+    perturb_(layer)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if name.endswith(("sa_logvar", "sb_logvar", "za_logvar", "zb_logvar")):
+                p.fill_(math.log(100.0))  # v = (4 * 100) / 4
+            elif name.endswith(("sa_mu", "sb_mu", "za_mu", "zb_mu")):
+                p.fill_(-30.0)  # m = (4 * -30) / 2
+        layer.mask_(torch.ones(spec.weight_shape).index_fill_(1 if spec.conv is None else 0, torch.tensor([0]), 0.0))
+    mean, var = layer.posterior_weight()
+    _, expected_var = reference_posterior_weight(spec, layer)
+    assert expected_var.max() < torch.finfo(torch.float32).max
+    torch.testing.assert_close(var.double(), expected_var, rtol=1e-3, atol=0.0)
+
+
 # ----------------------------------------------------------------------------- forward passes
 @pytest.mark.parametrize("spec", SPECS, ids=str)
 @pytest.mark.parametrize("bias", [True, False])

@@ -512,7 +512,9 @@ class GroupScaleLayer(BayesianLayer):
         z_mean, z_var = (self._group_view(t) for t in self.group_scale_moments())
         weight_var = self.weight_logvar.exp()
         mean = z_mean * self.weight_mu
-        var = z_mean.pow(2) * weight_var + z_var * self.weight_mu.pow(2) + z_var * weight_var
+        # Var[z] (mu^2 + sigma^2) rather than Var[z] mu^2 + ...: a pruned weight (mu = 0) of a
+        # group whose Var[z] overflows gives inf, not inf * 0 = NaN.
+        var = z_mean.pow(2) * weight_var + z_var * (self.weight_mu.pow(2) + weight_var)
         return mean, var
 
     def forward(self, x: Tensor) -> Tensor:

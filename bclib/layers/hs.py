@@ -150,9 +150,11 @@ class _GroupHS(GroupScaleLayer):
         return mean, var
 
     def group_scale_moments(self) -> tuple[Tensor, Tensor]:
-        # Log-normal moments: E[z] = exp(m + v/2), Var[z] = (exp(v) - 1) exp(2m + v).
+        # Log-normal moments: E[z] = exp(m + v/2), Var[z] = (exp(v) - 1) exp(2m + v), written as
+        # (1 - exp(-v)) exp(2m + 2v) so that it overflows only where Var[z] itself does (exp(v)
+        # alone overflows float32 from v ~ 88, where a small exp(2m + v) can keep Var[z] finite).
         m, v = self.log_scale_moments()
-        return torch.exp(m + 0.5 * v), torch.expm1(v) * torch.exp(2 * m + v)
+        return torch.exp(m + 0.5 * v), -torch.expm1(-v) * torch.exp(2 * (m + v))
 
     def sample_group_scale(self, shape: torch.Size) -> Tensor:
         m, v = self.log_scale_moments()

@@ -438,6 +438,21 @@ def test_horseshoe_tau0_reaches_every_layer_whether_shared_or_not():
     assert lenet5_caffe("hs", tau0=1e-3, shared_scale=True)[0].global_scale.tau0 == 1e-3
 
 
+def test_a_state_dict_of_per_layer_scales_does_not_load_into_a_shared_scale():
+    torch.manual_seed(0)
+    per_layer, shared = lenet5_caffe("hs"), lenet5_caffe("hs", shared_scale=True)
+    with pytest.raises(RuntimeError, match="other values under '.*' than under '.*': this state_dict holds one "
+                                           r"scale per layer \(shared_scale=False\), the network one shared scale"):
+        shared.load_state_dict(per_layer.state_dict())
+    # One shared scale's copies agree: it loads into a shared-scale network, and into one scale per layer
+    # (each layer then starts from the shared values), repeatedly.
+    source = lenet5_caffe("hs", shared_scale=True)
+    for target in (shared, shared, per_layer):
+        target.load_state_dict(source.state_dict())
+        for _, layer in bclib.bayesian_layers(target):
+            assert torch.equal(layer.global_scale.sb_mu, source[0].global_scale.sb_mu)
+
+
 @pytest.mark.parametrize("kwargs, error, message", [
     ({"width": 0}, ValueError, "width must be a positive number, got 0"),
     ({"width": -1.0}, ValueError, "width must be a positive number, got -1.0"),

@@ -57,7 +57,9 @@ class HorseshoeGlobalScale(nn.Module):
 
     A scale passed to a layer as its ``global_scale`` is marked ``shared``: from then on no layer
     counts it in its own ``kl_divergence()`` or resets it, and :func:`bclib.kl_divergence` counts it
-    once (this holds for a layer's own scale handed on to another layer too).
+    once (this holds for a layer's own scale handed on to another layer too). ``load_state_dict``
+    refuses a state_dict whose copies of a shared scale disagree: one from a network with a scale
+    per layer.
 
     Example:
         >>> shared = HorseshoeGlobalScale(tau0=1e-5)
@@ -97,6 +99,27 @@ class HorseshoeGlobalScale(nn.Module):
 
     def extra_repr(self) -> str:
         return f"tau0={self.tau0}"
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # A shared scale is loaded once under each layer that holds it. A state_dict of one scale per
+        # layer would leave it silently with the last layer's values: report it instead, as
+        # load_state_dict reports other mismatches. One call passes the same error_msgs list to every
+        # module, which tells a second load within the call from a later call.
+        incoming = [state_dict.get(prefix + name) for name in ("sa_mu", "sa_logvar", "sb_mu", "sb_logvar")]
+        first = getattr(self, "_first_load", None)
+        if not (self.shared and first is not None and first["error_msgs"] is error_msgs):
+            self._first_load = {"error_msgs": error_msgs, "prefix": prefix, "reported": False,
+                                "values": [None if t is None else torch.as_tensor(t).detach().clone() for t in incoming]}
+        elif not first["reported"] and not all(a is None or b is None or torch.equal(a, torch.as_tensor(b))
+                                               for a, b in zip(first["values"], incoming)):
+            first["reported"] = True
+            error_msgs.append(
+                f"the global scale shared by several layers has other values under {prefix!r} than under "
+                f"{first['prefix']!r}: this state_dict holds one scale per layer (shared_scale=False), the "
+                "network one shared scale")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
 
 class _GroupHS(GroupScaleLayer):

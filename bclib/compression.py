@@ -472,6 +472,7 @@ class _Structure:
     weighted_at: list[int]
     input_shape: tuple[int, ...]
     shapes: list[tuple[tuple[int, ...], tuple[int, ...]]]
+    uncalled: frozenset[str] = frozenset()  # Bayesian layers of the model that forward never runs
 
     @property
     def names(self) -> list[str]:
@@ -484,11 +485,15 @@ class _Structure:
         if not weighted_at:
             raise ValueError("model has no Bayesian layers to compress")
         input_shape = _resolve_input_shape(model, input_shape, leaves[weighted_at[0]][1])
-        return cls(leaves, weighted_at, input_shape, check_sequence(model, leaves, input_shape))
+        called = {leaves[i][0] for i in weighted_at}
+        uncalled = frozenset(name for name, _ in bayesian_layers(model) if name not in called)
+        return cls(leaves, weighted_at, input_shape, check_sequence(model, leaves, input_shape), uncalled)
 
     def pruned(self, thresholds):
         """``(layers, alive, columns)``: every Bayesian layer's moments and own masks at ``thresholds``,
         and the units that survive the AND of the masks (:func:`_alive_units`)."""
+        if isinstance(thresholds, dict):  # as propose_thresholds gives them: every layer the model holds
+            thresholds = {name: value for name, value in thresholds.items() if name not in self.uncalled}
         layers = _collect(self.leaves, self.weighted_at, resolve_thresholds(thresholds, self.names), self.shapes)
         return (layers, *_alive_units(layers))
 
@@ -510,8 +515,9 @@ def compress(model: nn.Module, thresholds, input_shape=None) -> "CompressedModel
             ``F.relu`` and ``x.view(x.size(0), -1)`` included (:mod:`bclib.layer_sequence`).
         thresholds: log-alpha threshold per Bayesian layer, in the order ``forward`` runs them (a
             list; :func:`bclib.bayesian_layers` gives the order they were registered in, which can
-            differ), or a dict by module name (as in ``model.named_modules()``), or one number for
-            every layer. A group is kept
+            differ), or a dict by module name (as in ``model.named_modules()``; entries for
+            Bayesian layers that forward never runs are ignored, as they are not exported), or one
+            number for every layer. A group is kept
             when ``log_alpha < threshold``. Typical values: the release used -2.8 to -5 for the
             NJ layers (their groups start near -9); a horseshoe group the data does not use settles
             near log(e - 1) = 0.54; Sparse VD weights are dropped above 3 (Molchanov et al.).

@@ -437,6 +437,33 @@ def test_propose_thresholds_per_layer():
     assert propose_thresholds(model, fallback=-2.5)["4"] == -2.5
 
 
+class _WithUnusedLayer(nn.Module):
+    """A Bayesian layer that forward never runs (an auxiliary head, say) beside a chain of two."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.unused, self.last = (bclib.LinearGroupNJ(6, 4), bclib.LinearGroupNJ(4, 3),
+                                              bclib.LinearGroupNJ(4, 3))
+
+    def forward(self, x):
+        return self.last(torch.relu(self.first(x)))
+
+
+def test_thresholds_of_a_layer_forward_never_runs_are_ignored():
+    torch.manual_seed(0)
+    model = _WithUnusedLayer().eval()
+    with torch.no_grad():
+        model.first.z_logvar.copy_(torch.tensor([-8.0, -8.0, 3.0, 3.0, -8.0, 3.0]))
+    proposed = propose_thresholds(model, fallback=-2.5)
+    assert sorted(proposed) == ["first", "last", "unused"]
+    assert compress(model, proposed).report.architecture.startswith("3-")
+    report = compress(model, {**proposed, "last": 0.0}).report  # every group of 'last' sits near -9: all kept
+    # Inputs 0, 1, 4 of the first layer survive; the unused layer is not exported.
+    assert report.architecture == "3-4" and [row.name for row in report.layers] == ["first", "last"]
+    with pytest.raises(ValueError, match=r"unknown names \['nope'\]"):
+        compress(model, {**proposed, "nope": 0.0})
+
+
 def test_propose_threshold_splits_a_small_single_cluster_as_its_docstring_warns():
     """20 draws of one normal in 64 bins: the empty bins inside the cluster pass for a valley, and the
     proposal cuts the cluster (the limitation the docstring states); 2,000 draws are refused."""

@@ -215,7 +215,8 @@ class WeightEvolutionRecorder:
             positions among the Bayesian layers; ``None`` records all of them.
         thresholds: the log-alpha threshold of every Bayesian layer of the model (all of them,
             recorded or not, since a layer's outputs are pruned by the next layer): a sequence in
-            order, a dict by module name, or one number for all layers. ``None`` uses
+            the order the layers were registered (:func:`bclib.bayesian_layers`), a dict by module
+            name, or one number for all layers. ``None`` uses
             :data:`DEFAULT_THRESHOLD` (-3) everywhere. A wrong length is a ``ValueError``.
             The masks are those of :func:`bclib.compression.weight_masks` (the AND rule of
             :func:`bclib.compress`), so a conv model needs its ``input_shape`` attribute.
@@ -260,18 +261,22 @@ class WeightEvolutionRecorder:
         thresholds = _resolve_thresholds(self.thresholds, names)
         keys = range(len(all_layers)) if self.layers is None else self.layers
         positions = [_select_layer(model, "model", key, "layers") for key in keys]
+        if len(set(positions)) != len(positions):
+            raise ValueError(f"layers names a layer twice: {self.layers} are {[names[p] for p in positions]}")
         if self.epochs and positions != self.layer_positions:
             raise ValueError(f"model: recorded layers {self.layer_names} before, now {[names[p] for p in positions]}")
         if not due:
             return
         # The AND masks of bclib.compress: what the compressed network would keep at this epoch.
-        masks = list(weight_masks(model, thresholds).values())
+        # By name: weight_masks orders its layers as forward runs them, this recorder as they were
+        # registered, and the two orders can differ.
+        masks = weight_masks(model, dict(zip(names, thresholds)))
         self.layer_positions = positions
         self.layer_names = [names[p] for p in positions]
         for p in positions:
             name, layer = all_layers[p]
             self.weights.setdefault(name, []).append(layer.posterior_weight()[0].detach().float().cpu().clone())
-            self.masks.setdefault(name, []).append(masks[p])
+            self.masks.setdefault(name, []).append(masks[name])
         self.epochs.append(epoch)
 
     def __len__(self) -> int:

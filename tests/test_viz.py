@@ -115,6 +115,31 @@ def test_thresholds_decide_the_groups(pair):
     assert torch.equal(recorder.masks["0"][0], expected)
 
 
+class _RegisteredBackwards(nn.Module):
+    """The pair's layers, registered last first: forward runs them in the other order."""
+
+    def __init__(self, pair):
+        super().__init__()
+        self.fc2, self.fc1 = pair[2], pair[0]
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_recorder_masks_follow_the_layers_not_their_order(pair):
+    # A list of thresholds is in registration order (fc2, fc1): fc1 gets 0.5 and keeps its input 1.
+    recorder = viz.WeightEvolutionRecorder(thresholds=[-3.0, 0.5])
+    recorder(0, _RegisteredBackwards(pair), {})
+    assert recorder.layer_names == ["fc2", "fc1"]
+    assert torch.equal(recorder.masks["fc1"][0], torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1], [0, 0, 0, 0]]).bool())
+    assert torch.equal(recorder.masks["fc2"][0], torch.tensor([[1, 1, 0], [1, 1, 0]]).bool())
+
+
+def test_recorder_refuses_a_layer_named_twice(pair):
+    with pytest.raises(ValueError, match=r"layers names a layer twice: \[0, '0'\] are \['0', '0'\]"):
+        viz.WeightEvolutionRecorder(layers=[0, "0"])(0, pair, {})
+
+
 def test_conv_filters_prune_the_flattened_inputs_of_the_next_linear_layer():
     conv = bclib.Conv2dGroupNJ(1, 2, 3)  # 2 filters on 4x4 images -> 2 x 2 x 2 = 8 flattened inputs
     with torch.no_grad():

@@ -81,6 +81,7 @@ _GIF_TITLE_FONTSIZE = 14
 _DPI = 100
 # Browsers replace GIF delays under 20 ms (2 hundredths of a second) by 100 ms.
 _MIN_DURATION_MS = 20
+_MAX_DURATION_MS = 655_350  # GIF delays are 16-bit counts of hundredths of a second
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -92,10 +93,11 @@ def _check_number(name: str, value) -> float:
 
 
 def _check_duration(duration) -> int:
-    if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not duration >= _MIN_DURATION_MS:
+    if (isinstance(duration, bool) or not isinstance(duration, (int, float))
+            or not _MIN_DURATION_MS <= duration <= _MAX_DURATION_MS):
         raise ValueError(
-            f"duration must be a number of milliseconds >= {_MIN_DURATION_MS} (browsers show shorter "
-            f"GIF frames for 100 ms), got {duration!r}"
+            f"duration must be a number of milliseconds from {_MIN_DURATION_MS} (browsers show shorter "
+            f"GIF frames for 100 ms) to {_MAX_DURATION_MS} (a GIF's longest delay), got {duration!r}"
         )
     return int(round(duration))
 
@@ -933,6 +935,8 @@ def plot_run_comparison(histories: Mapping[str, Sequence[Mapping]], *, reference
                 isinstance(row, Mapping) and {"epoch", "test_error", "kl"} <= row.keys() for row in history):
             raise ValueError(f"histories[{label!r}] must be a non-empty sequence of per-epoch dicts with "
                              "'epoch', 'test_error' and 'kl'")
+    if reference_error is not None and not 0 <= _check_number("reference_error", reference_error) <= 1:
+        raise ValueError(f"reference_error must be an error as a fraction, from 0 to 1, got {reference_error!r}")
     fig = Figure(figsize=(8.0, 3.2), layout="constrained")
     errors, kls = fig.subplots(1, 2)
     for label, history in histories.items():
@@ -983,6 +987,8 @@ def plot_retraining_tradeoff(panels: Sequence[Mapping], *, error_limit: float = 
         if missing:
             raise ValueError(f"panels[{k}] lacks {sorted(missing)}")
     limit = _check_number("error_limit", error_limit)
+    if limit <= 0:
+        raise ValueError(f"error_limit must be positive (percent), got {error_limit}")
     fig = Figure(figsize=(4.2 * len(panels), 3.6), layout="constrained")
     axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
 

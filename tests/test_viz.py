@@ -416,6 +416,10 @@ def test_run_comparison_draws_each_run_and_the_reference():
     assert list(kls.lines[1].get_ydata()) == [7.0] and kls.get_yscale() == "log"
     assert list(errors.lines[2].get_ydata()) == [0.8, 0.8]
     assert [t.get_text() for t in errors.get_legend().get_texts()] == ["a", "b", "start"]
+    with pytest.raises(TypeError, match="reference_error must be a finite number, got '0.01'"):
+        viz.plot_run_comparison({"a": first}, reference_error="0.01")
+    with pytest.raises(ValueError, match="reference_error must be an error as a fraction, from 0 to 1, got 1.8"):
+        viz.plot_run_comparison({"a": first}, reference_error=1.8)  # a percentage, not a fraction
     with pytest.raises(ValueError, match="histories must map"):
         viz.plot_run_comparison({})
     with pytest.raises(ValueError, match=r"histories\['b'\] must be"):
@@ -498,8 +502,10 @@ def test_layers_that_are_not_bayesian(pair):
 def test_other_bad_input(pair, tmp_path):
     recorder = viz.WeightEvolutionRecorder()
     recorder(0, pair, {})
-    with pytest.raises(ValueError, match="duration"):
-        viz.write_weight_gifs(recorder, tmp_path, duration=0)
+    for duration in (0, 655_360, math.inf):  # a GIF's longest delay is 655,350 ms
+        with pytest.raises(ValueError, match=f"duration must be a number of milliseconds from 20 .* got {duration}"):
+            viz.write_weight_gifs(recorder, tmp_path, duration=duration)
+    assert list(tmp_path.iterdir()) == []
     with pytest.raises(ValueError, match="layer must be one of"):
         viz.render_weight_frames(recorder, "1")
     with pytest.raises(TypeError, match="epoch"):
@@ -598,6 +604,8 @@ def test_retraining_tradeoff_draws_the_three_sources():
     assert list(sweep.get_xdata()) == [200.0, 300.0]  # the setting that prunes all is left out
     np.testing.assert_allclose(sweep.get_ydata(), [1.2, 1.4])
     np.testing.assert_allclose(tried.get_ydata(), [0.9, 0.95, 3.0])  # 4 % clipped to the 3 % edge
+    with pytest.raises(ValueError, match="error_limit must be positive"):
+        viz.plot_retraining_tradeoff([panel], error_limit=-2.0)
     assert list(ax.lines[2].get_xdata()) == [420.0] and ax.lines[2].get_marker() == "^"
     assert list(kept.get_xdata()) == [350.0] and list(release.get_xdata()) == [400.0]
     np.testing.assert_allclose(release.get_ydata(), [1.0])

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Callable
 
@@ -19,18 +19,30 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> P
     if path.is_dir():  # else the rename fails naming the temporary file, which would puzzle
         raise IsADirectoryError(f"path {str(path)!r} is a folder; give the path of a file to write (one inside it, say)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    os.close(handle)
+    temporary = _create_temporary(path)
     try:
         write(temporary)
         with open(temporary, "rb+") as written:  # on disk before the rename: a power cut leaves old or new
             os.fsync(written.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
             os.remove(temporary)
         raise
     return path
+
+
+def _create_temporary(path: Path) -> str:
+    """Create an empty, new file beside ``path`` and return its name.
+
+    Opened with mode 0666 so that the kernel applies the umask (reading the umask means setting it,
+    which races with other threads); the name keeps at most 100 characters of ``path``'s, so that a
+    legal long file name still leaves room for the suffix.
+    """
+    while True:
+        temporary = path.parent / f".{path.name[:100]}.{secrets.token_hex(6)}.part"
+        try:
+            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return str(temporary)

@@ -215,7 +215,7 @@ def _finished(run_dir: Path, fast: bool) -> bool:
         config = json.loads((run_dir / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    return (run_dir / "report.json").is_file() and bool(config.get("fast")) == fast
+    return isinstance(config, dict) and (run_dir / "report.json").is_file() and bool(config.get("fast")) == fast
 
 
 # The library's errors begin with the Python argument at fault; on the command line, the flag is named.
@@ -352,6 +352,8 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.command == "bench":
         from . import bench
 
+        if args.out is not None and Path(args.out).is_dir():  # found now, not after hours of benchmarks
+            raise ValueError(f"--out: {args.out!r} is a folder; give the path of the JSON file to write")
         results = {}
         # Compression first: the layers and epochs benchmarks keep freed memory for the rest of the process.
         if args.which in ("compression", "all"):

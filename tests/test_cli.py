@@ -101,6 +101,14 @@ def test_bench_compression_refuses_a_run_folder_that_is_not_one(tmp_path, capsys
     assert info.value.code == 2 and "--run: " in capsys.readouterr().err
 
 
+def test_bench_refuses_a_folder_as_out_before_it_measures(tmp_path, capsys, monkeypatch):
+    from bclib import bench
+    monkeypatch.setattr(bench, "run_layers_bench", lambda **kwargs: pytest.fail("measured before checking --out"))
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "layers", "--out", str(tmp_path)])
+    assert info.value.code == 2 and f"--out: {str(tmp_path)!r} is a folder" in capsys.readouterr().err
+
+
 def test_library_errors_name_the_flag_on_the_command_line():
     assert _with_flag("out_dir '/x' holds another run", "train") == "--out '/x' holds another run"
     assert _with_flag("thresholds: run '/x' is deterministic", "compress") == "--thresholds: run '/x' is deterministic"
@@ -223,17 +231,18 @@ def test_reproduce_skip_finished_skips_only_runs_finished_with_the_same_fast_set
     monkeypatch.delenv("BCLIB_FAST", raising=False)
     for name, files in (("lenet5_dense", {"config.json": {"fast": False}}),  # started, not finished: resumes
                         ("lenet5_nj", {"config.json": {"fast": True}, "report.json": {}}),  # a --fast run
-                        ("lenet5_hs", {"config.json": {"fast": False}, "report.json": {}})):  # finished
+                        ("lenet5_hs", {"config.json": {"fast": False}, "report.json": {}}),  # finished
+                        ("lenet5_svd", {"config.json": [False], "report.json": {}})):  # a damaged config: rerun
         (tmp_path / name).mkdir()
         for file, content in files.items():
             (tmp_path / name / file).write_text(json.dumps(content))
-    names = ["lenet5_dense", "lenet5_nj", "lenet5_hs"]
+    names = ["lenet5_dense", "lenet5_nj", "lenet5_hs", "lenet5_svd"]
     main(["reproduce", "--only", *names, "--out", str(tmp_path), "--skip-finished"])
-    assert ran == ["lenet5_dense", "lenet5_nj"]
+    assert ran == ["lenet5_dense", "lenet5_nj", "lenet5_svd"]
     assert "== lenet5_hs: finished in" in capsys.readouterr().out
     ran.clear()
     main(["reproduce", "--only", *names, "--out", str(tmp_path), "--skip-finished", "--fast"])
-    assert ran == ["lenet5_dense", "lenet5_hs"]
+    assert ran == ["lenet5_dense", "lenet5_hs", "lenet5_svd"]
     ran.clear()
     main(["reproduce", "--only", *names, "--out", str(tmp_path)])  # the default: run them all
     assert ran == names

@@ -295,7 +295,10 @@ def _as_module(model: nn.Module, node: fx.Node) -> tuple[str, nn.Module]:
     else:
         if len(extra) > len(names):
             raise TypeError(f"{_describe(node)} has more arguments than expected")
-        args = {**dict(zip(names, extra)), **node.kwargs}
+        kwargs = dict(node.kwargs)
+        if not node.args:  # the chain's value given by keyword, torch.tanh(input=x): the first (_check_input)
+            del kwargs[next(iter(kwargs))]
+        args = {**dict(zip(names, extra)), **kwargs}
         if any(isinstance(v, fx.Node) for v in args.values()):
             raise TypeError(f"{_describe(node)} takes an argument computed in forward; compress needs constants")
     return f"forward:{node.name}", build(args).eval()  # eval like the rest: F.dropout's module draws nothing

@@ -182,6 +182,14 @@ def test_functional_forms_become_their_modules():
         assert torch.allclose(apply_masks(model, result.masks)(x), result.model(x), atol=1e-5)
 
 
+def test_functions_given_the_chain_by_keyword():
+    model = _Forward(lambda m, x: F.log_softmax(input=m.fc2(torch.tanh(input=F.leaky_relu(input=m.fc1(x),
+                                                                                      negative_slope=0.3))), dim=1))
+    modules = [module for _, module in layer_sequence(model)]
+    assert [type(m) for m in modules] == [bclib.LinearGroupNJ, nn.LeakyReLU, nn.Tanh, bclib.LinearGroupNJ, nn.LogSoftmax]
+    assert modules[1].negative_slope == 0.3 and modules[4].dim == 1
+
+
 class _Forward(nn.Module):
     """Two Bayesian layers and a forward given as a function of (self, x)."""
 

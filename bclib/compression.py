@@ -240,9 +240,16 @@ class CompressionReport:
         if missing:
             raise ValueError(f"data lacks the report fields {missing}")
         values = {name: math.inf if data[name] is None else data[name] for name in names}
+        row_fields = {f.name for f in fields(LayerReport)}
+        for number, row in enumerate(data["layers"]):
+            if not isinstance(row, dict):
+                raise ValueError(f"data['layers'][{number}] must be a dict (a layer's row), got {type(row).__name__}")
+            if set(row) != row_fields:
+                raise ValueError(f"data['layers'][{number}] lacks the keys {sorted(row_fields - set(row))} and has "
+                                 f"unknown keys {sorted(set(row) - row_fields)} (a layer's row holds {sorted(row_fields)})")
         # to_dict writes an infinite threshold (keep everything) as None, as it does infinite rates.
-        layers = [LayerReport(**{**row, "threshold": math.inf if row.get("threshold", 0.0) is None
-                                 else row["threshold"]}) for row in data["layers"]]
+        layers = [LayerReport(**{**row, "threshold": math.inf if row["threshold"] is None else row["threshold"]})
+                  for row in data["layers"]]
         return cls(layers=layers, **values)
 
     def to_dict(self) -> dict:
@@ -907,9 +914,12 @@ class CompressedModel:
             ValueError: a file :func:`bclib.load_compressed` rejects, or a report whose layers do
                 not match the file's weighted layers (their count, bits, or inputs and outputs kept).
         """
-        input_shape, specs, tensors = read_compressed(path)
         if isinstance(report, dict):
             report = CompressionReport.from_dict(report)
+        elif not isinstance(report, CompressionReport):
+            raise TypeError(f"report must be a CompressionReport or its dict (a run's report.json), got "
+                            f"{type(report).__name__}")
+        input_shape, specs, tensors = read_compressed(path)
         weighted = [i for i, spec in enumerate(specs) if spec["type"] in ("linear", "conv2d")]
         if len(weighted) != len(report.layers):
             raise ValueError(f"report describes {len(report.layers)} Bayesian layers, but {path} holds "

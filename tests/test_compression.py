@@ -689,6 +689,16 @@ def test_from_file_gives_back_the_saved_network(tmp_path):
         CompressedModel.from_file(tmp_path / "net.bcz", compress(_hand_built_linear_net(), [0.0, 0.0]).report)
     with pytest.raises(ValueError, match="data lacks the report fields"):
         CompressedModel.from_file(tmp_path / "net.bcz", {"layers": []})
+    with pytest.raises(TypeError, match=r"report must be a CompressionReport or its dict .*, got str"):
+        CompressedModel.from_file(tmp_path / "net.bcz", "report.json")
+    damaged = compressed.report.to_dict()
+    damaged["layers"][1]["in_kept_"] = damaged["layers"][1].pop("in_kept")  # a misspelt key
+    with pytest.raises(ValueError, match=r"data\['layers'\]\[1\] lacks the keys \['in_kept'\] and has unknown "
+                                         r"keys \['in_kept_'\]"):
+        CompressedModel.from_file(tmp_path / "net.bcz", damaged)
+    damaged["layers"][1] = list(damaged["layers"][1].values())
+    with pytest.raises(ValueError, match=r"data\['layers'\]\[1\] must be a dict \(a layer's row\), got list"):
+        CompressedModel.from_file(tmp_path / "net.bcz", damaged)
     # The report of the same network with fc1 pruned away (threshold -100), same bits.
     other = compress(_hand_built_linear_net(), [-100.0, 0.0]).with_bits([3, 5]).report
     with pytest.raises(ValueError, match=r"report gives layer '0' 0 inputs and 0 outputs kept, but .* stores 3 and 3"):

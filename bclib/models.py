@@ -169,16 +169,22 @@ def bayesian_from_pretrained(name: str, prior, pretrained: nn.Module, **kwargs) 
         >>> det = lenet_300_100(None)
         >>> bayes = bayesian_from_pretrained("lenet300", "nj", det)
     """
+    if prior not in ("nj", "hs", "svd"):
+        raise ValueError(f"prior must be 'nj', 'hs' or 'svd' (a Bayesian model to start from pretrained), got {prior!r}")
+    if not isinstance(pretrained, nn.Module):
+        raise TypeError(f"pretrained must be the deterministic network (an nn.Module), got {type(pretrained).__name__}; "
+                        f"for a state_dict, build it with build_model({name!r}, None) and load it there first")
     model = build_model(name, prior, **kwargs)
     plain = [m for m in pretrained.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     bayes = [m for m in model.modules() if hasattr(m, "load_pretrained")]
-    if len(plain) != len(bayes):
-        raise ValueError(f"pretrained has {len(plain)} linear/conv layers, model {name!r} has {len(bayes)}")
+    norms = [[m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+             for network in (pretrained, model)]
+    for sources, targets, what in ((plain, bayes, "linear/conv layers"), (*norms, "BatchNorm layers")):
+        if len(sources) != len(targets):
+            raise ValueError(f"pretrained has {len(sources)} {what}, model {name!r} has {len(targets)}")
     for source, target in zip(plain, bayes):
         target.load_pretrained(source.weight.detach(), None if source.bias is None else source.bias.detach())
-    norms = zip([m for m in pretrained.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)],
-                [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)])
-    for source, target in norms:
+    for source, target in zip(*norms):
         target.load_state_dict(source.state_dict())
     return model
 

@@ -224,8 +224,16 @@ def test_bayesian_from_pretrained_computes_the_same_function(name, kwargs, prior
 
 
 def test_bayesian_from_pretrained_rejects_another_architecture():
-    with pytest.raises(ValueError, match="pretrained"):
+    with pytest.raises(ValueError, match="pretrained has 3 linear/conv layers, model 'lenet5' has 4"):
         bayesian_from_pretrained("lenet5", "nj", lenet_300_100(None))
+    # The same linear and conv layers without BatchNorm: the statistics would be left at their start.
+    plain = nn.Sequential(*(m for m in vgg_cifar(None, width=0.25) if not isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))))
+    with pytest.raises(ValueError, match=r"pretrained has 0 BatchNorm layers, model 'vgg' has \d+"):
+        bayesian_from_pretrained("vgg", "nj", plain, width=0.25)
+    with pytest.raises(ValueError, match="prior must be 'nj', 'hs' or 'svd' .*, got None"):
+        bayesian_from_pretrained("lenet300", None, lenet_300_100(None))
+    with pytest.raises(TypeError, match="pretrained must be the deterministic network .*, got OrderedDict"):
+        bayesian_from_pretrained("lenet300", "nj", lenet_300_100(None).state_dict())
 
 
 # ----------------------------------------------------------------------------- any network -> Bayesian

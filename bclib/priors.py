@@ -39,8 +39,10 @@ __all__ = [
 PRIORS = ("horseshoe", "log_uniform")
 
 # Midpoints over log z for the mixture integrals. The integrands are smooth on the scale of one
-# unit of log z, so a step of 0.04 (or finer) is accurate to ~1e-6 relative.
+# unit of log z, so a step of 0.04 (or finer) is accurate to ~1e-6 relative: at least 2001 points,
+# more for ranges wider than 80.
 _NUM_LOG_SCALES = 2001
+_MAX_LOG_SCALE_STEP = 0.04
 # Half-width in log z of the horseshoe's integral around log tau: the omitted scales carry no
 # mass that matters for |w| / tau between 1e-6 and 1e6.
 _HORSESHOE_LOG_HALF_WIDTH = 40.0
@@ -72,9 +74,10 @@ def half_cauchy_pdf(x, scale: float = 1.0) -> Tensor:
 def _scale_mixture_pdf(w, log_scale_density, low: float, high: float) -> Tensor:
     r""":math:`p(w) = \int_{low}^{high} N(w; 0, z^2)\, p(\log z)\, d\log z` by a midpoint rule in :math:`\log z`."""
     w = torch.as_tensor(w, dtype=torch.float64)
-    edges = torch.linspace(low, high, _NUM_LOG_SCALES + 1, dtype=torch.float64)
+    points = max(_NUM_LOG_SCALES, math.ceil((high - low) / _MAX_LOG_SCALE_STEP))
+    edges = torch.linspace(low, high, points + 1, dtype=torch.float64)
     log_z = 0.5 * (edges[1:] + edges[:-1])
-    step = (high - low) / _NUM_LOG_SCALES
+    step = (high - low) / points
     log_weight = torch.log(log_scale_density(log_z)) + math.log(step)
     # log N(w; 0, z^2) for every (w, z) pair, then log-sum-exp over z.
     flat = w.reshape(-1, 1)
@@ -87,11 +90,11 @@ def horseshoe_pdf(w, tau: float = 1.0) -> Tensor:
 
     No closed form exists (Carvalho et al. 2010 give the bounds
     :math:`\frac{K}{2}\log(1 + 4/w^2) < p(w) < K \log(1 + 2/w^2)`, :math:`K = (2\pi^3)^{-1/2}`, for
-    :math:`\tau = 1`); this integrates over :math:`\log\lambda` numerically. The density is
-    infinite at ``w = 0``.
+    :math:`\tau = 1`); this integrates over :math:`\log\lambda` numerically, for
+    :math:`10^{-6} \le |w|/\tau \le 10^6`. The density is infinite at ``w = 0``.
 
     Args:
-        w: weights (any shape, nonzero for a finite result).
+        w: weights (any shape); ``inf`` where ``w`` is zero.
         tau: the global scale :math:`\tau`.
 
     Returns:
@@ -99,8 +102,10 @@ def horseshoe_pdf(w, tau: float = 1.0) -> Tensor:
     """
     tau = _positive("tau", tau)
     # Density of log z for z = tau * lambda: C+(z; 0, tau) * z.
-    return _scale_mixture_pdf(w, lambda log_z: half_cauchy_pdf(log_z.exp(), tau) * log_z.exp(),
-                              math.log(tau) - _HORSESHOE_LOG_HALF_WIDTH, math.log(tau) + _HORSESHOE_LOG_HALF_WIDTH)
+    density = _scale_mixture_pdf(w, lambda log_z: half_cauchy_pdf(log_z.exp(), tau) * log_z.exp(),
+                                 math.log(tau) - _HORSESHOE_LOG_HALF_WIDTH, math.log(tau) + _HORSESHOE_LOG_HALF_WIDTH)
+    # The integral over a window of scales stays finite at 0; the density does not.
+    return density.masked_fill(torch.as_tensor(w, dtype=torch.float64) == 0, math.inf)
 
 
 def log_uniform_mixture_pdf(w, log_scale_range=(-10.0, 2.0)) -> Tensor:

@@ -56,6 +56,22 @@ def test_truncated_normal_jeffreys_is_one_over_w_in_the_middle():
     assert total == pytest.approx(1.0, abs=1e-4)
 
 
+@pytest.mark.parametrize("log_scale_range", [(-10.0, 2.0), (-60.0, 60.0), (-2000.0, 2000.0)])
+def test_truncated_normal_jeffreys_against_its_closed_form(log_scale_range):
+    # With t = |w| e^-s: p(w) = (Phi(|w| e^-a) - Phi(|w| e^-b)) / ((b - a) |w|).
+    a, b = log_scale_range
+    w = torch.tensor([0.37, 1.0, 2.5], dtype=torch.float64)
+    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), 1.0)
+    scale = torch.exp(-torch.tensor([a, b], dtype=torch.float64))  # e^2000 is inf here, Phi(inf) = 1
+    expected = (normal.cdf(w * scale[0]) - normal.cdf(w * scale[1])) / ((b - a) * w)
+    torch.testing.assert_close(priors.log_uniform_mixture_pdf(w, log_scale_range), expected, rtol=1e-6, atol=0.0)
+
+
+def test_the_horseshoe_density_is_infinite_at_zero():
+    density = priors.horseshoe_pdf(torch.tensor([0.0, -0.0, 1e-6], dtype=torch.float64))
+    assert density[:2].tolist() == [math.inf, math.inf] and math.isfinite(density[2])
+
+
 def test_decomposed_half_cauchy_has_the_half_cauchy_distribution():
     # Kolmogorov-Smirnov distance to the CDF 2/pi atan(x/k); 1.63/sqrt(n) is the 1% critical value.
     torch.manual_seed(1)

@@ -112,7 +112,16 @@ def nj_kl_approx_sum(mu: torch.Tensor, logvar: torch.Tensor, eps: float = 1e-8,
         True
     """
     _check_same_shape(mu, logvar)
+    if log_alpha_range is not None and not (len(log_alpha_range) == 2 and log_alpha_range[0] < log_alpha_range[1]):
+        raise ValueError(f"log_alpha_range must be None or a pair (low, high) with low < high, got {log_alpha_range!r}")
     return _NJKLApproxSum.apply(mu, logvar, eps, log_alpha_range)
+
+
+def _check_gamma_parameters(shape, scale) -> None:
+    """The (inverse-)Gamma prior's shape ``a`` and scale ``b``, positive finite numbers."""
+    for name, value in (("shape", shape), ("scale", scale)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a positive finite number (the prior's), got {value!r}")
 
 
 def _check_same_shape(mu: torch.Tensor, logvar: torch.Tensor, mean_name: str = "mu") -> None:
@@ -149,7 +158,8 @@ def nj_kl_exact(log_alpha, num_points: int = 400_001, half_width: float = 12.0) 
     """
     if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 2:
         raise ValueError(f"num_points must be an int >= 2, got {num_points!r}")
-    if not (isinstance(half_width, (int, float)) and math.isfinite(half_width) and half_width > 0):
+    if isinstance(half_width, bool) or not (isinstance(half_width, (int, float)) and math.isfinite(half_width)
+                                            and half_width > 0):
         raise ValueError(f"half_width must be a finite number > 0, got {half_width!r}")
     num_points += num_points % 2
     log_alpha = np.asarray(log_alpha, dtype=np.float64)
@@ -158,9 +168,12 @@ def nj_kl_exact(log_alpha, num_points: int = 400_001, half_width: float = 12.0) 
     weights = np.exp(-0.5 * xi**2) / math.sqrt(2 * math.pi) * (edges[1] - edges[0])
     out = np.empty(log_alpha.shape)
     for index, la in np.ndenumerate(log_alpha):
-        sigma = math.exp(0.5 * la)
         # E log|1 + sigma xi|, xi ~ N(0, 1); log|.| of a midpoint never hits the singularity exactly.
-        expected_log = np.sum(weights * np.log(np.abs(1.0 + sigma * xi) + 1e-300))
+        # For sigma > 1 as log sigma + E log|1/sigma + xi|: sigma itself overflows from log alpha ~ 1420.
+        if la <= 0:
+            expected_log = np.sum(weights * np.log(np.abs(1.0 + math.exp(0.5 * la) * xi) + 1e-300))
+        else:
+            expected_log = 0.5 * la + np.sum(weights * np.log(np.abs(math.exp(-0.5 * la) + xi) + 1e-300))
         out[index] = -0.5 * la + expected_log + 0.5 * (_EULER_GAMMA + math.log(2.0))
     return out
 
@@ -207,6 +220,7 @@ def lognormal_gamma_kl(m: torch.Tensor, v: torch.Tensor, shape: float, scale: fl
     .. math::
         -\tfrac12(\log 2\pi + \log v + 1) + \log\Gamma(a) + a\log b - a m + e^{m + v/2} / b
     """
+    _check_gamma_parameters(shape, scale)
     return (
         -0.5 * (math.log(2 * math.pi) + torch.log(v) + 1.0)
         + math.lgamma(shape)
@@ -224,6 +238,7 @@ def lognormal_inverse_gamma_kl(m: torch.Tensor, v: torch.Tensor, shape: float, s
     .. math::
         -\tfrac12(\log 2\pi + \log v + 1) + \log\Gamma(a) - a\log b + a m + b\, e^{-m + v/2}
     """
+    _check_gamma_parameters(shape, scale)
     return (
         -0.5 * (math.log(2 * math.pi) + torch.log(v) + 1.0)
         + math.lgamma(shape)
@@ -272,6 +287,7 @@ def lognormal_gamma_kl_sum(m: torch.Tensor, logvar: torch.Tensor, shape: float, 
         >>> bool(torch.isclose(lognormal_gamma_kl_sum(m, logvar, 0.5, 1.0), lognormal_gamma_kl(m, logvar.exp(), 0.5, 1.0).sum()))
         True
     """
+    _check_gamma_parameters(shape, scale)
     _check_same_shape(m, logvar, "m")
     return _LogNormalKLSum.apply(m, logvar, shape, scale, 1.0)
 
@@ -279,5 +295,6 @@ def lognormal_gamma_kl_sum(m: torch.Tensor, logvar: torch.Tensor, shape: float, 
 def lognormal_inverse_gamma_kl_sum(m: torch.Tensor, logvar: torch.Tensor, shape: float, scale: float) -> torch.Tensor:
     """``lognormal_inverse_gamma_kl(m, logvar.exp(), shape, scale).sum()`` as one fused operation (see
     :func:`lognormal_gamma_kl_sum`)."""
+    _check_gamma_parameters(shape, scale)
     _check_same_shape(m, logvar, "m")
     return _LogNormalKLSum.apply(m, logvar, shape, scale, -1.0)

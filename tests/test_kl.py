@@ -107,9 +107,12 @@ def test_nj_kl_exact_matches_the_series():
         got = bkl.nj_kl_exact(large, num_points=num_points)
         assert (got >= 0).all()
         np.testing.assert_allclose(got, [exact_nj_kl_series(la) for la in large], atol=1e-4, rtol=0)
+    # Beyond where sigma = e^(log alpha / 2) overflows a float: the KL's limit there is 0 (its convention).
+    np.testing.assert_allclose(bkl.nj_kl_exact([1500.0, 5000.0]), [0.0, 0.0], atol=1e-4, rtol=0)
     for bad, message in (({"num_points": 0}, "num_points must be an int >= 2"),
                          ({"half_width": -12.0}, "half_width must be a finite number > 0"),
-                         ({"half_width": 0.0}, "half_width must be a finite number > 0")):
+                         ({"half_width": 0.0}, "half_width must be a finite number > 0"),
+                         ({"half_width": True}, "half_width must be a finite number > 0")):
         with pytest.raises(ValueError, match=message):
             bkl.nj_kl_exact(0.0, **bad)
 
@@ -281,6 +284,22 @@ def test_lognormal_kls_are_elementwise():
         out = closed(m, v, 0.5, 1.0)
         assert out.shape == (2, 2)
         assert out[1, 0] == closed(m[1, 0], v[1, 0], 0.5, 1.0)
+
+
+@pytest.mark.parametrize("function", [bkl.lognormal_gamma_kl, bkl.lognormal_inverse_gamma_kl,
+                                      bkl.lognormal_gamma_kl_sum, bkl.lognormal_inverse_gamma_kl_sum])
+@pytest.mark.parametrize("shape, scale, message", [(-0.5, 1.0, "shape must be a positive finite number .*-0.5"),
+                                                   (0, 1.0, "shape must be a positive finite number .*got 0"),
+                                                   (0.5, 0.0, "scale must be a positive finite number .*got 0.0"),
+                                                   (0.5, math.inf, "scale must be a positive finite number")])
+def test_lognormal_kls_refuse_priors_that_are_none(function, shape, scale, message):
+    with pytest.raises(ValueError, match=message):  # a negative shape gave a number, zero a bare math domain error
+        function(torch.zeros(2), torch.zeros(2), shape, scale)
+
+
+def test_nj_kl_sum_refuses_an_empty_clamp():
+    with pytest.raises(ValueError, match=r"log_alpha_range must be None or a pair \(low, high\) with low < high"):
+        bkl.nj_kl_approx_sum(torch.ones(2), torch.zeros(2), log_alpha_range=(8.0, -8.0))
 
 
 # ----------------------------------------------------------------------------- half-Cauchy decomposition

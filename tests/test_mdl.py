@@ -2,6 +2,7 @@
 model's evidence and posterior, entropies of fine quantisations) and against simulation."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -29,6 +30,9 @@ def test_gaussian_kl_bits_rejects_bad_scales():
         mdl.gaussian_kl_bits(0.0, 1.0, prior_std=-1.0)
     with pytest.raises(TypeError, match="prior_std"):
         mdl.gaussian_kl_bits(0.0, 1.0, prior_std="1")
+    for std in (math.inf, math.nan):  # the KL came out NaN
+        with pytest.raises(ValueError, match="q_std must be positive and finite"):
+            mdl.gaussian_kl_bits(0.0, torch.tensor([1.0, std]))
 
 
 # ----------------------------------------------------------------------------- bits-back
@@ -75,11 +79,19 @@ def test_simulated_transmissions_agree_with_the_exact_sum():
     (dict(bin_width=-1.0), ValueError, "bin_width"),
     (dict(q_mean=float("nan")), ValueError, "q_mean"),
     (dict(bin_width="0.1"), TypeError, "bin_width"),
+    # The sums would leave mass out: num_std=1 gave 2.26 net bits for a KL of 2.79.
+    (dict(num_std=1.0), ValueError, r"num_std must be at least 8\.0"),
 ])
 def test_bits_back_rejects_bad_arguments(kwargs, error, word):
     arguments = dict(q_mean=0.0, q_std=0.1, bin_width=0.01) | kwargs
     with pytest.raises(error, match=word):
         mdl.bits_back_cost(**arguments)
+
+
+def test_bits_back_takes_numbers_as_numpy_scalars_and_0d_tensors():
+    expected = mdl.bits_back_cost(0.5, 0.1, bin_width=0.01)
+    assert mdl.bits_back_cost(torch.tensor(0.5, dtype=torch.float64), np.float32(0.1), bin_width=np.float64(0.01)
+                              ).net_bits == pytest.approx(expected.net_bits, rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- a one-weight model

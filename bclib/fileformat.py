@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import lzma
 import math
+import numbers
 import struct
 import zlib
 from pathlib import Path
@@ -355,18 +356,33 @@ def encode_compressed(input_shape, specs: list[dict], tensors: list[dict[str, Te
         entropy_coding: store the payload as one LZMA2 stream of byte-aligned integers (lossless;
             the loader gives the same model either way); ``False`` keeps it bit-packed at each
             layer's width, the size the after-precision compression rate describes.
+
+    Raises:
+        TypeError: an ``input_shape`` that is not a sequence of ints, a spec or tensor dict that is
+            not a dict, a tensor that is not a ``Tensor``, or ``q``/``in_mask``/a float tensor of
+            another dtype.
+        ValueError: ``specs`` and ``tensors`` of different lengths, a spec the loader would reject,
+            a tensor missing, unexpected or of the wrong shape, or a bias float16 cannot hold (the
+            message names the argument and the layer).
     """
+    input_shape = _integer_shape(input_shape)
+    specs, tensors = list(specs), list(tensors)
+    if len(specs) != len(tensors):  # zip would drop the extra layers silently
+        raise ValueError(f"specs and tensors must have one entry per layer, got {len(specs)} specs and "
+                         f"{len(tensors)} tensor dicts")
     header_specs, payload = [], []
-    for spec, values in zip(specs, tensors):
-        spec = dict(spec)
+    for index, (spec, values) in enumerate(zip(specs, tensors)):
+        spec = _writable_spec(index, spec)
+        _check_tensor_keys(index, spec, values)
         if spec["type"] in ("linear", "conv2d"):
-            spec, parts = _encode_weighted(spec, values, entropy_coding)
+            spec, parts = _encode_weighted(index, spec, values, entropy_coding)
             payload += parts
         elif spec["type"] in ("batchnorm1d", "batchnorm2d"):
-            keys = ("running_mean", "running_var") + (("weight", "bias") if spec["affine"] else ())
-            payload += [values[k].detach().cpu().numpy().astype("<f4").tobytes() for k in keys]
+            for key in _batchnorm_keys(spec):
+                value = _checked_tensor(index, spec, values, key, (spec["num"],), _FLOAT)
+                payload.append(value.numpy().astype("<f4").tobytes())
         header_specs.append(spec)
-    header_fields = {"input_shape": [int(s) for s in input_shape], "layers": header_specs}
+    header_fields = {"input_shape": input_shape, "layers": header_specs}
     header_json = json.dumps(header_fields, separators=(",", ":"))
     try:
         _check_header(json.loads(header_json))  # what the loader will see
@@ -382,23 +398,90 @@ def encode_compressed(input_shape, specs: list[dict], tensors: list[dict[str, Te
     return blob + _CRC.pack(zlib.crc32(blob))
 
 
+def _integer_shape(input_shape) -> list[int]:
+    """``input_shape`` as a list of ints; a float or bool entry is refused, not truncated."""
+    try:
+        shape = list(input_shape)
+    except TypeError:
+        shape = None
+    if shape is None or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in shape):
+        raise TypeError(f"input_shape must be a sequence of ints, got {input_shape!r:.80}")
+    return [int(s) for s in shape]
+
+
+def _writable_spec(index: int, spec) -> dict:
+    """A copy of ``specs[index]``, checked against the schema before its tensors are read."""
+    if not isinstance(spec, dict):
+        raise TypeError(f"specs[{index}] must be a dict, got {type(spec).__name__}")
+    checked = dict(spec)
+    if checked.get("type") in ("linear", "conv2d"):
+        checked.update(width=0, masked=False)  # the writer sets these from the tensors
+    try:
+        _check_spec(index, checked)
+    except ValueError as error:
+        raise ValueError(f"specs[{index}] cannot be saved in a file load_compressed accepts: "
+                         f"{str(error).removeprefix('corrupt compressed file: ')}") from None
+    return dict(spec)  # the keys in their order: the header's bytes depend on it
+
+
+def _batchnorm_keys(spec: dict) -> tuple[str, ...]:
+    """A BatchNorm layer's tensors, in payload order."""
+    return ("running_mean", "running_var") + (("weight", "bias") if spec["affine"] else ())
+
+
+def _check_tensor_keys(index: int, spec: dict, values) -> None:
+    """The tensors of ``specs[index]`` are exactly those the file stores for it (an extra one would be lost)."""
+    if not isinstance(values, dict):
+        raise TypeError(f"layer {index} ({spec['type']}): tensors[{index}] must be a dict of tensors, "
+                        f"got {type(values).__name__}")
+    if spec["type"] in ("linear", "conv2d"):
+        expected = {"q", "in_mask"} | ({"bias"} if spec["bias"] else set())
+    elif spec["type"] in ("batchnorm1d", "batchnorm2d"):
+        expected = set(_batchnorm_keys(spec))
+    else:
+        expected = set()
+    if set(values) != expected:
+        raise ValueError(f"layer {index} ({spec['type']}): tensors[{index}] has keys {sorted(map(str, values))}, "
+                         f"expected {sorted(expected)}")
+
+
+_INTEGER = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+_BOOL = (torch.bool,)
+_FLOAT = (torch.float16, torch.float32, torch.float64)
+
+
+def _checked_tensor(index: int, spec: dict, values: dict, key: str, shape: tuple[int, ...], dtypes) -> Tensor:
+    """``tensors[index][key]`` on the CPU, refused unless a Tensor of exactly ``shape`` and one of ``dtypes``."""
+    value = values[key]
+    name = f"layer {index} ({spec['type']}): tensors[{index}][{key!r}]"
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in dtypes:
+        raise TypeError(f"{name} must be of dtype {' or '.join(map(str, dtypes))}, got {value.dtype}")
+    if tuple(value.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {shape}")
+    return value.detach().cpu()
+
+
 def _value_bytes(width: int) -> int:
     """Bytes per integer in an entropy-coded payload: the fewest of 1, 2, 4, 8 that hold ``width`` bits."""
     return next(size for size in (0, 1, 2, 4, 8) if 8 * size >= width)
 
 
-def _encode_weighted(spec: dict, values: dict[str, Tensor], entropy_coding: bool) -> tuple[dict, list[bytes]]:
-    q = values["q"].detach().cpu().to(torch.int64)
-    in_mask = values["in_mask"].detach().cpu().to(torch.bool)
-    if tuple(q.shape) != _weight_shape(spec) or in_mask.shape != (spec["in"],):
-        raise ValueError(f"q of shape {tuple(q.shape)} / in_mask of shape {tuple(in_mask.shape)} do not match {spec}")
+def _encode_weighted(index: int, spec: dict, values: dict[str, Tensor],
+                     entropy_coding: bool) -> tuple[dict, list[bytes]]:
+    # Integers only: a float q (weights instead of grid indices) would be truncated.
+    q = _checked_tensor(index, spec, values, "q", _weight_shape(spec), _INTEGER).to(torch.int64)
+    in_mask = _checked_tensor(index, spec, values, "in_mask", (spec["in"],), _BOOL)
     if bool(q[:, ~in_mask].any()):
-        raise ValueError("q must be zero outside in_mask (those columns are not stored)")
+        raise ValueError(f"layer {index} ({spec['type']}): tensors[{index}]['q'] must be zero outside in_mask "
+                         "(those columns are not stored)")
     stored = q[:, in_mask].numpy()
     spec["masked"] = not bool(in_mask.all())
     spec["width"] = signed_width(stored)
     if spec["width"] > MAX_WIDTH:
-        raise ValueError(f"weights need {spec['width']} bits per value, more than the format's {MAX_WIDTH}")
+        raise ValueError(f"layer {index} ({spec['type']}): weights need {spec['width']} bits per value, more than "
+                         f"the format's {MAX_WIDTH}")
     parts = []
     if spec["masked"]:
         parts.append(np.packbits(in_mask.numpy()).tobytes())
@@ -407,7 +490,14 @@ def _encode_weighted(spec: dict, values: dict[str, Tensor], entropy_coding: bool
     else:
         parts.append(pack_signed(stored, spec["width"]))
     if spec["bias"]:
-        parts.append(values["bias"].detach().cpu().numpy().astype("<f2").tobytes())
+        bias = _checked_tensor(index, spec, values, "bias", (spec["out"],), _FLOAT).numpy()
+        with np.errstate(over="ignore"):  # an overflow is refused below, not warned about
+            stored_bias = bias.astype("<f2")
+        if not np.isfinite(stored_bias).all():
+            unstorable = bias[~np.isfinite(stored_bias)][0]
+            raise ValueError(f"layer {index} ({spec['type']}): tensors[{index}]['bias'] holds {unstorable}, which "
+                             "the file's float16 biases cannot store (finite values of magnitude up to 65504 only)")
+        parts.append(stored_bias.tobytes())
     return spec, parts
 
 
@@ -512,14 +602,15 @@ def _check_header(header) -> tuple[tuple[int, ...], list[dict]]:
 
 
 def _window_output(size: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool) -> int:
-    """Output length of a convolution or pooling window along one axis (PyTorch's rule)."""
+    """Output length of a convolution or pooling window along one axis (PyTorch's rule); 0 where
+    PyTorch refuses the input as too small."""
     span = size + 2 * padding - dilation * (kernel - 1) - 1
-    if span < 0:
-        return 0
-    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    # Floor division even for a negative span: in ceil mode a window that starts inside the input
+    # may overhang its end, so a window longer than the padded input still gives one output.
+    out = (span + (stride - 1 if ceil_mode else 0)) // stride + 1
     if ceil_mode and (out - 1) * stride >= size + padding:
         out -= 1  # the last window must start inside the input or its left padding
-    return out
+    return max(out, 0)
 
 
 def infer_shapes(input_shape: tuple[int, ...], specs: list[dict]) -> list[tuple[int, ...]]:
@@ -560,7 +651,9 @@ def infer_shapes(input_shape: tuple[int, ...], specs: list[dict]) -> list[tuple[
             ok = True
             shape = (math.prod(shape),)
         elif kind in ("batchnorm1d", "batchnorm2d"):
-            ok = len(shape) == (3 if kind == "batchnorm2d" else 1) and shape[0] == spec["num"]
+            # BatchNorm1d normalises (C,) and (C, L) examples alike, channels first.
+            ranks = (3,) if kind == "batchnorm2d" else (1, 2)
+            ok = len(shape) in ranks and shape[0] == spec["num"]
         elif kind in ("softmax", "log_softmax"):
             ok = -(len(shape) + 1) <= spec["dim"] <= len(shape)  # a dim of the batched output
         else:
@@ -604,8 +697,7 @@ def _decode_payload(specs: list[dict], payload: memoryview, entropy_coded: bool)
         if spec["type"] in ("linear", "conv2d"):
             tensors.append(_decode_weighted(spec, reader, entropy_coded))
         elif spec["type"] in ("batchnorm1d", "batchnorm2d"):
-            keys = ("running_mean", "running_var") + (("weight", "bias") if spec["affine"] else ())
-            tensors.append({k: reader.floats(spec["num"], "<f4") for k in keys})
+            tensors.append({k: reader.floats(spec["num"], "<f4") for k in _batchnorm_keys(spec)})
         else:
             tensors.append({})
     if reader.offset != len(payload):

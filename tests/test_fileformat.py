@@ -16,8 +16,8 @@ import bclib
 from bclib import models
 from bclib.compression import compress
 from bclib.fileformat import (
-    FLAG_ENTROPY_CODED, FORMAT_VERSION, MAGIC, load_compressed, module_spec, pack_signed, read_compressed,
-    signed_width, unpack_signed, write_compressed,
+    FLAG_ENTROPY_CODED, FORMAT_VERSION, MAGIC, infer_shapes, load_compressed, module_spec, pack_signed,
+    read_compressed, signed_width, unpack_signed, write_compressed,
 )
 
 PREAMBLE = struct.Struct("<8sHHII")
@@ -87,7 +87,12 @@ def test_hand_worked_file_layout(tmp_path):
     assert payload == expected_payload and payload_len == 17
     assert len(blob) == PREAMBLE.size + header_len + 17 + 4 == saved.file_bytes == os.path.getsize(path)
     assert struct.unpack("<I", blob[-4:])[0] == zlib.crc32(blob[:-4])
-    header = json.loads(zlib.decompress(blob[PREAMBLE.size:PREAMBLE.size + header_len]))
+    header_text = zlib.decompress(blob[PREAMBLE.size:PREAMBLE.size + header_len])
+    # Byte for byte, key order included: a saved file read back and saved again must not change.
+    assert header_text == (b'{"input_shape":[4],"layers":[{"type":"linear","in":4,"out":3,"bias":true,"bits":2,'
+                           b'"masked":true,"width":3},{"type":"relu"},{"type":"linear","in":3,"out":2,"bias":true,'
+                           b'"bits":0,"masked":false,"width":2}]}')
+    header = json.loads(header_text)
     assert header["input_shape"] == [4]
     assert [spec["type"] for spec in header["layers"]] == ["linear", "relu", "linear"]
     assert header["layers"][0] == {"type": "linear", "in": 4, "out": 3, "bias": True, "bits": 2, "width": 3, "masked": True}
@@ -202,6 +207,98 @@ def test_round_trip_with_batchnorm(tmp_path):
     result.save(tmp_path / "vgg.bcz")
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(load_compressed(tmp_path / "vgg.bcz")(x), result.reduced_precision_model()(x))
+
+
+def test_round_trip_with_batchnorm1d_over_channels_and_length(tmp_path):
+    """nn.BatchNorm1d on (C, L) examples (a legal input compress accepts) saves and loads; the file
+    normalises each channel over its length as the running statistics say."""
+    from bclib.compression import CompressedModel
+
+    torch.manual_seed(0)
+    norm = nn.BatchNorm1d(4)
+    with torch.no_grad():
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2)
+        norm.weight.uniform_(0.5, 2)
+        norm.bias.uniform_(-1, 1)
+    net = nn.Sequential(norm, nn.Flatten(), bclib.LinearGroupNJ(20, 3), nn.ReLU(), bclib.LinearGroupNJ(3, 2)).eval()
+    result = compress(net, 100.0, input_shape=(4, 5))
+    path = tmp_path / "bn1d.bcz"
+    result.save(path)
+    loaded = load_compressed(path)
+    assert loaded.input_shape == (4, 5)
+    x = torch.randn(8, 4, 5)
+    mean, var = norm.running_mean[:, None], norm.running_var[:, None]
+    by_hand = (x - mean) / torch.sqrt(var + norm.eps) * norm.weight[:, None] + norm.bias[:, None]
+    assert torch.allclose(loaded[0](x), by_hand, atol=1e-6)
+    assert torch.equal(loaded[0](x), result.model[0](x))
+    assert torch.equal(loaded(x), result.reduced_precision_model()(x))
+    from_file = CompressedModel.from_file(path, result.report.to_dict())
+    assert torch.equal(from_file.model(x), loaded(x))
+
+
+def test_round_trip_with_a_ceil_mode_window_overhanging_the_input(tmp_path):
+    """A 4 x 4 max-pooling window of stride 2 in ceil mode on a 3 x 3 map starts inside it and
+    overhangs: PyTorch gives one output (it was refused as none)."""
+    net = nn.Sequential(bclib.Conv2dGroupNJ(1, 2, 3), nn.ReLU(), nn.MaxPool2d(4, stride=2, ceil_mode=True),
+                        nn.Flatten(), bclib.LinearGroupNJ(2, 3)).eval()
+    assert nn.MaxPool2d(4, stride=2, ceil_mode=True)(torch.zeros(1, 2, 3, 3)).shape == (1, 2, 1, 1)
+    result = compress(net, 100.0, input_shape=(1, 5, 5))
+    result.save(tmp_path / "ceil.bcz")
+    x = torch.randn(8, 1, 5, 5)
+    assert torch.equal(load_compressed(tmp_path / "ceil.bcz")(x), result.reduced_precision_model()(x))
+
+
+# ----------------------------------------------------------------------------- geometry
+def torch_output_side(layer, size: int) -> int:
+    """The output side PyTorch gives a size x size map, 0 where it refuses the map as too small."""
+    try:
+        return layer(torch.zeros(1, 1, size, size)).shape[-1]
+    except RuntimeError:
+        return 0
+
+
+def inferred_side(spec: dict, size: int) -> int:
+    try:
+        return infer_shapes((1, size, size), [spec])[0][-1]
+    except ValueError:
+        return 0
+
+
+def test_window_output_sizes_match_torch():
+    """Pooling and convolution output sizes from the specs alone equal those PyTorch computes, over a
+    grid of sizes, kernels, strides, paddings (up to half the kernel, as pooling requires),
+    dilations and both ceil modes (in ceil mode a window may start inside the input and overhang it)."""
+    mismatches = []
+    for size, kernel, stride, dilation in np.ndindex(8, 5, 4, 3):
+        size, kernel, stride, dilation = size + 1, kernel + 1, stride + 1, dilation + 1
+        for padding in range(kernel // 2 + 1):
+            geometry = {"kernel": [kernel] * 2, "stride": [stride] * 2, "padding": [padding] * 2}
+            for ceil_mode in (False, True):
+                cases = [(nn.MaxPool2d(kernel, stride, padding, dilation, ceil_mode=ceil_mode),
+                          {"type": "maxpool2d", **geometry, "dilation": [dilation] * 2, "ceil_mode": ceil_mode})]
+                if dilation == 1:
+                    cases.append((nn.AvgPool2d(kernel, stride, padding, ceil_mode=ceil_mode),
+                                  {"type": "avgpool2d", **geometry, "ceil_mode": ceil_mode, "count_include_pad": True}))
+                if not ceil_mode:
+                    cases.append((nn.Conv2d(1, 1, kernel, stride, padding, dilation, bias=False),
+                                  {"type": "conv2d", "in": 1, "out": 1, "bias": False, "bits": 0, "width": 0,
+                                   "masked": False, **geometry, "dilation": [dilation] * 2}))
+                for layer, spec in cases:
+                    expected = torch_output_side(layer, size)
+                    if inferred_side(spec, size) != expected:
+                        mismatches.append((spec["type"], size, kernel, stride, padding, dilation, ceil_mode, expected))
+    assert mismatches == []
+
+
+def test_batchnorm1d_takes_channels_or_channels_by_length():
+    spec = {"type": "batchnorm1d", "num": 4, "eps": 1e-5, "affine": False}
+    assert infer_shapes((4,), [spec]) == [(4,)]
+    assert infer_shapes((4, 5), [spec]) == [(4, 5)]
+    nn.BatchNorm1d(4).eval()(torch.zeros(2, 4, 5))  # what PyTorch accepts, channels first
+    for shape in ((5, 4), (4, 5, 6)):
+        with pytest.raises(ValueError, match="does not fit"):
+            infer_shapes(shape, [spec])
 
 
 # ----------------------------------------------------------------------------- bad files
@@ -427,6 +524,82 @@ def test_save_refuses_what_the_loader_would_reject(tmp_path):
     with pytest.raises(ValueError, match=r"cannot be saved in a file load_compressed accepts: invalid input_shape"):
         compressed.save(tmp_path / "net.bcz")
     assert list(tmp_path.iterdir()) == []
+
+
+BN_SPEC = {"type": "batchnorm1d", "num": 2, "eps": 1e-5, "affine": False}
+FC = {"type": "linear", "in": 2, "out": 2, "bias": True, "bits": 0}
+FC_VALUES = {"q": torch.tensor([[1, 0], [0, 1]]), "in_mask": torch.ones(2, dtype=torch.bool), "bias": torch.zeros(2)}
+CONV = {"type": "conv2d", "in": 1, "out": 1, "bias": False, "bits": 0, "kernel": [2, 2], "stride": [1, 1],
+        "padding": [0, 0], "dilation": [1, 1]}
+
+
+@pytest.mark.parametrize("input_shape, specs, tensors, error, match", [
+    # Statistics of another length than num: read back shifted (mean [1, 2], var [3, 4]).
+    ((2,), [BN_SPEC], [{"running_mean": torch.tensor([1.0, 2, 3]), "running_var": torch.tensor([4.0])}],
+     ValueError, r"layer 0 \(batchnorm1d\): tensors\[0\]\['running_mean'\] has shape \(3,\), expected \(2,\)"),
+    ((2,), [BN_SPEC], [{"running_mean": torch.zeros(2), "running_var": torch.ones(2, 1)}],
+     ValueError, r"layer 0 \(batchnorm1d\): tensors\[0\]\['running_var'\] .* expected \(2,\)"),
+    # Biases of 3 and 1 values for 2 outputs: they shifted the next layer's weights.
+    ((2,), [FC, {"type": "relu"}, FC], [{**FC_VALUES, "bias": torch.tensor([10.0, 20, 30])}, {}, FC_VALUES],
+     ValueError, r"layer 0 \(linear\): tensors\[0\]\['bias'\] has shape \(3,\), expected \(2,\)"),
+    ((2,), [FC, {"type": "relu"}, FC], [FC_VALUES, {}, {**FC_VALUES, "bias": torch.tensor([40.0])}],
+     ValueError, r"layer 2 \(linear\): tensors\[2\]\['bias'\] has shape \(1,\)"),
+    # Three specs, one tensor dict: zip dropped the last two layers.
+    ((2,), [FC, {"type": "relu"}, FC], [FC_VALUES], ValueError, "got 3 specs and 1 tensor dicts"),
+    ((2,), [FC], [FC_VALUES, {}], ValueError, "got 1 specs and 2 tensor dicts"),
+    # Weights instead of grid integers: truncated to [[0, 0], [1, 0]].
+    ((2,), [FC], [{**FC_VALUES, "q": torch.tensor([[0.9, -0.7], [1.6, 0.2]])}],
+     TypeError, r"layer 0 \(linear\): tensors\[0\]\['q'\] must be of dtype .*int64, got torch.float32"),
+    ((2,), [FC], [{**FC_VALUES, "q": [[1, 0], [0, 1]]}], TypeError,
+     r"layer 0 \(linear\): tensors\[0\]\['q'\] must be a torch.Tensor"),
+    ((2,), [FC], [{**FC_VALUES, "in_mask": torch.tensor([0.5, 1.0])}], TypeError,
+     r"layer 0 \(linear\): tensors\[0\]\['in_mask'\] must be of dtype torch.bool"),
+    ((1, 3, 3), [CONV], [{"q": torch.zeros(1, 1, 3, 3, dtype=torch.int64), "in_mask": torch.ones(1, dtype=torch.bool)}],
+     ValueError, r"layer 0 \(conv2d\): tensors\[0\]\['q'\] has shape \(1, 1, 3, 3\), expected \(1, 1, 2, 2\)"),
+    # A bias missing (it raised KeyError) or one the spec has no room for (it was dropped).
+    ((2,), [FC], [{k: v for k, v in FC_VALUES.items() if k != "bias"}], ValueError,
+     r"layer 0 \(linear\): tensors\[0\] has keys \['in_mask', 'q'\], expected \['bias', 'in_mask', 'q'\]"),
+    ((2,), [{**FC, "bias": False}], [FC_VALUES], ValueError, r"layer 0 \(linear\): tensors\[0\] has keys"),
+    ((2,), [{"type": "relu"}], [{"weight": torch.ones(2)}], ValueError, r"layer 0 \(relu\): tensors\[0\] has keys"),
+    ((2,), [{"type": "relu"}], [None], TypeError, r"layer 0 \(relu\): tensors\[0\] must be a dict"),
+    # An input shape of 2.9 was stored as 2.
+    ((2.9,), [FC], [FC_VALUES], TypeError, r"input_shape must be a sequence of ints, got \(2.9,\)"),
+    ((True, 2), [FC], [FC_VALUES], TypeError, "input_shape must be a sequence of ints"),
+    (2, [FC], [FC_VALUES], TypeError, "input_shape must be a sequence of ints"),
+    # Specs the loader would reject, named by their index in specs before their tensors are read.
+    ((2,), [{k: v for k, v in FC.items() if k != "bits"}], [FC_VALUES], ValueError, r"specs\[0\] .*has keys"),
+    ((2,), [FC, {"type": "pickle"}], [FC_VALUES, {}], ValueError, r"specs\[1\] .*no known type"),
+    ((2,), [["linear"]], [FC_VALUES], TypeError, r"specs\[0\] must be a dict"),
+])
+def test_write_refuses_tensors_that_do_not_match_the_specs(tmp_path, input_shape, specs, tensors, error, match):
+    """Each of these was written without complaint into a file that loads as another network, or
+    failed with an error naming neither argument nor layer (KeyError, AttributeError); now the
+    argument and layer are named and nothing is written."""
+    path = tmp_path / "model.bcz"
+    path.write_bytes(b"previous contents")
+    with pytest.raises(error, match=match):
+        write_compressed(path, input_shape, specs, tensors)
+    assert path.read_bytes() == b"previous contents"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.bcz"]
+
+
+def test_biases_float16_cannot_hold_are_refused(tmp_path):
+    """The file stores biases as float16: 65504 is its largest value and 65519 rounds down to it, but
+    65520 (halfway to 2^16) and beyond round to infinity, which was stored silently."""
+    spec = {"type": "linear", "in": 1, "out": 2, "bias": True, "bits": 0}
+    values = {"q": torch.tensor([[1], [1]]), "in_mask": torch.ones(1, dtype=torch.bool)}
+    write_compressed(tmp_path / "edge.bcz", (1,), [spec], [{**values, "bias": torch.tensor([65504.0, -65519.0])}])
+    assert load_compressed(tmp_path / "edge.bcz")[0].bias.tolist() == [65504.0, -65504.0]
+    for bad in (65520.0, -70000.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=r"layer 0 \(linear\): tensors\[0\]\['bias'\] holds .*float16"):
+            write_compressed(tmp_path / "bad.bcz", (1,), [spec], [{**values, "bias": torch.tensor([1.0, bad])}])
+    # Through compress: the Bayesian layer's bias of 70000 would have loaded as inf.
+    net = nn.Sequential(bclib.LinearGroupNJ(2, 2), nn.ReLU(), bclib.LinearGroupNJ(2, 2)).eval()
+    with torch.no_grad():
+        net[0].bias_mu.copy_(torch.tensor([70000.0, 1.0]))
+    with pytest.raises(ValueError, match=r"layer 0 \(linear\): tensors\[0\]\['bias'\] holds 70000"):
+        compress(net, 100.0).save(tmp_path / "big_bias.bcz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edge.bcz"]
 
 
 def test_write_is_atomic(tmp_path, monkeypatch):

@@ -2,7 +2,8 @@
 
 The data root is, in order: the ``root`` argument, the ``BCLIB_DATA`` environment variable, or a
 per-user cache folder (``$XDG_CACHE_HOME/bclib`` or ``~/.cache/bclib``). Missing files are downloaded
-when the network allows it, into a temporary folder, and moved into place only when all arrived.
+when the network allows it, into a temporary folder, and moved into place only when all arrived;
+MNIST's ``.gz`` files are unpacked beside them here, each through a temporary file.
 
 MNIST inputs are scaled to ``[0, 1]`` by default (``input_range=(0, 1)``); ``input_range=(-1, 1)`` gives
 the 2017 release's scaling (CIFAR-10's are scaled to ``[-1, 1]``: natural images have no blank
@@ -19,6 +20,9 @@ transform cost of a ``DataLoader`` (8.2 of the release's 14.9 s per LeNet-300-10
 """
 from __future__ import annotations
 
+import functools
+import gzip
+import hashlib
 import os
 import shutil
 import tempfile
@@ -29,7 +33,8 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from .layers.base import check_positive_int
+from ._io import write_atomically
+from .layers.base import check_positive_int, check_size
 
 __all__ = [
     "TensorSplit", "MNIST_FILES", "CIFAR10_FOLDER", "CIFAR10_FILES", "data_root", "load_mnist", "load_cifar10", "cifar10_tensors",
@@ -42,6 +47,13 @@ MNIST_FILES = (
     "t10k-images-idx3-ubyte.gz",
     "t10k-labels-idx1-ubyte.gz",
 )
+# The md5 sums of the original files (as torchvision checks them before unpacking).
+_MNIST_MD5 = {
+    "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+}
 # The folder torchvision unpacks CIFAR-10 into, and the files it reads there.
 CIFAR10_FOLDER = "cifar-10-batches-py"
 CIFAR10_FILES = ("batches.meta", *(f"data_batch_{i}" for i in range(1, 6)), "test_batch")
@@ -57,6 +69,8 @@ class TensorSplit:
     def __post_init__(self) -> None:
         if not isinstance(self.x, Tensor) or not isinstance(self.y, Tensor):
             raise TypeError(f"x and y must be torch.Tensors, got {type(self.x).__name__} and {type(self.y).__name__}")
+        if self.x.dim() == 0:  # else len() below fails with "len() of a 0-d tensor", naming neither
+            raise ValueError("x must hold one row per example, shape (N, ...), got a 0-d tensor")
         if self.y.dim() != 1:
             raise ValueError(f"y must be a 1-d tensor of labels, shape (N,), got shape {tuple(self.y.shape)}")
         if len(self.x) != len(self.y):
@@ -71,13 +85,29 @@ class TensorSplit:
         return TensorSplit(self.x.to(device, x_dtype), self.y.to(device))
 
     def subset(self, n: int) -> "TensorSplit":
-        """The first ``n`` examples (for fast mode and tests)."""
+        """The first ``n`` examples, a positive int (all of them when there are fewer; for fast mode and tests)."""
+        # Checked: a negative n sliced "all but the last |n|" silently.
+        n = check_size("n", n)
         return TensorSplit(self.x[:n], self.y[:n])
 
 
+_FAST_ON = ("1", "true", "yes", "on")
+_FAST_OFF = ("", "0", "false", "no", "off")
+
+
 def fast_mode() -> bool:
-    """True when ``BCLIB_FAST=1``: notebooks and examples shrink data and epochs to run in about a minute."""
-    return os.environ.get("BCLIB_FAST", "0") not in ("", "0", "false", "False")
+    """True when ``BCLIB_FAST=1``: notebooks and examples shrink data and epochs to run in about a minute.
+
+    On: ``1``, ``true``, ``yes``, ``on``; off: unset, empty, ``0``, ``false``, ``no``, ``off`` (any case).
+
+    Raises:
+        ValueError: any other value (``BCLIB_FAST=no`` used to turn fast mode on).
+    """
+    value = os.environ.get("BCLIB_FAST", "").strip().lower()
+    if value not in _FAST_ON + _FAST_OFF:
+        raise ValueError(f"BCLIB_FAST must be one of {', '.join(_FAST_ON)} (on) or {', '.join(_FAST_OFF[1:])} or "
+                         f"empty (off), got {os.environ['BCLIB_FAST']!r}")
+    return value in _FAST_ON
 
 
 def data_root(root: str | os.PathLike | None = None) -> Path:
@@ -125,18 +155,39 @@ def _missing_cifar10_message(folder: Path) -> str:
 
 def _download_atomically(root: Path, dataset_class, paths: list[str], missing_message: str) -> None:
     """Download with ``dataset_class(tmp, download=True)`` into a temporary folder in ``root``, then move
-    ``paths`` (relative to the root) into place only when all arrived; on failure nothing is left."""
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".bclib-download-", dir=root))
+    ``paths`` (relative to the root) into place only when all arrived; on failure nothing is left, not
+    even the folders this call created (a mistyped root would otherwise stay behind, empty)."""
+    created = _missing_folders([root, *((root / path).parent for path in paths)])
     try:
-        dataset_class(str(tmp), train=True, download=True)
-        for path in paths:
-            (root / path).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp / path, root / path)
-    except Exception as error:  # no network (URLError, RuntimeError), checksum failure, ...
-        raise FileNotFoundError(missing_message) from error
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".bclib-download-", dir=root))
+        try:
+            dataset_class(str(tmp), train=True, download=True)
+            for path in paths:
+                (root / path).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp / path, root / path)
+        except Exception as error:  # no network (URLError, RuntimeError), checksum failure, ...
+            raise FileNotFoundError(missing_message) from error
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        for folder in created:  # deepest first; one that is not empty now is someone else's: kept
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+        raise
+
+
+def _missing_folders(folders: list[Path]) -> list[Path]:
+    """The folders among ``folders`` and their parents that do not exist yet, deepest first."""
+    missing = set()
+    for folder in folders:
+        for path in (folder, *folder.parents):
+            if path.exists():
+                break
+            missing.add(path)
+    return sorted(missing, key=lambda path: len(path.parts), reverse=True)
 
 
 def load_mnist(root: str | os.PathLike | None = None, *, download: bool = True,
@@ -146,15 +197,15 @@ def load_mnist(root: str | os.PathLike | None = None, *, download: bool = True,
 
     Args:
         root: data root holding ``MNIST/raw/`` (see :func:`data_root`).
-        download: try to download missing files.
+        download: try to download missing files (with ``False``, no network request at all).
         input_range: ``(low, high)`` the bytes 0..255 are mapped onto (default ``(0, 1)``; the release used ``(-1, 1)``).
         device: where to keep the tensors (e.g. ``"cuda"`` to batch on the GPU).
 
     Raises:
         FileNotFoundError: the files are missing and cannot be downloaded; the message names the
             folder and the four file names.
-        ValueError: the files are there but damaged (truncated, corrupt); the message names the
-            folder.
+        ValueError: the files are there but damaged (truncated, corrupt, labels outside 0..9); the
+            message names the folder and the damaged files.
 
     Example:
         >>> train, test = load_mnist()  # doctest: +SKIP
@@ -172,26 +223,81 @@ def load_mnist(root: str | os.PathLike | None = None, *, download: bool = True,
             raise FileNotFoundError(_missing_mnist_message(raw))
         _download_atomically(root, torchvision.datasets.MNIST, [f"MNIST/raw/{name}" for name in MNIST_FILES],
                              _missing_mnist_message(raw))
+    _unpack_mnist(raw)
     splits = []
     for train in (True, False):
-        # download=True only verifies the md5 of the files present and unpacks them: no network call.
+        prefix = "train" if train else "t10k"
+        files = f"{prefix}-images-idx3-ubyte and {prefix}-labels-idx1-ubyte"
+        # download=False: all four files are unpacked now, so torchvision only reads them (with True it
+        # also fetched the .gz of any file present only unpacked: network calls even for download=False).
         try:
-            dataset = torchvision.datasets.MNIST(str(root), train=train, download=True)
-        except RuntimeError as error:  # a truncated or corrupt file: torchvision reports a failed download
-            raise ValueError(f"MNIST files in {raw} are damaged ({error}); replace them with intact copies of "
-                             f"{', '.join(MNIST_FILES)} (or delete them to download again)") from None
-        split = TensorSplit(_scale(dataset.data.unsqueeze(1), input_range), dataset.targets.long())
+            dataset = torchvision.datasets.MNIST(str(root), train=train, download=False)
+            images, labels = dataset.data, dataset.targets
+        except (RuntimeError, AssertionError, ValueError, TypeError, KeyError, IndexError) as error:
+            # A truncated file fails the reshape to the sizes in its header; a bad header, an assert.
+            raise ValueError(_damaged_mnist_message(raw, files, str(error) or type(error).__name__)) from None
+        if images.dim() != 3 or tuple(images.shape[1:]) != (28, 28) or images.dtype != torch.uint8:
+            raise ValueError(_damaged_mnist_message(raw, files, f"images of shape {tuple(images.shape)} and dtype "
+                                                                f"{images.dtype}, not (N, 28, 28) uint8"))
+        if labels.dim() != 1 or len(labels) != len(images):
+            raise ValueError(_damaged_mnist_message(raw, files, f"{len(images)} images but labels of shape "
+                                                                f"{tuple(labels.shape)}"))
+        if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) <= 9:
+            low, high = int(labels.min()), int(labels.max())
+            raise ValueError(_damaged_mnist_message(raw, f"{prefix}-labels-idx1-ubyte",
+                                                    f"labels from {low} to {high}, not digits 0..9"))
+        split = TensorSplit(_scale(images.unsqueeze(1), input_range), labels.long())
         splits.append(split.to(device) if device is not None else split)
     return splits[0], splits[1]
+
+
+def _damaged_mnist_message(raw: Path, files: str, reason) -> str:
+    # Names the unpacked files, which are the ones read: replacing the .gz files beside them changes nothing.
+    them, copies = ("them", "intact copies") if " and " in files else ("it", "an intact copy")
+    return (f"MNIST files in {raw} are damaged: {files} ({reason}); replace {them} with {copies}, or delete "
+            f"{them} (unpacked again from the .gz beside, or downloaded again when that is missing too)")
+
+
+def _unpack_mnist(raw: Path) -> None:
+    """Unpack every MNIST file present only as ``.gz``, after checking its md5, into a temporary file
+    renamed into place: torchvision unpacks in place, so an interrupted run left half a file that the
+    next one read as whole."""
+    for name in MNIST_FILES:
+        target = raw / name[:-3]
+        if target.exists():
+            continue
+        archive = raw / name
+        with open(archive, "rb") as handle:
+            md5 = hashlib.md5(handle.read(), usedforsecurity=False).hexdigest()
+        if md5 != _MNIST_MD5[name]:
+            raise ValueError(f"MNIST files in {raw} are damaged: {name} (md5 {md5}, not the original's "
+                             f"{_MNIST_MD5[name]}); replace it with an intact copy (or delete it to download it again)")
+        write_atomically(target, functools.partial(_gunzip, archive))
+
+
+def _gunzip(archive: Path, destination: str) -> None:
+    with gzip.open(archive, "rb") as packed, open(destination, "wb") as unpacked:
+        shutil.copyfileobj(packed, unpacked)
 
 
 def cifar10_tensors(dataset, input_range=(-1.0, 1.0)) -> TensorSplit:
     """Convert a ``torchvision.datasets.CIFAR10``-like object (``.data`` uint8 N x 32 x 32 x 3,
     ``.targets``) into a :class:`TensorSplit` of shape (N, 3, 32, 32) scaled to ``input_range``
-    (``[-1, 1]`` by default: natural images have no blank background)."""
+    (``[-1, 1]`` by default: natural images have no blank background).
+
+    Raises:
+        ValueError: ``dataset.data`` not of shape (N, H, W, 3), or not bytes: values outside 0..255 or,
+            in a float array, not whole numbers (data already scaled, to ``[0, 1]`` say).
+    """
     data = torch.as_tensor(dataset.data)
     if data.dim() != 4 or data.shape[-1] != 3:
         raise ValueError(f"dataset.data must have shape (N, H, W, 3), got {tuple(data.shape)}")
+    # Scaled again, data already in [0, 1] would all land within 1/127.5 of -1, silently.
+    if data.dtype != torch.uint8 and data.numel():
+        low, high = data.min().item() + 0, data.max().item() + 0  # + 0: no "-0" in the message
+        if low < 0 or high > 255 or (data.is_floating_point() and not bool((data == data.round()).all())):
+            raise ValueError(f"dataset.data must hold bytes 0..255 (uint8, as torchvision's CIFAR10 gives), got "
+                             f"{data.dtype} values from {low:g} to {high:g}: already scaled?")
     return TensorSplit(_scale(data.permute(0, 3, 1, 2).contiguous(), input_range), torch.as_tensor(dataset.targets).long())
 
 

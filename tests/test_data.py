@@ -1,12 +1,15 @@
 """Tests of :mod:`bclib.data`: real MNIST against facts known independently of the library (the
-published class counts, the raw IDX bytes decoded here), data-root resolution, error messages,
-atomic downloads, minibatching and the CIFAR-10 conversion on tensors made here.
+published class counts, the raw IDX bytes decoded here), tiny MNIST-format files written here,
+data-root resolution, error messages, atomic downloads and unpacking (with the network refused),
+minibatching and the CIFAR-10 conversion on tensors made here.
 """
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import re
+import struct
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,6 +29,44 @@ def _read_idx(path: Path, header_bytes: int) -> np.ndarray:
     """The payload of an IDX file: big-endian header (magic, sizes), then one unsigned byte per value."""
     with gzip.open(path, "rb") as handle:
         return np.frombuffer(handle.read()[header_bytes:], dtype=np.uint8)
+
+
+def _write_idx(path: Path, values: np.ndarray) -> None:
+    """An unpacked IDX file of unsigned bytes: magic 0x0000 08 <ndim>, each size as a big-endian uint32,
+    then the bytes (LeCun's format description)."""
+    values = np.asarray(values, dtype=np.uint8)
+    path.write_bytes(struct.pack(">HBB", 0, 0x08, values.ndim) + struct.pack(f">{values.ndim}I", *values.shape)
+                     + values.tobytes())
+
+
+def _tiny_mnist(root: Path, train_labels=(0, 9, 4), test_labels=(7, 1)) -> Path:
+    """Write the four unpacked files of a tiny MNIST into ``root/MNIST/raw``: image k of a split has
+    byte 10 k + 1 at (row k, column 2 k) and 0 elsewhere."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for prefix, labels in (("train", train_labels), ("t10k", test_labels)):
+        images = np.zeros((len(labels), 28, 28), dtype=np.uint8)
+        for k in range(len(labels)):
+            images[k, k, 2 * k] = 10 * k + 1
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.array(labels))
+    return raw
+
+
+@pytest.fixture
+def network_calls(monkeypatch) -> list:
+    """Refuse every network request (as a machine offline does) and record its address."""
+    import urllib.error
+    import urllib.request
+
+    calls = []
+
+    def refuse(request, *args, **kwargs):
+        calls.append(getattr(request, "full_url", str(request)))
+        raise urllib.error.URLError("network refused by the test")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    return calls
 
 
 # ----------------------------------------------------------------------------- real MNIST
@@ -80,6 +121,14 @@ def test_subset_and_to_keep_the_first_examples(mnist):
     small = train.subset(7).to("cpu")
     assert isinstance(small, TensorSplit) and len(small) == 7
     assert torch.equal(small.x, train.x[:7]) and torch.equal(small.y, train.y[:7])
+
+
+@pytest.mark.parametrize("n, error", [(-3, ValueError), (0, ValueError), (2.5, TypeError), ("5", TypeError),
+                                      (True, TypeError)])
+def test_subset_wants_a_positive_int(n, error):
+    # -3 used to give "all but the last 3" (7 of 10 examples), silently.
+    with pytest.raises(error, match=f"n must be a positive int, got .*{re.escape(str(n))}"):
+        _numbered_split(10).subset(n)
 
 
 # ----------------------------------------------------------------------------- data root
@@ -165,6 +214,133 @@ def test_failed_download_leaves_no_file_behind(monkeypatch, tmp_path):
     assert left == []
 
 
+def test_only_gz_of_one_file_is_unpacked_here_without_network(tmp_path, mnist_root, network_calls):
+    """Three files unpacked, one only as .gz: it is unpacked (atomically, nothing else left in the
+    folder) and all load with download=False, without a network request (torchvision fetched the
+    three missing .gz and failed as damaged)."""
+    source = mnist_root / "MNIST" / "raw"
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "train-images-idx3-ubyte.gz").write_bytes((source / "train-images-idx3-ubyte.gz").read_bytes())
+    for name in MNIST_FILES[1:]:
+        (raw / name[:-3]).write_bytes(gzip.decompress((source / name).read_bytes()))
+    train, test = load_mnist(tmp_path, download=False)
+    assert network_calls == []
+    expected = sorted(["train-images-idx3-ubyte.gz", *(name[:-3] for name in MNIST_FILES)])
+    assert sorted(p.name for p in raw.iterdir()) == expected
+    unpacked = gzip.decompress((source / "train-images-idx3-ubyte.gz").read_bytes())
+    assert (raw / "train-images-idx3-ubyte").read_bytes() == unpacked
+    assert train.x.shape == (60000, 1, 28, 28) and len(test) == 10000
+    assert torch.bincount(train.y, minlength=10).tolist() == TRAIN_COUNTS
+    assert torch.bincount(test.y, minlength=10).tolist() == TEST_COUNTS
+    pixels = _read_idx(source / "train-images-idx3-ubyte.gz", 16)[:784].reshape(1, 28, 28)
+    torch.testing.assert_close(train.x[0].double(), torch.from_numpy(pixels / 255.0), rtol=0, atol=1e-6)
+
+
+def test_a_truncated_gz_is_named_without_network(tmp_path, mnist_root, network_calls):
+    """Only the .gz files, one cut short: a ValueError naming that file, no request, nothing unpacked
+    from it (torchvision went to the network for a fresh copy, with download=False)."""
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in MNIST_FILES:
+        content = (mnist_root / "MNIST" / "raw" / name).read_bytes()
+        (raw / name).write_bytes(content[:10000] if name == "train-labels-idx1-ubyte.gz" else content)
+    damaged = f"MNIST files in {re.escape(str(raw))} are damaged: train-labels-idx1-ubyte.gz "
+    with pytest.raises(ValueError, match=damaged):
+        load_mnist(tmp_path, download=False)
+    assert network_calls == []
+    assert not (raw / "train-labels-idx1-ubyte").exists()
+    assert not [p for p in raw.iterdir() if p.name.startswith(".")]
+
+
+def test_an_interrupted_unpack_leaves_no_half_file(monkeypatch, tmp_path, mnist_root, network_calls):
+    """Unpacking fails after writing part of the file (a full disk here): no unpacked file, no
+    temporary one, so the next load does not take half a file for the whole."""
+    raw = _tiny_mnist(tmp_path)
+    (raw / "t10k-labels-idx1-ubyte").unlink()
+    original = mnist_root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz"
+    (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(original.read_bytes())
+    before = sorted(p.name for p in raw.iterdir())
+
+    class FullDisk(io.BytesIO):
+        def read(self, size=-1):
+            if self.tell():
+                raise OSError(28, "No space left on device")
+            return super().read(100)  # 100 bytes arrive, then the disk is full
+
+    monkeypatch.setattr(gzip, "open", lambda *args, **kwargs: FullDisk(bytes(10008)))
+    with pytest.raises(OSError, match="No space left on device"):
+        load_mnist(tmp_path, download=False)
+    assert sorted(p.name for p in raw.iterdir()) == before
+    assert network_calls == []
+
+
+def test_tiny_files_load_and_damaged_ones_are_named(tmp_path, network_calls):
+    """Hand-made files load byte for byte; labels outside 0..9 (they loaded silently) are a
+    ValueError naming the unpacked file read, not the .gz."""
+    raw = _tiny_mnist(tmp_path)
+    train, test = load_mnist(tmp_path, download=False)
+    assert train.y.tolist() == [0, 9, 4] and test.y.tolist() == [7, 1]
+    assert train.x.shape == (3, 1, 28, 28) and test.x.shape == (2, 1, 28, 28)
+    assert train.x[2, 0, 2, 4].item() == pytest.approx(21 / 255)
+    assert test.x[1, 0, 1, 2].item() == pytest.approx(11 / 255)
+    assert (train.x > 0).sum().item() == 3 and (test.x > 0).sum().item() == 2
+    _tiny_mnist(tmp_path, test_labels=(7, 200))
+    with pytest.raises(ValueError, match=f"MNIST files in {re.escape(str(raw))} are damaged: t10k-labels-idx1-ubyte "
+                                         r"\(labels from 7 to 200, not digits 0..9\)") as info:
+        load_mnist(tmp_path, download=False)
+    assert set(re.findall(r"[\w-]+-ubyte[\w.]*", str(info.value))) == {"t10k-labels-idx1-ubyte"}
+    assert network_calls == []
+
+
+@pytest.mark.parametrize("damage", ["labels_short", "images_27x27", "images_truncated"])
+def test_damaged_unpacked_files_name_both_files_of_the_split(tmp_path, network_calls, damage):
+    """Images and labels that disagree in number, images not 28 x 28, or a file cut short: a
+    ValueError naming the two unpacked files of the split (these loaded, or failed naming the .gz)."""
+    raw = _tiny_mnist(tmp_path)
+    if damage == "labels_short":
+        _write_idx(raw / "train-labels-idx1-ubyte", np.array([0, 9]))
+    elif damage == "images_27x27":
+        _write_idx(raw / "train-images-idx3-ubyte", np.zeros((3, 27, 27)))
+    else:
+        content = (raw / "train-images-idx3-ubyte").read_bytes()
+        (raw / "train-images-idx3-ubyte").write_bytes(content[:-100])
+    with pytest.raises(ValueError, match=f"MNIST files in {re.escape(str(raw))} are damaged: "
+                                         "train-images-idx3-ubyte and train-labels-idx1-ubyte \\(") as info:
+        load_mnist(tmp_path, download=False)
+    assert ".gz" not in str(info.value).split(";")[0]
+    assert network_calls == []
+
+
+def test_failed_download_removes_the_folders_it_created(monkeypatch, tmp_path, network_calls):
+    """A mistyped root that cannot be downloaded into leaves no empty folders behind; a root that
+    was there stays (it was left whole: typo/a/b remained)."""
+    import torchvision
+
+    from bclib.data import load_cifar10
+
+    calls = []
+
+    def failing_mnist(root, train=True, download=False, **kwargs):
+        calls.append(root)
+        (Path(root) / "MNIST" / "raw").mkdir(parents=True)
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz (no network)")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", failing_mnist)
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "typo" / "a" / "b" / "MNIST" / "raw"))):
+        load_mnist(tmp_path / "typo" / "a" / "b")
+    assert calls  # the download was tried
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(FileNotFoundError):
+        load_mnist(tmp_path / "kept")
+    assert len(calls) == 2 and [p.name for p in tmp_path.rglob("*")] == ["kept"]
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", _fake_cifar10([], download_fails=True))
+    with pytest.raises(FileNotFoundError, match="CIFAR-10 not found"):
+        load_cifar10(tmp_path / "c" / "d")
+    assert [p.name for p in tmp_path.rglob("*")] == ["kept"]
+
+
 # ----------------------------------------------------------------------------- batches
 def _numbered_split(n: int) -> TensorSplit:
     return TensorSplit(torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1), torch.arange(n))
@@ -211,6 +387,12 @@ def test_a_split_is_made_of_tensors_with_one_label_per_example():
         TensorSplit([1, 2], [1, 2])
     with pytest.raises(ValueError, match=r"y must be a 1-d tensor of labels, shape \(N,\), got shape \(2, 1\)"):
         TensorSplit(torch.zeros(2, 3), torch.zeros(2, 1, dtype=torch.long))
+
+
+def test_a_split_of_a_0d_x_names_x():
+    # It failed with len()'s "len() of a 0-d tensor", naming no argument.
+    with pytest.raises(ValueError, match=r"x must hold one row per example, shape \(N, ...\), got a 0-d tensor"):
+        TensorSplit(torch.tensor(1.0), torch.tensor([1]))
 
 
 # ----------------------------------------------------------------------------- CIFAR-10
@@ -311,6 +493,23 @@ def test_cifar10_tensors_maps_pixels_by_hand():
     assert (split.x == -1.0).sum().item() == 2 * 3 * 32 * 32 - 5
 
 
+def test_cifar10_tensors_refuses_data_that_is_not_bytes():
+    """Floats already in [0, 1] were scaled as bytes (all within 1/127.5 of -1), silently; whole
+    numbers 0..255 in a float or int array are taken as the bytes they are."""
+    images = np.zeros((2, 32, 32, 3))
+    images[0, 0, 0] = (0.0, 0.5, 1.0)
+    with pytest.raises(ValueError, match="dataset.data must hold bytes 0..255 .*from 0 to 1: already scaled"):
+        cifar10_tensors(SimpleNamespace(data=images.astype(np.float32), targets=[0, 1]))
+    with pytest.raises(ValueError, match="dataset.data must hold bytes 0..255 .*from -1 to 0"):
+        cifar10_tensors(SimpleNamespace(data=images - 1, targets=[0, 1]))
+    with pytest.raises(ValueError, match="dataset.data must hold bytes 0..255 .*from 0 to 256"):
+        cifar10_tensors(SimpleNamespace(data=(images * 256).astype(np.int64), targets=[0, 1]))
+    images[0, 0, 0] = (0, 51, 255)
+    for dtype in (np.float64, np.int64):
+        split = cifar10_tensors(SimpleNamespace(data=images.astype(dtype), targets=[0, 1]))
+        assert split.x[0, :, 0, 0].tolist() == pytest.approx([-1.0, -0.6, 1.0], abs=1e-6)
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 32, 32), (2, 32, 32), (2, 32, 32, 1)])
 def test_cifar10_tensors_rejects_wrong_shapes(shape):
     fake = SimpleNamespace(data=np.zeros(shape, dtype=np.uint8), targets=[0, 1])
@@ -323,6 +522,20 @@ def test_cifar10_tensors_rejects_wrong_shapes(shape):
 def test_fast_mode_reads_the_environment(monkeypatch, value, expected):
     monkeypatch.setenv("BCLIB_FAST", value)
     assert data.fast_mode() is expected
+
+
+@pytest.mark.parametrize("value", ["no", "off", "FALSE", "Off", " 0 "])
+def test_fast_mode_off_words_turn_it_off(monkeypatch, value):
+    # Only "", "0", "false" and "False" were off: BCLIB_FAST=no turned fast mode on.
+    monkeypatch.setenv("BCLIB_FAST", value)
+    assert data.fast_mode() is False
+
+
+@pytest.mark.parametrize("value", ["maybe", "2", "y"])
+def test_fast_mode_refuses_other_values(monkeypatch, value):
+    monkeypatch.setenv("BCLIB_FAST", value)
+    with pytest.raises(ValueError, match=f"BCLIB_FAST must be one of 1, true, yes, on .*got '{value}'"):
+        data.fast_mode()
 
 
 def test_fast_mode_is_off_by_default(monkeypatch):

@@ -859,8 +859,13 @@ def layer_search_summary(name: str, report: Mapping, analysis: Mapping, bits: Ma
     kept = taken[-1]
     errors = [seed["test_error"] for seed in kept.get("seeds", [])] or [kept["test_error"]]
     label = "test error by seed" if len(errors) > 1 else "test error"
-    lines = [f"{name}: {report['layer_search']['seconds'] / 60:.1f} min of retraining",
-             f"  python -m bclib reproduce --only {name}",
+    command = f"  python -m bclib reproduce --only {name}"
+    if len(command) > 80:  # a shell continuation keeps the lines within 80
+        command = f"  python -m bclib reproduce \\\n      --only {name}"
+    head = f"{name}: {report['layer_search']['seconds'] / 60:.1f} min of retraining"
+    if len(head) > 80:
+        head = head.replace(": ", ":\n  ", 1)
+    lines = [head, command,
              f"  kept {kept['architecture']}: {label} {' / '.join(f'{100 * e:.2f}' for e in errors)} %"]
     if bits is not None:
         lowered = bits["bit_search"]
@@ -1005,7 +1010,7 @@ def per_weight_agreement_table(analyses: Mapping[str, Mapping], weights: int,
     step is reported.
 
     Args:
-        analyses: ``analysis.json`` of least-error searches by name (any label; names of up to 39
+        analyses: ``analysis.json`` of least-error searches by name (any label; names of up to 33
             characters keep the lines within 80).
         weights: the dense network's weight count (the sum of a report's ``weights_total``).
         labels: readable names by layer name (``{"0": "conv1", ...}``); default the names.

@@ -496,6 +496,11 @@ def test_layer_search_summary_reads_the_kept_network():
     assert text.splitlines() == ["lenet5_hs_layers: 1.5 min of retraining",
                                  "  python -m bclib reproduce --only lenet5_hs_layers",
                                  "  kept 11-17-196-18: test error 0.74 %"]
+    # A registered name of 59 characters: the lines stay within 80, the command still pastes into a shell.
+    long_name = "lenet5_hs_scratch_shared_seed1_layers_3seeds_tol2_perweight"
+    text = tables.layer_search_summary(long_name, {"layer_search": {"seconds": 1908.0}}, analysis)
+    assert text.splitlines()[:4] == [f"{long_name}:", "  31.8 min of retraining",
+                                     "  python -m bclib reproduce \\", f"      --only {long_name}"]
     for row in analysis["candidates"]:
         row["taken"] = False
     with pytest.raises(ValueError, match="'lenet5_hs_layers' must have a taken candidate"):

@@ -107,7 +107,12 @@ def minibatch_gradient_moments(layer: GroupScaleLayer, inputs: Tensor, targets: 
                          f"{inputs.shape[0]} and {targets.shape[0]}")
     if batch_size > inputs.shape[0]:
         raise ValueError(f"batch_size must be <= the number of examples ({inputs.shape[0]}), got {batch_size}")
-    names, params = zip(*[(n, p) for n, p in layer.named_parameters() if p.requires_grad])
+    if not isinstance(local_reparameterisation, bool):  # a string such as "no" would count as True
+        raise TypeError(f"local_reparameterisation must be True or False, got {local_reparameterisation!r}")
+    trainable = [(n, p) for n, p in layer.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("layer has no parameter that requires a gradient: there is no gradient to measure")
+    names, params = zip(*trainable)
     total = [torch.zeros(p.shape, dtype=torch.float64, device=p.device) for p in params]
     total_sq = [torch.zeros(p.shape, dtype=torch.float64, device=p.device) for p in params]
     layer.train()

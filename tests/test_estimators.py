@@ -131,3 +131,8 @@ def test_bad_arguments_are_rejected():
         minibatch_gradient_moments(layer, x, y, batch_size=4, num_batches=1, local_reparameterisation=True)
     with pytest.raises(ValueError, match="same number"):
         minibatch_gradient_moments(layer, x, y[:4], batch_size=4, num_batches=2, local_reparameterisation=True)
+    with pytest.raises(TypeError, match="local_reparameterisation must be True or False, got 'no'"):
+        minibatch_gradient_moments(layer, x, y, batch_size=4, num_batches=2, local_reparameterisation="no")
+    with pytest.raises(ValueError, match="layer has no parameter that requires a gradient"):
+        minibatch_gradient_moments(layer.requires_grad_(False), x, y, batch_size=4, num_batches=2,
+                                   local_reparameterisation=True)

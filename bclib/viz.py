@@ -53,7 +53,7 @@ from ._io import write_atomically
 from .compression import resolve_thresholds, weight_masks
 from .data import DEFAULT_INPUT_RANGE, _check_input_range
 from .layers import BayesianLayer, bayesian_layers
-from .layers.base import check_positive_int
+from .layers.base import check_positive_float, check_positive_int
 
 __all__ = [
     "DEFAULT_THRESHOLD", "DEFAULT_FRAME_DURATION_MS", "WEIGHT_AXES_RECT",
@@ -182,7 +182,21 @@ def _write_gif(frames: list[np.ndarray], path, duration) -> Path:
     return _save_atomically(path, lambda temporary: Path(temporary).write_bytes(data))
 
 
+def _check_image_shape(image_shape) -> tuple[int, ...]:
+    """A non-empty sequence of positive ints (NumPy's too), as a tuple of Python ints."""
+    if isinstance(image_shape, (str, bytes)) or not isinstance(image_shape, (Sequence, np.ndarray, torch.Size)):
+        raise TypeError(f"image_shape must be a tuple of positive ints, e.g. (28, 28), got {image_shape!r}")
+    shape = tuple(image_shape)
+    if not shape or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s <= 0 for s in shape):
+        raise ValueError(f"image_shape must be a tuple of positive ints, got {image_shape!r}")
+    return tuple(int(s) for s in shape)
+
+
 def _frame(figsize, dpi) -> tuple[Figure, FigureCanvasAgg]:
+    if (isinstance(figsize, (str, bytes)) or not isinstance(figsize, Sequence) or len(figsize) != 2
+            or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                       for v in figsize)):
+        raise ValueError(f"figsize must be (width, height) in inches, two positive numbers, got {figsize!r}")
     fig = Figure(figsize=figsize, dpi=dpi)
     return fig, FigureCanvasAgg(fig)
 
@@ -395,6 +409,7 @@ def pixel_importance(log_alpha: Tensor, image_shape: Sequence[int] = (28, 28)) -
         array([[0.75, 0.  ],
                [0.  , 1.  ]])
     """
+    image_shape = _check_image_shape(image_shape)
     values = torch.as_tensor(log_alpha).detach().double().cpu().reshape(-1)
     if values.numel() != math.prod(image_shape):
         raise ValueError(f"log_alpha must have {math.prod(image_shape)} values for image_shape {tuple(image_shape)}, got {values.numel()}")
@@ -429,9 +444,7 @@ class PixelImportanceRecorder:
 
     def __init__(self, layer: str | int | None = None, image_shape: Sequence[int] = (28, 28), *,
                  every: int = 1) -> None:
-        image_shape = tuple(image_shape)
-        if not image_shape or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in image_shape):
-            raise ValueError(f"image_shape must be a tuple of positive ints, got {image_shape!r}")
+        image_shape = _check_image_shape(image_shape)
         if layer is not None and (isinstance(layer, bool) or not isinstance(layer, (str, int))):
             raise TypeError(f"layer must be None, a module name (str) or a position among the Bayesian layers "
                             f"(int), got {layer!r}")
@@ -484,6 +497,8 @@ def choose_digits(images, num_digits: int = 5, seed: int = 0) -> tuple[np.ndarra
         ``(indices, chosen)``: the drawn indices and the images, as float arrays shaped ``(num_digits, -1)``.
     """
     check_positive_int("num_digits", num_digits)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     array = images.detach().cpu().numpy() if isinstance(images, Tensor) else np.asarray(images)
     if array.ndim < 2 or array.shape[0] < num_digits:
         raise ValueError(f"images must be a batch (N, ...) with N >= num_digits={num_digits}, got shape {array.shape}")
@@ -533,6 +548,7 @@ def render_pixel_importance_frames(recorder: PixelImportanceRecorder, digits, *,
     """
     _check_recorded(recorder, PixelImportanceRecorder)
     low, high = _check_input_range(input_range)
+    check_positive_float("panel_size", panel_size, allow_none=False)
     array = digits.detach().cpu().numpy() if isinstance(digits, Tensor) else np.asarray(digits, dtype=np.float64)
     if array.ndim < 1 or array.size != array.shape[0] * math.prod(recorder.image_shape):
         raise ValueError(f"digits must be (K, ...) images of {math.prod(recorder.image_shape)} pixels, got shape {array.shape}")

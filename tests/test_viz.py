@@ -510,8 +510,19 @@ def test_other_bad_input(pair, tmp_path):
         viz.render_weight_frames(recorder, "1")
     with pytest.raises(TypeError, match="epoch"):
         recorder(1.5, pair, {})
+    with pytest.raises(ValueError, match=r"figsize must be \(width, height\) in inches, two positive numbers, got \(0, 0\)"):
+        viz.render_weight_frames(recorder, "0", figsize=(0, 0))  # it drew empty frames, then failed to write them
+    with pytest.raises(ValueError, match="seed must be a non-negative int, got -1"):
+        viz.choose_digits(torch.zeros(5, 4), 2, seed=-1)
+    with pytest.raises(TypeError, match=r"image_shape must be a tuple of positive ints, e\.g\. \(28, 28\), got 784"):
+        viz.PixelImportanceRecorder(image_shape=784)
+    with pytest.raises(ValueError, match=r"image_shape must be a tuple of positive ints, got \(-2, -2\)"):
+        viz.pixel_importance(torch.zeros(4), (-2, -2))
+    assert viz.PixelImportanceRecorder(image_shape=np.array([2, 2])).image_shape == (2, 2)
     pixels = viz.PixelImportanceRecorder(image_shape=(2, 2))
     pixels(0, nn.Sequential(bclib.LinearGroupNJ(4, 2)), {})
+    with pytest.raises(ValueError, match="panel_size must be a positive finite number, got 0"):
+        viz.render_pixel_importance_frames(pixels, torch.zeros(3, 4), panel_size=0)
     with pytest.raises(ValueError, match="num_digits=5"):
         viz.write_pixel_importance_gif(pixels, torch.zeros(3, 4), tmp_path / "p.gif")
     with pytest.raises(ValueError, match="input_range must have low < high"):

@@ -121,13 +121,14 @@ def quantize(weight: Tensor, bits: int) -> Tensor:
 
     Raises:
         ValueError: ``bits`` outside that range; a NaN or infinite weight, or one whose index would
-            not fit in 62 bits (the widest the file stores; int64 would wrap around silently).
+            not fit in 62 bits, ``|q| < 2^61`` (the widest the file stores, two's complement; int64
+            would wrap around silently).
     """
     if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not 0 <= bits <= MAX_MANTISSA_BITS:
         raise ValueError(f"bits must be an int in 0..{MAX_MANTISSA_BITS}, got {bits!r}")
     scaled = torch.round(weight.detach().to(torch.float64) * math.ldexp(1.0, bits))
-    if scaled.numel() and not bool(scaled.abs().max() < 2.0**62):  # False for NaN too
-        raise ValueError(f"weights must be finite with |w| 2^bits < 2^62 to round on the grid of {bits} bits, got "
+    if scaled.numel() and not bool(scaled.abs().max() < 2.0**61):  # False for NaN too
+        raise ValueError(f"weights must be finite with |w| 2^bits < 2^61 to round on the grid of {bits} bits, got "
                          f"max |w| = {float(weight.detach().abs().max())}")
     return scaled.to(torch.int64)
 

@@ -52,6 +52,14 @@ def test_quantize_rounds_to_the_grid():
     assert q.tolist() == [2, -2, 0, 8]  # 2.4 -> 2, -2.4 -> -2, 0.5 -> 0 (half to even), 8
 
 
+def test_quantize_gives_only_indices_the_file_can_store():
+    # 62-bit two's complement holds -2^61 .. 2^61 - 1: 2^60 fits, 2^61 would need 63 bits at save.
+    from bclib.fileformat import MAX_WIDTH, signed_width
+    assert signed_width(quantize(torch.tensor([2.0**60, -2.0**60], dtype=torch.float64), 0).numpy()) <= MAX_WIDTH
+    with pytest.raises(ValueError, match=r"\|w\| 2\^bits < 2\^61"):
+        quantize(torch.tensor([2.0**61], dtype=torch.float64), 0)
+
+
 # ----------------------------------------------------------------------------- a hand-built conv net
 def small_conv_net():
     """conv 1->3 (3x3) on 6x6 -> maxpool 2 -> flatten (3 channels x 4 positions) -> fc 12->4 -> ReLU -> fc 4->2.

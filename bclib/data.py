@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import numbers
 import os
 import shutil
 import tempfile
@@ -34,7 +35,7 @@ import torch
 from torch import Tensor
 
 from ._io import write_atomically
-from .layers.base import check_positive_int, check_size
+from .layers.base import check_positive_int
 
 __all__ = [
     "TensorSplit", "MNIST_FILES", "CIFAR10_FOLDER", "CIFAR10_FILES", "data_root", "load_mnist", "load_cifar10", "cifar10_tensors",
@@ -85,9 +86,12 @@ class TensorSplit:
         return TensorSplit(self.x.to(device, x_dtype), self.y.to(device))
 
     def subset(self, n: int) -> "TensorSplit":
-        """The first ``n`` examples, a positive int (all of them when there are fewer; for fast mode and tests)."""
+        """The first ``n`` examples, an int >= 0 (all of them when there are fewer; for fast mode and tests)."""
         # Checked: a negative n sliced "all but the last |n|" silently.
-        n = check_size("n", n)
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+            raise TypeError(f"n must be an int >= 0, got {type(n).__name__} {n!r}")
+        if n < 0:
+            raise ValueError(f"n must be an int >= 0, got {n}")
         return TensorSplit(self.x[:n], self.y[:n])
 
 

@@ -123,12 +123,12 @@ def test_subset_and_to_keep_the_first_examples(mnist):
     assert torch.equal(small.x, train.x[:7]) and torch.equal(small.y, train.y[:7])
 
 
-@pytest.mark.parametrize("n, error", [(-3, ValueError), (0, ValueError), (2.5, TypeError), ("5", TypeError),
-                                      (True, TypeError)])
-def test_subset_wants_a_positive_int(n, error):
+@pytest.mark.parametrize("n, error", [(-3, ValueError), (2.5, TypeError), ("5", TypeError), (True, TypeError)])
+def test_subset_wants_an_int_of_at_least_zero(n, error):
     # -3 used to give "all but the last 3" (7 of 10 examples), silently.
-    with pytest.raises(error, match=f"n must be a positive int, got .*{re.escape(str(n))}"):
+    with pytest.raises(error, match=f"n must be an int >= 0, got .*{re.escape(str(n))}"):
         _numbered_split(10).subset(n)
+    assert len(_numbered_split(10).subset(0)) == 0 and len(_numbered_split(10).subset(np.int64(3))) == 3
 
 
 # ----------------------------------------------------------------------------- data root

@@ -470,13 +470,20 @@ def build_run_model(config: dict) -> torch.nn.Module:
 SEARCH_KINDS = ("fine_tunes", "lowers_bits_of", "prunes_layers_of", "prunes_to_groups_of")
 
 
-def load_run_model(run_dir: str | os.PathLike) -> torch.nn.Module:
+def load_run_model(run_dir: str | os.PathLike, *, continue_random_stream: bool = False) -> torch.nn.Module:
     """Rebuild the trained model of a run folder from its ``config.json`` and ``checkpoint.pt``.
+
+    Args:
+        run_dir: the run folder.
+        continue_random_stream: leave torch's random generators where the run's training left them
+            (saved in its checkpoint), as :func:`run_experiment` does for a run that starts from
+            this one; by default the caller's random state is left as it was.
 
     Raises:
         FileNotFoundError: the folder has no ``config.json`` or no ``checkpoint.pt`` (the committed
             runs keep no checkpoints: train the run again to get one).
-        ValueError: a ``config.json`` or ``checkpoint.pt`` that cannot be read back.
+        ValueError: a ``config.json`` or ``checkpoint.pt`` that cannot be read back, or a run whose
+            checkpoint holds fewer epochs than its config asks for (stopped: resume it first).
     """
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
@@ -489,8 +496,20 @@ def load_run_model(run_dir: str | os.PathLike) -> torch.nn.Module:
         else:
             hint = "train it again" + (f", e.g. {config['command']}" if config.get("command") else "")
         raise FileNotFoundError(f"run {str(run_dir)!r} has no checkpoint.pt, which this needs ({hint})")
-    model = build_run_model(config)
-    load_checkpoint(run_dir / "checkpoint.pt", model)
+    random_state = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    model = build_run_model(config)  # its initialisation draws, to be overwritten: not the caller's
+    epoch, _ = load_checkpoint(run_dir / "checkpoint.pt", model)
+    if not continue_random_stream:  # load_checkpoint restores the run's random state, for resuming
+        torch.set_rng_state(random_state[0])
+        if random_state[1] is not None:
+            torch.cuda.set_rng_state_all(random_state[1])
+    planned = config.get("train", {}).get("epochs") if isinstance(config.get("train"), dict) else None
+    if isinstance(planned, int) and epoch < planned:
+        name = config.get("name", run_dir.name)
+        resume = (f"python -m bclib reproduce --only {name} --out {str(run_dir.parent)!r}" if name in EXPERIMENTS
+                  else config.get("command") or "the command that started it")
+        raise ValueError(f"run {str(run_dir)!r} is unfinished: its checkpoint holds {epoch} of its {planned} epochs "
+                         f"(resume it first: {resume})")
     return model.eval()
 
 
@@ -626,7 +645,9 @@ def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epo
     if experiment.init_from is None:
         model = build_model(experiment.model, experiment.prior, **experiment.model_options)
     else:
-        pretrained = load_run_model(base_dirs[experiment.init_from])
+        # The layers' initial draws continue the random stream where the deterministic run ended,
+        # as the committed runs did; config.seed takes over when training starts (fit seeds it).
+        pretrained = load_run_model(base_dirs[experiment.init_from], continue_random_stream=True)
         model = bayesian_from_pretrained(experiment.model, experiment.prior, pretrained, **experiment.model_options)
     if (out_dir / "checkpoint.pt").exists():
         check_checkpoint_recipe(out_dir / "checkpoint.pt", config, model)  # before this run writes anything
@@ -1380,8 +1401,8 @@ class _SearchCheckpoint:
                 and isinstance(recorded.get("candidates"), list)
                 and all(self._valid_entry(entry, entry_keys) for entry in recorded["candidates"])):
             raise ValueError(damaged % f"expected settings and candidates with {sorted(entry_keys)}: numeric "
-                                       "thresholds, a list history, errors with a numeric selection_error, each "
-                                       "file named <n>.pt")
+                                       "thresholds, a list history, errors with numeric selection and test errors "
+                                       "and seconds, each file named <n>.pt")
         return recorded
 
     @staticmethod
@@ -1392,7 +1413,7 @@ class _SearchCheckpoint:
         return (isinstance(entry, dict) and keys <= set(entry) and re.fullmatch(r"\d+\.pt", str(entry["file"]))
                 is not None and isinstance(entry["thresholds"], list) and all(map(number, entry["thresholds"]))
                 and isinstance(entry["history"], list) and isinstance(entry["errors"], dict)
-                and number(entry["errors"].get("selection_error")))
+                and all(number(entry["errors"].get(key)) for key in _RETRAIN_ERRORS))
 
     @staticmethod
     def _key(thresholds) -> str:

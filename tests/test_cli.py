@@ -173,7 +173,8 @@ def test_train_starts_from_the_init_from_folder_whatever_its_name(mnist_root, tm
     assert main(["train", "--model", "lenet300", "--prior", "none", "--out", str(dense), *data]) == 0
     loaded = []
     original = experiments.load_run_model
-    monkeypatch.setattr(experiments, "load_run_model", lambda folder: loaded.append(Path(folder)) or original(folder))
+    monkeypatch.setattr(experiments, "load_run_model",
+                        lambda folder, **options: loaded.append(Path(folder)) or original(folder, **options))
     out = tmp_path / "runs" / "hs"
     assert main(["train", "--model", "lenet300", "--prior", "hs", "--out", str(out), "--init-from", str(dense),
                  *data]) == 0
@@ -466,6 +467,26 @@ def test_compress_run_scores_the_test_split_it_is_given(run_copy, mnist_root, mn
         for key, model in (("dense_error", dense), ("file_error", loaded)):
             wrong = int((model(seven.x).argmax(1) != seven.y).sum())
             assert report[key] == pytest.approx(wrong / 7, abs=1e-12), key
+
+
+def test_a_stopped_run_is_refused_until_it_is_resumed(run_copy):
+    # As a run stopped after its first epoch would be: its config asks for more than its checkpoint holds.
+    config = _read(run_copy, "config.json")
+    config["train"]["epochs"] += 1
+    (run_copy / "config.json").write_text(json.dumps(config))
+    report = (run_copy / "report.json").read_text()
+    with pytest.raises(ValueError, match=r"run .* is unfinished: its checkpoint holds (\d+) of its \d+ epochs \(resume it "
+                                         r"first: python -m bclib reproduce --only lenet300_nj"):
+        experiments.compress_run(run_copy)  # it wrote a report, which made the run look finished
+    assert (run_copy / "report.json").read_text() == report
+
+
+def test_loading_a_run_leaves_the_callers_random_stream(run_copy):
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    experiments.load_run_model(run_copy)  # its checkpoint holds the random state its training ended with
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_thresholds_for_a_deterministic_run_are_refused_before_anything_is_written(run_copy, monkeypatch):
@@ -1355,7 +1376,10 @@ def test_prune_layers_names_a_damaged_checkpoint(trained_run, mnist_root, tmp_pa
     ] + [("progress.json", json.dumps({**progress, "candidates": [{**progress["candidates"][0], **change}]}),
           r"progress.json is damaged \(expected settings and candidates")
          for change in ({"thresholds": None}, {"thresholds": ["abc"]}, {"errors": None}, {"errors": {}},
-                        {"history": "x"})]
+                        {"history": "x"},
+                        # the search replayed to its end, then failed with a KeyError, leaving a half-written folder
+                        {"errors": {key: value for key, value in progress["candidates"][0]["errors"].items()
+                                    if key != "seconds"}})]
     for name, damaged, message in damages:
         (checkpoint / "progress.json").write_text(text)
         (checkpoint / "1.pt").write_bytes(tensors)

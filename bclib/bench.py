@@ -16,7 +16,6 @@ import concurrent.futures
 import contextlib
 import copy
 import importlib
-import json
 import logging
 import math
 import multiprocessing
@@ -733,32 +732,88 @@ GHS_WALL_TIME_GOAL_S = 45 * 60
 FILE_RATIO_GOAL = (700.0, 0.010)
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _seconds(entry, path: Path, what: str) -> float:
+    """``entry["seconds"]``; a ValueError naming ``path`` (the file ``entry`` comes from) if ``entry``
+    is not an object with a number there."""
+    if not (isinstance(entry, dict) and _number(entry.get("seconds"))):
+        raise ValueError(f"{str(path)!r}: {what} must be an object with a number 'seconds', got {entry!r:.80}")
+    return entry["seconds"]
+
+
+def _run_report(run_dir: Path) -> dict:
+    """A run's ``report.json``, with the fields the training-time report uses checked: a ValueError
+    naming the file for a damaged one (not a TypeError from deep inside the table)."""
+    from .experiments import read_run_json
+
+    report, path = read_run_json(run_dir, "report.json"), run_dir / "report.json"
+    error = report.get("file_error", report.get("dense_error"))
+    if not _number(error):
+        raise ValueError(f"{str(path)!r} must hold a number 'file_error' or 'dense_error', got {error!r:.80}")
+    for key in ("compression_pruning", "compression_precision", "compression_sparse",
+                "compression_sparse_precision"):
+        if report.get(key) is not None and not _number(report[key]):
+            raise ValueError(f"{str(path)!r}: {key!r} must be a number, got {report[key]!r:.80}")
+    file = report.get("file", {})
+    if not (isinstance(file, dict) and (file.get("ratio") is None or _number(file["ratio"]))):
+        raise ValueError(f"{str(path)!r}: 'file' must be an object with a number 'ratio', got {file!r:.80}")
+    for key in ("bit_search", "layer_search"):  # whether its search predates the zero-survivor fix
+        if key in report and not isinstance(report[key], dict):
+            raise ValueError(f"{str(path)!r}: {key!r} must be an object, got {report[key]!r:.80}")
+    return report
+
+
 def _own_seconds(name: str, root: Path) -> float:
     """Seconds of a run's own epochs (a search: all its retrained candidates, every seed), not of the
     runs it starts from."""
-    from .experiments import EXPERIMENTS, fine_tuning_seconds
+    from .experiments import EXPERIMENTS, fine_tuning_seconds, read_run_json
 
-    experiment = EXPERIMENTS[name]
+    experiment, run_dir = EXPERIMENTS[name], root / name
     if experiment.refines is not None:
-        report = json.loads((root / name / "report.json").read_text())
+        report, path = _run_report(run_dir), run_dir / "report.json"
         if experiment.fine_tunes:
-            return fine_tuning_seconds(report, json.loads((root / name / "analysis.json").read_text()))
-        return report["bit_search" if experiment.lowers_bits_of else
-                      "group_cut" if experiment.prunes_to_groups_of else "layer_search"]["seconds"]
-    return sum(m["seconds"] for m in json.loads((root / name / "metrics.json").read_text()))
+            analysis, analysis_path = read_run_json(run_dir, "analysis.json"), run_dir / "analysis.json"
+            _seconds(report.get("fine_tuning"), path, "'fine_tuning'")
+            candidates = analysis.get("candidates")
+            if not (isinstance(candidates, list) and all(isinstance(c, dict) and isinstance(c.get("seeds", []), list)
+                                                         for c in candidates)):
+                raise ValueError(f"{str(analysis_path)!r}: 'candidates' must be a list of objects whose 'seeds' "
+                                 f"are lists, got {candidates!r:.80}")
+            for candidate in candidates:
+                for seed in candidate.get("seeds", [])[1:]:
+                    _seconds(seed, analysis_path, "each entry of a candidate's 'seeds'")
+            return fine_tuning_seconds(report, analysis)
+        key = ("bit_search" if experiment.lowers_bits_of else
+               "group_cut" if experiment.prunes_to_groups_of else "layer_search")
+        return _seconds(report.get(key), path, repr(key))
+    path = run_dir / "metrics.json"
+    return sum(_seconds(epoch, path, "each epoch") for epoch in read_run_json(run_dir, "metrics.json", list))
 
 
-def _wall_seconds(name: str, root: Path) -> float:
+def _finished(run_dir: Path) -> bool:
+    return (run_dir / "metrics.json").exists() and (run_dir / "report.json").exists()
+
+
+def _wall_seconds(name: str, root: Path, absent: list | None = None) -> float:
     """Seconds of a run's epochs plus those of the runs it starts from or refines (all candidates of
-    a fine-tuning or bits search)."""
+    a fine-tuning or bits search). A base run not in ``root`` adds nothing, nor do the runs it starts
+    from; its name is appended to ``absent``."""
     from .experiments import EXPERIMENTS
 
     experiment = EXPERIMENTS[name]
     seconds = _own_seconds(name, root)
-    if experiment.refines is not None:
-        return seconds + _wall_seconds(experiment.refines, root)
-    if experiment.init_from and (root / experiment.init_from / "metrics.json").exists():
-        return seconds + _wall_seconds(experiment.init_from, root)
+    # A refined base's seconds are in its report.json (a search's folder gets it last); a pretraining
+    # run's are in metrics.json alone.
+    base = experiment.refines or experiment.init_from
+    if base is None:
+        return seconds
+    if _finished(root / base) if experiment.refines else (root / base / "metrics.json").exists():
+        return seconds + _wall_seconds(base, root, absent)
+    if absent is not None:
+        absent.append(base)
     return seconds
 
 
@@ -770,7 +825,9 @@ def run_training_time_report(results_root="book/results", verbose: bool = True) 
     the release's targets (a refined run, or another recipe for a row, is judged on that row's:
     :func:`bclib.experiments.paper_row`); the time to the BC-GHS row is compared
     with 45 min. The Sparse VD rows are judged on the sparse rates (nonzero weights), as their
-    source counts them; ``row["rates"]`` says which rates a row shows.
+    source counts them; ``row["rates"]`` says which rates a row shows. A base run missing from
+    ``results_root`` (and the runs it starts from) is left out of a row's wall time, and named in
+    ``row["bases_absent"]`` and below the table; the total is of the runs there.
 
     This reads ``metrics.json`` / ``report.json`` of runs made by ``python -m bclib reproduce``; the
     seconds are those measured while the run trained (on whatever machine made it).
@@ -780,11 +837,11 @@ def run_training_time_report(results_root="book/results", verbose: bool = True) 
     root = Path(results_root)
     rows = {}
     for name, experiment in EXPERIMENTS.items():
-        metrics_file, report_file = root / name / "metrics.json", root / name / "report.json"
-        if not (metrics_file.exists() and report_file.exists()):
+        if not _finished(root / name):
             continue
-        seconds = _wall_seconds(name, root)
-        report = json.loads(report_file.read_text())
+        absent = []
+        seconds = _wall_seconds(name, root, absent)
+        report = _run_report(root / name)
         error = report.get("file_error", report.get("dense_error"))
         sparse = experiment.prior == "svd"
         keys = ("compression_sparse", "compression_sparse_precision") if sparse else (
@@ -793,6 +850,8 @@ def run_training_time_report(results_root="book/results", verbose: bool = True) 
                "compression_pruning": report.get(keys[0]), "compression_precision": report.get(keys[1]),
                "file_ratio": report.get("file", {}).get("ratio"),
                "before_fix": predates_zero_survivor_fix(report)}
+        if absent:  # its wall time lacks these runs' (and what they start from): said below the table
+            row["bases_absent"] = absent
         target = PAPER_TARGETS.get(paper_row(name))
         if target is not None:
             met = [error <= target[0]]
@@ -820,6 +879,10 @@ def run_training_time_report(results_root="book/results", verbose: bool = True) 
               "as Molchanov et al. count Sparse VD")
         if any(row["before_fix"] for row in rows.values()):
             print(" ".join(tables.ZERO_SURVIVOR_FOOTNOTE))
+        short = [f"{name} (no {', '.join(row['bases_absent'])})" for name, row in rows.items() if "bases_absent" in row]
+        if short:
+            print(f"wall min leaves out base runs not in {str(root)!r} and the runs they start from: "
+                  f"{', '.join(short)}")
         hours = sum(row["own_seconds"] for row in rows.values()) / 3600
         print(f"all {len(rows)} runs: {hours:.1f} h of training and retraining, each run counted once "
               "(compressing and evaluating not included)")

@@ -291,6 +291,67 @@ def test_training_time_report_sums_epochs_with_pretraining_and_checks_targets(tm
     assert "all 10 runs: 0.5 h of training and retraining, each run counted once" in out
 
 
+def _fake_run(root, name, metrics, report, analysis=None):
+    """A run folder holding the given files: JSON-encoded, or written as they are if text."""
+    import json
+
+    (root / name).mkdir()
+    for file, data in (("metrics.json", metrics), ("report.json", report), ("analysis.json", analysis)):
+        if data is not None:
+            (root / name / file).write_text(data if isinstance(data, str) else json.dumps(data))
+
+
+@pytest.mark.parametrize("name, damaged, metrics, report, analysis", [
+    ("lenet300_dense", "report.json", [{"seconds": 1.0}], '{"dense_error": 0.0', None),  # truncated
+    ("lenet300_dense", "report.json", [{"seconds": 1.0}], [], None),
+    ("lenet300_dense", "report.json", [{"seconds": 1.0}], {"dense_error": "0.02"}, None),
+    ("lenet300_dense", "report.json", [{"seconds": 1.0}], {"dense_error": 0.02, "file": {"ratio": "9x"}}, None),
+    ("lenet300_dense", "metrics.json", {"seconds": 3.0}, {"dense_error": 0.02}, None),
+    ("lenet300_dense", "metrics.json", [{"seconds": 1.0}, {"second": 2.0}], {"dense_error": 0.02}, None),
+    ("lenet300_dense", "metrics.json", [{"seconds": "2"}], {"dense_error": 0.02}, None),
+    ("lenet300_nj_ft_bits", "report.json", [], {"file_error": 0.02, "bit_search": {"bits": [3]}}, None),
+    ("lenet300_nj_ft", "report.json", [], {"file_error": 0.02, "fine_tuning": 4.0}, {"candidates": []}),
+    ("lenet300_nj_ft", "analysis.json", [], {"file_error": 0.02, "fine_tuning": {"seconds": 4.0}},
+     {"candidates": [{"seeds": [{"seconds": 1.0}, {}]}]}),
+], ids=["truncated", "array", "error not a number", "ratio not a number", "metrics an object", "epoch without seconds",
+        "seconds not a number", "search without seconds", "fine_tuning a number", "seed without seconds"])
+def test_training_time_report_names_a_damaged_run_file(tmp_path, name, damaged, metrics, report, analysis):
+    """A run folder's damaged JSON is a ValueError naming the file (it was a JSONDecodeError without
+    the name, an AttributeError, a TypeError or a KeyError, or went unnoticed)."""
+    import re
+
+    from bclib.bench import run_training_time_report
+
+    _fake_run(tmp_path, name, metrics, report, analysis)
+    with pytest.raises(ValueError, match=re.escape(repr(str(tmp_path / name / damaged)))):
+        run_training_time_report(tmp_path, verbose=False)
+
+
+def test_training_time_report_leaves_out_absent_base_runs_and_says_so(tmp_path, capsys):
+    """A refined run whose base is not in the folder is reported without the base's seconds, as a
+    run whose pretraining run is absent is (it was a FileNotFoundError); the table names what each
+    row's wall time lacks, and the total is of the runs there."""
+    from bclib.bench import run_training_time_report
+
+    _fake_run(tmp_path, "lenet300_hs", [{"seconds": 240.0}], {"file_error": 0.02})  # no lenet300_dense
+    _fake_run(tmp_path, "lenet300_nj_ft", [], {"file_error": 0.017, "fine_tuning": {"seconds": 30.0}},
+              {"candidates": []})  # no lenet300_nj
+    # Its base is present but refines a run that is not: only the absent one is named.
+    _fake_run(tmp_path, "lenet300_nj_ft_bits", [], {"file_error": 0.017, "bit_search": {"seconds": 90.0}})
+    rows = run_training_time_report(tmp_path)
+    assert [rows[name]["seconds"] for name in rows] == [240.0, 30.0, 120.0]
+    assert [rows[name]["bases_absent"] for name in rows] == [["lenet300_dense"], ["lenet300_nj"], ["lenet300_nj"]]
+    out = capsys.readouterr().out
+    assert (f"wall min leaves out base runs not in {str(tmp_path)!r} and the runs they start from: lenet300_hs "
+            "(no lenet300_dense), lenet300_nj_ft (no lenet300_nj), lenet300_nj_ft_bits (no lenet300_nj)") in out
+    assert "all 3 runs: 0.1 h" in out
+    # With every base there, rows name none and the table has no such line.
+    _fake_run(tmp_path, "lenet300_dense", [{"seconds": 6.0}], {"dense_error": 0.02})
+    _fake_run(tmp_path, "lenet300_nj", [{"seconds": 6.0}], {"file_error": 0.02})
+    rows = run_training_time_report(tmp_path)
+    assert not any("bases_absent" in row for row in rows.values()) and "leaves out" not in capsys.readouterr().out
+
+
 def test_epoch_bench_times_each_network_on_mnist(mnist_root, capsys):
     result = bench.run_epoch_bench(mnist_root, model_names=("lenet300",), train_examples=600, threads=1)
     rows = result["lenet300"]

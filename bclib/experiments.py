@@ -614,6 +614,13 @@ def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epo
         if not (base_dir / needs).is_file():
             raise ValueError(f"{name!r} starts from the run {base!r}: {str(base_dir)!r} has no {needs} (run it first, "
                              f"e.g. python -m bclib reproduce --only {base} --out {str(base_dir.parent)!r})")
+    for base in (experiment.fine_tunes, experiment.lowers_bits_of, experiment.prunes_layers_of,
+                 experiment.prunes_to_groups_of):
+        # A search takes its data from its base run, and only its epochs from fast: a mix would be
+        # recorded as the base's setting.
+        if base is not None and bool(read_run_config(base_dirs[base]).get("fast")) != bool(fast):
+            raise ValueError(f"fast: {name!r} searches the run {base!r} in {str(base_dirs[base])!r}, trained with "
+                             f"fast={not fast}; a search runs with its base's setting, got fast={bool(fast)}")
     if init_dir is not None:
         start = read_run_config(init_dir)
         if start.get("model") != experiment.model or start.get("prior") is not None:

@@ -455,6 +455,16 @@ def test_a_run_whose_base_is_missing_names_it(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_a_search_runs_with_its_base_runs_fast_setting(trained_run, tmp_path):
+    # trained_run is a --fast run: a full search of it would retrain with full epochs on its small
+    # data, and its config.json would say fast, as the base's does.
+    with pytest.raises(ValueError, match=r"fast: 'lenet300_nj_layers' searches the run 'lenet300_nj' in .*, trained "
+                                         r"with fast=True; a search runs with its base's setting, got fast=False"):
+        experiments.run_experiment("lenet300_nj_layers", tmp_path / "lenet300_nj_layers", fast=False,
+                                   results_root=trained_run.parent)
+    assert not (tmp_path / "lenet300_nj_layers").exists()
+
+
 def test_compress_run_scores_the_test_split_it_is_given(run_copy, mnist_root, mnist):
     """Without thresholds it loads the training data for the selection split, and keeps the 7-example
     test split it was given (it used to score the loaded test set instead)."""

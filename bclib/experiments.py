@@ -1288,7 +1288,8 @@ def _group_prior_run(base_dir, out_dir, kind: str):
     layers = read_run_json(base_dir, "analysis.json").get("layers", {}) \
         if (base_dir / "analysis.json").exists() else {}
     names = [row["name"] for row in base_report["layers"]]
-    if any("log_alpha" not in layers.get(name, {}) for name in names):
+    if not isinstance(layers, dict) or any(not isinstance(layers.get(name), dict) or "log_alpha" not in layers[name]
+                                           for name in names):
         raise ValueError(f"base_dir {str(base_dir)!r} must hold analysis.json with the log alpha of every group "
                          f"of layers {names} (a group-prior run; Sparse VD's per-weight ones are not recorded)")
     log_alpha = {name: _recorded_log_alpha(layers[name]["log_alpha"], threshold)
@@ -1487,7 +1488,27 @@ def _base_run(base_dir, out_dir, kind: str, needs: str | None = None) -> tuple[P
     if "thresholds" not in base_report or (needs is not None and not (base_dir / needs).exists()):
         raise ValueError(f"base_dir {str(base_dir)!r} must be a compressed Bayesian run with report.json "
                          f"(thresholds included; a deterministic run has none){f' and {needs}' if needs else ''}")
+    _check_base_report(base_dir, base_report)
     return base_dir, out_dir, base_config, base_report
+
+
+def _check_base_report(base_dir: Path, report: dict) -> None:
+    """The fields of a base run's report.json that a search reads, checked before any work: a damaged
+    one failed at the search's end (a KeyError, beside half the search's files)."""
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    thresholds, layers = report.get("thresholds"), report.get("layers")
+    problem = (
+        "'dense_error' must be a finite number" if not number(report.get("dense_error")) else
+        "'layers' must be a list of objects" if not (isinstance(layers, list) and layers
+                                                     and all(isinstance(row, dict) and "name" in row for row in layers))
+        else "'thresholds' must be a list with a number (or null, keep all) per layer"
+        if not (isinstance(thresholds, list) and len(thresholds) == len(layers)
+                and all(t is None or number(t) for t in thresholds)) else None)
+    if problem is not None:
+        raise ValueError(f"{str(base_dir / 'report.json')!r} is damaged: {problem} (write it again with "
+                         f"python -m bclib compress {str(base_dir)!r}, or run the base again)")
 
 
 def _search_splits(base_config: dict, data_root) -> tuple[TensorSplit, TensorSplit, TensorSplit]:

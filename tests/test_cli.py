@@ -455,6 +455,22 @@ def test_a_run_whose_base_is_missing_names_it(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda report: report.pop("dense_error"), "'dense_error' must be a finite number"),
+    (lambda report: report.pop("layers"), "'layers' must be a list of objects"),
+    (lambda report: report["thresholds"].pop(), r"'thresholds' must be a list with a number \(or null"),
+    (lambda report: report.__setitem__("thresholds", "x"), r"'thresholds' must be a list with a number \(or null"),
+])
+def test_a_search_refuses_a_damaged_base_report_before_any_work(run_copy, tmp_path, damage, message):
+    report = _read(run_copy, "report.json")
+    damage(report)
+    (run_copy / "report.json").write_text(json.dumps(report))
+    for search in (experiments.prune_layers_run, experiments.lower_bits_run):  # they failed at the end, half-written
+        with pytest.raises(ValueError, match=r"report.json' is damaged: " + message):
+            search(run_copy, tmp_path / "out", progress=False)
+        assert not (tmp_path / "out").exists()
+
+
 def test_a_search_runs_with_its_base_runs_fast_setting(trained_run, tmp_path):
     # trained_run is a --fast run: a full search of it would retrain with full epochs on its small
     # data, and its config.json would say fast, as the base's does.

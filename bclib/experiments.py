@@ -769,7 +769,8 @@ def compress_run(run_dir: str | os.PathLike, *, model=None, test: TensorSplit | 
         sparse_vd = {i: SPARSE_VD_THRESHOLD for i, (_, layer) in enumerate(bayesian_layers(model)) if isinstance(layer, (LinearSVD, Conv2dSVD))}
         thresholds = compression.select_thresholds(model, selection.x, selection.y,
                                                    tolerance=SELECTION_TOLERANCE, fixed=sparse_vd)
-    result = compression.compress(model, list(thresholds))
+    result = compression.compress(model, thresholds)  # a number, a list or a dict, as compress takes them
+    thresholds = [row.threshold for row in result.report.layers]
     if any(row.groups_kept == 0 for row in result.report.layers):  # its output no longer depends on its input
         warnings.warn(f"the thresholds {[float(t) for t in thresholds]} prune every group of a layer of {run_dir} "
                       f"(architecture {result.report.architecture}): the compressed network predicts one class",
@@ -842,11 +843,16 @@ def recount_precision_rates(run_dir: str | os.PathLike, *, command: str | None =
     candidates = 0
     if config.get("lowers_bits_of") and (run_dir / "analysis.json").is_file():
         base_dir = run_dir.parent / config["lowers_bits_of"]
-        if not (base_dir / "report.json").is_file():
+        if not ((base_dir / "report.json").is_file() and (base_dir / "model.bcz").is_file()):
             raise FileNotFoundError(f"{str(run_dir)!r} lowers the bits of {config['lowers_bits_of']!r}, which is "
-                                    f"not a finished run beside it: its candidates need that run's files")
+                                    f"not a finished run beside it (report.json and model.bcz): its candidates need "
+                                    f"that run's files")
         base = compression.CompressedModel.from_file(base_dir / "model.bcz", read_run_json(base_dir, "report.json"))
         analysis = read_run_json(run_dir, "analysis.json")
+        if not (isinstance(analysis.get("candidates"), list)
+                and all(isinstance(row, dict) and isinstance(row.get("bits"), list) for row in analysis["candidates"])):
+            raise ValueError(f"{str(run_dir / 'analysis.json')!r} is damaged: 'candidates' must be a list of objects "
+                             "with their 'bits'")
         for row in analysis["candidates"]:
             rates = base.with_bits(row["bits"]).report
             if any(row[key] != getattr(rates, key) for key in _PRECISION_KEYS):

@@ -590,6 +590,11 @@ def test_thresholds_that_prune_a_whole_layer_are_warned_about(run_copy, mnist_ro
     assert report["architecture"] == "0-0-0"  # with fc2 cut away, the AND rule strands every unit before it
 
 
+def test_compress_run_takes_one_threshold_for_all_layers_as_compress_does(run_copy, mnist_root):
+    report = experiments.compress_run(run_copy, thresholds=100.0, data_root=mnist_root)  # a TypeError before
+    assert report["thresholds"] == [100.0, 100.0, 100.0] and report["architecture"] == "784-300-100"
+
+
 def test_compress_with_explicit_thresholds(run_copy, mnist_root, capsys):
     """Thresholds above every log alpha keep every weight: the exported network is the dense one."""
     assert main(["compress", str(run_copy), "--thresholds", "100", "100", "100", "--data", str(mnist_root)]) == 0
@@ -741,6 +746,18 @@ def bits_run(fine_tuned_run, mnist_root, tmp_path_factory) -> Path:
     """``python -m bclib lower-bits FT --out DIR --epochs 1`` on the fine-tuned fast run."""
     return _search("lower-bits", fine_tuned_run, tmp_path_factory.mktemp("lower-bits") / "lenet300_nj_ft_bits",
                    mnist_root)
+
+
+def test_recount_of_a_bits_search_names_a_damaged_or_missing_base(bits_run, fine_tuned_run, tmp_path):
+    runs = tmp_path / "runs"
+    search, base = (Path(shutil.copytree(run, runs / run.name)) for run in (bits_run, fine_tuned_run))
+    analysis = _read(search, "analysis.json")
+    (search / "analysis.json").write_text(json.dumps({**analysis, "candidates": {}}))
+    with pytest.raises(ValueError, match=r"analysis.json' is damaged: 'candidates' must be a list of objects"):
+        experiments.recount_precision_rates(search)  # a KeyError or AttributeError before
+    (base / "model.bcz").unlink()
+    with pytest.raises(FileNotFoundError, match=r"not a finished run beside it \(report.json and model.bcz\)"):
+        experiments.recount_precision_rates(search)  # a bare FileNotFoundError before
 
 
 def _selection_error(model, mnist) -> float:

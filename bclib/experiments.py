@@ -1535,6 +1535,8 @@ def _write_search_config(out_dir: Path, base_config: dict, config: TrainConfig, 
     _mark_unfinished(out_dir)  # the old report, if any, no longer describes the folder's files
     write_json(out_dir / "config.json", {
         "name": out_dir.name, "model": base_config["model"], "prior": base_config["prior"],
+        # build_run_model reads them: a shared-scale base's search would build a scale per layer
+        **({"model_options": base_config["model_options"]} if base_config.get("model_options") else {}),
         "train": config.to_dict(), **fields, **({} if tolerance is None else {"selection_tolerance": tolerance}),
         "input_range": list(base_config.get("input_range", DEFAULT_INPUT_RANGE)),
         "fast": bool(base_config.get("fast")), "train_examples": len(fit_split),

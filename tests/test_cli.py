@@ -436,6 +436,16 @@ def test_a_run_with_one_global_scale_records_it_and_is_rebuilt_with_it(mnist_roo
         torch.testing.assert_close(saved[f"{key}.global_scale.sb_mu"], layers[0].global_scale.sb_mu)
 
 
+def test_a_search_records_its_base_runs_model_options(tmp_path):
+    base_config = {"model": "lenet300", "prior": "hs", "model_options": {"shared_scale": True}, "fast": True}
+    splits = [TensorSplit(torch.zeros(n, 784), torch.zeros(n, dtype=torch.long)) for n in (3, 2, 1)]
+    experiments._write_search_config(tmp_path / "search", base_config, TrainConfig(epochs=1), splits,
+                                     {"prunes_layers_of": "base"})
+    config = _read(tmp_path / "search", "config.json")
+    assert config["model_options"] == {"shared_scale": True}  # build_run_model built a scale per layer from it
+    assert experiments.build_run_model(config)[1].shared_scale is not None
+
+
 def test_compress_run_stopped_before_its_report_leaves_none(run_copy, mnist_root, monkeypatch):
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt

@@ -78,7 +78,9 @@ class TrainConfig:
             (oneDNN) that is faster (``python -m bclib bench epochs`` measures it beside the default
             layout; chapter 3 of the book shows the committed numbers). It stays set on the model
             after :func:`fit`, like the device. Networks without convolutions are unaffected.
-            ``None`` leaves the layout as it is.
+            ``None`` leaves the layout as it is. The layers draw their noise in the tensors' memory
+            order, so the numbers differ from the default layout's as another seed's would: a
+            checkpoint resumes only in the layout it was written in.
         keep_freed_memory: on CPU, first call :func:`bclib.train.keep_freed_memory` (glibc's
             ``malloc`` keeps freed blocks for reuse, process-wide): without it a Bayesian step
             can fault fresh pages in for its temporaries every time (LeNet-5-Caffe NJ: thousands a
@@ -231,9 +233,12 @@ def _set_lr(optimizer: torch.optim.Optimizer, config: TrainConfig, epoch: int) -
     return config.lr * factor
 
 
-# Settings that may differ between a checkpoint and the run resuming it: they change where and how
-# fast it runs, not what it computes.
-_RESUMABLE_ACROSS = ("device", "keep_freed_memory", "memory_format")
+# Settings that may differ between a checkpoint and the run resuming it. keep_freed_memory changes
+# only how fast it runs. The device changes the generator the noise comes from, but a stopped run must
+# resume on the machine at hand (and device=None, the recipes' value, is resolved only at run time).
+# Not memory_format: the layers draw their noise in memory order, so a run resumed in another layout
+# would silently be half one recipe, half another.
+_RESUMABLE_ACROSS = ("device", "keep_freed_memory")
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, epoch: int, history: list,
@@ -262,16 +267,74 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, epoch:
     write_atomically(path, lambda temporary: torch.save(state, temporary))
 
 
-def _read_checkpoint(path: str | os.PathLike) -> dict:
-    """The checkpoint's contents, loaded with ``weights_only=True``; a damaged file is a ``ValueError``."""
+def _read_checkpoint(path: str | os.PathLike, with_optimizer: bool = False) -> dict:
+    """The checkpoint's contents, loaded with ``weights_only=True``; a damaged file, or one that holds
+    anything but what :func:`save_checkpoint` writes (its optimiser's state only ``with_optimizer``,
+    when one is to be loaded too), is a ``ValueError``."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     # What damaged files raise: a truncated zip archive can surface as OSError (errno 22) from torch.
     except (RuntimeError, KeyError, EOFError, OSError, pickle.UnpicklingError) as error:
         if isinstance(error, OSError) and type(error) is not OSError:  # a missing file, no permission, ...
             raise
-        raise ValueError(f"checkpoint {str(path)!r} cannot be read back as a bclib checkpoint ({error}); "
-                         f"delete it to train afresh") from None
+        problem = str(error)
+    else:
+        # Checked whole here, before anything is restored: a file torch reads but that holds something
+        # else (a bare state_dict, an edited checkpoint) would otherwise fail half-way through
+        # load_checkpoint, with the weights already replaced.
+        problem = _checkpoint_problem(state, with_optimizer)
+    if problem is not None:
+        raise ValueError(f"checkpoint {str(path)!r} cannot be read back as a bclib checkpoint ({problem}); "
+                         f"delete it to train afresh")
+    return state
+
+
+def _parsed_json(text):
+    """``text`` parsed as JSON; ``None`` when it is not a str of JSON."""
+    try:
+        return json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
+
+
+def _checkpoint_problem(state, with_optimizer: bool) -> str | None:
+    """What makes ``state`` other than what :func:`save_checkpoint` writes (``None``: nothing), in
+    what :func:`load_checkpoint` uses of it."""
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}, not the dict save_checkpoint writes"
+    needed = ("model", "optimizer", "epoch", "history_json", "rng_cpu")
+    missing = [key for key in needed if key not in state and (key != "optimizer" or with_optimizer)]
+    if missing:
+        return f"no {', '.join(map(repr, missing))} in it" + (
+            ": a bare state_dict of a network is not a checkpoint" if "model" in missing else "")
+    if not isinstance(state["model"], dict) or not all(
+            isinstance(name, str) and torch.is_tensor(tensor) for name, tensor in state["model"].items()):
+        return "its 'model' is not a dict of named tensors"
+    epoch = state["epoch"]
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        return f"its 'epoch' is not an int >= 0 but {type(epoch).__name__} {epoch!r}"
+    history = _parsed_json(state["history_json"])
+    if not isinstance(history, list) or not all(isinstance(row, dict) for row in history):
+        return "its 'history_json' is not JSON of a list of per-epoch dicts"
+    if "config_json" in state and not isinstance(_parsed_json(state["config_json"]), dict):
+        return "its 'config_json' is not JSON of a dict"
+    rng = state["rng_cpu"]
+    if not torch.is_tensor(rng) or rng.dtype != torch.uint8:
+        return f"its 'rng_cpu' is not a uint8 tensor but {rng.dtype if torch.is_tensor(rng) else type(rng).__name__}"
+    try:
+        torch.Generator().set_state(rng)  # a generator of its own: the global one is set only once all is checked
+    except RuntimeError as error:
+        return f"its 'rng_cpu' is not the state of a CPU generator ({error})"
+    if "rng_cuda" in state and not (isinstance(state["rng_cuda"], (list, tuple)) and all(
+            torch.is_tensor(rng) and rng.dtype == torch.uint8 for rng in state["rng_cuda"])):
+        return "its 'rng_cuda' is not a list of uint8 tensors"
+    if with_optimizer:
+        saved = state["optimizer"]
+        groups = saved.get("param_groups") if isinstance(saved, dict) else None
+        if not (isinstance(groups, list) and isinstance(saved.get("state"), dict) and all(
+                isinstance(group, dict) and isinstance(group.get("params"), list) for group in groups)):
+            return "its 'optimizer' is not an optimiser's state_dict"
+    return None
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None,
@@ -288,15 +351,17 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None,
         config: the recipe of the run resuming; checked against the checkpoint's.
 
     Raises:
-        ValueError: a file that cannot be read back as a checkpoint; when ``config`` is given and differs from the config the checkpoint was written
-            with in anything but ``device``, ``memory_format`` and ``keep_freed_memory`` (resuming
+        ValueError: a file that cannot be read back as a checkpoint or holds anything but what
+            :func:`save_checkpoint` writes; when ``config`` is given and differs from the config the
+            checkpoint was written with in anything but ``device`` and ``keep_freed_memory`` (resuming
             would silently mix two recipes; checkpoints written without a config are not checked), or when the
-            checkpoint holds the tensors of another network than ``model``.
+            checkpoint holds the tensors of another network than ``model``. Each is raised before
+            ``model``, ``optimizer`` or the random state is changed.
     """
-    state = _read_checkpoint(path)
+    state = _read_checkpoint(path, with_optimizer=optimizer is not None)
     if config is not None:
         _check_recipe(state, config, path)
-    _check_network(state, model, path)
+    _check_network(state, model, path, None if optimizer is None else optimizer.param_groups)
     model.load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -310,17 +375,20 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None,
 def check_checkpoint_recipe(path: str | os.PathLike, config: TrainConfig, model: nn.Module | None = None) -> None:
     """Raise the :func:`load_checkpoint` errors now, before anything of a run is written, when the
     checkpoint at ``path`` was written by another recipe than ``config`` (checkpoints written
-    without a config pass) or, given ``model``, holds tensors of other names or shapes, or cannot be
-    read back at all (loaded with ``weights_only=True``; nothing is changed)."""
-    state = _read_checkpoint(path)
+    without a config pass) or, given ``model``, holds tensors of other names or shapes or an
+    optimiser's state that :func:`fit`'s cannot take, or cannot be read back as a checkpoint at all
+    (loaded with ``weights_only=True``; nothing is changed)."""
+    state = _read_checkpoint(path, with_optimizer=True)  # fit resumes its optimiser too
     _check_recipe(state, config, path)
     if model is not None:
-        _check_network(state, model, path)
+        _check_network(state, model, path, _param_groups(model, config))
 
 
-def _check_network(state: dict, model: nn.Module, path) -> None:
+def _check_network(state: dict, model: nn.Module, path, param_groups: list[dict] | None = None) -> None:
     """Refuse a checkpoint whose tensors differ from ``model``'s in names or shapes (another network),
-    naming the first ones, rather than let ``load_state_dict`` raise its RuntimeError."""
+    naming the first ones, rather than let ``load_state_dict`` raise its RuntimeError; given the
+    ``param_groups`` of an optimiser to load too, likewise one whose optimiser's groups hold other
+    numbers of parameters (``Optimizer.load_state_dict`` would raise after the weights were loaded)."""
     saved = {name: tuple(tensor.shape) for name, tensor in state["model"].items()}
     wanted = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     if saved != wanted:
@@ -328,6 +396,12 @@ def _check_network(state: dict, model: nn.Module, path) -> None:
         raise ValueError(f"checkpoint {path} holds another network than the one to resume (tensors "
                          f"{', '.join(differing[:4])}{' ...' if len(differing) > 4 else ''} differ): "
                          "train into another folder")
+    if param_groups is not None:
+        saved_sizes = [len(group["params"]) for group in state["optimizer"]["param_groups"]]
+        sizes = [len(group["params"]) for group in param_groups]
+        if saved_sizes != sizes:
+            raise ValueError(f"checkpoint {path} holds the state of an optimiser whose parameter groups hold "
+                             f"{saved_sizes} parameters, not {sizes} as the one to resume: train into another folder")
 
 
 def _check_recipe(state: dict, config: TrainConfig, path) -> None:

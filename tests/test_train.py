@@ -202,11 +202,15 @@ def test_a_checkpoint_of_another_recipe_is_refused_and_an_old_one_trains_at_this
     train, test = (split.subset(200) for split in small_mnist)
     config = TrainConfig(epochs=2, batch_size=100, lr=1e-2, lr_final=1e-3, device="cpu")
     fit(_lenet300_nj(), train, test, config, checkpoint=tmp_path / "run.pt", progress=False)
+    # The layout too: the layers draw their noise in memory order, so it changes what a run computes.
     for changes, named in (({"epochs": 3}, "epochs=2 there, 3 here"), ({"seed": 7}, "seed=0 there, 7 here"),
-                           ({"lr": 1e-4, "lr_final": 1e-4}, "lr=0.01 there, 0.0001 here")):
+                           ({"lr": 1e-4, "lr_final": 1e-4}, "lr=0.01 there, 0.0001 here"),
+                           ({"memory_format": "channels_last"}, "memory_format=None there, 'channels_last' here")):
         with pytest.raises(ValueError, match=f"written by another recipe .*{re.escape(named)}"):
             fit(_lenet300_nj(), train, test, replace(config, **changes), checkpoint=tmp_path / "run.pt",
                 progress=False)
+        with pytest.raises(ValueError, match=f"written by another recipe .*{re.escape(named)}"):
+            train_module.check_checkpoint_recipe(tmp_path / "run.pt", replace(config, **changes))
     # Another network (another prior here) is named as such, not a RuntimeError of load_state_dict,
     # and run_experiment's check before it writes anything says the same, leaving the file as it was.
     written = (tmp_path / "run.pt").read_bytes()
@@ -216,8 +220,8 @@ def test_a_checkpoint_of_another_recipe_is_refused_and_an_old_one_trains_at_this
         train_module.check_checkpoint_recipe(tmp_path / "run.pt", config, lenet_300_100("hs"))
     train_module.check_checkpoint_recipe(tmp_path / "run.pt", config, _lenet300_nj())  # the same network passes
     assert (tmp_path / "run.pt").read_bytes() == written
-    # Where and how fast it runs may change.
-    assert len(fit(_lenet300_nj(), train, test, replace(config, keep_freed_memory=False, memory_format="channels_last"),
+    # How fast it runs may change.
+    assert len(fit(_lenet300_nj(), train, test, replace(config, keep_freed_memory=False),
                    checkpoint=tmp_path / "run.pt", progress=False)) == 2
     # A checkpoint written without its config (before configs were saved) is resumed unchecked, at
     # this config's rates: the optimiser's saved base rates (0.01) must not survive the resume.
@@ -331,9 +335,12 @@ def test_channels_last_trains_every_convolution_in_that_layout(small_mnist):
     torch.testing.assert_close(model.eval()(test.x[:50]), plain.eval()(test.x[:50]), rtol=1e-4, atol=1e-5)
 
 
-def test_a_resume_in_another_layout_lays_the_optimiser_state_out_like_the_weights(small_mnist, tmp_path):
-    """Fused Adam pairs a weight with its moments in memory order: moments loaded in the layout of
-    the checkpoint beside channels-last weights would update the wrong weights, with no error."""
+def test_a_resume_in_another_layout_is_refused_and_one_unchecked_lays_the_optimiser_state_out_like_the_weights(
+        small_mnist, tmp_path):
+    """The layout changes the noise drawn, so a run's checkpoint resumes only in its own. One written
+    without a config is resumed unchecked, in any layout: fused Adam pairs a weight with its moments
+    in memory order, and moments loaded in the layout of the checkpoint beside channels-last weights
+    would update the wrong weights, with no error."""
     from bclib.models import lenet5_caffe
 
     class Stop(Exception):
@@ -363,7 +370,16 @@ def test_a_resume_in_another_layout_lays_the_optimiser_state_out_like_the_weight
                 state = optimizer.state[p]
                 state["exp_avg"] = state["exp_avg"].contiguous(memory_format=torch.channels_last)
     assert not torch.allclose(weight, twin)
+    written = (tmp_path / "run.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"run.pt was written by another recipe \(memory_format=None there, "
+                                         r"'channels_last' here\)"):
+        fit(lenet5_caffe("nj"), train, test, replace(config, memory_format="channels_last"),
+            checkpoint=tmp_path / "run.pt", progress=False)
+    assert (tmp_path / "run.pt").read_bytes() == written
     for memory_format, stop in (("channels_last", [stop_at(3)]), (None, [])):
+        state = torch.load(tmp_path / "run.pt", weights_only=True)
+        del state["config_json"]  # as a checkpoint written before configs were saved
+        torch.save(state, tmp_path / "run.pt")
         try:
             fit(lenet5_caffe("nj"), train, test, replace(config, memory_format=memory_format),
                 checkpoint=tmp_path / "run.pt", callbacks=stop, progress=False)
@@ -535,6 +551,68 @@ def test_a_damaged_checkpoint_is_a_value_error_that_names_it_and_a_missing_one_i
                 read()
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "missing.pt", net)
+
+
+def test_a_readable_file_that_is_no_checkpoint_is_refused_before_anything_is_restored(tmp_path):
+    """A file torch reads but that holds something else (a bare state_dict, a tensor, an edited
+    checkpoint) is the damaged file's ValueError, naming what is wrong, raised before the model, the
+    optimiser or the random state is changed."""
+    from bclib.train import _param_groups, check_checkpoint_recipe, load_checkpoint, save_checkpoint
+
+    config = TrainConfig(device="cpu")
+    torch.manual_seed(1)
+    source = nn.Sequential(bclib.LinearGroupNJ(6, 4))
+    source_optimizer = torch.optim.Adam(_param_groups(source, config))  # as fit builds it
+    source(torch.randn(3, 6)).sum().backward()
+    source_optimizer.step()
+    save_checkpoint(tmp_path / "good.pt", source, source_optimizer, 1, [{"epoch": 1}], config)
+    good = torch.load(tmp_path / "good.pt", weights_only=True)
+    without = lambda key: {k: v for k, v in good.items() if k != key}  # noqa: E731
+    cases = [
+        (source.state_dict(), "no 'model', 'optimizer', 'epoch', 'history_json', 'rng_cpu' in it: a bare state_dict"),
+        (torch.zeros(3), "it holds a Tensor, not the dict"),
+        (without("rng_cpu"), "no 'rng_cpu' in it"),
+        (without("optimizer"), "no 'optimizer' in it"),
+        ({**good, "model": {"0.weight_mu": [1.0]}}, "its 'model' is not a dict of named tensors"),
+        ({**good, "epoch": -1}, "its 'epoch' is not an int >= 0 but int -1"),
+        ({**good, "epoch": "1"}, "its 'epoch' is not an int >= 0 but str '1'"),
+        ({**good, "history_json": "{"}, "its 'history_json' is not JSON of a list"),
+        ({**good, "history_json": '{"epoch": 1}'}, "its 'history_json' is not JSON of a list"),
+        ({**good, "config_json": "[]"}, "its 'config_json' is not JSON of a dict"),
+        ({**good, "rng_cpu": torch.zeros(5)}, "its 'rng_cpu' is not a uint8 tensor but torch.float32"),
+        ({**good, "rng_cpu": torch.zeros(5056, dtype=torch.uint8)},  # the right size, not a valid state
+         "its 'rng_cpu' is not the state of a CPU generator"),
+        ({**good, "rng_cuda": [torch.zeros(3)]}, "its 'rng_cuda' is not a list of uint8 tensors"),
+        ({**good, "optimizer": [1]}, "its 'optimizer' is not an optimiser's state_dict"),
+    ]
+    torch.manual_seed(0)
+    net = nn.Sequential(bclib.LinearGroupNJ(6, 4))
+    optimizer = torch.optim.Adam(_param_groups(net, config))
+    weights, moments = {k: v.clone() for k, v in net.state_dict().items()}, optimizer.state_dict()
+    rng = torch.get_rng_state()
+    path = tmp_path / "other.pt"
+    for content, problem in cases:
+        torch.save(content, path)
+        for read in (lambda: load_checkpoint(path, net, optimizer, config),
+                     lambda: load_checkpoint(path, net, optimizer), lambda: check_checkpoint_recipe(path, config, net)):
+            with pytest.raises(ValueError, match="other.pt.*cannot be read back as a bclib checkpoint "
+                                                 + re.escape(f"({problem}")):
+                read()
+            assert all(torch.equal(net.state_dict()[k], v) for k, v in weights.items()), problem
+            assert optimizer.state_dict() == moments and torch.equal(torch.get_rng_state(), rng), problem
+    # An optimiser's state that the one to resume cannot take is refused before the weights are loaded.
+    torch.save({**good, "optimizer": {"state": {}, "param_groups": [{"params": list(range(6))}]}}, path)
+    for read in (lambda: load_checkpoint(path, net, optimizer, config),
+                 lambda: check_checkpoint_recipe(path, config, net)):
+        with pytest.raises(ValueError, match=re.escape("other.pt holds the state of an optimiser whose parameter "
+                                                       "groups hold [6] parameters, not [3, 3] as the one to resume")):
+            read()
+        assert all(torch.equal(net.state_dict()[k], v) for k, v in weights.items())
+        assert optimizer.state_dict() == moments
+    # Only what is restored is needed: a network without its optimiser loads from a file without one.
+    torch.save(without("optimizer"), path)
+    assert load_checkpoint(path, net) == (1, [{"epoch": 1}])
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in source.state_dict().items())
 
 
 def test_fit_that_raises_leaves_the_model_in_the_mode_it_came_in(small_mnist):

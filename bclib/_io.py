@@ -36,11 +36,12 @@ def _create_temporary(path: Path) -> str:
     """Create an empty, new file beside ``path`` and return its name.
 
     Opened with mode 0666 so that the kernel applies the umask (reading the umask means setting it,
-    which races with other threads); the name keeps at most 100 characters of ``path``'s, so that a
+    which races with other threads); the name keeps at most 100 bytes of ``path``'s, so that a
     legal long file name still leaves room for the suffix.
     """
     while True:
-        temporary = path.parent / f".{path.name[:100]}.{secrets.token_hex(6)}.part"
+        stem = path.name.encode()[:100].decode(errors="ignore")  # file systems count bytes, not characters
+        temporary = path.parent / f".{stem}.{secrets.token_hex(6)}.part"
         try:
             os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         except FileExistsError:

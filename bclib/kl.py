@@ -6,6 +6,7 @@ equation it implements, so the book and the tests can check it independently.
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 import torch
@@ -118,9 +119,13 @@ def nj_kl_approx_sum(mu: torch.Tensor, logvar: torch.Tensor, eps: float = 1e-8,
 
 
 def _check_gamma_parameters(shape, scale) -> None:
-    """The (inverse-)Gamma prior's shape ``a`` and scale ``b``, positive finite numbers."""
+    """The (inverse-)Gamma prior's shape ``a`` and scale ``b``: positive finite numbers (NumPy's and
+    0-d tensors too)."""
     for name, value in (("shape", shape), ("scale", scale)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        number = value.item() if isinstance(value, torch.Tensor) and value.dim() == 0 else value
+        if isinstance(number, bool) or not isinstance(number, numbers.Real):
+            raise TypeError(f"{name} must be a positive finite number (the prior's), got {value!r}")
+        if not (math.isfinite(number) and number > 0):
             raise ValueError(f"{name} must be a positive finite number (the prior's), got {value!r}")
 
 

@@ -14,8 +14,9 @@ def write_text(text):
     return write
 
 
-def test_a_legal_long_name_is_written(tmp_path):
-    path = tmp_path / ("m" * 246 + ".bcz")  # 250 characters; most file systems allow 255
+@pytest.mark.parametrize("name", ["m" * 246 + ".bcz", "模" * 81 + ".bcz"])  # 250 bytes, 247 bytes in 85 characters
+def test_a_legal_long_name_is_written(tmp_path, name):
+    path = tmp_path / name  # most file systems allow 255 bytes
     write_atomically(path, write_text("contents"))
     assert path.read_text() == "contents" and os.listdir(tmp_path) == [path.name]
 

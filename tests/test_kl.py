@@ -295,6 +295,11 @@ def test_lognormal_kls_are_elementwise():
 def test_lognormal_kls_refuse_priors_that_are_none(function, shape, scale, message):
     with pytest.raises(ValueError, match=message):  # a negative shape gave a number, zero a bare math domain error
         function(torch.zeros(2), torch.zeros(2), shape, scale)
+    with pytest.raises(TypeError, match="shape must be a positive finite number .*got '0.5'"):
+        function(torch.zeros(2), torch.zeros(2), "0.5", 1.0)
+    # NumPy scalars and 0-d tensors are numbers, as they were before the check
+    expected = function(torch.zeros(2), torch.zeros(2), 0.5, 1.0)
+    assert torch.equal(function(torch.zeros(2), torch.zeros(2), np.float32(0.5), torch.tensor(1.0)), expected)
 
 
 def test_nj_kl_sum_refuses_an_empty_clamp():

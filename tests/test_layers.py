@@ -332,6 +332,15 @@ def test_horseshoe_posterior_variance_overflows_only_where_it_is_infinite(spec):
     _, expected_var = reference_posterior_weight(spec, layer)
     assert expected_var.max() < torch.finfo(torch.float32).max
     torch.testing.assert_close(var.double(), expected_var, rtol=1e-3, atol=0.0)
+    # m = 43.5, v = 1: Var[z] = (e - 1) e^88 ~ 2.8e38 fits float32 (max ~3.4e38), e^(2m + 2v) = e^89 does not.
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if name.endswith(("sa_logvar", "sb_logvar", "za_logvar", "zb_logvar")):
+                p.fill_(0.0)
+            elif name.endswith(("sa_mu", "sb_mu", "za_mu", "zb_mu")):
+                p.fill_(21.75)
+    z_mean, z_square = reference_group_scale_moments(layer, "hs")
+    torch.testing.assert_close(layer.group_scale_moments()[1].double(), z_square - z_mean**2, rtol=1e-4, atol=0.0)
 
 
 # ----------------------------------------------------------------------------- forward passes

@@ -111,7 +111,7 @@ class HorseshoeGlobalScale(nn.Module):
         if not (self.shared and first is not None and first["error_msgs"] is error_msgs):
             self._first_load = {"error_msgs": error_msgs, "prefix": prefix, "reported": False,
                                 "values": [None if t is None else torch.as_tensor(t).detach().clone() for t in incoming]}
-        elif not first["reported"] and not all(a is None or b is None or torch.equal(a, torch.as_tensor(b))
+        elif not first["reported"] and not all(a is None or b is None or _same(a, torch.as_tensor(b))
                                                for a, b in zip(first["values"], incoming)):
             first["reported"] = True
             error_msgs.append(
@@ -120,6 +120,11 @@ class HorseshoeGlobalScale(nn.Module):
                 "network one shared scale")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    """Equal values, NaN equal to NaN (one diverged scale is still one scale)."""
+    return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
 class _GroupHS(GroupScaleLayer):
@@ -174,10 +179,10 @@ class _GroupHS(GroupScaleLayer):
 
     def group_scale_moments(self) -> tuple[Tensor, Tensor]:
         # Log-normal moments: E[z] = exp(m + v/2), Var[z] = (exp(v) - 1) exp(2m + v), written as
-        # (1 - exp(-v)) exp(2m + 2v) so that it overflows only where Var[z] itself does (exp(v)
+        # exp(2m + 2v + log(1 - exp(-v))) so that it overflows only where Var[z] itself does (exp(v)
         # alone overflows float32 from v ~ 88, where a small exp(2m + v) can keep Var[z] finite).
         m, v = self.log_scale_moments()
-        return torch.exp(m + 0.5 * v), -torch.expm1(-v) * torch.exp(2 * (m + v))
+        return torch.exp(m + 0.5 * v), torch.exp(2 * (m + v) + torch.log(-torch.expm1(-v)))
 
     def sample_group_scale(self, shape: torch.Size) -> Tensor:
         m, v = self.log_scale_moments()

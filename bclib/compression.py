@@ -225,7 +225,8 @@ class CompressionReport:
     @classmethod
     def from_dict(cls, data: dict) -> "CompressionReport":
         """Rebuild a report from :meth:`to_dict`'s output (a run's ``report.json``); keys that are not
-        report fields (errors, thresholds, the file summary) are ignored and ``file`` is ``None``.
+        report fields (errors, thresholds, the file summary) are ignored and ``file`` is ``None``,
+        while each row of ``layers`` must hold exactly the fields of a :class:`LayerReport`.
 
         Example:
             >>> import bclib
@@ -912,8 +913,10 @@ class CompressedModel:
         empty (the Bayesian layers' names are not in the file). ``.model`` holds the grid values.
 
         Raises:
-            ValueError: a file :func:`bclib.load_compressed` rejects, or a report whose layers do
-                not match the file's weighted layers (their count, bits, or inputs and outputs kept).
+            TypeError: ``report`` neither a :class:`CompressionReport` nor a dict.
+            ValueError: a file :func:`bclib.load_compressed` rejects, a report dict that is not one
+                (:meth:`CompressionReport.from_dict`), or a report whose layers do not match the
+                file's weighted layers (their count, bits, or inputs and outputs kept).
         """
         if isinstance(report, dict):
             report = CompressionReport.from_dict(report)

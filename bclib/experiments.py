@@ -614,13 +614,12 @@ def run_experiment(name: str, out_dir: str | os.PathLike, *, data_root=None, epo
         if not (base_dir / needs).is_file():
             raise ValueError(f"{name!r} starts from the run {base!r}: {str(base_dir)!r} has no {needs} (run it first, "
                              f"e.g. python -m bclib reproduce --only {base} --out {str(base_dir.parent)!r})")
-    for base in (experiment.fine_tunes, experiment.lowers_bits_of, experiment.prunes_layers_of,
-                 experiment.prunes_to_groups_of):
+    for base, _ in _bases(experiment):
         # A search takes its data from its base run, and only its epochs from fast: a mix would be
-        # recorded as the base's setting.
-        if base is not None and bool(read_run_config(base_dirs[base]).get("fast")) != bool(fast):
-            raise ValueError(f"fast: {name!r} searches the run {base!r} in {str(base_dirs[base])!r}, trained with "
-                             f"fast={not fast}; a search runs with its base's setting, got fast={bool(fast)}")
+        # recorded as the base's setting. A run from a pretrained one would be half small, half full.
+        if bool(read_run_config(base_dirs[base]).get("fast")) != bool(fast):
+            raise ValueError(f"fast: {name!r} starts from the run {base!r} in {str(base_dirs[base])!r}, trained with "
+                             f"fast={not fast}; a run takes its base's setting, got fast={bool(fast)}")
     if init_dir is not None:
         start = read_run_config(init_dir)
         if start.get("model") != experiment.model or start.get("prior") is not None:
@@ -1501,17 +1500,19 @@ def _base_run(base_dir, out_dir, kind: str, needs: str | None = None) -> tuple[P
 def _check_base_report(base_dir: Path, report: dict) -> None:
     """The fields of a base run's report.json that a search reads, checked before any work: a damaged
     one failed at the search's end (a KeyError, beside half the search's files)."""
-    def number(value) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    def number(value, allow_inf: bool = False) -> bool:
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and (math.isfinite(value) or (allow_inf and value == math.inf)))
 
     thresholds, layers = report.get("thresholds"), report.get("layers")
     problem = (
         "'dense_error' must be a finite number" if not number(report.get("dense_error")) else
         "'layers' must be a list of objects" if not (isinstance(layers, list) and layers
                                                      and all(isinstance(row, dict) and "name" in row for row in layers))
-        else "'thresholds' must be a list with a number (or null, keep all) per layer"
+        # +inf (Infinity in the JSON: keep every group) as compress_run writes it
+        else "'thresholds' must be a list with a number (or Infinity, keep all) per layer"
         if not (isinstance(thresholds, list) and len(thresholds) == len(layers)
-                and all(t is None or number(t) for t in thresholds)) else None)
+                and all(number(t, allow_inf=True) for t in thresholds)) else None)
     if problem is not None:
         raise ValueError(f"{str(base_dir / 'report.json')!r} is damaged: {problem} (write it again with "
                          f"python -m bclib compress {str(base_dir)!r}, or run the base again)")

@@ -193,6 +193,8 @@ def _check_image_shape(image_shape) -> tuple[int, ...]:
 
 
 def _frame(figsize, dpi) -> tuple[Figure, FigureCanvasAgg]:
+    if isinstance(figsize, np.ndarray):
+        figsize = tuple(figsize.tolist())
     if (isinstance(figsize, (str, bytes)) or not isinstance(figsize, Sequence) or len(figsize) != 2
             or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0
                        for v in figsize)):
@@ -287,6 +289,10 @@ class WeightEvolutionRecorder:
         # By name: weight_masks orders its layers as forward runs them, this recorder as they were
         # registered, and the two orders can differ.
         masks = weight_masks(model, dict(zip(names, thresholds)))
+        unrun = [names[p] for p in positions if names[p] not in masks]
+        if unrun:  # no mask: the compressed network would not hold them
+            raise ValueError(f"layers: {unrun} never run in the model's forward; record the layers it runs, "
+                             f"layers={list(masks)}")
         self.layer_positions = positions
         self.layer_names = [names[p] for p in positions]
         for p in positions:

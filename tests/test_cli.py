@@ -468,8 +468,9 @@ def test_a_run_whose_base_is_missing_names_it(tmp_path):
 @pytest.mark.parametrize("damage, message", [
     (lambda report: report.pop("dense_error"), "'dense_error' must be a finite number"),
     (lambda report: report.pop("layers"), "'layers' must be a list of objects"),
-    (lambda report: report["thresholds"].pop(), r"'thresholds' must be a list with a number \(or null"),
-    (lambda report: report.__setitem__("thresholds", "x"), r"'thresholds' must be a list with a number \(or null"),
+    (lambda report: report["thresholds"].pop(), r"'thresholds' must be a list with a number \(or Infinity"),
+    (lambda report: report.__setitem__("thresholds", "x"), r"'thresholds' must be a list with a number \(or Infinity"),
+    (lambda report: report["thresholds"].__setitem__(0, None), r"'thresholds' must be a list with a number"),
 ])
 def test_a_search_refuses_a_damaged_base_report_before_any_work(run_copy, tmp_path, damage, message):
     report = _read(run_copy, "report.json")
@@ -484,8 +485,8 @@ def test_a_search_refuses_a_damaged_base_report_before_any_work(run_copy, tmp_pa
 def test_a_search_runs_with_its_base_runs_fast_setting(trained_run, tmp_path):
     # trained_run is a --fast run: a full search of it would retrain with full epochs on its small
     # data, and its config.json would say fast, as the base's does.
-    with pytest.raises(ValueError, match=r"fast: 'lenet300_nj_layers' searches the run 'lenet300_nj' in .*, trained "
-                                         r"with fast=True; a search runs with its base's setting, got fast=False"):
+    with pytest.raises(ValueError, match=r"fast: 'lenet300_nj_layers' starts from the run 'lenet300_nj' in .*, "
+                                         r"trained with fast=True; a run takes its base's setting, got fast=False"):
         experiments.run_experiment("lenet300_nj_layers", tmp_path / "lenet300_nj_layers", fast=False,
                                    results_root=trained_run.parent)
     assert not (tmp_path / "lenet300_nj_layers").exists()
@@ -603,6 +604,11 @@ def test_thresholds_that_prune_a_whole_layer_are_warned_about(run_copy, mnist_ro
 def test_compress_run_takes_one_threshold_for_all_layers_as_compress_does(run_copy, mnist_root):
     report = experiments.compress_run(run_copy, thresholds=100.0, data_root=mnist_root)  # a TypeError before
     assert report["thresholds"] == [100.0, 100.0, 100.0] and report["architecture"] == "784-300-100"
+    # Infinity (keep every group) is written as such, and a search takes the run as its base.
+    experiments.compress_run(run_copy, thresholds=math.inf, data_root=mnist_root)
+    report = _read(run_copy, "report.json")
+    assert report["thresholds"] == [math.inf] * 3
+    experiments._check_base_report(run_copy, report)
 
 
 def test_compress_with_explicit_thresholds(run_copy, mnist_root, capsys):
@@ -1452,10 +1458,10 @@ def test_prune_layers_names_a_damaged_checkpoint(trained_run, mnist_root, tmp_pa
 def test_registered_layer_searches_pass_their_seeds_rule_and_allowance(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(experiments, "prune_layers_run", lambda *args, **kwargs: calls.append((args, kwargs)) or {})
-    (tmp_path / "lenet5_hs").mkdir()
-    (tmp_path / "lenet5_hs" / "model.bcz").write_bytes(b"")  # the base must be there
-    (tmp_path / "lenet5_nj_heldout").mkdir()
-    (tmp_path / "lenet5_nj_heldout" / "model.bcz").write_bytes(b"")
+    for base in ("lenet5_hs", "lenet5_nj_heldout"):  # the base must be there, a full run as the searches are
+        (tmp_path / base).mkdir()
+        (tmp_path / base / "model.bcz").write_bytes(b"")
+        (tmp_path / base / "config.json").write_text(json.dumps({"name": base, "fast": False}))
     for name in ("lenet5_hs_layers", "lenet5_hs_layers_3seeds_most", "lenet5_hs_layers_3seeds_tol2",
                  "lenet5_nj_heldout_layers_3seeds_max09"):
         experiments.run_experiment(name, tmp_path / name, fast=False)

@@ -135,6 +135,19 @@ def test_recorder_masks_follow_the_layers_not_their_order(pair):
     assert torch.equal(recorder.masks["fc2"][0], torch.tensor([[1, 1, 0], [1, 1, 0]]).bool())
 
 
+def test_recorder_names_a_layer_forward_never_runs(pair):
+    model = _RegisteredBackwards(pair)
+    model.unused = bclib.LinearGroupNJ(2, 2)  # an auxiliary head, say: it has no mask (a KeyError before)
+    with pytest.raises(ValueError, match=r"layers: \['unused'\] never run in the model's forward; record the layers "
+                                         r"it runs, layers=\['fc1', 'fc2'\]"):
+        viz.WeightEvolutionRecorder(thresholds=-3.0)(0, model, {})
+    recorder = viz.WeightEvolutionRecorder(layers=["fc1", "fc2"], thresholds=-3.0)
+    recorder(0, model, {})
+    assert recorder.layer_names == ["fc1", "fc2"]
+    # figsize as a NumPy pair, as it was taken before its check
+    assert viz.render_weight_frames(recorder, "fc1", figsize=np.array([4.0, 2.0]), dpi=50)[0].shape == (100, 200, 3)
+
+
 def test_recorder_refuses_a_layer_named_twice(pair):
     with pytest.raises(ValueError, match=r"layers names a layer twice: \[0, '0'\] are \['0', '0'\]"):
         viz.WeightEvolutionRecorder(layers=[0, "0"])(0, pair, {})

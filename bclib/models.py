@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .layers import Conv2dGroupHS, Conv2dGroupNJ, Conv2dSVD, HorseshoeGlobalScale, LinearGroupHS, LinearGroupNJ, LinearSVD
-from .layers.base import check_padding, check_positive_int
+from .layers.base import check_padding, check_positive_float, check_positive_int
 from .layers.hs import DEFAULT_TAU0
 
 __all__ = ["PRIORS", "lenet_300_100", "lenet5_caffe", "vgg_cifar", "build_model", "bayesian_from_pretrained",
@@ -189,8 +189,8 @@ def bayesian_from_pretrained(name: str, prior, pretrained: nn.Module, **kwargs) 
     return model
 
 
-def to_bayesian(module: nn.Module, prior: str, *, exclude: Iterable[str] = (), clip_var: float | None = None,
-                tau0: float | None = None, shared_scale: bool = False) -> nn.Module:
+def to_bayesian(module: nn.Module, prior: str, *, exclude: Iterable[str] | None = (),
+                clip_var: float | None = None, tau0: float | None = None, shared_scale: bool = False) -> nn.Module:
     """A copy of any network with every ``nn.Linear`` and ``nn.Conv2d`` replaced by the Bayesian layer of ``prior``.
 
     Each new layer starts where the old one is: its posterior mean equals the old weight and bias
@@ -212,7 +212,7 @@ def to_bayesian(module: nn.Module, prior: str, *, exclude: Iterable[str] = (), c
     Args:
         module: the network to convert.
         prior: ``"nj"``, ``"hs"`` or ``"svd"``.
-        exclude: names of layers to keep deterministic, as in ``module.named_modules()`` (a
+        exclude: names of layers to keep deterministic (``None``: none), as in ``module.named_modules()`` (a
             convolution the Bayesian layers cannot express, say); a container's name keeps every
             layer inside it. :func:`bclib.compress` needs every
             weighted layer Bayesian, so it cannot export a network with excluded layers.
@@ -223,8 +223,10 @@ def to_bayesian(module: nn.Module, prior: str, *, exclude: Iterable[str] = (), c
         The converted copy, on the device and in the dtype and training mode of ``module``.
 
     Raises:
-        TypeError: ``module`` is not an ``nn.Module``; ``exclude`` is a string (give a list of names).
+        TypeError: ``module`` is not an ``nn.Module``; ``exclude`` is a string (give a list of names) or
+            not a collection of names; ``clip_var`` or ``tau0`` is not a number.
         ValueError: an unknown ``prior``, a name in ``exclude`` that is not a module of ``module``,
+            ``clip_var`` or ``tau0`` not positive and finite,
             a layer whose weight or bias another module also holds (tied across modules),
             ``tau0`` / ``shared_scale`` given for a prior other than ``"hs"``,
             or a convolution the Bayesian layers cannot express (``groups`` other than 1, a
@@ -235,14 +237,23 @@ def to_bayesian(module: nn.Module, prior: str, *, exclude: Iterable[str] = (), c
         >>> [type(m).__name__ for m in to_bayesian(net, "nj")]
         ['Conv2dGroupNJ', 'ReLU', 'Flatten', 'LinearGroupNJ']
     """
+    # Every argument is checked here, before anything is converted: clip_var and tau0 too, which
+    # no layer would see in a network without nn.Linear / nn.Conv2d.
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
-    if prior not in _LAYERS:
+    if not isinstance(prior, str) or prior not in _LAYERS:  # a list is unhashable: no dict lookup
         raise ValueError(f"prior must be one of {tuple(_LAYERS)}, got {prior!r}")
     if isinstance(exclude, str):
         # set("fc1") would be the letters: a common slip, refused rather than misread.
         raise TypeError(f"exclude must be a collection of layer names, e.g. [{exclude!r}], got the string {exclude!r}")
-    exclude = set(exclude)
+    try:
+        exclude = set(() if exclude is None else exclude)
+    except TypeError:
+        raise TypeError(f"exclude must be None or a collection of layer names, got {exclude!r}") from None
+    if not all(isinstance(name, str) for name in exclude):
+        raise TypeError(f"exclude must hold layer names (strings), got {sorted(exclude, key=repr)!r}")
+    check_positive_float("clip_var", clip_var)
+    check_positive_float("tau0", tau0)
     names = {name for name, _ in module.named_modules(remove_duplicate=False)}
     if not exclude <= names:
         raise ValueError(f"exclude names layers that module does not have: {sorted(exclude - names)}; "

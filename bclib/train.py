@@ -38,8 +38,9 @@ __all__ = ["TrainConfig", "fit", "evaluate", "elbo_loss", "default_device", "sav
 Callback = Callable[[int, nn.Module, dict], None]
 
 
-# Names accepted for TrainConfig.variance_dtype (None: the weights' own precision).
-VARIANCE_DTYPES = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Names accepted for TrainConfig.variance_dtype (None: the weights' own precision). Not float16:
+# x^2 overflows it from |x| > 256.
+VARIANCE_DTYPES = {None: None, "bfloat16": torch.bfloat16}
 # Names accepted for TrainConfig.memory_format (None: the model's layout as it is).
 MEMORY_FORMATS = {None: None, "channels_last": torch.channels_last}
 # Names accepted for TrainConfig.autocast. Not float16: its narrow exponent needs a gradient

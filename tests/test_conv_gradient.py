@@ -44,8 +44,8 @@ def test_windows_and_weight_gradient_equal_pytorchs(geometry, channels_last):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
-def test_the_windowed_convolution_has_the_gradients_of_f_conv2d():
-    geometry = GEOMETRIES[2]
+@pytest.mark.parametrize("geometry", [GEOMETRIES[2], (2, 4, (3, 3), 2, 1, 1, (11, 9))], ids=["pairs", "ints"])
+def test_the_windowed_convolution_has_the_gradients_of_f_conv2d(geometry):
     x, weight, grad = _conv_inputs(*geometry)
     bias = torch.randn(weight.shape[0], dtype=torch.float64)
     stride, padding, dilation = geometry[3:6]

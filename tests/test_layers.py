@@ -7,6 +7,7 @@ layer's own methods. Sampled moments are compared with 5 standard errors estimat
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -417,12 +418,55 @@ def test_layers_train_beside_plain_layers_under_autocast(first):
     assert (eval_logits.float() - expected).abs().max() <= 0.05 * expected.abs().max()
 
 
-def test_set_variance_dtype_checks_its_argument():
+@pytest.mark.parametrize("dtype", ["bf16", torch.float16, torch.float8_e4m3fn, torch.int32])
+def test_set_variance_dtype_checks_its_argument(dtype):
+    """float16 is refused (x^2 overflows it from |x| > 256), and so is float8; the layers keep their setting."""
     model = torch.nn.Sequential(bclib.LinearGroupNJ(3, 2))
-    with pytest.raises(TypeError, match="dtype must be a floating-point torch.dtype or None, got 'bf16'"):
-        bclib.set_variance_dtype(model, "bf16")
+    bclib.set_variance_dtype(model, torch.bfloat16)
+    allowed = r"None or one of torch\.bfloat16, torch\.float32, torch\.float64"
+    with pytest.raises(TypeError, match=rf"dtype must be {allowed}, got {re.escape(repr(dtype))}"):
+        bclib.set_variance_dtype(model, dtype)
+    assert model[0].variance_dtype is torch.bfloat16
+    for allowed_dtype in (torch.float32, torch.float64):
+        assert bclib.set_variance_dtype(model, allowed_dtype)[0].variance_dtype is allowed_dtype
     assert "variance_dtype=torch.bfloat16" in repr(bclib.set_variance_dtype(model, torch.bfloat16))
     assert "variance_dtype" not in repr(bclib.set_variance_dtype(model, None))
+
+
+# At least MIN_AUTOCAST_TERMS (64) terms per output, so that autocast applies to the products.
+AUTOCAST_SPECS = [
+    Spec("LinearSVD", lambda **kw: bclib.LinearSVD(64, 32, **kw), (64,), "svd", None, (32, 64)),
+    Spec("Conv2dSVD", lambda **kw: bclib.Conv2dSVD(8, 4, 3, **kw), (8, 6, 6), "svd",
+         dict(stride=1, padding=0, dilation=1), (4, 8, 3, 3)),
+]
+
+
+@pytest.mark.parametrize("spec", AUTOCAST_SPECS, ids=str)
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.float16], ids=["float32-input", "float16-input"])
+def test_float16_autocast_keeps_the_variance_path_finite(spec, input_dtype):
+    """Inputs of +-1000 under a float16 autocast: x^2 = 1e6 overflows float16 (max 65504), so the
+    variance path must not run in it. The output, standardised with the mean and variance computed
+    here in float64, is N(0, 1) (a float16 input comes from a layer run under the same autocast)."""
+    torch.manual_seed(0)
+    layer = spec.make().train()
+    set_log_variances_(layer, weight=-2.0)
+    x = 1000.0 * torch.randn(256, *spec.example_shape).sign()  # exact in float16
+    leaf = x.to(input_dtype).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = layer(leaf)
+    p, x = params(layer), x.double()
+    mean = reference_op(spec, x, p["weight_mu"], p["bias_mu"])
+    var = reference_op(spec, x * x, p["weight_logvar"].exp())
+    standard = ((out.double() - mean) / var.sqrt()).flatten()
+    assert standard.isfinite().all()
+    n = standard.numel()
+    assert abs(standard.mean().item()) < MC_SIGMAS / math.sqrt(n)
+    assert abs(standard.var().item() - 1.0) < MC_SIGMAS * math.sqrt(2.0 / n)
+    # Scaled as a loss of mean 1e-3 per output would be: the mean path's float16 weight gradient, a sum
+    # of +-1000 over the batch, would overflow otherwise, as nn.Conv2d's does under this autocast.
+    (1e-3 * out).sum().backward()
+    assert leaf.grad.isfinite().all()
+    assert all(parameter.grad.isfinite().all() for parameter in layer.parameters())
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=str)
@@ -635,6 +679,63 @@ def test_mask_and_plain_module(spec):
     plain = layer.plain_module(*(t.detach() for t in (layer.posterior_weight()[0], layer.posterior_bias())))
     assert type(plain) is (nn.Linear if spec.conv is None else nn.Conv2d)
     torch.testing.assert_close(plain(x), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_a_refused_load_pretrained_changes_nothing(spec):
+    """A good weight with a bias of the wrong shape: refused, and neither the parameters nor the start
+    that reset_parameters() returns to have changed (the new weight was kept for it before)."""
+    start = torch.linspace(-0.5, 0.5, math.prod(spec.weight_shape)).reshape(spec.weight_shape)
+    layer = spec.make(init_weight=start)
+    before = {name: t.clone() for name, t in layer.state_dict().items()}
+    with pytest.raises(ValueError, match=r"bias must have shape \(3,\), got \(4,\)"):
+        layer.load_pretrained(torch.ones(spec.weight_shape), torch.zeros(4))
+    assert all(torch.equal(t, before[name]) for name, t in layer.state_dict().items())
+    layer.reset_parameters()
+    torch.testing.assert_close(layer.posterior_weight()[0].double(), start.double(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_plain_module_has_the_layers_dtype_and_device(spec, device):
+    layer = spec.make(dtype=torch.float64, device=device)
+    weight, bias = (t.detach() for t in (layer.posterior_weight()[0], layer.posterior_bias()))
+    plain = layer.plain_module(weight, bias)
+    assert {(p.dtype, p.device.type) for p in plain.parameters()} == {(torch.float64, device)}
+    if device == "cpu":  # the weights kept to float64 precision, not rounded to float32
+        x = inputs(spec).double()
+        torch.testing.assert_close(plain(x), reference_op(spec, x, weight, bias), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("spec", HS_SPECS, ids=str)
+def test_a_pruned_group_whose_scale_overflowed_gives_zero_weights_not_nan(spec):
+    """Group 0 with E[z] = inf (its log z has mean 100) is masked out, and one of its weights had
+    diverged to inf before: the masked layer's posterior mean is exactly 0 there, and its eval forward
+    is the plain operation with the other groups' weights."""
+    layer = spec.make()
+    axis = 1 if spec.conv is None else 0
+    group = torch.tensor([0])
+    with torch.no_grad():
+        layer.za_mu.index_fill_(0, group, 200.0)  # log z = log s + (m_a + m_b) / 2 ~ 100: E[z] = inf in float32
+        layer.weight_mu.index_fill_(axis, group, float("inf"))
+    assert torch.isinf(layer.group_scale_moments()[0][0])
+    expected_mean, _ = reference_posterior_weight(spec, layer)
+    expected_mean.index_fill_(axis, group, 0.0)
+    layer.mask_(torch.ones(spec.weight_shape).index_fill_(axis, group, 0.0))
+    mean, _ = layer.posterior_weight()
+    assert torch.equal(mean.index_select(axis, group), torch.zeros_like(mean.index_select(axis, group)))
+    x = inputs(spec).double()
+    expected = reference_op(spec, x, expected_mean, params(layer)["bias_mu"])
+    torch.testing.assert_close(layer.eval()(x.float()).double(), expected, rtol=1e-5, atol=1e-6)
+    # A weight that is 0 in a group of finite scale still has the gradient E[z] of its mean.
+    other = torch.tensor([1])
+    with torch.no_grad():
+        layer.weight_mu.index_fill_(axis, other, 0.0)
+    layer.zero_grad()
+    layer.posterior_weight()[0].sum().backward()
+    z_mean = layer.group_scale_moments()[0][1].item()
+    gradient = layer.weight_mu.grad.index_select(axis, other)
+    torch.testing.assert_close(gradient, torch.full_like(gradient, z_mean))
 
 
 # ----------------------------------------------------------------------------- numerical safety

@@ -81,6 +81,24 @@ def test_conv_equals_autograd_formula(bias, with_scale, geometry):
     _compare(fused, reference, (x, z, mu, logvar, bias_mu, bias_logvar))
 
 
+@pytest.mark.parametrize("in_channels", [1, 8])  # 9 and 72 terms per output: both weight-gradient routes
+def test_conv_takes_ints_as_f_conv2d_does(in_channels):
+    """stride=2, padding=1, dilation=1 as ints (the backward's aten call takes only pairs)."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, in_channels, 9, 8, generator=g)
+    mu = torch.randn(4, in_channels, 3, 3, generator=g)
+    logvar = torch.empty(4, in_channels, 3, 3).uniform_(-6, 1, generator=g)
+    z, bias_mu, bias_logvar = torch.rand(3, 4, generator=g) + 0.5, torch.randn(4, generator=g), torch.randn(4, generator=g)
+
+    def fused(x, z, mu, logvar, bias_mu, bias_logvar):
+        return sample_conv2d(x, z, mu, logvar, bias_mu, bias_logvar, 2, 1, 1)
+
+    def reference(x, z, mu, logvar, bias_mu, bias_logvar):
+        return _reference_conv(x, z, mu, logvar, bias_mu, bias_logvar, 2, 1, 1)
+
+    _compare(fused, reference, (x, z, mu, logvar, bias_mu, bias_logvar))
+
+
 @pytest.mark.parametrize("in_channels", [1, 3])
 @pytest.mark.parametrize("with_scale", [True, False])
 def test_conv_in_channels_last_keeps_the_layout_and_draws_the_noise_in_memory_order(in_channels, with_scale):

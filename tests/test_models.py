@@ -357,6 +357,23 @@ def test_to_bayesian_rejects_what_it_cannot_convert():
     assert type(kept[0]) is nn.Conv2d
 
 
+def test_to_bayesian_checks_every_argument_before_converting():
+    """A list as prior (unhashable), exclude=None (none excluded), and clip_var / tau0 in a network
+    without a layer to convert, where no layer constructor would see them."""
+    with pytest.raises(ValueError, match=r"prior must be one of \('nj', 'hs', 'svd'\), got \['nj'\]"):
+        bclib.to_bayesian(nn.Linear(2, 2), ["nj"])
+    assert isinstance(bclib.to_bayesian(nn.Sequential(nn.Linear(2, 2)), "nj", exclude=None)[0], bclib.LinearGroupNJ)
+    with pytest.raises(TypeError, match="exclude must be None or a collection of layer names, got 3"):
+        bclib.to_bayesian(nn.Linear(2, 2), "nj", exclude=3)
+    with pytest.raises(TypeError, match=r"exclude must hold layer names \(strings\), got \[0\]"):
+        bclib.to_bayesian(nn.Sequential(nn.Linear(2, 2)), "nj", exclude=[0])
+    no_layers = nn.Sequential(nn.ReLU())
+    with pytest.raises(ValueError, match="clip_var must be a positive finite number, got -1"):
+        bclib.to_bayesian(no_layers, "nj", clip_var=-1)
+    with pytest.raises(TypeError, match="tau0 must be a positive number or None, got 'big'"):
+        bclib.to_bayesian(no_layers, "hs", tau0="big")
+
+
 def test_to_bayesian_warns_about_convolutions_it_leaves_deterministic():
     net = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 4, 2))
     with pytest.warns(UserWarning, match=r"leaves these layers deterministic .*: 0 \(Conv1d\)"):

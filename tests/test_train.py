@@ -433,6 +433,7 @@ def test_autocast_trains_under_autocast_and_evaluates_in_full_precision(small_mn
     ("epochs", 0), ("epochs", -1), ("batch_size", 0),
     ("lr", 0.0), ("lr", -1e-3), ("lr_final", 0.0), ("variance_lr_scale", -1.0),
     ("kl_warmup_epochs", -1), ("variance_dtype", "bf16"), ("variance_dtype", "int8"),
+    ("variance_dtype", "float16"),  # x^2 overflows float16 from |x| > 256
     ("autocast", "float16"), ("autocast", True), ("memory_format", "nhwc"), ("memory_format", True),
     ("seed", -1), ("seed", 2**32),
 ])

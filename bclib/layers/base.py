@@ -23,6 +23,8 @@ __all__ = ["BayesianLayer", "kl_divergence", "bayesian_layers", "set_variance_dt
 
 # Added under square roots and logarithms so zero inputs and zero means stay finite.
 _EPS = 1e-8
+# The dtypes set_variance_dtype takes. Not float16: x^2 overflows it from |x| > 256; nor float8.
+VARIANCE_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -151,8 +153,10 @@ class BayesianLayer(nn.Module):
         ``init_bias`` to the constructor (the posterior mean starts at ``weight`` and ``bias``)."""
         if bias is not None and self.bias_mu is None:
             raise ValueError("bias was given but the layer has bias=False")
-        self._init_weight = check_init_tensor("weight", weight, self.weight_shape)
-        self._init_bias = check_init_tensor("bias", bias, (self.weight_shape[0],)) if self.bias_mu is not None else None
+        # Both checked before either is kept: a refused bias must not leave the new weight for the next reset.
+        init_weight = check_init_tensor("weight", weight, self.weight_shape)
+        init_bias = check_init_tensor("bias", bias, (self.weight_shape[0],))
+        self._init_weight, self._init_bias = init_weight, init_bias
         self.reset_parameters()
 
     def _prior_repr(self) -> str:
@@ -206,9 +210,10 @@ class BayesianLayer(nn.Module):
         for name, mask, target in (("weight_mask", weight_mask, self.weight_mu), ("bias_mask", bias_mask, self.bias_mu)):
             if mask is not None and target is not None and tuple(mask.shape) != tuple(target.shape):
                 raise ValueError(f"{name} must have the shape {tuple(target.shape)}, got {tuple(mask.shape)}")
-        self.weight_mu.mul_(weight_mask.to(self.weight_mu))
+        # where, not a product: a pruned weight that diverged to inf or NaN becomes 0 too (inf * 0 is NaN).
+        self.weight_mu.copy_(torch.where(weight_mask.to(self.weight_mu.device) != 0, self.weight_mu, 0.0))
         if self.bias_mu is not None and bias_mask is not None:
-            self.bias_mu.mul_(bias_mask.to(self.bias_mu))
+            self.bias_mu.copy_(torch.where(bias_mask.to(self.bias_mu.device) != 0, self.bias_mu, 0.0))
 
 
 def bayesian_layers(module: nn.Module) -> Iterator[tuple[str, BayesianLayer]]:
@@ -241,10 +246,14 @@ def set_variance_dtype(module: nn.Module, dtype: torch.dtype | None) -> nn.Modul
 
     Args:
         module: any ``nn.Module``; every Bayesian layer in it is set.
-        dtype: a floating-point ``torch.dtype``, or ``None`` for the weights' own dtype.
+        dtype: ``torch.bfloat16``, ``torch.float32`` or ``torch.float64``, or ``None`` for the
+            weights' own dtype. Not ``torch.float16``: ``x^2`` overflows it from ``|x| > 256``.
 
     Returns:
         ``module``, for chaining.
+
+    Raises:
+        TypeError: any other ``dtype``.
 
     Example:
         >>> import bclib
@@ -252,8 +261,8 @@ def set_variance_dtype(module: nn.Module, dtype: torch.dtype | None) -> nn.Modul
         >>> model[0].variance_dtype
         torch.bfloat16
     """
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
+    if dtype is not None and dtype not in VARIANCE_DTYPES:
+        raise TypeError(f"dtype must be None or one of {', '.join(map(str, VARIANCE_DTYPES))}, got {dtype!r}")
     for _, layer in bayesian_layers(module):
         layer.variance_dtype = dtype
     return module
@@ -338,8 +347,8 @@ class _LinearGeometry:
         _check_input_dtype(self, x)
 
     def plain_module(self, weight: Tensor, bias: Tensor | None) -> nn.Linear:
-        """An ``nn.Linear`` holding ``weight`` and ``bias`` (used by the export)."""
-        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        """An ``nn.Linear`` holding ``weight`` and ``bias``, on this layer's device and in its dtype."""
+        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, **_factory_kwargs(self))
         return _filled(layer, weight, bias)
 
     def extra_repr(self) -> str:
@@ -423,10 +432,11 @@ class _Conv2dGeometry:
         return x.dim() == 3
 
     def plain_module(self, weight: Tensor, bias: Tensor | None) -> nn.Conv2d:
-        """An ``nn.Conv2d`` holding ``weight`` and ``bias`` with this layer's stride/padding/dilation."""
+        """An ``nn.Conv2d`` holding ``weight`` and ``bias`` with this layer's stride/padding/dilation,
+        on this layer's device and in its dtype."""
         layer = nn.Conv2d(
             weight.shape[1], weight.shape[0], tuple(weight.shape[2:]), self.stride, self.padding,
-            self.dilation, bias=bias is not None,
+            self.dilation, bias=bias is not None, **_factory_kwargs(self),
         )
         return _filled(layer, weight, bias)
 
@@ -440,6 +450,10 @@ class _Conv2dGeometry:
         if self.dilation != (1, 1):
             s += f", dilation={self.dilation}"
         return s + f", bias={self.bias_mu is not None}" + _clip_repr(self) + self._prior_repr()
+
+
+def _factory_kwargs(layer: nn.Module) -> dict:
+    return {"device": layer.weight_mu.device, "dtype": layer.weight_mu.dtype}
 
 
 @torch.no_grad()
@@ -511,7 +525,11 @@ class GroupScaleLayer(BayesianLayer):
         """
         z_mean, z_var = (self._group_view(t) for t in self.group_scale_moments())
         weight_var = self.weight_logvar.exp()
+        # A pruned weight (mu = 0, as mask_ leaves it) has mean exactly 0, also in a horseshoe group
+        # whose E[z] overflowed to inf (inf * 0 would be NaN, and the eval forward with it); only
+        # there, so that a zero weight of a finite group keeps its gradient z.
         mean = z_mean * self.weight_mu
+        mean = torch.where((self.weight_mu == 0) & z_mean.isinf(), 0.0, mean)
         # Var[z] (mu^2 + sigma^2) rather than Var[z] mu^2 + ...: a pruned weight (mu = 0) of a
         # group whose Var[z] overflows gives inf, not inf * 0 = NaN.
         var = z_mean.pow(2) * weight_var + z_var * (self.weight_mu.pow(2) + weight_var)

@@ -31,6 +31,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.modules.utils import _pair
 
 __all__ = ["WINDOWED_WEIGHT_GRADIENT_TERMS", "MAX_WINDOW_ELEMENTS", "conv2d", "conv2d_backward",
            "conv2d_input_windows", "conv2d_weight_gradient", "windowed_weight_gradients"]
@@ -144,5 +145,5 @@ class _Conv2d(torch.autograd.Function):
 def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation) -> Tensor:
     """``F.conv2d`` (one group) whose gradients come from :func:`conv2d_backward`: a deterministic
     convolution with the Bayesian layers' weight gradients, for comparing like with like.
-    ``stride``, ``padding``, ``dilation``: pairs of ints."""
-    return _Conv2d.apply(x, weight, bias, tuple(stride), tuple(padding), tuple(dilation))
+    ``stride``, ``padding``, ``dilation``: ints or pairs of ints, as ``F.conv2d`` takes them."""
+    return _Conv2d.apply(x, weight, bias, _pair(stride), _pair(padding), _pair(dilation))

@@ -20,9 +20,10 @@ layer twice (``create_graph=True`` then backward) raises a ``RuntimeError``.
 
 Precision. Under ``torch.autocast`` the products of both paths, forward and backward, run in the
 autocast dtype, as in ``nn.Linear`` and ``nn.Conv2d``, except products of fewer than
-``MIN_AUTOCAST_TERMS`` terms per output; the sampled pre-activation, the noise, every
-element-wise step and the parameters' gradients stay in the weights' dtype (float32), and so does
-the output. (In eval mode a layer is a plain ``F.linear`` / ``F.conv2d`` and follows autocast.)
+``MIN_AUTOCAST_TERMS`` terms per output, and the variance path under a float16 autocast, which
+runs in float32 (``h^2`` overflows float16 from |h| > 256); the sampled pre-activation, the noise,
+every element-wise step and the parameters' gradients stay in the weights' dtype (float32), and so
+does the output. (In eval mode a layer is a plain ``F.linear`` / ``F.conv2d`` and follows autocast.)
 
 ``variance_dtype`` (default ``None``) runs only the variance path -- the products with ``h^2`` and
 ``sigma^2`` and their gradients -- in a lower precision such as ``torch.bfloat16``, with or without
@@ -41,6 +42,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.modules.utils import _pair
 
 from .conv_gradient import conv2d_backward
 
@@ -100,7 +102,15 @@ def _product_dtypes(x: Tensor, weight_mu: Tensor, variance_dtype: torch.dtype | 
     device = x.device.type
     long_enough = weight_mu[0].numel() >= MIN_AUTOCAST_TERMS
     low = torch.get_autocast_dtype(device) if long_enough and torch.is_autocast_enabled(device) else None
-    return low or weight_mu.dtype, variance_dtype or low or weight_mu.dtype
+    # Not a float16 autocast: x^2 overflows float16 from |x| > 256 (bfloat16 has float32's range).
+    variance_low = torch.float32 if low == torch.float16 else low
+    return low or weight_mu.dtype, variance_dtype or variance_low or weight_mu.dtype
+
+
+def _squared(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x * x`` in ``dtype``, squared in a type that holds both: a float16 input (from a layer run
+    under a float16 autocast) would overflow from |x| > 256."""
+    return x.to(torch.promote_types(x.dtype, dtype)).square().to(dtype)
 
 
 def _optional_to(tensor: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -117,7 +127,7 @@ class _LinearSample(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False):
             h_mean, weight_mu_mean = h.to(mean_dtype), weight_mu.to(mean_dtype)
             weight_var = weight_logvar.exp()
-            h_squared, weight_var_low = (h * h).to(variance_dtype), weight_var.to(variance_dtype)
+            h_squared, weight_var_low = _squared(h, variance_dtype), weight_var.to(variance_dtype)
             # Work with 4 v so that sqrt gives 2 sqrt(v), the denominator of dL/dv, without another pass.
             four_bias_var = _four_bias_variance(bias_logvar, weight_mu).to(variance_dtype)
             two_std = torch.addmm(four_bias_var, h_squared, weight_var_low.t(), alpha=4.0).to(dtype).sqrt_()
@@ -167,7 +177,7 @@ class _Conv2dSample(torch.autograd.Function):
             # Laid out like weight_mu, so that both convolutions pick the same output layout (a
             # one-channel weight is both contiguous and channels-last, and the two may differ).
             weight_var = torch.empty_like(weight_mu).copy_(weight_logvar).exp_()
-            x_squared, weight_var_low = (x * x).to(variance_dtype), weight_var.to(variance_dtype)
+            x_squared, weight_var_low = _squared(x, variance_dtype), weight_var.to(variance_dtype)
             four_bias_var = _four_bias_variance(bias_logvar, weight_mu).view(channels)
             var_conv = F.conv2d(x_squared, weight_var_low, None, *ctx.conv_args).to(dtype)
             if scale is None:
@@ -264,7 +274,7 @@ def sample_conv2d(x: Tensor, scale: Tensor | None, weight_mu: Tensor, weight_log
         scale: the group scales ``z`` or ``None``.
         weight_mu, weight_logvar: means and log-variances of the filters.
         bias_mu, bias_logvar: of the bias (``None``: no bias, or no bias variance).
-        stride, padding, dilation: pairs of ints, as ``F.conv2d`` takes them.
+        stride, padding, dilation: ints or pairs of ints, as ``F.conv2d`` takes them.
         variance_dtype: see the module docstring (``None``: full precision).
 
     Shape:
@@ -272,5 +282,6 @@ def sample_conv2d(x: Tensor, scale: Tensor | None, weight_mu: Tensor, weight_log
           bias_mu, bias_logvar: ``(out_channels,)``.
         - Output: ``(N, out_channels, H_out, W_out)`` as ``F.conv2d``.
     """
-    return _Conv2dSample.apply(x, scale, weight_mu, weight_logvar, bias_mu, bias_logvar, stride, padding, dilation,
-                               variance_dtype)
+    # Pairs, as F.conv2d's: the backward's aten.convolution_backward takes no ints.
+    return _Conv2dSample.apply(x, scale, weight_mu, weight_logvar, bias_mu, bias_logvar, _pair(stride),
+                               _pair(padding), _pair(dilation), variance_dtype)

@@ -41,6 +41,7 @@ import copy
 import functools
 import math
 import numbers
+import operator
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
@@ -65,6 +66,9 @@ __all__ = [
 ]
 
 MAX_MANTISSA_BITS = 23
+# The largest float32: a finite threshold that cuts where +inf would (log alphas are float32; a
+# threshold of +inf keeps every group).
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 # ----------------------------------------------------------------------------- bit precision
@@ -124,13 +128,48 @@ def quantize(weight: Tensor, bits: int) -> Tensor:
             not fit in 62 bits, ``|q| < 2^61`` (the widest the file stores, two's complement; int64
             would wrap around silently).
     """
-    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not 0 <= bits <= MAX_MANTISSA_BITS:
-        raise ValueError(f"bits must be an int in 0..{MAX_MANTISSA_BITS}, got {bits!r}")
+    bits = _check_bits(bits)
     scaled = torch.round(weight.detach().to(torch.float64) * math.ldexp(1.0, bits))
     if scaled.numel() and not bool(scaled.abs().max() < 2.0**61):  # False for NaN too
         raise ValueError(f"weights must be finite with |w| 2^bits < 2^61 to round on the grid of {bits} bits, got "
                          f"max |w| = {float(weight.detach().abs().max())}")
     return scaled.to(torch.int64)
+
+
+def _as_int(value) -> int | None:
+    """``value`` as an int if it is an integer (NumPy's too: ``operator.index``), else ``None``; a bool is not one."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _check_bits(bits, argument: str = "bits") -> int:
+    """``bits`` as a plain int (``math.ldexp`` and the file take no NumPy integers) if it is one in
+    ``0 ... MAX_MANTISSA_BITS``, else ``ValueError`` naming ``argument``."""
+    value = _as_int(bits)
+    if value is None or not 0 <= value <= MAX_MANTISSA_BITS:
+        raise ValueError(f"{argument} must be an int in 0..{MAX_MANTISSA_BITS}, got {bits!r}")
+    return value
+
+
+def _resolve_bits(bits, names: list[str], current: list[int]) -> list[int]:
+    """One plain int of bits per layer (``names`` in order) from a list, or a dict by name whose missing
+    layers keep ``current``; checked (:meth:`CompressionReport.with_bits`)."""
+    if isinstance(bits, dict):
+        unknown = sorted(set(bits) - set(names))
+        if unknown:
+            raise ValueError(f"bits names layers {unknown} that the report does not have; its layers are {names}")
+        bits = [bits.get(name, b) for name, b in zip(names, current)]
+    elif isinstance(bits, (list, tuple)):
+        if len(bits) != len(names):
+            raise ValueError(f"bits must have one value per Bayesian layer ({len(names)}: {names}), got {len(bits)}")
+    else:
+        raise TypeError(f"bits must be a list (one per Bayesian layer) or a dict by layer name, "
+                        f"got {type(bits).__name__}")
+    return [_check_bits(b, f"bits for layer {name!r}") for name, b in zip(names, bits)]
 
 
 # ----------------------------------------------------------------------------- report
@@ -184,7 +223,8 @@ class CompressionReport:
         compression_pruning, compression_precision: the release's two rates (above).
         compression_sparse, compression_sparse_precision: the same over nonzero weights.
         flops_before, flops_after: multiply-accumulates per example, dense and pruned.
-        dense_float32_bytes: float32 weights and biases of the unpruned network.
+        dense_float32_bytes: float32 weights and biases of the unpruned network's Bayesian layers (not
+            BatchNorm's parameters and statistics, which the file stores: a slightly low file ratio there).
         file: the :class:`SavedFile` once :meth:`CompressedModel.save` wrote one, else ``None``.
 
     Example:
@@ -215,10 +255,15 @@ class CompressionReport:
     def flop_reduction(self) -> float:
         return _ratio(self.flops_before, self.flops_after)
 
-    def with_bits(self, bits: list[int]) -> "CompressionReport":
+    def with_bits(self, bits) -> "CompressionReport":
         """The same pruning with other bits per layer: each row's ``bits`` replaced, the rates recomputed
         with the report's exponent bits (a report holds no weights: :meth:`CompressedModel.with_bits`
-        also recounts the exponent bits from the weights on their new grids)."""
+        also recounts the exponent bits from the weights on their new grids).
+
+        Args:
+            bits: as for :meth:`CompressedModel.with_bits` (a list in layer order or a dict by name).
+        """
+        bits = _resolve_bits(bits, [row.name for row in self.layers], [row.bits for row in self.layers])
         rows = [replace(row, bits=b) for row, b in zip(self.layers, bits, strict=True)]
         return replace(self, layers=rows, **_rates(rows, self.exponent_bits), file=None)
 
@@ -327,6 +372,8 @@ def _finite_or_none(value):
 
 
 def _check_threshold(name: str, value) -> float:
+    if isinstance(value, (Tensor, np.ndarray)) and value.ndim == 0:  # one number, as a scalar threshold may be
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
         raise TypeError(f"threshold for {name!r} must be a number, got {type(value).__name__}")
     if math.isnan(value):
@@ -335,6 +382,24 @@ def _check_threshold(name: str, value) -> float:
         raise ValueError(f"threshold for {name!r} must not be -inf (+inf keeps every group; to prune every "
                          "group give a finite threshold below all log alphas)")
     return float(value)
+
+
+def _finite_cut(threshold: float) -> float:
+    """``threshold`` as a cut below it: the largest float32 for +inf (which would keep every group; the
+    largest float32 keeps all but those at +inf), else itself."""
+    return min(threshold, _FLOAT32_MAX)
+
+
+def _uncalled(model: nn.Module, names: list[str]) -> frozenset[str]:
+    """The Bayesian layers of ``model`` that forward never runs: those not among ``names``."""
+    called = set(names)
+    return frozenset(name for name, _ in bayesian_layers(model) if name not in called)
+
+
+def _without(values, names: frozenset[str]):
+    """``values`` without the entries of ``names`` if it is a dict by layer name (one that
+    :func:`propose_thresholds` gives names every layer the model holds, those forward never runs too)."""
+    return {name: v for name, v in values.items() if name not in names} if isinstance(values, dict) else values
 
 
 def resolve_thresholds(thresholds, names: list[str]) -> list[float]:
@@ -413,8 +478,9 @@ class _Weighted:
 
     def own_keep(self, log_alpha: Tensor, threshold: float) -> Tensor:
         """The layer's own test ``log_alpha < threshold``, shaped like the weight (one test per group,
-        input units or filters, broadcast; or one per weight)."""
-        keep = log_alpha < threshold
+        input units or filters, broadcast; or one per weight). A threshold of +inf keeps every group, one
+        whose log alpha is +inf too."""
+        keep = torch.ones_like(log_alpha, dtype=torch.bool) if threshold == math.inf else log_alpha < threshold
         if keep.shape == self.mean.shape:
             return keep
         return (self.along_out if self.is_conv else self.along_in)(keep).expand_as(self.mean).clone()
@@ -494,16 +560,14 @@ class _Structure:
         if not weighted_at:
             raise ValueError("model has no Bayesian layers to compress")
         input_shape = _resolve_input_shape(model, input_shape, leaves[weighted_at[0]][1])
-        called = {leaves[i][0] for i in weighted_at}
-        uncalled = frozenset(name for name, _ in bayesian_layers(model) if name not in called)
+        uncalled = _uncalled(model, [leaves[i][0] for i in weighted_at])
         return cls(leaves, weighted_at, input_shape, check_sequence(model, leaves, input_shape), uncalled)
 
     def pruned(self, thresholds):
         """``(layers, alive, columns)``: every Bayesian layer's moments and own masks at ``thresholds``,
         and the units that survive the AND of the masks (:func:`_alive_units`)."""
-        if isinstance(thresholds, dict):  # as propose_thresholds gives them: every layer the model holds
-            thresholds = {name: value for name, value in thresholds.items() if name not in self.uncalled}
-        layers = _collect(self.leaves, self.weighted_at, resolve_thresholds(thresholds, self.names), self.shapes)
+        thresholds = resolve_thresholds(_without(thresholds, self.uncalled), self.names)
+        layers = _collect(self.leaves, self.weighted_at, thresholds, self.shapes)
         return (layers, *_alive_units(layers))
 
     def compress(self, thresholds) -> "CompressedModel":
@@ -526,8 +590,8 @@ def compress(model: nn.Module, thresholds, input_shape=None) -> "CompressedModel
             list; :func:`bclib.bayesian_layers` gives the order they were registered in, which can
             differ), or a dict by module name (as in ``model.named_modules()``; entries for
             Bayesian layers that forward never runs are ignored, as they are not exported), or one
-            number for every layer. A group is kept
-            when ``log_alpha < threshold``. Typical values: the release used -2.8 to -5 for the
+            number for every layer. A group is kept when ``log_alpha < threshold``; ``+inf`` keeps
+            every group (one whose log alpha is +inf too). Typical values: the release used -2.8 to -5 for the
             NJ layers (their groups start near -9); a horseshoe group the data does not use settles
             near log(e - 1) = 0.54; Sparse VD weights are dropped above 3 (Molchanov et al.).
             :func:`propose_thresholds` (between the two modes of each histogram) and
@@ -600,7 +664,8 @@ def prune_further(compressed: "CompressedModel", architecture: nn.Module, log_al
             (only its structure is read: layer types and sizes, the layers between them).
         log_alpha: the log alphas ``compressed`` was pruned by, one tensor per Bayesian layer shaped
             as its ``log_alpha()`` (per group, or per weight for Sparse VD): a list in the order
-            ``forward`` runs the layers, or a dict by module name.
+            ``forward`` runs the layers, or a dict by module name (entries for Bayesian layers that
+            forward never runs are ignored, as :func:`compress` ignores their thresholds).
         thresholds: as for :func:`compress`; each at most the layer's threshold in
             ``compressed.report`` (a pruned group cannot come back).
 
@@ -634,6 +699,8 @@ def prune_further(compressed: "CompressedModel", architecture: nn.Module, log_al
         raise ValueError(f"architecture has {len(leaves)} layers ({len(weighted_at)} Bayesian), but compressed has "
                          f"{len(compressed._specs)} ({len(compressed._bits)} weighted): not the network it was "
                          "compressed from")
+    uncalled = _uncalled(architecture, names)  # a dict's entries for them are ignored, as compress ignores them
+    log_alpha, thresholds = _without(log_alpha, uncalled), _without(thresholds, uncalled)
     log_alphas = _per_layer_tensors(log_alpha, names, "log_alpha")
     for name, index, values in zip(names, weighted_at, log_alphas):
         expected = tuple(leaves[index][1].log_alpha().shape)
@@ -720,6 +787,7 @@ def prune_to_groups(compressed: "CompressedModel", architecture: nn.Module, log_
         ``report.layers[l].threshold`` are the thresholds used.
 
     Raises:
+        TypeError: an entry of ``groups`` that is not an int (NumPy integers are).
         ValueError: ``groups`` is not one positive int per Bayesian layer, or ``log_alpha`` holds one
             value per weight (a Sparse VD layer has no groups to keep); else as :func:`prune_further`.
 
@@ -734,15 +802,20 @@ def prune_to_groups(compressed: "CompressedModel", architecture: nn.Module, log_
         raise TypeError(f"compressed must be a CompressedModel (from bclib.compress or CompressedModel.from_file), "
                         f"got {type(compressed).__name__}")
     names = [row.name for row in compressed.report.layers]
-    if (isinstance(groups, (str, bytes)) or not hasattr(groups, "__len__") or len(groups) != len(names)
-            or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in groups)):
-        raise ValueError(f"groups must hold one positive int per Bayesian layer ({len(names)}: {names}), "
-                         f"got {groups!r}")
+    expected = f"groups must hold one positive int per Bayesian layer ({len(names)}: {names}), got {groups!r}"
+    if isinstance(groups, (str, bytes)) or not hasattr(groups, "__len__") or len(groups) != len(names):
+        raise ValueError(expected)
+    counts = [_as_int(k) for k in groups]  # NumPy integers too
+    if None in counts:
+        raise TypeError(expected)
+    if any(k < 1 for k in counts):
+        raise ValueError(expected)
+    log_alpha = _without(log_alpha, _uncalled(architecture, names))
     log_alphas = dict(zip(names, _per_layer_tensors(log_alpha, names, "log_alpha")))
     thresholds = {row.name: row.threshold for row in compressed.report.layers}
     # At its own thresholds: a network read from a file gets its masks, which the counts need.
     current = prune_further(compressed, architecture, log_alpha, list(thresholds.values()))
-    for name, keep in zip(names, groups):
+    for name, keep in zip(names, counts):
         alive = current.surviving_groups(name)
         if log_alphas[name].numel() != len(alive):
             raise ValueError(f"log_alpha for {name!r} must hold one value per group ({len(alive)}: input units of "
@@ -750,7 +823,8 @@ def prune_to_groups(compressed: "CompressedModel", architecture: nn.Module, log_
                              "weight, as Sparse VD's? prune_to_groups cuts networks of group priors)")
         surviving = torch.sort(log_alphas[name].flatten()[alive]).values
         if len(surviving) > keep:
-            thresholds[name] = float(surviving[keep - 1] + surviving[keep]) / 2
+            # Finite: midway to a log alpha of +inf is +inf, which would keep every group.
+            thresholds[name] = _finite_cut(float(surviving[keep - 1] + surviving[keep]) / 2)
             current = prune_further(compressed, architecture, log_alpha, list(thresholds.values()))
     return current
 
@@ -966,27 +1040,10 @@ class CompressedModel:
             >>> [layer.bits for layer in coarse.report.layers]
             [2, 3]
         """
-        names = [row.name for row in self.report.layers]
-        current = [row.bits for row in self.report.layers]
-        if isinstance(bits, dict):
-            unknown = sorted(set(bits) - set(names))
-            if unknown:
-                raise ValueError(f"bits names layers {unknown} that the report does not have; its layers are {names}")
-            bits = [bits.get(name, b) for name, b in zip(names, current)]
-        elif isinstance(bits, (list, tuple)):
-            if len(bits) != len(names):
-                raise ValueError(f"bits must have one value per Bayesian layer ({len(names)}: {names}), got {len(bits)}")
-            bits = list(bits)
-        else:
-            raise TypeError(f"bits must be a list (one per Bayesian layer) or a dict by layer name, "
-                            f"got {type(bits).__name__}")
-        for name, b in zip(names, bits):
-            if isinstance(b, bool) or not isinstance(b, numbers.Integral) or not 0 <= b <= MAX_MANTISSA_BITS:
-                raise ValueError(f"bits for layer {name!r} must be an int in 0..{MAX_MANTISSA_BITS}, got {b!r}")
-        bits = [int(b) for b in bits]  # numpy integers too, as plain ints for the report and the file
-        by_index = dict(zip(self._bits, bits))
+        report = self.report.with_bits(bits)  # checks bits
+        by_index = dict(zip(self._bits, (row.bits for row in report.layers)))
         specs = [dict(spec, bits=by_index[i]) if i in by_index else spec for i, spec in enumerate(self._specs)]
-        return CompressedModel(specs, self._tensors, by_index, self.report.with_bits(bits), self.masks,
+        return CompressedModel(specs, self._tensors, by_index, report, self.masks,
                                self.input_shape)._exponent_from_grid()
 
     @property
@@ -1126,7 +1183,7 @@ class FixedPointGrid(nn.Module):
 
     def __init__(self, bits: int, mask: Tensor) -> None:
         super().__init__()
-        self.scale = math.ldexp(1.0, bits)
+        self.scale = math.ldexp(1.0, _check_bits(bits))
         self.register_buffer("mask", mask)
 
     def forward(self, weight: Tensor) -> Tensor:
@@ -1280,8 +1337,9 @@ def _expand_units(units: Tensor, positions: int) -> Tensor:
 def _export_weighted(layer: _Weighted, mask, outputs, in_units, out_units, columns) -> tuple[dict, dict]:
     """Spec and tensors of one exported layer: surviving rows, surviving units' columns (all of them
     for the network's inputs), zeros where a weight was pruned."""
-    weight = layer.mean * mask
-    bias = None if layer.bias is None else layer.bias * outputs
+    # Not mean * mask: a pruned horseshoe group's E[z] can be inf, and inf * 0 is NaN.
+    weight = torch.where(mask, layer.mean, 0.0)
+    bias = None if layer.bias is None else torch.where(outputs, layer.bias, 0.0)
     in_columns = torch.arange(weight.shape[1]) if in_units is None else _expand_units(in_units, layer.positions)
     if out_units is not None:
         weight = weight[out_units]
@@ -1553,7 +1611,7 @@ def select_thresholds(model: nn.Module, x: Tensor, y: Tensor, *, tolerance: floa
     if unknown:
         raise ValueError(f"fixed must map Bayesian layer indices 0 ... {len(signals) - 1} (forward order) to "
                          f"thresholds, got keys {unknown}")
-    keep_all = [float(s.max()) + 1.0 for s in signals]
+    keep_all = [float(s.max()) + 1.0 for s in signals]  # +inf where a log alpha is: keeps every group too
     thresholds = [fixed.get(i, keep_all[i]) for i in range(len(signals))]
 
     def error(candidate: list[float]) -> float:
@@ -1565,9 +1623,12 @@ def select_thresholds(model: nn.Module, x: Tensor, y: Tensor, *, tolerance: floa
             continue
         values = torch.unique(signal)
         if len(values) > max_candidates:
-            values = torch.unique(torch.quantile(values, torch.linspace(0, 1, max_candidates)))
+            # Quantiles of the finite values: interpolating next to an infinite one gives NaN.
+            infinite = values.isinf()
+            quantiles = torch.linspace(0, 1, max_candidates - int(infinite.sum()))
+            values = torch.unique(torch.cat([values[infinite], torch.quantile(values[~infinite], quantiles)]))
         # Cut points below each value: threshold = value keeps only groups strictly below it.
-        candidates = [float(v) for v in values] + [keep_all[index]]
+        candidates = [_finite_cut(float(v)) for v in values] + [keep_all[index]]
         low, high = 0, len(candidates) - 1  # candidates[high] is known to be acceptable
         while low < high:
             middle = (low + high) // 2

@@ -241,6 +241,28 @@ def test_everything_pruned_gives_a_working_constant_model():
     assert torch.allclose(out, model[9].bias_mu.detach().expand(3, 10))  # only the last biases are left
 
 
+def test_a_pruned_group_whose_posterior_mean_is_infinite_exports_zeros():
+    """fc1's input group 1 has za_logvar = 7: v = Var[log z] ~ e^7 / 4 = 274, so E[z] = exp(m + v/2)
+    overflows float32 (e^88.7) and log alpha = log(expm1(274)) is +inf: pruned at threshold 0. The
+    first layer keeps every network input, so that column is exported: as zeros, not inf * 0 = NaN.
+    Likewise a bias: with every group of fc2 pruned, fc1 is exported as one placeholder unit of zero
+    weights and bias, whatever fc1's bias of that unit (inf here)."""
+    torch.manual_seed(0)
+    fc1, fc2 = bclib.LinearGroupHS(3, 2), bclib.LinearGroupHS(2, 2)
+    with torch.no_grad():
+        fc1.za_logvar[1] = 7.0
+        fc1.bias_mu[0] = math.inf
+    model = nn.Sequential(fc1, nn.ReLU(), fc2).eval()
+    z_mean = fc1.group_scale_moments()[0].detach()
+    assert z_mean[1] == math.inf and fc1.log_alpha()[1] == math.inf  # the premise
+    exported = compress(model, 0.0).model[0].weight.detach()
+    assert torch.equal(exported[:, 1], torch.zeros(2))
+    assert torch.equal(exported[:, [0, 2]], z_mean[[0, 2]] * fc1.weight_mu.detach()[:, [0, 2]])
+    nothing_left = compress(model, [0.0, -100.0]).model[0]
+    assert torch.equal(nothing_left.weight.detach(), torch.zeros(1, 3))
+    assert torch.equal(nothing_left.bias.detach(), torch.zeros(1))
+
+
 def _randomise_batchnorm(model: nn.Module) -> None:
     """Statistics and affine parameters away from their defaults, so a wrong channel shows."""
     with torch.no_grad():
@@ -331,6 +353,15 @@ def test_bad_thresholds():
     assert type(kept).from_dict(json.loads(json.dumps(kept.to_dict()))).layers[1].threshold == math.inf
     with pytest.raises(TypeError, match="must be a number"):
         compress(model, [0.0, "1", 0.0])
+    # 0-d tensors and NumPy scalars are numbers in a list or dict as they are alone (thresholds 0: 1-2-3).
+    zero_d = [torch.tensor(0.0), np.float32(0.0), np.array(0.0)]
+    assert compress(model, zero_d).report.architecture == "1-2-3"
+    assert compress(model, dict(zip(["0", "4", "6"], zero_d))).report.architecture == "1-2-3"
+    with pytest.raises(ValueError, match="threshold for '4' must not be NaN"):
+        compress(model, [0.0, torch.tensor(math.nan), 0.0])
+    for bad in (torch.tensor([0.0]), torch.tensor(True)):  # one value in a 1-d tensor; a bool
+        with pytest.raises(TypeError, match="threshold for '4' must be a number"):
+            compress(model, [0.0, bad, 0.0])
     with pytest.raises(TypeError, match="thresholds must be"):
         compress(model, "0")
     with pytest.raises(TypeError, match="thresholds must be"):
@@ -338,9 +369,16 @@ def test_bad_thresholds():
 
 
 def test_bad_arguments_of_the_helpers_name_themselves(tmp_path):
-    for bits in (-1, 24, 2.0):
+    from bclib.compression import FixedPointGrid
+
+    for bits in (-1, 24, 2.0, True):
         with pytest.raises(ValueError, match=f"bits must be an int in 0..23, got {bits!r}"):
             quantize(torch.tensor([0.3]), bits)
+        with pytest.raises(ValueError, match=f"bits must be an int in 0..23, got {bits!r}"):
+            FixedPointGrid(bits, torch.ones(1))
+    # NumPy integers are ints: step 1/8, 0.3 -> 2.4 -> 2.
+    assert quantize(torch.tensor([0.3]), np.int64(3)).tolist() == [2]
+    assert FixedPointGrid(np.int64(3), torch.ones(1))(torch.tensor([0.3])).tolist() == [0.25]
     model = small_conv_net()
     with pytest.raises(ValueError, match=r"masks names layers that are not Bayesian layers of model: \['9'\]"):
         apply_masks(model, {"9": (torch.ones(1), None)})
@@ -472,6 +510,32 @@ def test_thresholds_of_a_layer_forward_never_runs_are_ignored():
         compress(model, {**proposed, "nope": 0.0})
 
 
+def test_prune_further_and_prune_to_groups_ignore_layers_forward_never_runs():
+    """Dicts by name of every Bayesian layer the model holds ('unused' too, as bayesian_layers and
+    propose_thresholds give them) work as compress's do. With z_mu = 1 log alpha is z_logvar: at
+    thresholds 0 'first' keeps inputs 0, 1, 4 and 'last' all 4 (3-4); at -8 'last' drops input 1
+    (-7): 3-3. prune_to_groups to at most 3 groups of 'last' cuts midway between -9 and -7, at -8."""
+    from bclib.compression import prune_further, prune_to_groups
+
+    torch.manual_seed(0)
+    model = _WithUnusedLayer().eval()
+    with torch.no_grad():
+        for layer, z_logvar in ((model.first, [-8.0, -8.0, 3.0, 3.0, -8.0, 3.0]),
+                                (model.last, [-9.0, -7.0, -9.0, -9.0])):
+            layer.z_mu.fill_(1.0)
+            layer.z_logvar.copy_(torch.tensor(z_logvar))
+    log_alpha = {name: layer.log_alpha().detach() for name, layer in bclib.bayesian_layers(model)}
+    assert "unused" in log_alpha
+    base = compress(model, {"first": 0.0, "last": 0.0, "unused": 0.0})
+    assert base.report.architecture == "3-4"
+    deeper = prune_further(base, model, log_alpha, {"first": 0.0, "last": -8.0, "unused": 5.0})
+    assert deeper.report.architecture == "3-3"
+    cut = prune_to_groups(base, model, log_alpha, [3, 3])
+    assert cut.report.architecture == "3-3" and [row.threshold for row in cut.report.layers] == [0.0, -8.0]
+    with pytest.raises(ValueError, match=r"unknown names \['nope'\]"):
+        prune_further(base, model, {**log_alpha, "nope": torch.zeros(4)}, -8.0)
+
+
 def test_propose_threshold_splits_a_small_single_cluster_as_its_docstring_warns():
     """20 draws of one normal in 64 bins: the empty bins inside the cluster pass for a valley, and the
     proposal cuts the cluster (the limitation the docstring states); 2,000 draws are refused."""
@@ -531,6 +595,57 @@ def test_select_thresholds_prunes_exactly_the_groups_the_data_does_not_need():
         select_thresholds(two, x, y, fixed={7: 3.0})
     with pytest.raises(ValueError, match="tolerance must be a number in \\[0, 1\\), got '0.1'"):
         select_thresholds(two, x, y, tolerance="0.1")
+
+
+def _horseshoe_layer_with_an_infinite_log_alpha(decisive: list[int]) -> nn.Module:
+    """LinearGroupHS 4 -> 2 with log alphas log(expm1((e^za_logvar + 2 e^-9) / 4)), e^-9 the other
+    factor's variance: about -8.83, -8.15, +inf, -7.29 for za_logvar -8, -7, 6, -6 (expm1(100.9)
+    overflows float32). Group 2's E[z] = exp(m + v/2) stays finite, about 1: za_mu = -99.5 offsets
+    v/2 ~ 50.4. Output 0 is 3 times, output 1 -3 times the sum of the ``decisive`` inputs."""
+    torch.manual_seed(0)
+    layer = bclib.LinearGroupHS(4, 2)
+    with torch.no_grad():
+        layer.za_logvar.copy_(torch.tensor([-8.0, -7.0, 6.0, -6.0]))
+        layer.za_mu[2] = -99.5
+        layer.weight_mu.fill_(1e-4)
+        layer.weight_mu[:, decisive] = torch.tensor([[3.0], [-3.0]]) / layer.group_scale_moments()[0][decisive]
+        layer.bias_mu.zero_()
+    assert layer.log_alpha()[2] == math.inf and 0.5 < layer.group_scale_moments()[0][2] < 2  # the premise
+    return nn.Sequential(layer).eval()
+
+
+def test_an_infinite_threshold_keeps_a_group_whose_log_alpha_is_infinite():
+    """+inf keeps every group, group 2 of log alpha +inf too; select_thresholds' "keep all" is such a
+    threshold, and its quantiles of candidates (4 distinct log alphas > max_candidates 2) skip the
+    infinite one (a linear quantile next to it is NaN). Group 2 alone decides the class here, so the
+    only threshold within tolerance 0 keeps it."""
+    from bclib.compression import select_thresholds
+
+    model = _horseshoe_layer_with_an_infinite_log_alpha(decisive=[2])
+    x = torch.randn(200, 4)
+    y = (x[:, 2] < 0).long()  # class 1 where output 0 is smaller
+    kept = compress(model, math.inf)
+    assert kept.report.architecture == "4" and model_error(kept.model, x, y) == 0.0
+    for max_candidates in (64, 2):
+        assert select_thresholds(model, x, y, tolerance=0.0, max_candidates=max_candidates) == [math.inf]
+
+
+def test_a_cut_below_an_infinite_log_alpha_is_the_largest_float32():
+    """Groups of log alphas -8.83, -8.15, +inf, -7.29: prune_to_groups keeping 3 cuts between -7.29 and
+    +inf, and select_thresholds' cut point below the +inf value prunes group 2 alone (the only cut
+    within tolerance 0 when groups 0, 1 and 3 decide the class): as thresholds, +inf would keep every
+    group, so both give the largest float32 instead."""
+    from bclib.compression import prune_to_groups, select_thresholds
+
+    largest = float(np.finfo(np.float32).max)
+    model = _horseshoe_layer_with_an_infinite_log_alpha(decisive=[0, 1, 3])
+    log_alpha = [model[0].log_alpha().detach()]
+    cut = prune_to_groups(compress(model, math.inf), model, log_alpha, [3])
+    assert cut.report.architecture == "3" and cut.report.layers[0].threshold == largest
+    assert torch.equal(cut.surviving_groups("0"), torch.tensor([True, True, False, True]))
+    x = torch.randn(200, 4)
+    y = (x[:, [0, 1, 3]].sum(1) < 0).long()
+    assert select_thresholds(model, x, y, tolerance=0.0) == [largest]
 
 
 def test_select_thresholds_follows_the_forward_order_not_the_registration_order():
@@ -674,12 +789,16 @@ def test_with_bits_rounds_to_the_new_grids_and_recomputes_the_precision_rate(tmp
     coarse.save(tmp_path / "coarse.bcz")
     x = torch.randn(16, 4)
     assert torch.equal(bclib.load_compressed(tmp_path / "coarse.bcz")(x), reduced(x))
+    # The report alone takes bits as the network does (a dict, NumPy ints) and refuses the same bad ones.
+    assert compressed.report.with_bits({"2": np.int64(3)}).layers[1].bits == 3
+    assert type(compressed.report.with_bits([np.int64(2), 3]).layers[0].bits) is int  # for the JSON report
     for bad, error, message in (([2], ValueError, r"one value per Bayesian layer \(2"),
                                 ({"fc9": 2}, ValueError, r"bits names layers \['fc9'\]"),
                                 ([2, -1], ValueError, r"bits for layer '2' must be an int in 0..23, got -1"),
                                 ([2, 2.0], ValueError, "must be an int"), (3, TypeError, "bits must be a list")):
-        with pytest.raises(error, match=message):
-            compressed.with_bits(bad)
+        for owner in (compressed, compressed.report):
+            with pytest.raises(error, match=message):
+                owner.with_bits(bad)
 
 
 def test_from_file_gives_back_the_saved_network(tmp_path):
@@ -1003,14 +1122,25 @@ def test_prune_to_groups_by_hand_on_the_small_conv_net(tmp_path):
     assert base.report.architecture == "1-2-3"  # left unchanged
 
 
-@pytest.mark.parametrize("groups", [[1, 1], [1, 0, 2], [1, 1.0, 2], [1, True, 2], "112", 3])
-def test_prune_to_groups_names_the_argument_and_what_it_expects(groups):
+@pytest.mark.parametrize("groups, error", [([1, 1], ValueError), ([1, 0, 2], ValueError), ([1, 1.0, 2], TypeError),
+                                           ([1, True, 2], TypeError), ("112", ValueError), (3, ValueError)])
+def test_prune_to_groups_names_the_argument_and_what_it_expects(groups, error):
     from bclib.compression import prune_to_groups
 
     model = small_conv_net()
     log_alpha = [torch.zeros(3), torch.zeros(12), torch.zeros(4)]
-    with pytest.raises(ValueError, match=r"groups must hold one positive int per Bayesian layer \(3: "):
+    with pytest.raises(error, match=r"groups must hold one positive int per Bayesian layer \(3: "):
         prune_to_groups(compress(model, 1.0), model, log_alpha, groups)
+
+
+def test_prune_to_groups_takes_numpy_integers():
+    """As in the test by hand above: at most 1, 1, 2 groups give 1-1-2."""
+    from bclib.compression import prune_to_groups
+
+    model = small_conv_net()
+    groups = np.array([1, 1, 2])  # its entries are np.int64
+    cut = prune_to_groups(compress(model, 0.0), model, SMALL_CONV_LOG_ALPHA, list(groups))
+    assert cut.report.architecture == "1-1-2"
 
 
 def test_prune_to_groups_refuses_per_weight_log_alphas_naming_the_layer():

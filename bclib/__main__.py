@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -352,14 +353,15 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.command == "bench":
         from . import bench
 
-        if args.out is not None and Path(args.out).is_dir():  # found now, not after hours of benchmarks
-            raise ValueError(f"--out: {args.out!r} is a folder; give the path of the JSON file to write")
+        if args.out is not None:  # found now, not after hours of benchmarks
+            _check_out_file("--out", Path(args.out))
         results = {}
         # Compression first: the layers and epochs benchmarks keep freed memory for the rest of the process.
         if args.which in ("compression", "all"):
-            if args.run is not None and not (Path(args.run) / "config.json").is_file():
+            if args.run is not None and not bench.is_compression_bench_run(args.run):
                 # Only the default may fall back to an untrained network: a mistyped folder must not.
-                raise ValueError(f"--run: {args.run!r} is not a run folder (no config.json)")
+                raise ValueError(f"--run: {args.run!r} is not a trained run folder (config.json with checkpoint.pt, "
+                                 "or with report.json and model.bcz)")
             args.run = args.run or "book/results/lenet5_nj"
             options = {"threads": args.threads, "layouts": tuple(args.layouts), "keep_freed": args.keep_freed_memory}
             results["compression"] = (bench.run_compression_trials(args.trials, args.run, **options) if args.trials != 1
@@ -372,6 +374,18 @@ def _dispatch(args: argparse.Namespace) -> None:
             results["training"] = bench.run_training_time_report(args.results)
         if args.out is not None:
             bench.write_bench_results(args.out, results, command=args.command_line, threads=args.threads)
+
+
+def _check_out_file(flag: str, path: Path) -> None:
+    """Refuse a path the results cannot be written to: a folder, or one below a file or an
+    unwritable folder (the folders it lacks are made when writing)."""
+    if path.is_dir():
+        raise ValueError(f"{flag}: {str(path)!r} is a folder; give the path of the JSON file to write")
+    existing = next(folder for folder in path.parents if folder.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{flag}: {str(path)!r} cannot be written: {str(existing)!r} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag}: {str(path)!r} cannot be written: no permission to write in {str(existing)!r}")
 
 
 if __name__ == "__main__":

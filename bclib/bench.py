@@ -301,6 +301,16 @@ def _check_same_outputs(modules: dict[str, nn.Module], references: dict[str, tor
                                f"{difference:.3g} (max abs logit; tolerance {tolerance:g})")
 
 
+def is_compression_bench_run(run_dir) -> bool:
+    """Whether :func:`run_compression_bench_from_run` can time ``run_dir``: a folder with ``config.json``
+    and either ``checkpoint.pt`` or ``report.json`` and ``model.bcz``."""
+    if run_dir is None:
+        return False
+    present = {name for name in ("config.json", "checkpoint.pt", "report.json", "model.bcz")
+               if (Path(run_dir) / name).is_file()}
+    return "config.json" in present and ("checkpoint.pt" in present or {"report.json", "model.bcz"} <= present)
+
+
 def run_compression_bench_from_run(run_dir=None, **kwargs) -> dict:
     """:func:`run_compression_bench` on a trained run folder (``config.json`` + ``checkpoint.pt``).
 
@@ -311,12 +321,10 @@ def run_compression_bench_from_run(run_dir=None, **kwargs) -> dict:
     usable run folder the bench says so and times :func:`paper_lenet5` instead.
     """
     run_dir = None if run_dir is None else Path(run_dir)
-    present = {name for name in ("config.json", "checkpoint.pt", "report.json", "model.bcz")
-               if run_dir is not None and (run_dir / name).is_file()}
-    if {"config.json", "checkpoint.pt"} - present:
-        if {"config.json", "report.json", "model.bcz"} - present:
-            print(f"no trained run at {run_dir}:\ntiming an untrained LeNet-5 pruned to the paper's 8-13-88-13")
-            return run_compression_bench(**kwargs)
+    if not is_compression_bench_run(run_dir):
+        print(f"no trained run at {run_dir}:\ntiming an untrained LeNet-5 pruned to the paper's 8-13-88-13")
+        return run_compression_bench(**kwargs)
+    if not (run_dir / "checkpoint.pt").is_file():
         from .experiments import build_run_model, read_run_config, read_run_json
 
         config = read_run_config(run_dir)

@@ -18,7 +18,6 @@ Figures live in :mod:`bclib.viz`.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import textwrap
@@ -28,7 +27,7 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from .compression import within_tolerance
-from .experiments import SCRATCH_SEEDS, predates_zero_survivor_fix, search_order
+from .experiments import SCRATCH_SEEDS, predates_zero_survivor_fix, read_run_json, search_order
 from .layers.base import check_positive_int
 
 __all__ = [
@@ -344,8 +343,7 @@ def results_table(results_root: str | os.PathLike = "book/results") -> str:
     root = Path(results_root)
 
     def read(names):
-        return {name: json.loads((root / name / "report.json").read_text()) for name in names
-                if (root / name / "report.json").is_file()}
+        return {name: _compressed_report(root / name) for name in names if (root / name / "report.json").is_file()}
 
     reports = read(GLANCE_RUNS)
     if not reports:
@@ -355,6 +353,19 @@ def results_table(results_root: str | os.PathLike = "book/results") -> str:
     return results_at_a_glance(reports, read(f"{name}_ft" for name in reports), PAPER_TARGETS,
                                read(f"{name}_bits" for name in [f"{base}_ft" for base in reports] + searches),
                                read(searches))
+
+
+def _compressed_report(run_dir: Path) -> dict:
+    """A compressed run's ``report.json`` (what the table at a glance prints), checked: a ValueError
+    naming the file when it holds no object with the error, both rates and the file's ratio."""
+    report = read_run_json(run_dir, "report.json")
+    file = report.get("file")
+    missing = [key for key in ("file_error", "compression_pruning", "compression_precision") if key not in report]
+    if not isinstance(file, dict) or "ratio" not in file:
+        missing.append("file.ratio")
+    if missing:
+        raise ValueError(f"{str(run_dir / 'report.json')!r} is no compressed run's report: it lacks {', '.join(missing)}")
+    return report
 
 
 def seed_spread_table(analyses: Mapping[str, Mapping], targets: Mapping[str, Sequence]) -> str:
@@ -368,7 +379,7 @@ def seed_spread_table(analyses: Mapping[str, Mapping], targets: Mapping[str, Seq
 
     Returns:
         Per retrained run the kept and the first rejected candidate with the selection and test
-        errors of each seed; the number of searches whose kept and rejected test errors overlap
+        errors of each seed (at most 80 characters a line for run names of up to 20); the number of searches whose kept and rejected test errors overlap
         across seeds; and for the LeNet-5 group priors whether the rejected candidate reaches the
         release's rates and for how many seeds its test error is at most the release's.
 
@@ -382,8 +393,9 @@ def seed_spread_table(analyses: Mapping[str, Mapping], targets: Mapping[str, Seq
         ...       .splitlines()[-1])
           release's rates not reached; test error <= 1.0 % for 3 of 3 seeds
     """
-    lines = [f"{'run':<15} {'offset':>6} {'architecture':>13} {'':<8} {'selection %':>14}   {'test %':>14}",
-             f"{'':<45} {'(seeds 0 1 2)':>14}   {'(seeds 0 1 2)':>14}"]
+    width = max([15, *map(len, analyses)])  # the run column widens to the longest name
+    lines = [f"{'run':<{width}} {'offset':>6} {'architecture':>12} {'':<8} {'selection %':>14}  {'test %':>14}",
+             f"{'':<{width + 29}} {'(seeds 0 1 2)':>14}  {'(seeds 0 1 2)':>14}"]
     overlapping = 0
     for name, analysis in analyses.items():
         spread = []
@@ -393,8 +405,8 @@ def seed_spread_table(analyses: Mapping[str, Mapping], targets: Mapping[str, Seq
             status = "kept" if row["offset"] == analysis["offset"] else "rejected"
             errors = {key: " ".join(f"{100 * seed[key]:.2f}" for seed in row["seeds"])
                       for key in ("selection_error", "test_error")}
-            lines.append(f"{name:<15} {row['offset']:>+6.2f} {row['architecture']:>13} {status:<8} "
-                         f"{errors['selection_error']:>14}   {errors['test_error']:>14}")
+            lines.append(f"{name:<{width}} {row['offset']:>+6.2f} {row['architecture']:>12} {status:<8} "
+                         f"{errors['selection_error']:>14}  {errors['test_error']:>14}")
             tests = [seed["test_error"] for seed in row["seeds"]]
             spread.append((min(tests), max(tests)))
         if len(spread) == 2:  # the kept and the rejected candidate's test errors
@@ -672,7 +684,7 @@ def training_end_table(runs: Mapping[str, object], tail: int = 50) -> str:
         runs: per row label, a run read back (:class:`bclib.experiments.RunResult`): its ``report``
             (``"dense_error"``) and ``metrics`` (per-epoch ``"test_error"`` and ``"kl"``). The label
             column widens to the longest label.
-        tail: how many final epochs the mean covers.
+        tail: how many final epochs the mean covers (at most the shortest run's, as the header says).
 
     Example:
         >>> from types import SimpleNamespace
@@ -683,6 +695,7 @@ def training_end_table(runs: Mapping[str, object], tail: int = 50) -> str:
         BC-GHS from scratch              0.93 %           0.95 %      6,022
     """
     check_positive_int("tail", tail)
+    tail = min([tail, *(len(run.metrics) for run in runs.values())])  # what the header says is what is averaged
     width = max([28, *map(len, runs)])
     lines = [f"{'test error before pruning':<{width}} {'at the end':>10} {f'mean of last {tail}':>16} {'final KL':>10}"]
     for label, run in runs.items():
@@ -903,24 +916,25 @@ def selection_optimism_table(analyses: Mapping[str, Mapping]) -> str:
         ...     {"selection_error": 0.0078, "test_error": 0.0092}]}
         >>> print(selection_optimism_table({"lenet5_nj_scratch_layers_3seeds_tol2":
         ...                                 {"candidates": [base, cut]}}))
-        search                                test - sel.  cuts taken  test above
-        lenet5_nj_scratch_layers_3seeds_tol2    +0.11 pts   +0.15 pts      3 of 4
+        search                                test - sel.   cuts taken  test above
+        lenet5_nj_scratch_layers_3seeds_tol2    +0.11 pts    +0.15 pts      3 of 4
     """
     def gaps(rows) -> list[float]:
         return [seed["test_error"] - seed["selection_error"] for row in rows for seed in row.get("seeds", [row])]
 
     def points(values: list[float]) -> str:
-        return f"{100 * sum(values) / len(values):>+7.2f} pts" if values else f"{'-':>11}"
+        # + 0.0: a mean that rounds to zero prints +0.00, not -0.00.
+        return f"{round(100 * sum(values) / len(values), 2) + 0.0:>+7.2f} pts" if values else f"{'-':>11}"
 
     width = max([len("search"), *map(len, analyses)])
-    lines = [f"{'search':<{width}}  {'test - sel.':>11}  {'cuts taken':>10}  {'test above':>10}"]
+    lines = [f"{'search':<{width}}  {'test - sel.':>11}  {'cuts taken':>11}  {'test above':>10}"]
     for name, analysis in analyses.items():
         every = gaps(analysis["candidates"])
         if not every:
             raise ValueError(f"analyses[{name!r}] must hold retrained candidates, got none")
         taken = gaps(row for row in analysis["candidates"] if row.get("taken") and row.get("layer") is not None)
         above = sum(gap > 0 for gap in every)
-        lines.append(f"{name:<{width}}  {points(every)}  {points(taken):>10}  {f'{above} of {len(every)}':>10}")
+        lines.append(f"{name:<{width}}  {points(every)}  {points(taken)}  {f'{above} of {len(every)}':>10}")
     return "\n".join(lines)
 
 

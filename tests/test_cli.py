@@ -109,6 +109,27 @@ def test_bench_refuses_a_folder_as_out_before_it_measures(tmp_path, capsys, monk
     assert info.value.code == 2 and f"--out: {str(tmp_path)!r} is a folder" in capsys.readouterr().err
 
 
+def test_bench_refuses_an_out_path_below_a_file_before_it_measures(tmp_path, capsys, monkeypatch):
+    from bclib import bench
+    monkeypatch.setattr(bench, "run_layers_bench", lambda **kwargs: pytest.fail("measured before checking --out"))
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "layers", "--out", str(tmp_path / "a_file" / "bench.json")])
+    assert info.value.code == 2 and f"{str(tmp_path / 'a_file')!r} is a file" in capsys.readouterr().err
+
+
+def test_bench_compression_refuses_a_named_run_it_cannot_time(tmp_path, capsys, monkeypatch):
+    """A folder with config.json but neither checkpoint.pt nor report.json and model.bcz (a
+    deterministic pretraining run's, say) is refused, not replaced by an untrained LeNet-5."""
+    from bclib import bench
+    monkeypatch.setattr(bench, "run_compression_bench", lambda *a, **k: pytest.fail("timed another network"))
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "report.json").write_text("{}")
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "compression", "--run", str(tmp_path)])
+    assert info.value.code == 2 and "--run: " in capsys.readouterr().err
+
+
 def test_library_errors_name_the_flag_on_the_command_line():
     assert _with_flag("out_dir '/x' holds another run", "train") == "--out '/x' holds another run"
     assert _with_flag("thresholds: run '/x' is deterministic", "compress") == "--thresholds: run '/x' is deterministic"
@@ -163,6 +184,16 @@ def test_results_prints_the_table_of_a_results_folder(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["results", "--results", str(tmp_path / "missing")])
     assert info.value.code == 2 and "--results: no report.json" in capsys.readouterr().err
+    # A report that is no compressed run's (a deterministic run's, or no object) is named, not a traceback.
+    (tmp_path / "lenet5_hs" / "report.json").write_text(json.dumps({"dense_error": 0.009}))
+    with pytest.raises(SystemExit) as info:
+        main(["results", "--results", str(tmp_path)])
+    assert info.value.code == 2 and "report.json' is no compressed run's report: it lacks file_error" in \
+        capsys.readouterr().err
+    (tmp_path / "lenet5_hs" / "report.json").write_text("[]")
+    with pytest.raises(SystemExit) as info:
+        main(["results", "--results", str(tmp_path)])
+    assert info.value.code == 2 and "must hold a JSON object, got a list" in capsys.readouterr().err
 
 
 def test_train_starts_from_the_init_from_folder_whatever_its_name(mnist_root, tmp_path, monkeypatch, capsys):

@@ -88,6 +88,13 @@ def test_seed_spread_counts_overlaps_and_checks_the_release():
     # 120 >= 108 and 400 >= 361: rates reached; test errors 0.99, 0.94 <= 1.0 but not 1.20.
     assert lines[-2] == "LeNet-5 BC-GNJ, rejected 9-13-69-14: 120.0x / 400.0x"
     assert lines[-1] == "  release's rates reached; test error <= 1.0 % for 2 of 3 seeds"
+    # A run name past 15 characters widens the run column for every row: the columns stay aligned.
+    analyses["lenet5_hs_scratch_ft"] = analyses.pop("lenet5_nj_ft")
+    lines = tables.seed_spread_table(analyses, TARGETS).splitlines()
+    selection_end = lines[0].index("selection %") + len("selection %")
+    assert lines[1].index("(seeds 0 1 2)") + len("(seeds 0 1 2)") == selection_end
+    assert {lines[2].index("0.50 0.50 0.50") + len("0.50 0.50 0.50"), len(lines[0])} == {selection_end, len(lines[2])}
+    assert max(map(len, lines)) <= 80
 
 
 def test_retraining_against_release_and_the_file_goal():
@@ -547,6 +554,13 @@ def test_selection_optimism_table_counts_every_retraining():
     # (-0.05 + 0.03) / 2 = -0.01 points; no cut taken.
     assert lines[2].split() == ["lenet5_nj_layers", "-0.01", "pts", "-", "1", "of", "2"]
     assert all(len(line) <= 80 for line in lines)
+    # Each column's numbers end where its header does.
+    for header, number in (("test - sel.", "+0.08 pts"), ("cuts taken", "+0.12 pts"), ("test above", "5 of 6")):
+        assert lines[1].index(number) + len(number) == lines[0].index(header) + len(header), (header, lines)
+    # A mean that rounds to zero prints as +0.00, not -0.00: (-0.004 + 0.002) / 2 = -0.001 points.
+    tiny = {"candidates": [{"layer": None, "taken": True, "selection_error": 0.01004, "test_error": 0.0100},
+                           {"layer": "1", "taken": False, "selection_error": 0.01, "test_error": 0.01002}]}
+    assert tables.selection_optimism_table({"x": tiny}).splitlines()[1].split()[1] == "+0.00"
     with pytest.raises(ValueError, match=r"analyses\['lenet5_nj_layers'\] must hold retrained candidates"):
         tables.selection_optimism_table({"lenet5_nj_layers": {"candidates": []}})
 
@@ -562,6 +576,9 @@ def test_training_end_table_averages_the_last_epochs_by_hand():
         ["a", "run", "1.07", "%", "1.10", "%", "6,401"]
     with pytest.raises(ValueError, match="tail must be a positive int, got 0"):
         tables.training_end_table({"a run": run}, tail=0)
+    # Fewer epochs than tail: the header names the 4 epochs averaged, (5 + 1.2 + 1.0 + 1.1) / 4 = 2.075 %.
+    short = tables.training_end_table({"a run": run}, tail=50).splitlines()
+    assert "mean of last 4" in short[0] and abs(float(short[1].split()[4]) - 2.075) < 0.006
     # A label longer than the column widens it for every row: the numbers stay under their headers.
     lines = tables.training_end_table({"a run": run, "BC-GHS from scratch, shared, seed 1": run}, tail=3).splitlines()
     for header, number in (("at the end", "1.07 %"), ("final KL", "6,401")):

@@ -385,9 +385,10 @@ def _check_threshold(name: str, value) -> float:
 
 
 def _finite_cut(threshold: float) -> float:
-    """``threshold`` as a cut below it: the largest float32 for +inf (which would keep every group; the
-    largest float32 keeps all but those at +inf), else itself."""
-    return min(threshold, _FLOAT32_MAX)
+    """``threshold`` as a finite cut: the largest float32 for +inf (which would keep every group; the
+    largest float32 keeps all but those at +inf), minus it for -inf (which no threshold may be; it keeps
+    only groups at -inf), else itself."""
+    return _FLOAT32_MAX if threshold == math.inf else -_FLOAT32_MAX if threshold == -math.inf else threshold
 
 
 def _uncalled(model: nn.Module, names: list[str]) -> frozenset[str]:
@@ -824,7 +825,8 @@ def prune_to_groups(compressed: "CompressedModel", architecture: nn.Module, log_
         surviving = torch.sort(log_alphas[name].flatten()[alive]).values
         if len(surviving) > keep:
             # Finite: midway to a log alpha of +inf is +inf, which would keep every group.
-            thresholds[name] = _finite_cut(float(surviving[keep - 1] + surviving[keep]) / 2)
+            # In Python floats: a float32 sum may overflow, or round the midpoint onto the lower value.
+            thresholds[name] = _finite_cut((float(surviving[keep - 1]) + float(surviving[keep])) / 2)
             current = prune_further(compressed, architecture, log_alpha, list(thresholds.values()))
     return current
 
@@ -1611,7 +1613,8 @@ def select_thresholds(model: nn.Module, x: Tensor, y: Tensor, *, tolerance: floa
     if unknown:
         raise ValueError(f"fixed must map Bayesian layer indices 0 ... {len(signals) - 1} (forward order) to "
                          f"thresholds, got keys {unknown}")
-    keep_all = [float(s.max()) + 1.0 for s in signals]  # +inf where a log alpha is: keeps every group too
+    # +inf where a log alpha is: keeps every group too; all at -inf: the finite cut that keeps them.
+    keep_all = [_finite_cut(float(s.max()) + 1.0) if float(s.max()) < math.inf else math.inf for s in signals]
     thresholds = [fixed.get(i, keep_all[i]) for i in range(len(signals))]
 
     def error(candidate: list[float]) -> float:

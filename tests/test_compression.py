@@ -648,6 +648,44 @@ def test_a_cut_below_an_infinite_log_alpha_is_the_largest_float32():
     assert select_thresholds(model, x, y, tolerance=0.0) == [largest]
 
 
+def test_a_log_alpha_of_minus_infinity_is_cut_above_with_the_lowest_float32():
+    """Group 0 of a horseshoe layer whose two log-normal variances underflow has log alpha
+    log(expm1(0)) = -inf: prune_to_groups keeping 1 group cuts midway to it (-inf, no threshold) at
+    minus the largest float32, which keeps it alone; select_thresholds takes such a cut and a "keep
+    all" when every log alpha is -inf."""
+    from bclib.compression import prune_to_groups, select_thresholds
+
+    largest = float(np.finfo(np.float32).max)
+    torch.manual_seed(0)
+    layer = bclib.LinearGroupHS(4, 2)
+    with torch.no_grad():
+        layer.za_logvar[0] = layer.zb_logvar[0] = -200.0
+    model = nn.Sequential(layer).eval()
+    log_alpha = layer.log_alpha().detach()
+    assert log_alpha[0] == -math.inf and log_alpha[1:].isfinite().all()  # the premise
+    cut = prune_to_groups(compress(model, math.inf), model, [log_alpha], [1])
+    assert cut.report.architecture == "1" and cut.report.layers[0].threshold == -largest
+    assert torch.equal(cut.surviving_groups("0"), torch.tensor([True, False, False, False]))
+    x, y = torch.randn(50, 4), torch.randint(0, 2, (50,))
+    for max_candidates in (64, 2):
+        assert all(math.isfinite(t) for t in select_thresholds(model, x, y, tolerance=0.9,
+                                                                max_candidates=max_candidates))
+    with torch.no_grad():
+        layer.za_logvar.fill_(-200.0), layer.zb_logvar.fill_(-200.0)
+    assert select_thresholds(model, x, y, tolerance=0.9) == [-largest]
+
+
+def test_prune_to_groups_finds_the_midpoint_in_double_precision():
+    """Log alphas -1, 2e38, 3e38 given for a 3-input layer: keeping 2 cuts at (2e38 + 3e38) / 2 = 2.5e38,
+    whose float32 sum 5e38 overflowed to +inf (then the largest float32, which keeps all 3)."""
+    from bclib.compression import prune_to_groups
+
+    model = nn.Sequential(bclib.LinearGroupNJ(3, 2)).eval()
+    cut = prune_to_groups(compress(model, math.inf), model, [torch.tensor([2e38, 3e38, -1.0])], [2])
+    assert cut.report.architecture == "2" and cut.report.layers[0].threshold == pytest.approx(2.5e38)
+    assert torch.equal(cut.surviving_groups("0"), torch.tensor([True, False, True]))
+
+
 def test_select_thresholds_follows_the_forward_order_not_the_registration_order():
     """fc2 is registered before fc1 but runs after it: the first threshold is fc1's (the cut above its
     two decisive inputs, as in the test above), the order in which compress reads the list."""

@@ -467,6 +467,13 @@ def test_float16_autocast_keeps_the_variance_path_finite(spec, input_dtype):
     (1e-3 * out).sum().backward()
     assert leaf.grad.isfinite().all()
     assert all(parameter.grad.isfinite().all() for parameter in layer.parameters())
+    # backward() called inside the autocast too: on the CPU it runs on this thread, under the autocast.
+    layer.zero_grad()
+    leaf.grad = None
+    with torch.autocast("cpu", dtype=torch.float16):
+        (1e-3 * layer(leaf)).sum().backward()
+    assert leaf.grad.isfinite().all()
+    assert all(parameter.grad.isfinite().all() for parameter in layer.parameters())
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=str)

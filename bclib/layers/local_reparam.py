@@ -39,6 +39,8 @@ memory order (see ``_standard_normal_like``).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -113,6 +115,16 @@ def _squared(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x.to(torch.promote_types(x.dtype, dtype)).square().to(dtype)
 
 
+def _autocast_off(backward):
+    """``backward`` with autocast off: it makes the casts forward chose itself, and on the CPU an
+    autocast around ``loss.backward()`` would recast its products (float16: ``h^2`` overflows)."""
+    @functools.wraps(backward)
+    def without_autocast(ctx, grad):
+        with torch.autocast(grad.device.type, enabled=False):
+            return backward(ctx, grad)
+    return without_autocast
+
+
 def _optional_to(tensor: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if tensor is None else tensor.to(dtype)
 
@@ -140,6 +152,7 @@ class _LinearSample(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @_autocast_off
     def backward(ctx, grad):
         h, h_squared, weight_mu, weight_var, weight_var_low, bias_logvar, noise, two_std = ctx.saved_tensors
         need_h, need_mu, need_logvar, need_bias_mu, need_bias_logvar = ctx.needs_input_grad[:5]
@@ -197,6 +210,7 @@ class _Conv2dSample(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @_autocast_off
     def backward(ctx, grad):
         (x, x_squared, scale, weight_mu, weight_var, weight_var_low, bias_logvar, mean_conv, var_conv, noise,
          two_std) = ctx.saved_tensors

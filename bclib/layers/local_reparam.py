@@ -21,7 +21,7 @@ layer twice (``create_graph=True`` then backward) raises a ``RuntimeError``.
 Precision. Under ``torch.autocast`` the products of both paths, forward and backward, run in the
 autocast dtype, as in ``nn.Linear`` and ``nn.Conv2d``, except products of fewer than
 ``MIN_AUTOCAST_TERMS`` terms per output, and the variance path under a float16 autocast, which
-runs in float32 (``h^2`` overflows float16 from |h| > 256); the sampled pre-activation, the noise,
+runs in float32 (``h^2`` overflows float16 from ``|h| > 256``); the sampled pre-activation, the noise,
 every element-wise step and the parameters' gradients stay in the weights' dtype (float32), and so
 does the output. (In eval mode a layer is a plain ``F.linear`` / ``F.conv2d`` and follows autocast.)
 
@@ -111,7 +111,7 @@ def _product_dtypes(x: Tensor, weight_mu: Tensor, variance_dtype: torch.dtype | 
 
 def _squared(x: Tensor, dtype: torch.dtype) -> Tensor:
     """``x * x`` in ``dtype``, squared in a type that holds both: a float16 input (from a layer run
-    under a float16 autocast) would overflow from |x| > 256."""
+    under a float16 autocast) would overflow from ``|x| > 256``."""
     return x.to(torch.promote_types(x.dtype, dtype)).square().to(dtype)
 
 

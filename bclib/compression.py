@@ -41,7 +41,6 @@ import copy
 import functools
 import math
 import numbers
-import operator
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
@@ -54,7 +53,7 @@ from .fileformat import (build_module, check_runs, dequantize, encode_compressed
                          read_compressed, write_compressed)
 from .layer_sequence import check_sequence, evaluating, layer_sequence
 from .layers import BayesianLayer, bayesian_layers
-from .layers.base import check_positive_int
+from .layers.base import _is_int, check_positive_int
 from .train import TrainConfig, fit, input_dtype
 
 __all__ = [
@@ -136,23 +135,12 @@ def quantize(weight: Tensor, bits: int) -> Tensor:
     return scaled.to(torch.int64)
 
 
-def _as_int(value) -> int | None:
-    """``value`` as an int if it is an integer (NumPy's too: ``operator.index``), else ``None``; a bool is not one."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
-
-
 def _check_bits(bits, argument: str = "bits") -> int:
     """``bits`` as a plain int (``math.ldexp`` and the file take no NumPy integers) if it is one in
     ``0 ... MAX_MANTISSA_BITS``, else ``ValueError`` naming ``argument``."""
-    value = _as_int(bits)
-    if value is None or not 0 <= value <= MAX_MANTISSA_BITS:
+    if not _is_int(bits) or not 0 <= bits <= MAX_MANTISSA_BITS:
         raise ValueError(f"{argument} must be an int in 0..{MAX_MANTISSA_BITS}, got {bits!r}")
-    return value
+    return int(bits)
 
 
 def _resolve_bits(bits, names: list[str], current: list[int]) -> list[int]:
@@ -806,9 +794,9 @@ def prune_to_groups(compressed: "CompressedModel", architecture: nn.Module, log_
     expected = f"groups must hold one positive int per Bayesian layer ({len(names)}: {names}), got {groups!r}"
     if isinstance(groups, (str, bytes)) or not hasattr(groups, "__len__") or len(groups) != len(names):
         raise ValueError(expected)
-    counts = [_as_int(k) for k in groups]  # NumPy integers too
-    if None in counts:
+    if not all(_is_int(k) for k in groups):  # NumPy integers are
         raise TypeError(expected)
+    counts = [int(k) for k in groups]
     if any(k < 1 for k in counts):
         raise ValueError(expected)
     log_alpha = _without(log_alpha, _uncalled(architecture, names))
@@ -1613,8 +1601,8 @@ def select_thresholds(model: nn.Module, x: Tensor, y: Tensor, *, tolerance: floa
     if unknown:
         raise ValueError(f"fixed must map Bayesian layer indices 0 ... {len(signals) - 1} (forward order) to "
                          f"thresholds, got keys {unknown}")
-    # +inf where a log alpha is: keeps every group too; all at -inf: the finite cut that keeps them.
-    keep_all = [_finite_cut(float(s.max()) + 1.0) if float(s.max()) < math.inf else math.inf for s in signals]
+    # +inf where a log alpha is (keeps every group too); all at -inf: the finite cut that keeps them.
+    keep_all = [max(float(s.max()) + 1.0, -_FLOAT32_MAX) for s in signals]
     thresholds = [fixed.get(i, keep_all[i]) for i in range(len(signals))]
 
     def error(candidate: list[float]) -> float:

@@ -63,8 +63,10 @@ def windowed_weight_gradients(enabled: bool):
 def conv2d_input_windows(x: Tensor, kernel_size, stride, padding, dilation) -> Tensor:
     """The windows a 2-d convolution multiplies with its kernel, as ``F.unfold`` returns them.
 
-    Read through strides (one copy), for any memory layout of ``x``: ``F.unfold`` gives the same
-    tensor but takes longer on a CPU than the product it feeds.
+    Read through views (one copy), for any memory layout of ``x``: ``F.unfold`` gives the same
+    tensor but takes longer on a CPU than the product it feeds. Views, not ``as_strided`` with
+    ``x``'s strides: under ``torch.compile`` the compiler may lay ``x`` out otherwise than the
+    strides it traced, and windows read by explicit strides were then wrong (wrong weight gradients).
 
     Shape:
         - x: ``(N, in_channels, H, W)``; ``kernel_size``, ``stride``, ``padding``, ``dilation``: pairs.
@@ -74,11 +76,10 @@ def conv2d_input_windows(x: Tensor, kernel_size, stride, padding, dilation) -> T
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
     if ph or pw:
         x = F.pad(x, (pw, pw, ph, ph))
-    n, channels, height, width = x.shape
-    out_h, out_w = (height - dh * (kh - 1) - 1) // sh + 1, (width - dw * (kw - 1) - 1) // sw + 1
-    sn, sc, sy, sx = x.stride()
-    windows = x.as_strided((n, channels, kh, kw, out_h, out_w), (sn, sc, sy * dh, sx * dw, sy * sh, sx * sw))
-    return windows.reshape(n, channels * kh * kw, out_h * out_w)
+    # (n, channels, out_h, out_w, span_h, span_w), every dilation-th element of a span under the kernel
+    windows = x.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
+    n, channels, out_h, out_w = windows.shape[:4]
+    return windows.permute(0, 1, 4, 5, 2, 3).reshape(n, channels * kh * kw, out_h * out_w)
 
 
 def conv2d_weight_gradient(grad: Tensor, x: Tensor, weight_shape, stride, padding, dilation,

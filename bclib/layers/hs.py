@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from ..kl import lognormal_gamma_kl_sum, lognormal_inverse_gamma_kl_sum
 from .base import GroupScaleLayer, _Conv2dGeometry, _LinearGeometry, check_positive_float
+from .noise import standard_normal
 
 __all__ = ["HorseshoeGlobalScale", "LinearGroupHS", "Conv2dGroupHS"]
 
@@ -186,7 +187,7 @@ class _GroupHS(GroupScaleLayer):
 
     def sample_group_scale(self, shape: torch.Size) -> Tensor:
         m, v = self.log_scale_moments()
-        log_z = m + v.sqrt() * torch.randn(shape, device=m.device, dtype=m.dtype)
+        log_z = m + v.sqrt() * standard_normal(shape, device=m.device, dtype=m.dtype)
         return torch.exp(log_z.clamp(max=_MAX_LOG_SCALE))
 
     def log_alpha(self) -> Tensor:

@@ -47,6 +47,7 @@ from torch import Tensor
 from torch.nn.modules.utils import _pair
 
 from .conv_gradient import conv2d_backward
+from .noise import standard_normal
 
 __all__ = ["sample_linear", "sample_conv2d"]
 
@@ -68,7 +69,7 @@ def _standard_normal_like(out: Tensor) -> Tensor:
     memory in vectorised blocks but a channels-last tensor one element at a time (8x slower for
     LeNet-5's first convolution). For a contiguous ``out`` the numbers are those of
     ``torch.randn_like(out)``."""
-    noise = torch.randn(out.numel(), dtype=out.dtype, device=out.device)
+    noise = standard_normal((out.numel(),), dtype=out.dtype, device=out.device)
     return noise.as_strided(out.size(), out.stride())
 
 

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ..kl import nj_kl_approx_sum
 from .base import _EPS, GroupScaleLayer, _Conv2dGeometry, _LinearGeometry
+from .noise import standard_normal
 
 __all__ = ["LinearGroupNJ", "Conv2dGroupNJ"]
 
@@ -40,7 +41,7 @@ class _GroupNJ(GroupScaleLayer):
 
     def sample_group_scale(self, shape: torch.Size) -> Tensor:
         # z = z_mu + sigma_z * eps, one draw per example and group (Eq. 11 of the paper).
-        noise = torch.randn(shape, device=self.z_mu.device, dtype=self.z_mu.dtype)
+        noise = standard_normal(shape, device=self.z_mu.device, dtype=self.z_mu.dtype)
         return torch.addcmul(self.z_mu, torch.exp(0.5 * self.z_logvar), noise)
 
     def kl_divergence(self) -> Tensor:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import operator
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -139,7 +140,9 @@ def layer_sequence(model: nn.Module) -> list[tuple[str, nn.Module]]:
     becomes a new equivalent module named ``"forward:<op>"`` (see the module docstring).
 
     Args:
-        model: any ``nn.Module`` whose forward is a chain of supported operations.
+        model: any ``nn.Module`` whose forward is a chain of supported operations, or the
+            ``torch.compile`` of one (its layers named as its ``named_modules()`` names them:
+            ``"_orig_mod.0"``, ...).
 
     The forward is read in eval mode (what the export computes: a branch on ``self.training``
     takes its eval side); arguments after the input must have defaults and are read at them.
@@ -162,6 +165,11 @@ def layer_sequence(model: nn.Module) -> list[tuple[str, nn.Module]]:
     if isinstance(model, BayesianLayer):
         raise TypeError(f"model is a single {type(model).__name__}: compress works on a network; wrap the layer "
                         "as nn.Sequential(layer)")
+    original = _compiled_original(model)
+    if original is not None:
+        # torch.compile's wrapper: read the module it runs, named as the wrapper's named_modules() names them
+        return [(name if name.startswith("forward:") else f"{_COMPILED_PREFIX}{name}", module)
+                for name, module in layer_sequence(original)]
     try:
         # Read in eval mode: what the export computes (a branch on self.training takes its eval side).
         with evaluating(model):
@@ -171,6 +179,18 @@ def layer_sequence(model: nn.Module) -> list[tuple[str, nn.Module]]:
                         f"({type(error).__name__}: {error}); write the forward as a plain chain of layers (no "
                         "control flow on tensor values) or build the network as nn.Sequential") from None
     return _chain(model, graph)
+
+
+# What torch.compile's wrapper (OptimizedModule) puts before the names of the modules it runs.
+_COMPILED_PREFIX = "_orig_mod."
+
+
+def _compiled_original(model: nn.Module) -> nn.Module | None:
+    """The module a ``torch.compile`` wrapper runs; ``None`` for any other module."""
+    if "torch._dynamo" not in sys.modules:  # nothing compiled in this process (importing it takes a second)
+        return None
+    from torch._dynamo.eval_frame import OptimizedModule
+    return model._orig_mod if isinstance(model, OptimizedModule) else None
 
 
 def _defaults_after_input(model: nn.Module) -> dict | None:

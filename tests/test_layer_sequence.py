@@ -92,6 +92,24 @@ def test_custom_forward_matches_the_same_network_as_sequential():
     assert int(masks["fc1"].sum()) == 504 * 6
 
 
+def test_a_compiled_network_compresses_as_the_network_it_compiled():
+    # The hand-worked example (above) through torch.compile's wrapper: the same rows and export, each
+    # layer named as the wrapper's named_modules() names it; the functional calls keep their names.
+    net = _pruned_example_net()
+    compiled = torch.compile(net)
+    names = [name for name, _ in layer_sequence(compiled)]
+    assert names[:2] == ["_orig_mod.conv1", "forward:relu"]
+    assert set(names) - {name for name, _ in compiled.named_modules()} == {n for n in names if n.startswith("forward:")}
+    thresholds = {name: 0.0 for name, _ in bclib.bayesian_layers(compiled)}
+    result = compress(compiled, thresholds, input_shape=(1, 28, 28))
+    plain = compress(net, 0.0, input_shape=(1, 28, 28))
+    assert result.report.to_dict()["layers"] == [
+        {**row, "name": f"_orig_mod.{row['name']}"} for row in plain.report.to_dict()["layers"]]
+    x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(result.model(x), plain.model(x))
+
+
 def test_prune_further_on_a_custom_forward():
     net = _pruned_example_net()
     with torch.no_grad():

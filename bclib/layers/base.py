@@ -478,7 +478,8 @@ class GroupScaleLayer(BayesianLayer):
     Parameters common to both: ``weight_mu`` and ``weight_logvar`` of ``q(w~) = N(mu, sigma^2)``,
     and a Bayesian bias ``q(b) = N(bias_mu, exp(bias_logvar))`` with a ``N(0, 1)`` prior, as in the
     2017 release. A subclass provides ``group_scale_moments()`` (mean and variance of each ``z_g``)
-    and ``sample_group_scale(shape)``.
+    and ``sample_group_scale(shape, after=None)`` (one draw of the scales; ``after``, the layer's
+    input, orders the draw under ``torch.compile``: :func:`bclib.layers.noise.standard_normal`).
     """
 
     def _init_parameters(self, bias: bool, init_weight, init_bias, clip_var) -> None:
@@ -508,7 +509,7 @@ class GroupScaleLayer(BayesianLayer):
     def group_scale_moments(self) -> tuple[Tensor, Tensor]:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def sample_group_scale(self, shape: torch.Size) -> Tensor:  # pragma: no cover - interface
+    def sample_group_scale(self, shape: torch.Size, after: Tensor | None = None) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
     def _weight_and_bias_kl(self) -> Tensor:
@@ -544,7 +545,7 @@ class GroupScaleLayer(BayesianLayer):
         if self.groups_on_input:
             # Group noise on the inputs: h = x * z with z drawn per example (multiplicative dropout),
             # then the pre-activation sampled from its Gaussian (local reparameterisation).
-            return self._sample(x * self.sample_group_scale(x.shape), None, self.bias_logvar)
+            return self._sample(x * self.sample_group_scale(x.shape, after=x), None, self.bias_logvar)
         # Conv: z scales each output channel of each example; the bias is not scaled.
-        z = self.sample_group_scale(torch.Size((x.shape[0], self.num_groups)))
+        z = self.sample_group_scale(torch.Size((x.shape[0], self.num_groups)), after=x)
         return self._sample(x, z, self.bias_logvar)

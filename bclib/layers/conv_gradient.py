@@ -105,15 +105,18 @@ def conv2d_weight_gradient(grad: Tensor, x: Tensor, weight_shape, stride, paddin
 
 
 def _windowed_route_pays(grad: Tensor, weight: Tensor) -> bool:
-    return (_windowed and grad.device.type == "cpu" and grad.is_contiguous()
-            and weight[0].numel() < WINDOWED_WEIGHT_GRADIENT_TERMS)
+    # Not under torch.compile, which makes its own convolution backward: there the route's layout
+    # test (is_contiguous) made Dynamo retrace and lose the caller's autocast, and its batch slices
+    # failed to compile for symbolic image sizes.
+    return (_windowed and not torch.compiler.is_compiling() and grad.device.type == "cpu"
+            and grad.is_contiguous() and weight[0].numel() < WINDOWED_WEIGHT_GRADIENT_TERMS)
 
 
 def conv2d_backward(grad: Tensor, x: Tensor, weight: Tensor, conv_args, need_x: bool, need_weight: bool):
     """``(dL/dx, dL/dW)`` of ``conv2d(x, weight, None, *conv_args)``, ``None`` where not needed.
 
     The weight gradient takes the windowed route (:func:`conv2d_weight_gradient`) for a convolution
-    on a CPU with fewer than :data:`WINDOWED_WEIGHT_GRADIENT_TERMS` terms per output and ``grad``
+    on a CPU, outside ``torch.compile``, with fewer than :data:`WINDOWED_WEIGHT_GRADIENT_TERMS` terms per output and ``grad``
     in the NCHW layout, unless :func:`windowed_weight_gradients` turned it off; everything else
     comes from oneDNN. ``conv_args``: ``(stride, padding, dilation)``, each a pair.
     """

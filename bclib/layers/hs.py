@@ -185,9 +185,9 @@ class _GroupHS(GroupScaleLayer):
         m, v = self.log_scale_moments()
         return torch.exp(m + 0.5 * v), torch.exp(2 * (m + v) + torch.log(-torch.expm1(-v)))
 
-    def sample_group_scale(self, shape: torch.Size) -> Tensor:
+    def sample_group_scale(self, shape: torch.Size, after: Tensor | None = None) -> Tensor:
         m, v = self.log_scale_moments()
-        log_z = m + v.sqrt() * standard_normal(shape, device=m.device, dtype=m.dtype)
+        log_z = m + v.sqrt() * standard_normal(shape, device=m.device, dtype=m.dtype, after=after)
         return torch.exp(log_z.clamp(max=_MAX_LOG_SCALE))
 
     def log_alpha(self) -> Tensor:

@@ -69,14 +69,15 @@ def _standard_normal_like(out: Tensor) -> Tensor:
     memory in vectorised blocks but a channels-last tensor one element at a time (8x slower for
     LeNet-5's first convolution). For a contiguous ``out`` the numbers are those of
     ``torch.randn_like(out)``."""
-    noise = standard_normal((out.numel(),), dtype=out.dtype, device=out.device)
+    noise = standard_normal((out.numel(),), dtype=out.dtype, device=out.device, after=out)
     return noise.as_strided(out.size(), out.stride())
 
 
 def _spatial_dot(a: Tensor, b: Tensor) -> Tensor:
     """``sum_{h,w} a[n, c, h, w] b[n, c, h, w]``, shape ``(N, C)``, in ``a``'s memory layout (flattening
-    a channels-last tensor would copy it)."""
-    if a.is_contiguous() and b.is_contiguous():
+    a channels-last tensor would copy it). Under ``torch.compile`` always the product and sum, which
+    it fuses: the layout test in a backward made Dynamo retrace and lose the caller's autocast."""
+    if not torch.compiler.is_compiling() and a.is_contiguous() and b.is_contiguous():
         return torch.linalg.vecdot(a.flatten(2), b.flatten(2))
     return torch.mul(a, b).sum((2, 3))
 

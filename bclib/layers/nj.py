@@ -39,9 +39,9 @@ class _GroupNJ(GroupScaleLayer):
     def group_scale_moments(self) -> tuple[Tensor, Tensor]:
         return self.z_mu, self.z_logvar.exp()
 
-    def sample_group_scale(self, shape: torch.Size) -> Tensor:
+    def sample_group_scale(self, shape: torch.Size, after: Tensor | None = None) -> Tensor:
         # z = z_mu + sigma_z * eps, one draw per example and group (Eq. 11 of the paper).
-        noise = standard_normal(shape, device=self.z_mu.device, dtype=self.z_mu.dtype)
+        noise = standard_normal(shape, device=self.z_mu.device, dtype=self.z_mu.dtype, after=after)
         return torch.addcmul(self.z_mu, torch.exp(0.5 * self.z_logvar), noise)
 
     def kl_divergence(self) -> Tensor:

@@ -10,7 +10,9 @@ fast, and it is left alone.
 
 The operator is tagged ``nondeterministic_seeded``, as ``aten::randn`` is: the compiler neither
 merges two draws of the same shape into one nor recomputes a draw in the backward pass (either
-would silently change the gradients).
+would silently change the gradients). It also takes the tensor the draw must follow (``after``):
+a draw that depends on nothing may be moved, and a network's draws then came in another order
+than eager's (other numbers for the same seed).
 """
 from __future__ import annotations
 
@@ -21,18 +23,20 @@ __all__ = ["standard_normal"]
 
 
 @torch.library.custom_op("bclib::standard_normal", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
-def _standard_normal_op(size: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
-    return torch.randn(size, dtype=dtype, device=device)
+def _standard_normal_op(after: Tensor, size: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.randn(size, dtype=dtype, device=device)  # after only orders the draw
 
 
 @_standard_normal_op.register_fake
-def _(size, dtype, device):
+def _(after, size, dtype, device):
     return torch.empty(size, dtype=dtype, device=device)
 
 
-def standard_normal(size, *, dtype: torch.dtype, device: torch.device) -> Tensor:
+def standard_normal(size, *, dtype: torch.dtype, device: torch.device, after: Tensor | None = None) -> Tensor:
     """``torch.randn(size, dtype=dtype, device=device)``; under ``torch.compile`` on the CPU through
-    an operator the compiler does not rewrite (see the module docstring)."""
+    an operator the compiler does not rewrite, drawn after ``after`` is computed (see the module
+    docstring; the layers pass their input or the output the noise is for)."""
     if torch.compiler.is_compiling() and torch.device(device).type == "cpu":
-        return _standard_normal_op(list(size), dtype, torch.device(device))
+        after = torch.empty(0, dtype=dtype, device=device) if after is None else after.detach()
+        return _standard_normal_op(after, list(size), dtype, torch.device(device))
     return torch.randn(size, dtype=dtype, device=device)

@@ -25,12 +25,12 @@ from __future__ import annotations
 import contextlib
 import inspect
 import operator
-import sys
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from ._compiled import COMPILED_PREFIX, original_module
 from .layers import BayesianLayer
 
 __all__ = ["layer_sequence", "check_sequence", "evaluating", "parameter_device_and_dtype"]
@@ -165,10 +165,10 @@ def layer_sequence(model: nn.Module) -> list[tuple[str, nn.Module]]:
     if isinstance(model, BayesianLayer):
         raise TypeError(f"model is a single {type(model).__name__}: compress works on a network; wrap the layer "
                         "as nn.Sequential(layer)")
-    original = _compiled_original(model)
-    if original is not None:
+    original = original_module(model)
+    if original is not model:
         # torch.compile's wrapper: read the module it runs, named as the wrapper's named_modules() names them
-        return [(name if name.startswith("forward:") else f"{_COMPILED_PREFIX}{name}", module)
+        return [(name if name.startswith("forward:") else f"{COMPILED_PREFIX}{name}", module)
                 for name, module in layer_sequence(original)]
     try:
         # Read in eval mode: what the export computes (a branch on self.training takes its eval side).
@@ -179,18 +179,6 @@ def layer_sequence(model: nn.Module) -> list[tuple[str, nn.Module]]:
                         f"({type(error).__name__}: {error}); write the forward as a plain chain of layers (no "
                         "control flow on tensor values) or build the network as nn.Sequential") from None
     return _chain(model, graph)
-
-
-# What torch.compile's wrapper (OptimizedModule) puts before the names of the modules it runs.
-_COMPILED_PREFIX = "_orig_mod."
-
-
-def _compiled_original(model: nn.Module) -> nn.Module | None:
-    """The module a ``torch.compile`` wrapper runs; ``None`` for any other module."""
-    if "torch._dynamo" not in sys.modules:  # nothing compiled in this process (importing it takes a second)
-        return None
-    from torch._dynamo.eval_frame import OptimizedModule
-    return model._orig_mod if isinstance(model, OptimizedModule) else None
 
 
 def _defaults_after_input(model: nn.Module) -> dict | None:

@@ -27,6 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ._allocator import keep_freed_memory
+from ._compiled import original_module
 from ._io import write_atomically
 from .data import TensorSplit, batches
 from .layers import bayesian_layers, kl_divergence, set_variance_dtype
@@ -249,13 +250,14 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, epoch:
 
     Args:
         path: the file to write (replaced whole, never half-written).
-        model, optimizer: their ``state_dict()`` s are saved.
+        model, optimizer: their ``state_dict()`` s are saved (of a ``torch.compile`` wrapper, the
+            module it runs: one checkpoint for the network compiled or not).
         epoch: epochs done.
         history: the per-epoch metrics so far (JSON-serialisable dicts).
         config: the recipe, checked by :func:`load_checkpoint` when it is given one.
     """
     state = {
-        "model": model.state_dict(),
+        "model": original_module(model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "epoch": epoch,
         "history_json": json.dumps(history),
@@ -347,7 +349,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None,
 
     Args:
         path: a file written by :func:`save_checkpoint`.
-        model: the network to load into (the same architecture).
+        model: the network to load into (the same architecture; compiled or not, as the one saved).
         optimizer: loaded too when given (built over ``model``'s parameters).
         config: the recipe of the run resuming; checked against the checkpoint's.
 
@@ -362,6 +364,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None,
     state = _read_checkpoint(path, with_optimizer=optimizer is not None)
     if config is not None:
         _check_recipe(state, config, path)
+    model = original_module(model)
     _check_network(state, model, path, None if optimizer is None else optimizer.param_groups)
     model.load_state_dict(state["model"])
     if optimizer is not None:
@@ -391,7 +394,7 @@ def _check_network(state: dict, model: nn.Module, path, param_groups: list[dict]
     ``param_groups`` of an optimiser to load too, likewise one whose optimiser's groups hold other
     numbers of parameters (``Optimizer.load_state_dict`` would raise after the weights were loaded)."""
     saved = {name: tuple(tensor.shape) for name, tensor in state["model"].items()}
-    wanted = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    wanted = {name: tuple(tensor.shape) for name, tensor in original_module(model).state_dict().items()}
     if saved != wanted:
         differing = sorted(set(saved) ^ set(wanted)) or sorted(n for n in saved if saved[n] != wanted[n])
         raise ValueError(f"checkpoint {path} holds another network than the one to resume (tensors "

@@ -4,6 +4,7 @@ and a few hundred steps of the VGG-like network with BatchNorm staying finite.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import replace
@@ -193,6 +194,37 @@ def test_checkpoint_resume_equals_training_straight(small_mnist, tmp_path):
     assert _without_time(again) == _without_time(straight)
     for name, tensor in straight_model.state_dict().items():
         assert torch.equal(resumed_model.state_dict()[name], tensor), name
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Inductor's notes on a CPU-only machine
+def test_a_compiled_run_resumes_uncompiled_and_the_other_way(small_mnist, tmp_path):
+    # A checkpoint holds the network's own names, not those of torch.compile's wrapper (_orig_mod.*),
+    # which were refused as "another network" by the other form.
+    train, test = small_mnist[0].subset(200), small_mnist[1].subset(100)
+    config = TrainConfig(epochs=2, batch_size=100, device="cpu")
+
+    class Stop(Exception):
+        pass
+
+    def stop_in_epoch_2(epoch, model, metrics):
+        if epoch == 2:
+            raise Stop
+
+    def plain(model):
+        return model
+
+    for first, second in ((torch.compile, plain), (plain, torch.compile)):
+        path = tmp_path / f"{first.__name__}.pt"
+        with pytest.raises(Stop):
+            fit(first(_lenet300_nj()), train, test, config, checkpoint=path, callbacks=[stop_in_epoch_2],
+                progress=False)
+        state = torch.load(path, weights_only=True)
+        assert list(state["model"]) == list(_lenet300_nj().state_dict())
+        model = _lenet300_nj(seed=123)
+        history = fit(second(model), train, test, config, checkpoint=path, progress=False)
+        assert [row["epoch"] for row in history] == [1, 2]
+        assert history[0] == json.loads(state["history_json"])[0]
+        assert not torch.equal(model.state_dict()["1.weight_mu"], state["model"]["1.weight_mu"])  # trained on
 
 
 def test_a_checkpoint_of_another_recipe_is_refused_and_an_old_one_trains_at_this_rate(small_mnist, tmp_path,

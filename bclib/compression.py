@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ._compiled import COMPILED_PREFIX
 from .data import TensorSplit
 from .fileformat import (build_module, check_runs, dequantize, encode_compressed, load_compressed, module_spec,
                          read_compressed, write_compressed)
@@ -408,13 +409,22 @@ def resolve_thresholds(thresholds, names: list[str]) -> list[float]:
                     f"got {type(thresholds).__name__}")
 
 
+def _other_form(name) -> str | None:
+    """A layer's name with torch.compile's wrapper prefix added, or removed if it has it."""
+    if not isinstance(name, str):
+        return None
+    return name[len(COMPILED_PREFIX):] if name.startswith(COMPILED_PREFIX) else f"{COMPILED_PREFIX}{name}"
+
+
 def _by_name(values: dict, names: list[str], argument: str) -> list:
     """``values[name]`` for each of ``names``; an error naming ``argument`` for unknown or missing names."""
     unknown = sorted(set(values) - set(names))
     missing = [name for name in names if name not in values]
     if unknown or missing:
+        compiled = (f"; a torch.compile'd network's layer names start with {COMPILED_PREFIX!r} (its wrapper's), "
+                    "the plain network's do not" if any(_other_form(name) in names for name in unknown) else "")
         raise ValueError(f"{argument} must have one entry per Bayesian layer {names}; "
-                         f"unknown names {unknown}, missing {missing}")
+                         f"unknown names {unknown}, missing {missing}{compiled}")
     return [values[name] for name in names]
 
 
@@ -804,8 +814,10 @@ def prune_to_groups(compressed: "CompressedModel", architecture: nn.Module, log_
     thresholds = {row.name: row.threshold for row in compressed.report.layers}
     # At its own thresholds: a network read from a file gets its masks, which the counts need.
     current = prune_further(compressed, architecture, log_alpha, list(thresholds.values()))
-    for name, keep in zip(names, counts):
-        alive = current.surviving_groups(name)
+    # The same layers named as architecture names them (torch.compile's wrapper adds "_orig_mod.").
+    architecture_names = [row.name for row in current.report.layers]
+    for name, architecture_name, keep in zip(names, architecture_names, counts):
+        alive = current.surviving_groups(architecture_name)
         if log_alphas[name].numel() != len(alive):
             raise ValueError(f"log_alpha for {name!r} must hold one value per group ({len(alive)}: input units of "
                              f"a linear layer, filters of a convolution), got {log_alphas[name].numel()} (one per "

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bclib
-from bclib.compression import apply_masks, compress, prune_further, weight_masks
+from bclib.compression import apply_masks, compress, prune_further, prune_to_groups, weight_masks
 from bclib.layer_sequence import check_sequence, layer_sequence
 
 KEEP, PRUNE = -30.0, 2.0  # z_logvar with z_mu = 1: log alpha is (almost exactly) this value
@@ -108,6 +108,27 @@ def test_a_compiled_network_compresses_as_the_network_it_compiled():
     x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.equal(result.model(x), plain.model(x))
+    # the plain network's names for the compiled one, and the other way: the error says why they differ
+    hint = "a torch.compile'd network's layer names start with '_orig_mod.'"
+    with pytest.raises(ValueError, match=hint):
+        compress(compiled, {name: 0.0 for name in ("conv1", "conv2", "fc1", "fc2")}, input_shape=(1, 28, 28))
+    with pytest.raises(ValueError, match=hint):
+        compress(net, thresholds, input_shape=(1, 28, 28))
+
+
+def test_prune_to_groups_takes_a_compiled_network_beside_its_plain_twin():
+    # compress on the compiled wrapper names its layers "_orig_mod.*"; the plain network as the
+    # architecture names them without: the cut is the same either way round.
+    net = bclib.models.lenet_300_100("nj").eval()
+    with torch.no_grad():
+        for _, layer in bclib.bayesian_layers(net):
+            layer.z_logvar.copy_(torch.linspace(-9, 2, layer.z_logvar.numel()))
+    compiled = torch.compile(net)
+    log_alpha = [layer.log_alpha().detach() for _, layer in bclib.bayesian_layers(net)]
+    expected = prune_to_groups(compress(net, -1.0), net, log_alpha, [300, 50, 20]).report.architecture
+    assert expected == "300-50-20"
+    for base, architecture in ((compiled, net), (net, compiled)):
+        assert prune_to_groups(compress(base, -1.0), architecture, log_alpha, [300, 50, 20]).report.architecture == expected
 
 
 def test_prune_further_on_a_custom_forward():
